@@ -1,0 +1,1 @@
+//! The two-step binding state machine (sans-IO).

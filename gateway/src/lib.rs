@@ -1,0 +1,12 @@
+//! The gateway: a SOCKS5 daemon whose firewall and media fast path live in eBPF.
+//!
+//! - [`datapath`] loads, attaches, pins and detaches the eBPF programs and their maps.
+//! - [`instance`] names a running gateway and guards it with a lock file.
+//! - [`stats`] reads the pinned exit counters of a running gateway.
+//! - [`socks`] and [`binding`] are the sans-IO protocol core.
+
+pub mod binding;
+pub mod datapath;
+pub mod instance;
+pub mod socks;
+pub mod stats;

@@ -1,0 +1,117 @@
+//! Project automation for what cargo alone cannot do: installing the toolchain pieces and Debian
+//! packages the project needs, running the root-only test layers, the namespace testbed and the
+//! demo. It must build with the stable toolchain and no bpf-linker, because `setup` installs it.
+
+mod demo;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, set up, test and demonstrate the gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what the project needs (rust-src for nightly, bpf-linker, bpffs, Debian packages).
+    /// Idempotent and quiet when everything is present.
+    Setup,
+    /// Run setup, build, the unit tests, then each root-only integration test one at a time.
+    Test {
+        /// Only run integration test files whose name contains this string.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Skip the unit tests (integration tests only).
+        #[arg(long)]
+        skip_unit: bool,
+    },
+    /// Bring the three-namespace testbed (client -- fw -- server) up or down.
+    Testbed {
+        #[arg(value_enum)]
+        action: TestbedAction,
+    },
+    /// Set up, build, bring up the testbed, attach the gateway in `fw`, send unsolicited UDP
+    /// from `server` and show the gateway's drop counters; tears everything down again.
+    Demo,
+    /// Run clippy on the whole workspace (host crates; the eBPF crate through the build script).
+    Clippy,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TestbedAction {
+    Up,
+    Down,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Setup => {
+            require_root("setup")?;
+            setup::run()
+        }
+        Command::Test { filter, skip_unit } => {
+            require_root("test")?;
+            setup::run()?;
+            test::run(filter.as_deref(), skip_unit)
+        }
+        Command::Testbed { action } => {
+            require_root("testbed")?;
+            match action {
+                TestbedAction::Up => {
+                    let names = integration_tests::Testbed::up_persistent()?;
+                    println!(
+                        "testbed up: namespaces {} -- {} -- {}",
+                        names.client, names.fw, names.server
+                    );
+                    println!(
+                        "enter one with: nsenter --net=/run/netns/{} bash",
+                        names.fw
+                    );
+                    Ok(())
+                }
+                TestbedAction::Down => {
+                    integration_tests::Testbed::down_persistent()?;
+                    println!("testbed down");
+                    Ok(())
+                }
+            }
+        }
+        Command::Demo => {
+            require_root("demo")?;
+            setup::run()?;
+            demo::run()
+        }
+        Command::Clippy => {
+            test::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+        }
+    }
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "`cargo xtask {what}` needs root (it installs packages, loads eBPF programs and \
+             creates network namespaces); run it as root, e.g. with sudo -E"
+        );
+    }
+    Ok(())
+}
