@@ -4,6 +4,8 @@
 fn main() {
     match which::which("bpf-linker") {
         Ok(path) => println!("cargo:rerun-if-changed={}", path.display()),
-        Err(error) => println!("cargo:warning=bpf-linker not found ({error}); run `cargo xtask setup`"),
+        Err(error) => {
+            println!("cargo:warning=bpf-linker not found ({error}); run `cargo xtask setup`")
+        }
     }
 }

@@ -112,7 +112,10 @@ mod tests {
     #[test]
     fn names_are_unique_and_round_trip() {
         for (i, reason) in DropReason::ALL.iter().enumerate() {
-            assert_eq!(DropReason::from_u32(u32::try_from(i).unwrap()), Some(*reason));
+            assert_eq!(
+                DropReason::from_u32(u32::try_from(i).unwrap()),
+                Some(*reason)
+            );
             for other in &DropReason::ALL[i + 1..] {
                 assert_ne!(reason.name(), other.name());
             }

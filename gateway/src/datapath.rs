@@ -6,8 +6,8 @@
 //! Owns no protocol logic.
 
 use std::{
-    fs,
-    io,
+    fs, io,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -21,8 +21,8 @@ use aya::{
     },
 };
 use gateway_common::{
-    BindingKey, BindingValue, DEFAULT_MAX_BINDINGS, HostAllowKey, HostAllowValue,
-    XDP_EXTERNAL_PROGRAM, map_names,
+    Addr16, BindingKey, BindingValue, DEFAULT_MAX_BINDINGS, HostAllowKey, HostAllowValue,
+    XDP_EXTERNAL_PROGRAM, ipv4_mapped, map_names,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -57,10 +57,7 @@ pub enum DatapathError {
     #[error("load the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("{what}: {source}")]
-    Program {
-        what: String,
-        source: ProgramError,
-    },
+    Program { what: String, source: ProgramError },
     #[error("{what}: {source}")]
     Link { what: String, source: LinkError },
     #[error("{what}: {source}")]
@@ -77,7 +74,8 @@ pub enum DatapathError {
 
 /// The interface index of `name` in the current network namespace.
 pub fn interface_index(name: &str) -> Result<u32, DatapathError> {
-    nix::net::if_::if_nametoindex(name).map_err(|_| DatapathError::UnknownInterface(name.to_owned()))
+    nix::net::if_::if_nametoindex(name)
+        .map_err(|_| DatapathError::UnknownInterface(name.to_owned()))
 }
 
 fn ensure_bpffs() -> Result<(), DatapathError> {
@@ -117,6 +115,57 @@ pub struct DatapathConfig {
     pub instance: Instance,
     pub external_interface: String,
     pub max_bindings: u32,
+    /// Exact (remote, local) UDP flows the host itself needs, admitted by the gate.
+    pub host_allow: Vec<HostFlow>,
+}
+
+/// One exact UDP flow for the host allow-list: datagrams from `remote` to `local`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostFlow {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+}
+
+impl HostFlow {
+    /// Parses `REMOTE_IP:PORT,LOCAL_IP:PORT` (IPv6 in brackets).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (remote, local) = text
+            .split_once(',')
+            .ok_or_else(|| format!("{text:?}: expected REMOTE_IP:PORT,LOCAL_IP:PORT"))?;
+        let parse = |what: &str, value: &str| -> Result<SocketAddr, String> {
+            value
+                .trim()
+                .parse()
+                .map_err(|_| format!("{text:?}: {what} {value:?} is not an IP:PORT"))
+        };
+        let flow = Self {
+            remote: parse("remote", remote)?,
+            local: parse("local", local)?,
+        };
+        if flow.remote.port() == 0 || flow.local.port() == 0 {
+            return Err(format!("{text:?}: ports must be exact (not 0)"));
+        }
+        Ok(flow)
+    }
+
+    pub fn key(&self) -> HostAllowKey {
+        HostAllowKey {
+            remote_addr: addr16(self.remote.ip()),
+            local_addr: addr16(self.local.ip()),
+            remote_port_be: self.remote.port().to_be(),
+            local_port_be: self.local.port().to_be(),
+        }
+    }
+}
+
+/// An address as the kernel maps store it: 16 octets, IPv4 mapped.
+pub fn addr16(ip: IpAddr) -> Addr16 {
+    match ip {
+        IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.octets(), |v4| ipv4_mapped(v4.octets())),
+    }
 }
 
 impl DatapathConfig {
@@ -125,6 +174,7 @@ impl DatapathConfig {
             instance,
             external_interface,
             max_bindings: DEFAULT_MAX_BINDINGS,
+            host_allow: Vec::new(),
         }
     }
 }
@@ -134,6 +184,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     link: Option<PinnedLink>,
     pin_dir: PathBuf,
+    iface_record: PathBuf,
     outcome: AttachOutcome,
 }
 
@@ -166,10 +217,15 @@ impl Datapath {
             Err(error) => return Err(error),
         };
         clear_bindings(&mut ebpf)?;
+        fill_host_allow(&mut ebpf, &config.host_allow)?;
 
         let program: &mut Xdp = ebpf
             .program_mut(XDP_EXTERNAL_PROGRAM)
-            .ok_or_else(|| DatapathError::Pin(format!("program {XDP_EXTERNAL_PROGRAM} missing from the object")))?
+            .ok_or_else(|| {
+                DatapathError::Pin(format!(
+                    "program {XDP_EXTERNAL_PROGRAM} missing from the object"
+                ))
+            })?
             .try_into()
             .map_err(|source| DatapathError::Program {
                 what: format!("{XDP_EXTERNAL_PROGRAM} is not an XDP program"),
@@ -197,10 +253,12 @@ impl Datapath {
             }
             attach_fresh(program, &config.external_interface, &link_path)?
         };
-        fs::write(&iface_record, &config.external_interface).map_err(|source| DatapathError::Io {
-            what: "write",
-            path: iface_record,
-            source,
+        fs::write(&iface_record, &config.external_interface).map_err(|source| {
+            DatapathError::Io {
+                what: "write",
+                path: iface_record.clone(),
+                source,
+            }
         })?;
         info!(
             interface = %config.external_interface,
@@ -211,6 +269,7 @@ impl Datapath {
             ebpf,
             link: Some(link),
             pin_dir,
+            iface_record,
             outcome,
         })
     }
@@ -220,12 +279,16 @@ impl Datapath {
     }
 
     /// The host allow-list map (UDP the gateway host itself needs).
-    pub fn host_allow(&mut self) -> Result<HashMap<&mut MapData, HostAllowKey, HostAllowValue>, DatapathError> {
+    pub fn host_allow(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, HostAllowKey, HostAllowValue>, DatapathError> {
         map_mut(&mut self.ebpf, map_names::HOST_ALLOW)
     }
 
     /// The exact-binding map.
-    pub fn bindings(&mut self) -> Result<HashMap<&mut MapData, BindingKey, BindingValue>, DatapathError> {
+    pub fn bindings(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, BindingKey, BindingValue>, DatapathError> {
         map_mut(&mut self.ebpf, map_names::BINDINGS)
     }
 
@@ -238,6 +301,7 @@ impl Datapath {
             }
         }
         remove_pins(&self.pin_dir);
+        let _ = fs::remove_file(&self.iface_record);
         info!("XDP gate detached and unpinned");
     }
 }
@@ -277,7 +341,32 @@ fn clear_bindings(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
         let _ = bindings.remove(key);
     }
     if !stale.is_empty() {
-        warn!(count = stale.len(), "removed binding entries left by a previous daemon");
+        warn!(
+            count = stale.len(),
+            "removed binding entries left by a previous daemon"
+        );
+    }
+    Ok(())
+}
+
+/// Replaces the allow-list with exactly the configured flows (before the program runs).
+fn fill_host_allow(ebpf: &mut Ebpf, flows: &[HostFlow]) -> Result<(), DatapathError> {
+    let mut allow: HashMap<_, HostAllowKey, HostAllowValue> = map_mut(ebpf, map_names::HOST_ALLOW)?;
+    let stale: Vec<HostAllowKey> = allow.keys().filter_map(Result::ok).collect();
+    for key in &stale {
+        let _ = allow.remove(key);
+    }
+    for flow in flows {
+        allow
+            .insert(flow.key(), HostAllowValue::default(), 0)
+            .map_err(|source| DatapathError::Map {
+                what: format!(
+                    "add host allow-list entry {} -> {}",
+                    flow.remote, flow.local
+                ),
+                source,
+            })?;
+        info!(remote = %flow.remote, local = %flow.local, "host UDP flow allowed");
     }
     Ok(())
 }
@@ -287,10 +376,11 @@ fn take_over(program: &mut Xdp, link_path: &Path) -> Result<PinnedLink, Datapath
         what: format!("open the pinned link {}", link_path.display()),
         source,
     })?;
-    let xdp_link = XdpLink::try_from(FdLink::from(pinned)).map_err(|source| DatapathError::Link {
-        what: "the pinned link is not an XDP link".to_owned(),
-        source,
-    })?;
+    let xdp_link =
+        XdpLink::try_from(FdLink::from(pinned)).map_err(|source| DatapathError::Link {
+            what: "the pinned link is not an XDP link".to_owned(),
+            source,
+        })?;
     let link_id = program
         .attach_to_link(xdp_link)
         .map_err(|source| DatapathError::Program {
@@ -337,7 +427,10 @@ fn attach_fresh(
         source,
     })?;
     let pinned = fd_link.pin(link_path).map_err(|error| {
-        DatapathError::Pin(format!("pin the XDP link at {}: {error}", link_path.display()))
+        DatapathError::Pin(format!(
+            "pin the XDP link at {}: {error}",
+            link_path.display()
+        ))
     })?;
     Ok((pinned, outcome))
 }
@@ -362,5 +455,37 @@ pub fn remove_pins(pin_dir: &Path) {
     let _ = fs::remove_dir(pin_dir);
     if let Some(parent) = pin_dir.parent() {
         let _ = fs::remove_dir(parent);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_flows_parse_exactly() {
+        let flow = HostFlow::parse("192.0.2.123:123,203.0.113.1:123").unwrap();
+        assert_eq!(flow.remote, "192.0.2.123:123".parse().unwrap());
+        let key = flow.key();
+        assert_eq!(key.remote_addr, ipv4_mapped([192, 0, 2, 123]));
+        assert_eq!(key.local_port_be.to_ne_bytes(), [0, 123]);
+        let v6 = HostFlow::parse("[2001:db8::53]:53, [2001:db8:2::1]:4053").unwrap();
+        assert_eq!(v6.local.port(), 4053);
+        for bad in [
+            "",
+            "192.0.2.1:53",
+            "192.0.2.1:0,203.0.113.1:5",
+            "x,y",
+            "192.0.2.1,203.0.113.1",
+        ] {
+            assert!(HostFlow::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn mapped_addresses() {
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(addr16(mapped), addr16("192.0.2.1".parse().unwrap()));
+        assert_eq!(addr16("2001:db8::1".parse().unwrap())[0], 0x20);
     }
 }

@@ -19,11 +19,11 @@ const RUN_ROOT: &str = "/run/gateway";
 
 #[derive(Debug, Error)]
 pub enum InstanceError {
-    #[error(
-        "invalid instance name {0:?}: use 1 to 32 characters from [A-Za-z0-9_-]"
-    )]
+    #[error("invalid instance name {0:?}: use 1 to 32 characters from [A-Za-z0-9_-]")]
     InvalidName(String),
-    #[error("gateway instance {name:?} is already running (pid {pid}); stop it first or pick another --instance")]
+    #[error(
+        "gateway instance {name:?} is already running (pid {pid}); stop it first or pick another --instance"
+    )]
     AlreadyRunning { name: String, pid: String },
     #[error("no gateway instance {0:?} is running")]
     NotRunning(String),

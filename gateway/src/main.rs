@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use gateway::{
-    datapath::{Datapath, DatapathConfig, interface_index},
+    datapath::{Datapath, DatapathConfig, HostFlow, interface_index},
     instance::{DEFAULT_INSTANCE, Instance},
     stats,
 };
@@ -43,6 +43,11 @@ enum Command {
         /// Capacity of the kernel binding map.
         #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_BINDINGS)]
         max_bindings: u32,
+        /// Admit one exact UDP flow the host itself needs on the external interface (NTP, DHCP,
+        /// a resolver's replies): REMOTE_IP:PORT,LOCAL_IP:PORT. Repeat for more. Everything else
+        /// that no binding admits is dropped.
+        #[arg(long = "allow-host-udp", value_name = "REMOTE,LOCAL", value_parser = HostFlow::parse)]
+        allow_host_udp: Vec<HostFlow>,
     },
     /// Print packets and bytes per datapath exit reason of a running gateway.
     Stats {
@@ -61,6 +66,7 @@ fn main() -> ExitCode {
             EnvFilter::try_from_env("GATEWAY_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -78,7 +84,14 @@ fn run(cli: Cli) -> Result<()> {
             internal,
             instance,
             max_bindings,
-        } => run_daemon(&external, &internal, &instance, max_bindings),
+            allow_host_udp,
+        } => run_daemon(
+            &external,
+            &internal,
+            &instance,
+            max_bindings,
+            allow_host_udp,
+        ),
         Command::Stats { instance, json } => {
             let instance = Instance::new(&instance)?;
             instance.require_running()?;
@@ -93,7 +106,13 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn run_daemon(external: &str, internal: &str, instance: &str, max_bindings: u32) -> Result<()> {
+fn run_daemon(
+    external: &str,
+    internal: &str,
+    instance: &str,
+    max_bindings: u32,
+    host_allow: Vec<HostFlow>,
+) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("`gateway run` needs root (it loads and attaches eBPF programs)");
     }
@@ -106,6 +125,7 @@ fn run_daemon(external: &str, internal: &str, instance: &str, max_bindings: u32)
     let lock = instance.lock()?;
     let mut config = DatapathConfig::new(instance.clone(), external.to_owned());
     config.max_bindings = max_bindings;
+    config.host_allow = host_allow;
     let datapath = match Datapath::attach(&config) {
         Ok(datapath) => datapath,
         Err(error) => {

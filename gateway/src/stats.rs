@@ -31,7 +31,8 @@ pub fn read_exit_counters(pin_dir: &Path) -> Result<Vec<ReasonTotal>, StatsError
         path: path.display().to_string(),
         source,
     };
-    let map = Map::from_map_data(MapData::from_pin(&path).map_err(open_error)?).map_err(open_error)?;
+    let map =
+        Map::from_map_data(MapData::from_pin(&path).map_err(open_error)?).map_err(open_error)?;
     let counters: PerCpuArray<MapData, Counter> = PerCpuArray::try_from(map).map_err(open_error)?;
     let mut totals = Vec::with_capacity(DropReason::ALL.len());
     for reason in DropReason::ALL {
@@ -77,7 +78,11 @@ pub fn to_json(instance: &str, totals: &[ReasonTotal]) -> Value {
 pub fn to_table(instance: &str, totals: &[ReasonTotal]) -> String {
     use std::fmt::Write as _;
     let mut out = format!("gateway instance {instance}: datapath exits by reason\n");
-    let _ = writeln!(out, "{:<24} {:<7} {:>14} {:>16}", "reason", "verdict", "packets", "bytes");
+    let _ = writeln!(
+        out,
+        "{:<24} {:<7} {:>14} {:>16}",
+        "reason", "verdict", "packets", "bytes"
+    );
     for total in totals {
         let _ = writeln!(
             out,

@@ -5,6 +5,9 @@
 //! It runs `ip` (iproute2) and `nsenter`; the gateway and its CLI are started with
 //! `nsenter --net=...` so they keep seeing the host's bpffs. Nothing here loads eBPF.
 
+pub mod gateway;
+pub mod traffic;
+
 use std::{
     fs::File,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -128,7 +131,11 @@ impl Netns {
 
     /// Sets a sysctl inside this namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        run_checked(self.command("sysctl").args(["-qw", &format!("{key}={value}")])).map(drop)
+        run_checked(
+            self.command("sysctl")
+                .args(["-qw", &format!("{key}={value}")]),
+        )
+        .map(drop)
     }
 
     fn pids(&self) -> Vec<i32> {
@@ -224,24 +231,114 @@ impl Testbed {
     fn wire(&self) -> Result<()> {
         let (c, f, s) = (self.client.name(), self.fw.name(), self.server.name());
         // Create each veth end directly in its namespace: a crash leaves nothing in the host.
-        ip(&["link", "add", iface::FW_INSIDE, "netns", f, "type", "veth", "peer", "name", iface::HOST, "netns", c])?;
-        ip(&["link", "add", iface::FW_OUTSIDE, "netns", f, "type", "veth", "peer", "name", iface::HOST, "netns", s])?;
+        ip(&[
+            "link",
+            "add",
+            iface::FW_INSIDE,
+            "netns",
+            f,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            iface::HOST,
+            "netns",
+            c,
+        ])?;
+        ip(&[
+            "link",
+            "add",
+            iface::FW_OUTSIDE,
+            "netns",
+            f,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            iface::HOST,
+            "netns",
+            s,
+        ])?;
         let plan: [(&str, &str, IpAddr, IpAddr); 4] = [
-            (c, iface::HOST, addr::CLIENT_V4.into(), addr::CLIENT_V6.into()),
-            (f, iface::FW_INSIDE, addr::FW_INSIDE_V4.into(), addr::FW_INSIDE_V6.into()),
-            (f, iface::FW_OUTSIDE, addr::FW_OUTSIDE_V4.into(), addr::FW_OUTSIDE_V6.into()),
-            (s, iface::HOST, addr::SERVER_V4.into(), addr::SERVER_V6.into()),
+            (
+                c,
+                iface::HOST,
+                addr::CLIENT_V4.into(),
+                addr::CLIENT_V6.into(),
+            ),
+            (
+                f,
+                iface::FW_INSIDE,
+                addr::FW_INSIDE_V4.into(),
+                addr::FW_INSIDE_V6.into(),
+            ),
+            (
+                f,
+                iface::FW_OUTSIDE,
+                addr::FW_OUTSIDE_V4.into(),
+                addr::FW_OUTSIDE_V6.into(),
+            ),
+            (
+                s,
+                iface::HOST,
+                addr::SERVER_V4.into(),
+                addr::SERVER_V6.into(),
+            ),
         ];
         for (ns, dev, v4, v6) in plan {
             ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev])?;
             // nodad: otherwise the address stays tentative for a second and early packets are lost.
-            ip(&["-n", ns, "-6", "addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])?;
+            ip(&[
+                "-n",
+                ns,
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
         }
-        ip(&["-n", c, "route", "add", "203.0.113.0/24", "via", &addr::FW_INSIDE_V4.to_string()])?;
-        ip(&["-n", c, "-6", "route", "add", "2001:db8:2::/64", "via", &addr::FW_INSIDE_V6.to_string()])?;
-        ip(&["-n", s, "route", "add", "198.51.100.0/24", "via", &addr::FW_OUTSIDE_V4.to_string()])?;
-        ip(&["-n", s, "-6", "route", "add", "2001:db8:1::/64", "via", &addr::FW_OUTSIDE_V6.to_string()])?;
+        ip(&[
+            "-n",
+            c,
+            "route",
+            "add",
+            "203.0.113.0/24",
+            "via",
+            &addr::FW_INSIDE_V4.to_string(),
+        ])?;
+        ip(&[
+            "-n",
+            c,
+            "-6",
+            "route",
+            "add",
+            "2001:db8:2::/64",
+            "via",
+            &addr::FW_INSIDE_V6.to_string(),
+        ])?;
+        ip(&[
+            "-n",
+            s,
+            "route",
+            "add",
+            "198.51.100.0/24",
+            "via",
+            &addr::FW_OUTSIDE_V4.to_string(),
+        ])?;
+        ip(&[
+            "-n",
+            s,
+            "-6",
+            "route",
+            "add",
+            "2001:db8:1::/64",
+            "via",
+            &addr::FW_OUTSIDE_V6.to_string(),
+        ])?;
         // Nothing crosses fw except through the gateway.
         self.fw.sysctl("net.ipv4.ip_forward", "0")?;
         self.fw.sysctl("net.ipv6.conf.all.forwarding", "0")?;
@@ -265,7 +362,10 @@ impl Testbed {
         let listed = run_checked(Command::new("ip").args(["netns", "list"]))?;
         let listed = String::from_utf8_lossy(&listed.stdout);
         for name in [names.client, names.fw, names.server] {
-            if listed.lines().any(|line| line.split_whitespace().next() == Some(name.as_str())) {
+            if listed
+                .lines()
+                .any(|line| line.split_whitespace().next() == Some(name.as_str()))
+            {
                 Netns {
                     name,
                     remove_on_drop: false,
@@ -286,7 +386,9 @@ pub struct ChildGuard {
 
 impl ChildGuard {
     pub fn spawn(cmd: &mut Command, what: &str) -> Result<Self> {
-        let child = cmd.spawn().with_context(|| format!("start {what}: {cmd:?}"))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start {what}: {cmd:?}"))?;
         Ok(Self {
             child: Some(child),
             what: what.to_owned(),
@@ -312,7 +414,11 @@ impl ChildGuard {
     }
 
     /// Sends `signal` and waits (bounded) for exit; returns the exit status if it exited.
-    pub fn stop_with(&mut self, signal: Signal, grace: Duration) -> Option<std::process::ExitStatus> {
+    pub fn stop_with(
+        &mut self,
+        signal: Signal,
+        grace: Duration,
+    ) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
         let _ = kill(Pid::from_raw(i32::try_from(child.id()).ok()?), signal);
         let deadline = Instant::now() + grace;

@@ -12,7 +12,10 @@ use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Build, set up, test and demonstrate the gateway")]
+#[command(
+    name = "cargo xtask",
+    about = "Build, set up, test and demonstrate the gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -81,10 +84,7 @@ fn run(cli: Cli) -> Result<()> {
                         "testbed up: namespaces {} -- {} -- {}",
                         names.client, names.fw, names.server
                     );
-                    println!(
-                        "enter one with: nsenter --net=/run/netns/{} bash",
-                        names.fw
-                    );
+                    println!("enter one with: nsenter --net=/run/netns/{} bash", names.fw);
                     Ok(())
                 }
                 TestbedAction::Down => {
@@ -99,9 +99,14 @@ fn run(cli: Cli) -> Result<()> {
             setup::run()?;
             demo::run()
         }
-        Command::Clippy => {
-            test::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
-        }
+        Command::Clippy => test::cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
     }
 }
 

@@ -100,9 +100,8 @@ fn ensure_bpf_linker() -> Result<()> {
         "setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's own libLLVM \
          (about a minute)"
     );
-    let sysroot = PathBuf::from(
-        output("rustup", &["run", "nightly", "rustc", "--print", "sysroot"])?.trim(),
-    );
+    let sysroot =
+        PathBuf::from(output("rustup", &["run", "nightly", "rustc", "--print", "sysroot"])?.trim());
     let sysroot_lib = sysroot.join("lib");
     let libllvm = fs::read_dir(&sysroot_lib)
         .with_context(|| format!("read {}", sysroot_lib.display()))?
@@ -219,6 +218,8 @@ mod tests {
     fn recognises_bpffs_mount() {
         let mounts = "sysfs /sys sysfs rw 0 0\nbpf /sys/fs/bpf bpf rw,relatime 0 0\n";
         assert!(bpffs_mounted(mounts));
-        assert!(!bpffs_mounted("sysfs /sys sysfs rw 0 0\nnone /sys/fs/bpf tmpfs rw 0 0\n"));
+        assert!(!bpffs_mounted(
+            "sysfs /sys sysfs rw 0 0\nnone /sys/fs/bpf tmpfs rw 0 0\n"
+        ));
     }
 }

@@ -1,0 +1,284 @@
+//! The default-drop gate in the test bed: with the gateway attached in `fw`, unsolicited UDP from
+//! `server` never reaches a socket in `fw` and is counted; TCP still works; when the gateway
+//! stops, the same datagrams arrive; a SIGKILLed daemon leaves the gate closed and a new daemon
+//! takes it over. Root only.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use integration_tests::{
+    Testbed, addr,
+    gateway::{
+        GatewayDaemon, InstanceCleanup, gateway_cli, reason_packets, stats_json, unique_instance,
+    },
+    iface,
+    traffic::{self, drain},
+};
+
+const PORTS: std::ops::Range<u16> = 7001..7011;
+const DATAGRAMS: usize = 1000;
+
+fn gateway_args() -> [&'static str; 4] {
+    [
+        "--external",
+        iface::FW_OUTSIDE,
+        "--internal",
+        iface::FW_INSIDE,
+    ]
+}
+
+const PAYLOAD: &[u8] = b"unsolicited datagram";
+
+fn ports() -> Vec<u16> {
+    PORTS.collect()
+}
+
+fn bind_sinks(bed: &Testbed, ip: IpAddr) -> Vec<UdpSocket> {
+    traffic::bind_sinks(&bed.fw, ip, &ports()).unwrap()
+}
+
+fn send_from_server(bed: &Testbed, target: IpAddr) {
+    traffic::send_udp(&bed.server, target, &ports(), DATAGRAMS, PAYLOAD).unwrap();
+}
+
+fn no_binding_drops(bed: &Testbed, instance: &str) -> u64 {
+    reason_packets(&stats_json(&bed.fw, instance).unwrap(), "no_binding")
+}
+
+fn tcp_still_works(bed: &Testbed, ip: IpAddr) {
+    let listener = bed
+        .fw
+        .run(move || TcpListener::bind(SocketAddr::new(ip, 8080)).unwrap())
+        .unwrap();
+    let server_side = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 5];
+        stream.read_exact(&mut buf).unwrap();
+        stream.write_all(&buf).unwrap();
+    });
+    let echoed = bed
+        .server
+        .run(move || {
+            let mut stream =
+                TcpStream::connect_timeout(&SocketAddr::new(ip, 8080), Duration::from_secs(5))
+                    .unwrap();
+            stream.write_all(b"hello").unwrap();
+            let mut buf = [0u8; 5];
+            stream.read_exact(&mut buf).unwrap();
+            buf
+        })
+        .unwrap();
+    server_side.join().unwrap();
+    assert_eq!(&echoed, b"hello");
+}
+
+fn gate_drops_until_the_gateway_stops(target: IpAddr) {
+    let bed = Testbed::new().unwrap();
+    let instance = unique_instance();
+    let cleanup = InstanceCleanup {
+        instance: instance.clone(),
+    };
+    let sinks = bind_sinks(&bed, target);
+    let mut gateway = GatewayDaemon::start(&bed.fw, &instance, &gateway_args()).unwrap();
+
+    let before = no_binding_drops(&bed, &instance);
+    send_from_server(&bed, target);
+    let received = drain(&sinks, 0, Duration::from_millis(500));
+    let after = no_binding_drops(&bed, &instance);
+    println!(
+        "{target}: gate attached: received {received}, no_binding +{}",
+        after - before
+    );
+    assert_eq!(
+        received, 0,
+        "no unsolicited datagram may reach a socket in fw"
+    );
+    assert_eq!(
+        after - before,
+        DATAGRAMS as u64,
+        "every datagram counted as no_binding"
+    );
+
+    tcp_still_works(&bed, target);
+
+    assert!(
+        gateway.stop(),
+        "clean exit on SIGTERM:\n{}",
+        gateway.log_text()
+    );
+    assert!(
+        !cleanup.pin_dir().exists(),
+        "a clean stop unpins everything"
+    );
+    send_from_server(&bed, target);
+    let received = drain(&sinks, DATAGRAMS, Duration::from_secs(5));
+    println!("{target}: gateway stopped: received {received}");
+    assert_eq!(
+        received, DATAGRAMS,
+        "without the gate the same datagrams arrive"
+    );
+}
+
+#[test]
+fn ipv4_unsolicited_udp_is_dropped_until_the_gateway_stops() {
+    gate_drops_until_the_gateway_stops(addr::FW_OUTSIDE_V4.into());
+}
+
+#[test]
+fn ipv6_unsolicited_udp_is_dropped_until_the_gateway_stops() {
+    gate_drops_until_the_gateway_stops(addr::FW_OUTSIDE_V6.into());
+}
+
+#[test]
+fn sigkill_leaves_the_gate_closed_and_a_new_daemon_takes_over() {
+    let bed = Testbed::new().unwrap();
+    let instance = unique_instance();
+    let cleanup = InstanceCleanup {
+        instance: instance.clone(),
+    };
+    let target: IpAddr = addr::FW_OUTSIDE_V4.into();
+    let sinks = bind_sinks(&bed, target);
+    let mut first = GatewayDaemon::start(&bed.fw, &instance, &gateway_args()).unwrap();
+    let before = no_binding_drops(&bed, &instance);
+    first.kill();
+
+    // No daemon: the CLI says so and fails, but the pinned gate still drops and counts.
+    let out = gateway_cli(&bed.fw, &["stats", "--instance", &instance]).unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is running"),
+        "stats explains: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    send_from_server(&bed, target);
+    assert_eq!(
+        drain(&sinks, 0, Duration::from_millis(500)),
+        0,
+        "fails closed"
+    );
+    let counted = gateway::stats::read_exit_counters(&cleanup.pin_dir()).unwrap();
+    let dropped = counted
+        .iter()
+        .find(|total| total.reason == gateway_common::DropReason::NoBinding)
+        .unwrap()
+        .packets;
+    assert_eq!(dropped - before, DATAGRAMS as u64);
+
+    // A new daemon takes over without manual cleanup, and keeps dropping.
+    let mut second = GatewayDaemon::start(&bed.fw, &instance, &gateway_args()).unwrap();
+    assert!(
+        second.log_text().contains("previous daemon"),
+        "takeover is logged:\n{}",
+        second.log_text()
+    );
+    let before = no_binding_drops(&bed, &instance);
+    send_from_server(&bed, target);
+    assert_eq!(drain(&sinks, 0, Duration::from_millis(500)), 0);
+    assert_eq!(no_binding_drops(&bed, &instance) - before, DATAGRAMS as u64);
+
+    assert!(second.stop());
+    send_from_server(&bed, target);
+    assert_eq!(
+        drain(&sinks, DATAGRAMS, Duration::from_secs(5)),
+        DATAGRAMS,
+        "after a clean stop of the new daemon the gate is gone"
+    );
+}
+
+#[test]
+fn refuses_a_second_daemon_and_unknown_interfaces() {
+    let bed = Testbed::new().unwrap();
+    let instance = unique_instance();
+    let _cleanup = InstanceCleanup {
+        instance: instance.clone(),
+    };
+    let first = GatewayDaemon::start(&bed.fw, &instance, &gateway_args()).unwrap();
+
+    let out = gateway_cli(
+        &bed.fw,
+        &[&["run", "--instance", &instance][..], &gateway_args()].concat(),
+    )
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("already running") && stderr.contains(&first.pid().to_string()),
+        "names the live owner: {stderr}"
+    );
+
+    let out = gateway_cli(
+        &bed.fw,
+        &[
+            "run",
+            "--instance",
+            "other",
+            "--external",
+            "nosuch0",
+            "--internal",
+            iface::FW_INSIDE,
+        ],
+    )
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"nosuch0\" does not exist"));
+}
+
+#[test]
+fn operator_allow_list_admits_exactly_one_host_flow() {
+    let bed = Testbed::new().unwrap();
+    let instance = unique_instance();
+    let _cleanup = InstanceCleanup {
+        instance: instance.clone(),
+    };
+    let target: IpAddr = addr::FW_OUTSIDE_V4.into();
+    let sinks = bind_sinks(&bed, target);
+    let flow = format!("{}:5123,{target}:{}", addr::SERVER_V4, PORTS.start);
+    let mut args = gateway_args().to_vec();
+    args.extend(["--allow-host-udp", &flow]);
+    let _gateway = GatewayDaemon::start(&bed.fw, &instance, &args).unwrap();
+
+    let (allowed, other_port) = bed
+        .server
+        .run(move || {
+            let allowed = UdpSocket::bind((addr::SERVER_V4, 5123)).unwrap();
+            let other = UdpSocket::bind((addr::SERVER_V4, 5124)).unwrap();
+            for _ in 0..10 {
+                allowed.send_to(b"ntp-like", (target, PORTS.start)).unwrap();
+                // Same remote, another local port; and another remote port: both dropped.
+                allowed
+                    .send_to(b"ntp-like", (target, PORTS.start + 1))
+                    .unwrap();
+                other.send_to(b"ntp-like", (target, PORTS.start)).unwrap();
+            }
+            (10, 20)
+        })
+        .unwrap();
+    let received = drain(&sinks, allowed, Duration::from_millis(500));
+    let stats = stats_json(&bed.fw, &instance).unwrap();
+    assert_eq!(received, allowed, "only the allow-listed flow arrives");
+    assert_eq!(reason_packets(&stats, "host_allow_listed"), allowed as u64);
+    assert_eq!(reason_packets(&stats, "no_binding"), other_port);
+}
+
+#[test]
+fn refuses_without_root() {
+    let bed = Testbed::new().unwrap();
+    let out = bed
+        .fw
+        .command("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(integration_tests::gateway::gateway_bin())
+        .args(["run", "--instance", "unprivileged"])
+        .args(gateway_args())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs root"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
