@@ -27,7 +27,7 @@ use gateway_common::{
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::instance::Instance;
+use crate::{gate::KernelGate, instance::Instance};
 
 /// The compiled eBPF object, built by `build.rs` (empty with `AYA_BUILD_SKIP=1`).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway"));
@@ -285,11 +285,16 @@ impl Datapath {
         map_mut(&mut self.ebpf, map_names::HOST_ALLOW)
     }
 
-    /// The exact-binding map.
-    pub fn bindings(
-        &mut self,
-    ) -> Result<HashMap<&mut MapData, BindingKey, BindingValue>, DatapathError> {
-        map_mut(&mut self.ebpf, map_names::BINDINGS)
+    /// Hands the exact-binding map to a [`KernelGate`], which owns it from then on.
+    pub fn take_gate(&mut self) -> Result<KernelGate, DatapathError> {
+        let map = self.ebpf.take_map(map_names::BINDINGS).ok_or_else(|| {
+            DatapathError::Pin(format!("map {} already taken", map_names::BINDINGS))
+        })?;
+        let map = HashMap::try_from(map).map_err(|source| DatapathError::Map {
+            what: format!("open map {}", map_names::BINDINGS),
+            source,
+        })?;
+        Ok(KernelGate::new(map))
     }
 
     /// Clean stop: detach the program and unpin the link and the maps.

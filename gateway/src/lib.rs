@@ -7,6 +7,10 @@
 
 pub mod binding;
 pub mod datapath;
+pub mod gate;
 pub mod instance;
+pub mod netif;
+pub mod resolver;
+pub mod server;
 pub mod socks;
 pub mod stats;

@@ -2,16 +2,29 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context as _, Result, bail};
+mod daemon;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
+
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use gateway::{
-    datapath::{Datapath, DatapathConfig, HostFlow, interface_index},
+    datapath::HostFlow,
     instance::{DEFAULT_INSTANCE, Instance},
     stats,
 };
 use gateway_common::DEFAULT_MAX_BINDINGS;
-use tracing::info;
+use ipnet::IpNet;
 use tracing_subscriber::EnvFilter;
+
+fn parse_resolver(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>()
+        .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("{text:?} is not an IP or IP:PORT"))
+}
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +61,33 @@ enum Command {
         /// that no binding admits is dropped.
         #[arg(long = "allow-host-udp", value_name = "REMOTE,LOCAL", value_parser = HostFlow::parse)]
         allow_host_udp: Vec<HostFlow>,
+        /// Address for SOCKS5 control connections (repeat for more). Default: every address of
+        /// the internal interface, port 1080.
+        #[arg(long, value_name = "IP:PORT")]
+        listen: Vec<SocketAddr>,
+        /// Users file of NAME:ARGON2ID-HASH lines (make lines with `gateway passwd NAME`).
+        #[arg(long, value_name = "FILE")]
+        users: Option<PathBuf>,
+        /// Accept clients without authentication (SOCKS method 00).
+        #[arg(long)]
+        allow_anonymous: bool,
+        /// Nameserver for domain names in SOCKS requests, IP or IP:PORT (repeat for more).
+        /// Default: the nameservers of /etc/resolv.conf. Their replies are allow-listed exactly.
+        #[arg(long = "resolver", value_name = "IP[:PORT]", value_parser = parse_resolver)]
+        resolvers: Vec<SocketAddr>,
+        /// A network clients may not reach through the gateway (repeat for more). The internal
+        /// interface's networks, the gateway's own addresses, loopback, multicast and broadcast
+        /// are always refused.
+        #[arg(long, value_name = "CIDR")]
+        deny: Vec<IpNet>,
+        /// Most control connections served at once; more are closed at accept.
+        #[arg(long, value_name = "N", default_value_t = 4096)]
+        max_connections: usize,
+    },
+    /// Read a password from stdin and print a users-file line `NAME:$argon2id$...`.
+    Passwd {
+        /// The user name (1 to 255 octets, no ':').
+        name: String,
     },
     /// Print packets and bytes per datapath exit reason of a running gateway.
     Stats {
@@ -85,13 +125,36 @@ fn run(cli: Cli) -> Result<()> {
             instance,
             max_bindings,
             allow_host_udp,
-        } => run_daemon(
-            &external,
-            &internal,
-            &instance,
+            listen,
+            users,
+            allow_anonymous,
+            resolvers,
+            deny,
+            max_connections,
+        } => daemon::run(daemon::DaemonArgs {
+            external,
+            internal,
+            instance,
             max_bindings,
-            allow_host_udp,
-        ),
+            host_allow: allow_host_udp,
+            listen,
+            users,
+            allow_anonymous,
+            resolvers,
+            deny,
+            max_connections,
+        }),
+        Command::Passwd { name } => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("read the password from stdin")?;
+            let password = password.trim_end_matches(['\n', '\r']);
+            let line = gateway::server::auth::hash_line(&name, password.as_bytes())
+                .map_err(anyhow::Error::msg)?;
+            println!("{line}");
+            Ok(())
+        }
         Command::Stats { instance, json } => {
             let instance = Instance::new(&instance)?;
             instance.require_running()?;
@@ -104,54 +167,4 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
-}
-
-fn run_daemon(
-    external: &str,
-    internal: &str,
-    instance: &str,
-    max_bindings: u32,
-    host_allow: Vec<HostFlow>,
-) -> Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("`gateway run` needs root (it loads and attaches eBPF programs)");
-    }
-    let instance = Instance::new(instance)?;
-    interface_index(external).context("--external")?;
-    interface_index(internal).context("--internal")?;
-    if external == internal {
-        bail!("--external and --internal must be different interfaces (both are {external})");
-    }
-    let lock = instance.lock()?;
-    let mut config = DatapathConfig::new(instance.clone(), external.to_owned());
-    config.max_bindings = max_bindings;
-    config.host_allow = host_allow;
-    let datapath = match Datapath::attach(&config) {
-        Ok(datapath) => datapath,
-        Err(error) => {
-            lock.release();
-            return Err(error).with_context(|| format!("attach the gateway to {external}"));
-        }
-    };
-    info!(instance = instance.name(), %external, %internal, pid = std::process::id(), "gateway running");
-
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("start the tokio runtime")?;
-    let signal = runtime.block_on(wait_for_shutdown_signal());
-    info!(signal = signal?, "shutting down");
-    datapath.detach();
-    lock.release();
-    Ok(())
-}
-
-async fn wait_for_shutdown_signal() -> Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
-    })
 }

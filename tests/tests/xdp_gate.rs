@@ -21,12 +21,13 @@ use integration_tests::{
 const PORTS: std::ops::Range<u16> = 7001..7011;
 const DATAGRAMS: usize = 1000;
 
-fn gateway_args() -> [&'static str; 4] {
+fn gateway_args() -> [&'static str; 5] {
     [
         "--external",
         iface::FW_OUTSIDE,
         "--internal",
         iface::FW_INSIDE,
+        "--allow-anonymous",
     ]
 }
 

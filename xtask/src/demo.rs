@@ -35,6 +35,7 @@ pub fn run() -> Result<()> {
             iface::FW_OUTSIDE,
             "--internal",
             iface::FW_INSIDE,
+            "--allow-anonymous",
         ],
     )?;
     println!(

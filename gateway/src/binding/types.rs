@@ -33,13 +33,8 @@ pub mod flags {
     /// Every multicast-related bit.
     pub const MULTICAST_ANY: u16 = MULTICAST | MULTICAST_TO_UNICAST | MULTICAST_TO_MULTICAST;
     /// Every bit this gateway knows; a request with any other bit gets `13`.
-    pub const KNOWN: u16 = RECEIVE
-        | SEND
-        | UNICAST
-        | TCP_ENCAPSULATED
-        | MULTICAST_ANY
-        | REMOTE_PENDING
-        | RTP_PAIR;
+    pub const KNOWN: u16 =
+        RECEIVE | SEND | UNICAST | TCP_ENCAPSULATED | MULTICAST_ANY | REMOTE_PENDING | RTP_PAIR;
 }
 
 /// Identifies one control connection for the lifetime of the gateway (never reused).
@@ -305,9 +300,10 @@ pub struct Reply {
 impl Reply {
     /// A refusal carrying `error`'s code.
     pub(crate) fn refused(error: BindError, aid: u32, flags: u16) -> Self {
-        let aid = match error {
-            BindError::Expired { aid } => aid,
-            _ => aid,
+        let aid = if let BindError::Expired { aid: expired } = error {
+            expired
+        } else {
+            aid
         };
         Reply {
             code: error.code(),

@@ -1,0 +1,287 @@
+//! Configuration of the binding state machine: timeouts, policy switches, caps, relay addresses,
+//! port ranges and the forbidden remote networks, with validation.
+//!
+//! Owns the values and their checks. It must not read files or flags (the daemon's config layer
+//! maps its TOML/clap values into a [`Config`]) and must not touch sockets.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use super::ports::PortRange;
+use super::types::Family;
+
+/// Smallest allowed `pending_timeout`.
+pub const PENDING_TIMEOUT_MIN: Duration = Duration::from_secs(5);
+/// Largest allowed `pending_timeout`.
+pub const PENDING_TIMEOUT_MAX: Duration = Duration::from_mins(5);
+/// Largest allowed `idle_timeout` (one day).
+pub const IDLE_TIMEOUT_MAX: Duration = Duration::from_hours(24);
+
+/// An IP network (address and prefix length).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    /// A network; `None` if `prefix` is longer than the address.
+    pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
+        let max = match addr {
+            IpAddr::V4(_) => 32,
+            IpAddr::V6(_) => 128,
+        };
+        (prefix <= max).then_some(IpNet { addr, prefix })
+    }
+
+    /// A single host.
+    pub fn host(addr: IpAddr) -> Self {
+        let prefix = match addr {
+            IpAddr::V4(_) => 32,
+            IpAddr::V6(_) => 128,
+        };
+        IpNet { addr, prefix }
+    }
+
+    /// The network's address.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The prefix length.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// Whether `ip` lies in this network (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+
+    /// The networks a REMOTE may not name by default: unspecified, loopback, multicast and
+    /// broadcast, both families. The gateway's relay addresses are always forbidden besides.
+    pub fn default_forbidden() -> Vec<IpNet> {
+        let v4 = |a, b, c, d, p| IpNet {
+            addr: IpAddr::V4(Ipv4Addr::new(a, b, c, d)),
+            prefix: p,
+        };
+        vec![
+            v4(0, 0, 0, 0, 8),
+            v4(127, 0, 0, 0, 8),
+            v4(224, 0, 0, 0, 4),
+            v4(255, 255, 255, 255, 32),
+            IpNet::host(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+            IpNet::host(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+            IpNet {
+                addr: IpAddr::V6(Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0)),
+                prefix: 8,
+            },
+        ]
+    }
+}
+
+/// Everything the binding state machine needs to know about policy and resources.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// How long a half-bound binding waits for its step 2 (default 30 s, allowed 5..=300 s).
+    pub pending_timeout: Duration,
+    /// How long a confirmed binding lives without a datagram (default 300 s, 1 s..=1 day).
+    pub idle_timeout: Duration,
+    /// Whether a step 2 may confirm a UDP Listen binding (default false: `02`).
+    pub allow_listen: bool,
+    /// Whether a specific REMOTE may have port 0, a host-level match (default false: `02`).
+    pub allow_port_zero_remote: bool,
+    /// Cap on half-bound bindings per control connection.
+    pub max_half_bound_per_connection: usize,
+    /// Cap on half-bound bindings per authenticated user (anonymous connections are not counted
+    /// per user; the per-connection and total caps still apply).
+    pub max_half_bound_per_user: usize,
+    /// Cap on live bindings (half-bound and confirmed) on the gateway.
+    pub max_bindings: usize,
+    /// Cap on tombstones kept per connection; past it the oldest is forgotten (its TID is free
+    /// again and a request naming its AID gets `10` instead of `17`).
+    pub max_tombstones_per_connection: usize,
+    /// Internal (client-side) relay ports.
+    pub internal_ports: PortRange,
+    /// External (remote-side) relay ports, for each external address.
+    pub external_ports: PortRange,
+    /// Internal relay addresses (client side). Usually one per family; several give room for
+    /// more bindings than one port range holds.
+    pub internal_ips: Vec<IpAddr>,
+    /// External relay addresses (remote side). A client is given the same one for every binding
+    /// (see [`Config::external_ip_for`]), the one its CONNECTs should leave from.
+    pub external_ips: Vec<IpAddr>,
+    /// When a client's external address has no port left, take one on another external address
+    /// instead of refusing (default false: keeps one external address per client, as RTSP
+    /// servers may require).
+    pub spill_to_other_external_ips: bool,
+    /// Networks a REMOTE may not name (`02`). Starts as [`IpNet::default_forbidden`]; add the
+    /// internal networks and the gateway's other addresses. The relay addresses above are
+    /// always forbidden.
+    pub forbidden_remotes: Vec<IpNet>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            pending_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_mins(5),
+            allow_listen: false,
+            allow_port_zero_remote: false,
+            max_half_bound_per_connection: 64,
+            max_half_bound_per_user: 256,
+            max_bindings: 200_000,
+            max_tombstones_per_connection: 1024,
+            internal_ports: PortRange::new(40_000, 49_999),
+            external_ports: PortRange::new(30_000, 39_999),
+            internal_ips: Vec::new(),
+            external_ips: Vec::new(),
+            spill_to_other_external_ips: false,
+            forbidden_remotes: IpNet::default_forbidden(),
+        }
+    }
+}
+
+/// A configuration value that cannot work; each names the key.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// `pending_timeout` outside 5..=300 s.
+    #[error("pending_timeout: {0:?} is outside 5..=300 s")]
+    PendingTimeout(Duration),
+    /// `idle_timeout` outside 1 s..=1 day.
+    #[error("idle_timeout: {0:?} is outside 1 s..=86400 s")]
+    IdleTimeout(Duration),
+    /// A port range is empty or contains port 0.
+    #[error("{key}: {first}..={last} must be non-empty and must not contain port 0")]
+    PortRange {
+        /// `internal_ports` or `external_ports`.
+        key: &'static str,
+        /// First port.
+        first: u16,
+        /// Last port.
+        last: u16,
+    },
+    /// No relay address given.
+    #[error("{0}: at least one address is needed")]
+    NoAddress(&'static str),
+    /// An unspecified, multicast or IPv4-mapped relay address, or one listed twice.
+    #[error(
+        "{key}: {ip} cannot be a relay address (unspecified, multicast, IPv4-mapped or duplicate)"
+    )]
+    BadAddress {
+        /// `internal_ips` or `external_ips`.
+        key: &'static str,
+        /// The address.
+        ip: IpAddr,
+    },
+    /// The same address is internal and external while the port ranges overlap.
+    #[error(
+        "internal_ips/external_ips: {0} is in both lists while internal_ports and external_ports overlap"
+    )]
+    SharedAddressOverlap(IpAddr),
+}
+
+impl Config {
+    /// Checks every value; [`Bindings::new`](super::Bindings::new) calls it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.pending_timeout < PENDING_TIMEOUT_MIN || self.pending_timeout > PENDING_TIMEOUT_MAX
+        {
+            return Err(ConfigError::PendingTimeout(self.pending_timeout));
+        }
+        if self.idle_timeout < Duration::from_secs(1) || self.idle_timeout > IDLE_TIMEOUT_MAX {
+            return Err(ConfigError::IdleTimeout(self.idle_timeout));
+        }
+        for (key, range) in [
+            ("internal_ports", self.internal_ports),
+            ("external_ports", self.external_ports),
+        ] {
+            if range.first == 0 || range.first > range.last {
+                return Err(ConfigError::PortRange {
+                    key,
+                    first: range.first,
+                    last: range.last,
+                });
+            }
+        }
+        for (key, ips) in [
+            ("internal_ips", &self.internal_ips),
+            ("external_ips", &self.external_ips),
+        ] {
+            if ips.is_empty() {
+                return Err(ConfigError::NoAddress(key));
+            }
+            for (i, ip) in ips.iter().enumerate() {
+                let mapped = ip.to_canonical() != *ip;
+                if ip.is_unspecified() || ip.is_multicast() || mapped || ips[..i].contains(ip) {
+                    return Err(ConfigError::BadAddress { key, ip: *ip });
+                }
+            }
+        }
+        let overlap = self.internal_ports.first <= self.external_ports.last
+            && self.external_ports.first <= self.internal_ports.last;
+        if overlap
+            && let Some(ip) = self
+                .internal_ips
+                .iter()
+                .find(|ip| self.external_ips.contains(ip))
+        {
+            return Err(ConfigError::SharedAddressOverlap(*ip));
+        }
+        Ok(())
+    }
+
+    /// The external relay address of `family` that a client at `peer_ip` gets: a fixed choice per
+    /// client address, so the daemon can make the same client's CONNECTs leave from it too.
+    pub fn external_ip_for(&self, peer_ip: IpAddr, family: Family) -> Option<IpAddr> {
+        let candidates = self
+            .external_ips
+            .iter()
+            .filter(|ip| Family::of(**ip) == family);
+        let count = candidates.clone().count();
+        if count == 0 {
+            return None;
+        }
+        let index = usize::try_from(spread(peer_ip.to_canonical()) % count as u64).unwrap_or(0);
+        candidates.clone().nth(index).copied()
+    }
+
+    /// Whether a REMOTE may name `ip`: not a forbidden network, not a relay address, not
+    /// unspecified.
+    pub fn remote_allowed(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        !(ip.is_unspecified()
+            || self.internal_ips.contains(&ip)
+            || self.external_ips.contains(&ip)
+            || self.forbidden_remotes.iter().any(|net| net.contains(ip)))
+    }
+}
+
+/// FNV-1a over the address octets, finished with the `SplitMix64` mixer: a stable, cheap spread
+/// of clients over external addresses (FNV-1a alone spreads similar addresses poorly modulo
+/// small counts).
+fn spread(ip: IpAddr) -> u64 {
+    let octets: Vec<u8> = match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    let mut hash = octets.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^ (hash >> 31)
+}

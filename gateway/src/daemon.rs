@@ -1,0 +1,202 @@
+//! `gateway run`: everything a daemon does between start and stop, in order. Owns the order of
+//! start-up (nothing is served before the gate is attached) and of shutdown (connections end,
+//! their kernel entries go, then the gate is detached).
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use gateway::{
+    datapath::{Datapath, DatapathConfig, HostFlow, interface_index},
+    gate::Gate,
+    instance::Instance,
+    netif,
+    resolver::{Resolver, nameservers_from_resolv_conf},
+    server::{
+        self, External, Services, Timeouts,
+        auth::{FailureLimiter, Users},
+        policy::Policy,
+    },
+};
+use ipnet::IpNet;
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{info, warn};
+
+/// SOCKS port when `--listen` is not given.
+pub const DEFAULT_SOCKS_PORT: u16 = 1080;
+
+/// What `gateway run` was asked to do (validated by clap and here).
+#[derive(Debug)]
+pub struct DaemonArgs {
+    pub external: String,
+    pub internal: String,
+    pub instance: String,
+    pub max_bindings: u32,
+    pub host_allow: Vec<HostFlow>,
+    pub listen: Vec<SocketAddr>,
+    pub users: Option<PathBuf>,
+    pub allow_anonymous: bool,
+    pub resolvers: Vec<SocketAddr>,
+    pub deny: Vec<IpNet>,
+    pub max_connections: usize,
+}
+
+pub fn run(args: DaemonArgs) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("`gateway run` needs root (it loads and attaches eBPF programs)");
+    }
+    let instance = Instance::new(&args.instance)?;
+    let external_ifindex = interface_index(&args.external).context("--external")?;
+    interface_index(&args.internal).context("--internal")?;
+    if args.external == args.internal {
+        bail!(
+            "--external and --internal must be different interfaces (both are {})",
+            args.external
+        );
+    }
+    let users = args
+        .users
+        .as_deref()
+        .map(Users::load)
+        .transpose()
+        .context("--users")?;
+    if users.is_none() && !args.allow_anonymous {
+        bail!(
+            "no way to authenticate: give --users FILE (see `gateway passwd`) or --allow-anonymous"
+        );
+    }
+    let lock = instance.lock()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?;
+    let result = runtime.block_on(serve(args, instance, external_ifindex, users));
+    lock.release();
+    result
+}
+
+async fn serve(
+    args: DaemonArgs,
+    instance: Instance,
+    external_ifindex: u32,
+    users: Option<Users>,
+) -> Result<()> {
+    let external_addrs = netif::addresses(&args.external).context("read --external addresses")?;
+    let internal_addrs = netif::addresses(&args.internal).context("read --internal addresses")?;
+    let (external_v4, external_v6) = netif::primary(&external_addrs);
+    if external_v4.is_none() && external_v6.is_none() {
+        bail!("--external {} has no IP address", args.external);
+    }
+
+    let resolvers = if args.resolvers.is_empty() {
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        nameservers_from_resolv_conf(&text)
+    } else {
+        args.resolvers.clone()
+    };
+    let resolver = Arc::new(
+        Resolver::bind(&resolvers)
+            .await
+            .context("bind the resolver sockets")?,
+    );
+    if resolvers.is_empty() {
+        warn!("no nameserver configured (--resolver, /etc/resolv.conf): domain names will fail");
+    }
+
+    let mut config = DatapathConfig::new(instance.clone(), args.external.clone());
+    config.max_bindings = args.max_bindings;
+    config.host_allow = args.host_allow.clone();
+    config.host_allow.extend(resolver.host_flows());
+    let mut datapath = Datapath::attach(&config)
+        .with_context(|| format!("attach the gateway to {}", args.external))?;
+    let gate: Arc<dyn Gate> = Arc::new(datapath.take_gate()?);
+
+    let mut policy = Policy {
+        own_addresses: external_addrs
+            .iter()
+            .chain(&internal_addrs)
+            .map(|a| a.ip)
+            .collect(),
+        deny: args.deny.clone(),
+    };
+    // Clients may not reach the protected networks through the proxy.
+    policy.deny.extend(internal_addrs.iter().map(|a| a.network));
+    let services = Arc::new(Services {
+        allow_anonymous: args.allow_anonymous,
+        users,
+        limiter: FailureLimiter::new(5, Duration::from_secs(60)),
+        policy,
+        resolver,
+        gate,
+        external: External {
+            v4: external_v4,
+            v6: external_v6,
+            ifindex: Some(external_ifindex),
+        },
+        timeouts: Timeouts::default(),
+        max_connections: args.max_connections,
+    });
+
+    let listen = if args.listen.is_empty() {
+        internal_addrs
+            .iter()
+            .filter(|a| !matches!(a.ip, std::net::IpAddr::V6(v6) if v6.is_unicast_link_local()))
+            .map(|a| SocketAddr::new(a.ip, DEFAULT_SOCKS_PORT))
+            .collect()
+    } else {
+        args.listen.clone()
+    };
+    if listen.is_empty() {
+        datapath.detach();
+        bail!(
+            "nothing to listen on: --internal {} has no address and no --listen was given",
+            args.internal
+        );
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut servers = Vec::new();
+    for addr in &listen {
+        let listener = match TcpListener::bind(addr).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                datapath.detach();
+                return Err(error).with_context(|| format!("listen on {addr}"));
+            }
+        };
+        info!(%addr, "SOCKS5 listening");
+        let mut stop = stop_rx.clone();
+        servers.push(tokio::spawn(server::run(
+            Arc::clone(&services),
+            listener,
+            async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            },
+        )));
+    }
+    info!(
+        instance = instance.name(),
+        external = %args.external,
+        internal = %args.internal,
+        pid = std::process::id(),
+        "gateway running"
+    );
+
+    let signal = wait_for_shutdown_signal().await?;
+    info!(signal, "shutting down");
+    let _ = stop_tx.send(true);
+    for server in servers {
+        let _ = server.await;
+    }
+    drop(services);
+    datapath.detach();
+    Ok(())
+}
+
+async fn wait_for_shutdown_signal() -> Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    })
+}

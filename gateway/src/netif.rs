@@ -1,0 +1,108 @@
+//! Addresses and networks of the gateway's interfaces (getifaddrs). Read once at start.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+use nix::{ifaddrs::getifaddrs, sys::socket::SockaddrStorage};
+
+/// One address of an interface with its network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InterfaceAddress {
+    pub ip: IpAddr,
+    pub network: IpNet,
+}
+
+fn ip_of(addr: &SockaddrStorage) -> Option<IpAddr> {
+    addr.as_sockaddr_in()
+        .map(|v4| IpAddr::V4(v4.ip()))
+        .or_else(|| addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+}
+
+fn prefix_len(mask: IpAddr) -> u8 {
+    let ones = match mask {
+        IpAddr::V4(v4) => u32::from(v4).count_ones(),
+        IpAddr::V6(v6) => u128::from(v6).count_ones(),
+    };
+    u8::try_from(ones).unwrap_or(0)
+}
+
+/// Every IPv4 and IPv6 address of `interface`.
+pub fn addresses(interface: &str) -> std::io::Result<Vec<InterfaceAddress>> {
+    let mut found = Vec::new();
+    for ifaddr in getifaddrs().map_err(std::io::Error::from)? {
+        if ifaddr.interface_name != interface {
+            continue;
+        }
+        let Some(ip) = ifaddr.address.as_ref().and_then(ip_of) else {
+            continue;
+        };
+        let prefix = ifaddr
+            .netmask
+            .as_ref()
+            .and_then(ip_of)
+            .map_or(if ip.is_ipv4() { 32 } else { 128 }, prefix_len);
+        if let Ok(network) = IpNet::new(ip, prefix) {
+            found.push(InterfaceAddress {
+                ip,
+                network: network.trunc(),
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// The first usable (not link-local) IPv4 and IPv6 address.
+pub fn primary(addresses: &[InterfaceAddress]) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
+    let v4 = addresses.iter().find_map(|a| match a.ip {
+        IpAddr::V4(v4) if !v4.is_link_local() => Some(v4),
+        _ => None,
+    });
+    let v6 = addresses.iter().find_map(|a| match a.ip {
+        IpAddr::V6(v6) if !v6.is_unicast_link_local() => Some(v6),
+        _ => None,
+    });
+    (v4, v6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_has_its_addresses() {
+        let found = addresses("lo").unwrap();
+        assert!(
+            found
+                .iter()
+                .any(|a| a.ip == IpAddr::V4(Ipv4Addr::LOCALHOST))
+        );
+        let lo = found.iter().find(|a| a.ip.is_ipv4()).unwrap();
+        assert_eq!(lo.network, "127.0.0.0/8".parse::<IpNet>().unwrap());
+        assert!(addresses("no-such-if0").unwrap().is_empty());
+    }
+
+    #[test]
+    fn primary_skips_link_local() {
+        let list = [
+            InterfaceAddress {
+                ip: "fe80::1".parse().unwrap(),
+                network: "fe80::/64".parse().unwrap(),
+            },
+            InterfaceAddress {
+                ip: "2001:db8:2::1".parse().unwrap(),
+                network: "2001:db8:2::/64".parse().unwrap(),
+            },
+            InterfaceAddress {
+                ip: "203.0.113.1".parse().unwrap(),
+                network: "203.0.113.0/24".parse().unwrap(),
+            },
+        ];
+        assert_eq!(
+            primary(&list),
+            (
+                Some(Ipv4Addr::new(203, 0, 113, 1)),
+                Some("2001:db8:2::1".parse().unwrap())
+            )
+        );
+    }
+}

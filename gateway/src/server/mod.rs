@@ -1,0 +1,218 @@
+//! The SOCKS5 server: an accept loop with a connection cap and graceful shutdown, and a task per
+//! control connection that authenticates it and runs its command (CONNECT, BIND, UDP ASSOCIATE).
+//! Protocol decisions come from the sans-IO `socks` codecs; this layer does the I/O.
+
+pub mod auth;
+mod bind;
+mod connect;
+pub mod connection;
+mod handshake;
+mod outside;
+pub mod policy;
+mod relay;
+mod udp_associate;
+
+use std::{
+    future::Future,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, watch},
+    task::JoinSet,
+};
+use tracing::{debug, info, warn};
+
+use self::{
+    auth::{FailureLimiter, Users},
+    connection::Connection,
+    policy::Policy,
+};
+use crate::{
+    gate::Gate,
+    resolver::Resolver,
+    socks::{Command, Reply, ReplyCode},
+};
+
+/// Timeouts of the control plane.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// From accept to a complete request; a silent or dribbling client is cut off.
+    pub handshake: Duration,
+    /// Outbound TCP connect for CONNECT.
+    pub connect: Duration,
+    /// How long a BIND waits for the peer to connect.
+    pub bind_accept: Duration,
+    /// A CONNECT/BIND relay with no bytes in either direction for this long is closed.
+    pub tcp_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            handshake: Duration::from_secs(10),
+            connect: Duration::from_secs(10),
+            bind_accept: Duration::from_secs(120),
+            tcp_idle: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The gateway's outside addresses: relays and outbound connections use these, so a client's
+/// CONNECTs and UDP relays share one external IP per family.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct External {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+    /// Index of the external interface: relay sockets accept only datagrams that arrived there.
+    /// `None` accepts any interface (in-process tests on loopback).
+    pub ifindex: Option<u32>,
+}
+
+impl External {
+    /// The external address of `ip`'s family, if the gateway has one.
+    pub fn for_family(&self, ip: IpAddr) -> Option<IpAddr> {
+        match policy::canonical(ip) {
+            IpAddr::V4(_) => self.v4.map(IpAddr::V4),
+            IpAddr::V6(_) => self.v6.map(IpAddr::V6),
+        }
+    }
+}
+
+/// Everything a control connection needs, shared by all of them.
+#[derive(Debug)]
+pub struct Services {
+    pub allow_anonymous: bool,
+    pub users: Option<Users>,
+    pub limiter: FailureLimiter,
+    pub policy: Policy,
+    pub resolver: Arc<Resolver>,
+    pub gate: Arc<dyn Gate>,
+    pub external: External,
+    pub timeouts: Timeouts,
+    pub max_connections: usize,
+}
+
+/// Serves SOCKS5 on `listener` until `shutdown` completes, then closes every control
+/// connection (which ends their associations and removes their kernel entries) and returns.
+pub async fn run(
+    services: Arc<Services>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(services.max_connections));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                    warn!(%peer, cap = services.max_connections, "connection cap reached; closing");
+                    drop(stream);
+                    continue;
+                };
+                let services = Arc::clone(&services);
+                let mut stop = stop_rx.clone();
+                tasks.spawn(async move {
+                    tokio::select! {
+                        () = serve(services, stream, peer) => {}
+                        _ = stop.wait_for(|stop| *stop) => debug!(%peer, "closed by shutdown"),
+                    }
+                    drop(permit);
+                });
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    info!(connections = tasks.len(), "shutting down the SOCKS server");
+    let _ = stop_tx.send(true);
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
+        tasks.abort_all();
+    }
+}
+
+/// One control connection, start to end. Every error ends here as a log line.
+async fn serve(services: Arc<Services>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let local = match stream.local_addr() {
+        Ok(local) => local,
+        Err(error) => {
+            debug!(%peer, %error, "no local address");
+            return;
+        }
+    };
+    let mut conn = Connection::new(stream);
+    let handshake = tokio::time::timeout(
+        services.timeouts.handshake,
+        handshake::run(&mut conn, &services, peer),
+    )
+    .await;
+    let (user, request) = match handshake {
+        Ok(Ok(done)) => done,
+        Ok(Err(error)) => {
+            debug!(%peer, %error, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            info!(%peer, "handshake timed out; closing");
+            return;
+        }
+    };
+    let who = user.as_deref().unwrap_or("-");
+    info!(%peer, user = who, command = ?request.command, target = %request.address, "request");
+    let result = match request.command {
+        Command::Connect => connect::run(conn, &services, peer, &request.address).await,
+        Command::Bind => bind::run(conn, &services, peer, &request.address).await,
+        Command::UdpAssociate => {
+            udp_associate::run(conn, &services, peer, local, &request.address).await
+        }
+        Command::EnhancedUdp => {
+            // The enhanced UDP mode is not served yet: refuse as RFC 1928 says.
+            send_failure(&mut conn, ReplyCode::CommandNotSupported).await;
+            Ok(())
+        }
+    };
+    if let Err(error) = result {
+        debug!(%peer, %error, "connection ended with an error");
+    }
+}
+
+/// Sends a failure reply; the caller then closes the connection.
+async fn send_failure(conn: &mut Connection, code: ReplyCode) {
+    let mut out = bytes::BytesMut::new();
+    if Reply::failure(code).encode(&mut out).is_ok() {
+        let _ = conn.write_all(&out).await;
+    }
+}
+
+/// Sends a success reply with `bound` as BND.ADDR/BND.PORT.
+async fn send_success(
+    conn: &mut Connection,
+    bound: SocketAddr,
+) -> Result<(), connection::ConnectionError> {
+    let mut out = bytes::BytesMut::new();
+    Reply {
+        code: ReplyCode::Succeeded,
+        address: bound.into(),
+    }
+    .encode(&mut out)?;
+    conn.write_all(&out).await
+}

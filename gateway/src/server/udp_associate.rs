@@ -1,0 +1,277 @@
+//! UDP ASSOCIATE (RFC 1928) with the userspace relay, the slow path until the kernel relays.
+//!
+//! Rules (protocol.md section 1): datagrams from any client address other than the allowed one
+//! are dropped (IP from DST, or the control peer's IP when DST is zero or PySocks' name "0"; port
+//! latched from the first datagram when DST.PORT is 0); FRAG != 0 is dropped; bad datagrams are
+//! dropped silently. As a firewall, a remote is admitted inbound only after the client sent to
+//! it: the exact (remote ip:port -> external relay ip:port) kernel entry is installed before that
+//! first datagram leaves, and every entry is removed when the association ends with its control
+//! connection.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+};
+
+use bytes::BytesMut;
+use tokio::net::UdpSocket;
+use tracing::{debug, info, warn};
+
+use super::{
+    Services,
+    connect::resolve_allowed,
+    connection::{Connection, ConnectionError},
+    outside::{OutsideSocket, Received},
+    policy::canonical,
+    send_failure, send_success,
+};
+use crate::{
+    gate::GateEntry,
+    socks::{Address, ReplyCode, UdpHeader},
+};
+
+const MAX_DATAGRAM: usize = 65_535;
+
+/// Counters of one association, logged when it ends.
+#[derive(Debug, Default)]
+struct AssociationStats {
+    to_remote: u64,
+    to_client: u64,
+    dropped_wrong_client: u64,
+    dropped_malformed: u64,
+    dropped_fragment: u64,
+    dropped_policy: u64,
+    dropped_unknown_remote: u64,
+    dropped_wrong_interface: u64,
+}
+
+/// Who may use the association from inside.
+#[derive(Debug, Clone, Copy)]
+struct ClientMatch {
+    ip: IpAddr,
+    /// 0 until latched from the first datagram.
+    port: u16,
+}
+
+impl ClientMatch {
+    fn accepts(&mut self, from: SocketAddr) -> bool {
+        if canonical(from.ip()) != self.ip {
+            return false;
+        }
+        if self.port == 0 {
+            self.port = from.port();
+            return true;
+        }
+        from.port() == self.port
+    }
+
+    fn addr(&self) -> Option<SocketAddr> {
+        (self.port != 0).then(|| SocketAddr::new(self.ip, self.port))
+    }
+}
+
+struct Association<'a> {
+    services: &'a Services,
+    peer: SocketAddr,
+    client: ClientMatch,
+    inside: UdpSocket,
+    outside_v4: Option<OutsideSocket>,
+    outside_v6: Option<OutsideSocket>,
+    /// Remotes the client has sent to; each has a kernel entry.
+    admitted: HashSet<GateEntry>,
+    stats: AssociationStats,
+}
+
+pub async fn run(
+    mut conn: Connection,
+    services: &Services,
+    peer: SocketAddr,
+    local: SocketAddr,
+    address: &Address,
+) -> Result<(), ConnectionError> {
+    let peer_ip = canonical(peer.ip());
+    let client_ip = match address {
+        Address::Ip(addr) if !addr.ip().is_unspecified() => canonical(addr.ip()),
+        _ => peer_ip,
+    };
+    // Decision: the association serves the host on the control connection only, so no client
+    // can steer a relay towards another inside host.
+    if client_ip != peer_ip {
+        info!(%peer, %client_ip, "UDP ASSOCIATE for another host refused");
+        send_failure(&mut conn, ReplyCode::NotAllowed).await;
+        return Ok(());
+    }
+    let inside = UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await?;
+    let relay_inside = inside.local_addr()?;
+    let mut association = Association {
+        services,
+        peer,
+        client: ClientMatch {
+            ip: client_ip,
+            port: address.port(),
+        },
+        inside,
+        outside_v4: None,
+        outside_v6: None,
+        admitted: HashSet::new(),
+        stats: AssociationStats::default(),
+    };
+    send_success(&mut conn, relay_inside).await?;
+    info!(%peer, relay = %relay_inside, "UDP ASSOCIATE ready");
+
+    tokio::select! {
+        () = conn.wait_closed() => {}
+        result = association.serve() => {
+            if let Err(error) = result {
+                warn!(%peer, %error, "UDP relay failed");
+            }
+        }
+    }
+    association.close();
+    Ok(())
+}
+
+impl Association<'_> {
+    async fn serve(&mut self) -> std::io::Result<()> {
+        let mut from_client = vec![0u8; MAX_DATAGRAM];
+        let mut from_remote_v4 = vec![0u8; MAX_DATAGRAM];
+        let mut from_remote_v6 = vec![0u8; MAX_DATAGRAM];
+        loop {
+            tokio::select! {
+                received = self.inside.recv_from(&mut from_client) => {
+                    let (len, from) = received?;
+                    self.on_client_datagram(&from_client[..len], from).await;
+                }
+                received = recv_optional(self.outside_v4.as_ref(), &mut from_remote_v4) => {
+                    self.on_remote_datagram(received?, &from_remote_v4).await;
+                }
+                received = recv_optional(self.outside_v6.as_ref(), &mut from_remote_v6) => {
+                    self.on_remote_datagram(received?, &from_remote_v6).await;
+                }
+            }
+        }
+    }
+
+    async fn on_client_datagram(&mut self, datagram: &[u8], from: SocketAddr) {
+        if !self.client.accepts(from) {
+            self.stats.dropped_wrong_client += 1;
+            return;
+        }
+        let mut buf = datagram;
+        let Ok(header) = UdpHeader::decode(&mut buf) else {
+            self.stats.dropped_malformed += 1;
+            return;
+        };
+        if header.is_fragment() {
+            self.stats.dropped_fragment += 1;
+            return;
+        }
+        let payload = buf;
+        let Ok(targets) = resolve_allowed(self.services, &header.address).await else {
+            self.stats.dropped_policy += 1;
+            return;
+        };
+        let target = targets[0];
+        let Some(relay) = self.ensure_outside(target.ip()).await else {
+            self.stats.dropped_policy += 1;
+            return;
+        };
+        let entry = GateEntry {
+            remote: target,
+            relay,
+        };
+        if !self.admitted.contains(&entry) {
+            // Admit the answer before the question leaves.
+            if let Err(error) = self.services.gate.install(entry) {
+                warn!(peer = %self.peer, %error, "cannot admit remote; datagram dropped");
+                self.stats.dropped_policy += 1;
+                return;
+            }
+            debug!(peer = %self.peer, remote = %target, relay = %entry.relay, "remote admitted");
+            self.admitted.insert(entry);
+        }
+        let outside = if relay.is_ipv4() {
+            &self.outside_v4
+        } else {
+            &self.outside_v6
+        };
+        let Some(outside) = outside else {
+            return;
+        };
+        if outside.send_to(payload, target).await.is_ok() {
+            self.stats.to_remote += 1;
+        }
+    }
+
+    async fn on_remote_datagram(&mut self, received: Received, buf: &[u8]) {
+        let (len, from) = match received {
+            Received::Datagram { len, from } => (len, from),
+            Received::WrongInterface { from, ifindex } => {
+                debug!(%from, ifindex, "datagram on the outside socket from the wrong interface");
+                self.stats.dropped_wrong_interface += 1;
+                return;
+            }
+        };
+        let from = SocketAddr::new(canonical(from.ip()), from.port());
+        if !self.admitted.iter().any(|entry| entry.remote == from) {
+            self.stats.dropped_unknown_remote += 1;
+            return;
+        }
+        let Some(client) = self.client.addr() else {
+            return;
+        };
+        let header = UdpHeader::new(Address::Ip(from));
+        let mut out = BytesMut::with_capacity(header.encoded_len() + len);
+        if header.encode(&mut out).is_err() {
+            return;
+        }
+        out.extend_from_slice(&buf[..len]);
+        if self.inside.send_to(&out, client).await.is_ok() {
+            self.stats.to_client += 1;
+        }
+    }
+
+    /// The address of the outside socket for `ip`'s family, created on first use on the external
+    /// address.
+    async fn ensure_outside(&mut self, ip: IpAddr) -> Option<SocketAddr> {
+        let external = self.services.external.for_family(ip)?;
+        let slot = if external.is_ipv4() {
+            &mut self.outside_v4
+        } else {
+            &mut self.outside_v6
+        };
+        if slot.is_none() {
+            match OutsideSocket::bind(external, self.services.external.ifindex).await {
+                Ok(socket) => *slot = Some(socket),
+                Err(error) => {
+                    warn!(%external, %error, "bind the outside relay socket");
+                    return None;
+                }
+            }
+        }
+        slot.as_ref().map(OutsideSocket::local_addr)
+    }
+
+    /// Ends the association: its kernel entries go with it.
+    fn close(self) {
+        for entry in &self.admitted {
+            self.services.gate.remove(*entry);
+        }
+        info!(
+            peer = %self.peer,
+            remotes = self.admitted.len(),
+            stats = ?self.stats,
+            "UDP association closed; kernel entries removed"
+        );
+    }
+}
+
+async fn recv_optional(
+    socket: Option<&OutsideSocket>,
+    buf: &mut [u8],
+) -> std::io::Result<Received> {
+    match socket {
+        Some(socket) => socket.recv(buf).await,
+        None => std::future::pending().await,
+    }
+}
