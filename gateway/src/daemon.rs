@@ -117,6 +117,7 @@ async fn serve(
             .map(|a| a.ip)
             .collect(),
         deny: args.deny.clone(),
+        allow_loopback: false,
     };
     // Clients may not reach the protected networks through the proxy.
     policy.deny.extend(internal_addrs.iter().map(|a| a.network));

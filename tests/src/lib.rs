@@ -6,6 +6,7 @@
 //! `nsenter --net=...` so they keep seeing the host's bpffs. Nothing here loads eBPF.
 
 pub mod gateway;
+pub mod peers;
 pub mod traffic;
 
 use std::{
@@ -37,6 +38,8 @@ pub mod addr {
     pub const FW_INSIDE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
     pub const FW_OUTSIDE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
     pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 2);
+    /// The test DNS server's address in `server` (added by `peers::Dnsmasq`).
+    pub const SERVER_DNS_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 53);
 }
 
 /// Interface names inside the namespaces.

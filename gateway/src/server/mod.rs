@@ -177,7 +177,7 @@ async fn serve(services: Arc<Services>, stream: TcpStream, peer: SocketAddr) {
         }
     };
     let who = user.as_deref().unwrap_or("-");
-    info!(%peer, user = who, command = ?request.command, target = %request.address, "request");
+    info!(%peer, user = %who, command = ?request.command, target = %request.address, "request");
     let result = match request.command {
         Command::Connect => connect::run(conn, &services, peer, &request.address).await,
         Command::Bind => bind::run(conn, &services, peer, &request.address).await,

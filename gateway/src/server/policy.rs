@@ -12,6 +12,8 @@ pub struct Policy {
     pub own_addresses: Vec<IpAddr>,
     /// Networks clients may not reach (the internal networks, operator additions).
     pub deny: Vec<IpNet>,
+    /// Tests only: admit loopback destinations.
+    pub allow_loopback: bool,
 }
 
 impl Policy {
@@ -20,14 +22,14 @@ impl Policy {
         let ip = canonical(ip);
         let special = match ip {
             IpAddr::V4(v4) => {
-                v4.is_loopback()
+                (v4.is_loopback() && !self.allow_loopback)
                     || v4.is_unspecified()
                     || v4.is_multicast()
                     || v4.is_broadcast()
                     || v4.is_link_local()
             }
             IpAddr::V6(v6) => {
-                v6.is_loopback()
+                (v6.is_loopback() && !self.allow_loopback)
                     || v6.is_unspecified()
                     || v6.is_multicast()
                     || v6.is_unicast_link_local()
@@ -59,6 +61,7 @@ mod tests {
                 "198.51.100.1".parse().unwrap(),
             ],
             deny: vec!["198.51.100.0/24".parse().unwrap()],
+            allow_loopback: false,
         };
         for blocked in [
             "127.0.0.1",
@@ -84,5 +87,32 @@ mod tests {
         ] {
             assert!(policy.allows(allowed.parse().unwrap()), "{allowed}");
         }
+    }
+
+    #[test]
+    fn allow_loopback_admits_only_loopback() {
+        let policy = Policy {
+            own_addresses: vec![],
+            deny: vec!["127.0.0.2/32".parse().unwrap()],
+            allow_loopback: true,
+        };
+        for allowed in ["127.0.0.1", "::1", "::ffff:127.0.0.1", "192.0.2.1"] {
+            assert!(policy.allows(allowed.parse().unwrap()), "{allowed}");
+        }
+        // Only loopback is affected: everything else special stays refused, and deny still applies.
+        for blocked in [
+            "127.0.0.2",
+            "0.0.0.0",
+            "::",
+            "224.0.0.1",
+            "255.255.255.255",
+            "169.254.1.1",
+            "fe80::1",
+        ] {
+            assert!(!policy.allows(blocked.parse().unwrap()), "{blocked}");
+        }
+        let default = Policy::default();
+        assert!(!default.allow_loopback);
+        assert!(!default.allows("127.0.0.1".parse().unwrap()));
     }
 }

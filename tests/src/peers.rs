@@ -1,0 +1,160 @@
+//! Real peers for the test bed: a DNS server for `.test` names (dnsmasq), an HTTP server
+//! (Python's http.server), a UDP echo server. Each stops when dropped.
+
+use std::{
+    fs,
+    net::{SocketAddr, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{ChildGuard, Netns, addr, iface, run_checked, unique_suffix, wait_until};
+
+/// dnsmasq answering `NAME.test` with the server's addresses, listening on 203.0.113.53:53 in
+/// `server`.
+pub struct Dnsmasq {
+    _child: ChildGuard,
+}
+
+impl Dnsmasq {
+    /// `names` are answered with both of `server`'s addresses (A and AAAA).
+    pub fn start(server: &Netns, names: &[&str]) -> Result<Self> {
+        run_checked(
+            server
+                .command("ip")
+                .args(["addr", "add", &format!("{}/24", addr::SERVER_DNS_V4), "dev", iface::HOST]),
+        )?;
+        let mut cmd = server.command("dnsmasq");
+        cmd.args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &format!("--listen-address={}", addr::SERVER_DNS_V4),
+            "--port=53",
+            "--pid-file=",
+            "--user=root",
+            "--log-facility=-",
+        ]);
+        for name in names {
+            cmd.arg(format!("--address=/{name}/{}", addr::SERVER_V4));
+            cmd.arg(format!("--address=/{name}/{}", addr::SERVER_V6));
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        let child = ChildGuard::spawn(&mut cmd, "dnsmasq")?;
+        // Ready when its port answers (a TCP connect to port 53 works once it listens).
+        let target = SocketAddr::new(addr::SERVER_DNS_V4.into(), 53);
+        let ready = server.run(move || {
+            wait_until(Duration::from_secs(5), || {
+                TcpStream::connect_timeout(&target, Duration::from_millis(100)).is_ok()
+            })
+        })?;
+        if !ready {
+            bail!("dnsmasq did not start");
+        }
+        Ok(Self { _child: child })
+    }
+}
+
+/// Python's http.server serving a directory with one file, on port 80 (IPv4 and IPv6).
+pub struct HttpServer {
+    _child: ChildGuard,
+    dir: PathBuf,
+}
+
+impl HttpServer {
+    /// Serves `body` as `/index.txt`.
+    pub fn start(server: &Netns, body: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("gateway-http-{}", unique_suffix()));
+        fs::create_dir_all(&dir)?;
+        fs::write(dir.join("index.txt"), body)?;
+        // Debian's python3 (the separate CPython on PATH lacks nothing here, but be explicit).
+        let mut cmd = server.command("/usr/bin/python3");
+        cmd.args(["-m", "http.server", "80", "--bind", "::", "--directory"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = ChildGuard::spawn(&mut cmd, "http.server")?;
+        let target = SocketAddr::new(addr::SERVER_V4.into(), 80);
+        let ready = server.run(move || {
+            wait_until(Duration::from_secs(10), || {
+                TcpStream::connect_timeout(&target, Duration::from_millis(100)).is_ok()
+            })
+        })?;
+        if !ready {
+            bail!("http.server did not start");
+        }
+        Ok(Self { _child: child, dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A UDP echo server on a thread: sends every datagram back to its sender, prefixed with
+/// `prefix`. Records who sent to it.
+pub struct UdpEcho {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Vec<SocketAddr>>>,
+    pub addr: SocketAddr,
+}
+
+impl UdpEcho {
+    pub fn start(ns: &Netns, bind: SocketAddr, prefix: &'static [u8]) -> Result<Self> {
+        let socket = ns.run(move || UdpSocket::bind(bind))?.with_context(|| format!("bind echo {bind}"))?;
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let addr = socket.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 65_536];
+            while !stop_flag.load(Ordering::Relaxed) {
+                if let Ok((len, from)) = socket.recv_from(&mut buf) {
+                    if !seen.contains(&from) {
+                        seen.push(from);
+                    }
+                    let mut reply = prefix.to_vec();
+                    reply.extend_from_slice(&buf[..len]);
+                    let _ = socket.send_to(&reply, from);
+                }
+            }
+            seen
+        });
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+            addr,
+        })
+    }
+
+    /// Stops the server and returns every source address it heard from.
+    pub fn stop(mut self) -> Vec<SocketAddr> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default()
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
