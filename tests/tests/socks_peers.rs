@@ -18,7 +18,9 @@ use gateway::socks::{
 };
 use integration_tests::{
     Testbed, addr,
-    gateway::{GatewayDaemon, InstanceCleanup, gateway_bin, reason_packets, stats_json, unique_instance},
+    gateway::{
+        GatewayDaemon, InstanceCleanup, gateway_bin, reason_packets, stats_json, unique_instance,
+    },
     iface,
     peers::{Dnsmasq, HttpServer, UdpEcho},
 };
@@ -121,16 +123,28 @@ fn assert_fetched(out: &Output, what: &str) {
 #[test]
 fn curl_connects_by_name_and_address_with_and_without_credentials() {
     let setup = setup();
-    let by_name = curl(&setup, &["--socks5-hostname", PROXY, "http://web.test/index.txt"]);
+    let by_name = curl(
+        &setup,
+        &["--socks5-hostname", PROXY, "http://web.test/index.txt"],
+    );
     assert_fetched(&by_name, "anonymous, name resolved by the gateway");
     let v4 = curl(&setup, &["--socks5", PROXY, "http://203.0.113.2/index.txt"]);
     assert_fetched(&v4, "anonymous, IPv4");
-    let v6 = curl(&setup, &["--socks5", PROXY, "http://[2001:db8:2::2]/index.txt"]);
+    let v6 = curl(
+        &setup,
+        &["--socks5", PROXY, "http://[2001:db8:2::2]/index.txt"],
+    );
     assert_fetched(&v6, "anonymous, IPv6");
     let user = format!("alice:{PASSWORD}");
     let authed = curl(
         &setup,
-        &["--socks5-hostname", PROXY, "--proxy-user", &user, "http://web.test/index.txt"],
+        &[
+            "--socks5-hostname",
+            PROXY,
+            "--proxy-user",
+            &user,
+            "http://web.test/index.txt",
+        ],
     );
     assert_fetched(&authed, "username/password");
     let log = setup.gateway.log_text();
@@ -142,9 +156,18 @@ fn curl_with_a_wrong_password_fails() {
     let setup = setup();
     let out = curl(
         &setup,
-        &["--socks5-hostname", PROXY, "--proxy-user", "alice:wrong", "http://web.test/index.txt"],
+        &[
+            "--socks5-hostname",
+            PROXY,
+            "--proxy-user",
+            "alice:wrong",
+            "http://web.test/index.txt",
+        ],
     );
-    assert!(!out.status.success(), "a wrong password must not get through");
+    assert!(
+        !out.status.success(),
+        "a wrong password must not get through"
+    );
     assert!(out.stdout.is_empty());
     assert!(setup.gateway.log_text().contains("authentication failed"));
 }
@@ -156,8 +179,12 @@ fn socks_request(setup: &Setup, command: SocksCommand, address: Address) -> (Tcp
         .bed
         .client
         .run(move || {
-            let mut stream = TcpStream::connect_timeout(&PROXY.parse().unwrap(), Duration::from_secs(5)).unwrap();
-            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut stream =
+                TcpStream::connect_timeout(&PROXY.parse().unwrap(), Duration::from_secs(5))
+                    .unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
             let mut out = BytesMut::new();
             Greeting {
                 methods: vec![Method::NoAuth],
@@ -193,7 +220,12 @@ fn read_message<T>(
 #[test]
 fn connect_that_policy_forbids_gets_not_allowed() {
     let setup = setup();
-    for forbidden in ["198.51.100.2:80", "127.0.0.1:80", "203.0.113.1:80", "[2001:db8:1::2]:80"] {
+    for forbidden in [
+        "198.51.100.2:80",
+        "127.0.0.1:80",
+        "203.0.113.1:80",
+        "[2001:db8:1::2]:80",
+    ] {
         let target: SocketAddr = forbidden.parse().unwrap();
         let (_stream, reply) = socks_request(&setup, SocksCommand::Connect, Address::Ip(target));
         assert_eq!(reply.code, ReplyCode::NotAllowed, "{forbidden}");
@@ -222,7 +254,12 @@ for i in range(3):
 #[test]
 fn pysocks_udp_associate_with_and_without_rdns() {
     let setup = setup();
-    let echo = UdpEcho::start(&setup.bed.server, "203.0.113.2:9999".parse().unwrap(), b"echo:").unwrap();
+    let echo = UdpEcho::start(
+        &setup.bed.server,
+        "203.0.113.2:9999".parse().unwrap(),
+        b"echo:",
+    )
+    .unwrap();
     for rdns in ["0", "1"] {
         let out = setup
             .bed
@@ -246,7 +283,12 @@ fn pysocks_udp_associate_with_and_without_rdns() {
     // The server saw the datagrams come from the gateway's external address, never the client.
     let senders = echo.stop();
     assert!(!senders.is_empty());
-    assert!(senders.iter().all(|s| s.ip() == IpAddr::from(addr::FW_OUTSIDE_V4)), "{senders:?}");
+    assert!(
+        senders
+            .iter()
+            .all(|s| s.ip() == IpAddr::from(addr::FW_OUTSIDE_V4)),
+        "{senders:?}"
+    );
 }
 
 #[test]
@@ -258,14 +300,36 @@ fn only_remotes_the_client_sent_to_get_in() {
         Address::Ip("0.0.0.0:0".parse().unwrap()),
     );
     assert_eq!(reply.code, ReplyCode::Succeeded);
-    let Address::Ip(relay) = reply.address else { panic!("relay must be an IP") };
-    assert_eq!(relay.ip(), IpAddr::from(addr::FW_INSIDE_V4), "reachable relay address");
+    let Address::Ip(relay) = reply.address else {
+        panic!("relay must be an IP")
+    };
+    assert_eq!(
+        relay.ip(),
+        IpAddr::from(addr::FW_INSIDE_V4),
+        "reachable relay address"
+    );
 
-    let client = setup.bed.client.run(|| UdpSocket::bind("198.51.100.2:0").unwrap()).unwrap();
-    client.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let remote = setup.bed.server.run(|| UdpSocket::bind("203.0.113.2:9999").unwrap()).unwrap();
-    remote.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let stranger = setup.bed.server.run(|| UdpSocket::bind("203.0.113.2:9998").unwrap()).unwrap();
+    let client = setup
+        .bed
+        .client
+        .run(|| UdpSocket::bind("198.51.100.2:0").unwrap())
+        .unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let remote = setup
+        .bed
+        .server
+        .run(|| UdpSocket::bind("203.0.113.2:9999").unwrap())
+        .unwrap();
+    remote
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let stranger = setup
+        .bed
+        .server
+        .run(|| UdpSocket::bind("203.0.113.2:9998").unwrap())
+        .unwrap();
 
     let mut datagram = BytesMut::new();
     UdpHeader::new(Address::Ip("203.0.113.2:9999".parse().unwrap()))
@@ -278,7 +342,10 @@ fn only_remotes_the_client_sent_to_get_in() {
     assert_eq!(&buf[..len], b"question");
     assert_eq!(relay_outside.ip(), IpAddr::from(addr::FW_OUTSIDE_V4));
 
-    let before = reason_packets(&stats_json(&setup.bed.fw, &setup.gateway.instance).unwrap(), "no_binding");
+    let before = reason_packets(
+        &stats_json(&setup.bed.fw, &setup.gateway.instance).unwrap(),
+        "no_binding",
+    );
     for _ in 0..5 {
         stranger.send_to(b"intruder", relay_outside).unwrap();
     }
@@ -286,19 +353,42 @@ fn only_remotes_the_client_sent_to_get_in() {
     let (len, _) = client.recv_from(&mut buf).unwrap();
     let mut received = &buf[..len];
     let header = UdpHeader::decode(&mut received).unwrap();
-    assert_eq!(header.address, Address::Ip("203.0.113.2:9999".parse().unwrap()));
-    assert_eq!(received, b"answer", "the answer arrives, the intruder's datagrams do not");
-    let after = reason_packets(&stats_json(&setup.bed.fw, &setup.gateway.instance).unwrap(), "no_binding");
-    assert_eq!(after - before, 5, "the kernel dropped the stranger's datagrams");
+    assert_eq!(
+        header.address,
+        Address::Ip("203.0.113.2:9999".parse().unwrap())
+    );
+    assert_eq!(
+        received, b"answer",
+        "the answer arrives, the intruder's datagrams do not"
+    );
+    let after = reason_packets(
+        &stats_json(&setup.bed.fw, &setup.gateway.instance).unwrap(),
+        "no_binding",
+    );
+    assert_eq!(
+        after - before,
+        5,
+        "the kernel dropped the stranger's datagrams"
+    );
 
     // The association ends with its control connection, and so does the kernel entry.
     drop(control);
     std::thread::sleep(Duration::from_millis(300));
-    let before = reason_packets(&stats_json(&setup.bed.fw, &setup.gateway.instance).unwrap(), "no_binding");
+    let before = reason_packets(
+        &stats_json(&setup.bed.fw, &setup.gateway.instance).unwrap(),
+        "no_binding",
+    );
     remote.send_to(b"late answer", relay_outside).unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    let after = reason_packets(&stats_json(&setup.bed.fw, &setup.gateway.instance).unwrap(), "no_binding");
-    assert_eq!(after - before, 1, "after the association the remote is dropped too");
+    let after = reason_packets(
+        &stats_json(&setup.bed.fw, &setup.gateway.instance).unwrap(),
+        "no_binding",
+    );
+    assert_eq!(
+        after - before,
+        1,
+        "after the association the remote is dropped too"
+    );
 }
 
 #[test]
@@ -310,7 +400,9 @@ fn bind_accepts_a_peer_from_the_server_side() {
         Address::Ip("203.0.113.2:0".parse().unwrap()),
     );
     assert_eq!(first.code, ReplyCode::Succeeded);
-    let Address::Ip(listening) = first.address else { panic!("BIND address") };
+    let Address::Ip(listening) = first.address else {
+        panic!("BIND address")
+    };
     assert_eq!(listening.ip(), IpAddr::from(addr::FW_OUTSIDE_V4));
     let mut peer = setup
         .bed
@@ -329,4 +421,96 @@ fn bind_accepts_a_peer_from_the_server_side() {
     peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     peer.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"to peer");
+}
+
+#[test]
+fn inside_host_cannot_pose_as_a_remote() {
+    let setup = setup();
+    // Loose reverse-path filtering, so only the relay's own arrival-interface check stands in
+    // the way of a spoofed source.
+    setup
+        .bed
+        .fw
+        .sysctl("net.ipv4.conf.all.rp_filter", "0")
+        .unwrap();
+    setup
+        .bed
+        .fw
+        .sysctl("net.ipv4.conf.inside0.rp_filter", "0")
+        .unwrap();
+    let (control, reply) = socks_request(
+        &setup,
+        SocksCommand::UdpAssociate,
+        Address::Ip("0.0.0.0:0".parse().unwrap()),
+    );
+    let Address::Ip(relay) = reply.address else {
+        panic!("relay must be an IP")
+    };
+    let client = setup
+        .bed
+        .client
+        .run(|| UdpSocket::bind("198.51.100.2:0").unwrap())
+        .unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let remote = setup
+        .bed
+        .server
+        .run(|| UdpSocket::bind("203.0.113.2:9999").unwrap())
+        .unwrap();
+    remote
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut datagram = BytesMut::new();
+    UdpHeader::new(Address::Ip("203.0.113.2:9999".parse().unwrap()))
+        .encode(&mut datagram)
+        .unwrap();
+    datagram.extend_from_slice(b"question");
+    client.send_to(&datagram, relay).unwrap();
+    let mut buf = [0u8; 2048];
+    let (_, relay_outside) = remote.recv_from(&mut buf).unwrap();
+
+    // An inside host takes the remote's address and sends to the relay's outside address from
+    // within: it reaches fw on the internal interface, where no XDP gate runs.
+    integration_tests::run_checked(setup.bed.client.command("ip").args([
+        "addr",
+        "add",
+        "203.0.113.2/32",
+        "dev",
+        iface::HOST,
+    ]))
+    .unwrap();
+    let spoofer = setup
+        .bed
+        .client
+        .run(|| UdpSocket::bind("203.0.113.2:9999").unwrap())
+        .unwrap();
+    for _ in 0..3 {
+        spoofer.send_to(b"spoofed", relay_outside).unwrap();
+    }
+    assert!(
+        client.recv_from(&mut buf).is_err(),
+        "a datagram that arrived on the internal interface must not be relayed"
+    );
+    // The genuine remote still gets through.
+    remote.send_to(b"answer", relay_outside).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let (len, _) = client.recv_from(&mut buf).unwrap();
+    assert!(buf[..len].ends_with(b"answer"));
+    // The association's counters, logged when it ends, show the relay saw and refused them.
+    drop(control);
+    let logged = integration_tests::wait_until(Duration::from_secs(3), || {
+        setup
+            .gateway
+            .log_text()
+            .contains("dropped_wrong_interface: 3")
+    });
+    assert!(
+        logged,
+        "three wrong-interface drops counted:\n{}",
+        setup.gateway.log_text()
+    );
 }
