@@ -17,10 +17,26 @@ pub mod map_names {
     pub const BINDINGS: &str = "BINDINGS";
     /// UDP the host itself needs: [`super::HostAllowKey`] -> [`super::HostAllowValue`].
     pub const HOST_ALLOW: &str = "HOST_ALLOW";
+    /// Outbound direction: [`super::OutboundKey`] -> [`super::OutboundValue`].
+    pub const OUTBOUND: &str = "OUTBOUND";
+    /// The gateway's external addresses ([`super::Addr16`] -> `u32`, value unused).
+    pub const EXTERNAL_ADDRS: &str = "EXTERNAL_ADDRS";
+    /// One [`super::DatapathSettings`] at index 0.
+    pub const SETTINGS: &str = "SETTINGS";
+    /// The daemon's heartbeat: `u64` CLOCK_MONOTONIC nanoseconds at index 0.
+    pub const HEARTBEAT: &str = "HEARTBEAT";
 }
 
-/// Name of the XDP program on the external interface.
+/// Name of the XDP program on the external interface (the gate).
 pub const XDP_EXTERNAL_PROGRAM: &str = "gateway_external";
+/// Name of the tc program on the external interface's ingress (kernel relay, inbound).
+pub const TC_INBOUND_PROGRAM: &str = "gateway_inbound";
+/// Name of the tc program on the internal interface's ingress (kernel relay, outbound, and the
+/// drop of inside datagrams to external addresses).
+pub const TC_INTERNAL_PROGRAM: &str = "gateway_internal";
+
+/// Without a heartbeat for this long, bindings admit nothing (the daemon is presumed dead).
+pub const DEFAULT_FAIL_CLOSED_AFTER_NS: u64 = 2_000_000_000;
 
 /// Default capacity of the binding map (overridable at load time).
 pub const DEFAULT_MAX_BINDINGS: u32 = 65_536;
@@ -58,15 +74,96 @@ pub struct BindingKey {
 }
 const _: () = assert!(size_of::<BindingKey>() == 36);
 
-/// What to do with a datagram that matches a binding.
+/// Per-entry traffic counters, updated by the kernel relay (and read by the daemon for the idle
+/// timeout).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EntryCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    /// CLOCK_MONOTONIC nanoseconds of the last datagram (0: none yet).
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<EntryCounters>() == 24);
+
+/// Who relays a binding's datagrams.
+pub mod relay_mode {
+    /// The XDP gate admits; the datagram goes up to the userspace relay's socket.
+    pub const USERSPACE: u32 = 0;
+    /// The tc programs rewrite and redirect in the kernel.
+    pub const KERNEL: u32 = 1;
+}
+
+/// How datagrams are framed between relay and client.
+pub mod framing {
+    /// The enhanced mode's 8-octet header `RSV FRAG DGID(2) AID(4)`.
+    pub const ENHANCED: u32 = 1;
+    /// The RFC 1928 header `RSV(2) FRAG ATYP ADDR PORT` (10 octets for IPv4, 22 for IPv6).
+    pub const SOCKS5: u32 = 2;
+}
+
+/// Where and how a datagram that matches a binding is delivered.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BindingValue {
-    /// A [`Verdict`] as `u32`.
-    pub verdict: u32,
-    pub _pad: u32,
+    pub client_addr: Addr16,
+    pub internal_relay_addr: Addr16,
+    pub client_port_be: u16,
+    pub internal_relay_port_be: u16,
+    /// The association id in network order (as it goes into the header).
+    pub aid_be: u32,
+    /// A [`relay_mode`] value.
+    pub mode: u32,
+    /// A [`framing`] value.
+    pub framing: u32,
+    /// Inbound (remote to client) traffic.
+    pub counters: EntryCounters,
 }
-const _: () = assert!(size_of::<BindingValue>() == 8);
+const _: () = assert!(size_of::<BindingValue>() == 72);
+
+/// Key of the outbound direction, as seen on a datagram arriving on the internal interface:
+/// source = client, destination = internal relay.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OutboundKey {
+    pub client_addr: Addr16,
+    pub relay_addr: Addr16,
+    pub client_port_be: u16,
+    pub relay_port_be: u16,
+}
+const _: () = assert!(size_of::<OutboundKey>() == 36);
+
+/// Where a client's datagram goes. For [`framing::ENHANCED`] (Open binding) the destination is
+/// `remote`; for [`framing::SOCKS5`] it is named in the header and must have an inbound entry
+/// towards `external_relay` (the client sent to it before, so it is admitted).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutboundValue {
+    pub remote_addr: Addr16,
+    pub external_relay_addr: Addr16,
+    pub remote_port_be: u16,
+    pub external_relay_port_be: u16,
+    pub aid_be: u32,
+    /// A [`framing`] value.
+    pub framing: u32,
+    pub _pad: u32,
+    /// Outbound (client to remote) traffic.
+    pub counters: EntryCounters,
+}
+const _: () = assert!(size_of::<OutboundValue>() == 72);
+
+/// Settings of the datapath, written by the daemon at start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathSettings {
+    /// Where inbound datagrams are redirected.
+    pub internal_ifindex: u32,
+    /// Where outbound datagrams are redirected.
+    pub external_ifindex: u32,
+    /// Fail closed when the heartbeat is older than this.
+    pub fail_closed_after_ns: u64,
+}
+const _: () = assert!(size_of::<DatapathSettings>() == 16);
 
 /// Key of a host allow-list entry (UDP the gateway host itself needs, such as its resolver's
 /// replies): source = remote, destination = local.
@@ -101,4 +198,12 @@ mod pod {
     unsafe impl aya::Pod for super::HostAllowKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::HostAllowValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OutboundKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OutboundValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DatapathSettings {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EntryCounters {}
 }

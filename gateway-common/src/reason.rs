@@ -25,6 +25,29 @@ pub enum DropReason {
     BindingToUserspace = 7,
     /// IPv4 header with an invalid header length or version: dropped.
     MalformedIpHeader = 8,
+    /// A binding hit relayed to its client in the kernel (tc, inbound): redirected.
+    KernelRelayedInbound = 9,
+    /// A client datagram relayed to its remote in the kernel (tc, outbound): redirected.
+    KernelRelayedOutbound = 10,
+    /// A binding hit while the daemon's heartbeat is stale (daemon dead): dropped, fail closed.
+    DaemonGone = 11,
+    /// UDP from inside addressed to one of the gateway's external addresses: dropped, so no
+    /// inside host can pose as a remote.
+    InsideToExternalAddress = 12,
+    /// A hit the framing header would push over the internal link's MTU: passed to the
+    /// userspace relay.
+    TooBigForKernelRelay = 13,
+    /// Client datagram the kernel relay does not handle (no outbound entry, malformed or
+    /// mismatched header): passed to the userspace relay, which applies the same rules.
+    OutboundToUserspace = 14,
+    /// A packet the tc program on the external interface leaves to the stack (not a kernel-relayed
+    /// binding; the XDP gate already admitted it).
+    InboundToStack = 15,
+    /// The kernel could not rewrite a hit (helper failure; should not happen): dropped, since the
+    /// datagram may be half rewritten.
+    KernelRelayFailed = 16,
+    /// A binding hit handed by XDP to the tc kernel relay: passed.
+    BindingToKernelRelay = 17,
 }
 
 /// What the program did with a packet of a given reason.
@@ -32,11 +55,13 @@ pub enum DropReason {
 pub enum Verdict {
     Pass = 0,
     Drop = 1,
+    /// Rewritten and sent out of the other interface by the kernel.
+    Redirect = 2,
 }
 
 impl DropReason {
     /// Number of reasons; the size of the counter array.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 18;
 
     /// Every reason, in numeric order.
     pub const ALL: [Self; Self::COUNT as usize] = [
@@ -49,17 +74,36 @@ impl DropReason {
         Self::HostAllowListed,
         Self::BindingToUserspace,
         Self::MalformedIpHeader,
+        Self::KernelRelayedInbound,
+        Self::KernelRelayedOutbound,
+        Self::DaemonGone,
+        Self::InsideToExternalAddress,
+        Self::TooBigForKernelRelay,
+        Self::OutboundToUserspace,
+        Self::InboundToStack,
+        Self::KernelRelayFailed,
+        Self::BindingToKernelRelay,
     ];
 
     pub const fn verdict(self) -> Verdict {
         match self {
-            Self::NotUdpPassed | Self::HostAllowListed | Self::BindingToUserspace => Verdict::Pass,
+            Self::NotUdpPassed
+            | Self::HostAllowListed
+            | Self::BindingToUserspace
+            | Self::TooBigForKernelRelay
+            | Self::OutboundToUserspace
+            | Self::InboundToStack
+            | Self::BindingToKernelRelay => Verdict::Pass,
             Self::NoBinding
             | Self::TruncatedHeader
             | Self::IpFragment
             | Self::Ipv4Options
             | Self::Ipv6ExtensionHeaders
-            | Self::MalformedIpHeader => Verdict::Drop,
+            | Self::MalformedIpHeader
+            | Self::DaemonGone
+            | Self::InsideToExternalAddress
+            | Self::KernelRelayFailed => Verdict::Drop,
+            Self::KernelRelayedInbound | Self::KernelRelayedOutbound => Verdict::Redirect,
         }
     }
 
@@ -75,6 +119,15 @@ impl DropReason {
             Self::HostAllowListed => "host_allow_listed",
             Self::BindingToUserspace => "binding_to_userspace",
             Self::MalformedIpHeader => "malformed_ip_header",
+            Self::KernelRelayedInbound => "kernel_relayed_inbound",
+            Self::KernelRelayedOutbound => "kernel_relayed_outbound",
+            Self::DaemonGone => "daemon_gone",
+            Self::InsideToExternalAddress => "inside_to_external_address",
+            Self::TooBigForKernelRelay => "too_big_for_kernel_relay",
+            Self::OutboundToUserspace => "outbound_to_userspace",
+            Self::InboundToStack => "inbound_to_stack",
+            Self::KernelRelayFailed => "kernel_relay_failed",
+            Self::BindingToKernelRelay => "binding_to_kernel_relay",
         }
     }
 
@@ -92,6 +145,7 @@ impl Verdict {
         match self {
             Self::Pass => "pass",
             Self::Drop => "drop",
+            Self::Redirect => "redirect",
         }
     }
 }

@@ -1,36 +1,29 @@
-//! The gateway's datapath. `gateway_external` runs in XDP on the external interface: it admits
-//! inbound UDP only when an exact binding or a host allow-list entry names it, drops every other
-//! UDP datagram, passes non-UDP traffic, and counts every exit by reason.
+//! The gateway's datapath.
 //!
-//! No logging on the per-packet path; malformed input is a counted drop.
+//! - `gateway_external` (XDP, external interface): the gate. Admits inbound UDP only when an
+//!   exact binding or a host allow-list entry names it, drops every other UDP datagram, passes
+//!   non-UDP traffic, and fails closed when the daemon's heartbeat stops.
+//! - `gateway_inbound` (tc ingress, external interface): relays kernel-mode binding hits to their
+//!   client: rewrite, frame, fix checksums, `bpf_redirect_neigh` out of the internal interface.
+//! - `gateway_internal` (tc ingress, internal interface): drops UDP from inside to the gateway's
+//!   external addresses, and relays bound clients' datagrams to their remotes in the kernel.
+//!
+//! Every exit is counted by reason; malformed input is a counted drop or goes to user space. No
+//! logging on the per-packet path.
 #![no_std]
 #![no_main]
 
+mod maps;
 mod parse;
+mod tc;
 
-use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, xdp_action},
-    macros::{map, xdp},
-    maps::{HashMap, PerCpuArray},
-    programs::XdpContext,
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use gateway_common::{BindingKey, DropReason, HostAllowKey, Verdict, relay_mode};
+
+use crate::{
+    maps::{BINDINGS, HOST_ALLOW, count, daemon_alive},
+    parse::{UdpFlow, parse_udp_flow},
 };
-use gateway_common::{
-    BindingKey, BindingValue, Counter, DEFAULT_MAX_BINDINGS, DropReason, HostAllowKey,
-    HostAllowValue, MAX_HOST_ALLOW, Verdict,
-};
-
-use crate::parse::{UdpFlow, parse_udp_flow};
-
-#[map(name = "EXIT_COUNTERS")]
-static EXIT_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(DropReason::COUNT, 0);
-
-#[map(name = "BINDINGS")]
-static BINDINGS: HashMap<BindingKey, BindingValue> =
-    HashMap::with_max_entries(DEFAULT_MAX_BINDINGS, BPF_F_NO_PREALLOC);
-
-#[map(name = "HOST_ALLOW")]
-static HOST_ALLOW: HashMap<HostAllowKey, HostAllowValue> =
-    HashMap::with_max_entries(MAX_HOST_ALLOW, BPF_F_NO_PREALLOC);
 
 #[xdp]
 pub fn gateway_external(ctx: XdpContext) -> u32 {
@@ -39,7 +32,7 @@ pub fn gateway_external(ctx: XdpContext) -> u32 {
     };
     count(reason, ctx.data_end() - ctx.data());
     match reason.verdict() {
-        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Pass | Verdict::Redirect => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
     }
 }
@@ -62,7 +55,7 @@ fn admit(flow: &UdpFlow) -> DropReason {
         remote_port_be: flow.src_port_be,
         local_port_be: flow.dst_port_be,
     };
-    // SAFETY: the value is only tested for presence, never read after a concurrent delete.
+    // SAFETY: the value is only tested for presence.
     if unsafe { HOST_ALLOW.get(&allow_key) }.is_some() {
         return DropReason::HostAllowListed;
     }
@@ -72,21 +65,18 @@ fn admit(flow: &UdpFlow) -> DropReason {
         remote_port_be: flow.src_port_be,
         relay_port_be: flow.dst_port_be,
     };
-    // SAFETY: as above; the value is copied out immediately.
-    if unsafe { BINDINGS.get(&binding_key) }.is_some() {
-        return DropReason::BindingToUserspace;
+    // SAFETY: one field is copied out at once.
+    let mode = match unsafe { BINDINGS.get(&binding_key) } {
+        Some(value) => value.mode,
+        None => return DropReason::NoBinding,
+    };
+    if !daemon_alive() {
+        return DropReason::DaemonGone;
     }
-    DropReason::NoBinding
-}
-
-#[inline(always)]
-fn count(reason: DropReason, bytes: usize) {
-    if let Some(counter) = EXIT_COUNTERS.get_ptr_mut(reason as u32) {
-        // SAFETY: per-CPU slot, so no other writer; the pointer comes from a successful lookup.
-        unsafe {
-            (*counter).packets += 1;
-            (*counter).bytes += bytes as u64;
-        }
+    if mode == relay_mode::KERNEL {
+        DropReason::BindingToKernelRelay
+    } else {
+        DropReason::BindingToUserspace
     }
 }
 

@@ -1,0 +1,543 @@
+//! The kernel relay (tc programs). Headers are read and written through the skb helpers
+//! (`bpf_skb_load_bytes`/`store_bytes`), which work on non-linear skbs too, and every checksum
+//! change goes through the kernel's checksum helpers, which keep `CHECKSUM_COMPLETE` skbs right.
+//!
+//! Inbound: [ETH][IP][UDP][payload] -> [ETH][IP'][UDP'][framing][payload]: `bpf_skb_adjust_room`
+//! opens a gap after the IP header, the UDP header moves into it and the framing header takes its
+//! old place. Outbound is the reverse. Only plain IPv4 (IHL 5) and IPv6 without extension headers
+//! are relayed in the kernel; anything else goes to the userspace relay.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
+    },
+    cty::c_void,
+    helpers::{bpf_check_mtu, bpf_csum_diff, bpf_redirect_neigh},
+    macros::classifier,
+    programs::TcContext,
+};
+use gateway_common::{
+    Addr16, BindingKey, BindingValue, DropReason, OutboundKey, OutboundValue, Verdict, framing,
+    ipv4_mapped, relay_mode,
+};
+
+use crate::maps::{BINDINGS, EXTERNAL_ADDRS, OUTBOUND, count, daemon_alive, settings, touch};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_UDP: u8 = 17;
+const IPV4_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+const UDP_HLEN: usize = 8;
+/// Longest framing header (RFC 1928 with an IPv6 address).
+const MAX_FRAMING: usize = 22;
+
+/// A UDP datagram in a plain IPv4 or IPv6 packet.
+struct Datagram {
+    v6: bool,
+    /// Offset of the UDP header.
+    l4: usize,
+    src: Addr16,
+    dst: Addr16,
+    src_port_be: u16,
+    dst_port_be: u16,
+    udp_len: u16,
+}
+
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<Datagram> {
+    let ether_type = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let (v6, l4, src, dst) = match ether_type {
+        ETH_P_IPV4 => {
+            let header: [u8; IPV4_HLEN] = ctx.load(ETH_HLEN).ok()?;
+            let fragment = u16::from_be_bytes([header[6], header[7]]) & 0x3fff;
+            if header[0] != 0x45 || header[9] != IPPROTO_UDP || fragment != 0 {
+                return None;
+            }
+            let src = ipv4_mapped([header[12], header[13], header[14], header[15]]);
+            let dst = ipv4_mapped([header[16], header[17], header[18], header[19]]);
+            (false, ETH_HLEN + IPV4_HLEN, src, dst)
+        }
+        ETH_P_IPV6 => {
+            if ctx.load::<u8>(ETH_HLEN + 6).ok()? != IPPROTO_UDP {
+                return None;
+            }
+            let src: Addr16 = ctx.load(ETH_HLEN + 8).ok()?;
+            let dst: Addr16 = ctx.load(ETH_HLEN + 24).ok()?;
+            (true, ETH_HLEN + IPV6_HLEN, src, dst)
+        }
+        _ => return None,
+    };
+    let udp: [u8; UDP_HLEN] = ctx.load(l4).ok()?;
+    Some(Datagram {
+        v6,
+        l4,
+        src,
+        dst,
+        src_port_be: u16::from_ne_bytes([udp[0], udp[1]]),
+        dst_port_be: u16::from_ne_bytes([udp[2], udp[3]]),
+        udp_len: u16::from_be_bytes([udp[4], udp[5]]),
+    })
+}
+
+fn is_ipv4_mapped(addr: &Addr16) -> bool {
+    addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff
+}
+
+/// The framing header for a datagram from `remote` to a client, padded with zeros to a multiple
+/// of four octets (for `bpf_csum_diff`), and its length.
+#[inline(always)]
+fn framing_header(value: &BindingValue, remote: &Addr16, remote_port_be: u16) -> ([u8; 24], usize) {
+    let mut header = [0u8; 24];
+    let port = remote_port_be.to_ne_bytes();
+    if value.framing == framing::ENHANCED {
+        // RSV FRAG DGID(2) AID(4)
+        header[4..8].copy_from_slice(&value.aid_be.to_ne_bytes());
+        (header, 8)
+    } else if is_ipv4_mapped(remote) {
+        // RSV(2) FRAG ATYP=1 ADDR(4) PORT(2)
+        header[3] = 1;
+        header[4..8].copy_from_slice(&remote[12..16]);
+        header[8..10].copy_from_slice(&port);
+        (header, 10)
+    } else {
+        // RSV(2) FRAG ATYP=4 ADDR(16) PORT(2)
+        header[3] = 4;
+        header[4..20].copy_from_slice(remote);
+        header[20..22].copy_from_slice(&port);
+        (header, 22)
+    }
+}
+
+/// Ones-complement sum of `len` (8, 12 or 24) octets of `bytes`, for the checksum helpers.
+#[inline(always)]
+fn sum_of(bytes: &[u8; 24], len: usize) -> i64 {
+    let ptr = bytes.as_ptr() as *mut u32;
+    // SAFETY: `ptr` points to 24 readable octets; every size used is at most 24 and a multiple
+    // of four. A null `from` with size 0 means "add `to`".
+    unsafe {
+        match len {
+            8 => bpf_csum_diff(core::ptr::null_mut(), 0, ptr, 8, 0),
+            12 => bpf_csum_diff(core::ptr::null_mut(), 0, ptr, 12, 0),
+            _ => bpf_csum_diff(core::ptr::null_mut(), 0, ptr, 24, 0),
+        }
+    }
+}
+
+fn action_of(reason: DropReason) -> i32 {
+    match reason.verdict() {
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::Drop => TC_ACT_SHOT,
+        // The redirect helper's own return value is the action on success.
+        Verdict::Redirect => aya_ebpf::bindings::TC_ACT_REDIRECT as i32,
+    }
+}
+
+#[classifier]
+pub fn gateway_inbound(ctx: TcContext) -> i32 {
+    let len = ctx.len() as usize;
+    let (action, reason) = match inbound(&ctx) {
+        Ok(done) => done,
+        Err(reason) => (action_of(reason), reason),
+    };
+    count(reason, len);
+    action
+}
+
+#[classifier]
+pub fn gateway_internal(ctx: TcContext) -> i32 {
+    let len = ctx.len() as usize;
+    let (action, reason) = match internal(&ctx) {
+        Ok(done) => done,
+        Err(reason) => (action_of(reason), reason),
+    };
+    count(reason, len);
+    action
+}
+
+/// Rewrites one kernel-mode binding hit for its client and redirects it.
+#[inline(never)]
+fn inbound(ctx: &TcContext) -> Result<(i32, DropReason), DropReason> {
+    let packet = parse(ctx).ok_or(DropReason::InboundToStack)?;
+    let key = BindingKey {
+        remote_addr: packet.src,
+        relay_addr: packet.dst,
+        remote_port_be: packet.src_port_be,
+        relay_port_be: packet.dst_port_be,
+    };
+    let value_ptr = BINDINGS
+        .get_ptr_mut(&key)
+        .ok_or(DropReason::InboundToStack)?;
+    // SAFETY: a successful lookup; the entry stays valid for the program's run (RCU).
+    let value: &BindingValue = unsafe { &*value_ptr };
+    if value.mode != relay_mode::KERNEL {
+        return Err(DropReason::InboundToStack);
+    }
+    if !daemon_alive() {
+        return Err(DropReason::DaemonGone);
+    }
+    // The kernel does not translate between families: such bindings stay in user space.
+    if is_ipv4_mapped(&value.client_addr) == packet.v6
+        || is_ipv4_mapped(&value.internal_relay_addr) == packet.v6
+    {
+        return Err(DropReason::InboundToStack);
+    }
+    let (header, header_len) = framing_header(value, &packet.src, packet.src_port_be);
+    let settings = settings();
+    let mut mtu_len: u32 = 0;
+    // SAFETY: the skb pointer is the program's context.
+    let mtu = unsafe {
+        bpf_check_mtu(
+            ctx.skb.skb as *mut c_void,
+            settings.internal_ifindex,
+            &raw mut mtu_len,
+            header_len as i32,
+            0,
+        )
+    };
+    if mtu != 0 {
+        return Err(DropReason::TooBigForKernelRelay);
+    }
+    let grow = header_len;
+    let l4 = packet.l4;
+    let old_csum: u16 = ctx.load(l4 + 6).map_err(|_| DropReason::InboundToStack)?;
+    let old_len_be = packet.udp_len.to_be();
+    let new_len_be = (packet.udp_len + grow as u16).to_be();
+
+    ctx.adjust_room(grow as i32, BPF_ADJ_ROOM_NET, 0)
+        .map_err(|_| DropReason::InboundToStack)?;
+    // From here on the packet is being rewritten: any failure is a drop.
+    let failed = |_| DropReason::KernelRelayFailed;
+    let udp: [u8; UDP_HLEN] = ctx.load(l4 + grow).map_err(failed)?;
+    ctx.store(l4, &udp, 0).map_err(failed)?;
+    store_framing(ctx, l4 + UDP_HLEN, &header, header_len).map_err(failed)?;
+
+    let csum_off = (l4 + 6) as usize;
+    let l4_flags = u64::from(BPF_F_MARK_MANGLED_0);
+    let has_csum = packet.v6 || old_csum != 0;
+    if packet.v6 {
+        rewrite_ipv6_addrs(
+            ctx,
+            &packet,
+            &value.internal_relay_addr,
+            &value.client_addr,
+            csum_off,
+        )
+        .map_err(failed)?;
+        let payload_len: u16 = ctx.load(ETH_HLEN + 4).map_err(failed)?;
+        let new_payload_len = (u16::from_be(payload_len) + grow as u16).to_be();
+        ctx.store(ETH_HLEN + 4, &new_payload_len, 0)
+            .map_err(failed)?;
+    } else {
+        rewrite_ipv4(
+            ctx,
+            &value.internal_relay_addr,
+            &value.client_addr,
+            grow as i32,
+            has_csum,
+            csum_off,
+        )
+        .map_err(failed)?;
+    }
+    ctx.store(l4, &value.internal_relay_port_be, 0)
+        .map_err(failed)?;
+    ctx.store(l4 + 2, &value.client_port_be, 0)
+        .map_err(failed)?;
+    ctx.store(l4 + 4, &new_len_be, 0).map_err(failed)?;
+    if has_csum {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(packet.src_port_be),
+            u64::from(value.internal_relay_port_be),
+            l4_flags | 2,
+        )
+        .map_err(failed)?;
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(packet.dst_port_be),
+            u64::from(value.client_port_be),
+            l4_flags | 2,
+        )
+        .map_err(failed)?;
+        // The UDP length is in the header and in the pseudo-header.
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old_len_be),
+            u64::from(new_len_be),
+            l4_flags | 2,
+        )
+        .map_err(failed)?;
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old_len_be),
+            u64::from(new_len_be),
+            l4_flags | u64::from(BPF_F_PSEUDO_HDR) | 2,
+        )
+        .map_err(failed)?;
+        let added = sum_of(&header, padded(header_len));
+        ctx.l4_csum_replace(csum_off, 0, added as u64, l4_flags)
+            .map_err(failed)?;
+    }
+    touch(
+        // SAFETY: the entry pointer from the lookup above.
+        unsafe { &raw mut (*value_ptr).counters },
+        u64::from(packet.udp_len) - UDP_HLEN as u64,
+    );
+    // SAFETY: no pointers are passed.
+    let action =
+        unsafe { bpf_redirect_neigh(settings.internal_ifindex, core::ptr::null_mut(), 0, 0) };
+    Ok((action as i32, DropReason::KernelRelayedInbound))
+}
+
+const fn padded(len: usize) -> usize {
+    (len + 3) & !3
+}
+
+#[inline(always)]
+fn store_framing(ctx: &TcContext, offset: usize, header: &[u8; 24], len: usize) -> Result<(), i64> {
+    let ptr = header.as_ptr();
+    // SAFETY: `header` has 24 octets; each cast views a prefix of it.
+    unsafe {
+        match len {
+            8 => ctx.store(offset, &*(ptr as *const [u8; 8]), 0),
+            10 => ctx.store(offset, &*(ptr as *const [u8; 10]), 0),
+            _ => ctx.store(offset, &*(ptr as *const [u8; MAX_FRAMING]), 0),
+        }
+    }
+}
+
+/// IPv4: new source and destination addresses and total length (`+delta`), with the IP checksum
+/// and, when present, the UDP pseudo-header part of the UDP checksum.
+#[inline(always)]
+fn rewrite_ipv4(
+    ctx: &TcContext,
+    new_src: &Addr16,
+    new_dst: &Addr16,
+    delta: i32,
+    has_csum: bool,
+    csum_off: usize,
+) -> Result<(), i64> {
+    const IP_CSUM: usize = ETH_HLEN + 10;
+    let old_src: u32 = ctx.load(ETH_HLEN + 12)?;
+    let old_dst: u32 = ctx.load(ETH_HLEN + 16)?;
+    let old_total: u16 = ctx.load(ETH_HLEN + 2)?;
+    let src = u32::from_ne_bytes([new_src[12], new_src[13], new_src[14], new_src[15]]);
+    let dst = u32::from_ne_bytes([new_dst[12], new_dst[13], new_dst[14], new_dst[15]]);
+    let total = ((i32::from(u16::from_be(old_total)) + delta) as u16).to_be();
+    ctx.store(ETH_HLEN + 12, &src, 0)?;
+    ctx.store(ETH_HLEN + 16, &dst, 0)?;
+    ctx.store(ETH_HLEN + 2, &total, 0)?;
+    ctx.l3_csum_replace(IP_CSUM, u64::from(old_src), u64::from(src), 4)?;
+    ctx.l3_csum_replace(IP_CSUM, u64::from(old_dst), u64::from(dst), 4)?;
+    ctx.l3_csum_replace(IP_CSUM, u64::from(old_total), u64::from(total), 2)?;
+    if has_csum {
+        let flags = u64::from(BPF_F_MARK_MANGLED_0 | BPF_F_PSEUDO_HDR);
+        ctx.l4_csum_replace(csum_off, u64::from(old_src), u64::from(src), flags | 4)?;
+        ctx.l4_csum_replace(csum_off, u64::from(old_dst), u64::from(dst), flags | 4)?;
+    }
+    Ok(())
+}
+
+/// IPv6: new source and destination addresses, with the UDP pseudo-header part of the checksum.
+#[inline(always)]
+fn rewrite_ipv6_addrs(
+    ctx: &TcContext,
+    packet: &Datagram,
+    new_src: &Addr16,
+    new_dst: &Addr16,
+    csum_off: usize,
+) -> Result<(), i64> {
+    ctx.store(ETH_HLEN + 8, new_src, 0)?;
+    ctx.store(ETH_HLEN + 24, new_dst, 0)?;
+    // SAFETY: each pointer is 16 readable octets (stack or map value); the second call seeds
+    // with the first's sum.
+    let diff = unsafe {
+        let first = bpf_csum_diff(
+            packet.src.as_ptr() as *mut u32,
+            16,
+            new_src.as_ptr() as *mut u32,
+            16,
+            0,
+        );
+        bpf_csum_diff(
+            packet.dst.as_ptr() as *mut u32,
+            16,
+            new_dst.as_ptr() as *mut u32,
+            16,
+            first as u32,
+        )
+    };
+    ctx.l4_csum_replace(
+        csum_off,
+        0,
+        diff as u64,
+        u64::from(BPF_F_MARK_MANGLED_0 | BPF_F_PSEUDO_HDR),
+    )
+}
+
+/// Drops inside datagrams to external addresses; relays bound clients' datagrams in the kernel.
+#[inline(never)]
+fn internal(ctx: &TcContext) -> Result<(i32, DropReason), DropReason> {
+    let packet = parse(ctx).ok_or(DropReason::NotUdpPassed)?;
+    // SAFETY: presence only.
+    if unsafe { EXTERNAL_ADDRS.get(&packet.dst) }.is_some() {
+        return Err(DropReason::InsideToExternalAddress);
+    }
+    let key = OutboundKey {
+        client_addr: packet.src,
+        relay_addr: packet.dst,
+        client_port_be: packet.src_port_be,
+        relay_port_be: packet.dst_port_be,
+    };
+    let value_ptr = OUTBOUND
+        .get_ptr_mut(&key)
+        .ok_or(DropReason::OutboundToUserspace)?;
+    // SAFETY: a successful lookup; the entry stays valid for the program's run (RCU).
+    let value: &OutboundValue = unsafe { &*value_ptr };
+    if !daemon_alive() {
+        return Err(DropReason::OutboundToUserspace);
+    }
+    let l4 = packet.l4;
+    let first: [u8; 4] = ctx
+        .load(l4 + UDP_HLEN)
+        .map_err(|_| DropReason::OutboundToUserspace)?;
+    // RSV and FRAG must be zero in both framings.
+    if first[0] != 0 || first[1] != 0 || (value.framing == framing::SOCKS5 && first[2] != 0) {
+        return Err(DropReason::OutboundToUserspace);
+    }
+    let mut header = [0u8; 24];
+    let (header_len, dest, dest_port_be) = if value.framing == framing::ENHANCED {
+        let bytes: [u8; 8] = ctx
+            .load(l4 + UDP_HLEN)
+            .map_err(|_| DropReason::OutboundToUserspace)?;
+        if bytes[4..8] != value.aid_be.to_ne_bytes() {
+            return Err(DropReason::OutboundToUserspace);
+        }
+        header[..8].copy_from_slice(&bytes);
+        (8, value.remote_addr, value.remote_port_be)
+    } else if first[3] == 1 {
+        let bytes: [u8; 10] = ctx
+            .load(l4 + UDP_HLEN)
+            .map_err(|_| DropReason::OutboundToUserspace)?;
+        header[..10].copy_from_slice(&bytes);
+        let dest = ipv4_mapped([bytes[4], bytes[5], bytes[6], bytes[7]]);
+        (10, dest, u16::from_ne_bytes([bytes[8], bytes[9]]))
+    } else if first[3] == 4 {
+        let bytes: [u8; 22] = ctx
+            .load(l4 + UDP_HLEN)
+            .map_err(|_| DropReason::OutboundToUserspace)?;
+        header[..22].copy_from_slice(&bytes);
+        let mut dest = [0u8; 16];
+        dest.copy_from_slice(&bytes[4..20]);
+        (22, dest, u16::from_ne_bytes([bytes[20], bytes[21]]))
+    } else {
+        return Err(DropReason::OutboundToUserspace);
+    };
+    if usize::from(packet.udp_len) < UDP_HLEN + header_len {
+        return Err(DropReason::OutboundToUserspace);
+    }
+    // No family translation in the kernel.
+    if is_ipv4_mapped(&dest) == packet.v6 || is_ipv4_mapped(&value.external_relay_addr) == packet.v6
+    {
+        return Err(DropReason::OutboundToUserspace);
+    }
+    // RFC 1928: only to a remote the association admits (it has an inbound entry).
+    if value.framing == framing::SOCKS5 {
+        let inbound = BindingKey {
+            remote_addr: dest,
+            relay_addr: value.external_relay_addr,
+            remote_port_be: dest_port_be,
+            relay_port_be: value.external_relay_port_be,
+        };
+        // SAFETY: presence only.
+        if unsafe { BINDINGS.get(&inbound) }.is_none() {
+            return Err(DropReason::OutboundToUserspace);
+        }
+    }
+    let settings = settings();
+    let shrink = header_len;
+    let old_csum: u16 = ctx
+        .load(l4 + 6)
+        .map_err(|_| DropReason::OutboundToUserspace)?;
+    let has_csum = packet.v6 || old_csum != 0;
+    let old_len_be = packet.udp_len.to_be();
+    let new_len_be = (packet.udp_len - shrink as u16).to_be();
+
+    // Move the UDP header over the framing, then cut the gap right after the IP header.
+    let udp: [u8; UDP_HLEN] = ctx.load(l4).map_err(|_| DropReason::OutboundToUserspace)?;
+    ctx.store(l4 + shrink, &udp, 0)
+        .map_err(|_| DropReason::KernelRelayFailed)?;
+    let failed = |_| DropReason::KernelRelayFailed;
+    ctx.adjust_room(-(shrink as i32), BPF_ADJ_ROOM_NET, 0)
+        .map_err(failed)?;
+
+    let csum_off = l4 + 6;
+    let l4_flags = u64::from(BPF_F_MARK_MANGLED_0);
+    if packet.v6 {
+        rewrite_ipv6_addrs(ctx, &packet, &value.external_relay_addr, &dest, csum_off)
+            .map_err(failed)?;
+        let payload_len: u16 = ctx.load(ETH_HLEN + 4).map_err(failed)?;
+        let new_payload_len = (u16::from_be(payload_len) - shrink as u16).to_be();
+        ctx.store(ETH_HLEN + 4, &new_payload_len, 0)
+            .map_err(failed)?;
+    } else {
+        rewrite_ipv4(
+            ctx,
+            &value.external_relay_addr,
+            &dest,
+            -(shrink as i32),
+            has_csum,
+            csum_off,
+        )
+        .map_err(failed)?;
+    }
+    ctx.store(l4, &value.external_relay_port_be, 0)
+        .map_err(failed)?;
+    ctx.store(l4 + 2, &dest_port_be, 0).map_err(failed)?;
+    ctx.store(l4 + 4, &new_len_be, 0).map_err(failed)?;
+    if has_csum {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(packet.src_port_be),
+            u64::from(value.external_relay_port_be),
+            l4_flags | 2,
+        )
+        .map_err(failed)?;
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(packet.dst_port_be),
+            u64::from(dest_port_be),
+            l4_flags | 2,
+        )
+        .map_err(failed)?;
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old_len_be),
+            u64::from(new_len_be),
+            l4_flags | 2,
+        )
+        .map_err(failed)?;
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old_len_be),
+            u64::from(new_len_be),
+            l4_flags | u64::from(BPF_F_PSEUDO_HDR) | 2,
+        )
+        .map_err(failed)?;
+        // The framing octets left the checksummed data.
+        let removed = sum_of(&header, padded(header_len));
+        ctx.l4_csum_replace(csum_off, 0, (!(removed as u32)) as u64, l4_flags)
+            .map_err(failed)?;
+    }
+    touch(
+        // SAFETY: the entry pointer from the lookup above.
+        unsafe { &raw mut (*value_ptr).counters },
+        u64::from(packet.udp_len) - (UDP_HLEN + header_len) as u64,
+    );
+    // SAFETY: no pointers are passed.
+    let action =
+        unsafe { bpf_redirect_neigh(settings.external_ifindex, core::ptr::null_mut(), 0, 0) };
+    Ok((action as i32, DropReason::KernelRelayedOutbound))
+}

@@ -1,0 +1,497 @@
+//! Kernel relay unit tests: the tc programs run by the kernel (BPF_PROG_TEST_RUN) on hand-built
+//! frames. A hit is rewritten to exactly the expected bytes, with valid IPv4/IPv6 and UDP
+//! checksums, in both framings and both directions; misses and stale heartbeats are counted.
+//! Root only.
+
+use std::net::{IpAddr, SocketAddr};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use gateway::datapath::addr16;
+use gateway_common::{
+    BindingKey, BindingValue, Counter, DatapathSettings, DropReason, OutboundKey, OutboundValue,
+    TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, framing, map_names, relay_mode,
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+const AID: u32 = 0x0000_002a;
+
+struct Programs {
+    ebpf: Ebpf,
+}
+
+fn sa(text: &str) -> SocketAddr {
+    text.parse().unwrap()
+}
+
+impl Programs {
+    fn load() -> Self {
+        let mut ebpf = EbpfLoader::new()
+            .load(gateway::datapath::EBPF_OBJECT)
+            .unwrap();
+        let xdp: &mut Xdp = ebpf
+            .program_mut(XDP_EXTERNAL_PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        xdp.load().unwrap();
+        for name in [TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM] {
+            let tc: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            tc.load()
+                .unwrap_or_else(|e| panic!("verifier rejects {name}: {e:?}"));
+        }
+        let mut programs = Self { ebpf };
+        let mut settings: Array<&mut MapData, DatapathSettings> =
+            Array::try_from(programs.ebpf.map_mut(map_names::SETTINGS).unwrap()).unwrap();
+        // Loopback (ifindex 1) as both interfaces: its MTU is large; redirects are not performed
+        // by test runs.
+        settings
+            .set(
+                0,
+                DatapathSettings {
+                    internal_ifindex: 1,
+                    external_ifindex: 1,
+                    fail_closed_after_ns: 3_000_000_000,
+                },
+                0,
+            )
+            .unwrap();
+        programs.beat();
+        programs
+    }
+
+    fn beat(&mut self) {
+        let mut heartbeat: Array<&mut MapData, u64> =
+            Array::try_from(self.ebpf.map_mut(map_names::HEARTBEAT).unwrap()).unwrap();
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+        let ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        heartbeat.set(0, ns, 0).unwrap();
+    }
+
+    fn stop_heart(&mut self) {
+        let mut heartbeat: Array<&mut MapData, u64> =
+            Array::try_from(self.ebpf.map_mut(map_names::HEARTBEAT).unwrap()).unwrap();
+        heartbeat.set(0, 1, 0).unwrap();
+    }
+
+    fn bind(&mut self, remote: SocketAddr, relay: SocketAddr, value: BindingValue) {
+        let mut map: HashMap<&mut MapData, BindingKey, BindingValue> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::BINDINGS).unwrap()).unwrap();
+        let key = BindingKey {
+            remote_addr: addr16(remote.ip()),
+            relay_addr: addr16(relay.ip()),
+            remote_port_be: remote.port().to_be(),
+            relay_port_be: relay.port().to_be(),
+        };
+        map.insert(key, value, 0).unwrap();
+    }
+
+    fn bind_outbound(&mut self, client: SocketAddr, relay: SocketAddr, value: OutboundValue) {
+        let mut map: HashMap<&mut MapData, OutboundKey, OutboundValue> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::OUTBOUND).unwrap()).unwrap();
+        let key = OutboundKey {
+            client_addr: addr16(client.ip()),
+            relay_addr: addr16(relay.ip()),
+            client_port_be: client.port().to_be(),
+            relay_port_be: relay.port().to_be(),
+        };
+        map.insert(key, value, 0).unwrap();
+    }
+
+    fn run(&self, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 64];
+        let result = if program == XDP_EXTERNAL_PROGRAM {
+            let p: &Xdp = self.ebpf.program(program).unwrap().try_into().unwrap();
+            p.test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+        } else {
+            let p: &SchedClassifier = self.ebpf.program(program).unwrap().try_into().unwrap();
+            p.test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+        }
+        .unwrap();
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn count(&self, reason: DropReason) -> u64 {
+        let counters: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(self.ebpf.map(map_names::EXIT_COUNTERS).unwrap()).unwrap();
+        counters
+            .get(&(reason as u32), 0)
+            .unwrap()
+            .iter()
+            .map(|c| c.packets)
+            .sum()
+    }
+
+    fn inbound_counters(
+        &self,
+        remote: SocketAddr,
+        relay: SocketAddr,
+    ) -> gateway_common::EntryCounters {
+        let map: HashMap<&MapData, BindingKey, BindingValue> =
+            HashMap::try_from(self.ebpf.map(map_names::BINDINGS).unwrap()).unwrap();
+        let key = BindingKey {
+            remote_addr: addr16(remote.ip()),
+            relay_addr: addr16(relay.ip()),
+            remote_port_be: remote.port().to_be(),
+            relay_port_be: relay.port().to_be(),
+        };
+        map.get(&key, 0).unwrap().counters
+    }
+}
+
+fn udp_frame(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B);
+    let mut frame = Vec::new();
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => builder
+            .ipv4(s.octets(), d.octets(), 64)
+            .udp(src.port(), dst.port())
+            .write(&mut frame, payload)
+            .unwrap(),
+        (IpAddr::V6(s), IpAddr::V6(d)) => builder
+            .ipv6(s.octets(), d.octets(), 64)
+            .udp(src.port(), dst.port())
+            .write(&mut frame, payload)
+            .unwrap(),
+        _ => panic!("mixed families"),
+    }
+    frame
+}
+
+/// Parses a frame and checks every checksum; returns (src, dst, UDP payload).
+fn parse_checked(frame: &[u8]) -> (SocketAddr, SocketAddr, Vec<u8>) {
+    let sliced = SlicedPacket::from_ethernet(frame).expect("a well-formed frame");
+    let Some(TransportSlice::Udp(udp)) = &sliced.transport else {
+        panic!("UDP expected")
+    };
+    let (src_ip, dst_ip, checksum): (IpAddr, IpAddr, u16) = match &sliced.net {
+        Some(NetSlice::Ipv4(ip)) => {
+            let header = ip.header().to_header();
+            assert_eq!(
+                header.header_checksum,
+                header.calc_header_checksum(),
+                "IPv4 header checksum"
+            );
+            assert_eq!(
+                usize::from(header.total_len),
+                frame.len() - 14,
+                "IPv4 total length"
+            );
+            let sum = udp
+                .to_header()
+                .calc_checksum_ipv4(&header, udp.payload())
+                .unwrap();
+            (header.source.into(), header.destination.into(), sum)
+        }
+        Some(NetSlice::Ipv6(ip)) => {
+            let header = ip.header().to_header();
+            assert_eq!(
+                usize::from(header.payload_length),
+                frame.len() - 54,
+                "IPv6 payload length"
+            );
+            let sum = udp
+                .to_header()
+                .calc_checksum_ipv6(&header, udp.payload())
+                .unwrap();
+            (header.source.into(), header.destination.into(), sum)
+        }
+        _ => panic!("IP expected"),
+    };
+    assert_eq!(udp.checksum(), checksum, "UDP checksum");
+    assert_eq!(
+        usize::from(udp.length()),
+        udp.payload().len() + 8,
+        "UDP length"
+    );
+    (
+        SocketAddr::new(src_ip, udp.source_port()),
+        SocketAddr::new(dst_ip, udp.destination_port()),
+        udp.payload().to_vec(),
+    )
+}
+
+struct Case {
+    remote: SocketAddr,
+    external_relay: SocketAddr,
+    client: SocketAddr,
+    internal_relay: SocketAddr,
+}
+
+fn v4_case() -> Case {
+    Case {
+        remote: sa("203.0.113.2:6000"),
+        external_relay: sa("203.0.113.1:30000"),
+        client: sa("198.51.100.2:5000"),
+        internal_relay: sa("198.51.100.1:40000"),
+    }
+}
+
+fn v6_case() -> Case {
+    Case {
+        remote: sa("[2001:db8:2::2]:6000"),
+        external_relay: sa("[2001:db8:2::1]:30000"),
+        client: sa("[2001:db8:1::2]:5000"),
+        internal_relay: sa("[2001:db8:1::1]:40000"),
+    }
+}
+
+fn binding_value(case: &Case, framing_kind: u32) -> BindingValue {
+    BindingValue {
+        client_addr: addr16(case.client.ip()),
+        internal_relay_addr: addr16(case.internal_relay.ip()),
+        client_port_be: case.client.port().to_be(),
+        internal_relay_port_be: case.internal_relay.port().to_be(),
+        aid_be: AID.to_be(),
+        mode: relay_mode::KERNEL,
+        framing: framing_kind,
+        counters: Default::default(),
+    }
+}
+
+fn socks5_header(addr: SocketAddr) -> Vec<u8> {
+    let mut header = vec![0, 0, 0];
+    match addr.ip() {
+        IpAddr::V4(v4) => {
+            header.push(1);
+            header.extend_from_slice(&v4.octets());
+        }
+        IpAddr::V6(v6) => {
+            header.push(4);
+            header.extend_from_slice(&v6.octets());
+        }
+    }
+    header.extend_from_slice(&addr.port().to_be_bytes());
+    header
+}
+
+fn inbound_is_rewritten(case: &Case, framing_kind: u32) {
+    let mut programs = Programs::load();
+    programs.bind(
+        case.remote,
+        case.external_relay,
+        binding_value(case, framing_kind),
+    );
+    let payload: Vec<u8> = (0..=255u8).cycle().take(301).collect();
+    let frame = udp_frame(case.remote, case.external_relay, &payload);
+
+    let (xdp, _) = programs.run(XDP_EXTERNAL_PROGRAM, &frame);
+    assert_eq!(xdp, XDP_PASS, "the gate admits the binding");
+    assert_eq!(programs.count(DropReason::BindingToKernelRelay), 1);
+
+    let (action, out) = programs.run(TC_INBOUND_PROGRAM, &frame);
+    assert_eq!(action, TC_ACT_REDIRECT);
+    let (src, dst, data) = parse_checked(&out);
+    assert_eq!(src, case.internal_relay);
+    assert_eq!(dst, case.client);
+    let mut expected = if framing_kind == framing::ENHANCED {
+        let mut header = vec![0, 0, 0, 0];
+        header.extend_from_slice(&AID.to_be_bytes());
+        header
+    } else {
+        socks5_header(case.remote)
+    };
+    expected.extend_from_slice(&payload);
+    assert_eq!(data, expected, "framing header, then the payload unchanged");
+    assert_eq!(
+        &out[..12],
+        &frame[..12],
+        "MACs are left to bpf_redirect_neigh"
+    );
+    assert_eq!(programs.count(DropReason::KernelRelayedInbound), 1);
+    let counters = programs.inbound_counters(case.remote, case.external_relay);
+    assert_eq!(counters.packets, 1);
+    assert_eq!(counters.bytes, payload.len() as u64);
+    assert_ne!(counters.last_seen_ns, 0);
+}
+
+#[test]
+fn inbound_ipv4_enhanced_framing() {
+    inbound_is_rewritten(&v4_case(), framing::ENHANCED);
+}
+
+#[test]
+fn inbound_ipv4_socks5_framing() {
+    inbound_is_rewritten(&v4_case(), framing::SOCKS5);
+}
+
+#[test]
+fn inbound_ipv6_enhanced_framing() {
+    inbound_is_rewritten(&v6_case(), framing::ENHANCED);
+}
+
+#[test]
+fn inbound_ipv6_socks5_framing() {
+    inbound_is_rewritten(&v6_case(), framing::SOCKS5);
+}
+
+#[test]
+fn misses_and_wrong_ports_are_not_relayed() {
+    let case = v4_case();
+    let mut programs = Programs::load();
+    programs.bind(
+        case.remote,
+        case.external_relay,
+        binding_value(&case, framing::ENHANCED),
+    );
+    // Right host, wrong source port; and another relay port.
+    for frame in [
+        udp_frame(sa("203.0.113.2:6001"), case.external_relay, b"x"),
+        udp_frame(case.remote, sa("203.0.113.1:30002"), b"x"),
+    ] {
+        assert_eq!(programs.run(XDP_EXTERNAL_PROGRAM, &frame).0, XDP_DROP);
+        let (action, out) = programs.run(TC_INBOUND_PROGRAM, &frame);
+        assert_eq!(action, TC_ACT_OK, "tc leaves misses alone");
+        assert_eq!(out, frame);
+    }
+    assert_eq!(programs.count(DropReason::NoBinding), 2);
+    assert_eq!(programs.count(DropReason::InboundToStack), 2);
+}
+
+#[test]
+fn stale_heartbeat_fails_closed() {
+    let case = v4_case();
+    let mut programs = Programs::load();
+    programs.bind(
+        case.remote,
+        case.external_relay,
+        binding_value(&case, framing::ENHANCED),
+    );
+    programs.stop_heart();
+    let frame = udp_frame(case.remote, case.external_relay, b"media");
+    assert_eq!(programs.run(XDP_EXTERNAL_PROGRAM, &frame).0, XDP_DROP);
+    assert_eq!(programs.count(DropReason::DaemonGone), 1);
+    assert_eq!(programs.run(TC_INBOUND_PROGRAM, &frame).0, TC_ACT_SHOT);
+    programs.beat();
+    assert_eq!(programs.run(XDP_EXTERNAL_PROGRAM, &frame).0, XDP_PASS);
+}
+
+fn outbound_value(case: &Case, framing_kind: u32) -> OutboundValue {
+    OutboundValue {
+        remote_addr: addr16(case.remote.ip()),
+        external_relay_addr: addr16(case.external_relay.ip()),
+        remote_port_be: case.remote.port().to_be(),
+        external_relay_port_be: case.external_relay.port().to_be(),
+        aid_be: AID.to_be(),
+        framing: framing_kind,
+        _pad: 0,
+        counters: Default::default(),
+    }
+}
+
+fn outbound_is_rewritten(case: &Case, framing_kind: u32) {
+    let mut programs = Programs::load();
+    programs.bind(
+        case.remote,
+        case.external_relay,
+        binding_value(case, framing_kind),
+    );
+    programs.bind_outbound(
+        case.client,
+        case.internal_relay,
+        outbound_value(case, framing_kind),
+    );
+    let payload: Vec<u8> = (0..=255u8).rev().cycle().take(173).collect();
+    let mut framed = if framing_kind == framing::ENHANCED {
+        let mut header = vec![0, 0, 0, 0];
+        header.extend_from_slice(&AID.to_be_bytes());
+        header
+    } else {
+        socks5_header(case.remote)
+    };
+    framed.extend_from_slice(&payload);
+    let frame = udp_frame(case.client, case.internal_relay, &framed);
+    let (action, out) = programs.run(TC_INTERNAL_PROGRAM, &frame);
+    assert_eq!(action, TC_ACT_REDIRECT);
+    let (src, dst, data) = parse_checked(&out);
+    assert_eq!(
+        src, case.external_relay,
+        "leaves from the external relay address"
+    );
+    assert_eq!(dst, case.remote);
+    assert_eq!(data, payload, "header stripped");
+    assert_eq!(programs.count(DropReason::KernelRelayedOutbound), 1);
+
+    // A wrong AID / a destination the binding does not admit goes to user space unchanged.
+    let mut wrong = if framing_kind == framing::ENHANCED {
+        vec![0, 0, 0, 0, 0, 0, 0, 0x2b]
+    } else {
+        socks5_header(SocketAddr::new(case.remote.ip(), 6009))
+    };
+    wrong.extend_from_slice(&payload);
+    let frame = udp_frame(case.client, case.internal_relay, &wrong);
+    let (action, out) = programs.run(TC_INTERNAL_PROGRAM, &frame);
+    assert_eq!((action, out), (TC_ACT_OK, frame));
+    // FRAG != 0 as well.
+    let mut fragment = framed.clone();
+    fragment[if framing_kind == framing::ENHANCED {
+        1
+    } else {
+        2
+    }] = 1;
+    let frame = udp_frame(case.client, case.internal_relay, &fragment);
+    assert_eq!(programs.run(TC_INTERNAL_PROGRAM, &frame).0, TC_ACT_OK);
+    assert_eq!(programs.count(DropReason::OutboundToUserspace), 2);
+}
+
+#[test]
+fn outbound_ipv4_enhanced_framing() {
+    outbound_is_rewritten(&v4_case(), framing::ENHANCED);
+}
+
+#[test]
+fn outbound_ipv4_socks5_framing() {
+    outbound_is_rewritten(&v4_case(), framing::SOCKS5);
+}
+
+#[test]
+fn outbound_ipv6_enhanced_framing() {
+    outbound_is_rewritten(&v6_case(), framing::ENHANCED);
+}
+
+#[test]
+fn outbound_ipv6_socks5_framing() {
+    outbound_is_rewritten(&v6_case(), framing::SOCKS5);
+}
+
+#[test]
+fn inside_datagrams_to_external_addresses_are_dropped() {
+    let mut programs = Programs::load();
+    {
+        let mut external: HashMap<&mut MapData, [u8; 16], u32> =
+            HashMap::try_from(programs.ebpf.map_mut(map_names::EXTERNAL_ADDRS).unwrap()).unwrap();
+        external
+            .insert(addr16("203.0.113.1".parse().unwrap()), 0, 0)
+            .unwrap();
+    }
+    let frame = udp_frame(sa("203.0.113.2:6000"), sa("203.0.113.1:30000"), b"spoofed");
+    assert_eq!(programs.run(TC_INTERNAL_PROGRAM, &frame).0, TC_ACT_SHOT);
+    assert_eq!(programs.count(DropReason::InsideToExternalAddress), 1);
+    // Truncated UDP from inside is not relayed.
+    let frame = udp_frame(sa("198.51.100.2:5000"), sa("198.51.100.1:40000"), b"");
+    assert_eq!(
+        programs
+            .run(TC_INTERNAL_PROGRAM, &frame[..frame.len() - 4])
+            .0,
+        TC_ACT_OK
+    );
+}
