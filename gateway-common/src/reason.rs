@@ -48,6 +48,10 @@ pub enum DropReason {
     KernelRelayFailed = 16,
     /// A binding hit handed by XDP to the tc kernel relay: passed.
     BindingToKernelRelay = 17,
+    /// A datagram whose UDP checksum is still to be completed (`CHECKSUM_PARTIAL`, from a local
+    /// or virtual sender; a NIC never delivers one): moving its UDP header would break the later
+    /// checksum, so it goes to the userspace relay.
+    PartialChecksumToUserspace = 18,
 }
 
 /// What the program did with a packet of a given reason.
@@ -61,7 +65,7 @@ pub enum Verdict {
 
 impl DropReason {
     /// Number of reasons; the size of the counter array.
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
 
     /// Every reason, in numeric order.
     pub const ALL: [Self; Self::COUNT as usize] = [
@@ -83,6 +87,7 @@ impl DropReason {
         Self::InboundToStack,
         Self::KernelRelayFailed,
         Self::BindingToKernelRelay,
+        Self::PartialChecksumToUserspace,
     ];
 
     pub const fn verdict(self) -> Verdict {
@@ -93,7 +98,8 @@ impl DropReason {
             | Self::TooBigForKernelRelay
             | Self::OutboundToUserspace
             | Self::InboundToStack
-            | Self::BindingToKernelRelay => Verdict::Pass,
+            | Self::BindingToKernelRelay
+            | Self::PartialChecksumToUserspace => Verdict::Pass,
             Self::NoBinding
             | Self::TruncatedHeader
             | Self::IpFragment
@@ -128,6 +134,7 @@ impl DropReason {
             Self::InboundToStack => "inbound_to_stack",
             Self::KernelRelayFailed => "kernel_relay_failed",
             Self::BindingToKernelRelay => "binding_to_kernel_relay",
+            Self::PartialChecksumToUserspace => "partial_checksum_to_userspace",
         }
     }
 

@@ -126,6 +126,61 @@ fn sum_of(bytes: &[u8; 24], len: usize) -> i64 {
     }
 }
 
+/// Whether the UDP checksum field holds only the folded pseudo-header sum, which is what a
+/// `CHECKSUM_PARTIAL` skb carries until the checksum is completed. (A complete checksum equals it
+/// with probability 2^-16; such a datagram merely takes the userspace path.)
+#[inline(always)]
+fn checksum_is_partial(ctx: &TcContext, packet: &Datagram) -> bool {
+    let Ok(check) = ctx.load::<u16>(packet.l4 + 6) else {
+        return false;
+    };
+    if check == 0 {
+        return false;
+    }
+    let len_be = packet.udp_len.to_be().to_ne_bytes();
+    let sum = if packet.v6 {
+        // src(16) dst(16) length(4) zero(3) next-header(1)
+        let mut pseudo = [0u8; 40];
+        pseudo[..16].copy_from_slice(&packet.src);
+        pseudo[16..32].copy_from_slice(&packet.dst);
+        pseudo[34] = len_be[0];
+        pseudo[35] = len_be[1];
+        pseudo[39] = IPPROTO_UDP;
+        // SAFETY: 40 readable octets on the stack.
+        unsafe {
+            bpf_csum_diff(
+                core::ptr::null_mut(),
+                0,
+                pseudo.as_mut_ptr() as *mut u32,
+                40,
+                0,
+            )
+        }
+    } else {
+        // src(4) dst(4) zero(1) protocol(1) length(2)
+        let mut pseudo = [0u8; 12];
+        pseudo[..4].copy_from_slice(&packet.src[12..16]);
+        pseudo[4..8].copy_from_slice(&packet.dst[12..16]);
+        pseudo[9] = IPPROTO_UDP;
+        pseudo[10] = len_be[0];
+        pseudo[11] = len_be[1];
+        // SAFETY: 12 readable octets on the stack.
+        unsafe {
+            bpf_csum_diff(
+                core::ptr::null_mut(),
+                0,
+                pseudo.as_mut_ptr() as *mut u32,
+                12,
+                0,
+            )
+        }
+    };
+    let mut folded = sum as u64 & 0xffff_ffff;
+    folded = (folded & 0xffff) + (folded >> 16);
+    folded = (folded & 0xffff) + (folded >> 16);
+    check == folded as u16
+}
+
 fn action_of(reason: DropReason) -> i32 {
     match reason.verdict() {
         Verdict::Pass => TC_ACT_OK,
@@ -183,6 +238,9 @@ fn inbound(ctx: &TcContext) -> Result<(i32, DropReason), DropReason> {
         || is_ipv4_mapped(&value.internal_relay_addr) == packet.v6
     {
         return Err(DropReason::InboundToStack);
+    }
+    if checksum_is_partial(ctx, &packet) {
+        return Err(DropReason::PartialChecksumToUserspace);
     }
     let (header, header_len) = framing_header(value, &packet.src, packet.src_port_be);
     let settings = settings();
@@ -455,6 +513,9 @@ fn internal(ctx: &TcContext) -> Result<(i32, DropReason), DropReason> {
         if unsafe { BINDINGS.get(&inbound) }.is_none() {
             return Err(DropReason::OutboundToUserspace);
         }
+    }
+    if checksum_is_partial(ctx, &packet) {
+        return Err(DropReason::PartialChecksumToUserspace);
     }
     let settings = settings();
     let shrink = header_len;

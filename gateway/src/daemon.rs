@@ -2,24 +2,49 @@
 //! start-up (nothing is served before the gate is attached) and of shutdown (connections end,
 //! their kernel entries go, then the gate is detached).
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 use gateway::{
+    binding,
     datapath::{Datapath, DatapathConfig, HostFlow, interface_index},
     gate::Gate,
     instance::Instance,
-    netif,
+    netif::{self, InterfaceAddress},
     resolver::{Resolver, nameservers_from_resolv_conf},
     server::{
         self, External, Services, Timeouts,
         auth::{FailureLimiter, Users},
+        enhanced::EnhancedMode,
         policy::Policy,
     },
 };
 use ipnet::IpNet;
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{info, warn};
+
+/// Who relays the datagrams of confirmed bindings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DatapathKind {
+    /// The kernel: tc programs rewrite and redirect (the XDP gate admits).
+    Xdp,
+    /// The userspace relay (the XDP gate still admits and drops).
+    Userspace,
+}
+
+impl DatapathKind {
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Self::Xdp => "the kernel (tc programs)",
+            Self::Userspace => "the userspace relay",
+        }
+    }
+}
 
 /// SOCKS port when `--listen` is not given.
 pub const DEFAULT_SOCKS_PORT: u16 = 1080;
@@ -38,6 +63,8 @@ pub struct DaemonArgs {
     pub resolvers: Vec<SocketAddr>,
     pub deny: Vec<IpNet>,
     pub max_connections: usize,
+    pub datapath: DatapathKind,
+    pub allow_listen: bool,
 }
 
 pub fn run(args: DaemonArgs) -> Result<()> {
@@ -102,13 +129,23 @@ async fn serve(
         warn!("no nameserver configured (--resolver, /etc/resolv.conf): domain names will fail");
     }
 
-    let mut config = DatapathConfig::new(instance.clone(), args.external.clone());
+    let mut config = DatapathConfig::new(
+        instance.clone(),
+        args.external.clone(),
+        args.internal.clone(),
+    );
     config.max_bindings = args.max_bindings;
     config.host_allow = args.host_allow.clone();
     config.host_allow.extend(resolver.host_flows());
+    config.external_addresses = external_addrs.iter().map(|a| a.ip).collect();
     let mut datapath = Datapath::attach(&config)
         .with_context(|| format!("attach the gateway to {}", args.external))?;
-    let gate: Arc<dyn Gate> = Arc::new(datapath.take_gate()?);
+    let gate = datapath.take_gate()?;
+    let gate: Arc<dyn Gate> = match args.datapath {
+        DatapathKind::Xdp => Arc::new(gate),
+        DatapathKind::Userspace => Arc::new(gate.userspace_only()),
+    };
+    info!(datapath = ?args.datapath, "confirmed bindings are relayed by {}", args.datapath.describe());
 
     let mut policy = Policy {
         own_addresses: external_addrs
@@ -121,6 +158,7 @@ async fn serve(
     };
     // Clients may not reach the protected networks through the proxy.
     policy.deny.extend(internal_addrs.iter().map(|a| a.network));
+    let enhanced = enhanced_mode(&args, &external_addrs, &internal_addrs, &policy)?;
     let services = Arc::new(Services {
         allow_anonymous: args.allow_anonymous,
         users,
@@ -135,6 +173,7 @@ async fn serve(
         },
         timeouts: Timeouts::default(),
         max_connections: args.max_connections,
+        enhanced,
     });
 
     let listen = if args.listen.is_empty() {
@@ -190,6 +229,55 @@ async fn serve(
     drop(services);
     datapath.detach();
     Ok(())
+}
+
+/// The enhanced UDP mode's binding table: relay addresses are the primary address of each family
+/// on the internal (client side) and external (remote side) interfaces, and a REMOTE may not name
+/// what the SOCKS policy denies (its networks, the gateway's own addresses, link-local, besides
+/// the machine's defaults). `None` (CMD 04 refused) when an interface has no usable address.
+fn enhanced_mode(
+    args: &DaemonArgs,
+    external: &[InterfaceAddress],
+    internal: &[InterfaceAddress],
+    policy: &Policy,
+) -> Result<Option<Arc<EnhancedMode>>> {
+    let primaries = |addrs: &[InterfaceAddress]| -> Vec<IpAddr> {
+        let (v4, v6) = netif::primary(addrs);
+        v4.map(IpAddr::V4)
+            .into_iter()
+            .chain(v6.map(IpAddr::V6))
+            .collect()
+    };
+    let mut config = binding::Config {
+        internal_ips: primaries(internal),
+        external_ips: primaries(external),
+        allow_listen: args.allow_listen,
+        // A confirmed RTP pair takes two kernel entries; UDP ASSOCIATE shares the map.
+        max_bindings: usize::try_from(args.max_bindings / 2).unwrap_or(usize::MAX),
+        ..binding::Config::default()
+    };
+    if config.internal_ips.is_empty() || config.external_ips.is_empty() {
+        warn!("an interface has no usable address: the enhanced UDP mode (CMD 04) is off");
+        return Ok(None);
+    }
+    let deny = policy
+        .deny
+        .iter()
+        .filter_map(|net| binding::IpNet::new(net.addr(), net.prefix_len()));
+    let own = policy
+        .own_addresses
+        .iter()
+        .map(|ip| binding::IpNet::host(*ip));
+    let link_local = [
+        binding::IpNet::new(IpAddr::V4(Ipv4Addr::new(169, 254, 0, 0)), 16),
+        binding::IpNet::new(IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0)), 10),
+    ];
+    config.forbidden_remotes.extend(deny.chain(own));
+    config
+        .forbidden_remotes
+        .extend(link_local.into_iter().flatten());
+    let mode = EnhancedMode::new(config).context("configure the enhanced UDP mode")?;
+    Ok(Some(Arc::new(mode)))
 }
 
 async fn wait_for_shutdown_signal() -> Result<&'static str> {

@@ -10,7 +10,9 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData, MapError};
-use gateway_common::{BindingKey, BindingValue};
+use gateway_common::{
+    BindingKey, BindingValue, EntryCounters, OutboundKey, OutboundValue, framing, relay_mode,
+};
 use thiserror::Error;
 
 use crate::datapath::addr16;
@@ -33,6 +35,54 @@ impl GateEntry {
     }
 }
 
+/// How datagrams are framed between relay and client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Framing {
+    /// The enhanced mode's 8-octet header with the AID.
+    Enhanced,
+    /// The RFC 1928 UDP header naming the remote.
+    Socks5,
+}
+
+/// What the kernel needs to relay an admitted flow itself, both ways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KernelRelay {
+    pub client: SocketAddr,
+    pub internal_relay: SocketAddr,
+    pub aid: u32,
+    pub framing: Framing,
+}
+
+impl KernelRelay {
+    fn framing_code(&self) -> u32 {
+        match self.framing {
+            Framing::Enhanced => framing::ENHANCED,
+            Framing::Socks5 => framing::SOCKS5,
+        }
+    }
+
+    fn outbound_key(&self) -> OutboundKey {
+        OutboundKey {
+            client_addr: addr16(self.client.ip()),
+            relay_addr: addr16(self.internal_relay.ip()),
+            client_port_be: self.client.port().to_be(),
+            relay_port_be: self.internal_relay.port().to_be(),
+        }
+    }
+
+    /// The kernel relays only within one family (no translation).
+    fn same_family(&self, entry: &GateEntry) -> bool {
+        let v4 = |ip: std::net::IpAddr| crate::server::policy::canonical(ip).is_ipv4();
+        let families = [
+            v4(self.client.ip()),
+            v4(self.internal_relay.ip()),
+            v4(entry.remote.ip()),
+            v4(entry.relay.ip()),
+        ];
+        families.iter().all(|f| *f == families[0])
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum GateError {
     #[error("install kernel entry {remote} -> {relay}: {source}")]
@@ -47,12 +97,30 @@ pub enum GateError {
 pub trait Gate: Send + Sync + std::fmt::Debug {
     /// Admits `entry` in the kernel with the verdict "pass to the userspace relay".
     fn install(&self, entry: GateEntry) -> Result<(), GateError>;
+    /// Admits `entry` and, where the datapath relays in the kernel, has the kernel deliver it to
+    /// `relay.client` and carry the client's datagrams back out. Otherwise like [`Gate::install`].
+    fn install_kernel_relay(&self, entry: GateEntry, relay: KernelRelay) -> Result<(), GateError> {
+        let _ = relay;
+        self.install(entry)
+    }
     fn remove(&self, entry: GateEntry);
+    /// Removes the outbound entry of a client socket (association or binding end).
+    fn remove_outbound(&self, relay: &KernelRelay) {
+        let _ = relay;
+    }
+    /// The kernel's counters of an inbound entry, if it relays it.
+    fn inbound_counters(&self, entry: GateEntry) -> Option<EntryCounters> {
+        let _ = entry;
+        None
+    }
 }
 
-/// The real gate: the pinned `BINDINGS` map of the attached datapath.
+/// The real gate: the pinned `BINDINGS` and `OUTBOUND` maps of the attached datapath.
 pub struct KernelGate {
     map: Mutex<HashMap<MapData, BindingKey, BindingValue>>,
+    outbound: Mutex<HashMap<MapData, OutboundKey, OutboundValue>>,
+    /// Whether confirmed bindings are relayed by the kernel (`--datapath xdp`) or by user space.
+    kernel_relay: bool,
 }
 
 impl std::fmt::Debug for KernelGate {
@@ -62,10 +130,22 @@ impl std::fmt::Debug for KernelGate {
 }
 
 impl KernelGate {
-    pub fn new(map: HashMap<MapData, BindingKey, BindingValue>) -> Self {
+    pub fn new(
+        map: HashMap<MapData, BindingKey, BindingValue>,
+        outbound: HashMap<MapData, OutboundKey, OutboundValue>,
+    ) -> Self {
         Self {
             map: Mutex::new(map),
+            outbound: Mutex::new(outbound),
+            kernel_relay: true,
         }
+    }
+
+    /// Keeps every datagram in the userspace relay (the XDP gate still drops the rest).
+    #[must_use]
+    pub fn userspace_only(mut self) -> Self {
+        self.kernel_relay = false;
+        self
     }
 }
 
@@ -80,9 +160,61 @@ impl Gate for KernelGate {
             })
     }
 
+    fn install_kernel_relay(&self, entry: GateEntry, relay: KernelRelay) -> Result<(), GateError> {
+        if !self.kernel_relay || !relay.same_family(&entry) {
+            return self.install(entry);
+        }
+        let map_error = |source| GateError::Install {
+            remote: entry.remote,
+            relay: entry.relay,
+            source,
+        };
+        // Outbound first: when the first answer arrives, the client can already send back.
+        let outbound = OutboundValue {
+            remote_addr: addr16(entry.remote.ip()),
+            external_relay_addr: addr16(entry.relay.ip()),
+            remote_port_be: entry.remote.port().to_be(),
+            external_relay_port_be: entry.relay.port().to_be(),
+            aid_be: relay.aid.to_be(),
+            framing: relay.framing_code(),
+            _pad: 0,
+            counters: EntryCounters::default(),
+        };
+        self.outbound
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(relay.outbound_key(), outbound, 0)
+            .map_err(map_error)?;
+        let inbound = BindingValue {
+            client_addr: addr16(relay.client.ip()),
+            internal_relay_addr: addr16(relay.internal_relay.ip()),
+            client_port_be: relay.client.port().to_be(),
+            internal_relay_port_be: relay.internal_relay.port().to_be(),
+            aid_be: relay.aid.to_be(),
+            mode: relay_mode::KERNEL,
+            framing: relay.framing_code(),
+            counters: EntryCounters::default(),
+        };
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(entry.key(), inbound, 0)
+            .map_err(map_error)
+    }
+
     fn remove(&self, entry: GateEntry) {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         let _ = map.remove(&entry.key());
+    }
+
+    fn remove_outbound(&self, relay: &KernelRelay) {
+        let mut map = self.outbound.lock().unwrap_or_else(PoisonError::into_inner);
+        let _ = map.remove(&relay.outbound_key());
+    }
+
+    fn inbound_counters(&self, entry: GateEntry) -> Option<EntryCounters> {
+        let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(&entry.key(), 0).ok().map(|value| value.counters)
     }
 }
 
@@ -90,11 +222,20 @@ impl Gate for KernelGate {
 #[derive(Debug, Default, Clone)]
 pub struct MemoryGate {
     entries: Arc<Mutex<HashSet<GateEntry>>>,
+    kernel_relays: Arc<Mutex<HashSet<KernelRelay>>>,
 }
 
 impl MemoryGate {
     pub fn entries(&self) -> HashSet<GateEntry> {
         self.entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Client sockets that have an outbound kernel entry.
+    pub fn kernel_relays(&self) -> HashSet<KernelRelay> {
+        self.kernel_relays
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
@@ -117,11 +258,26 @@ impl Gate for MemoryGate {
         Ok(())
     }
 
+    fn install_kernel_relay(&self, entry: GateEntry, relay: KernelRelay) -> Result<(), GateError> {
+        self.kernel_relays
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(relay);
+        self.install(entry)
+    }
+
     fn remove(&self, entry: GateEntry) {
         self.entries
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&entry);
+    }
+
+    fn remove_outbound(&self, relay: &KernelRelay) {
+        self.kernel_relays
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(relay);
     }
 }
 

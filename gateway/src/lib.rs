@@ -6,6 +6,7 @@
 //! - [`socks`] and [`binding`] are the sans-IO protocol core.
 
 pub mod binding;
+pub mod client;
 pub mod datapath;
 pub mod gate;
 pub mod instance;

@@ -83,6 +83,15 @@ enum Command {
         /// Most control connections served at once; more are closed at accept.
         #[arg(long, value_name = "N", default_value_t = 4096)]
         max_connections: usize,
+        /// Who relays confirmed bindings: `xdp` (in the kernel) or `userspace` (for comparison
+        /// and for interfaces without XDP). The XDP gate drops unsolicited UDP either way.
+        #[arg(long, value_enum, default_value = "xdp")]
+        datapath: daemon::DatapathKind,
+        /// Let an enhanced-mode step 2 with an unspecified REMOTE confirm a UDP Listen binding:
+        /// datagrams from any remote reach the client. Off: refused with 02. The kernel gate has
+        /// no relay-port-only entry yet, so Listen bindings only receive where it admits them.
+        #[arg(long)]
+        allow_listen: bool,
     },
     /// Read a password from stdin and print a users-file line `NAME:$argon2id$...`.
     Passwd {
@@ -131,7 +140,10 @@ fn run(cli: Cli) -> Result<()> {
             resolvers,
             deny,
             max_connections,
+            allow_listen,
+            datapath,
         } => daemon::run(daemon::DaemonArgs {
+            datapath,
             external,
             internal,
             instance,
@@ -143,6 +155,7 @@ fn run(cli: Cli) -> Result<()> {
             resolvers,
             deny,
             max_connections,
+            allow_listen,
         }),
         Command::Passwd { name } => {
             let mut password = String::new();

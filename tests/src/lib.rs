@@ -342,6 +342,12 @@ impl Testbed {
             "via",
             &addr::FW_OUTSIDE_V6.to_string(),
         ])?;
+        // The hosts send complete UDP checksums, as packets from a wire always carry: veth would
+        // otherwise pass CHECKSUM_PARTIAL skbs, which no NIC delivers.
+        for ns in [&self.client, &self.server] {
+            run_checked(ns.command("ethtool").args(["-K", iface::HOST, "tx", "off"]))
+                .context("ethtool -K eth0 tx off (is ethtool installed? `cargo xtask setup`)")?;
+        }
         // Nothing crosses fw except through the gateway.
         self.fw.sysctl("net.ipv4.ip_forward", "0")?;
         self.fw.sysctl("net.ipv6.conf.all.forwarding", "0")?;

@@ -27,11 +27,13 @@ pub struct Dnsmasq {
 impl Dnsmasq {
     /// `names` are answered with both of `server`'s addresses (A and AAAA).
     pub fn start(server: &Netns, names: &[&str]) -> Result<Self> {
-        run_checked(
-            server
-                .command("ip")
-                .args(["addr", "add", &format!("{}/24", addr::SERVER_DNS_V4), "dev", iface::HOST]),
-        )?;
+        run_checked(server.command("ip").args([
+            "addr",
+            "add",
+            &format!("{}/24", addr::SERVER_DNS_V4),
+            "dev",
+            iface::HOST,
+        ]))?;
         let mut cmd = server.command("dnsmasq");
         cmd.args([
             "--keep-in-foreground",
@@ -116,7 +118,9 @@ pub struct UdpEcho {
 
 impl UdpEcho {
     pub fn start(ns: &Netns, bind: SocketAddr, prefix: &'static [u8]) -> Result<Self> {
-        let socket = ns.run(move || UdpSocket::bind(bind))?.with_context(|| format!("bind echo {bind}"))?;
+        let socket = ns
+            .run(move || UdpSocket::bind(bind))?
+            .with_context(|| format!("bind echo {bind}"))?;
         socket.set_read_timeout(Some(Duration::from_millis(50)))?;
         let addr = socket.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -146,7 +150,10 @@ impl UdpEcho {
     /// Stops the server and returns every source address it heard from.
     pub fn stop(mut self) -> Vec<SocketAddr> {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default()
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
     }
 }
 

@@ -1,11 +1,13 @@
 //! The SOCKS5 server: an accept loop with a connection cap and graceful shutdown, and a task per
-//! control connection that authenticates it and runs its command (CONNECT, BIND, UDP ASSOCIATE).
+//! control connection that authenticates it and runs its command (CONNECT, BIND, UDP ASSOCIATE,
+//! the enhanced UDP mode).
 //! Protocol decisions come from the sans-IO `socks` codecs; this layer does the I/O.
 
 pub mod auth;
 mod bind;
 mod connect;
 pub mod connection;
+pub mod enhanced;
 mod handshake;
 mod outside;
 pub mod policy;
@@ -94,6 +96,8 @@ pub struct Services {
     pub external: External,
     pub timeouts: Timeouts,
     pub max_connections: usize,
+    /// The enhanced UDP mode (CMD 04) and its binding table; `None` refuses CMD 04 with `07`.
+    pub enhanced: Option<Arc<enhanced::EnhancedMode>>,
 }
 
 /// Serves SOCKS5 on `listener` until `shutdown` completes, then closes every control
@@ -184,11 +188,7 @@ async fn serve(services: Arc<Services>, stream: TcpStream, peer: SocketAddr) {
         Command::UdpAssociate => {
             udp_associate::run(conn, &services, peer, local, &request.address).await
         }
-        Command::EnhancedUdp => {
-            // The enhanced UDP mode is not served yet: refuse as RFC 1928 says.
-            send_failure(&mut conn, ReplyCode::CommandNotSupported).await;
-            Ok(())
-        }
+        Command::EnhancedUdp => enhanced::run(conn, &services, peer, user.as_deref()).await,
     };
     if let Err(error) = result {
         debug!(%peer, %error, "connection ended with an error");

@@ -26,7 +26,7 @@ use super::{
     send_failure, send_success,
 };
 use crate::{
-    gate::GateEntry,
+    gate::{Framing, GateEntry, KernelRelay},
     socks::{Address, ReplyCode, UdpHeader},
 };
 
@@ -127,7 +127,7 @@ pub async fn run(
             }
         }
     }
-    association.close();
+    drop(association);
     Ok(())
 }
 
@@ -181,8 +181,13 @@ impl Association<'_> {
             relay,
         };
         if !self.admitted.contains(&entry) {
-            // Admit the answer before the question leaves.
-            if let Err(error) = self.services.gate.install(entry) {
+            // Admit the answer before the question leaves; where the datapath can, the kernel
+            // relays this remote's datagrams (and the client's to it) from now on.
+            let installed = match self.kernel_relay() {
+                Some(relay) => self.services.gate.install_kernel_relay(entry, relay),
+                None => self.services.gate.install(entry),
+            };
+            if let Err(error) = installed {
                 warn!(peer = %self.peer, %error, "cannot admit remote; datagram dropped");
                 self.stats.dropped_policy += 1;
                 return;
@@ -252,10 +257,27 @@ impl Association<'_> {
         slot.as_ref().map(OutsideSocket::local_addr)
     }
 
-    /// Ends the association: its kernel entries go with it.
-    fn close(self) {
+    /// The kernel relay description of this association (RFC 1928 framing), once the client's
+    /// address is known.
+    fn kernel_relay(&self) -> Option<KernelRelay> {
+        Some(KernelRelay {
+            client: self.client.addr()?,
+            internal_relay: self.inside.local_addr().ok()?,
+            aid: 0,
+            framing: Framing::Socks5,
+        })
+    }
+}
+
+/// Ends the association: its kernel entries go with it. In `Drop` because this task's future is
+/// dropped mid-await when the server shuts down (or aborts it), and the entries must go then too.
+impl Drop for Association<'_> {
+    fn drop(&mut self) {
         for entry in &self.admitted {
             self.services.gate.remove(*entry);
+        }
+        if let Some(relay) = self.kernel_relay() {
+            self.services.gate.remove_outbound(&relay);
         }
         info!(
             peer = %self.peer,

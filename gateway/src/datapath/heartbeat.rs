@@ -1,0 +1,65 @@
+//! The daemon's heartbeat: a dedicated thread writes CLOCK_MONOTONIC into the `HEARTBEAT` map
+//! every [`INTERVAL`]. The programs admit nothing once it is older than the fail-closed limit, so
+//! a daemon killed with SIGKILL stops admitting within that limit. A thread, not a task: it must
+//! keep beating while the runtime is busy (inserting a million entries, say).
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use aya::maps::{Array, MapData};
+use tracing::warn;
+
+pub const INTERVAL: Duration = Duration::from_millis(250);
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |now| {
+        u64::try_from(now.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(now.tv_nsec()).unwrap_or(0)
+    })
+}
+
+pub struct Heartbeat {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    /// Beats once at once, then every [`INTERVAL`] until stopped.
+    pub fn start(mut map: Array<MapData, u64>) -> Self {
+        let _ = map.set(0, monotonic_ns(), 0);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("heartbeat".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    if let Err(error) = map.set(0, monotonic_ns(), 0) {
+                        warn!(%error, "write the heartbeat");
+                    }
+                    std::thread::sleep(INTERVAL);
+                }
+            })
+            .ok();
+        Self { stop, thread }
+    }
+
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,209 @@
+//! Attaching programs as bpf links pinned in bpffs, and taking over links a dead daemon left:
+//! the link stays attached (the gate never opens) while its program is replaced.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::programs::{
+    SchedClassifier, TcAttachType, Xdp,
+    links::{FdLink, PinnedLink},
+    tc::SchedClassifierLink,
+    xdp::{XdpLink, XdpMode},
+};
+use tracing::warn;
+
+use super::DatapathError;
+
+/// How a program ended up on its interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachOutcome {
+    Driver,
+    /// Generic (skb) mode, because the driver refused native XDP.
+    Generic,
+    /// tc ingress (tcx).
+    Tc,
+    /// A link left pinned by a previous daemon now runs our program.
+    TookOver,
+}
+
+impl AttachOutcome {
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Self::Driver => "driver mode",
+            Self::Generic => "generic mode (the driver has no native XDP)",
+            Self::Tc => "tc ingress",
+            Self::TookOver => "the pinned link of a previous daemon",
+        }
+    }
+}
+
+/// One pinned link: where its pin lives and which interface it belongs to (recorded in the run
+/// directory, so a new daemon knows whether it may take it over).
+pub struct LinkSlot {
+    pub pin: PathBuf,
+    record: PathBuf,
+    pub interface: String,
+}
+
+impl LinkSlot {
+    pub fn new(pin_dir: &Path, run_dir: &Path, name: &str, interface: &str) -> Self {
+        Self {
+            pin: pin_dir.join(name),
+            record: run_dir.join(format!("{name}.interface")),
+            interface: interface.to_owned(),
+        }
+    }
+
+    /// Whether a pinned link for this interface exists (left by a previous daemon).
+    fn can_take_over(&self) -> bool {
+        if !self.pin.exists() {
+            return false;
+        }
+        let recorded = fs::read_to_string(&self.record).ok();
+        if recorded.as_deref() == Some(self.interface.as_str()) {
+            return true;
+        }
+        warn!(
+            link = %self.pin.display(),
+            previous = recorded.as_deref().unwrap_or("unknown"),
+            "a pinned link for another interface was left behind; detaching it"
+        );
+        remove_pinned_link(&self.pin);
+        false
+    }
+
+    fn record(&self) -> Result<(), DatapathError> {
+        fs::write(&self.record, &self.interface).map_err(|source| DatapathError::Io {
+            what: "write",
+            path: self.record.clone(),
+            source,
+        })
+    }
+
+    pub fn forget(&self) {
+        let _ = fs::remove_file(&self.record);
+    }
+}
+
+fn pin(fd_link: FdLink, path: &Path) -> Result<PinnedLink, DatapathError> {
+    fd_link
+        .pin(path)
+        .map_err(|error| DatapathError::Pin(format!("pin the link at {}: {error}", path.display())))
+}
+
+fn reopen(path: &Path) -> Result<PinnedLink, DatapathError> {
+    PinnedLink::from_pin(path).map_err(|source| DatapathError::Link {
+        what: format!("open the pinned link {}", path.display()),
+        source,
+    })
+}
+
+/// Attaches (or takes over) the XDP program on `slot.interface`, driver mode first.
+pub fn attach_xdp(
+    program: &mut Xdp,
+    slot: &LinkSlot,
+) -> Result<(PinnedLink, AttachOutcome), DatapathError> {
+    let interface = slot.interface.as_str();
+    if slot.can_take_over() {
+        let fd_link = FdLink::from(reopen(&slot.pin)?);
+        let link = XdpLink::try_from(fd_link).map_err(|source| DatapathError::Link {
+            what: "the pinned link is not an XDP link".to_owned(),
+            source,
+        })?;
+        let id = program
+            .attach_to_link(link)
+            .map_err(|source| DatapathError::Program {
+                what: "replace the program in the pinned XDP link".to_owned(),
+                source,
+            })?;
+        let _ = program.take_link(id);
+        slot.record()?;
+        return Ok((reopen(&slot.pin)?, AttachOutcome::TookOver));
+    }
+    let (id, outcome) = match program.attach(interface, XdpMode::Driver) {
+        Ok(id) => (id, AttachOutcome::Driver),
+        Err(driver_error) => {
+            warn!(%interface, error = %driver_error, "driver-mode XDP refused; trying generic mode");
+            let id = program.attach(interface, XdpMode::Skb).map_err(|source| DatapathError::Program {
+                what: format!(
+                    "attach XDP to {interface} (driver mode failed: {driver_error}; generic mode failed \
+                     too; is another XDP program attached?)"
+                ),
+                source,
+            })?;
+            (id, AttachOutcome::Generic)
+        }
+    };
+    let link = program
+        .take_link(id)
+        .map_err(|source| DatapathError::Program {
+            what: "take the XDP link".to_owned(),
+            source,
+        })?;
+    let fd_link = FdLink::try_from(link).map_err(|source| DatapathError::Link {
+        what: "the kernel gave a netlink XDP attachment, which cannot be pinned".to_owned(),
+        source,
+    })?;
+    let pinned = pin(fd_link, &slot.pin)?;
+    slot.record()?;
+    Ok((pinned, outcome))
+}
+
+/// Attaches (or takes over) a tc program on `slot.interface`'s ingress, as a tcx link.
+pub fn attach_tc_ingress(
+    program: &mut SchedClassifier,
+    slot: &LinkSlot,
+) -> Result<(PinnedLink, AttachOutcome), DatapathError> {
+    let interface = slot.interface.as_str();
+    if slot.can_take_over() {
+        let fd_link = FdLink::from(reopen(&slot.pin)?);
+        let link =
+            SchedClassifierLink::try_from(fd_link).map_err(|source| DatapathError::Link {
+                what: "the pinned link is not a tc link".to_owned(),
+                source,
+            })?;
+        let id = program
+            .attach_to_link(link)
+            .map_err(|source| DatapathError::Program {
+                what: "replace the program in the pinned tc link".to_owned(),
+                source,
+            })?;
+        let _ = program.take_link(id);
+        slot.record()?;
+        return Ok((reopen(&slot.pin)?, AttachOutcome::TookOver));
+    }
+    let id = program
+        .attach(interface, TcAttachType::Ingress)
+        .map_err(|source| DatapathError::Program {
+            what: format!("attach tc ingress to {interface}"),
+            source,
+        })?;
+    let link = program
+        .take_link(id)
+        .map_err(|source| DatapathError::Program {
+            what: "take the tc link".to_owned(),
+            source,
+        })?;
+    let fd_link = FdLink::try_from(link).map_err(|source| DatapathError::Link {
+        what:
+            "the kernel gave a netlink tc attachment, which cannot be pinned (tcx needs Linux 6.6)"
+                .to_owned(),
+        source,
+    })?;
+    let pinned = pin(fd_link, &slot.pin)?;
+    slot.record()?;
+    Ok((pinned, AttachOutcome::Tc))
+}
+
+/// Unpins a link; with no other holder the kernel detaches its program.
+pub fn remove_pinned_link(path: &Path) {
+    if let Ok(pinned) = PinnedLink::from_pin(path)
+        && let Ok(fd_link) = pinned.unpin()
+    {
+        drop(fd_link);
+    } else {
+        let _ = fs::remove_file(path);
+    }
+}

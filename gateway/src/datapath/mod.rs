@@ -1,0 +1,426 @@
+//! Loading, attaching, pinning and detaching the eBPF datapath, and its maps.
+//!
+//! The XDP gate (external interface) and the tc kernel relay (ingress of both interfaces) are
+//! attached as bpf links pinned under the instance's bpffs directory with every map, so a daemon
+//! killed with SIGKILL leaves the gate in place (the firewall never fails open; the heartbeat
+//! stops, so no binding admits anything) and the next daemon takes the links over by replacing
+//! their programs. A clean stop unpins everything. Owns no protocol logic.
+
+mod heartbeat;
+mod hostflow;
+mod links;
+
+use std::{
+    fs, io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError},
+    programs::{
+        ProgramError, SchedClassifier, Xdp,
+        links::{LinkError, PinnedLink},
+    },
+};
+use gateway_common::{
+    Addr16, BindingKey, BindingValue, DEFAULT_FAIL_CLOSED_AFTER_NS, DEFAULT_MAX_BINDINGS,
+    DatapathSettings, HostAllowKey, HostAllowValue, OutboundKey, OutboundValue, TC_INBOUND_PROGRAM,
+    TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, map_names,
+};
+use thiserror::Error;
+use tracing::{info, warn};
+
+use self::{
+    heartbeat::Heartbeat,
+    links::{LinkSlot, attach_tc_ingress, attach_xdp, remove_pinned_link},
+};
+pub use self::{
+    heartbeat::monotonic_ns,
+    hostflow::{HostFlow, addr16},
+    links::AttachOutcome,
+};
+use crate::{gate::KernelGate, instance::Instance};
+
+/// The compiled eBPF object, built by `build.rs` (empty with `AYA_BUILD_SKIP=1`).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway"));
+
+const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const XDP_EXTERNAL_LINK: &str = "xdp_external_link";
+const TC_EXTERNAL_LINK: &str = "tc_external_link";
+const TC_INTERNAL_LINK: &str = "tc_internal_link";
+const LINKS: [&str; 3] = [XDP_EXTERNAL_LINK, TC_EXTERNAL_LINK, TC_INTERNAL_LINK];
+const PINNED_MAPS: [&str; 7] = [
+    map_names::EXIT_COUNTERS,
+    map_names::BINDINGS,
+    map_names::OUTBOUND,
+    map_names::HOST_ALLOW,
+    map_names::EXTERNAL_ADDRS,
+    map_names::SETTINGS,
+    map_names::HEARTBEAT,
+];
+
+#[derive(Debug, Error)]
+pub enum DatapathError {
+    #[error(
+        "the gateway was built without its eBPF object (AYA_BUILD_SKIP=1); rebuild it after \
+         `cargo xtask setup`"
+    )]
+    EmptyObject,
+    #[error("bpffs is not mounted at {BPFFS}; mount it with `mount -t bpf bpf {BPFFS}`")]
+    NoBpffs,
+    #[error("interface {0:?} does not exist in this network namespace")]
+    UnknownInterface(String),
+    #[error("load the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("{what}: {source}")]
+    Program { what: String, source: ProgramError },
+    #[error("{what}: {source}")]
+    Link { what: String, source: LinkError },
+    #[error("{what}: {source}")]
+    Map { what: String, source: MapError },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Pin(String),
+}
+
+/// The interface index of `name` in the current network namespace.
+pub fn interface_index(name: &str) -> Result<u32, DatapathError> {
+    nix::net::if_::if_nametoindex(name)
+        .map_err(|_| DatapathError::UnknownInterface(name.to_owned()))
+}
+
+fn ensure_bpffs() -> Result<(), DatapathError> {
+    // SAFETY: statfs is plain data; zeroes are a valid initial value.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is NUL-terminated and stat is a valid out-pointer.
+    let rc = unsafe { libc::statfs(c"/sys/fs/bpf".as_ptr(), &raw mut stat) };
+    if rc != 0 || i64::from(stat.f_type) != BPF_FS_MAGIC {
+        return Err(DatapathError::NoBpffs);
+    }
+    Ok(())
+}
+
+/// What to attach and where.
+#[derive(Debug, Clone)]
+pub struct DatapathConfig {
+    pub instance: Instance,
+    pub external_interface: String,
+    pub internal_interface: String,
+    pub max_bindings: u32,
+    /// Exact (remote, local) UDP flows the host itself needs, admitted by the gate.
+    pub host_allow: Vec<HostFlow>,
+    /// The gateway's external addresses: inside hosts may not send UDP to them.
+    pub external_addresses: Vec<IpAddr>,
+    pub fail_closed_after_ns: u64,
+}
+
+impl DatapathConfig {
+    pub fn new(instance: Instance, external_interface: String, internal_interface: String) -> Self {
+        Self {
+            instance,
+            external_interface,
+            internal_interface,
+            max_bindings: DEFAULT_MAX_BINDINGS,
+            host_allow: Vec::new(),
+            external_addresses: Vec::new(),
+            fail_closed_after_ns: DEFAULT_FAIL_CLOSED_AFTER_NS,
+        }
+    }
+}
+
+/// The loaded and attached datapath. Keep it alive for the daemon's lifetime.
+pub struct Datapath {
+    ebpf: Ebpf,
+    links: Vec<(PinnedLink, LinkSlot)>,
+    heartbeat: Heartbeat,
+    pin_dir: PathBuf,
+    outcome: AttachOutcome,
+}
+
+impl Datapath {
+    /// Loads the object (reusing maps pinned by a dead daemon, cleared of its bindings), writes
+    /// the settings, starts the heartbeat, then attaches or takes over the three links.
+    pub fn attach(config: &DatapathConfig) -> Result<Self, DatapathError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(DatapathError::EmptyObject);
+        }
+        ensure_bpffs()?;
+        let external_ifindex = interface_index(&config.external_interface)?;
+        let internal_ifindex = interface_index(&config.internal_interface)?;
+        let pin_dir = config.instance.pin_dir();
+        let run_dir = config.instance.run_dir();
+        for dir in [&pin_dir, &run_dir] {
+            fs::create_dir_all(dir).map_err(|source| DatapathError::Io {
+                what: "create",
+                path: dir.clone(),
+                source,
+            })?;
+        }
+
+        let mut ebpf = match load(&pin_dir, config.max_bindings) {
+            Ok(ebpf) => ebpf,
+            Err(error) if PINNED_MAPS.iter().any(|map| pin_dir.join(map).exists()) => {
+                // Maps pinned by an older build may not match this object: start them afresh.
+                warn!(%error, "pinned maps do not fit this build; recreating them");
+                for map in PINNED_MAPS {
+                    let _ = fs::remove_file(pin_dir.join(map));
+                }
+                load(&pin_dir, config.max_bindings)?
+            }
+            Err(error) => return Err(error),
+        };
+        // Bindings belong to control connections; a new daemon has none.
+        let stale = clear::<BindingKey, BindingValue>(&mut ebpf, map_names::BINDINGS)?
+            + clear::<OutboundKey, OutboundValue>(&mut ebpf, map_names::OUTBOUND)?;
+        if stale > 0 {
+            warn!(
+                count = stale,
+                "removed kernel entries left by a previous daemon"
+            );
+        }
+        fill_host_allow(&mut ebpf, &config.host_allow)?;
+        clear::<Addr16, u32>(&mut ebpf, map_names::EXTERNAL_ADDRS)?;
+        {
+            let mut external: HashMap<_, Addr16, u32> =
+                map_mut(&mut ebpf, map_names::EXTERNAL_ADDRS)?;
+            for ip in &config.external_addresses {
+                external
+                    .insert(addr16(*ip), 0, 0)
+                    .map_err(|source| DatapathError::Map {
+                        what: format!("add external address {ip}"),
+                        source,
+                    })?;
+            }
+        }
+        let settings = DatapathSettings {
+            internal_ifindex,
+            external_ifindex,
+            fail_closed_after_ns: config.fail_closed_after_ns,
+        };
+        array_map::<DatapathSettings>(&mut ebpf, map_names::SETTINGS)?
+            .set(0, settings, 0)
+            .map_err(|source| DatapathError::Map {
+                what: "write the datapath settings".to_owned(),
+                source,
+            })?;
+        let heartbeat_map = ebpf
+            .take_map(map_names::HEARTBEAT)
+            .ok_or_else(|| DatapathError::Pin("map HEARTBEAT missing".to_owned()))
+            .and_then(|map| {
+                Array::try_from(map).map_err(|source| DatapathError::Map {
+                    what: "open HEARTBEAT".to_owned(),
+                    source,
+                })
+            })?;
+        let heartbeat = Heartbeat::start(heartbeat_map);
+
+        let mut links = Vec::new();
+        let slot = LinkSlot::new(
+            &pin_dir,
+            &run_dir,
+            XDP_EXTERNAL_LINK,
+            &config.external_interface,
+        );
+        let (link, outcome) = attach_xdp(program_mut(&mut ebpf, XDP_EXTERNAL_PROGRAM)?, &slot)?;
+        info!(interface = %config.external_interface, mode = outcome.describe(), "XDP gate attached: unsolicited inbound UDP is dropped");
+        links.push((link, slot));
+        for (program, link_name, interface) in [
+            (
+                TC_INBOUND_PROGRAM,
+                TC_EXTERNAL_LINK,
+                &config.external_interface,
+            ),
+            (
+                TC_INTERNAL_PROGRAM,
+                TC_INTERNAL_LINK,
+                &config.internal_interface,
+            ),
+        ] {
+            let slot = LinkSlot::new(&pin_dir, &run_dir, link_name, interface);
+            let (link, tc_outcome) = attach_tc_ingress(program_mut(&mut ebpf, program)?, &slot)?;
+            info!(%interface, program, mode = tc_outcome.describe(), "kernel relay attached");
+            links.push((link, slot));
+        }
+        Ok(Self {
+            ebpf,
+            links,
+            heartbeat,
+            pin_dir,
+            outcome,
+        })
+    }
+
+    pub fn outcome(&self) -> AttachOutcome {
+        self.outcome
+    }
+
+    /// Hands the binding maps to a [`KernelGate`], which owns them from then on.
+    pub fn take_gate(&mut self) -> Result<KernelGate, DatapathError> {
+        let inbound = take_hash(&mut self.ebpf, map_names::BINDINGS)?;
+        let outbound = take_hash(&mut self.ebpf, map_names::OUTBOUND)?;
+        Ok(KernelGate::new(inbound, outbound))
+    }
+
+    /// Clean stop: stop the heartbeat, detach the programs and unpin the links and the maps.
+    pub fn detach(mut self) {
+        self.heartbeat.stop();
+        for (link, slot) in self.links.drain(..) {
+            match link.unpin() {
+                Ok(fd_link) => drop(fd_link),
+                Err(error) => warn!(%error, "unpin a link"),
+            }
+            slot.forget();
+        }
+        remove_pins(&self.pin_dir);
+        info!("datapath detached and unpinned");
+    }
+}
+
+fn load(pin_dir: &Path, max_bindings: u32) -> Result<Ebpf, DatapathError> {
+    let paths: Vec<(&str, PathBuf)> = PINNED_MAPS
+        .iter()
+        .map(|name| (*name, pin_dir.join(name)))
+        .collect();
+    let mut loader = EbpfLoader::new();
+    loader.map_max_entries(map_names::BINDINGS, max_bindings);
+    loader.map_max_entries(map_names::OUTBOUND, max_bindings);
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT)?;
+    for name in [XDP_EXTERNAL_PROGRAM] {
+        let program: &mut Xdp = typed_program(&mut ebpf, name)?;
+        program.load().map_err(|source| DatapathError::Program {
+            what: format!("load {name} into the kernel (verifier)"),
+            source,
+        })?;
+    }
+    for name in [TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM] {
+        let program: &mut SchedClassifier = typed_program(&mut ebpf, name)?;
+        program.load().map_err(|source| DatapathError::Program {
+            what: format!("load {name} into the kernel (verifier)"),
+            source,
+        })?;
+    }
+    Ok(ebpf)
+}
+
+fn typed_program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| DatapathError::Pin(format!("program {name} missing from the object")))?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            what: format!("{name} has an unexpected program type"),
+            source,
+        })
+}
+
+fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    typed_program(ebpf, name)
+}
+
+fn map_mut<'a, K: aya::Pod, V: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<HashMap<&'a mut MapData, K, V>, DatapathError> {
+    let map = ebpf
+        .map_mut(name)
+        .ok_or_else(|| DatapathError::Pin(format!("map {name} missing from the object")))?;
+    HashMap::try_from(map).map_err(|source| DatapathError::Map {
+        what: format!("open map {name}"),
+        source,
+    })
+}
+
+fn array_map<'a, V: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<Array<&'a mut MapData, V>, DatapathError> {
+    let map = ebpf
+        .map_mut(name)
+        .ok_or_else(|| DatapathError::Pin(format!("map {name} missing from the object")))?;
+    Array::try_from(map).map_err(|source| DatapathError::Map {
+        what: format!("open map {name}"),
+        source,
+    })
+}
+
+fn take_hash<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<HashMap<MapData, K, V>, DatapathError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| DatapathError::Pin(format!("map {name} already taken")))?;
+    HashMap::try_from(map).map_err(|source| DatapathError::Map {
+        what: format!("open map {name}"),
+        source,
+    })
+}
+
+/// Empties a hash map; returns how many entries it had.
+fn clear<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &str) -> Result<usize, DatapathError> {
+    let mut map: HashMap<_, K, V> = map_mut(ebpf, name)?;
+    let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    for key in &keys {
+        let _ = map.remove(key);
+    }
+    Ok(keys.len())
+}
+
+/// Replaces the allow-list with exactly the configured flows (before the program runs).
+fn fill_host_allow(ebpf: &mut Ebpf, flows: &[HostFlow]) -> Result<(), DatapathError> {
+    clear::<HostAllowKey, HostAllowValue>(ebpf, map_names::HOST_ALLOW)?;
+    let mut allow: HashMap<_, HostAllowKey, HostAllowValue> = map_mut(ebpf, map_names::HOST_ALLOW)?;
+    for flow in flows {
+        allow
+            .insert(flow.key(), HostAllowValue::default(), 0)
+            .map_err(|source| DatapathError::Map {
+                what: format!(
+                    "add host allow-list entry {} -> {}",
+                    flow.remote, flow.local
+                ),
+                source,
+            })?;
+        info!(remote = %flow.remote, local = %flow.local, "host UDP flow allowed");
+    }
+    Ok(())
+}
+
+/// Removes an instance's pins: links (detaching them), maps, the directory, and the shared parent
+/// directory when it is empty. Returns what it removed. Also `gateway detach` and test cleanup.
+pub fn remove_pins(pin_dir: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    for link in LINKS {
+        let path = pin_dir.join(link);
+        if path.exists() {
+            remove_pinned_link(&path);
+            removed.push(format!("link {}", path.display()));
+        }
+    }
+    for map in PINNED_MAPS {
+        let path = pin_dir.join(map);
+        if fs::remove_file(&path).is_ok() {
+            removed.push(format!("map {}", path.display()));
+        }
+    }
+    let _ = fs::remove_dir(pin_dir);
+    if let Some(parent) = pin_dir.parent() {
+        let _ = fs::remove_dir(parent);
+    }
+    removed
+}

@@ -1,0 +1,290 @@
+//! The enhanced UDP mode on the network (protocol.md sections 3 and 4): the glue between the
+//! sans-IO binding state machine ([`Bindings`]), the enhanced-mode codec, the kernel gate and the
+//! userspace relay.
+//!
+//! Owns the gateway-wide [`EnhancedMode`]: the one [`Bindings`] behind a mutex, the registry of
+//! running relays (by internal relay address) and of the control connections in the mode, and
+//! the expiry task that sleeps until [`Bindings::next_deadline`] and applies
+//! [`Bindings::on_timeout`]. Files: `session` (one control connection in the mode: control
+//! packets, TCP-encapsulated datagrams, applying decisions in order), `relay` (one binding's
+//! sockets and its relay task).
+//!
+//! It must not decide who may bind what (that is the state machine's, with its `Config`), must
+//! not hold the bindings mutex across an `.await`, and must never let a connection reach a
+//! binding it did not create: a session only ever touches relays it started itself, and every
+//! request goes through the machine, which checks ownership.
+
+mod relay;
+mod session;
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError, Weak,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use tokio::{
+    sync::{Notify, mpsc},
+    task::AbortHandle,
+};
+use tracing::{debug, info};
+
+use super::{Services, connection::Connection, send_failure};
+use crate::{
+    binding::{
+        Action, Bindings, Config, ConfigError, ConnId, ExpiryReason, HashAids, KernelEntry,
+        RemoteMatch,
+    },
+    gate::{Gate, GateEntry},
+    socks::ReplyCode,
+};
+
+/// The clock of the mode: tokio's, so tests on a paused clock drive expiry.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// A binding of a connection expired: sent to the connection's session, which forgets its relay.
+/// Nothing is sent to the client (a later request naming it gets `17`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ExpiryNotice {
+    aid: u32,
+    tid: u16,
+    reason: ExpiryReason,
+}
+
+/// A running relay task, registered under its internal relay address.
+#[derive(Debug)]
+struct RelayTask {
+    conn: ConnId,
+    aid: u32,
+    abort: AbortHandle,
+}
+
+/// The enhanced UDP mode of the whole gateway, shared by every control connection.
+pub struct EnhancedMode {
+    bindings: Mutex<Bindings>,
+    /// A copy of the machine's configuration, read by relays without taking the mutex.
+    config: Config,
+    relays: Mutex<HashMap<SocketAddr, RelayTask>>,
+    conns: Mutex<HashMap<ConnId, mpsc::UnboundedSender<ExpiryNotice>>>,
+    next_conn: AtomicU64,
+    wake: Arc<Notify>,
+    expiry_started: AtomicBool,
+}
+
+impl fmt::Debug for EnhancedMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnhancedMode")
+            .field("bindings", &*self.lock_bindings())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for EnhancedMode {
+    fn drop(&mut self) {
+        // Lets the expiry task see that the mode is gone.
+        self.wake.notify_one();
+    }
+}
+
+impl EnhancedMode {
+    /// The mode with the binding configuration `config` (validated here) and random AIDs.
+    pub fn new(config: Config) -> Result<Self, ConfigError> {
+        let bindings = Bindings::new(config.clone(), HashAids::new())?;
+        Ok(Self {
+            bindings: Mutex::new(bindings),
+            config,
+            relays: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            wake: Arc::new(Notify::new()),
+            expiry_started: AtomicBool::new(false),
+        })
+    }
+
+    /// The binding configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// How many bindings (half-bound and confirmed) are live.
+    pub fn live_bindings(&self) -> usize {
+        self.lock_bindings().len()
+    }
+
+    /// How many internal and external relay ports are reserved.
+    pub fn ports_in_use(&self) -> (usize, usize) {
+        self.lock_bindings().ports_in_use()
+    }
+
+    /// How many relay tasks are running.
+    pub fn running_relays(&self) -> usize {
+        self.lock_relays().len()
+    }
+
+    fn lock_bindings(&self) -> MutexGuard<'_, Bindings> {
+        self.bindings.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_relays(&self) -> MutexGuard<'_, HashMap<SocketAddr, RelayTask>> {
+        self.relays.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_conns(&self) -> MutexGuard<'_, HashMap<ConnId, mpsc::UnboundedSender<ExpiryNotice>>> {
+        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts the expiry task on first use (in the caller's runtime).
+    fn ensure_expiry_task(self: &Arc<Self>, gate: &Arc<dyn Gate>) {
+        if self.expiry_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tokio::spawn(expiry_loop(
+            Arc::downgrade(self),
+            Arc::clone(&self.wake),
+            Arc::clone(gate),
+        ));
+    }
+
+    /// A new control connection enters the mode; expiry notices go to `notices`.
+    fn register_conn(&self, notices: mpsc::UnboundedSender<ExpiryNotice>) -> ConnId {
+        let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
+        self.lock_conns().insert(conn, notices);
+        conn
+    }
+
+    /// Records the relay task of binding `aid` of `conn`, unless the binding is gone already
+    /// (expired while its sockets were being bound); then the task is aborted.
+    fn register_relay(&self, conn: ConnId, aid: u32, internal: SocketAddr, abort: AbortHandle) {
+        let bindings = self.lock_bindings();
+        if bindings.binding(aid).is_some_and(|b| b.conn == conn) {
+            // Lock order: bindings, then relays (nobody takes bindings while holding relays).
+            self.lock_relays()
+                .insert(internal, RelayTask { conn, aid, abort });
+        } else {
+            abort.abort();
+        }
+    }
+
+    /// Reports traffic of binding `aid` (the relay rate-limits these calls).
+    fn traffic(&self, aid: u32, at: Instant) {
+        self.lock_bindings().on_traffic(aid, at);
+    }
+
+    /// Applies the teardown actions of a release, an expiry or a connection close, in order:
+    /// kernel entries first, then the relay sockets.
+    fn apply_teardown(&self, gate: &dyn Gate, actions: &[Action]) {
+        for action in actions {
+            match action {
+                Action::Remove(entry) => {
+                    if let Some(entry) = gate_entry(entry) {
+                        gate.remove(entry);
+                    }
+                }
+                Action::Free(ports) => {
+                    if let Some(task) = self.lock_relays().remove(&ports.internal) {
+                        debug!(conn = ?task.conn, aid = task.aid, "relay sockets closed");
+                        task.abort.abort();
+                    }
+                }
+                Action::Reserve(_) | Action::Install(_) => {
+                    debug!(?action, "unexpected action in a teardown; ignored");
+                }
+            }
+        }
+    }
+
+    /// Expires what is due at `now`: kernel entries go, relays stop, owners are told.
+    fn expire(&self, gate: &dyn Gate, now: Instant) {
+        let expired = self.lock_bindings().on_timeout(now);
+        for gone in expired {
+            self.apply_teardown(gate, &gone.actions);
+            info!(conn = ?gone.conn, aid = gone.aid, tid = gone.tid, reason = ?gone.reason,
+                "binding expired");
+            if let Some(notices) = self.lock_conns().get(&gone.conn) {
+                let _ = notices.send(ExpiryNotice {
+                    aid: gone.aid,
+                    tid: gone.tid,
+                    reason: gone.reason,
+                });
+            }
+        }
+    }
+
+    /// Connection `conn` closed: every binding it made goes, with its kernel entries and relays.
+    fn connection_closed(&self, gate: &dyn Gate, conn: ConnId) {
+        let actions = self.lock_bindings().on_connection_closed(conn);
+        self.apply_teardown(gate, &actions);
+        // Nothing of this connection may outlive it, whatever the machine said.
+        self.lock_relays().retain(|_, task| {
+            let keep = task.conn != conn;
+            if !keep {
+                task.abort.abort();
+            }
+            keep
+        });
+        self.lock_conns().remove(&conn);
+        debug!(
+            ?conn,
+            removed = actions.len(),
+            "enhanced-mode connection closed"
+        );
+    }
+}
+
+/// The kernel entry for a machine entry. Only exact remotes have one today: the kernel map has
+/// no relay-port-only (Listen) or host-level key yet, so those admit nothing in the kernel and
+/// work only where the kernel gate is not in the way.
+fn gate_entry(entry: &KernelEntry) -> Option<GateEntry> {
+    match entry.remote {
+        RemoteMatch::Exact(remote) => Some(GateEntry {
+            remote,
+            relay: entry.external,
+        }),
+        RemoteMatch::Host(_) | RemoteMatch::Any => None,
+    }
+}
+
+/// Sleeps until the machine's next deadline (or until woken because a new one may be earlier)
+/// and expires what is due. Ends when the mode is dropped.
+async fn expiry_loop(mode: Weak<EnhancedMode>, wake: Arc<Notify>, gate: Arc<dyn Gate>) {
+    loop {
+        let next = {
+            let Some(mode) = mode.upgrade() else {
+                return;
+            };
+            mode.expire(gate.as_ref(), now());
+            mode.lock_bindings().next_deadline()
+        };
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
+                    () = wake.notified() => {}
+                }
+            }
+            None => wake.notified().await,
+        }
+    }
+}
+
+/// CMD 04: enters the mode (or refuses with `07` when the gateway does not serve it) and serves
+/// the connection's control packets until it closes.
+pub(super) async fn run(
+    mut conn: Connection,
+    services: &Services,
+    peer: SocketAddr,
+    user: Option<&str>,
+) -> Result<(), super::connection::ConnectionError> {
+    let Some(mode) = services.enhanced.clone() else {
+        send_failure(&mut conn, ReplyCode::CommandNotSupported).await;
+        return Ok(());
+    };
+    session::run(mode, conn, services, peer, user).await
+}

@@ -1,0 +1,570 @@
+//! The userspace relay of one enhanced-mode binding: its sockets and the task that moves
+//! datagrams between the client and the remote (protocol.md sections 3 and 4).
+//!
+//! One flow per relay port pair: the internal relay socket (client side, 8-octet header) and the
+//! external relay socket (remote side, an [`OutsideSocket`] that accepts only datagrams that
+//! arrived on the external interface). An RTP-PAIR binding has two flows, RTP on Q/P and RTCP on
+//! Q+1/P+1, talking to S:s and S:s+1 and to the client's L and L+1. Rules: a half-bound binding
+//! relays nothing; datagrams from another client address, with another AID, a non-zero FRAG or a
+//! bad header are dropped; the client's port is latched from its first datagram when LOCAL's port
+//! was 0, and nothing goes to the client before that; the remote side talks to the bound remote
+//! only (Open), to any allowed remote (Listen, the remote's address after the header both ways,
+//! and only to remotes that have sent), or to any port of one host (host-level match, answered on
+//! the port last heard from). TCP-encapsulated bindings get the remote's datagrams on the control
+//! connection (`03 SIZE AID DATA`). Traffic is reported to the machine at most once a second.
+//!
+//! Owns the sockets: they close when the task ends (it is aborted on release, expiry and
+//! connection close). It must not change the binding table (beyond reporting traffic) or touch
+//! the kernel gate, and it must never relay for another binding's AID.
+
+use std::{
+    collections::HashSet,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use tokio::{
+    net::UdpSocket,
+    sync::{mpsc, watch},
+    task::AbortHandle,
+};
+use tracing::{debug, warn};
+
+use super::EnhancedMode;
+use crate::{
+    binding::{BindingInfo, BindingState, Family, RelayPorts, RemoteMatch, flags},
+    server::outside::{OutsideSocket, Received},
+    socks::{
+        Address,
+        enhanced::{DatagramHeader, TcpDatagram},
+    },
+};
+
+/// Room for any UDP datagram.
+const MAX_DATAGRAM: usize = 65_535;
+/// At most one traffic report per binding per this interval.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// Remotes a Listen binding remembers per flow (the ones the client may answer).
+const MAX_LISTEN_PEERS: usize = 4096;
+/// Pause after a failed receive.
+const RECV_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// TCP-encapsulated datagrams from the client waiting for the relay.
+const FROM_CLIENT_BACKLOG: usize = 256;
+
+/// What the relay needs to know of its binding; updated by the session on step 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RelayState {
+    /// `None` while half-bound (nothing is relayed).
+    remote: Option<RemoteMatch>,
+    /// The client's LOCAL; port 0 until latched.
+    client: SocketAddr,
+    flags: u16,
+}
+
+impl RelayState {
+    fn of(info: &BindingInfo) -> Self {
+        Self {
+            remote: match info.state {
+                BindingState::HalfBound { .. } => None,
+                BindingState::Confirmed { remote, .. } => Some(remote),
+            },
+            client: SocketAddr::new(info.local.ip().to_canonical(), info.local.port()),
+            flags: info.flags,
+        }
+    }
+}
+
+/// The session's handle on one relay.
+#[derive(Debug)]
+pub(super) struct RelayControl {
+    /// The binding's TID (0 if none).
+    pub tid: u16,
+    /// The family of its external relay address.
+    pub family: Family,
+    state: watch::Sender<RelayState>,
+    from_client: mpsc::Sender<Bytes>,
+}
+
+impl RelayControl {
+    /// Tells the relay the binding's current state (after a step 2).
+    pub fn update(&self, info: &BindingInfo) {
+        self.state.send_replace(RelayState::of(info));
+    }
+
+    /// Whether the binding's datagrams travel on the control connection.
+    pub fn tcp_encapsulated(&self) -> bool {
+        self.state.borrow().flags & flags::TCP_ENCAPSULATED != 0
+    }
+
+    /// Hands a TCP-encapsulated datagram's DATA to the relay; false if its backlog is full.
+    pub fn forward(&self, data: Bytes) -> bool {
+        self.from_client.try_send(data).is_ok()
+    }
+}
+
+/// One relay port pair: the internal socket (client side) and the external one (remote side).
+#[derive(Debug)]
+pub(super) struct Flow {
+    inside: UdpSocket,
+    outside: OutsideSocket,
+}
+
+/// Binds the relay sockets of `ports`: Q and P, and Q+1 and P+1 for an RTP pair.
+pub(super) async fn bind_flows(ports: &RelayPorts, ifindex: Option<u32>) -> io::Result<Vec<Flow>> {
+    let mut flows = Vec::with_capacity(2);
+    for offset in 0..if ports.pair { 2 } else { 1 } {
+        let (Some(internal), Some(external)) = (
+            with_offset(ports.internal, offset),
+            with_offset(ports.external, offset),
+        ) else {
+            return Err(io::Error::other("relay port pair past 65535"));
+        };
+        let inside = UdpSocket::bind(internal).await?;
+        let outside = OutsideSocket::bind_port(external, ifindex).await?;
+        flows.push(Flow { inside, outside });
+    }
+    Ok(flows)
+}
+
+/// `addr` with its port moved up by `offset` (the flow number).
+fn with_offset(addr: SocketAddr, offset: u16) -> Option<SocketAddr> {
+    Some(SocketAddr::new(addr.ip(), addr.port().checked_add(offset)?))
+}
+
+/// What [`spawn`] needs.
+pub(super) struct Spawn {
+    pub mode: Arc<EnhancedMode>,
+    pub info: BindingInfo,
+    pub flows: Vec<Flow>,
+    /// Where encoded `03` packets for the client go.
+    pub to_client: mpsc::Sender<Bytes>,
+}
+
+/// Starts the relay task of one binding; its sockets live as long as the task.
+pub(super) fn spawn(spawn: Spawn) -> (RelayControl, AbortHandle) {
+    let initial = RelayState::of(&spawn.info);
+    let (state_tx, state) = watch::channel(initial);
+    let (from_client_tx, from_client) = mpsc::channel(FROM_CLIENT_BACKLOG);
+    let relay = Relay {
+        mode: spawn.mode,
+        aid: spawn.info.aid,
+        flows: spawn.flows,
+        state,
+        latched: [0; 2],
+        host_peer: [None; 2],
+        listen_peers: [HashSet::new(), HashSet::new()],
+        from_client,
+        to_client: spawn.to_client,
+        last_report: None,
+        stats: RelayStats::default(),
+    };
+    let task = tokio::spawn(relay.run());
+    let control = RelayControl {
+        tid: spawn.info.tid,
+        family: Family::of(spawn.info.ports.external.ip()),
+        state: state_tx,
+        from_client: from_client_tx,
+    };
+    (control, task.abort_handle())
+}
+
+/// Counters of one relay, logged when it ends.
+#[derive(Debug, Default)]
+struct RelayStats {
+    to_remote: u64,
+    to_client: u64,
+    dropped_half_bound: u64,
+    dropped_wrong_client: u64,
+    dropped_wrong_aid: u64,
+    dropped_malformed: u64,
+    dropped_fragment: u64,
+    dropped_direction: u64,
+    dropped_unknown_remote: u64,
+    dropped_wrong_interface: u64,
+    dropped_not_latched: u64,
+    dropped_too_large: u64,
+    dropped_backlog: u64,
+    send_errors: u64,
+    recv_errors: u64,
+}
+
+struct Relay {
+    mode: Arc<EnhancedMode>,
+    aid: u32,
+    flows: Vec<Flow>,
+    state: watch::Receiver<RelayState>,
+    /// Client ports latched per flow (LOCAL port 0).
+    latched: [u16; 2],
+    /// Host-level match: the remote port last heard from, per flow.
+    host_peer: [Option<SocketAddr>; 2],
+    /// Listen: remotes that have sent, per flow.
+    listen_peers: [HashSet<SocketAddr>; 2],
+    from_client: mpsc::Receiver<Bytes>,
+    to_client: mpsc::Sender<Bytes>,
+    last_report: Option<tokio::time::Instant>,
+    stats: RelayStats,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        debug!(aid = self.aid, stats = ?self.stats, "relay closed");
+    }
+}
+
+async fn recv_inside(flow: Option<&Flow>, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+    match flow {
+        Some(flow) => flow.inside.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_outside(flow: Option<&Flow>, buf: &mut [u8]) -> io::Result<Received> {
+    match flow {
+        Some(flow) => flow.outside.recv(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+impl Relay {
+    async fn run(mut self) {
+        // A buffer per socket; the second flow's only for an RTP pair.
+        let second = if self.flows.len() > 1 {
+            MAX_DATAGRAM
+        } else {
+            0
+        };
+        let (inside_0, outside_0) = (&mut vec![0u8; MAX_DATAGRAM], &mut vec![0u8; MAX_DATAGRAM]);
+        let (inside_1, outside_1) = (&mut vec![0u8; second], &mut vec![0u8; second]);
+        loop {
+            let result = tokio::select! {
+                r = recv_inside(self.flows.first(), inside_0) => r.map(|(len, from)| {
+                    (0, Event::Client { len, from })
+                }),
+                r = recv_inside(self.flows.get(1), inside_1) => r.map(|(len, from)| {
+                    (1, Event::Client { len, from })
+                }),
+                r = recv_outside(self.flows.first(), outside_0) => r.map(|r| (0, Event::Remote(r))),
+                r = recv_outside(self.flows.get(1), outside_1) => r.map(|r| (1, Event::Remote(r))),
+                Some(data) = self.from_client.recv() => Ok((0, Event::Tcp(data))),
+            };
+            let (flow, event) = match result {
+                Ok(event) => event,
+                Err(error) => {
+                    // Not expected on unconnected UDP sockets; never spin on a persistent one.
+                    self.stats.recv_errors += 1;
+                    if self.stats.recv_errors.is_power_of_two() {
+                        warn!(aid = self.aid, %error, count = self.stats.recv_errors,
+                            "relay socket receive failed");
+                    }
+                    tokio::time::sleep(RECV_ERROR_PAUSE).await;
+                    continue;
+                }
+            };
+            match event {
+                Event::Client { len, from } => {
+                    let buf = if flow == 0 { &*inside_0 } else { &*inside_1 };
+                    self.on_client_datagram(flow, &buf[..len], from).await;
+                }
+                Event::Remote(received) => {
+                    let buf = if flow == 0 { &*outside_0 } else { &*outside_1 };
+                    self.on_remote_datagram(flow, received, buf).await;
+                }
+                Event::Tcp(data) => self.on_tcp_datagram(data).await,
+            }
+        }
+    }
+
+    /// The client's port on `flow`: LOCAL's (plus the flow number), or the latched one.
+    fn client_port(&self, flow: usize, state: &RelayState) -> Option<u16> {
+        match state.client.port() {
+            0 => Some(self.latched[flow]).filter(|port| *port != 0),
+            port => port.checked_add(u16::try_from(flow).ok()?),
+        }
+    }
+
+    /// A UDP datagram from inside on `flow`'s internal relay socket.
+    async fn on_client_datagram(&mut self, flow: usize, datagram: &[u8], from: SocketAddr) {
+        let state = *self.state.borrow();
+        let Some(remote) = state.remote else {
+            self.stats.dropped_half_bound += 1;
+            return;
+        };
+        if from.ip().to_canonical() != state.client.ip() {
+            self.stats.dropped_wrong_client += 1;
+            return;
+        }
+        if DatagramHeader::peek_aid(datagram) != Some(self.aid) {
+            self.stats.dropped_wrong_aid += 1;
+            return;
+        }
+        let mut payload = datagram;
+        let header = if remote == RemoteMatch::Any {
+            DatagramHeader::decode_with_remote(&mut payload)
+        } else {
+            DatagramHeader::decode(&mut payload)
+        };
+        let Ok(header) = header else {
+            self.stats.dropped_malformed += 1;
+            return;
+        };
+        if !header.is_whole() {
+            self.stats.dropped_fragment += 1;
+            return;
+        }
+        match self.client_port(flow, &state) {
+            Some(port) if port != from.port() => {
+                self.stats.dropped_wrong_client += 1;
+                return;
+            }
+            Some(_) => {}
+            None => self.latched[flow] = from.port(),
+        }
+        self.send_to_remote(flow, &state, remote, header.remote.as_ref(), payload)
+            .await;
+    }
+
+    /// DATA of a `03` packet from the control connection (flow 0).
+    async fn on_tcp_datagram(&mut self, data: Bytes) {
+        let state = *self.state.borrow();
+        let Some(remote) = state.remote else {
+            self.stats.dropped_half_bound += 1;
+            return;
+        };
+        let mut payload = &data[..];
+        let target = if remote == RemoteMatch::Any {
+            let Ok(Some(address)) = Address::decode(&mut payload) else {
+                self.stats.dropped_malformed += 1;
+                return;
+            };
+            Some(address)
+        } else {
+            None
+        };
+        self.send_to_remote(0, &state, remote, target.as_ref(), payload)
+            .await;
+    }
+
+    /// Sends `payload` to the remote of `flow`.
+    async fn send_to_remote(
+        &mut self,
+        flow: usize,
+        state: &RelayState,
+        remote: RemoteMatch,
+        named: Option<&Address>,
+        payload: &[u8],
+    ) {
+        if state.flags & flags::SEND == 0 {
+            self.stats.dropped_direction += 1;
+            return;
+        }
+        let target = match remote {
+            RemoteMatch::Exact(addr) => with_offset(addr, u16::try_from(flow).unwrap_or(0)),
+            RemoteMatch::Host(_) => self.host_peer[flow],
+            RemoteMatch::Any => match named {
+                Some(Address::Ip(addr)) => {
+                    Some(canonical(*addr)).filter(|a| self.listen_peers[flow].contains(a))
+                }
+                _ => None,
+            },
+        };
+        let Some(target) = target else {
+            self.stats.dropped_unknown_remote += 1;
+            return;
+        };
+        match self.flows[flow].outside.send_to(payload, target).await {
+            Ok(_) => {
+                self.stats.to_remote += 1;
+                self.report_traffic();
+            }
+            Err(error) => {
+                self.stats.send_errors += 1;
+                debug!(aid = self.aid, %target, %error, "send to the remote failed");
+            }
+        }
+    }
+
+    /// A datagram on `flow`'s external relay socket.
+    async fn on_remote_datagram(&mut self, flow: usize, received: Received, buf: &[u8]) {
+        let (len, from) = match received {
+            Received::Datagram { len, from } => (len, canonical(from)),
+            Received::WrongInterface { from, ifindex } => {
+                debug!(aid = self.aid, %from, ifindex, "datagram from the wrong interface");
+                self.stats.dropped_wrong_interface += 1;
+                return;
+            }
+        };
+        let state = *self.state.borrow();
+        let Some(remote) = state.remote else {
+            self.stats.dropped_half_bound += 1;
+            return;
+        };
+        let admitted = match remote {
+            RemoteMatch::Exact(addr) => {
+                with_offset(addr, u16::try_from(flow).unwrap_or(0)) == Some(from)
+            }
+            RemoteMatch::Host(ip) => from.ip() == ip,
+            RemoteMatch::Any => self.mode.config().remote_allowed(from.ip()),
+        };
+        if !admitted {
+            self.stats.dropped_unknown_remote += 1;
+            return;
+        }
+        if state.flags & flags::RECEIVE == 0 {
+            self.stats.dropped_direction += 1;
+            return;
+        }
+        let header = match remote {
+            RemoteMatch::Any => {
+                let peers = &mut self.listen_peers[flow];
+                if peers.len() < MAX_LISTEN_PEERS {
+                    peers.insert(from);
+                }
+                DatagramHeader::with_remote(self.aid, Address::Ip(from))
+            }
+            RemoteMatch::Host(_) => {
+                self.host_peer[flow] = Some(from);
+                DatagramHeader::new(self.aid)
+            }
+            RemoteMatch::Exact(_) => DatagramHeader::new(self.aid),
+        };
+        let payload = &buf[..len];
+        if state.flags & flags::TCP_ENCAPSULATED != 0 {
+            self.send_to_client_tcp(header.remote.as_ref(), payload);
+        } else {
+            self.send_to_client_udp(flow, &state, &header, payload)
+                .await;
+        }
+    }
+
+    async fn send_to_client_udp(
+        &mut self,
+        flow: usize,
+        state: &RelayState,
+        header: &DatagramHeader,
+        payload: &[u8],
+    ) {
+        let Some(port) = self.client_port(flow, state) else {
+            // Nothing is admitted inbound before the client's port is latched.
+            self.stats.dropped_not_latched += 1;
+            return;
+        };
+        let client = SocketAddr::new(state.client.ip(), port);
+        let mut out = BytesMut::with_capacity(header.encoded_len() + payload.len());
+        if header.encode(&mut out).is_err() {
+            self.stats.dropped_malformed += 1;
+            return;
+        }
+        out.extend_from_slice(payload);
+        if out.len() > max_udp_payload(client.ip()) {
+            // The header would push it past what one datagram carries: a counted drop.
+            self.stats.dropped_too_large += 1;
+            return;
+        }
+        match self.flows[flow].inside.send_to(&out, client).await {
+            Ok(_) => {
+                self.stats.to_client += 1;
+                self.report_traffic();
+            }
+            Err(error) => {
+                self.stats.send_errors += 1;
+                debug!(aid = self.aid, %client, %error, "send to the client failed");
+            }
+        }
+    }
+
+    fn send_to_client_tcp(&mut self, remote: Option<&Address>, payload: &[u8]) {
+        let mut data = BytesMut::new();
+        if let Some(remote) = remote
+            && remote.encode(&mut data).is_err()
+        {
+            self.stats.dropped_malformed += 1;
+            return;
+        }
+        data.extend_from_slice(payload);
+        if data.len() > TcpDatagram::MAX_DATA_LEN {
+            self.stats.dropped_too_large += 1;
+            return;
+        }
+        let packet = TcpDatagram {
+            aid: self.aid,
+            data: data.freeze(),
+        };
+        let mut out = BytesMut::with_capacity(packet.encoded_len());
+        if packet.encode(&mut out).is_err() {
+            self.stats.dropped_too_large += 1;
+            return;
+        }
+        if self.to_client.try_send(out.freeze()).is_ok() {
+            self.stats.to_client += 1;
+            self.report_traffic();
+        } else {
+            self.stats.dropped_backlog += 1;
+        }
+    }
+
+    /// Tells the machine the binding is in use, at most once per [`REPORT_EVERY`].
+    fn report_traffic(&mut self) {
+        let now = tokio::time::Instant::now();
+        if self
+            .last_report
+            .is_some_and(|last| now.duration_since(last) < REPORT_EVERY)
+        {
+            return;
+        }
+        self.last_report = Some(now);
+        self.mode.traffic(self.aid, now.into_std());
+    }
+}
+
+/// What woke the relay.
+enum Event {
+    Client { len: usize, from: SocketAddr },
+    Remote(Received),
+    Tcp(Bytes),
+}
+
+/// The largest UDP payload of one datagram to `ip` (IPv4: 65535 - 20 - 8; IPv6: 65535 - 8).
+fn max_udp_payload(ip: IpAddr) -> usize {
+    match ip {
+        IpAddr::V4(_) => 65_507,
+        IpAddr::V6(_) => 65_527,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Buf as _;
+
+    use super::*;
+
+    #[test]
+    fn offsets() {
+        let addr: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        assert_eq!(
+            with_offset(addr, 1),
+            Some("127.0.0.1:40001".parse().unwrap())
+        );
+        assert_eq!(with_offset("127.0.0.1:65535".parse().unwrap(), 1), None);
+    }
+
+    #[test]
+    fn bytes_is_buf() {
+        // TCP-encapsulated DATA of a Listen binding starts with the remote's address.
+        let mut data = BytesMut::new();
+        Address::Ip("203.0.113.2:6000".parse().unwrap())
+            .encode(&mut data)
+            .unwrap();
+        data.extend_from_slice(b"hi");
+        let mut payload = &data[..];
+        let address = Address::decode(&mut payload).unwrap().unwrap();
+        assert_eq!(address, Address::Ip("203.0.113.2:6000".parse().unwrap()));
+        assert_eq!(payload.remaining(), 2);
+    }
+}

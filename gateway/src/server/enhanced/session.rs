@@ -1,0 +1,346 @@
+//! One control connection in the enhanced mode: the entry reply, then control packets (UDP BIND,
+//! UDP RELEASE, SET TTL) and TCP-encapsulated datagrams until the connection closes.
+//!
+//! Owns the connection's relays (by AID) and the order in which a [`Decision`] is applied:
+//! relay sockets bound (`Reserve`), kernel entries installed (`Install`), then the reply. A
+//! malformed packet closes the connection; a failed command gets its reply code and the
+//! connection stays open. Closing (also by cancellation) releases everything it made.
+//!
+//! It must not decide any binding rule (the machine does), must not hold the bindings mutex
+//! across an `.await`, and must only reach relays it started itself.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::{
+    EnhancedMode, ExpiryNotice, gate_entry, now,
+    relay::{self, RelayControl, Spawn},
+};
+use crate::{
+    binding::{Action, BindRequest, BindingInfo, ConnId, Decision, Family, Remote, ReplyCode},
+    gate::Gate,
+    server::{
+        Services,
+        connection::{Connection, ConnectionError},
+    },
+    socks::{
+        Address,
+        enhanced::{
+            ControlReply, ControlRequest, EnhancedReplyCode, EntryReply, Flags, Packet,
+            TcpDatagram, UdpCommand,
+        },
+    },
+};
+
+/// TCP-encapsulated datagrams waiting to be written to the client; more are counted drops.
+const TO_CLIENT_BACKLOG: usize = 256;
+
+/// Releases everything the connection made when it ends, however it ends (also when its task is
+/// cancelled by shutdown).
+struct Registration {
+    mode: Arc<EnhancedMode>,
+    gate: Arc<dyn Gate>,
+    conn: ConnId,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.mode.connection_closed(self.gate.as_ref(), self.conn);
+    }
+}
+
+/// Counters of one connection, logged when it ends.
+#[derive(Debug, Default)]
+struct SessionStats {
+    binds: u64,
+    releases: u64,
+    refused: u64,
+    tcp_datagrams_in: u64,
+    tcp_dropped_unknown_aid: u64,
+    tcp_dropped_not_encapsulated: u64,
+    tcp_dropped_backlog: u64,
+}
+
+struct Session<'a> {
+    mode: Arc<EnhancedMode>,
+    services: &'a Services,
+    conn: ConnId,
+    peer: SocketAddr,
+    user: Option<&'a str>,
+    /// This connection's relays, by AID. Nothing else is reachable from here.
+    relays: HashMap<u32, RelayControl>,
+    /// Handed to relays of TCP-encapsulated bindings: encoded `03` packets for the client.
+    to_client: mpsc::Sender<Bytes>,
+    stats: SessionStats,
+}
+
+/// Enters the mode on `conn` and serves it until it closes.
+pub(super) async fn run(
+    mode: Arc<EnhancedMode>,
+    mut conn: Connection,
+    services: &Services,
+    peer: SocketAddr,
+    user: Option<&str>,
+) -> Result<(), ConnectionError> {
+    // `01 00 00 01 00000000 0000`: the reply layout with the extension version first.
+    let mut out = BytesMut::new();
+    EntryReply::Entered(Address::UNSPECIFIED_V4).encode(&mut out)?;
+    conn.write_all(&out).await?;
+    mode.ensure_expiry_task(&services.gate);
+    let (notice_tx, notices) = mpsc::unbounded_channel();
+    let registration = Registration {
+        conn: mode.register_conn(notice_tx),
+        mode: Arc::clone(&mode),
+        gate: Arc::clone(&services.gate),
+    };
+    let (to_client, outgoing) = mpsc::channel(TO_CLIENT_BACKLOG);
+    let mut session = Session {
+        mode,
+        services,
+        conn: registration.conn,
+        peer,
+        user,
+        relays: HashMap::new(),
+        to_client,
+        stats: SessionStats::default(),
+    };
+    info!(%peer, user = user.unwrap_or("-"), conn = ?session.conn, "enhanced UDP mode entered");
+    let result = session.serve(&mut conn, notices, outgoing).await;
+    info!(%peer, conn = ?session.conn, stats = ?session.stats, "enhanced UDP mode ended");
+    drop(session);
+    drop(registration);
+    result
+}
+
+impl Session<'_> {
+    async fn serve(
+        &mut self,
+        conn: &mut Connection,
+        mut notices: mpsc::UnboundedReceiver<ExpiryNotice>,
+        mut outgoing: mpsc::Receiver<Bytes>,
+    ) -> Result<(), ConnectionError> {
+        loop {
+            tokio::select! {
+                packet = conn.read_message(Packet::decode) => match packet {
+                    Ok(Packet::Request(request)) => {
+                        let reply = self.on_request(&request).await;
+                        let mut out = BytesMut::with_capacity(reply.encoded_len());
+                        reply.encode(&mut out)?;
+                        conn.write_all(&out).await?;
+                    }
+                    Ok(Packet::Datagram(datagram)) => self.on_tcp_datagram(datagram),
+                    Ok(Packet::Reply(reply)) => {
+                        // A reply from the client is malformed: close.
+                        debug!(peer = %self.peer, ?reply, "control reply from the client");
+                        return Ok(());
+                    }
+                    Err(ConnectionError::Closed) => return Ok(()),
+                    Err(error) => return Err(error),
+                },
+                Some(notice) = notices.recv() => self.on_expired(notice),
+                Some(packet) = outgoing.recv() => conn.write_all(&packet).await?,
+            }
+        }
+    }
+
+    async fn on_request(&mut self, request: &ControlRequest) -> ControlReply {
+        let reply = match request.command {
+            UdpCommand::Bind => self.on_bind(request).await,
+            UdpCommand::Release => self.on_release(request),
+            // No multicast yet, so no TTL to set.
+            UdpCommand::SetTtl => ControlReply::echo(request, EnhancedReplyCode::TtlNotAllowed),
+        };
+        if reply.code != EnhancedReplyCode::Succeeded {
+            self.stats.refused += 1;
+        }
+        debug!(peer = %self.peer, ?request, ?reply, "control request");
+        reply
+    }
+
+    async fn on_bind(&mut self, request: &ControlRequest) -> ControlReply {
+        self.stats.binds += 1;
+        let Address::Ip(local) = request.local else {
+            return ControlReply::echo(request, EnhancedReplyCode::AddressTypeNotSupported);
+        };
+        let remote = match self.remote_of(request).await {
+            Ok(remote) => remote,
+            Err(code) => return ControlReply::echo(request, code),
+        };
+        let bind = BindRequest {
+            tid: request.tid,
+            aid: request.aid,
+            local,
+            remote,
+            flags: request.flags.bits(),
+        };
+        let (decision, info) = {
+            let mut bindings = self.mode.lock_bindings();
+            let decision = bindings.on_bind(self.conn, self.peer.ip(), self.user, bind, now());
+            let info = if decision.reply.code == ReplyCode::Ok {
+                bindings.binding(decision.reply.aid)
+            } else {
+                None
+            };
+            (decision, info)
+        };
+        // The binding's deadline may be earlier than the one the expiry task sleeps towards.
+        self.mode.wake.notify_one();
+        if let Err(error) = self.apply(&decision, info).await {
+            warn!(peer = %self.peer, aid = decision.reply.aid, %error,
+                "cannot set up the binding; released");
+            self.release_quietly(decision.reply.aid);
+            return ControlReply::echo(request, EnhancedReplyCode::GeneralFailure);
+        }
+        wire_reply(request, &decision)
+    }
+
+    /// REMOTE for the machine: an IP as given, or a domain name resolved once, now.
+    async fn remote_of(&self, request: &ControlRequest) -> Result<Remote, EnhancedReplyCode> {
+        let (name, port) = match &request.remote {
+            Address::Ip(addr) => return Ok(Remote::Exact(*addr)),
+            Address::Domain(name, port) => (name, *port),
+        };
+        let ips = self.services.resolver.lookup(name).await.map_err(|error| {
+            info!(%name, %error, "REMOTE name resolution failed");
+            EnhancedReplyCode::HostUnreachable
+        })?;
+        // Prefer the family of the binding a step 2 names (by AID or TID), else the first.
+        let family = self
+            .relays
+            .iter()
+            .find(|(aid, relay)| {
+                (request.aid != 0 && **aid == request.aid)
+                    || (request.tid != 0 && relay.tid == request.tid)
+            })
+            .map(|(_, relay)| relay.family);
+        let pick = |ip: &&IpAddr| family.is_none_or(|f| Family::of(**ip) == f);
+        let ip = ips
+            .iter()
+            .find(pick)
+            .or(ips.first())
+            .ok_or(EnhancedReplyCode::HostUnreachable)?;
+        Ok(Remote::Exact(SocketAddr::new(*ip, port)))
+    }
+
+    /// Applies a bind decision's actions in order; the first failure stops it.
+    async fn apply(
+        &mut self,
+        decision: &Decision,
+        info: Option<BindingInfo>,
+    ) -> Result<(), std::io::Error> {
+        let aid = decision.reply.aid;
+        for action in &decision.actions {
+            match action {
+                Action::Reserve(ports) => {
+                    let info = info.ok_or_else(|| std::io::Error::other("binding vanished"))?;
+                    let flows = relay::bind_flows(ports, self.services.external.ifindex).await?;
+                    let (control, abort) = relay::spawn(Spawn {
+                        mode: Arc::clone(&self.mode),
+                        info,
+                        flows,
+                        to_client: self.to_client.clone(),
+                    });
+                    self.mode
+                        .register_relay(self.conn, aid, ports.internal, abort);
+                    self.relays.insert(aid, control);
+                }
+                Action::Install(entry) => {
+                    if let Some(gate_entry) = gate_entry(entry) {
+                        self.services
+                            .gate
+                            .install(gate_entry)
+                            .map_err(std::io::Error::other)?;
+                    } else {
+                        debug!(aid, remote = ?entry.remote, relay = %entry.external,
+                            "no kernel entry for a non-exact remote (userspace relay only)");
+                    }
+                }
+                Action::Remove(_) | Action::Free(_) => self
+                    .mode
+                    .apply_teardown(self.services.gate.as_ref(), std::slice::from_ref(action)),
+            }
+        }
+        if let (Some(info), Some(control)) = (info, self.relays.get(&aid)) {
+            control.update(&info);
+        }
+        Ok(())
+    }
+
+    /// Releases `aid` after a failed setup: what was reserved or installed goes again.
+    fn release_quietly(&mut self, aid: u32) {
+        let decision = self.mode.lock_bindings().on_release(self.conn, aid, now());
+        self.mode
+            .apply_teardown(self.services.gate.as_ref(), &decision.actions);
+        self.relays.remove(&aid);
+    }
+
+    fn on_release(&mut self, request: &ControlRequest) -> ControlReply {
+        self.stats.releases += 1;
+        let decision = self
+            .mode
+            .lock_bindings()
+            .on_release(self.conn, request.aid, now());
+        self.mode
+            .apply_teardown(self.services.gate.as_ref(), &decision.actions);
+        if decision.reply.code == ReplyCode::Ok {
+            self.relays.remove(&request.aid);
+        }
+        ControlReply::echo(request, wire_code(decision.reply.code))
+    }
+
+    /// `03 SIZE AID DATA` from the client: handed to this connection's relay of that AID, if it
+    /// is a TCP-encapsulated binding.
+    fn on_tcp_datagram(&mut self, datagram: TcpDatagram) {
+        self.stats.tcp_datagrams_in += 1;
+        let Some(control) = self.relays.get(&datagram.aid) else {
+            self.stats.tcp_dropped_unknown_aid += 1;
+            return;
+        };
+        if !control.tcp_encapsulated() {
+            self.stats.tcp_dropped_not_encapsulated += 1;
+            return;
+        }
+        if !control.forward(datagram.data) {
+            self.stats.tcp_dropped_backlog += 1;
+        }
+    }
+
+    fn on_expired(&mut self, notice: ExpiryNotice) {
+        self.relays.remove(&notice.aid);
+        info!(peer = %self.peer, aid = notice.aid, tid = notice.tid, reason = ?notice.reason,
+            "binding of this connection expired");
+    }
+}
+
+fn wire_code(code: ReplyCode) -> EnhancedReplyCode {
+    EnhancedReplyCode::try_from(code.as_u8()).unwrap_or(EnhancedReplyCode::GeneralFailure)
+}
+
+/// The wire reply for a machine decision: on success LOCAL is the internal relay address and
+/// REMOTE the external one; a refusal echoes the request with the code (and the expired AID).
+fn wire_reply(request: &ControlRequest, decision: &Decision) -> ControlReply {
+    let reply = &decision.reply;
+    let code = wire_code(reply.code);
+    match (reply.code, reply.internal, reply.external) {
+        (ReplyCode::Ok, Some(internal), Some(external)) => ControlReply {
+            code,
+            flags: Flags::from_bits_retain(reply.flags),
+            ttl: request.ttl,
+            tid: request.tid,
+            aid: reply.aid,
+            local: internal.into(),
+            remote: external.into(),
+        },
+        _ => ControlReply {
+            aid: reply.aid,
+            ..ControlReply::echo(request, code)
+        },
+    }
+}

@@ -1,0 +1,676 @@
+//! The client library (`gateway::client`) against the real server, in-process on loopback:
+//! CONNECT (by IP and by name), RFC 1929, typed refusals and timeouts, RFC 1928 UDP ASSOCIATE,
+//! and the enhanced mode's socket calls (two-step Open, Listen, one-step Open, RTP pair, expiry,
+//! release). The client is on 127.0.0.1, remotes on 127.0.0.2, the relays on 127.0.0.1. Every
+//! await is bounded.
+
+use std::{
+    future::Future,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU16, Ordering},
+    },
+    time::Duration,
+};
+
+use gateway::{
+    binding::{Config, PortRange},
+    client::{
+        Address, BindingError, Client, ClientError, EnhancedSession, Family, ReplyCode, Timeouts,
+        UdpBinding,
+    },
+    gate::MemoryGate,
+    resolver::Resolver,
+    server::{
+        self, External, Services,
+        auth::{FailureLimiter, Users, hash_line},
+        enhanced::EnhancedMode,
+        policy::Policy,
+    },
+};
+use hickory_proto::{
+    op::{Message, MessageType, OpCode, ResponseCode},
+    rr::{RData, Record, RecordType, rdata},
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, UdpSocket},
+    sync::oneshot,
+};
+
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+const SILENCE: Duration = Duration::from_millis(300);
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const REMOTE_HOST: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(IO_TIMEOUT, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+// ---- the gateway ----------------------------------------------------------------------------
+
+struct Gateway {
+    addr: SocketAddr,
+    gate: MemoryGate,
+    mode: Option<Arc<EnhancedMode>>,
+    _shutdown: oneshot::Sender<()>,
+}
+
+/// Relay ports per test, disjoint from `enhanced_mode.rs`'s blocks (10000..30000) and below the
+/// ephemeral range.
+fn port_block() -> (PortRange, PortRange) {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let slot = NEXT.fetch_add(1, Ordering::Relaxed);
+    assert!(slot < 10, "more tests than port blocks");
+    let process = u16::try_from(std::process::id() % 9).unwrap();
+    let base = 30_000 + process * 300 + slot * 30;
+    (
+        PortRange::new(base, base + 13),
+        PortRange::new(base + 14, base + 29),
+    )
+}
+
+/// A gateway on 127.0.0.1:0: anonymous access unless `users` is given, loopback destinations
+/// allowed, the enhanced mode with the test configuration changed by `tweak` if `enhanced`.
+async fn start(
+    users: Option<Users>,
+    nameserver: Option<SocketAddr>,
+    enhanced: Option<fn(&mut Config)>,
+) -> Gateway {
+    let mode = enhanced.map(|tweak| {
+        let (internal_ports, external_ports) = port_block();
+        let mut config = Config {
+            internal_ips: vec![LOCALHOST],
+            external_ips: vec![LOCALHOST],
+            internal_ports,
+            external_ports,
+            forbidden_remotes: Vec::new(),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        Arc::new(EnhancedMode::new(config).unwrap())
+    });
+    let gate = MemoryGate::default();
+    let services = Services {
+        allow_anonymous: users.is_none(),
+        users,
+        limiter: FailureLimiter::new(5, Duration::from_mins(1)),
+        policy: Policy {
+            allow_loopback: true,
+            ..Policy::default()
+        },
+        resolver: Arc::new(Resolver::bind(&Vec::from_iter(nameserver)).await.unwrap()),
+        gate: Arc::new(gate.clone()),
+        external: External {
+            v4: Some(Ipv4Addr::LOCALHOST),
+            v6: None,
+            ifindex: None,
+        },
+        timeouts: server::Timeouts::default(),
+        max_connections: 64,
+        enhanced: mode.clone(),
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(server::run(Arc::new(services), listener, async move {
+        let _ = rx.await;
+    }));
+    Gateway {
+        addr,
+        gate,
+        mode,
+        _shutdown: tx,
+    }
+}
+
+async fn start_enhanced(tweak: fn(&mut Config)) -> Gateway {
+    start(None, None, Some(tweak)).await
+}
+
+impl Gateway {
+    async fn session(&self) -> EnhancedSession {
+        within("enter the enhanced mode", self.client().await.enhanced())
+            .await
+            .unwrap()
+    }
+
+    async fn client(&self) -> Client {
+        within("connect", Client::connect(self.addr, None))
+            .await
+            .unwrap()
+    }
+
+    fn mode(&self) -> &EnhancedMode {
+        self.mode.as_deref().unwrap()
+    }
+
+    async fn all_released(&self) {
+        within("every binding, entry and relay is gone", async {
+            while !(self.gate.entries().is_empty()
+                && self.mode().live_bindings() == 0
+                && self.mode().ports_in_use() == (0, 0)
+                && self.mode().running_relays() == 0)
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+}
+
+/// A new binding of `session`, like `socket(AF_INET, SOCK_DGRAM)`.
+async fn socket(session: &EnhancedSession) -> UdpBinding {
+    within("socket", session.udp_socket(Family::V4))
+        .await
+        .unwrap()
+}
+
+// ---- peers ----------------------------------------------------------------------------------
+
+async fn tcp_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn udp(ip: IpAddr) -> UdpSocket {
+    UdpSocket::bind(SocketAddr::new(ip, 0)).await.unwrap()
+}
+
+async fn recv(socket: &UdpSocket) -> (Vec<u8>, SocketAddr) {
+    let mut buf = vec![0u8; 65_535];
+    let (len, from) = within("receive a datagram", socket.recv_from(&mut buf))
+        .await
+        .unwrap();
+    buf.truncate(len);
+    (buf, from)
+}
+
+async fn assert_silent(socket: &UdpSocket, what: &str) {
+    let mut buf = [0u8; 2048];
+    if let Ok(got) = tokio::time::timeout(SILENCE, socket.recv_from(&mut buf)).await {
+        panic!("{what}: got {got:?}");
+    }
+}
+
+/// Two sockets on `ip`, ports s (even) and s+1.
+async fn udp_pair(ip: IpAddr) -> (UdpSocket, UdpSocket) {
+    loop {
+        let even = udp(ip).await;
+        let port = even.local_addr().unwrap().port();
+        if port % 2 == 0
+            && let Ok(odd) = UdpSocket::bind(SocketAddr::new(ip, port + 1)).await
+        {
+            return (even, odd);
+        }
+    }
+}
+
+/// A nameserver on loopback answering `name` with `ip` (A) and nothing else.
+async fn nameserver(name: &'static str, ip: Ipv4Addr) -> SocketAddr {
+    let socket = udp(LOCALHOST).await;
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 1500];
+        loop {
+            let (len, from) = socket.recv_from(&mut buf).await.unwrap();
+            let Ok(query) = Message::from_vec(&buf[..len]) else {
+                continue;
+            };
+            let question = query.queries[0].clone();
+            let mut reply = Message::new(query.metadata.id, MessageType::Response, OpCode::Query);
+            reply.add_query(question.clone());
+            if question.name().to_ascii() != format!("{name}.") {
+                reply.metadata.response_code = ResponseCode::NXDomain;
+            } else if question.query_type() == RecordType::A {
+                let answer =
+                    Record::from_rdata(question.name().clone(), 60, RData::A(rdata::A(ip)));
+                reply.add_answer(answer);
+            }
+            let _ = socket.send_to(&reply.to_vec().unwrap(), from).await;
+        }
+    });
+    addr
+}
+
+// ---- SOCKS5: CONNECT, authentication, refusals, timeouts -----------------------------------
+
+#[tokio::test]
+async fn connect_by_ip_and_by_name_reaches_the_echo() {
+    let echo = tcp_echo().await;
+    let dns = nameserver("echo.test", Ipv4Addr::LOCALHOST).await;
+    let gateway = start(None, Some(dns), None).await;
+    let targets = [
+        Address::Ip(echo),
+        Address::Domain("echo.test".into(), echo.port()),
+    ];
+    for target in targets {
+        let client = gateway.client().await;
+        assert_eq!(client.method(), gateway::client::Method::NoAuth);
+        let (mut stream, bound) = within("CONNECT", client.tcp_connect(target.clone()))
+            .await
+            .unwrap();
+        let Address::Ip(bound) = bound else {
+            panic!("BND is an IP address")
+        };
+        assert_eq!(bound.ip(), LOCALHOST, "{target}");
+        within("write", stream.write_all(b"ping through the gateway"))
+            .await
+            .unwrap();
+        let mut echoed = [0u8; 24];
+        within("read", stream.read_exact(&mut echoed))
+            .await
+            .unwrap();
+        assert_eq!(&echoed, b"ping through the gateway");
+    }
+    // A name the nameserver does not know: host unreachable.
+    let client = gateway.client().await;
+    let unknown = Address::Domain("nowhere.test".into(), 80);
+    assert!(matches!(
+        within("CONNECT", client.tcp_connect(unknown)).await,
+        Err(ClientError::Refused(ReplyCode::HostUnreachable))
+    ));
+}
+
+#[tokio::test]
+async fn user_pass_good_bad_and_missing() {
+    let users = Users::parse(&hash_line("alice", b"secret").unwrap()).unwrap();
+    let gateway = start(Some(users), None, None).await;
+    let echo = tcp_echo().await;
+    let good = Some(("alice".to_owned(), "secret".to_owned()));
+    let client = within("connect", Client::connect(gateway.addr, good))
+        .await
+        .unwrap();
+    assert_eq!(client.method(), gateway::client::Method::UserPass);
+    within("CONNECT", client.tcp_connect(echo)).await.unwrap();
+
+    let bad = Some(("alice".to_owned(), "wrong".to_owned()));
+    assert!(matches!(
+        within("connect", Client::connect(gateway.addr, bad)).await,
+        Err(ClientError::BadCredentials(_))
+    ));
+    assert!(matches!(
+        within("connect", Client::connect(gateway.addr, None)).await,
+        Err(ClientError::NoAcceptableMethod)
+    ));
+    let too_long = Some(("alice".to_owned(), "x".repeat(256)));
+    assert!(matches!(
+        within("connect", Client::connect(gateway.addr, too_long)).await,
+        Err(ClientError::InvalidCredentials(_))
+    ));
+}
+
+#[tokio::test]
+async fn refusals_are_typed() {
+    let gateway = start(None, None, None).await;
+    // Nothing listens on a port we just freed: connection refused.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let client = gateway.client().await;
+    assert!(matches!(
+        within("CONNECT", client.tcp_connect(closed)).await,
+        Err(ClientError::Refused(ReplyCode::ConnectionRefused))
+    ));
+    // This gateway does not serve the enhanced mode: 07.
+    let client = gateway.client().await;
+    assert!(matches!(
+        within("enter", client.enhanced()).await,
+        Err(ClientError::Refused(ReplyCode::CommandNotSupported))
+    ));
+}
+
+#[tokio::test]
+async fn a_silent_gateway_times_out() {
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            held.push(silent.accept().await.unwrap());
+        }
+    });
+    let timeouts = Timeouts {
+        handshake: Duration::from_millis(200),
+        ..Timeouts::default()
+    };
+    let result = within("connect", Client::connect_with(addr, None, timeouts)).await;
+    assert!(
+        matches!(result, Err(ClientError::Timeout { after, .. }) if after == timeouts.handshake),
+        "{result:?}"
+    );
+}
+
+// ---- RFC 1928 UDP ASSOCIATE -----------------------------------------------------------------
+
+#[tokio::test]
+async fn udp_associate_round_trip() {
+    let gateway = start(None, None, None).await;
+    let echo = udp(LOCALHOST).await;
+    let echo_addr = echo.local_addr().unwrap();
+    let client = gateway.client().await;
+    let association = within("UDP ASSOCIATE", client.udp_associate())
+        .await
+        .unwrap();
+    assert_eq!(association.relay_addr().ip(), LOCALHOST);
+    within("send", association.send_to(echo_addr, b"over udp"))
+        .await
+        .unwrap();
+    let (payload, relayed_from) = recv(&echo).await;
+    assert_eq!(payload, b"over udp");
+    echo.send_to(b"answer", relayed_from).await.unwrap();
+    let mut buf = [0u8; 1500];
+    let (len, from) = within("recv", association.recv_from(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(
+        (&buf[..len], from),
+        (&b"answer"[..], Address::Ip(echo_addr))
+    );
+}
+
+// ---- the enhanced mode ----------------------------------------------------------------------
+
+#[tokio::test]
+async fn two_step_open_then_release() {
+    let gateway = start_enhanced(|_| {}).await;
+    let session = gateway.session().await;
+    let socket = socket(&session).await;
+    assert_eq!(socket.local_addr().unwrap().ip(), LOCALHOST);
+    // bind() + getsockname(): step 1.
+    let relays = within("bind", socket.bind()).await.unwrap();
+    assert_eq!(socket.external_addr(), Some(relays.external));
+    assert_ne!(relays.aid, 0);
+    assert!(gateway.gate.entries().is_empty(), "step 1 admits nothing");
+
+    // The remote sends to the external relay before step 2: nothing is delivered.
+    let remote = udp(REMOTE_HOST).await;
+    let remote_addr = remote.local_addr().unwrap();
+    remote.send_to(b"too early", relays.external).await.unwrap();
+    assert_silent(socket.socket(), "before step 2").await;
+
+    // connect(remote): step 2 Open, same relay addresses.
+    let confirmed = within("connect", socket.connect(remote_addr))
+        .await
+        .unwrap();
+    assert_eq!(confirmed, relays);
+    assert_eq!(socket.peer_addr(), Some(Address::Ip(remote_addr)));
+    // Connecting again to the same remote is a no-op; another remote is refused locally.
+    within("connect again", socket.connect(remote_addr))
+        .await
+        .unwrap();
+    let other: SocketAddr = "127.0.0.2:9".parse().unwrap();
+    assert!(matches!(
+        within("connect elsewhere", socket.connect(other)).await,
+        Err(ClientError::OtherRemote { .. })
+    ));
+
+    remote.send_to(b"media", relays.external).await.unwrap();
+    let mut buf = [0u8; 1500];
+    let (len, from) = within("recv", socket.recv_from(&mut buf)).await.unwrap();
+    assert_eq!(
+        (&buf[..len], from),
+        (&b"media"[..], Address::Ip(remote_addr))
+    );
+    within("send", socket.send(b"report")).await.unwrap();
+    assert_eq!(recv(&remote).await, (b"report".to_vec(), relays.external));
+
+    within("release", socket.release()).await.unwrap();
+    gateway.all_released().await;
+    assert!(matches!(
+        within("send after release", socket.send(b"x")).await,
+        Err(ClientError::WrongState { .. })
+    ));
+    remote
+        .send_to(b"after release", relays.external)
+        .await
+        .unwrap();
+    assert_silent(socket.socket(), "after release").await;
+}
+
+#[tokio::test]
+async fn listen_where_allowed_and_refused_where_not() {
+    let refusing = start_enhanced(|_| {}).await;
+    let session = refusing.session().await;
+    let socket = socket(&session).await;
+    within("bind", socket.bind()).await.unwrap();
+    assert!(matches!(
+        within("listen", socket.listen()).await,
+        Err(ClientError::Binding(BindingError::NotAllowed))
+    ));
+
+    let gateway = start_enhanced(|config| config.allow_listen = true).await;
+    let session = gateway.session().await;
+    let socket = socket(&session).await;
+    let relays = within("bind", socket.bind()).await.unwrap();
+    // recv() on a bound, unconnected socket is step 2 Listen.
+    let (first, second) = (udp(REMOTE_HOST).await, udp(REMOTE_HOST).await);
+    let receiving = async {
+        let mut buf = [0u8; 1500];
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let (len, from) = socket.recv_from(&mut buf).await.unwrap();
+            got.push((buf[..len].to_vec(), from));
+        }
+        got
+    };
+    let sending = async {
+        // Wait until the Listen is confirmed, then send from two remotes.
+        while !socket.is_listening() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        first.send_to(b"one", relays.external).await.unwrap();
+        second.send_to(b"two", relays.external).await.unwrap();
+    };
+    let (mut got, ()) = within("listen and receive", async {
+        tokio::join!(receiving, sending)
+    })
+    .await;
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    let first_addr = first.local_addr().unwrap();
+    let second_addr = second.local_addr().unwrap();
+    assert_eq!(
+        got,
+        vec![
+            (b"one".to_vec(), Address::Ip(first_addr)),
+            (b"two".to_vec(), Address::Ip(second_addr)),
+        ]
+    );
+    // send_to on a Listen binding names the remote in the header.
+    within("send_to", socket.send_to(second_addr, b"back to two"))
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(&second).await,
+        (b"back to two".to_vec(), relays.external)
+    );
+}
+
+#[tokio::test]
+async fn send_to_on_an_unbound_socket_is_a_one_step_open() {
+    let gateway = start_enhanced(|_| {}).await;
+    let session = gateway.session().await;
+    let socket = socket(&session).await;
+    let remote = udp(REMOTE_HOST).await;
+    let remote_addr = remote.local_addr().unwrap();
+    within("send_to", socket.send_to(remote_addr, b"first"))
+        .await
+        .unwrap();
+    let relays = socket.relay_addrs().unwrap();
+    assert_eq!(recv(&remote).await, (b"first".to_vec(), relays.external));
+    remote.send_to(b"reply", relays.external).await.unwrap();
+    let mut buf = [0u8; 1500];
+    let len = within("recv", socket.recv(&mut buf)).await.unwrap();
+    assert_eq!(&buf[..len], b"reply");
+    // Dropping the socket releases the binding, like close().
+    drop(socket);
+    gateway.all_released().await;
+    assert!(!session.is_closed());
+}
+
+#[tokio::test]
+async fn rtp_pair_carries_rtp_and_rtcp() {
+    let gateway = start_enhanced(|_| {}).await;
+    let session = gateway.session().await;
+    let pair = within("bind an RTP pair", session.bind_rtp_pair(Family::V4))
+        .await
+        .unwrap();
+    let l = pair.rtp().local_addr().unwrap().port();
+    assert_eq!(l % 2, 0);
+    assert_eq!(pair.rtcp().local_addr().unwrap().port(), l + 1);
+    let (p, p1) = pair.external_addrs();
+    assert_eq!((p.port() % 2, p1.port()), (0, p.port() + 1));
+
+    let (sender, reporter) = udp_pair(REMOTE_HOST).await;
+    let source = sender.local_addr().unwrap();
+    within("connect", pair.connect(source)).await.unwrap();
+
+    sender.send_to(b"rtp", p).await.unwrap();
+    reporter.send_to(b"rtcp sr", p1).await.unwrap();
+    let mut buf = [0u8; 1500];
+    let len = within("RTP", pair.rtp().recv(&mut buf)).await.unwrap();
+    assert_eq!(&buf[..len], b"rtp");
+    let (len, from) = within("RTCP", pair.rtcp().recv_from(&mut buf))
+        .await
+        .unwrap();
+    let reporter_addr = reporter.local_addr().unwrap();
+    assert_eq!(
+        (&buf[..len], from),
+        (&b"rtcp sr"[..], Address::Ip(reporter_addr))
+    );
+    // The receiver report leaves from P+1 to s+1.
+    within("RTCP RR", pair.rtcp().send(b"rtcp rr"))
+        .await
+        .unwrap();
+    assert_eq!(recv(&reporter).await, (b"rtcp rr".to_vec(), p1));
+    within("release", pair.release()).await.unwrap();
+    gateway.all_released().await;
+}
+
+#[tokio::test]
+async fn a_late_step_two_gets_expired() {
+    let gateway = start_enhanced(|config| {
+        config.pending_timeout = gateway::binding::PENDING_TIMEOUT_MIN;
+    })
+    .await;
+    let session = gateway.session().await;
+    let socket = socket(&session).await;
+    within("bind", socket.bind()).await.unwrap();
+    let remote: SocketAddr = "127.0.0.2:6000".parse().unwrap();
+    tokio::time::sleep(gateway::binding::PENDING_TIMEOUT_MIN + Duration::from_millis(500)).await;
+    assert!(matches!(
+        within("a late connect", socket.connect(remote)).await,
+        Err(ClientError::Binding(BindingError::Expired))
+    ));
+    // The session stays usable, and releasing the expired binding clears its tombstone.
+    within("release", socket.release()).await.unwrap();
+    let again = socket(&session).await;
+    within("bind", again.bind()).await.unwrap();
+    within("connect", again.connect(remote)).await.unwrap();
+}
+
+#[tokio::test]
+async fn closing_the_session_releases_everything() {
+    let gateway = start_enhanced(|_| {}).await;
+    let session = gateway.session().await;
+    let open = socket(&session).await;
+    within("bind", open.bind()).await.unwrap();
+    let remote: SocketAddr = "127.0.0.2:7000".parse().unwrap();
+    within("connect", open.connect(remote)).await.unwrap();
+    let half = socket(&session).await;
+    within("bind", half.bind()).await.unwrap();
+    assert_eq!(gateway.mode().live_bindings(), 2);
+
+    let mut buf = [0u8; 64];
+    let (received, ()) = within("recv while the session closes", async {
+        tokio::join!(open.recv(&mut buf), async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            session.close();
+        })
+    })
+    .await;
+    assert!(
+        matches!(received, Err(ClientError::SessionClosed(_))),
+        "{received:?}"
+    );
+    gateway.all_released().await;
+    assert!(session.is_closed());
+    assert!(matches!(
+        within("release on a closed session", half.release()).await,
+        Err(ClientError::SessionClosed(_))
+    ));
+}
+
+/// A gateway that enters the enhanced mode and then answers no control request in time.
+#[tokio::test]
+async fn a_step_one_without_answer_is_never_resent_and_a_late_success_is_released() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (seen_tx, seen) = oneshot::channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut greeting = [0u8; 3];
+        stream.read_exact(&mut greeting).await.unwrap();
+        stream.write_all(&[5, 0]).await.unwrap();
+        let mut entry = [0u8; 10];
+        stream.read_exact(&mut entry).await.unwrap();
+        stream
+            .write_all(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0])
+            .await
+            .unwrap();
+        // Step 1 (IPv4 LOCAL and REMOTE: 27 octets); no answer until the client gave up.
+        let mut step1 = [0u8; 27];
+        stream.read_exact(&mut step1).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // The late success: AID 42, relays 127.0.0.1:40000 / 127.0.0.1:30000.
+        let mut reply = step1;
+        reply[0] = 0x02;
+        reply[3] = 0x00;
+        reply[9..13].copy_from_slice(&42u32.to_be_bytes());
+        reply[13..27].copy_from_slice(&[1, 127, 0, 0, 1, 0x9C, 0x40, 1, 127, 0, 0, 1, 0x75, 0x30]);
+        stream.write_all(&reply).await.unwrap();
+        // What comes next must be a RELEASE of AID 42, not a repeated step 1.
+        let mut next = [0u8; 27];
+        stream.read_exact(&mut next).await.unwrap();
+        let _ = seen_tx.send((step1, next));
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest).await;
+    });
+    let timeouts = Timeouts {
+        control: Duration::from_millis(200),
+        ..Timeouts::default()
+    };
+    let client = within("connect", Client::connect_with(addr, None, timeouts))
+        .await
+        .unwrap();
+    let session = within("enter", client.enhanced()).await.unwrap();
+    let socket = socket(&session).await;
+    assert!(matches!(
+        within("bind", socket.bind()).await,
+        Err(ClientError::Timeout { .. })
+    ));
+    let (step1, next) = within("the gateway sees the RELEASE", seen).await.unwrap();
+    assert_eq!((step1[0], step1[3]), (0x01, 0x05), "a UDP BIND request");
+    assert_eq!(
+        (next[0], next[3]),
+        (0x01, 0x06),
+        "a UDP RELEASE, not a second BIND"
+    );
+    assert_eq!(&next[7..9], &step1[7..9], "with the step-1 TID");
+    assert_eq!(&next[9..13], &42u32.to_be_bytes(), "and the late AID");
+}
