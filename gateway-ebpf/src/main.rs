@@ -59,16 +59,26 @@ fn admit(flow: &UdpFlow) -> DropReason {
     if unsafe { HOST_ALLOW.get(&allow_key) }.is_some() {
         return DropReason::HostAllowListed;
     }
-    let binding_key = BindingKey {
+    let mut binding_key = BindingKey {
         remote_addr: flow.src_addr,
         relay_addr: flow.dst_addr,
         remote_port_be: flow.src_port_be,
         relay_port_be: flow.dst_port_be,
     };
-    // SAFETY: one field is copied out at once.
-    let mode = match unsafe { BINDINGS.get(&binding_key) } {
-        Some(value) => value.mode,
-        None => return DropReason::NoBinding,
+    // SAFETY (all three lookups): one field is copied out at once.
+    let mut found = unsafe { BINDINGS.get(&binding_key) }.map(|value| value.mode);
+    if found.is_none() {
+        // A host-level binding (remote port 0, only where policy allows it).
+        binding_key.remote_port_be = 0;
+        found = unsafe { BINDINGS.get(&binding_key) }.map(|value| value.mode);
+    }
+    if found.is_none() {
+        // A Listen binding: any remote to this relay port (only where policy allows it).
+        binding_key.remote_addr = [0; 16];
+        found = unsafe { BINDINGS.get(&binding_key) }.map(|value| value.mode);
+    }
+    let Some(mode) = found else {
+        return DropReason::NoBinding;
     };
     if !daemon_alive() {
         return DropReason::DaemonGone;

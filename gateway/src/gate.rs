@@ -113,6 +113,12 @@ pub trait Gate: Send + Sync + std::fmt::Debug {
         let _ = entry;
         None
     }
+    /// When the kernel last relayed a datagram of this flow in either direction (CLOCK_MONOTONIC
+    /// ns), if it relays it.
+    fn kernel_last_seen(&self, entry: GateEntry, relay: &KernelRelay) -> Option<u64> {
+        let _ = (entry, relay);
+        None
+    }
 }
 
 /// The real gate: the pinned `BINDINGS` and `OUTBOUND` maps of the attached datapath.
@@ -215,6 +221,18 @@ impl Gate for KernelGate {
     fn inbound_counters(&self, entry: GateEntry) -> Option<EntryCounters> {
         let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         map.get(&entry.key(), 0).ok().map(|value| value.counters)
+    }
+
+    fn kernel_last_seen(&self, entry: GateEntry, relay: &KernelRelay) -> Option<u64> {
+        let inbound = self.inbound_counters(entry).map(|c| c.last_seen_ns);
+        let outbound = self
+            .outbound
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&relay.outbound_key(), 0)
+            .ok()
+            .map(|value| value.counters.last_seen_ns);
+        inbound.max(outbound)
     }
 }
 

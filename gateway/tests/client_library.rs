@@ -1,250 +1,26 @@
 //! The client library (`gateway::client`) against the real server, in-process on loopback:
 //! CONNECT (by IP and by name), RFC 1929, typed refusals and timeouts, RFC 1928 UDP ASSOCIATE,
 //! and the enhanced mode's socket calls (two-step Open, Listen, one-step Open, RTP pair, expiry,
-//! release). The client is on 127.0.0.1, remotes on 127.0.0.2, the relays on 127.0.0.1. Every
-//! await is bounded.
+//! release, session close). The client is on 127.0.0.1, remotes on 127.0.0.2, the relays on
+//! 127.0.0.1. Every await is bounded. The harness is in `client_harness/`.
+
+mod client_harness;
 
 use std::{
-    future::Future,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicU16, Ordering},
-    },
+    net::{Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
+use client_harness::*;
 use gateway::{
-    binding::{Config, PortRange},
-    client::{
-        Address, BindingError, Client, ClientError, EnhancedSession, Family, ReplyCode, Timeouts,
-        UdpBinding,
-    },
-    gate::MemoryGate,
-    resolver::Resolver,
-    server::{
-        self, External, Services,
-        auth::{FailureLimiter, Users, hash_line},
-        enhanced::EnhancedMode,
-        policy::Policy,
-    },
-};
-use hickory_proto::{
-    op::{Message, MessageType, OpCode, ResponseCode},
-    rr::{RData, Record, RecordType, rdata},
+    client::{Address, BindingError, Client, ClientError, Family, ReplyCode, Timeouts},
+    server::auth::{Users, hash_line},
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, UdpSocket},
+    net::TcpListener,
     sync::oneshot,
 };
-
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
-const SILENCE: Duration = Duration::from_millis(300);
-const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-const REMOTE_HOST: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
-
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(IO_TIMEOUT, f)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
-}
-
-// ---- the gateway ----------------------------------------------------------------------------
-
-struct Gateway {
-    addr: SocketAddr,
-    gate: MemoryGate,
-    mode: Option<Arc<EnhancedMode>>,
-    _shutdown: oneshot::Sender<()>,
-}
-
-/// Relay ports per test, disjoint from `enhanced_mode.rs`'s blocks (10000..30000) and below the
-/// ephemeral range.
-fn port_block() -> (PortRange, PortRange) {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let slot = NEXT.fetch_add(1, Ordering::Relaxed);
-    assert!(slot < 10, "more tests than port blocks");
-    let process = u16::try_from(std::process::id() % 9).unwrap();
-    let base = 30_000 + process * 300 + slot * 30;
-    (
-        PortRange::new(base, base + 13),
-        PortRange::new(base + 14, base + 29),
-    )
-}
-
-/// A gateway on 127.0.0.1:0: anonymous access unless `users` is given, loopback destinations
-/// allowed, the enhanced mode with the test configuration changed by `tweak` if `enhanced`.
-async fn start(
-    users: Option<Users>,
-    nameserver: Option<SocketAddr>,
-    enhanced: Option<fn(&mut Config)>,
-) -> Gateway {
-    let mode = enhanced.map(|tweak| {
-        let (internal_ports, external_ports) = port_block();
-        let mut config = Config {
-            internal_ips: vec![LOCALHOST],
-            external_ips: vec![LOCALHOST],
-            internal_ports,
-            external_ports,
-            forbidden_remotes: Vec::new(),
-            ..Config::default()
-        };
-        tweak(&mut config);
-        Arc::new(EnhancedMode::new(config).unwrap())
-    });
-    let gate = MemoryGate::default();
-    let services = Services {
-        allow_anonymous: users.is_none(),
-        users,
-        limiter: FailureLimiter::new(5, Duration::from_mins(1)),
-        policy: Policy {
-            allow_loopback: true,
-            ..Policy::default()
-        },
-        resolver: Arc::new(Resolver::bind(&Vec::from_iter(nameserver)).await.unwrap()),
-        gate: Arc::new(gate.clone()),
-        external: External {
-            v4: Some(Ipv4Addr::LOCALHOST),
-            v6: None,
-            ifindex: None,
-        },
-        timeouts: server::Timeouts::default(),
-        max_connections: 64,
-        enhanced: mode.clone(),
-    };
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(server::run(Arc::new(services), listener, async move {
-        let _ = rx.await;
-    }));
-    Gateway {
-        addr,
-        gate,
-        mode,
-        _shutdown: tx,
-    }
-}
-
-async fn start_enhanced(tweak: fn(&mut Config)) -> Gateway {
-    start(None, None, Some(tweak)).await
-}
-
-impl Gateway {
-    async fn session(&self) -> EnhancedSession {
-        within("enter the enhanced mode", self.client().await.enhanced())
-            .await
-            .unwrap()
-    }
-
-    async fn client(&self) -> Client {
-        within("connect", Client::connect(self.addr, None))
-            .await
-            .unwrap()
-    }
-
-    fn mode(&self) -> &EnhancedMode {
-        self.mode.as_deref().unwrap()
-    }
-
-    async fn all_released(&self) {
-        within("every binding, entry and relay is gone", async {
-            while !(self.gate.entries().is_empty()
-                && self.mode().live_bindings() == 0
-                && self.mode().ports_in_use() == (0, 0)
-                && self.mode().running_relays() == 0)
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
-    }
-}
-
-/// A new binding of `session`, like `socket(AF_INET, SOCK_DGRAM)`.
-async fn socket(session: &EnhancedSession) -> UdpBinding {
-    within("socket", session.udp_socket(Family::V4))
-        .await
-        .unwrap()
-}
-
-// ---- peers ----------------------------------------------------------------------------------
-
-async fn tcp_echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut read, mut write) = stream.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
-    addr
-}
-
-async fn udp(ip: IpAddr) -> UdpSocket {
-    UdpSocket::bind(SocketAddr::new(ip, 0)).await.unwrap()
-}
-
-async fn recv(socket: &UdpSocket) -> (Vec<u8>, SocketAddr) {
-    let mut buf = vec![0u8; 65_535];
-    let (len, from) = within("receive a datagram", socket.recv_from(&mut buf))
-        .await
-        .unwrap();
-    buf.truncate(len);
-    (buf, from)
-}
-
-async fn assert_silent(socket: &UdpSocket, what: &str) {
-    let mut buf = [0u8; 2048];
-    if let Ok(got) = tokio::time::timeout(SILENCE, socket.recv_from(&mut buf)).await {
-        panic!("{what}: got {got:?}");
-    }
-}
-
-/// Two sockets on `ip`, ports s (even) and s+1.
-async fn udp_pair(ip: IpAddr) -> (UdpSocket, UdpSocket) {
-    loop {
-        let even = udp(ip).await;
-        let port = even.local_addr().unwrap().port();
-        if port % 2 == 0
-            && let Ok(odd) = UdpSocket::bind(SocketAddr::new(ip, port + 1)).await
-        {
-            return (even, odd);
-        }
-    }
-}
-
-/// A nameserver on loopback answering `name` with `ip` (A) and nothing else.
-async fn nameserver(name: &'static str, ip: Ipv4Addr) -> SocketAddr {
-    let socket = udp(LOCALHOST).await;
-    let addr = socket.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 1500];
-        loop {
-            let (len, from) = socket.recv_from(&mut buf).await.unwrap();
-            let Ok(query) = Message::from_vec(&buf[..len]) else {
-                continue;
-            };
-            let question = query.queries[0].clone();
-            let mut reply = Message::new(query.metadata.id, MessageType::Response, OpCode::Query);
-            reply.add_query(question.clone());
-            if question.name().to_ascii() != format!("{name}.") {
-                reply.metadata.response_code = ResponseCode::NXDomain;
-            } else if question.query_type() == RecordType::A {
-                let answer =
-                    Record::from_rdata(question.name().clone(), 60, RData::A(rdata::A(ip)));
-                reply.add_answer(answer);
-            }
-            let _ = socket.send_to(&reply.to_vec().unwrap(), from).await;
-        }
-    });
-    addr
-}
 
 // ---- SOCKS5: CONNECT, authentication, refusals, timeouts -----------------------------------
 
@@ -337,7 +113,9 @@ async fn refusals_are_typed() {
 
 #[tokio::test]
 async fn a_silent_gateway_times_out() {
-    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent = within("listen", TcpListener::bind("127.0.0.1:0"))
+        .await
+        .unwrap();
     let addr = silent.local_addr().unwrap();
     tokio::spawn(async move {
         let mut held = Vec::new();
@@ -373,7 +151,7 @@ async fn udp_associate_round_trip() {
         .unwrap();
     let (payload, relayed_from) = recv(&echo).await;
     assert_eq!(payload, b"over udp");
-    echo.send_to(b"answer", relayed_from).await.unwrap();
+    send_udp(&echo, b"answer", relayed_from).await;
     let mut buf = [0u8; 1500];
     let (len, from) = within("recv", association.recv_from(&mut buf))
         .await
@@ -390,7 +168,7 @@ async fn udp_associate_round_trip() {
 async fn two_step_open_then_release() {
     let gateway = start_enhanced(|_| {}).await;
     let session = gateway.session().await;
-    let socket = socket(&session).await;
+    let socket = new_socket(&session).await;
     assert_eq!(socket.local_addr().unwrap().ip(), LOCALHOST);
     // bind() + getsockname(): step 1.
     let relays = within("bind", socket.bind()).await.unwrap();
@@ -401,7 +179,7 @@ async fn two_step_open_then_release() {
     // The remote sends to the external relay before step 2: nothing is delivered.
     let remote = udp(REMOTE_HOST).await;
     let remote_addr = remote.local_addr().unwrap();
-    remote.send_to(b"too early", relays.external).await.unwrap();
+    send_udp(&remote, b"too early", relays.external).await;
     assert_silent(socket.socket(), "before step 2").await;
 
     // connect(remote): step 2 Open, same relay addresses.
@@ -420,7 +198,7 @@ async fn two_step_open_then_release() {
         Err(ClientError::OtherRemote { .. })
     ));
 
-    remote.send_to(b"media", relays.external).await.unwrap();
+    send_udp(&remote, b"media", relays.external).await;
     let mut buf = [0u8; 1500];
     let (len, from) = within("recv", socket.recv_from(&mut buf)).await.unwrap();
     assert_eq!(
@@ -436,10 +214,7 @@ async fn two_step_open_then_release() {
         within("send after release", socket.send(b"x")).await,
         Err(ClientError::WrongState { .. })
     ));
-    remote
-        .send_to(b"after release", relays.external)
-        .await
-        .unwrap();
+    send_udp(&remote, b"after release", relays.external).await;
     assert_silent(socket.socket(), "after release").await;
 }
 
@@ -447,7 +222,7 @@ async fn two_step_open_then_release() {
 async fn listen_where_allowed_and_refused_where_not() {
     let refusing = start_enhanced(|_| {}).await;
     let session = refusing.session().await;
-    let socket = socket(&session).await;
+    let socket = new_socket(&session).await;
     within("bind", socket.bind()).await.unwrap();
     assert!(matches!(
         within("listen", socket.listen()).await,
@@ -456,7 +231,7 @@ async fn listen_where_allowed_and_refused_where_not() {
 
     let gateway = start_enhanced(|config| config.allow_listen = true).await;
     let session = gateway.session().await;
-    let socket = socket(&session).await;
+    let socket = new_socket(&session).await;
     let relays = within("bind", socket.bind()).await.unwrap();
     // recv() on a bound, unconnected socket is step 2 Listen.
     let (first, second) = (udp(REMOTE_HOST).await, udp(REMOTE_HOST).await);
@@ -474,8 +249,8 @@ async fn listen_where_allowed_and_refused_where_not() {
         while !socket.is_listening() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        first.send_to(b"one", relays.external).await.unwrap();
-        second.send_to(b"two", relays.external).await.unwrap();
+        send_udp(&first, b"one", relays.external).await;
+        send_udp(&second, b"two", relays.external).await;
     };
     let (mut got, ()) = within("listen and receive", async {
         tokio::join!(receiving, sending)
@@ -505,7 +280,7 @@ async fn listen_where_allowed_and_refused_where_not() {
 async fn send_to_on_an_unbound_socket_is_a_one_step_open() {
     let gateway = start_enhanced(|_| {}).await;
     let session = gateway.session().await;
-    let socket = socket(&session).await;
+    let socket = new_socket(&session).await;
     let remote = udp(REMOTE_HOST).await;
     let remote_addr = remote.local_addr().unwrap();
     within("send_to", socket.send_to(remote_addr, b"first"))
@@ -513,7 +288,7 @@ async fn send_to_on_an_unbound_socket_is_a_one_step_open() {
         .unwrap();
     let relays = socket.relay_addrs().unwrap();
     assert_eq!(recv(&remote).await, (b"first".to_vec(), relays.external));
-    remote.send_to(b"reply", relays.external).await.unwrap();
+    send_udp(&remote, b"reply", relays.external).await;
     let mut buf = [0u8; 1500];
     let len = within("recv", socket.recv(&mut buf)).await.unwrap();
     assert_eq!(&buf[..len], b"reply");
@@ -540,8 +315,8 @@ async fn rtp_pair_carries_rtp_and_rtcp() {
     let source = sender.local_addr().unwrap();
     within("connect", pair.connect(source)).await.unwrap();
 
-    sender.send_to(b"rtp", p).await.unwrap();
-    reporter.send_to(b"rtcp sr", p1).await.unwrap();
+    send_udp(&sender, b"rtp", p).await;
+    send_udp(&reporter, b"rtcp sr", p1).await;
     let mut buf = [0u8; 1500];
     let len = within("RTP", pair.rtp().recv(&mut buf)).await.unwrap();
     assert_eq!(&buf[..len], b"rtp");
@@ -569,7 +344,7 @@ async fn a_late_step_two_gets_expired() {
     })
     .await;
     let session = gateway.session().await;
-    let socket = socket(&session).await;
+    let socket = new_socket(&session).await;
     within("bind", socket.bind()).await.unwrap();
     let remote: SocketAddr = "127.0.0.2:6000".parse().unwrap();
     tokio::time::sleep(gateway::binding::PENDING_TIMEOUT_MIN + Duration::from_millis(500)).await;
@@ -579,7 +354,7 @@ async fn a_late_step_two_gets_expired() {
     ));
     // The session stays usable, and releasing the expired binding clears its tombstone.
     within("release", socket.release()).await.unwrap();
-    let again = socket(&session).await;
+    let again = new_socket(&session).await;
     within("bind", again.bind()).await.unwrap();
     within("connect", again.connect(remote)).await.unwrap();
 }
@@ -588,11 +363,11 @@ async fn a_late_step_two_gets_expired() {
 async fn closing_the_session_releases_everything() {
     let gateway = start_enhanced(|_| {}).await;
     let session = gateway.session().await;
-    let open = socket(&session).await;
+    let open = new_socket(&session).await;
     within("bind", open.bind()).await.unwrap();
     let remote: SocketAddr = "127.0.0.2:7000".parse().unwrap();
     within("connect", open.connect(remote)).await.unwrap();
-    let half = socket(&session).await;
+    let half = new_socket(&session).await;
     within("bind", half.bind()).await.unwrap();
     assert_eq!(gateway.mode().live_bindings(), 2);
 
@@ -619,10 +394,12 @@ async fn closing_the_session_releases_everything() {
 /// A gateway that enters the enhanced mode and then answers no control request in time.
 #[tokio::test]
 async fn a_step_one_without_answer_is_never_resent_and_a_late_success_is_released() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = within("listen", TcpListener::bind("127.0.0.1:0"))
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     let (seen_tx, seen) = oneshot::channel();
-    tokio::spawn(async move {
+    tokio::spawn(within("the fake gateway", async move {
         let (mut stream, _) = listener.accept().await.unwrap();
         let mut greeting = [0u8; 3];
         stream.read_exact(&mut greeting).await.unwrap();
@@ -648,9 +425,7 @@ async fn a_step_one_without_answer_is_never_resent_and_a_late_success_is_release
         let mut next = [0u8; 27];
         stream.read_exact(&mut next).await.unwrap();
         let _ = seen_tx.send((step1, next));
-        let mut rest = Vec::new();
-        let _ = stream.read_to_end(&mut rest).await;
-    });
+    }));
     let timeouts = Timeouts {
         control: Duration::from_millis(200),
         ..Timeouts::default()
@@ -659,7 +434,7 @@ async fn a_step_one_without_answer_is_never_resent_and_a_late_success_is_release
         .await
         .unwrap();
     let session = within("enter", client.enhanced()).await.unwrap();
-    let socket = socket(&session).await;
+    let socket = new_socket(&session).await;
     assert!(matches!(
         within("bind", socket.bind()).await,
         Err(ClientError::Timeout { .. })

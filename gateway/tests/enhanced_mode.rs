@@ -371,8 +371,12 @@ async fn listen_receives_from_any_remote_only_where_allowed() {
     )
     .await;
     assert_eq!(listen.code, 0x00, "{listen:?}");
-    // No relay-port-only kernel entry exists yet: nothing is installed.
-    assert!(gateway.gate.entries().is_empty());
+    // A relay-port-only kernel entry: any remote (all-zero address, port 0) to the relay port.
+    let entries = gateway.gate.entries();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let entry = entries.into_iter().next().unwrap();
+    assert_eq!(entry.relay, listen.remote);
+    assert!(entry.remote.ip().is_unspecified() && entry.remote.port() == 0);
     // The client must send first so its port is known (LOCAL had one here, so it is).
     let peer = udp(REMOTE_HOST).await;
     let peer_addr = peer.local_addr().unwrap();

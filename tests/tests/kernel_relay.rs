@@ -495,3 +495,36 @@ fn inside_datagrams_to_external_addresses_are_dropped() {
         TC_ACT_OK
     );
 }
+
+#[test]
+fn listen_and_host_level_entries_admit_to_userspace() {
+    let case = v4_case();
+    let mut programs = Programs::load();
+    // Listen: any remote to relay port 30000 (all-zero remote, port 0).
+    programs.bind(sa("[::]:0"), case.external_relay, BindingValue::default());
+    // Host-level: any port of 203.0.113.9 to relay port 30002.
+    programs.bind(
+        sa("203.0.113.9:0"),
+        sa("203.0.113.1:30002"),
+        BindingValue::default(),
+    );
+    for frame in [
+        udp_frame(sa("192.0.2.77:1234"), case.external_relay, b"anyone"),
+        udp_frame(
+            sa("203.0.113.9:4321"),
+            sa("203.0.113.1:30002"),
+            b"that host",
+        ),
+    ] {
+        assert_eq!(programs.run(XDP_EXTERNAL_PROGRAM, &frame).0, XDP_PASS);
+    }
+    assert_eq!(programs.count(DropReason::BindingToUserspace), 2);
+    // Neither widens anything else: another host to the host-level port, any host elsewhere.
+    for frame in [
+        udp_frame(sa("203.0.113.8:4321"), sa("203.0.113.1:30002"), b"x"),
+        udp_frame(sa("192.0.2.77:1234"), sa("203.0.113.1:30004"), b"x"),
+    ] {
+        assert_eq!(programs.run(XDP_EXTERNAL_PROGRAM, &frame).0, XDP_DROP);
+    }
+    assert_eq!(programs.count(DropReason::NoBinding), 2);
+}

@@ -104,6 +104,21 @@ struct State {
     closed: Option<String>,
 }
 
+impl State {
+    /// The next free non-zero TID. TIDs are handed out in order and come back only after the
+    /// counter wraps, so a late reply for a gone binding never reaches another binding.
+    fn allocate_tid(&mut self) -> Option<u16> {
+        for _ in 0..=u16::MAX {
+            self.last_tid = self.last_tid.wrapping_add(1);
+            let tid = self.last_tid;
+            if tid != 0 && self.taken.insert(tid) {
+                return Some(tid);
+            }
+        }
+        None
+    }
+}
+
 impl Link {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -208,18 +223,13 @@ impl EnhancedSession {
         RtpPair::bind(self.clone(), family).await
     }
 
-    /// A fresh TID for a new binding. TIDs are handed out in order and come back only after the
-    /// counter wraps, so a late reply never meets a new request with its TID.
+    /// A fresh TID for a new binding.
     pub(super) fn allocate_tid(&self) -> Result<u16, ClientError> {
-        let mut state = self.shared.link.lock();
-        for _ in 0..=u16::MAX {
-            state.last_tid = state.last_tid.wrapping_add(1);
-            let tid = state.last_tid;
-            if tid != 0 && state.taken.insert(tid) {
-                return Ok(tid);
-            }
-        }
-        Err(ClientError::TidsExhausted)
+        self.shared
+            .link
+            .lock()
+            .allocate_tid()
+            .ok_or(ClientError::TidsExhausted)
     }
 
     /// Returns a TID whose binding is gone (released, or never made).
@@ -367,4 +377,26 @@ fn on_reply(link: &Link, frames: &mpsc::Sender<Bytes>, reply: ControlReply) {
         return;
     }
     debug!(tid = reply.tid, code = ?reply.code, "reply for no outstanding request dropped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tids_are_non_zero_in_order_and_skip_taken_ones() {
+        let mut state = State::default();
+        assert_eq!(state.allocate_tid(), Some(1));
+        assert_eq!(state.allocate_tid(), Some(2));
+        state.taken.insert(3);
+        assert_eq!(state.allocate_tid(), Some(4));
+        // A freed TID comes back only after the counter wraps, and 0 is never handed out.
+        state.taken.remove(&1);
+        state.last_tid = u16::MAX - 1;
+        assert_eq!(state.allocate_tid(), Some(u16::MAX));
+        assert_eq!(state.allocate_tid(), Some(1));
+        // All taken: exhausted.
+        state.taken = (1..=u16::MAX).collect();
+        assert_eq!(state.allocate_tid(), None);
+    }
 }

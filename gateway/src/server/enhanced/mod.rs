@@ -40,7 +40,7 @@ use crate::{
         Action, Bindings, Config, ConfigError, ConnId, ExpiryReason, HashAids, KernelEntry,
         RemoteMatch,
     },
-    gate::{Gate, GateEntry},
+    gate::{Framing, Gate, GateEntry, KernelRelay},
     socks::ReplyCode,
 };
 
@@ -76,7 +76,20 @@ pub struct EnhancedMode {
     next_conn: AtomicU64,
     wake: Arc<Notify>,
     expiry_started: AtomicBool,
+    /// Flows the kernel relays, by AID, with the last-seen time read at the last poll: kernel
+    /// traffic keeps their bindings from idling out.
+    kernel_flows: Mutex<HashMap<u32, Vec<KernelFlow>>>,
 }
+
+#[derive(Debug, Clone, Copy)]
+struct KernelFlow {
+    entry: GateEntry,
+    relay: KernelRelay,
+    last_seen_ns: u64,
+}
+
+/// How often kernel counters are polled for activity.
+const KERNEL_TRAFFIC_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl fmt::Debug for EnhancedMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -105,7 +118,50 @@ impl EnhancedMode {
             next_conn: AtomicU64::new(1),
             wake: Arc::new(Notify::new()),
             expiry_started: AtomicBool::new(false),
+            kernel_flows: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Records a flow installed for the kernel relay.
+    fn kernel_flow_installed(&self, aid: u32, entry: GateEntry, relay: KernelRelay) {
+        self.kernel_flows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(aid)
+            .or_default()
+            .push(KernelFlow {
+                entry,
+                relay,
+                last_seen_ns: 0,
+            });
+    }
+
+    /// Reports to the machine every binding whose kernel flows moved since the last poll.
+    fn poll_kernel_traffic(&self, gate: &dyn Gate) {
+        let mut active = Vec::new();
+        {
+            let mut flows = self
+                .kernel_flows
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for (aid, flows) in flows.iter_mut() {
+                for flow in flows.iter_mut() {
+                    if let Some(seen) = gate.kernel_last_seen(flow.entry, &flow.relay)
+                        && seen > flow.last_seen_ns
+                    {
+                        flow.last_seen_ns = seen;
+                        active.push(*aid);
+                    }
+                }
+            }
+        }
+        if !active.is_empty() {
+            let at = now();
+            let mut bindings = self.lock_bindings();
+            for aid in active {
+                bindings.on_traffic(aid, at);
+            }
+        }
     }
 
     /// The binding configuration in force.
@@ -150,6 +206,7 @@ impl EnhancedMode {
             Arc::clone(&self.wake),
             Arc::clone(gate),
         ));
+        tokio::spawn(kernel_traffic_loop(Arc::downgrade(self), Arc::clone(gate)));
     }
 
     /// A new control connection enters the mode; expiry notices go to `notices`.
@@ -183,8 +240,21 @@ impl EnhancedMode {
         for action in actions {
             match action {
                 Action::Remove(entry) => {
-                    if let Some(entry) = gate_entry(entry) {
-                        gate.remove(entry);
+                    if let Some(gate_entry) = gate_entry(entry) {
+                        gate.remove(gate_entry);
+                    }
+                    if let Some(relay) = kernel_relay(entry) {
+                        gate.remove_outbound(&relay);
+                        let mut flows = self
+                            .kernel_flows
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner);
+                        if let Some(list) = flows.get_mut(&entry.aid) {
+                            list.retain(|flow| flow.relay != relay);
+                            if list.is_empty() {
+                                flows.remove(&entry.aid);
+                            }
+                        }
                     }
                 }
                 Action::Free(ports) => {
@@ -238,16 +308,48 @@ impl EnhancedMode {
     }
 }
 
-/// The kernel entry for a machine entry. Only exact remotes have one today: the kernel map has
-/// no relay-port-only (Listen) or host-level key yet, so those admit nothing in the kernel and
-/// work only where the kernel gate is not in the way.
-fn gate_entry(entry: &KernelEntry) -> Option<GateEntry> {
-    match entry.remote {
-        RemoteMatch::Exact(remote) => Some(GateEntry {
-            remote,
-            relay: entry.external,
-        }),
-        RemoteMatch::Host(_) | RemoteMatch::Any => None,
+/// The kernel entry for a machine entry: exact remotes match (remote ip:port, relay ip:port);
+/// host-level bindings (remote port 0) match any port of that host; Listen bindings match any
+/// remote (all-zero address, port 0). The XDP gate tries them in that order.
+pub(crate) fn gate_entry(entry: &KernelEntry) -> Option<GateEntry> {
+    let remote = match entry.remote {
+        RemoteMatch::Exact(remote) => remote,
+        RemoteMatch::Host(ip) => std::net::SocketAddr::new(ip, 0),
+        RemoteMatch::Any => std::net::SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), 0),
+    };
+    Some(GateEntry {
+        remote,
+        relay: entry.external,
+    })
+}
+
+/// How the kernel relays an exact, two-way, UDP-framed binding whose client port is known;
+/// `None` keeps the binding in the userspace relay (the gate still admits it).
+pub(crate) fn kernel_relay(entry: &KernelEntry) -> Option<KernelRelay> {
+    use crate::binding::flags;
+    let both_ways = entry.flags & (flags::RECEIVE | flags::SEND) == (flags::RECEIVE | flags::SEND);
+    let udp_framed = entry.flags & flags::TCP_ENCAPSULATED == 0;
+    (matches!(entry.remote, RemoteMatch::Exact(_))
+        && both_ways
+        && udp_framed
+        && entry.client.port() != 0)
+        .then_some(KernelRelay {
+            client: entry.client,
+            internal_relay: entry.internal,
+            aid: entry.aid,
+            framing: Framing::Enhanced,
+        })
+}
+
+/// Polls the kernel's per-entry counters so traffic the kernel relays counts against idling.
+/// Ends when the mode is dropped.
+async fn kernel_traffic_loop(mode: Weak<EnhancedMode>, gate: Arc<dyn Gate>) {
+    loop {
+        tokio::time::sleep(KERNEL_TRAFFIC_POLL).await;
+        let Some(mode) = mode.upgrade() else {
+            return;
+        };
+        mode.poll_kernel_traffic(gate.as_ref());
     }
 }
 

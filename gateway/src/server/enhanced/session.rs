@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::{
-    EnhancedMode, ExpiryNotice, gate_entry, now,
+    EnhancedMode, ExpiryNotice, gate_entry, kernel_relay, now,
     relay::{self, RelayControl, Spawn},
 };
 use crate::{
@@ -253,13 +253,14 @@ impl Session<'_> {
                 }
                 Action::Install(entry) => {
                     if let Some(gate_entry) = gate_entry(entry) {
-                        self.services
-                            .gate
-                            .install(gate_entry)
-                            .map_err(std::io::Error::other)?;
-                    } else {
-                        debug!(aid, remote = ?entry.remote, relay = %entry.external,
-                            "no kernel entry for a non-exact remote (userspace relay only)");
+                        let installed = match kernel_relay(entry) {
+                            Some(relay) => {
+                                self.mode.kernel_flow_installed(aid, gate_entry, relay);
+                                self.services.gate.install_kernel_relay(gate_entry, relay)
+                            }
+                            None => self.services.gate.install(gate_entry),
+                        };
+                        installed.map_err(std::io::Error::other)?;
                     }
                 }
                 Action::Remove(_) | Action::Free(_) => self
