@@ -176,6 +176,12 @@ async fn serve(
         enhanced,
     });
 
+    let control_path = gateway::control::socket_path(&instance);
+    let control = tokio::spawn(gateway::control::serve(
+        control_path.clone(),
+        Arc::clone(&services),
+    ));
+
     let listen = if args.listen.is_empty() {
         internal_addrs
             .iter()
@@ -226,6 +232,8 @@ async fn serve(
     for server in servers {
         let _ = server.await;
     }
+    control.abort();
+    let _ = std::fs::remove_file(&control_path);
     drop(services);
     datapath.detach();
     Ok(())

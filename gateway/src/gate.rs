@@ -113,6 +113,10 @@ pub trait Gate: Send + Sync + std::fmt::Debug {
         let _ = entry;
         None
     }
+    /// Every inbound kernel entry with its value (for `gateway bindings`).
+    fn list(&self) -> Vec<(BindingKey, BindingValue)> {
+        Vec::new()
+    }
     /// When the kernel last relayed a datagram of this flow in either direction (CLOCK_MONOTONIC
     /// ns), if it relays it.
     fn kernel_last_seen(&self, entry: GateEntry, relay: &KernelRelay) -> Option<u64> {
@@ -221,6 +225,11 @@ impl Gate for KernelGate {
     fn inbound_counters(&self, entry: GateEntry) -> Option<EntryCounters> {
         let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         map.get(&entry.key(), 0).ok().map(|value| value.counters)
+    }
+
+    fn list(&self) -> Vec<(BindingKey, BindingValue)> {
+        let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        map.iter().filter_map(Result::ok).collect()
     }
 
     fn kernel_last_seen(&self, entry: GateEntry, relay: &KernelRelay) -> Option<u64> {

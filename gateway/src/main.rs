@@ -93,6 +93,23 @@ enum Command {
         #[arg(long)]
         allow_listen: bool,
     },
+    /// List the live bindings of a running gateway: enhanced-mode bindings with their owner (user,
+    /// control peer), state and addresses, and every kernel entry with its counters.
+    Bindings {
+        /// Instance name of the gateway to ask.
+        #[arg(long, value_name = "NAME", default_value = DEFAULT_INSTANCE)]
+        instance: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove what a dead gateway left attached and pinned (its links, so the gate opens, and its
+    /// maps). Refuses while the instance's daemon is alive: stop it with SIGTERM instead.
+    Detach {
+        /// Instance name of the gateway to remove.
+        #[arg(long, value_name = "NAME", default_value = DEFAULT_INSTANCE)]
+        instance: String,
+    },
     /// Read a password from stdin and print a users-file line `NAME:$argon2id$...`.
     Passwd {
         /// The user name (1 to 255 octets, no ':').
@@ -157,6 +174,40 @@ fn run(cli: Cli) -> Result<()> {
             max_connections,
             allow_listen,
         }),
+        Command::Bindings { instance, json } => {
+            let instance = Instance::new(&instance)?;
+            instance.require_running()?;
+            let answer =
+                gateway::control::query(&gateway::control::socket_path(&instance), "bindings")
+                    .context("ask the daemon over its control socket")?;
+            let document: serde_json::Value =
+                serde_json::from_str(&answer).context("parse the daemon's answer")?;
+            if json {
+                println!("{document}");
+            } else {
+                print!("{}", render_bindings(&document));
+            }
+            Ok(())
+        }
+        Command::Detach { instance } => {
+            let instance = Instance::new(&instance)?;
+            if instance.is_running() {
+                anyhow::bail!(
+                    "gateway instance {:?} is running; stop it (SIGTERM) and it detaches itself",
+                    instance.name()
+                );
+            }
+            let removed = gateway::datapath::remove_pins(&instance.pin_dir());
+            let _ = std::fs::remove_dir_all(instance.run_dir());
+            if removed.is_empty() {
+                println!("nothing pinned for instance {}", instance.name());
+            } else {
+                for what in removed {
+                    println!("removed {what}");
+                }
+            }
+            Ok(())
+        }
         Command::Passwd { name } => {
             let mut password = String::new();
             std::io::stdin()
@@ -180,4 +231,43 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The `gateway bindings` table.
+fn render_bindings(document: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let empty = Vec::new();
+    let enhanced = document["enhanced_bindings"].as_array().unwrap_or(&empty);
+    let _ = writeln!(out, "enhanced-mode bindings: {}", enhanced.len());
+    for b in enhanced {
+        let _ = writeln!(
+            out,
+            "  aid {:#010x} tid {} {} user {} peer {} client {} relay {} / {} remote {}",
+            b["aid"].as_u64().unwrap_or(0),
+            b["tid"],
+            b["state"].as_str().unwrap_or("?"),
+            b["user"].as_str().unwrap_or("-"),
+            b["control_peer"].as_str().unwrap_or("-"),
+            b["client"].as_str().unwrap_or("-"),
+            b["internal_relay"].as_str().unwrap_or("-"),
+            b["external_relay"].as_str().unwrap_or("-"),
+            b["remote"].as_str().unwrap_or("-"),
+        );
+    }
+    let kernel = document["kernel_entries"].as_array().unwrap_or(&empty);
+    let _ = writeln!(out, "kernel entries: {}", kernel.len());
+    for e in kernel {
+        let _ = writeln!(
+            out,
+            "  {} -> {} by {} client {} packets {} bytes {}",
+            e["remote"].as_str().unwrap_or("?"),
+            e["external_relay"].as_str().unwrap_or("?"),
+            e["relayed_by"].as_str().unwrap_or("?"),
+            e["client"].as_str().unwrap_or("-"),
+            e["packets"],
+            e["bytes"],
+        );
+    }
+    out
 }

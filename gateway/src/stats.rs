@@ -67,10 +67,18 @@ pub fn to_json(instance: &str, totals: &[ReasonTotal]) -> Value {
             }),
         );
     }
+    let (mut fast_packets, mut fast_bytes) = (0u64, 0u64);
+    for total in totals {
+        if total.reason.verdict() == Verdict::Redirect {
+            fast_packets += total.packets;
+            fast_bytes += total.bytes;
+        }
+    }
     json!({
         "instance": instance,
         "reasons": reasons,
         "dropped": { "packets": dropped_packets, "bytes": dropped_bytes },
+        "kernel_relayed": { "packets": fast_packets, "bytes": fast_bytes },
     })
 }
 
@@ -78,6 +86,20 @@ pub fn to_json(instance: &str, totals: &[ReasonTotal]) -> Value {
 pub fn to_table(instance: &str, totals: &[ReasonTotal]) -> String {
     use std::fmt::Write as _;
     let mut out = format!("gateway instance {instance}: datapath exits by reason\n");
+    let relayed: u64 = totals
+        .iter()
+        .filter(|t| t.reason.verdict() == Verdict::Redirect)
+        .map(|t| t.packets)
+        .sum();
+    let dropped: u64 = totals
+        .iter()
+        .filter(|t| t.reason.verdict() == Verdict::Drop)
+        .map(|t| t.packets)
+        .sum();
+    let _ = writeln!(
+        out,
+        "kernel relayed (fast path): {relayed} packets; dropped: {dropped} packets"
+    );
     let _ = writeln!(
         out,
         "{:<24} {:<7} {:>14} {:>16}",
@@ -133,7 +155,7 @@ mod tests {
     #[test]
     fn table_has_a_line_per_reason() {
         let table = to_table("t", &sample());
-        assert_eq!(table.lines().count(), DropReason::ALL.len() + 2);
+        assert_eq!(table.lines().count(), DropReason::ALL.len() + 3);
         assert!(table.contains("ipv4_options"));
     }
 }

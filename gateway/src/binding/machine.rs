@@ -213,6 +213,16 @@ impl Bindings {
         })
     }
 
+    /// Every live binding with the user that made it (for `gateway bindings`).
+    pub fn list(&self) -> Vec<(BindingInfo, Option<String>)> {
+        self.live
+            .iter()
+            .filter_map(|(aid, b)| {
+                Some((self.binding(*aid)?, b.user.as_deref().map(str::to_owned)))
+            })
+            .collect()
+    }
+
     /// How many live bindings (half-bound and confirmed) exist.
     pub fn len(&self) -> usize {
         self.live.len()

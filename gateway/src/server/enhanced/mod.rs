@@ -73,6 +73,8 @@ pub struct EnhancedMode {
     config: Config,
     relays: Mutex<HashMap<SocketAddr, RelayTask>>,
     conns: Mutex<HashMap<ConnId, mpsc::UnboundedSender<ExpiryNotice>>>,
+    /// Who holds each control connection in the mode: its peer address and user.
+    owners: Mutex<HashMap<ConnId, (SocketAddr, Option<String>)>>,
     next_conn: AtomicU64,
     wake: Arc<Notify>,
     expiry_started: AtomicBool,
@@ -115,6 +117,7 @@ impl EnhancedMode {
             config,
             relays: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
+            owners: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             wake: Arc::new(Notify::new()),
             expiry_started: AtomicBool::new(false),
@@ -210,10 +213,79 @@ impl EnhancedMode {
     }
 
     /// A new control connection enters the mode; expiry notices go to `notices`.
-    fn register_conn(&self, notices: mpsc::UnboundedSender<ExpiryNotice>) -> ConnId {
+    fn register_conn(
+        &self,
+        notices: mpsc::UnboundedSender<ExpiryNotice>,
+        peer: SocketAddr,
+        user: Option<&str>,
+    ) -> ConnId {
         let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
         self.lock_conns().insert(conn, notices);
+        self.owners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(conn, (peer, user.map(str::to_owned)));
         conn
+    }
+
+    /// The live bindings for `gateway bindings`: state, owner, addresses and, for flows the
+    /// kernel relays, its counters.
+    pub fn describe(&self, gate: &dyn Gate) -> Vec<serde_json::Value> {
+        use crate::binding::BindingState;
+        let list = self.lock_bindings().list();
+        let owners = self
+            .owners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let flows = self
+            .kernel_flows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        list.into_iter()
+            .map(|(info, user)| {
+                let (state, remote) = match info.state {
+                    BindingState::HalfBound { .. } => ("half-bound", serde_json::Value::Null),
+                    BindingState::Confirmed { remote, .. } => (
+                        "confirmed",
+                        serde_json::Value::String(format!("{remote:?}")),
+                    ),
+                };
+                let owner = owners.get(&info.conn);
+                let kernel: Vec<serde_json::Value> = flows
+                    .get(&info.aid)
+                    .into_iter()
+                    .flatten()
+                    .map(|flow| {
+                        let counters = gate.inbound_counters(flow.entry);
+                        serde_json::json!({
+                            "remote": flow.entry.remote.to_string(),
+                            "external_relay": flow.entry.relay.to_string(),
+                            "client": flow.relay.client.to_string(),
+                            "internal_relay": flow.relay.internal_relay.to_string(),
+                            "inbound_packets": counters.map_or(0, |c| c.packets),
+                            "inbound_bytes": counters.map_or(0, |c| c.bytes),
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "kind": "enhanced",
+                    "aid": info.aid,
+                    "tid": info.tid,
+                    "state": state,
+                    "user": user,
+                    "control_peer": owner.map(|(peer, _)| peer.to_string()),
+                    "client": info.local.to_string(),
+                    "internal_relay": info.ports.internal.to_string(),
+                    "external_relay": info.ports.external.to_string(),
+                    "rtp_pair": info.ports.pair,
+                    "remote": remote,
+                    "flags": info.flags,
+                    "kernel_flows": kernel,
+                })
+            })
+            .collect()
     }
 
     /// Records the relay task of binding `aid` of `conn`, unless the binding is gone already
@@ -300,6 +372,10 @@ impl EnhancedMode {
             keep
         });
         self.lock_conns().remove(&conn);
+        self.owners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&conn);
         debug!(
             ?conn,
             removed = actions.len(),

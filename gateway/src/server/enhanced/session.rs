@@ -96,7 +96,7 @@ pub(super) async fn run(
     mode.ensure_expiry_task(&services.gate);
     let (notice_tx, notices) = mpsc::unbounded_channel();
     let registration = Registration {
-        conn: mode.register_conn(notice_tx),
+        conn: mode.register_conn(notice_tx, peer, user),
         mode: Arc::clone(&mode),
         gate: Arc::clone(&services.gate),
     };

@@ -1,0 +1,99 @@
+//! The daemon's local control socket (`/run/gateway/NAME/control.sock`, root only): answers
+//! `bindings` with a JSON document of the live bindings and kernel entries. The CLI's
+//! `gateway bindings` is its client. Read-only: nothing here changes state.
+
+use std::{
+    io::{self, BufRead as _, BufReader, Write as _},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    os::unix::{fs::PermissionsExt as _, net::UnixStream},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _},
+    net::UnixListener,
+};
+use tracing::debug;
+
+use crate::{instance::Instance, server::Services};
+
+/// Where an instance's control socket lives.
+pub fn socket_path(instance: &Instance) -> PathBuf {
+    instance.run_dir().join("control.sock")
+}
+
+fn ip_of(addr: &[u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(*addr);
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+}
+
+/// The `bindings` document.
+pub fn bindings_document(services: &Services) -> Value {
+    let enhanced = services
+        .enhanced
+        .as_ref()
+        .map(|mode| mode.describe(services.gate.as_ref()))
+        .unwrap_or_default();
+    let kernel: Vec<Value> = services
+        .gate
+        .list()
+        .into_iter()
+        .map(|(key, value)| {
+            let remote = SocketAddr::new(ip_of(&key.remote_addr), u16::from_be(key.remote_port_be));
+            let relay = SocketAddr::new(ip_of(&key.relay_addr), u16::from_be(key.relay_port_be));
+            let kernel_relays = value.mode == gateway_common::relay_mode::KERNEL;
+            json!({
+                "remote": remote.to_string(),
+                "external_relay": relay.to_string(),
+                "relayed_by": if kernel_relays { "kernel" } else { "userspace" },
+                "client": kernel_relays.then(|| SocketAddr::new(ip_of(&value.client_addr), u16::from_be(value.client_port_be)).to_string()),
+                "aid": kernel_relays.then_some(u32::from_be(value.aid_be)),
+                "packets": value.counters.packets,
+                "bytes": value.counters.bytes,
+                "last_seen_ns": value.counters.last_seen_ns,
+            })
+        })
+        .collect();
+    json!({ "enhanced_bindings": enhanced, "kernel_entries": kernel })
+}
+
+/// Serves the control socket until the task is dropped.
+pub async fn serve(path: PathBuf, services: Arc<Services>) -> io::Result<()> {
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let services = Arc::clone(&services);
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            let mut reader = tokio::io::BufReader::new(read);
+            let read =
+                tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
+            let reply = match (read, line.trim()) {
+                (Ok(Ok(_)), "bindings") => bindings_document(&services).to_string(),
+                (Ok(Ok(_)), other) => {
+                    json!({ "error": format!("unknown command {other:?}") }).to_string()
+                }
+                _ => return,
+            };
+            if let Err(error) = write.write_all(format!("{reply}\n").as_bytes()).await {
+                debug!(%error, "control socket client went away");
+            }
+        });
+    }
+}
+
+/// Sends one command to a running daemon and returns its one-line answer.
+pub fn query(path: &Path, command: &str) -> io::Result<String> {
+    let mut stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(format!("{command}\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    Ok(line)
+}

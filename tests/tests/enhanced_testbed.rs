@@ -1,0 +1,528 @@
+//! The two-step binding end to end in the test bed, with the client library in `client`, a UDP
+//! sender in `server` and the gateway in `fw`: the RTSP call order of protocol.md section 4,
+//! nothing admitted before step 2, exact admission after it, delivery relayed by the kernel
+//! (the userspace relay handles none of it), the outbound direction, release and connection
+//! close, fail-closed on SIGKILL, IPv6, the userspace datapath and Listen policy. Root only.
+
+use std::{
+    net::{IpAddr, SocketAddr, UdpSocket},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use gateway::client::{Client, ClientError, Family};
+use gateway_common::DropReason;
+use integration_tests::{
+    Netns, Testbed, addr,
+    gateway::{GatewayDaemon, InstanceCleanup, reason_packets, stats_json, unique_instance},
+    iface, run_checked,
+};
+
+const PROXY: &str = "198.51.100.1:1080";
+const STREAM: usize = 200;
+
+struct Setup {
+    gateway: GatewayDaemon,
+    cleanup: InstanceCleanup,
+    bed: Testbed,
+}
+
+fn setup(extra: &[&str]) -> Setup {
+    let bed = Testbed::new().unwrap();
+    // A second host on the server side (another remote, not the media source).
+    run_checked(bed.server.command("ip").args([
+        "addr",
+        "add",
+        "203.0.113.3/24",
+        "dev",
+        iface::HOST,
+    ]))
+    .unwrap();
+    run_checked(bed.server.command("ip").args([
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:2::3/64",
+        "dev",
+        iface::HOST,
+        "nodad",
+    ]))
+    .unwrap();
+    let instance = unique_instance();
+    let cleanup = InstanceCleanup {
+        instance: instance.clone(),
+    };
+    let mut args = vec![
+        "--external",
+        iface::FW_OUTSIDE,
+        "--internal",
+        iface::FW_INSIDE,
+        "--allow-anonymous",
+    ];
+    args.extend_from_slice(extra);
+    let gateway = GatewayDaemon::start(&bed.fw, &instance, &args).unwrap();
+    Setup {
+        gateway,
+        cleanup,
+        bed,
+    }
+}
+
+fn stat(setup: &Setup, reason: &str) -> u64 {
+    reason_packets(
+        &stats_json(&setup.bed.fw, &setup.gateway.instance).unwrap(),
+        reason,
+    )
+}
+
+fn server_socket(bed: &Testbed, addr: &str) -> Arc<UdpSocket> {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let socket = bed
+        .server
+        .run(move || UdpSocket::bind(addr).unwrap())
+        .unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    Arc::new(socket)
+}
+
+/// Runs `body` on a current-thread runtime in the `client` namespace.
+fn in_client<R: Send + 'static>(
+    ns: &Netns,
+    body: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = R>>> + Send + 'static,
+) -> R {
+    ns.run(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(body())
+    })
+    .unwrap()
+}
+
+/// Receives until `count` datagrams arrived or 3 s passed without one.
+async fn receive(binding: &gateway::client::UdpBinding, count: usize) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 2048];
+    while got.len() < count {
+        match tokio::time::timeout(Duration::from_secs(3), binding.recv(&mut buf)).await {
+            Ok(Ok(len)) => got.push(buf[..len].to_vec()),
+            _ => break,
+        }
+    }
+    got
+}
+
+/// Whether nothing reaches the binding's local socket for `wait`. Reads the socket itself:
+/// `recv` on a bound, unconnected binding would ask for a Listen step 2.
+async fn nothing_arrives(binding: &gateway::client::UdpBinding, wait: Duration) -> bool {
+    let mut buf = vec![0u8; 2048];
+    tokio::time::timeout(wait, binding.socket().recv(&mut buf))
+        .await
+        .is_err()
+}
+
+fn two_step_stream_is_relayed_by_the_kernel(v6: bool) {
+    let setup = setup(&[]);
+    let (source, wrong_port, other_host, family) = if v6 {
+        (
+            "[2001:db8:2::2]:6000",
+            "[2001:db8:2::2]:6001",
+            "[2001:db8:2::3]:6000",
+            Family::V6,
+        )
+    } else {
+        (
+            "203.0.113.2:6000",
+            "203.0.113.2:6001",
+            "203.0.113.3:6000",
+            Family::V4,
+        )
+    };
+    let proxy: SocketAddr = if v6 { "[2001:db8:1::1]:1080" } else { PROXY }
+        .parse()
+        .unwrap();
+    let source_sock = server_socket(&setup.bed, source);
+    let wrong_port_sock = server_socket(&setup.bed, wrong_port);
+    let other_host_sock = server_socket(&setup.bed, other_host);
+    let source_addr: SocketAddr = source.parse().unwrap();
+    let setup = Arc::new(setup);
+    let shared = Arc::clone(&setup);
+    in_client(&setup.bed.client, move || {
+        Box::pin(async move {
+            let setup = shared;
+            let session = Client::connect(proxy, None)
+                .await
+                .unwrap()
+                .enhanced()
+                .await
+                .unwrap();
+            // bind + getsockname before SETUP: step 1 reserves, admits nothing.
+            let binding = session.udp_socket(family).await.unwrap();
+            let relay = binding.bind().await.unwrap();
+            let external = relay.external;
+            assert_eq!(
+                external.ip(),
+                if v6 {
+                    IpAddr::from(addr::FW_OUTSIDE_V6)
+                } else {
+                    IpAddr::from(addr::FW_OUTSIDE_V4)
+                }
+            );
+            println!(
+                "step 1: AID {:#x} internal {} external {}",
+                relay.aid, relay.internal, external
+            );
+
+            let dropped_before = stat(&setup, "no_binding");
+            for socket in [&source_sock, &wrong_port_sock, &other_host_sock] {
+                socket.send_to(b"too early", external).unwrap();
+            }
+            assert!(
+                nothing_arrives(&binding, Duration::from_millis(500)).await,
+                "a half-bound binding admits nothing"
+            );
+            assert_eq!(stat(&setup, "no_binding") - dropped_before, 3);
+
+            // connect after the SETUP reply: step 2 with the exact source.
+            binding.connect(source_addr).await.unwrap();
+            let relayed_before = stat(&setup, "kernel_relayed_inbound");
+            let userspace_before = stat(&setup, "binding_to_userspace");
+            let dropped_before = stat(&setup, "no_binding");
+            // Wrong port and other host: still dropped.
+            wrong_port_sock.send_to(b"wrong port", external).unwrap();
+            other_host_sock.send_to(b"other host", external).unwrap();
+            // recv after PLAY: the stream.
+            let sender = Arc::clone(&source_sock);
+            let send = std::thread::spawn(move || {
+                for i in 0..STREAM {
+                    sender
+                        .send_to(format!("rtp {i:04}").as_bytes(), external)
+                        .unwrap();
+                    if i % 20 == 0 {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+            });
+            let got = receive(&binding, STREAM).await;
+            send.join().unwrap();
+            assert_eq!(got.len(), STREAM, "every datagram of the stream arrives");
+            assert!(
+                got.iter()
+                    .enumerate()
+                    .all(|(i, d)| d == format!("rtp {i:04}").as_bytes())
+            );
+            assert_eq!(
+                stat(&setup, "no_binding") - dropped_before,
+                2,
+                "wrong port and other host dropped"
+            );
+            assert_eq!(
+                stat(&setup, "kernel_relayed_inbound") - relayed_before,
+                STREAM as u64
+            );
+            assert_eq!(
+                stat(&setup, "binding_to_userspace") - userspace_before,
+                0,
+                "the userspace relay saw none"
+            );
+
+            // The outbound direction: reports leave from the external relay address.
+            let out_before = stat(&setup, "kernel_relayed_outbound");
+            for i in 0..10 {
+                binding.send(format!("rtcp {i}").as_bytes()).await.unwrap();
+            }
+            let mut buf = [0u8; 64];
+            for i in 0..10 {
+                let (len, from) = source_sock.recv_from(&mut buf).unwrap();
+                assert_eq!(&buf[..len], format!("rtcp {i}").as_bytes());
+                assert_eq!(from, external, "source translated to the external relay");
+            }
+            assert_eq!(stat(&setup, "kernel_relayed_outbound") - out_before, 10);
+
+            // Release stops delivery within a second: the next datagram is dropped by the gate.
+            binding.release().await.unwrap();
+            assert!(gate_drops_within_a_second(&setup, &source_sock, external));
+
+            // Connection close stops delivery of every binding of the connection.
+            let second = session.udp_socket(family).await.unwrap();
+            let external = second.bind().await.unwrap().external;
+            second.connect(source_addr).await.unwrap();
+            source_sock.send_to(b"while bound", external).unwrap();
+            assert_eq!(receive(&second, 1).await.len(), 1);
+            session.close();
+            tokio::time::timeout(Duration::from_secs(2), session.closed())
+                .await
+                .unwrap();
+            drop(second);
+            drop(session);
+            // Let the runtime finish closing the control connection before blocking on checks.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let check = tokio::task::spawn_blocking(move || {
+                gate_drops_within_a_second(&setup, &source_sock, external)
+            });
+            assert!(
+                check.await.unwrap(),
+                "connection close stops delivery within a second"
+            );
+        })
+    });
+}
+
+/// Sends one datagram after a release or close and checks that the gate drops it (its
+/// `no_binding` counter rises) within a second; retries the send so the check is not racing
+/// the daemon's removal by more than that second.
+fn gate_drops_within_a_second(setup: &Setup, sender: &UdpSocket, to: SocketAddr) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(1) {
+        let before = stat(setup, "no_binding");
+        sender.send_to(b"after the end", to).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        if stat(setup, "no_binding") > before {
+            println!("delivery stopped after {:?}", started.elapsed());
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn ipv4_two_step_stream_is_relayed_by_the_kernel() {
+    two_step_stream_is_relayed_by_the_kernel(false);
+}
+
+#[test]
+fn ipv6_two_step_stream_is_relayed_by_the_kernel() {
+    two_step_stream_is_relayed_by_the_kernel(true);
+}
+
+#[test]
+fn sigkill_stops_admission_within_three_seconds_and_a_new_daemon_works() {
+    let mut setup = setup(&[]);
+    let source_sock = server_socket(&setup.bed, "203.0.113.2:6000");
+    let source_addr: SocketAddr = "203.0.113.2:6000".parse().unwrap();
+    let pin_dir = setup.cleanup.pin_dir();
+    let daemon = &mut setup.gateway;
+    let (session_tx, session_rx) = std::sync::mpsc::channel::<()>();
+    let (external_tx, external_rx) = std::sync::mpsc::channel::<SocketAddr>();
+    let client_ns = setup.bed.client.path();
+    let receiver = std::thread::spawn(move || {
+        let file = std::fs::File::open(client_ns).unwrap();
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let session = Client::connect(PROXY.parse().unwrap(), None)
+                    .await
+                    .unwrap()
+                    .enhanced()
+                    .await
+                    .unwrap();
+                let binding = session.udp_socket(Family::V4).await.unwrap();
+                let external = binding.bind().await.unwrap().external;
+                binding.connect(source_addr).await.unwrap();
+                external_tx.send(external).unwrap();
+                // Count what arrives until told to stop.
+                let mut delivered = 0usize;
+                let mut buf = [0u8; 256];
+                loop {
+                    if session_rx.try_recv().is_ok() {
+                        return delivered;
+                    }
+                    if let Ok(Ok(_)) =
+                        tokio::time::timeout(Duration::from_millis(50), binding.recv(&mut buf))
+                            .await
+                    {
+                        delivered += 1;
+                    }
+                }
+            })
+    });
+    let external = external_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    source_sock.send_to(b"before", external).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    daemon.kill();
+    let killed = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let counted = |reason: DropReason| {
+        gateway::stats::read_exit_counters(&pin_dir)
+            .unwrap()
+            .into_iter()
+            .find(|t| t.reason == reason)
+            .unwrap()
+            .packets
+    };
+    let gone_before = counted(DropReason::DaemonGone);
+    for _ in 0..20 {
+        source_sock.send_to(b"after kill", external).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    session_tx.send(()).unwrap();
+    let delivered = receiver.join().unwrap();
+    println!(
+        "killed {:?} ago; delivered in total {delivered}",
+        killed.elapsed()
+    );
+    assert_eq!(
+        delivered, 1,
+        "only the datagram sent before the kill arrives"
+    );
+    assert_eq!(
+        counted(DropReason::DaemonGone) - gone_before,
+        20,
+        "fail closed: counted as daemon_gone"
+    );
+
+    // A new daemon takes over with a clean binding table and works at once.
+    let instance = setup.gateway.instance.clone();
+    let fresh = GatewayDaemon::start(
+        &setup.bed.fw,
+        &instance,
+        &[
+            "--external",
+            iface::FW_OUTSIDE,
+            "--internal",
+            iface::FW_INSIDE,
+            "--allow-anonymous",
+        ],
+    )
+    .unwrap();
+    assert!(
+        fresh.log_text().contains("previous daemon"),
+        "{}",
+        fresh.log_text()
+    );
+    let document = integration_tests::gateway::gateway_cli(
+        &setup.bed.fw,
+        &["bindings", "--instance", &instance, "--json"],
+    )
+    .unwrap();
+    let document: serde_json::Value = serde_json::from_slice(&document.stdout).unwrap();
+    assert_eq!(
+        document["kernel_entries"].as_array().unwrap().len(),
+        0,
+        "clean binding table"
+    );
+    let delivered = in_client(&setup.bed.client, move || {
+        Box::pin(async move {
+            let session = Client::connect(PROXY.parse().unwrap(), None)
+                .await
+                .unwrap()
+                .enhanced()
+                .await
+                .unwrap();
+            let binding = session.udp_socket(Family::V4).await.unwrap();
+            let external = binding.bind().await.unwrap().external;
+            binding.connect(source_addr).await.unwrap();
+            for i in 0..5 {
+                source_sock
+                    .send_to(format!("{i}").as_bytes(), external)
+                    .unwrap();
+            }
+            receive(&binding, 5).await.len()
+        })
+    });
+    assert_eq!(delivered, 5);
+    setup.gateway = fresh;
+}
+
+#[test]
+fn userspace_datapath_relays_the_same_stream() {
+    let setup = Arc::new(setup(&["--datapath", "userspace"]));
+    let source_sock = server_socket(&setup.bed, "203.0.113.2:6000");
+    let source_addr: SocketAddr = "203.0.113.2:6000".parse().unwrap();
+    let shared = Arc::clone(&setup);
+    in_client(&setup.bed.client, move || {
+        Box::pin(async move {
+            let setup = shared;
+            let session = Client::connect(PROXY.parse().unwrap(), None)
+                .await
+                .unwrap()
+                .enhanced()
+                .await
+                .unwrap();
+            let binding = session.udp_socket(Family::V4).await.unwrap();
+            let external = binding.bind().await.unwrap().external;
+            binding.connect(source_addr).await.unwrap();
+            let before = stat(&setup, "binding_to_userspace");
+            for i in 0..50 {
+                source_sock
+                    .send_to(format!("rtp {i:04}").as_bytes(), external)
+                    .unwrap();
+            }
+            let got = receive(&binding, 50).await;
+            assert_eq!(got.len(), 50);
+            assert!(
+                got.iter()
+                    .enumerate()
+                    .all(|(i, d)| d == format!("rtp {i:04}").as_bytes())
+            );
+            assert_eq!(stat(&setup, "binding_to_userspace") - before, 50);
+            assert_eq!(
+                stat(&setup, "kernel_relayed_inbound"),
+                0,
+                "nothing relayed in the kernel"
+            );
+            binding.send(b"report").await.unwrap();
+            let mut buf = [0u8; 64];
+            let (len, from) = source_sock.recv_from(&mut buf).unwrap();
+            assert_eq!((&buf[..len], from), (&b"report"[..], external));
+        })
+    });
+}
+
+#[test]
+fn listen_receives_from_any_remote_only_where_policy_allows() {
+    for allow in [false, true] {
+        let setup = Arc::new(setup(if allow { &["--allow-listen"] } else { &[] }));
+        let a = server_socket(&setup.bed, "203.0.113.2:7000");
+        let b = server_socket(&setup.bed, "203.0.113.3:7001");
+        let shared = Arc::clone(&setup);
+        in_client(&setup.bed.client, move || {
+            Box::pin(async move {
+                let _setup = shared;
+                let session = Client::connect(PROXY.parse().unwrap(), None)
+                    .await
+                    .unwrap()
+                    .enhanced()
+                    .await
+                    .unwrap();
+                let binding = session.udp_socket(Family::V4).await.unwrap();
+                let external = binding.bind().await.unwrap().external;
+                let listened = binding.listen().await;
+                if !allow {
+                    assert!(
+                        matches!(listened, Err(ClientError::Binding(_))),
+                        "Listen is refused by default: {listened:?}"
+                    );
+                    return;
+                }
+                listened.unwrap();
+                a.send_to(b"from a", external).unwrap();
+                b.send_to(b"from b", external).unwrap();
+                let mut buf = [0u8; 64];
+                let mut senders = Vec::new();
+                for _ in 0..2 {
+                    let (len, from) =
+                        tokio::time::timeout(Duration::from_secs(3), binding.recv_from(&mut buf))
+                            .await
+                            .unwrap()
+                            .unwrap();
+                    senders.push((buf[..len].to_vec(), from.to_string()));
+                }
+                senders.sort();
+                assert_eq!(
+                    senders,
+                    vec![
+                        (b"from a".to_vec(), "203.0.113.2:7000".to_owned()),
+                        (b"from b".to_vec(), "203.0.113.3:7001".to_owned())
+                    ]
+                );
+            })
+        });
+    }
+}
