@@ -283,3 +283,50 @@ fn refuses_without_root() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn detach_removes_what_a_dead_daemon_left() {
+    let bed = Testbed::new().unwrap();
+    let instance = unique_instance();
+    let cleanup = InstanceCleanup {
+        instance: instance.clone(),
+    };
+    let target: IpAddr = addr::FW_OUTSIDE_V4.into();
+    let sinks = bind_sinks(&bed, target);
+    let mut gateway = GatewayDaemon::start(&bed.fw, &instance, &gateway_args()).unwrap();
+
+    let refused = gateway_cli(&bed.fw, &["detach", "--instance", &instance]).unwrap();
+    assert!(
+        !refused.status.success(),
+        "a live daemon is not detached behind its back"
+    );
+
+    gateway.kill();
+    send_from_server(&bed, target);
+    assert_eq!(
+        drain(&sinks, 0, Duration::from_millis(300)),
+        0,
+        "the gate outlives the daemon"
+    );
+
+    let out = gateway_cli(&bed.fw, &["detach", "--instance", &instance]).unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    for what in [
+        "xdp_external_link",
+        "tc_external_link",
+        "tc_internal_link",
+        "BINDINGS",
+    ] {
+        assert!(said.contains(what), "detach says it removed {what}: {said}");
+    }
+    assert!(!cleanup.pin_dir().exists());
+    send_from_server(&bed, target);
+    assert_eq!(
+        drain(&sinks, DATAGRAMS, Duration::from_secs(5)),
+        DATAGRAMS,
+        "after detach the datagrams arrive again"
+    );
+    let again = gateway_cli(&bed.fw, &["detach", "--instance", &instance]).unwrap();
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing pinned"));
+}
