@@ -190,31 +190,67 @@ fn action_of(reason: DropReason) -> i32 {
     }
 }
 
+/// A program's exit: the tc action and the reason it is counted under. A plain C struct, since
+/// the out-of-line functions that return it get BTF the kernel must accept.
+#[repr(C)]
+struct Exit {
+    action: i32,
+    reason: u32,
+}
+
+impl Exit {
+    /// `Ok` carries the redirect helper's action, counted as `relayed`.
+    #[inline(always)]
+    fn from(result: Result<i32, DropReason>, relayed: DropReason) -> Self {
+        let (action, reason) = match result {
+            Ok(action) => (action, relayed),
+            Err(reason) => (action_of(reason), reason),
+        };
+        Self {
+            action,
+            reason: reason as u32,
+        }
+    }
+}
+
 #[classifier]
 pub fn gateway_inbound(ctx: TcContext) -> i32 {
     let len = ctx.len() as usize;
-    let (action, reason) = match inbound(&ctx) {
-        Ok(done) => done,
-        Err(reason) => (action_of(reason), reason),
-    };
-    count(reason, len);
-    action
+    let exit = inbound(&ctx);
+    count_raw(exit.reason, len);
+    exit.action
 }
 
 #[classifier]
 pub fn gateway_internal(ctx: TcContext) -> i32 {
     let len = ctx.len() as usize;
-    let (action, reason) = match internal(&ctx) {
-        Ok(done) => done,
-        Err(reason) => (action_of(reason), reason),
-    };
-    count(reason, len);
-    action
+    let exit = internal(&ctx);
+    count_raw(exit.reason, len);
+    exit.action
+}
+
+#[inline(always)]
+fn count_raw(reason: u32, len: usize) {
+    if let Some(reason) = DropReason::from_u32(reason) {
+        count(reason, len);
+    }
+}
+
+/// Out of line to keep each program's stack under the limit.
+#[inline(never)]
+fn inbound(ctx: &TcContext) -> Exit {
+    Exit::from(try_inbound(ctx), DropReason::KernelRelayedInbound)
+}
+
+/// Out of line to keep each program's stack under the limit.
+#[inline(never)]
+fn internal(ctx: &TcContext) -> Exit {
+    Exit::from(try_internal(ctx), DropReason::KernelRelayedOutbound)
 }
 
 /// Rewrites one kernel-mode binding hit for its client and redirects it.
-#[inline(never)]
-fn inbound(ctx: &TcContext) -> Result<(i32, DropReason), DropReason> {
+#[inline(always)]
+fn try_inbound(ctx: &TcContext) -> Result<i32, DropReason> {
     let packet = parse(ctx).ok_or(DropReason::InboundToStack)?;
     let key = BindingKey {
         remote_addr: packet.src,
@@ -346,7 +382,7 @@ fn inbound(ctx: &TcContext) -> Result<(i32, DropReason), DropReason> {
     // SAFETY: no pointers are passed.
     let action =
         unsafe { bpf_redirect_neigh(settings.internal_ifindex, core::ptr::null_mut(), 0, 0) };
-    Ok((action as i32, DropReason::KernelRelayedInbound))
+    Ok(action as i32)
 }
 
 const fn padded(len: usize) -> usize {
@@ -436,8 +472,8 @@ fn rewrite_ipv6_addrs(
 }
 
 /// Drops inside datagrams to external addresses; relays bound clients' datagrams in the kernel.
-#[inline(never)]
-fn internal(ctx: &TcContext) -> Result<(i32, DropReason), DropReason> {
+#[inline(always)]
+fn try_internal(ctx: &TcContext) -> Result<i32, DropReason> {
     let packet = parse(ctx).ok_or(DropReason::NotUdpPassed)?;
     // SAFETY: presence only.
     if unsafe { EXTERNAL_ADDRS.get(&packet.dst) }.is_some() {
@@ -600,5 +636,5 @@ fn internal(ctx: &TcContext) -> Result<(i32, DropReason), DropReason> {
     // SAFETY: no pointers are passed.
     let action =
         unsafe { bpf_redirect_neigh(settings.external_ifindex, core::ptr::null_mut(), 0, 0) };
-    Ok((action as i32, DropReason::KernelRelayedOutbound))
+    Ok(action as i32)
 }
