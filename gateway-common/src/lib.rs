@@ -23,7 +23,7 @@ pub mod map_names {
     pub const EXTERNAL_ADDRS: &str = "EXTERNAL_ADDRS";
     /// One [`super::DatapathSettings`] at index 0.
     pub const SETTINGS: &str = "SETTINGS";
-    /// The daemon's heartbeat: `u64` CLOCK_MONOTONIC nanoseconds at index 0.
+    /// The daemon's heartbeat: `u64` `CLOCK_MONOTONIC` nanoseconds at index 0.
     pub const HEARTBEAT: &str = "HEARTBEAT";
 }
 
@@ -81,7 +81,7 @@ const _: () = assert!(size_of::<BindingKey>() == 36);
 pub struct EntryCounters {
     pub packets: u64,
     pub bytes: u64,
-    /// CLOCK_MONOTONIC nanoseconds of the last datagram (0: none yet).
+    /// `CLOCK_MONOTONIC` nanoseconds of the last datagram (0: none yet).
     pub last_seen_ns: u64,
 }
 const _: () = assert!(size_of::<EntryCounters>() == 24);
@@ -146,7 +146,7 @@ pub struct OutboundValue {
     pub aid_be: u32,
     /// A [`framing`] value.
     pub framing: u32,
-    pub _pad: u32,
+    pub padding: u32,
     /// Outbound (client to remote) traffic.
     pub counters: EntryCounters,
 }
@@ -181,7 +181,7 @@ const _: () = assert!(size_of::<HostAllowKey>() == 36);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostAllowValue {
-    pub _reserved: u32,
+    pub reserved: u32,
 }
 const _: () = assert!(size_of::<HostAllowValue>() == 4);
 

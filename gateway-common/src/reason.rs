@@ -161,7 +161,7 @@ impl Verdict {
 const _: () = {
     let mut i = 0;
     while i < DropReason::ALL.len() {
-        assert!(DropReason::ALL[i] as u32 == i as u32);
+        assert!(DropReason::ALL[i] as usize == i);
         i += 1;
     }
 };

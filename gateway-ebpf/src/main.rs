@@ -12,6 +12,29 @@
 //! logging on the per-packet path.
 #![no_std]
 #![no_main]
+// The verifier must see through every helper, and BPF-to-BPF calls cost stack and arguments:
+// small functions are inlined on purpose.
+#![allow(clippy::inline_always)]
+// Header arithmetic works on lengths already bounded by the packet (at most 64 KiB), pointer
+// casts go to packet and map memory the kernel aligns or reads bytewise.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    clippy::cast_ptr_alignment,
+    clippy::ptr_as_ptr,
+    clippy::ptr_cast_constness,
+    clippy::cast_lossless,
+    clippy::unnecessary_cast
+)]
+// Map keys are passed by reference to helpers written for `Borrow<K>`; packet handlers are long
+// straight-line sequences the verifier reads best unsplit.
+#![allow(
+    clippy::needless_borrows_for_generic_args,
+    clippy::needless_pass_by_value,
+    clippy::too_many_lines,
+    clippy::manual_let_else
+)]
 
 mod maps;
 mod parse;

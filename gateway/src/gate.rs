@@ -89,7 +89,7 @@ pub enum GateError {
     Install {
         remote: SocketAddr,
         relay: SocketAddr,
-        source: MapError,
+        source: Box<MapError>,
     },
 }
 
@@ -117,7 +117,7 @@ pub trait Gate: Send + Sync + std::fmt::Debug {
     fn list(&self) -> Vec<(BindingKey, BindingValue)> {
         Vec::new()
     }
-    /// When the kernel last relayed a datagram of this flow in either direction (CLOCK_MONOTONIC
+    /// When the kernel last relayed a datagram of this flow in either direction (`CLOCK_MONOTONIC`
     /// ns), if it relays it.
     fn kernel_last_seen(&self, entry: GateEntry, relay: &KernelRelay) -> Option<u64> {
         let _ = (entry, relay);
@@ -166,7 +166,7 @@ impl Gate for KernelGate {
             .map_err(|source| GateError::Install {
                 remote: entry.remote,
                 relay: entry.relay,
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -177,7 +177,7 @@ impl Gate for KernelGate {
         let map_error = |source| GateError::Install {
             remote: entry.remote,
             relay: entry.relay,
-            source,
+            source: Box::new(source),
         };
         // Outbound first: when the first answer arrives, the client can already send back.
         let outbound = OutboundValue {
@@ -187,7 +187,7 @@ impl Gate for KernelGate {
             external_relay_port_be: entry.relay.port().to_be(),
             aid_be: relay.aid.to_be(),
             framing: relay.framing_code(),
-            _pad: 0,
+            padding: 0,
             counters: EntryCounters::default(),
         };
         self.outbound

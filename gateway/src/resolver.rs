@@ -68,7 +68,7 @@ impl std::fmt::Debug for Resolver {
                 "nameservers",
                 &self.upstreams.iter().map(|u| u.server).collect::<Vec<_>>(),
             )
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -184,7 +184,8 @@ impl Resolver {
         let mut next = self.next_id.lock().unwrap_or_else(PoisonError::into_inner);
         // Ids only need to be unique among outstanding queries; mix in the address of a fresh
         // allocation-free counter so ids are not trivially predictable.
-        let id = next.wrapping_mul(0x9e37).wrapping_add(0x7f4a) ^ (std::process::id() as u16);
+        let id =
+            next.wrapping_mul(0x9e37).wrapping_add(0x7f4a) ^ (std::process::id() & 0xffff) as u16;
         *next = next.wrapping_add(1);
         id
     }

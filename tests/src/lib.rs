@@ -231,6 +231,10 @@ impl Testbed {
         Ok(bed)
     }
 
+    #[expect(
+        clippy::too_many_lines,
+        reason = "the topology, step by step, in one place"
+    )]
     fn wire(&self) -> Result<()> {
         let (c, f, s) = (self.client.name(), self.fw.name(), self.server.name());
         // Create each veth end directly in its namespace: a crash leaves nothing in the host.

@@ -127,7 +127,7 @@ impl UdpEcho {
         let stop_flag = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
             let mut seen = Vec::new();
-            let mut buf = [0u8; 65_536];
+            let mut buf = vec![0u8; 65_536];
             while !stop_flag.load(Ordering::Relaxed) {
                 if let Ok((len, from)) = socket.recv_from(&mut buf) {
                     if !seen.contains(&from) {

@@ -393,7 +393,7 @@ fn outbound_value(case: &Case, framing_kind: u32) -> OutboundValue {
         external_relay_port_be: case.external_relay.port().to_be(),
         aid_be: AID.to_be(),
         framing: framing_kind,
-        _pad: 0,
+        padding: 0,
         counters: Default::default(),
     }
 }

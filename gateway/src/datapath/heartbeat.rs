@@ -1,4 +1,4 @@
-//! The daemon's heartbeat: a dedicated thread writes CLOCK_MONOTONIC into the `HEARTBEAT` map
+//! The daemon's heartbeat: a dedicated thread writes `CLOCK_MONOTONIC` into the `HEARTBEAT` map
 //! every [`INTERVAL`]. The programs admit nothing once it is older than the fail-closed limit, so
 //! a daemon killed with SIGKILL stops admitting within that limit. A thread, not a task: it must
 //! keep beating while the runtime is busy (inserting a million entries, say).
@@ -17,7 +17,7 @@ use tracing::warn;
 
 pub const INTERVAL: Duration = Duration::from_millis(250);
 
-/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+/// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |now| {
         u64::try_from(now.tv_sec()).unwrap_or(0) * 1_000_000_000

@@ -102,7 +102,7 @@ fn ensure_bpffs() -> Result<(), DatapathError> {
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: the path is NUL-terminated and stat is a valid out-pointer.
     let rc = unsafe { libc::statfs(c"/sys/fs/bpf".as_ptr(), &raw mut stat) };
-    if rc != 0 || i64::from(stat.f_type) != BPF_FS_MAGIC {
+    if rc != 0 || stat.f_type != BPF_FS_MAGIC {
         return Err(DatapathError::NoBpffs);
     }
     Ok(())
@@ -148,6 +148,10 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the object (reusing maps pinned by a dead daemon, cleared of its bindings), writes
     /// the settings, starts the heartbeat, then attaches or takes over the three links.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one start-up sequence, in order, read top to bottom"
+    )]
     pub fn attach(config: &DatapathConfig) -> Result<Self, DatapathError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::EmptyObject);
@@ -296,13 +300,11 @@ fn load(pin_dir: &Path, max_bindings: u32) -> Result<Ebpf, DatapathError> {
         loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
-    for name in [XDP_EXTERNAL_PROGRAM] {
-        let program: &mut Xdp = typed_program(&mut ebpf, name)?;
-        program.load().map_err(|source| DatapathError::Program {
-            what: format!("load {name} into the kernel (verifier)"),
-            source,
-        })?;
-    }
+    let xdp: &mut Xdp = typed_program(&mut ebpf, XDP_EXTERNAL_PROGRAM)?;
+    xdp.load().map_err(|source| DatapathError::Program {
+        what: format!("load {XDP_EXTERNAL_PROGRAM} into the kernel (verifier)"),
+        source,
+    })?;
     for name in [TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM] {
         let program: &mut SchedClassifier = typed_program(&mut ebpf, name)?;
         program.load().map_err(|source| DatapathError::Program {

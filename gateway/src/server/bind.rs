@@ -63,7 +63,7 @@ pub async fn run(
                 break (stream, from);
             }
             Ok(Ok((_, from))) => {
-                info!(%peer, %from, "BIND: connection from an unexpected host refused")
+                info!(%peer, %from, "BIND: connection from an unexpected host refused");
             }
             Ok(Err(error)) => return Err(error.into()),
             Err(_) => {

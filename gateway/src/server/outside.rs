@@ -1,5 +1,5 @@
 //! A relay's outside UDP socket: bound to the gateway's external address, and accepting only
-//! datagrams that arrived on the external interface (IP_PKTINFO / IPV6_RECVPKTINFO), so an
+//! datagrams that arrived on the external interface (`IP_PKTINFO` / `IPV6_RECVPKTINFO`), so an
 //! inside host cannot pose as a remote by sending to the outside address from within.
 
 use std::{
@@ -83,7 +83,7 @@ impl OutsideSocket {
                                 arrived_on = u32::try_from(info.ipi_ifindex).ok();
                             }
                             ControlMessageOwned::Ipv6PacketInfo(info) => {
-                                arrived_on = Some(info.ipi6_ifindex)
+                                arrived_on = Some(info.ipi6_ifindex);
                             }
                             _ => {}
                         }

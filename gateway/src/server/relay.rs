@@ -50,7 +50,7 @@ pub async fn relay(
             if quiet >= idle {
                 return;
             }
-            tokio::time::sleep(idle - quiet).await;
+            tokio::time::sleep(idle.saturating_sub(quiet)).await;
         }
     };
     tokio::select! {

@@ -312,9 +312,7 @@ impl EnhancedMode {
         for action in actions {
             match action {
                 Action::Remove(entry) => {
-                    if let Some(gate_entry) = gate_entry(entry) {
-                        gate.remove(gate_entry);
-                    }
+                    gate.remove(gate_entry(entry));
                     if let Some(relay) = kernel_relay(entry) {
                         gate.remove_outbound(&relay);
                         let mut flows = self
@@ -387,16 +385,16 @@ impl EnhancedMode {
 /// The kernel entry for a machine entry: exact remotes match (remote ip:port, relay ip:port);
 /// host-level bindings (remote port 0) match any port of that host; Listen bindings match any
 /// remote (all-zero address, port 0). The XDP gate tries them in that order.
-pub(crate) fn gate_entry(entry: &KernelEntry) -> Option<GateEntry> {
+pub(crate) fn gate_entry(entry: &KernelEntry) -> GateEntry {
     let remote = match entry.remote {
         RemoteMatch::Exact(remote) => remote,
         RemoteMatch::Host(ip) => std::net::SocketAddr::new(ip, 0),
         RemoteMatch::Any => std::net::SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), 0),
     };
-    Some(GateEntry {
+    GateEntry {
         remote,
         relay: entry.external,
-    })
+    }
 }
 
 /// How the kernel relays an exact, two-way, UDP-framed binding whose client port is known;

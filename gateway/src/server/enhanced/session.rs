@@ -252,16 +252,15 @@ impl Session<'_> {
                     self.relays.insert(aid, control);
                 }
                 Action::Install(entry) => {
-                    if let Some(gate_entry) = gate_entry(entry) {
-                        let installed = match kernel_relay(entry) {
-                            Some(relay) => {
-                                self.mode.kernel_flow_installed(aid, gate_entry, relay);
-                                self.services.gate.install_kernel_relay(gate_entry, relay)
-                            }
-                            None => self.services.gate.install(gate_entry),
-                        };
-                        installed.map_err(std::io::Error::other)?;
-                    }
+                    let gate_entry = gate_entry(entry);
+                    let installed = match kernel_relay(entry) {
+                        Some(relay) => {
+                            self.mode.kernel_flow_installed(aid, gate_entry, relay);
+                            self.services.gate.install_kernel_relay(gate_entry, relay)
+                        }
+                        None => self.services.gate.install(gate_entry),
+                    };
+                    installed.map_err(std::io::Error::other)?;
                 }
                 Action::Remove(_) | Action::Free(_) => self
                     .mode
