@@ -13,6 +13,7 @@ pub mod gate;
 pub mod instance;
 pub mod netif;
 pub mod resolver;
+pub mod rtsp;
 pub mod server;
 pub mod socks;
 pub mod stats;

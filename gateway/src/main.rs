@@ -124,6 +124,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Play an RTSP stream through a gateway: control over SOCKS CONNECT, media over two-step
+    /// RTP-pair bindings (step 1 before SETUP, step 2 with the reply's source before PLAY), RTCP
+    /// receiver reports back; print the steps and per-track statistics, write the audio as WAV.
+    RtspGet(gateway::rtsp::cli::RtspGetArgs),
 }
 
 fn main() -> ExitCode {
@@ -230,6 +234,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::RtspGet(args) => gateway::rtsp::cli::rtsp_get(&args)
+            .map(drop)
+            .map_err(Into::into),
     }
 }
 
