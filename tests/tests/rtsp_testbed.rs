@@ -1,0 +1,280 @@
+//! RTSP through the firewall, end to end in the test bed: `gateway rtsp-get` in `client` plays a
+//! stream from a media server in `server` through the gateway in `fw`, over UDP, admitted
+//! exactly and relayed in the kernel. The demo media server (one and two tracks, two clients at
+//! once, media sent from a second address, the userspace datapath), and GStreamer's RTSP server as
+//! a real peer. Root only.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Output, Stdio},
+    thread,
+    time::Duration,
+};
+
+use gateway::rtsp::audio::{Audio, Match};
+use integration_tests::{
+    ChildGuard, Testbed,
+    gateway::{
+        GatewayDaemon, InstanceCleanup, gateway_bin, reason_packets, stats_json, unique_instance,
+    },
+    iface, run_checked, unique_suffix, wait_until,
+};
+
+const PROXY: &str = "198.51.100.1:1080";
+const URL: &str = "rtsp://203.0.113.2:8554/rtsp.wav";
+
+struct Setup {
+    gateway: GatewayDaemon,
+    _cleanup: InstanceCleanup,
+    dir: PathBuf,
+    bed: Testbed,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn setup(extra: &[&str]) -> Setup {
+    let bed = Testbed::new().unwrap();
+    // A second address on the server: the media may come from it.
+    run_checked(bed.server.command("ip").args([
+        "addr",
+        "add",
+        "203.0.113.3/24",
+        "dev",
+        iface::HOST,
+    ]))
+    .unwrap();
+    let instance = unique_instance();
+    let cleanup = InstanceCleanup {
+        instance: instance.clone(),
+    };
+    let mut args = vec![
+        "--external",
+        iface::FW_OUTSIDE,
+        "--internal",
+        iface::FW_INSIDE,
+        "--allow-anonymous",
+    ];
+    args.extend_from_slice(extra);
+    let gateway = GatewayDaemon::start(&bed.fw, &instance, &args).unwrap();
+    let dir = std::env::temp_dir().join(format!("gateway-rtsp-{}", unique_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    Setup {
+        gateway,
+        _cleanup: cleanup,
+        dir,
+        bed,
+    }
+}
+
+fn demo_server_bin() -> PathBuf {
+    gateway_bin().with_file_name("demo-media-server")
+}
+
+/// Starts the demo media server in `server` on 203.0.113.2:8554 with `args`, ready when its port
+/// accepts connections.
+fn demo_server(setup: &Setup, args: &[&str]) -> ChildGuard {
+    let mut cmd = setup.bed.server.command(demo_server_bin());
+    cmd.args(["--listen", "203.0.113.2:8554"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let guard = ChildGuard::spawn(&mut cmd, "demo-media-server").unwrap();
+    wait_for_port(setup);
+    guard
+}
+
+fn wait_for_port(setup: &Setup) {
+    let ready = setup
+        .bed
+        .server
+        .run(|| {
+            wait_until(Duration::from_secs(10), || {
+                std::net::TcpStream::connect_timeout(
+                    &"203.0.113.2:8554".parse().unwrap(),
+                    Duration::from_millis(100),
+                )
+                .is_ok()
+            })
+        })
+        .unwrap();
+    assert!(ready, "the RTSP server listens");
+}
+
+fn rtsp_get(setup: &Setup, out: &Path, seconds: &str) -> Output {
+    setup
+        .bed
+        .client
+        .command(gateway_bin())
+        .args(["rtsp-get", URL, "--proxy", PROXY, "--out"])
+        .arg(out)
+        .args(["--seconds", seconds])
+        .output()
+        .unwrap()
+}
+
+fn assert_played(out: &Output) -> String {
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "rtsp-get failed:\n{text}");
+    text
+}
+
+/// A 2-second 8 kHz source the server streams and the client must reproduce.
+fn source_wav(setup: &Setup) -> (PathBuf, Audio) {
+    let path = setup.dir.join("source.wav");
+    let audio = Audio::tone(8000, 2.0, 523.25);
+    audio.write_wav(&path).unwrap();
+    (path, audio)
+}
+
+fn assert_sample_exact(sent: &Audio, received_path: &Path) {
+    let received = Audio::read_wav(received_path).unwrap();
+    let verdict = sent.compare(&received);
+    println!("{}: {verdict:?}", received_path.display());
+    assert!(
+        matches!(verdict, Match::Exact),
+        "received audio equals what was sent: {verdict:?}"
+    );
+}
+
+#[test]
+fn demo_flow_is_sample_exact_through_the_kernel_relay() {
+    let setup = setup(&[]);
+    let (wav, sent) = source_wav(&setup);
+    let _server = demo_server(&setup, &["--wav", wav.to_str().unwrap()]);
+    let out = setup.dir.join("received.wav");
+    let text = assert_played(&rtsp_get(&setup, &out, "5"));
+    println!("{text}");
+    for line in [
+        "step 1: AID",
+        "step 2: confirmed source 203.0.113.2:",
+        "lost 0",
+    ] {
+        assert!(text.contains(line), "{line:?} in:\n{text}");
+    }
+    assert_sample_exact(&sent, &out);
+    let stats = stats_json(&setup.bed.fw, &setup.gateway.instance).unwrap();
+    let relayed = reason_packets(&stats, "kernel_relayed_inbound");
+    println!(
+        "kernel relayed {relayed} inbound datagrams, {} outbound",
+        reason_packets(&stats, "kernel_relayed_outbound")
+    );
+    assert!(
+        relayed >= 100,
+        "the RTP stream went through the kernel relay ({relayed})"
+    );
+    assert_eq!(
+        reason_packets(&stats, "binding_to_userspace"),
+        0,
+        "the userspace relay carried none"
+    );
+    assert!(
+        reason_packets(&stats, "kernel_relayed_outbound") > 0,
+        "receiver reports went back in the kernel"
+    );
+}
+
+#[test]
+fn media_from_a_second_server_address() {
+    let setup = setup(&[]);
+    let (wav, sent) = source_wav(&setup);
+    let _server = demo_server(
+        &setup,
+        &[
+            "--wav",
+            wav.to_str().unwrap(),
+            "--media-from",
+            "203.0.113.3",
+        ],
+    );
+    let out = setup.dir.join("received.wav");
+    let text = assert_played(&rtsp_get(&setup, &out, "5"));
+    assert!(
+        text.contains("step 2: confirmed source 203.0.113.3:"),
+        "{text}"
+    );
+    assert_sample_exact(&sent, &out);
+}
+
+#[test]
+fn two_tracks_and_two_clients_at_once() {
+    let setup = setup(&[]);
+    let (wav, sent) = source_wav(&setup);
+    let _server = demo_server(&setup, &["--wav", wav.to_str().unwrap(), "--tracks", "2"]);
+    let outs: Vec<PathBuf> = (0..2)
+        .map(|i| setup.dir.join(format!("client{i}.wav")))
+        .collect();
+    let results: Vec<Output> = thread::scope(|scope| {
+        let handles: Vec<_> = outs
+            .iter()
+            .map(|out| scope.spawn(|| rtsp_get(&setup, out, "5")))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (out, result) in outs.iter().zip(&results) {
+        let text = assert_played(result);
+        assert_eq!(
+            text.matches("step 2: confirmed").count(),
+            2,
+            "two tracks:\n{text}"
+        );
+        assert_sample_exact(&sent, out);
+        let second = PathBuf::from(format!("{}-1.wav", out.with_extension("").display()));
+        assert_sample_exact(&sent, &second);
+    }
+}
+
+#[test]
+fn userspace_datapath_gives_the_same_audio() {
+    let setup = setup(&["--datapath", "userspace"]);
+    let (wav, sent) = source_wav(&setup);
+    let _server = demo_server(&setup, &["--wav", wav.to_str().unwrap()]);
+    let out = setup.dir.join("received.wav");
+    assert_played(&rtsp_get(&setup, &out, "5"));
+    assert_sample_exact(&sent, &out);
+    let stats = stats_json(&setup.bed.fw, &setup.gateway.instance).unwrap();
+    assert_eq!(reason_packets(&stats, "kernel_relayed_inbound"), 0);
+    assert!(reason_packets(&stats, "binding_to_userspace") >= 100);
+}
+
+#[test]
+fn gstreamer_rtsp_server_interop() {
+    let setup = setup(&[]);
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/gst_rtsp_server.py");
+    let mut cmd = setup.bed.server.command("/usr/bin/python3");
+    cmd.arg(&script)
+        .args(["203.0.113.2", "8554"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _gst = ChildGuard::spawn(&mut cmd, "GStreamer RTSP server").unwrap();
+    wait_for_port(&setup);
+    let out = setup.dir.join("gst.wav");
+    let text = assert_played(&rtsp_get(&setup, &out, "3"));
+    println!("{text}");
+    // GStreamer names no source=: the media source is the RTSP server's own address.
+    assert!(
+        text.contains("step 2: confirmed source 203.0.113.2:"),
+        "{text}"
+    );
+    let received = Audio::read_wav(&out).unwrap();
+    assert!(
+        received.duration() >= Duration::from_millis(1500),
+        "about 3 s of audio, got {:?}",
+        received.duration()
+    );
+    let loud = received
+        .samples
+        .iter()
+        .filter(|s| s.unsigned_abs() > 1000)
+        .count();
+    assert!(loud > received.samples.len() / 4, "a tone, not silence");
+    let stats = stats_json(&setup.bed.fw, &setup.gateway.instance).unwrap();
+    assert!(
+        reason_packets(&stats, "kernel_relayed_inbound") > 10,
+        "relayed in the kernel"
+    );
+}
