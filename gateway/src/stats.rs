@@ -102,13 +102,13 @@ pub fn to_table(instance: &str, totals: &[ReasonTotal]) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<24} {:<7} {:>14} {:>16}",
+        "{:<30} {:<8} {:>14} {:>16}",
         "reason", "verdict", "packets", "bytes"
     );
     for total in totals {
         let _ = writeln!(
             out,
-            "{:<24} {:<7} {:>14} {:>16}",
+            "{:<30} {:<8} {:>14} {:>16}",
             total.reason.name(),
             total.reason.verdict().name(),
             total.packets,

@@ -2,6 +2,7 @@
 //! packages the project needs, running the root-only test layers, the namespace testbed and the
 //! demo. It must build with the stable toolchain and no bpf-linker, because `setup` installs it.
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -43,6 +44,17 @@ enum Command {
     /// Set up, build, bring up the testbed, attach the gateway in `fw`, send unsolicited UDP
     /// from `server` and show the gateway's drop counters; tears everything down again.
     Demo,
+    /// Benchmarks (root, about 15 minutes; `--quick` about 5): in-kernel relay vs userspace relay
+    /// vs Dante vs plain forwarding, drop cost, control plane, scale, latency. Prints a table and
+    /// writes target/bench/results.json and plots (SVG, PNG).
+    Bench {
+        /// Fewer runs and shorter windows.
+        #[arg(long)]
+        quick: bool,
+        /// Only these areas, comma-separated: relay, drop, control, scale, latency.
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// Run clippy on the host crates (the eBPF crate is built, not linted, by gateway/build.rs).
     Clippy,
 }
@@ -100,6 +112,12 @@ fn run(cli: Cli) -> Result<()> {
             demo::run()
         }
         // gateway-ebpf is no_std for bpfel-unknown-none: it cannot be linted for the host.
+        Command::Bench { quick, only } => {
+            require_root("bench")?;
+            setup::run()?;
+            let out = setup::workspace_root().join("target/bench");
+            bench::run(if quick { "quick" } else { "full" }, only.as_deref(), &out)
+        }
         Command::Clippy => test::cargo(&[
             "clippy",
             "--workspace",

@@ -36,6 +36,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "gstreamer1.0-tools",
     "gstreamer1.0-plugins-base",
     "gstreamer1.0-plugins-good",
+    // The bench's PNG plots draw text with this font (ab_glyph, no fontconfig).
+    "fonts-dejavu-core",
 ];
 
 pub fn run() -> Result<()> {

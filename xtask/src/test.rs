@@ -83,6 +83,13 @@ pub fn run(filter: Option<&str>, skip_unit: bool) -> Result<()> {
         }
     }
 
+    if filter.is_none_or(|filter| "bench".contains(filter)) {
+        println!("test: bench smoke run (a few hundred packets per scenario)");
+        if let Err(error) = crate::bench::smoke() {
+            failures.push(format!("bench smoke run: {error:#}"));
+        }
+    }
+
     let elapsed = started.elapsed().as_secs();
     if failures.is_empty() {
         println!("test: all passed in {elapsed} s");
