@@ -526,3 +526,107 @@ fn listen_receives_from_any_remote_only_where_policy_allows() {
         });
     }
 }
+
+fn hex(text: &str) -> Vec<u8> {
+    let digits: String = text.split_whitespace().collect();
+    (0..digits.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// The worked example of protocol.md section 3, byte for byte, from the client at
+/// 198.51.100.2:5000: enter the mode, step 1, step 2 with 203.0.113.2:6000. The gateway's AID
+/// and ports are its own; every other octet of its replies is as the document shows.
+#[test]
+fn protocol_worked_example_bytes() {
+    use std::io::{Read as _, Write as _};
+    let setup = setup(&[]);
+    let media = server_socket(&setup.bed, "203.0.113.2:6000");
+    let (mut control, client) = setup
+        .bed
+        .client
+        .run(|| {
+            let socket = std::net::TcpStream::connect_timeout(
+                &PROXY.parse().unwrap(),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            (socket, UdpSocket::bind("198.51.100.2:5000").unwrap())
+        })
+        .unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let read = |control: &mut std::net::TcpStream, len: usize| {
+        let mut buf = vec![0u8; len];
+        control.read_exact(&mut buf).unwrap();
+        buf
+    };
+    // Greeting (no authentication) and entering the mode.
+    control.write_all(&hex("05 01 00")).unwrap();
+    assert_eq!(read(&mut control, 2), hex("05 00"));
+    control
+        .write_all(&hex("05 04 00 01 00000000 0000"))
+        .unwrap();
+    assert_eq!(read(&mut control, 10), hex("01 00 00 01 00000000 0000"));
+    // Step 1.
+    control
+        .write_all(&hex(
+            "01 001B 05 0007 00 0101 00000000 01 C6336402 1388 01 00000000 0000",
+        ))
+        .unwrap();
+    let reply = read(&mut control, 27);
+    assert_eq!(
+        &reply[..9],
+        &hex("02 001B 00 0087 00 0101")[..],
+        "reply, REMOTE-PENDING, TID echoed"
+    );
+    let aid = &reply[9..13];
+    assert_ne!(aid, [0, 0, 0, 0]);
+    assert_eq!(
+        &reply[13..18],
+        &hex("01 C6336401")[..],
+        "internal relay 198.51.100.1"
+    );
+    assert_eq!(
+        &reply[20..25],
+        &hex("01 CB007101")[..],
+        "external relay 203.0.113.1"
+    );
+    let internal_port = u16::from_be_bytes([reply[18], reply[19]]);
+    let external_port = u16::from_be_bytes([reply[25], reply[26]]);
+    // Step 2 with the AID of the reply and the media source 203.0.113.2:6000.
+    let mut step2 = hex("01 001B 05 0007 00 0101");
+    step2.extend_from_slice(aid);
+    step2.extend_from_slice(&hex("01 C6336402 1388 01 CB007102 1770"));
+    control.write_all(&step2).unwrap();
+    let mut expected = hex("02 001B 00 0007 00 0101");
+    expected.extend_from_slice(aid);
+    expected.extend_from_slice(&hex("01 C6336401"));
+    expected.extend_from_slice(&internal_port.to_be_bytes());
+    expected.extend_from_slice(&hex("01 CB007101"));
+    expected.extend_from_slice(&external_port.to_be_bytes());
+    assert_eq!(
+        read(&mut control, 27),
+        expected,
+        "the same relay addresses, REMOTE-PENDING cleared"
+    );
+    // A datagram from the source arrives with the 8-octet header `00 00 0000 AID`.
+    media
+        .send_to(b"media", ("203.0.113.1", external_port))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let (len, from) = client.recv_from(&mut buf).unwrap();
+    let mut header = hex("00 00 0000");
+    header.extend_from_slice(aid);
+    assert_eq!(&buf[..8], &header[..]);
+    assert_eq!(&buf[8..len], b"media");
+    assert_eq!(
+        from,
+        SocketAddr::new("198.51.100.1".parse().unwrap(), internal_port)
+    );
+}
