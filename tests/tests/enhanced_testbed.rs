@@ -630,3 +630,40 @@ fn protocol_worked_example_bytes() {
         SocketAddr::new("198.51.100.1".parse().unwrap(), internal_port)
     );
 }
+
+/// A datagram the 8-octet header would push over the internal link's MTU is not relayed in the
+/// kernel: it goes to the userspace relay (counted) and still arrives whole.
+#[test]
+fn datagrams_too_big_for_the_kernel_relay_go_to_userspace() {
+    let setup = Arc::new(setup(&[]));
+    let source_sock = server_socket(&setup.bed, "203.0.113.2:6000");
+    let source_addr: SocketAddr = "203.0.113.2:6000".parse().unwrap();
+    let shared = Arc::clone(&setup);
+    in_client(&setup.bed.client, move || {
+        Box::pin(async move {
+            let setup = shared;
+            let session = Client::connect(PROXY.parse().unwrap(), None)
+                .await
+                .unwrap()
+                .enhanced()
+                .await
+                .unwrap();
+            let binding = session.udp_socket(Family::V4).await.unwrap();
+            let external = binding.bind().await.unwrap().external;
+            binding.connect(source_addr).await.unwrap();
+            // 20 (IPv4) + 8 (UDP) + 1470 = 1498 octets: fits the wire, not with 8 more.
+            let big: Vec<u8> = (0..1470u32).map(|i| (i % 251) as u8).collect();
+            source_sock.send_to(&big, external).unwrap();
+            source_sock.send_to(b"small", external).unwrap();
+            let got = receive(&binding, 2).await;
+            assert_eq!(got.len(), 2);
+            assert!(got.contains(&big), "the big datagram arrives whole");
+            assert_eq!(stat(&setup, "too_big_for_kernel_relay"), 1);
+            assert_eq!(
+                stat(&setup, "kernel_relayed_inbound"),
+                1,
+                "the small one is relayed in the kernel"
+            );
+        })
+    });
+}
