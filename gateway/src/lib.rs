@@ -7,6 +7,7 @@
 
 pub mod binding;
 pub mod client;
+pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod gate;

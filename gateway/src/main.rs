@@ -4,10 +4,7 @@ use std::process::ExitCode;
 
 mod daemon;
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    path::PathBuf,
-};
+use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
@@ -20,11 +17,7 @@ use gateway_common::DEFAULT_MAX_BINDINGS;
 use ipnet::IpNet;
 use tracing_subscriber::EnvFilter;
 
-fn parse_resolver(text: &str) -> Result<SocketAddr, String> {
-    text.parse::<SocketAddr>()
-        .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
-        .map_err(|_| format!("{text:?} is not an IP or IP:PORT"))
-}
+use gateway::config::parse_resolver;
 
 #[derive(Parser)]
 #[command(
@@ -44,18 +37,23 @@ enum Command {
     /// SIGTERM. Needs root. Maps and the link are pinned under /sys/fs/bpf/gateway/INSTANCE/, so
     /// the gate stays closed even if the daemon is killed; the next daemon takes it over.
     Run {
+        /// A TOML file with any of these settings (keys as the flags, `_` for `-`); flags given
+        /// here win over the file. Unknown keys are errors.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Interface facing the untrusted side (where unsolicited UDP arrives and is dropped).
         #[arg(long, value_name = "IFACE")]
-        external: String,
+        external: Option<String>,
         /// Interface facing the protected clients.
         #[arg(long, value_name = "IFACE")]
-        internal: String,
-        /// Instance name: separates pinned objects and lock files of several gateways on one host.
-        #[arg(long, value_name = "NAME", default_value = DEFAULT_INSTANCE)]
-        instance: String,
-        /// Capacity of the kernel binding map.
-        #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_BINDINGS)]
-        max_bindings: u32,
+        internal: Option<String>,
+        /// Instance name: separates pinned objects and lock files of several gateways on one host
+        /// [default: gateway].
+        #[arg(long, value_name = "NAME")]
+        instance: Option<String>,
+        /// Capacity of the kernel binding map [default: 65536].
+        #[arg(long, value_name = "N")]
+        max_bindings: Option<u32>,
         /// Admit one exact UDP flow the host itself needs on the external interface (NTP, DHCP,
         /// a resolver's replies): REMOTE_IP:PORT,LOCAL_IP:PORT. Repeat for more. Everything else
         /// that no binding admits is dropped.
@@ -80,16 +78,16 @@ enum Command {
         /// are always refused.
         #[arg(long, value_name = "CIDR")]
         deny: Vec<IpNet>,
-        /// Most control connections served at once; more are closed at accept.
-        #[arg(long, value_name = "N", default_value_t = 4096)]
-        max_connections: usize,
+        /// Most control connections served at once; more are closed at accept [default: 4096].
+        #[arg(long, value_name = "N")]
+        max_connections: Option<usize>,
         /// Who relays confirmed bindings: `xdp` (in the kernel) or `userspace` (for comparison
-        /// and for interfaces without XDP). The XDP gate drops unsolicited UDP either way.
-        #[arg(long, value_enum, default_value = "xdp")]
-        datapath: daemon::DatapathKind,
+        /// and for interfaces without XDP). The XDP gate drops unsolicited UDP either way
+        /// [default: xdp].
+        #[arg(long, value_enum)]
+        datapath: Option<daemon::DatapathKind>,
         /// Let an enhanced-mode step 2 with an unspecified REMOTE confirm a UDP Listen binding:
-        /// datagrams from any remote reach the client. Off: refused with 02. The kernel gate has
-        /// no relay-port-only entry yet, so Listen bindings only receive where it admits them.
+        /// datagrams from any remote to the relay port reach the client. Off: refused with 02.
         #[arg(long)]
         allow_listen: bool,
     },
@@ -150,6 +148,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run {
+            config,
             external,
             internal,
             instance,
@@ -163,21 +162,44 @@ fn run(cli: Cli) -> Result<()> {
             max_connections,
             allow_listen,
             datapath,
-        } => daemon::run(daemon::DaemonArgs {
-            datapath,
-            external,
-            internal,
-            instance,
-            max_bindings,
-            host_allow: allow_host_udp,
-            listen,
-            users,
-            allow_anonymous,
-            resolvers,
-            deny,
-            max_connections,
-            allow_listen,
-        }),
+        } => {
+            let file = match &config {
+                Some(path) => gateway::config::load(path)?,
+                None => gateway::config::Checked::default(),
+            };
+            let f = file.file;
+            // A flag given on the command line wins over the file; lists replace, not merge.
+            let datapath = match datapath {
+                Some(datapath) => datapath,
+                None if f.datapath.as_deref() == Some("userspace") => {
+                    daemon::DatapathKind::Userspace
+                }
+                None => daemon::DatapathKind::Xdp,
+            };
+            daemon::run(daemon::DaemonArgs {
+                datapath,
+                external: external.or(f.external).context(
+                    "no external interface: give --external IFACE (or `external` in --config)",
+                )?,
+                internal: internal.or(f.internal).context(
+                    "no internal interface: give --internal IFACE (or `internal` in --config)",
+                )?,
+                instance: instance
+                    .or(f.instance)
+                    .unwrap_or_else(|| DEFAULT_INSTANCE.to_owned()),
+                max_bindings: max_bindings
+                    .or(f.max_bindings)
+                    .unwrap_or(DEFAULT_MAX_BINDINGS),
+                host_allow: or_file(allow_host_udp, file.host_flows),
+                listen: or_file(listen, f.listen),
+                users: users.or(f.users),
+                allow_anonymous: allow_anonymous || f.allow_anonymous.unwrap_or(false),
+                resolvers: or_file(resolvers, file.resolvers),
+                deny: or_file(deny, f.deny),
+                max_connections: max_connections.or(f.max_connections).unwrap_or(4096),
+                allow_listen: allow_listen || f.allow_listen.unwrap_or(false),
+            })
+        }
         Command::Bindings { instance, json } => {
             let instance = Instance::new(&instance)?;
             instance.require_running()?;
@@ -277,4 +299,9 @@ fn render_bindings(document: &serde_json::Value) -> String {
         );
     }
     out
+}
+
+/// A list given on the command line replaces the file's list; otherwise the file's applies.
+fn or_file<T>(cli: Vec<T>, from_file: Vec<T>) -> Vec<T> {
+    if cli.is_empty() { from_file } else { cli }
 }

@@ -330,3 +330,49 @@ fn detach_removes_what_a_dead_daemon_left() {
     let again = gateway_cli(&bed.fw, &["detach", "--instance", &instance]).unwrap();
     assert!(String::from_utf8_lossy(&again.stdout).contains("nothing pinned"));
 }
+
+#[test]
+fn config_file_runs_the_gateway_and_bad_keys_are_refused() {
+    let bed = Testbed::new().unwrap();
+    let instance = unique_instance();
+    let _cleanup = InstanceCleanup {
+        instance: instance.clone(),
+    };
+    let dir = std::env::temp_dir().join(format!("gateway-config-{instance}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        format!(
+            "external = \"{}\"\ninternal = \"{}\"\nallow_anonymous = true\ninstance = \"{instance}\"\n",
+            iface::FW_OUTSIDE,
+            iface::FW_INSIDE
+        ),
+    )
+    .unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "external = \"outside0\"\nresolvers = [\"not-an-ip\"]\n",
+    )
+    .unwrap();
+    let typo = dir.join("typo.toml");
+    std::fs::write(&typo, "externall = \"outside0\"\n").unwrap();
+
+    for (file, expected) in [(&bad, "resolvers[0]"), (&typo, "externall")] {
+        let out = gateway_cli(&bed.fw, &["run", "--config", file.to_str().unwrap()]).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains(expected),
+            "the error names the key {expected}: {stderr}"
+        );
+    }
+    let gateway =
+        GatewayDaemon::start(&bed.fw, &instance, &["--config", good.to_str().unwrap()]).unwrap();
+    let before = no_binding_drops(&bed, &instance);
+    send_from_server(&bed, addr::FW_OUTSIDE_V4.into());
+    assert_eq!(no_binding_drops(&bed, &instance) - before, DATAGRAMS as u64);
+    drop(gateway);
+    let _ = std::fs::remove_dir_all(&dir);
+}
