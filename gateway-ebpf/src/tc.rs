@@ -335,41 +335,17 @@ fn try_inbound(ctx: &TcContext) -> Result<i32, DropReason> {
         )
         .map_err(failed)?;
     }
-    ctx.store(l4, &value.internal_relay_port_be, 0)
-        .map_err(failed)?;
-    ctx.store(l4 + 2, &value.client_port_be, 0)
-        .map_err(failed)?;
-    ctx.store(l4 + 4, &new_len_be, 0).map_err(failed)?;
+    let ports = UdpRewrite {
+        l4,
+        old_src_port_be: packet.src_port_be,
+        new_src_port_be: value.internal_relay_port_be,
+        old_dst_port_be: packet.dst_port_be,
+        new_dst_port_be: value.client_port_be,
+        old_len_be,
+        new_len_be,
+    };
+    ports.apply(ctx, has_csum).map_err(failed)?;
     if has_csum {
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(packet.src_port_be),
-            u64::from(value.internal_relay_port_be),
-            l4_flags | 2,
-        )
-        .map_err(failed)?;
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(packet.dst_port_be),
-            u64::from(value.client_port_be),
-            l4_flags | 2,
-        )
-        .map_err(failed)?;
-        // The UDP length is in the header and in the pseudo-header.
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(old_len_be),
-            u64::from(new_len_be),
-            l4_flags | 2,
-        )
-        .map_err(failed)?;
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(old_len_be),
-            u64::from(new_len_be),
-            l4_flags | u64::from(BPF_F_PSEUDO_HDR) | 2,
-        )
-        .map_err(failed)?;
         let added = sum_of(&header, padded(header_len));
         ctx.l4_csum_replace(csum_off, 0, added as u64, l4_flags)
             .map_err(failed)?;
@@ -383,6 +359,42 @@ fn try_inbound(ctx: &TcContext) -> Result<i32, DropReason> {
     let action =
         unsafe { bpf_redirect_neigh(settings.internal_ifindex, core::ptr::null_mut(), 0, 0) };
     Ok(action as i32)
+}
+
+/// New UDP ports and length, with their part of the UDP checksum (the length is in the header
+/// and in the pseudo-header).
+struct UdpRewrite {
+    l4: usize,
+    old_src_port_be: u16,
+    new_src_port_be: u16,
+    old_dst_port_be: u16,
+    new_dst_port_be: u16,
+    old_len_be: u16,
+    new_len_be: u16,
+}
+
+impl UdpRewrite {
+    #[inline(always)]
+    fn apply(&self, ctx: &TcContext, has_csum: bool) -> Result<(), i64> {
+        ctx.store(self.l4, &self.new_src_port_be, 0)?;
+        ctx.store(self.l4 + 2, &self.new_dst_port_be, 0)?;
+        ctx.store(self.l4 + 4, &self.new_len_be, 0)?;
+        if !has_csum {
+            return Ok(());
+        }
+        let csum_off = self.l4 + 6;
+        let flags = u64::from(BPF_F_MARK_MANGLED_0);
+        let pseudo = u64::from(BPF_F_PSEUDO_HDR);
+        for (old, new, flags) in [
+            (self.old_src_port_be, self.new_src_port_be, flags | 2),
+            (self.old_dst_port_be, self.new_dst_port_be, flags | 2),
+            (self.old_len_be, self.new_len_be, flags | 2),
+            (self.old_len_be, self.new_len_be, flags | pseudo | 2),
+        ] {
+            ctx.l4_csum_replace(csum_off, u64::from(old), u64::from(new), flags)?;
+        }
+        Ok(())
+    }
 }
 
 const fn padded(len: usize) -> usize {
@@ -590,39 +602,17 @@ fn try_internal(ctx: &TcContext) -> Result<i32, DropReason> {
         )
         .map_err(failed)?;
     }
-    ctx.store(l4, &value.external_relay_port_be, 0)
-        .map_err(failed)?;
-    ctx.store(l4 + 2, &dest_port_be, 0).map_err(failed)?;
-    ctx.store(l4 + 4, &new_len_be, 0).map_err(failed)?;
+    let ports = UdpRewrite {
+        l4,
+        old_src_port_be: packet.src_port_be,
+        new_src_port_be: value.external_relay_port_be,
+        old_dst_port_be: packet.dst_port_be,
+        new_dst_port_be: dest_port_be,
+        old_len_be,
+        new_len_be,
+    };
+    ports.apply(ctx, has_csum).map_err(failed)?;
     if has_csum {
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(packet.src_port_be),
-            u64::from(value.external_relay_port_be),
-            l4_flags | 2,
-        )
-        .map_err(failed)?;
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(packet.dst_port_be),
-            u64::from(dest_port_be),
-            l4_flags | 2,
-        )
-        .map_err(failed)?;
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(old_len_be),
-            u64::from(new_len_be),
-            l4_flags | 2,
-        )
-        .map_err(failed)?;
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(old_len_be),
-            u64::from(new_len_be),
-            l4_flags | u64::from(BPF_F_PSEUDO_HDR) | 2,
-        )
-        .map_err(failed)?;
         // The framing octets left the checksummed data.
         let removed = sum_of(&header, padded(header_len));
         ctx.l4_csum_replace(csum_off, 0, (!(removed as u32)) as u64, l4_flags)
