@@ -147,3 +147,31 @@ pub fn stats_json(ns: &Netns, instance: &str) -> Result<Value> {
 pub fn reason_packets(stats: &Value, reason: &str) -> u64 {
     stats["reasons"][reason]["packets"].as_u64().unwrap_or(0)
 }
+
+/// Flags every test-bed gateway uses: its two interfaces and anonymous access.
+pub const TESTBED_ARGS: [&str; 5] = [
+    "--external",
+    crate::iface::FW_OUTSIDE,
+    "--internal",
+    crate::iface::FW_INSIDE,
+    "--allow-anonymous",
+];
+
+/// Starts a gateway in the bed's `fw` with [`TESTBED_ARGS`] and `extra` under a fresh instance
+/// name; the cleanup guard removes its pins whatever happens.
+pub fn start_in_fw(
+    bed: &crate::Testbed,
+    extra: &[&str],
+) -> Result<(GatewayDaemon, InstanceCleanup)> {
+    let instance = unique_instance();
+    let cleanup = InstanceCleanup {
+        instance: instance.clone(),
+    };
+    let args: Vec<&str> = TESTBED_ARGS
+        .iter()
+        .copied()
+        .chain(extra.iter().copied())
+        .collect();
+    let gateway = GatewayDaemon::start(&bed.fw, &instance, &args)?;
+    Ok((gateway, cleanup))
+}

@@ -38,6 +38,9 @@ pub mod addr {
     pub const FW_INSIDE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
     pub const FW_OUTSIDE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
     pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 2);
+    /// A second host address in `server` (added by `Testbed::add_second_server_address`).
+    pub const SERVER2_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 3);
+    pub const SERVER2_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 3);
     /// The test DNS server's address in `server` (added by `peers::Dnsmasq`).
     pub const SERVER_DNS_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 53);
 }
@@ -356,6 +359,32 @@ impl Testbed {
         self.fw.sysctl("net.ipv4.ip_forward", "0")?;
         self.fw.sysctl("net.ipv6.conf.all.forwarding", "0")?;
         Ok(())
+    }
+
+    /// Adds [`addr::SERVER2_V4`] and [`addr::SERVER2_V6`] to `server`: another remote host, or a
+    /// media source apart from the RTSP address.
+    pub fn add_second_server_address(&self) -> Result<()> {
+        let s = self.server.name();
+        ip(&[
+            "-n",
+            s,
+            "addr",
+            "add",
+            &format!("{}/24", addr::SERVER2_V4),
+            "dev",
+            iface::HOST,
+        ])?;
+        ip(&[
+            "-n",
+            s,
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", addr::SERVER2_V6),
+            "dev",
+            iface::HOST,
+            "nodad",
+        ])
     }
 
     /// `cargo xtask testbed up`: the fixed-name bed, left in place.

@@ -14,8 +14,8 @@ use gateway::client::{Client, ClientError, Family};
 use gateway_common::DropReason;
 use integration_tests::{
     Netns, Testbed, addr,
-    gateway::{GatewayDaemon, InstanceCleanup, reason_packets, stats_json, unique_instance},
-    iface, run_checked,
+    gateway::{GatewayDaemon, InstanceCleanup, reason_packets, start_in_fw, stats_json},
+    iface,
 };
 
 const PROXY: &str = "198.51.100.1:1080";
@@ -30,37 +30,8 @@ struct Setup {
 fn setup(extra: &[&str]) -> Setup {
     let bed = Testbed::new().unwrap();
     // A second host on the server side (another remote, not the media source).
-    run_checked(bed.server.command("ip").args([
-        "addr",
-        "add",
-        "203.0.113.3/24",
-        "dev",
-        iface::HOST,
-    ]))
-    .unwrap();
-    run_checked(bed.server.command("ip").args([
-        "-6",
-        "addr",
-        "add",
-        "2001:db8:2::3/64",
-        "dev",
-        iface::HOST,
-        "nodad",
-    ]))
-    .unwrap();
-    let instance = unique_instance();
-    let cleanup = InstanceCleanup {
-        instance: instance.clone(),
-    };
-    let mut args = vec![
-        "--external",
-        iface::FW_OUTSIDE,
-        "--internal",
-        iface::FW_INSIDE,
-        "--allow-anonymous",
-    ];
-    args.extend_from_slice(extra);
-    let gateway = GatewayDaemon::start(&bed.fw, &instance, &args).unwrap();
+    bed.add_second_server_address().unwrap();
+    let (gateway, cleanup) = start_in_fw(&bed, extra).unwrap();
     Setup {
         gateway,
         cleanup,

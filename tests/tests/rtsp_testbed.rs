@@ -15,9 +15,9 @@ use gateway::rtsp::audio::{Audio, Match};
 use integration_tests::{
     ChildGuard, Testbed,
     gateway::{
-        GatewayDaemon, InstanceCleanup, gateway_bin, reason_packets, stats_json, unique_instance,
+        GatewayDaemon, InstanceCleanup, gateway_bin, reason_packets, start_in_fw, stats_json,
     },
-    iface, run_checked, unique_suffix, wait_until,
+    unique_suffix, wait_until,
 };
 
 const PROXY: &str = "198.51.100.1:1080";
@@ -39,27 +39,8 @@ impl Drop for Setup {
 fn setup(extra: &[&str]) -> Setup {
     let bed = Testbed::new().unwrap();
     // A second address on the server: the media may come from it.
-    run_checked(bed.server.command("ip").args([
-        "addr",
-        "add",
-        "203.0.113.3/24",
-        "dev",
-        iface::HOST,
-    ]))
-    .unwrap();
-    let instance = unique_instance();
-    let cleanup = InstanceCleanup {
-        instance: instance.clone(),
-    };
-    let mut args = vec![
-        "--external",
-        iface::FW_OUTSIDE,
-        "--internal",
-        iface::FW_INSIDE,
-        "--allow-anonymous",
-    ];
-    args.extend_from_slice(extra);
-    let gateway = GatewayDaemon::start(&bed.fw, &instance, &args).unwrap();
+    bed.add_second_server_address().unwrap();
+    let (gateway, cleanup) = start_in_fw(&bed, extra).unwrap();
     let dir = std::env::temp_dir().join(format!("gateway-rtsp-{}", unique_suffix()));
     std::fs::create_dir_all(&dir).unwrap();
     Setup {
