@@ -5,7 +5,7 @@
 use std::{
     io::{self, IoSliceMut},
     net::{IpAddr, SocketAddr},
-    os::fd::AsRawFd as _,
+    os::fd::{AsRawFd as _, RawFd},
 };
 
 use nix::sys::socket::{
@@ -59,57 +59,69 @@ impl OutsideSocket {
         self.socket.send_to(payload, to).await
     }
 
-    /// Receives one datagram into `buf`, reporting where it came from and whether it arrived on
-    /// the external interface.
-    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<Received> {
-        let fd = self.socket.as_raw_fd();
-        let (len, from, arrived_on) = self
-            .socket
-            .async_io(Interest::READABLE, || {
-                let mut iov = [IoSliceMut::new(buf)];
-                let mut cmsg = nix::cmsg_space!(libc::in6_pktinfo);
-                let msg = recvmsg::<SockaddrStorage>(
-                    fd,
-                    &mut iov,
-                    Some(&mut cmsg),
-                    MsgFlags::MSG_DONTWAIT,
-                )
-                .map_err(io::Error::from)?;
-                let mut arrived_on = None;
-                if let Ok(cmsgs) = msg.cmsgs() {
-                    for cmsg in cmsgs {
-                        match cmsg {
-                            ControlMessageOwned::Ipv4PacketInfo(info) => {
-                                arrived_on = u32::try_from(info.ipi_ifindex).ok();
-                            }
-                            ControlMessageOwned::Ipv6PacketInfo(info) => {
-                                arrived_on = Some(info.ipi6_ifindex);
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-                let from = msg
-                    .address
-                    .and_then(|addr| {
-                        addr.as_sockaddr_in()
-                            .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
-                            .or_else(|| {
-                                addr.as_sockaddr_in6()
-                                    .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
-                            })
-                    })
-                    .ok_or_else(|| io::Error::other("datagram without a source address"))?;
-                Ok((msg.bytes, from, arrived_on))
-            })
-            .await?;
+    /// Waits until a datagram can be read (without holding a buffer while waiting).
+    pub async fn readable(&self) -> io::Result<()> {
+        self.socket.readable().await
+    }
+
+    /// Receives one datagram now, or fails with `WouldBlock`.
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<Received> {
+        let received = self.socket.try_io(Interest::READABLE, || {
+            recv_with_pktinfo(self.socket.as_raw_fd(), buf)
+        })?;
+        Ok(self.classify(received))
+    }
+
+    fn classify(&self, (len, from, arrived_on): (usize, SocketAddr, Option<u32>)) -> Received {
         match (self.ifindex, arrived_on) {
-            (Some(expected), Some(actual)) if expected != actual => Ok(Received::WrongInterface {
+            (Some(expected), Some(actual)) if expected != actual => Received::WrongInterface {
                 from,
                 ifindex: actual,
-            }),
-            (Some(_), None) => Ok(Received::WrongInterface { from, ifindex: 0 }),
-            _ => Ok(Received::Datagram { len, from }),
+            },
+            (Some(_), None) => Received::WrongInterface { from, ifindex: 0 },
+            _ => Received::Datagram { len, from },
         }
     }
+}
+
+/// One non-blocking `recvmsg` with the arrival interface from the packet-info control message.
+fn recv_with_pktinfo(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Option<u32>)> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let mut cmsg = nix::cmsg_space!(libc::in6_pktinfo);
+    let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT)
+        .map_err(io::Error::from)?;
+    let mut arrived_on = None;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for cmsg in cmsgs {
+            match cmsg {
+                ControlMessageOwned::Ipv4PacketInfo(info) => {
+                    arrived_on = u32::try_from(info.ipi_ifindex).ok();
+                }
+                ControlMessageOwned::Ipv6PacketInfo(info) => arrived_on = Some(info.ipi6_ifindex),
+                _ => {}
+            }
+        }
+    }
+    let from = msg
+        .address
+        .and_then(|addr| {
+            addr.as_sockaddr_in()
+                .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+                .or_else(|| {
+                    addr.as_sockaddr_in6()
+                        .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+                })
+        })
+        .ok_or_else(|| io::Error::other("datagram without a source address"))?;
+    Ok((msg.bytes, from, arrived_on))
+}
+
+/// Runs `f` on this worker thread's receive buffer (64 KiB, shared by every relay on the thread):
+/// relays wait for readiness without a buffer of their own and copy out what they read, so a
+/// live binding costs no receive buffer.
+pub fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 65_535]);
+    }
+    SCRATCH.with(|buf| f(&mut buf.borrow_mut()))
 }

@@ -21,7 +21,7 @@ use super::{
     Services,
     connect::resolve_allowed,
     connection::{Connection, ConnectionError},
-    outside::{OutsideSocket, Received},
+    outside::{OutsideSocket, Received, with_scratch},
     policy::canonical,
     send_failure, send_success,
 };
@@ -29,8 +29,6 @@ use crate::{
     gate::{Framing, GateEntry, KernelRelay},
     socks::{Address, ReplyCode, UdpHeader},
 };
-
-const MAX_DATAGRAM: usize = 65_535;
 
 /// Counters of one association, logged when it ends.
 #[derive(Debug, Default)]
@@ -133,22 +131,56 @@ pub async fn run(
 
 impl Association<'_> {
     async fn serve(&mut self) -> std::io::Result<()> {
-        let mut from_client = vec![0u8; MAX_DATAGRAM];
-        let mut from_remote_v4 = vec![0u8; MAX_DATAGRAM];
-        let mut from_remote_v6 = vec![0u8; MAX_DATAGRAM];
+        // No buffer per association: wait for readiness, read into the thread's scratch buffer
+        // and copy out exactly the datagram.
         loop {
             tokio::select! {
-                received = self.inside.recv_from(&mut from_client) => {
-                    let (len, from) = received?;
-                    self.on_client_datagram(&from_client[..len], from).await;
+                ready = self.inside.readable() => {
+                    ready?;
+                    match with_scratch(|buf| self.inside.try_recv_from(buf).map(|(len, from)| (buf[..len].to_vec(), from))) {
+                        Ok((datagram, from)) => self.on_client_datagram(&datagram, from).await,
+                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(error) => return Err(error),
+                    }
                 }
-                received = recv_optional(self.outside_v4.as_ref(), &mut from_remote_v4) => {
-                    self.on_remote_datagram(received?, &from_remote_v4).await;
+                ready = readable_optional(self.outside_v4.as_ref()) => {
+                    ready?;
+                    self.read_outside(true).await?;
                 }
-                received = recv_optional(self.outside_v6.as_ref(), &mut from_remote_v6) => {
-                    self.on_remote_datagram(received?, &from_remote_v6).await;
+                ready = readable_optional(self.outside_v6.as_ref()) => {
+                    ready?;
+                    self.read_outside(false).await?;
                 }
             }
+        }
+    }
+
+    /// Reads one datagram from the outside socket of a family and handles it.
+    async fn read_outside(&mut self, v4: bool) -> std::io::Result<()> {
+        let socket = if v4 {
+            &self.outside_v4
+        } else {
+            &self.outside_v6
+        };
+        let Some(socket) = socket else {
+            return Ok(());
+        };
+        let read = with_scratch(|buf| {
+            socket.try_recv(buf).map(|received| {
+                let data = match received {
+                    Received::Datagram { len, .. } => buf[..len].to_vec(),
+                    Received::WrongInterface { .. } => Vec::new(),
+                };
+                (received, data)
+            })
+        });
+        match read {
+            Ok((received, data)) => {
+                self.on_remote_datagram(received, &data).await;
+                Ok(())
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(error) => Err(error),
         }
     }
 
@@ -288,12 +320,9 @@ impl Drop for Association<'_> {
     }
 }
 
-async fn recv_optional(
-    socket: Option<&OutsideSocket>,
-    buf: &mut [u8],
-) -> std::io::Result<Received> {
+async fn readable_optional(socket: Option<&OutsideSocket>) -> std::io::Result<()> {
     match socket {
-        Some(socket) => socket.recv(buf).await,
+        Some(socket) => socket.readable().await,
         None => std::future::pending().await,
     }
 }

@@ -36,15 +36,13 @@ use tracing::{debug, warn};
 use super::EnhancedMode;
 use crate::{
     binding::{BindingInfo, BindingState, Family, RelayPorts, RemoteMatch, flags},
-    server::outside::{OutsideSocket, Received},
+    server::outside::{OutsideSocket, Received, with_scratch},
     socks::{
         Address,
         enhanced::{DatagramHeader, TcpDatagram},
     },
 };
 
-/// Room for any UDP datagram.
-const MAX_DATAGRAM: usize = 65_535;
 /// At most one traffic report per binding per this interval.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Remotes a Listen binding remembers per flow (the ones the client may answer).
@@ -214,18 +212,25 @@ impl Drop for Relay {
     }
 }
 
-async fn recv_inside(flow: Option<&Flow>, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+async fn inside_readable(flow: Option<&Flow>) -> io::Result<()> {
     match flow {
-        Some(flow) => flow.inside.recv_from(buf).await,
+        Some(flow) => flow.inside.readable().await,
         None => std::future::pending().await,
     }
 }
 
-async fn recv_outside(flow: Option<&Flow>, buf: &mut [u8]) -> io::Result<Received> {
+async fn outside_readable(flow: Option<&Flow>) -> io::Result<()> {
     match flow {
-        Some(flow) => flow.outside.recv(buf).await,
+        Some(flow) => flow.outside.readable().await,
         None => std::future::pending().await,
     }
+}
+
+/// Which socket is ready.
+enum Ready {
+    Inside(usize),
+    Outside(usize),
+    Tcp(Bytes),
 }
 
 fn canonical(addr: SocketAddr) -> SocketAddr {
@@ -234,28 +239,47 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 
 impl Relay {
     async fn run(mut self) {
-        // A buffer per socket; the second flow's only for an RTP pair.
-        let second = if self.flows.len() > 1 {
-            MAX_DATAGRAM
-        } else {
-            0
-        };
-        let (inside_0, outside_0) = (&mut vec![0u8; MAX_DATAGRAM], &mut vec![0u8; MAX_DATAGRAM]);
-        let (inside_1, outside_1) = (&mut vec![0u8; second], &mut vec![0u8; second]);
+        // No buffer per binding: wait for readiness, then read into the thread's scratch buffer
+        // and copy out exactly the datagram (the slow path; the kernel relays the fast one).
         loop {
-            let result = tokio::select! {
-                r = recv_inside(self.flows.first(), inside_0) => r.map(|(len, from)| {
-                    (0, Event::Client { len, from })
+            let ready = tokio::select! {
+                r = inside_readable(self.flows.first()) => r.map(|()| Ready::Inside(0)),
+                r = inside_readable(self.flows.get(1)) => r.map(|()| Ready::Inside(1)),
+                r = outside_readable(self.flows.first()) => r.map(|()| Ready::Outside(0)),
+                r = outside_readable(self.flows.get(1)) => r.map(|()| Ready::Outside(1)),
+                Some(data) = self.from_client.recv() => Ok(Ready::Tcp(data)),
+            };
+            let result = match ready {
+                Ok(Ready::Inside(flow)) => with_scratch(|buf| {
+                    self.flows[flow]
+                        .inside
+                        .try_recv_from(buf)
+                        .map(|(len, from)| {
+                            (
+                                flow,
+                                Event::Client {
+                                    data: buf[..len].to_vec(),
+                                    from,
+                                },
+                            )
+                        })
                 }),
-                r = recv_inside(self.flows.get(1), inside_1) => r.map(|(len, from)| {
-                    (1, Event::Client { len, from })
+                Ok(Ready::Outside(flow)) => with_scratch(|buf| {
+                    self.flows[flow].outside.try_recv(buf).map(|received| {
+                        let data = match received {
+                            Received::Datagram { len, .. } => buf[..len].to_vec(),
+                            Received::WrongInterface { .. } => Vec::new(),
+                        };
+                        (flow, Event::Remote(received, data))
+                    })
                 }),
-                r = recv_outside(self.flows.first(), outside_0) => r.map(|r| (0, Event::Remote(r))),
-                r = recv_outside(self.flows.get(1), outside_1) => r.map(|r| (1, Event::Remote(r))),
-                Some(data) = self.from_client.recv() => Ok((0, Event::Tcp(data))),
+                Ok(Ready::Tcp(data)) => Ok((0, Event::Tcp(data))),
+                Err(error) => Err(error),
             };
             let (flow, event) = match result {
                 Ok(event) => event,
+                // Readiness was spurious: wait again.
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(error) => {
                     // Not expected on unconnected UDP sockets; never spin on a persistent one.
                     self.stats.recv_errors += 1;
@@ -268,13 +292,9 @@ impl Relay {
                 }
             };
             match event {
-                Event::Client { len, from } => {
-                    let buf = if flow == 0 { &*inside_0 } else { &*inside_1 };
-                    self.on_client_datagram(flow, &buf[..len], from).await;
-                }
-                Event::Remote(received) => {
-                    let buf = if flow == 0 { &*outside_0 } else { &*outside_1 };
-                    self.on_remote_datagram(flow, received, buf).await;
+                Event::Client { data, from } => self.on_client_datagram(flow, &data, from).await,
+                Event::Remote(received, data) => {
+                    self.on_remote_datagram(flow, received, &data).await
                 }
                 Event::Tcp(data) => self.on_tcp_datagram(data).await,
             }
@@ -525,8 +545,12 @@ impl Relay {
 
 /// What woke the relay.
 enum Event {
-    Client { len: usize, from: SocketAddr },
-    Remote(Received),
+    Client {
+        data: Vec<u8>,
+        from: SocketAddr,
+    },
+    /// The datagram's bytes follow the receive result (empty when it is dropped unread).
+    Remote(Received, Vec<u8>),
     Tcp(Bytes),
 }
 
