@@ -92,6 +92,7 @@ pub fn run(args: DaemonArgs) -> Result<()> {
         );
     }
     let lock = instance.lock()?;
+    raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -258,7 +259,16 @@ fn enhanced_mode(
     };
     let mut config = binding::Config {
         internal_ips: primaries(internal),
-        external_ips: primaries(external),
+        // Every usable external address: one address has fewer than 64 k ports, and a client's
+        // relays and CONNECTs share the one chosen for it.
+        external_ips: external
+            .iter()
+            .map(|a| a.ip)
+            .filter(|ip| match ip {
+                IpAddr::V4(v4) => !v4.is_link_local(),
+                IpAddr::V6(v6) => !v6.is_unicast_link_local(),
+            })
+            .collect(),
         allow_listen: args.allow_listen,
         // A confirmed RTP pair takes two kernel entries; UDP ASSOCIATE shares the map.
         max_bindings: usize::try_from(args.max_bindings / 2).unwrap_or(usize::MAX),
@@ -296,4 +306,22 @@ async fn wait_for_shutdown_signal() -> Result<&'static str> {
         _ = terminate.recv() => "SIGTERM",
         _ = interrupt.recv() => "SIGINT",
     })
+}
+
+/// Every relay socket is a file descriptor: take the hard limit, and say what it allows.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+                warn!(soft, hard, "could not raise the open-file limit");
+            }
+            let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(soft, _)| soft);
+            info!(
+                open_files = limit,
+                "open-file limit (each UDP binding holds 2 sockets, an RTP pair 4)"
+            );
+        }
+        Err(error) => warn!(%error, "read the open-file limit"),
+    }
 }

@@ -29,8 +29,7 @@ pub async fn run(
     };
     let family_hint = expected.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let Some(external) = services
-        .external
-        .for_family(family_hint)
+        .external_for(peer.ip(), family_hint)
         .or_else(|| services.external.v4.map(IpAddr::V4))
     else {
         send_failure(&mut conn, ReplyCode::AddressTypeNotSupported).await;

@@ -54,13 +54,17 @@ pub async fn resolve_allowed(
     Ok(allowed)
 }
 
-async fn connect_from_external(services: &Services, target: SocketAddr) -> io::Result<TcpStream> {
+async fn connect_from_external(
+    services: &Services,
+    peer: SocketAddr,
+    target: SocketAddr,
+) -> io::Result<TcpStream> {
     let socket = if target.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
-    if let Some(external) = services.external.for_family(target.ip()) {
+    if let Some(external) = services.external_for(peer.ip(), target.ip()) {
         socket.bind(SocketAddr::new(external, 0))?;
     }
     match tokio::time::timeout(services.timeouts.connect, socket.connect(target)).await {
@@ -85,7 +89,7 @@ pub async fn run(
     };
     let mut last_code = ReplyCode::HostUnreachable;
     for target in targets {
-        match connect_from_external(services, target).await {
+        match connect_from_external(services, peer, target).await {
             Ok(stream) => {
                 let _ = stream.set_nodelay(true);
                 let bound = stream.local_addr()?;

@@ -100,6 +100,21 @@ pub struct Services {
     pub enhanced: Option<Arc<enhanced::EnhancedMode>>,
 }
 
+impl Services {
+    /// The external address a client at `peer` uses towards `target`'s family: the same for its
+    /// CONNECTs, BINDs and UDP relays (RTSP servers may refuse media to an address other than the
+    /// one the session came from). With several external addresses the enhanced mode's choice per
+    /// client decides.
+    pub fn external_for(&self, peer: IpAddr, target: IpAddr) -> Option<IpAddr> {
+        match &self.enhanced {
+            Some(mode) => mode
+                .config()
+                .external_ip_for(policy::canonical(peer), crate::binding::Family::of(target)),
+            None => self.external.for_family(target),
+        }
+    }
+}
+
 /// Serves SOCKS5 on `listener` until `shutdown` completes, then closes every control
 /// connection (which ends their associations and removes their kernel entries) and returns.
 pub async fn run(

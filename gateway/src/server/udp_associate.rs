@@ -271,7 +271,7 @@ impl Association<'_> {
     /// The address of the outside socket for `ip`'s family, created on first use on the external
     /// address.
     async fn ensure_outside(&mut self, ip: IpAddr) -> Option<SocketAddr> {
-        let external = self.services.external.for_family(ip)?;
+        let external = self.services.external_for(self.peer.ip(), ip)?;
         let slot = if external.is_ipv4() {
             &mut self.outside_v4
         } else {
