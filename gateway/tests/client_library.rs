@@ -2,19 +2,24 @@
 //! CONNECT (by IP and by name), RFC 1929, typed refusals and timeouts, RFC 1928 UDP ASSOCIATE,
 //! and the enhanced mode's socket calls (two-step Open, Listen, one-step Open, RTP pair, expiry,
 //! release, session close). The client is on 127.0.0.1, remotes on 127.0.0.2, the relays on
-//! 127.0.0.1. Every await is bounded. The harness is in `client_harness/`.
+//! 127.0.0.1. Every await is bounded. The harness is in `common/`.
 
-mod client_harness;
+mod common;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
-use client_harness::*;
+use common::{
+    gateway::{CLIENT_LIBRARY_PORTS, Gateway, new_socket, resolver, users},
+    io::{assert_silent, recv_udp, send_udp, within},
+    peers::{LOCALHOST, REMOTE_HOST, fake_nameserver, tcp_echo, udp, udp_pair},
+};
 use gateway::{
+    binding::Config,
     client::{Address, BindingError, Client, ClientError, Family, ReplyCode, Timeouts},
-    server::auth::{Users, hash_line},
+    server::auth::Users,
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -22,13 +27,31 @@ use tokio::{
     sync::oneshot,
 };
 
+/// A gateway without the enhanced mode: anonymous access unless `users` is given, `nameserver`
+/// (if any) resolving names.
+async fn start(users: Option<Users>, nameserver: Option<SocketAddr>) -> Gateway {
+    let names = resolver(&Vec::from_iter(nameserver)).await;
+    Gateway::start(|services| {
+        services.allow_anonymous = users.is_none();
+        services.users = users;
+        services.resolver = names;
+    })
+    .await
+}
+
+/// An anonymous gateway with the enhanced mode on the next block of this binary's relay ports,
+/// its binding configuration changed by `tweak`.
+async fn start_enhanced(tweak: impl FnOnce(&mut Config)) -> Gateway {
+    Gateway::start_enhanced(&CLIENT_LIBRARY_PORTS, tweak, |_| {}).await
+}
+
 // ---- SOCKS5: CONNECT, authentication, refusals, timeouts -----------------------------------
 
 #[tokio::test]
 async fn connect_by_ip_and_by_name_reaches_the_echo() {
-    let echo = tcp_echo().await;
-    let dns = nameserver("echo.test", Ipv4Addr::LOCALHOST).await;
-    let gateway = start(None, Some(dns), None).await;
+    let echo = tcp_echo(LOCALHOST).await.addr;
+    let dns = fake_nameserver(vec![("echo.test", Ipv4Addr::LOCALHOST)]).await;
+    let gateway = start(None, Some(dns)).await;
     let targets = [
         Address::Ip(echo),
         Address::Domain("echo.test".into(), echo.port()),
@@ -63,9 +86,8 @@ async fn connect_by_ip_and_by_name_reaches_the_echo() {
 
 #[tokio::test]
 async fn user_pass_good_bad_and_missing() {
-    let users = Users::parse(&hash_line("alice", b"secret").unwrap()).unwrap();
-    let gateway = start(Some(users), None, None).await;
-    let echo = tcp_echo().await;
+    let gateway = start(Some(users("alice", "secret")), None).await;
+    let echo = tcp_echo(LOCALHOST).await.addr;
     let good = Some(("alice".to_owned(), "secret".to_owned()));
     let client = within("connect", Client::connect(gateway.addr, good))
         .await
@@ -91,7 +113,7 @@ async fn user_pass_good_bad_and_missing() {
 
 #[tokio::test]
 async fn refusals_are_typed() {
-    let gateway = start(None, None, None).await;
+    let gateway = start(None, None).await;
     // Nothing listens on a port we just freed: connection refused.
     let closed = TcpListener::bind("127.0.0.1:0")
         .await
@@ -138,7 +160,7 @@ async fn a_silent_gateway_times_out() {
 
 #[tokio::test]
 async fn udp_associate_round_trip() {
-    let gateway = start(None, None, None).await;
+    let gateway = start(None, None).await;
     let echo = udp(LOCALHOST).await;
     let echo_addr = echo.local_addr().unwrap();
     let client = gateway.client().await;
@@ -149,7 +171,7 @@ async fn udp_associate_round_trip() {
     within("send", association.send_to(echo_addr, b"over udp"))
         .await
         .unwrap();
-    let (payload, relayed_from) = recv(&echo).await;
+    let (payload, relayed_from) = recv_udp(&echo).await;
     assert_eq!(payload, b"over udp");
     send_udp(&echo, b"answer", relayed_from).await;
     let mut buf = [0u8; 1500];
@@ -206,7 +228,10 @@ async fn two_step_open_then_release() {
         (&b"media"[..], Address::Ip(remote_addr))
     );
     within("send", socket.send(b"report")).await.unwrap();
-    assert_eq!(recv(&remote).await, (b"report".to_vec(), relays.external));
+    assert_eq!(
+        recv_udp(&remote).await,
+        (b"report".to_vec(), relays.external)
+    );
 
     within("release", socket.release()).await.unwrap();
     gateway.all_released().await;
@@ -271,7 +296,7 @@ async fn listen_where_allowed_and_refused_where_not() {
         .await
         .unwrap();
     assert_eq!(
-        recv(&second).await,
+        recv_udp(&second).await,
         (b"back to two".to_vec(), relays.external)
     );
 }
@@ -287,7 +312,10 @@ async fn send_to_on_an_unbound_socket_is_a_one_step_open() {
         .await
         .unwrap();
     let relays = socket.relay_addrs().unwrap();
-    assert_eq!(recv(&remote).await, (b"first".to_vec(), relays.external));
+    assert_eq!(
+        recv_udp(&remote).await,
+        (b"first".to_vec(), relays.external)
+    );
     send_udp(&remote, b"reply", relays.external).await;
     let mut buf = [0u8; 1500];
     let len = within("recv", socket.recv(&mut buf)).await.unwrap();
@@ -332,7 +360,7 @@ async fn rtp_pair_carries_rtp_and_rtcp() {
     within("RTCP RR", pair.rtcp().send(b"rtcp rr"))
         .await
         .unwrap();
-    assert_eq!(recv(&reporter).await, (b"rtcp rr".to_vec(), p1));
+    assert_eq!(recv_udp(&reporter).await, (b"rtcp rr".to_vec(), p1));
     within("release", pair.release()).await.unwrap();
     gateway.all_released().await;
 }

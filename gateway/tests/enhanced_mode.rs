@@ -1,17 +1,38 @@
 //! The enhanced UDP mode against the running server, in-process on loopback with a `MemoryGate`:
-//! raw bytes as protocol.md sections 3 and 4 lay them out (the harness in `enhanced/` writes them
+//! raw bytes as protocol.md sections 3 and 4 lay them out (`common/enhanced.rs` writes them
 //! independently of the crate's codec), a UDP echo "remote" on 127.0.0.2, the client on
 //! 127.0.0.1. The internal and external relay addresses are both 127.0.0.1 with disjoint port
 //! ranges (one block per test). The kernel gate is a `MemoryGate` and `ifindex` is `None`, so the
 //! external-interface check is not exercised here (the testbed does that).
 
-mod enhanced;
+mod common;
 
 use std::{collections::HashSet, net::SocketAddr, time::Duration};
 
-use enhanced::*;
-use gateway::{binding::PortRange, gate::MemoryGate};
-use tokio::net::{TcpStream, UdpSocket};
+use common::{
+    enhanced::*,
+    gateway::{ENHANCED_MODE_PORTS, Gateway},
+    io::{assert_closed, assert_silent, eventually, read_exact, recv_udp, send, within},
+    peers::{LOCALHOST, REMOTE_HOST, UdpEcho, udp, udp_pair},
+    socks::put_addr,
+};
+use gateway::{
+    binding::{Config, PortRange},
+    server::{Services, policy::Policy},
+};
+use tokio::net::UdpSocket;
+
+/// These tests keep the default SOCKS policy (loopback destinations refused): the enhanced mode
+/// does not consult it, and with loopback remotes everywhere these tests would notice if it did.
+fn default_policy(services: &mut Services) {
+    services.policy = Policy::default();
+}
+
+/// A gateway with the enhanced mode on the next block of this binary's relay ports, its binding
+/// configuration changed by `tweak`.
+async fn start(tweak: impl FnOnce(&mut Config)) -> Gateway {
+    Gateway::start_enhanced(&ENHANCED_MODE_PORTS, tweak, default_policy).await
+}
 
 // ---- entering the mode ----------------------------------------------------------------------
 
@@ -25,8 +46,8 @@ async fn entering_the_mode_is_byte_exact() {
 
 #[tokio::test]
 async fn without_the_mode_cmd_04_is_refused_and_closed() {
-    let (addr, _shutdown) = serve(services(&MemoryGate::default(), None).await).await;
-    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let gateway = Gateway::start(default_policy).await;
+    let mut stream = gateway.connect().await;
     send(&mut stream, &[0x05, 0x01, 0x00]).await;
     assert_eq!(read_exact(&mut stream, 2).await, [0x05, 0x00]);
     send(&mut stream, &hex("05 04 00 01 00000000 0000")).await;
@@ -49,7 +70,7 @@ async fn two_step_open_relays_both_ways_and_only_the_bound_remote() {
     let (aid, internal, external) = (first.aid, first.local, first.remote);
     // Step 1 admits nothing: no kernel entry, and the relay passes nothing either way.
     assert!(gateway.gate.entries().is_empty());
-    let mut remote = Echo::start(udp(REMOTE_HOST).await);
+    let mut remote = UdpEcho::start(udp(REMOTE_HOST).await);
     let stranger = udp(REMOTE_HOST).await;
     stranger.send_to(b"early", external).await.unwrap();
     client
@@ -82,7 +103,7 @@ async fn two_step_open_relays_both_ways_and_only_the_bound_remote() {
         .unwrap();
     assert_eq!(remote.next().await, (external, b"hello".to_vec()));
     // The echo comes back to the client with the 8-octet header and the AID.
-    assert_eq!(recv(&client).await, (datagram(aid, b"hello"), internal));
+    assert_eq!(recv_udp(&client).await, (datagram(aid, b"hello"), internal));
 
     // Another port of the same host, and another AID from the client, are not relayed.
     stranger.send_to(b"intruder", external).await.unwrap();
@@ -134,7 +155,7 @@ async fn one_step_open_and_connection_close_removes_everything() {
     let mut stream = gateway.enter().await;
     let client = udp(LOCALHOST).await;
     let local = client.local_addr().unwrap();
-    let mut remote = Echo::start(udp(REMOTE_HOST).await);
+    let mut remote = UdpEcho::start(udp(REMOTE_HOST).await);
     // TID 0 with a specific REMOTE: one-step Open, no REMOTE-PENDING.
     let open = request(&mut stream, &control(BIND, RSU, 0, 0, local, remote.addr)).await;
     assert_eq!((open.code, open.flags, open.tid), (0x00, RSU, 0));
@@ -147,7 +168,7 @@ async fn one_step_open_and_connection_close_removes_everything() {
         .await
         .unwrap();
     assert_eq!(remote.next().await, (open.remote, b"one step".to_vec()));
-    assert_eq!(recv(&client).await.0, datagram(open.aid, b"one step"));
+    assert_eq!(recv_udp(&client).await.0, datagram(open.aid, b"one step"));
 
     // A second binding, half-bound.
     let second_client = udp(LOCALHOST).await;
@@ -159,7 +180,7 @@ async fn one_step_open_and_connection_close_removes_everything() {
         second_client.local_addr().unwrap(),
     )
     .await;
-    assert_eq!(gateway.mode.live_bindings(), 2);
+    assert_eq!(gateway.mode().live_bindings(), 2);
     drop(stream);
     gateway.all_released().await;
     // The relay is gone: nothing reaches the remote any more.
@@ -192,10 +213,13 @@ async fn local_port_zero_is_latched_from_the_first_datagram() {
         .send_to(&datagram(first.aid, b"latch me"), first.local)
         .await
         .unwrap();
-    assert_eq!(recv(&remote).await, (b"latch me".to_vec(), first.remote));
+    assert_eq!(
+        recv_udp(&remote).await,
+        (b"latch me".to_vec(), first.remote)
+    );
     remote.send_to(b"after", first.remote).await.unwrap();
     assert_eq!(
-        recv(&client).await,
+        recv_udp(&client).await,
         (datagram(first.aid, b"after"), first.local)
     );
     // Another port of the client host is not the latched one.
@@ -214,8 +238,8 @@ async fn a_half_bound_binding_expires_and_step_2_gets_17() {
     let local = SocketAddr::new(LOCALHOST, 5000);
     let first = step1(&gateway, &mut stream, RSU, 0x0101, local).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert_eq!(gateway.mode.live_bindings(), 0);
-    assert_eq!(gateway.mode.ports_in_use(), (0, 0));
+    assert_eq!(gateway.mode().live_bindings(), 0);
+    assert_eq!(gateway.mode().ports_in_use(), (0, 0));
     let remote = SocketAddr::new(REMOTE_HOST, 6000);
     let late = request(
         &mut stream,
@@ -235,7 +259,7 @@ async fn an_idle_binding_expires_and_its_entry_goes() {
     let mut stream = gateway.enter().await;
     let client = udp(LOCALHOST).await;
     let local = client.local_addr().unwrap();
-    let mut remote = Echo::start(udp(REMOTE_HOST).await);
+    let mut remote = UdpEcho::start(udp(REMOTE_HOST).await);
     let open = request(&mut stream, &control(BIND, RSU, 5, 0, local, remote.addr)).await;
     assert_eq!(open.code, 0x00);
     // Traffic at t=2 s keeps it alive past t=3 s.
@@ -245,19 +269,19 @@ async fn an_idle_binding_expires_and_its_entry_goes() {
         .await
         .unwrap();
     assert_eq!(remote.next().await.1, b"keepalive");
-    assert_eq!(recv(&client).await.0, datagram(open.aid, b"keepalive"));
+    assert_eq!(recv_udp(&client).await.0, datagram(open.aid, b"keepalive"));
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
-        gateway.mode.live_bindings(),
+        gateway.mode().live_bindings(),
         1,
         "traffic restarted the idle clock"
     );
     assert_eq!(gateway.gate.entries().len(), 1);
     // Then silence: it expires, its entry and relay go, and its TID answers 17.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(gateway.mode.live_bindings(), 0);
+    assert_eq!(gateway.mode().live_bindings(), 0);
     assert!(gateway.gate.entries().is_empty());
-    eventually("the relay stops", || gateway.mode.running_relays() == 0).await;
+    eventually("the relay stops", || gateway.mode().running_relays() == 0).await;
     let late = request(&mut stream, &control(BIND, RSU, 5, 0, local, remote.addr)).await;
     assert_eq!((late.code, late.aid), (0x17, open.aid));
     // RELEASE forgets the tombstone; the TID is free again.
@@ -279,8 +303,8 @@ async fn rtp_pair_relays_two_flows_on_two_ports() {
     let (client_media, client_reports) = udp_pair(LOCALHOST).await;
     let local = client_media.local_addr().unwrap();
     let (source_media, source_reports) = udp_pair(REMOTE_HOST).await;
-    let mut media = Echo::start(source_media);
-    let mut reports = Echo::start(source_reports);
+    let mut media = UdpEcho::start(source_media);
+    let mut reports = UdpEcho::start(source_reports);
     let flags = RSU | RTP_PAIR;
     let first = step1(&gateway, &mut stream, flags, 9, local).await;
     let (q, p) = (first.local, first.remote);
@@ -302,7 +326,10 @@ async fn rtp_pair_relays_two_flows_on_two_ports() {
         .await
         .unwrap();
     assert_eq!(media.next().await, (p, b"rtp".to_vec()));
-    assert_eq!(recv(&client_media).await, (datagram(first.aid, b"rtp"), q));
+    assert_eq!(
+        recv_udp(&client_media).await,
+        (datagram(first.aid, b"rtp"), q)
+    );
     // RTCP: L+1 -> Q+1 -> (P+1) -> S:s+1, and back.
     client_reports
         .send_to(&datagram(first.aid, b"rtcp"), plus_one(q))
@@ -310,7 +337,7 @@ async fn rtp_pair_relays_two_flows_on_two_ports() {
         .unwrap();
     assert_eq!(reports.next().await, (plus_one(p), b"rtcp".to_vec()));
     assert_eq!(
-        recv(&client_reports).await,
+        recv_udp(&client_reports).await,
         (datagram(first.aid, b"rtcp"), plus_one(q))
     );
     assert_silent(&client_media, "RTCP does not cross over to the RTP flow").await;
@@ -320,7 +347,7 @@ async fn rtp_pair_relays_two_flows_on_two_ports() {
 async fn tcp_encapsulated_datagrams_travel_on_the_control_connection() {
     let gateway = start(|_| {}).await;
     let mut stream = gateway.enter().await;
-    let mut remote = Echo::start(udp(REMOTE_HOST).await);
+    let mut remote = UdpEcho::start(udp(REMOTE_HOST).await);
     let local = SocketAddr::new(LOCALHOST, 0);
     let flags = RSU | TCP_ENCAPSULATED;
     let open = request(&mut stream, &control(BIND, flags, 0, 0, local, remote.addr)).await;
@@ -381,7 +408,7 @@ async fn listen_receives_from_any_remote_only_where_allowed() {
     let peer = udp(REMOTE_HOST).await;
     let peer_addr = peer.local_addr().unwrap();
     peer.send_to(b"anyone", listen.remote).await.unwrap();
-    let (got, from) = recv(&client).await;
+    let (got, from) = recv_udp(&client).await;
     assert_eq!(from, listen.local);
     let mut expected = datagram(first.aid, b"");
     put_addr(&mut expected, peer_addr);
@@ -392,7 +419,7 @@ async fn listen_receives_from_any_remote_only_where_allowed() {
     put_addr(&mut answer, peer_addr);
     answer.extend_from_slice(b"answer");
     client.send_to(&answer, listen.local).await.unwrap();
-    assert_eq!(recv(&peer).await, (b"answer".to_vec(), listen.remote));
+    assert_eq!(recv_udp(&peer).await, (b"answer".to_vec(), listen.remote));
     // A remote that never sent cannot be named.
     let silent = udp(REMOTE_HOST).await;
     let mut unsolicited = datagram(first.aid, b"");
@@ -416,7 +443,7 @@ async fn a_malformed_control_packet_closes_the_connection_and_releases() {
         SocketAddr::new(LOCALHOST, 5000),
     )
     .await;
-    assert_eq!(gateway.mode.live_bindings(), 1);
+    assert_eq!(gateway.mode().live_bindings(), 1);
     // SIZE 5 is shorter than any control packet.
     send(&mut stream, &hex("01 0005 05 00")).await;
     assert_closed(&mut stream).await;
@@ -460,7 +487,7 @@ async fn a_failed_command_keeps_the_connection_open() {
     .await;
     assert_eq!(release.code, 0x10);
     assert!(gateway.gate.entries().is_empty());
-    assert_eq!(gateway.mode.live_bindings(), 1);
+    assert_eq!(gateway.mode().live_bindings(), 1);
     // Its own TID 0x0101 is a new step 1 there, with another AID.
     let own = step1(&gateway, &mut other, RSU, 0x0101, local).await;
     assert_ne!(own.aid, first.aid);
@@ -497,7 +524,7 @@ async fn a_relay_port_in_use_is_answered_01_and_released() {
         config.internal_ports = PortRange::new(only, only);
     })
     .await;
-    let blocker = UdpSocket::bind(SocketAddr::new(LOCALHOST, gateway.internal.first))
+    let blocker = UdpSocket::bind(SocketAddr::new(LOCALHOST, gateway.internal_ports().first))
         .await
         .unwrap();
     let mut stream = gateway.enter().await;

@@ -5,30 +5,29 @@
 //! RTSP server gives the failures: a refused SETUP, a reply without source ports, a stream that
 //! never starts, a SETUP answered after the half-bound binding expired. Every wait is bounded.
 
+mod common;
+
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU16, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use bytes::BytesMut;
+use common::{
+    gateway::{Gateway, RTSP_LOOPBACK_PORTS},
+    io::within_for,
+    peers::{LOCALHOST, REMOTE_HOST},
+};
 use gateway::{
-    binding::{Config, PENDING_TIMEOUT_MIN, PortRange},
-    gate::MemoryGate,
-    resolver::Resolver,
+    binding::{Config, PENDING_TIMEOUT_MIN},
     rtsp::{
         RtspError,
         audio::{Audio, Codec, Match},
         client::{Event, PlayOptions, PlayReport, play},
         message, sdp,
         server::{DemoServer, ServerConfig, ServerStats},
-    },
-    server::{
-        self, External, Services, auth::FailureLimiter, enhanced::EnhancedMode, policy::Policy,
     },
 };
 use rtsp_types::{Message, Method, StatusCode, headers};
@@ -38,99 +37,15 @@ use tokio::{
     sync::oneshot,
 };
 
-const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-const SERVER_HOST: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+const SERVER_HOST: IpAddr = REMOTE_HOST;
 const MEDIA_HOST: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
 /// Bound on a whole play: the stream is about a second long.
 const PLAY_TIMEOUT: Duration = Duration::from_secs(30);
 
-async fn within<T>(what: &str, after: Duration, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(after, f)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
-}
-
-// ---- the gateway ----------------------------------------------------------------------------
-
-/// Relay ports per test, below the other harnesses' blocks (10000 and up) and the ephemeral range.
-fn port_block() -> (PortRange, PortRange) {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let slot = NEXT.fetch_add(1, Ordering::Relaxed);
-    assert!(slot < 10, "more tests than port blocks");
-    let process = u16::try_from(std::process::id() % 8).unwrap();
-    let base = 5_000 + process * 600 + slot * 60;
-    (
-        PortRange::new(base, base + 29),
-        PortRange::new(base + 30, base + 59),
-    )
-}
-
-struct Gateway {
-    addr: SocketAddr,
-    gate: MemoryGate,
-    mode: Arc<EnhancedMode>,
-    _shutdown: oneshot::Sender<()>,
-}
-
+/// A gateway with the enhanced mode on the next block of this binary's relay ports, its binding
+/// configuration changed by `tweak`.
 async fn start_gateway(tweak: impl FnOnce(&mut Config)) -> Gateway {
-    let (internal_ports, external_ports) = port_block();
-    let mut config = Config {
-        internal_ips: vec![LOCALHOST],
-        external_ips: vec![LOCALHOST],
-        internal_ports,
-        external_ports,
-        forbidden_remotes: Vec::new(),
-        ..Config::default()
-    };
-    tweak(&mut config);
-    let mode = Arc::new(EnhancedMode::new(config).unwrap());
-    let gate = MemoryGate::default();
-    let services = Services {
-        allow_anonymous: true,
-        users: None,
-        limiter: FailureLimiter::new(5, Duration::from_mins(1)),
-        policy: Policy {
-            allow_loopback: true,
-            ..Policy::default()
-        },
-        resolver: Arc::new(Resolver::bind(&[]).await.unwrap()),
-        gate: Arc::new(gate.clone()),
-        external: External {
-            v4: Some(Ipv4Addr::LOCALHOST),
-            v6: None,
-            ifindex: None,
-        },
-        timeouts: server::Timeouts::default(),
-        max_connections: 64,
-        enhanced: Some(Arc::clone(&mode)),
-    };
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(server::run(Arc::new(services), listener, async move {
-        let _ = rx.await;
-    }));
-    Gateway {
-        addr,
-        gate,
-        mode,
-        _shutdown: tx,
-    }
-}
-
-impl Gateway {
-    async fn all_released(&self) {
-        within("every binding is released", Duration::from_secs(5), async {
-            while !(self.gate.entries().is_empty()
-                && self.mode.live_bindings() == 0
-                && self.mode.ports_in_use() == (0, 0)
-                && self.mode.running_relays() == 0)
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
-    }
+    Gateway::start_enhanced(&RTSP_LOOPBACK_PORTS, tweak, |_| {}).await
 }
 
 // ---- the media server and the client ----------------------------------------------------------
@@ -207,7 +122,9 @@ async fn l16_arrives_sample_exact_from_a_second_media_address() {
     let (mut options, events) = options(&media.url, &gateway);
     let out = temp_wav("l16.wav");
     options.out = Some(out.clone());
-    let report = within("play", PLAY_TIMEOUT, play(options)).await.unwrap();
+    let report = within_for("play", PLAY_TIMEOUT, play(options))
+        .await
+        .unwrap();
 
     let track = &report.tracks[0];
     assert_eq!(track.track.format(), "L16/8000/1");
@@ -273,7 +190,9 @@ async fn pcmu_decodes_to_what_mu_law_carries() {
     let gateway = start_gateway(|_| {}).await;
     let media = start_media(ServerConfig::new(tone(), Codec::Pcmu).unwrap()).await;
     let (options, _) = options(&media.url, &gateway);
-    let report = within("play", PLAY_TIMEOUT, play(options)).await.unwrap();
+    let report = within_for("play", PLAY_TIMEOUT, play(options))
+        .await
+        .unwrap();
     let track = &report.tracks[0];
     assert_eq!(track.track.format(), "PCMU/8000/1");
     assert_eq!(track.codec, Codec::Pcmu);
@@ -292,7 +211,7 @@ async fn two_clients_with_two_tracks_each_at_once() {
     let media = start_media(config).await;
     let (first, _) = options(&media.url, &gateway);
     let (second, _) = options(&media.url, &gateway);
-    let (a, b) = within("two plays", PLAY_TIMEOUT, async {
+    let (a, b) = within_for("two plays", PLAY_TIMEOUT, async {
         tokio::join!(Box::pin(play(first)), Box::pin(play(second)))
     })
     .await;
@@ -322,7 +241,7 @@ async fn the_cli_prints_the_steps_and_writes_the_wav() {
     let gateway = start_gateway(|_| {}).await;
     let media = start_media(ServerConfig::new(tone(), Codec::L16).unwrap()).await;
     let out = temp_wav("cli.wav");
-    let output = within(
+    let output = within_for(
         "gateway rtsp-get",
         PLAY_TIMEOUT,
         tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
@@ -455,7 +374,7 @@ async fn a_refused_setup_is_a_clear_error_and_releases_the_binding() {
     let gateway = start_gateway(|_| {}).await;
     let url = fake_server(Setup::Refuse).await;
     let (options, _) = options(&url, &gateway);
-    let error = within("play", PLAY_TIMEOUT, play(options))
+    let error = within_for("play", PLAY_TIMEOUT, play(options))
         .await
         .unwrap_err();
     assert!(
@@ -481,7 +400,7 @@ async fn a_reply_without_source_ports_is_a_clear_error() {
     let gateway = start_gateway(|_| {}).await;
     let url = fake_server(Setup::NoServerPort).await;
     let (options, _) = options(&url, &gateway);
-    let error = within("play", PLAY_TIMEOUT, play(options))
+    let error = within_for("play", PLAY_TIMEOUT, play(options))
         .await
         .unwrap_err();
     assert!(
@@ -501,7 +420,7 @@ async fn a_stream_that_never_starts_times_out() {
     let url = fake_server(Setup::Silent).await;
     let (mut options, _) = options(&url, &gateway);
     options.start_timeout = Duration::from_millis(500);
-    let error = within("play", PLAY_TIMEOUT, play(options))
+    let error = within_for("play", PLAY_TIMEOUT, play(options))
         .await
         .unwrap_err();
     assert!(
@@ -520,7 +439,7 @@ async fn a_setup_answered_after_the_pending_timeout_finds_the_binding_expired() 
     ))
     .await;
     let (options, _) = options(&url, &gateway);
-    let error = within("play", PLAY_TIMEOUT, play(options))
+    let error = within_for("play", PLAY_TIMEOUT, play(options))
         .await
         .unwrap_err();
     assert!(

@@ -6,31 +6,36 @@ mod common;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
     time::Duration,
 };
 
 use common::{
-    Gateway, IO_TIMEOUT, auth_request, connect_anonymous, eventually, failure_reply,
-    fake_nameserver, loopback_services, parse_udp, read_exact, read_reply, read_until_closed,
-    read_until_closed_within, recv_udp, request, request_domain, send, socks_connect, tcp_counter,
-    tcp_echo, udp_datagram, udp_echo, users, within,
+    gateway::{Gateway, resolver, users},
+    io::{
+        IO_TIMEOUT, eventually, read_exact, read_until_closed, read_until_closed_within, recv_udp,
+        send, within,
+    },
+    peers::{LOCALHOST, REMOTE_HOST, fake_nameserver, tcp_counter, tcp_echo, udp_echo},
+    socks::{
+        auth_request, connect_anonymous, failure_reply, parse_udp, read_reply, request,
+        request_domain, socks_connect, udp_datagram,
+    },
 };
-use gateway::{gate::GateEntry, resolver::Resolver};
+use gateway::gate::GateEntry;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpStream, UdpSocket},
     time::Instant,
 };
 
-const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-const OTHER_HOST: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+/// Another client host, or a remote host the policy denies.
+const OTHER_HOST: IpAddr = REMOTE_HOST;
 const CONNECT: u8 = 0x01;
 const BIND: u8 = 0x02;
 const UDP_ASSOCIATE: u8 = 0x03;
 
 async fn anonymous_gateway() -> Gateway {
-    Gateway::start(loopback_services().await.0).await
+    Gateway::start(|_| {}).await
 }
 
 // ---- greeting -----------------------------------------------------------------------------
@@ -58,10 +63,11 @@ async fn zero_methods_greeting_is_closed_without_a_reply() {
 
 #[tokio::test]
 async fn no_acceptable_method_gets_ff_then_close() {
-    let (mut services, _) = loopback_services().await;
-    services.allow_anonymous = false;
-    services.users = Some(users("alice", "s3cret"));
-    let gateway = Gateway::start(services).await;
+    let gateway = Gateway::start(|services| {
+        services.allow_anonymous = false;
+        services.users = Some(users("alice", "s3cret"));
+    })
+    .await;
     // Only "no authentication" offered, but the gateway requires a password.
     let mut stream = gateway.connect().await;
     send(&mut stream, &[0x05, 0x01, 0x00]).await;
@@ -74,9 +80,7 @@ async fn no_acceptable_method_gets_ff_then_close() {
 
 #[tokio::test]
 async fn gssapi_is_never_selected() {
-    let (mut services, _) = loopback_services().await;
-    services.users = Some(users("alice", "s3cret"));
-    let gateway = Gateway::start(services).await;
+    let gateway = Gateway::start(|services| services.users = Some(users("alice", "s3cret"))).await;
     let mut stream = gateway.connect().await;
     send(&mut stream, &[0x05, 0x01, 0x01]).await;
     assert_eq!(read_until_closed(&mut stream).await, [0x05, 0xFF]);
@@ -88,9 +92,7 @@ async fn gssapi_is_never_selected() {
 
 #[tokio::test]
 async fn username_password_is_preferred_when_users_are_configured() {
-    let (mut services, _) = loopback_services().await;
-    services.users = Some(users("alice", "s3cret"));
-    let gateway = Gateway::start(services).await;
+    let gateway = Gateway::start(|services| services.users = Some(users("alice", "s3cret"))).await;
     let mut stream = gateway.connect().await;
     send(&mut stream, &[0x05, 0x02, 0x00, 0x02]).await;
     assert_eq!(read_exact(&mut stream, 2).await, [0x05, 0x02]);
@@ -124,15 +126,19 @@ async fn nonzero_reserved_octet_gets_01_then_close() {
 
 #[tokio::test]
 async fn truncated_messages_end_the_connection_task() {
-    let (mut services, _) = loopback_services().await;
-    // One slot: a connection task that did not end would keep the next client out. A long
-    // handshake timeout: the closes seen here are not timeouts.
-    services.max_connections = 1;
-    services.timeouts.handshake = Duration::from_mins(1);
-    services.users = Some(users("alice", "s3cret"));
-    let gateway = Gateway::start(services).await;
+    let gateway = Gateway::start(|services| {
+        // One slot: a connection task that did not end would keep the next client out. A long
+        // handshake timeout: the closes seen here are not timeouts.
+        services.max_connections = 1;
+        services.timeouts.handshake = Duration::from_mins(1);
+        services.users = Some(users("alice", "s3cret"));
+    })
+    .await;
     let mut request = vec![0x05, 0x01, 0x00];
-    request.extend_from_slice(&common::request(CONNECT, "127.0.0.1:80".parse().unwrap()));
+    request.extend_from_slice(&common::socks::request(
+        CONNECT,
+        "127.0.0.1:80".parse().unwrap(),
+    ));
     let mut with_auth = vec![0x05, 0x01, 0x02];
     with_auth.extend_from_slice(&auth_request("alice", "s3cret"));
     let cases: [(&[u8], &[u8]); 6] = [
@@ -219,9 +225,7 @@ async fn assert_open_until_handshake_timeout(stream: &mut TcpStream, start: Inst
 
 #[tokio::test(start_paused = true)]
 async fn silent_client_is_cut_off_by_the_handshake_timeout() {
-    let (mut services, _) = loopback_services().await;
-    services.timeouts.handshake = HANDSHAKE;
-    let gateway = Gateway::start(services).await;
+    let gateway = Gateway::start(|services| services.timeouts.handshake = HANDSHAKE).await;
     let mut stream = gateway.connect().await;
     let start = Instant::now();
     assert_open_until_handshake_timeout(&mut stream, start).await;
@@ -229,9 +233,7 @@ async fn silent_client_is_cut_off_by_the_handshake_timeout() {
 
 #[tokio::test(start_paused = true)]
 async fn partial_greeting_is_cut_off_by_the_handshake_timeout() {
-    let (mut services, _) = loopback_services().await;
-    services.timeouts.handshake = HANDSHAKE;
-    let gateway = Gateway::start(services).await;
+    let gateway = Gateway::start(|services| services.timeouts.handshake = HANDSHAKE).await;
     let mut stream = gateway.connect().await;
     let start = Instant::now();
     stream.write_all(&[0x05, 0x02, 0x00]).await.unwrap();
@@ -240,9 +242,7 @@ async fn partial_greeting_is_cut_off_by_the_handshake_timeout() {
 
 #[tokio::test(start_paused = true)]
 async fn dribbling_client_is_cut_off_by_the_handshake_timeout() {
-    let (mut services, _) = loopback_services().await;
-    services.timeouts.handshake = HANDSHAKE;
-    let gateway = Gateway::start(services).await;
+    let gateway = Gateway::start(|services| services.timeouts.handshake = HANDSHAKE).await;
     let mut stream = gateway.connect().await;
     let start = Instant::now();
     // A byte a second: each read makes progress, but the whole handshake may not take longer
@@ -275,10 +275,14 @@ async fn dribbling_client_is_cut_off_by_the_handshake_timeout() {
 
 async fn password_gateway() -> (Gateway, SocketAddr) {
     let echo = tcp_echo(LOCALHOST).await;
-    let (mut services, _) = loopback_services().await;
-    services.allow_anonymous = false;
-    services.users = Some(users("alice", "s3cret"));
-    (Gateway::start(services).await, echo.addr)
+    (
+        Gateway::start(|services| {
+            services.allow_anonymous = false;
+            services.users = Some(users("alice", "s3cret"));
+        })
+        .await,
+        echo.addr,
+    )
 }
 
 async fn try_password(stream: &mut TcpStream, name: &str, password: &str) -> Vec<u8> {
@@ -449,9 +453,8 @@ async fn connect_to_a_closed_port_gets_05() {
 async fn connect_to_a_domain_name_resolved_by_the_gateway() {
     let mut echo = tcp_echo(LOCALHOST).await;
     let nameserver = fake_nameserver(vec![("echo.test", Ipv4Addr::LOCALHOST)]).await;
-    let (mut services, _) = loopback_services().await;
-    services.resolver = Arc::new(Resolver::bind(&[nameserver]).await.unwrap());
-    let gateway = Gateway::start(services).await;
+    let names = resolver(&[nameserver]).await;
+    let gateway = Gateway::start(|services| services.resolver = names).await;
 
     let mut stream = connect_anonymous(&gateway).await;
     send(
@@ -478,9 +481,7 @@ async fn connect_to_a_domain_name_resolved_by_the_gateway() {
 async fn connect_to_a_denied_address_gets_02() {
     let mut echo = tcp_echo(LOCALHOST).await;
     // Default policy: loopback is refused.
-    let (mut services, _) = loopback_services().await;
-    services.policy.allow_loopback = false;
-    let gateway = Gateway::start(services).await;
+    let gateway = Gateway::start(|services| services.policy.allow_loopback = false).await;
     for target in [echo.addr, "[::1]:80".parse().unwrap()] {
         let mut stream = connect_anonymous(&gateway).await;
         send(&mut stream, &request(CONNECT, target)).await;
@@ -491,9 +492,9 @@ async fn connect_to_a_denied_address_gets_02() {
         );
     }
     // A denied network (operator rule) with loopback otherwise allowed.
-    let (mut services, _) = loopback_services().await;
-    services.policy.deny = vec!["127.0.0.0/24".parse().unwrap()];
-    let gateway = Gateway::start(services).await;
+    let gateway =
+        Gateway::start(|services| services.policy.deny = vec!["127.0.0.0/24".parse().unwrap()])
+            .await;
     let mut stream = connect_anonymous(&gateway).await;
     send(&mut stream, &request(CONNECT, echo.addr)).await;
     assert_eq!(read_until_closed(&mut stream).await, failure_reply(0x02));
@@ -503,9 +504,8 @@ async fn connect_to_a_denied_address_gets_02() {
 #[tokio::test]
 async fn idle_relay_is_closed_after_the_idle_timeout() {
     let echo = tcp_echo(LOCALHOST).await;
-    let (mut services, _) = loopback_services().await;
-    services.timeouts.tcp_idle = Duration::from_millis(300);
-    let gateway = Gateway::start(services).await;
+    let gateway =
+        Gateway::start(|services| services.timeouts.tcp_idle = Duration::from_millis(300)).await;
     let (mut stream, _) = socks_connect(&gateway, echo.addr).await;
     // Traffic keeps it open past the idle timeout...
     let start = std::time::Instant::now();
@@ -535,8 +535,8 @@ const ANY: &str = "0.0.0.0:0";
 #[tokio::test]
 async fn udp_associate_relays_and_admits_exactly_the_remote_while_it_lives() {
     let mut echo = udp_echo(LOCALHOST).await;
-    let (services, gate) = loopback_services().await;
-    let gateway = Gateway::start(services).await;
+    let gateway = Gateway::start(|_| {}).await;
+    let gate = gateway.gate.clone();
     let (control, relay) = udp_associate(&gateway, ANY.parse().unwrap()).await;
     assert_eq!(
         relay.ip(),
@@ -640,8 +640,8 @@ async fn udp_associate_with_a_named_client_port_accepts_only_that_port() {
 #[tokio::test]
 async fn udp_associate_drops_fragments_and_malformed_datagrams() {
     let mut echo = udp_echo(LOCALHOST).await;
-    let (services, gate) = loopback_services().await;
-    let gateway = Gateway::start(services).await;
+    let gateway = Gateway::start(|_| {}).await;
+    let gate = gateway.gate.clone();
     let (_control, relay) = udp_associate(&gateway, ANY.parse().unwrap()).await;
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     for bad in [
@@ -664,8 +664,8 @@ async fn udp_associate_drops_fragments_and_malformed_datagrams() {
 #[tokio::test]
 async fn udp_associate_does_not_deliver_from_remotes_the_client_never_sent_to() {
     let mut echo = udp_echo(LOCALHOST).await;
-    let (services, gate) = loopback_services().await;
-    let gateway = Gateway::start(services).await;
+    let gateway = Gateway::start(|_| {}).await;
+    let gate = gateway.gate.clone();
     let (_control, relay) = udp_associate(&gateway, ANY.parse().unwrap()).await;
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client
@@ -698,10 +698,13 @@ async fn udp_associate_to_a_domain_name_and_to_a_denied_destination() {
     let mut echo = udp_echo(LOCALHOST).await;
     let mut denied = udp_echo(OTHER_HOST).await;
     let nameserver = fake_nameserver(vec![("echo.test", Ipv4Addr::LOCALHOST)]).await;
-    let (mut services, gate) = loopback_services().await;
-    services.resolver = Arc::new(Resolver::bind(&[nameserver]).await.unwrap());
-    services.policy.deny = vec!["127.0.0.2/32".parse().unwrap()];
-    let gateway = Gateway::start(services).await;
+    let names = resolver(&[nameserver]).await;
+    let gateway = Gateway::start(|services| {
+        services.resolver = names;
+        services.policy.deny = vec!["127.0.0.2/32".parse().unwrap()];
+    })
+    .await;
+    let gate = gateway.gate.clone();
     let (_control, relay) = udp_associate(&gateway, ANY.parse().unwrap()).await;
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
 
@@ -796,9 +799,7 @@ async fn bind_for_a_named_host_refuses_other_peers() {
 
 #[tokio::test]
 async fn bind_for_a_denied_host_gets_02() {
-    let (mut services, _) = loopback_services().await;
-    services.policy.allow_loopback = false;
-    let gateway = Gateway::start(services).await;
+    let gateway = Gateway::start(|services| services.policy.allow_loopback = false).await;
     let mut control = connect_anonymous(&gateway).await;
     send(&mut control, &request(BIND, "127.0.0.1:0".parse().unwrap())).await;
     assert_eq!(read_until_closed(&mut control).await, failure_reply(0x02));
@@ -806,9 +807,8 @@ async fn bind_for_a_denied_host_gets_02() {
 
 #[tokio::test(start_paused = true)]
 async fn bind_without_a_peer_times_out_with_01() {
-    let (mut services, _) = loopback_services().await;
-    services.timeouts.bind_accept = Duration::from_secs(30);
-    let gateway = Gateway::start(services).await;
+    let gateway =
+        Gateway::start(|services| services.timeouts.bind_accept = Duration::from_secs(30)).await;
     let mut control = connect_anonymous(&gateway).await;
     let start = Instant::now();
     send(&mut control, &request(BIND, ANY.parse().unwrap())).await;
@@ -824,9 +824,7 @@ async fn bind_without_a_peer_times_out_with_01() {
 
 #[tokio::test]
 async fn connection_cap_closes_connections_over_it() {
-    let (mut services, _) = loopback_services().await;
-    services.max_connections = 1;
-    let gateway = Gateway::start(services).await;
+    let gateway = Gateway::start(|services| services.max_connections = 1).await;
     let first = connect_anonymous(&gateway).await;
     let mut second = gateway.connect().await;
     send(&mut second, &[0x05, 0x01, 0x00]).await;
@@ -860,8 +858,8 @@ async fn eventually_served(gateway: &Gateway) {
 async fn shutdown_returns_and_closes_every_control_connection() {
     let echo = tcp_echo(LOCALHOST).await;
     let mut udp_remote = udp_echo(LOCALHOST).await;
-    let (services, gate) = loopback_services().await;
-    let mut gateway = Gateway::start(services).await;
+    let mut gateway = Gateway::start(|_| {}).await;
+    let gate = gateway.gate.clone();
 
     let (mut relayed, _) = socks_connect(&gateway, echo.addr).await;
     let mut handshaking = gateway.connect().await;
