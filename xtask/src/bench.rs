@@ -15,7 +15,13 @@ use crate::{setup::workspace_root, test::cargo};
 pub fn run(mode: &str, only: Option<&str>, out: &Path) -> Result<()> {
     println!("bench: building the gateway and the bench (release)");
     cargo(&[
-        "build", "--release", "--locked", "--package", "gateway", "--package", "bench",
+        "build",
+        "--release",
+        "--locked",
+        "--package",
+        "gateway",
+        "--package",
+        "bench",
     ])?;
     let release = workspace_root().join("target/release");
     let mut cmd = Command::new(release.join("bench"));
@@ -40,13 +46,24 @@ pub fn smoke() -> Result<()> {
     let _ = std::fs::remove_dir_all(&out);
     run("smoke", None, &out)?;
     let path = out.join("results.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
     let document: Value = serde_json::from_str(&text).context("parse results.json")?;
     let missing = check_document(&document);
     if !missing.is_empty() {
-        bail!("the bench smoke run lacks numbers for: {}", missing.join(", "));
+        bail!(
+            "the bench smoke run lacks numbers for: {}",
+            missing.join(", ")
+        );
     }
-    for plot in ["relay_pps", "relay_cpu", "drop_cpu", "latency_low", "scale", "control"] {
+    for plot in [
+        "relay_pps",
+        "relay_cpu",
+        "drop_cpu",
+        "latency_low",
+        "scale",
+        "control",
+    ] {
         for ext in ["svg", "png"] {
             let file = out.join(format!("{plot}.{ext}"));
             if !file.exists() {
@@ -116,7 +133,10 @@ pub fn check_document(doc: &Value) -> Vec<String> {
     if let Some(errors) = doc["errors"].as_array()
         && !errors.is_empty()
     {
-        missing.push(format!("{} failed scenario run(s): {errors:?}", errors.len()));
+        missing.push(format!(
+            "{} failed scenario run(s): {errors:?}",
+            errors.len()
+        ));
     }
     missing
 }

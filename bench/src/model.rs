@@ -1,0 +1,145 @@
+//! What the bench measured: every run of every scenario, as plain data. Summaries (median and
+//! spread) are computed from these by [`crate::report`]; nothing here does I/O.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::stats::Summary;
+
+/// One run of one stream (media relay, drop, scale).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StreamRun {
+    pub offered_pps: f64,
+    pub delivered_pps: f64,
+    /// `1 - delivered / offered` (0 when nothing was offered).
+    pub loss: f64,
+    /// System-wide busy CPU time per delivered datagram (ns).
+    pub cpu_ns_per_delivered: f64,
+    /// System-wide busy CPU time per offered datagram (ns): the figure for drop scenarios.
+    pub cpu_ns_per_offered: f64,
+    /// Average busy cores during the window (of all CPUs).
+    pub busy_cores: f64,
+    /// Datagrams the receiver's socket had no room for (the sink was the bottleneck).
+    pub rcvbuf_errors: u64,
+    /// Datagrams to closed ports in the receiver's namespace.
+    pub no_ports: u64,
+    /// Failed sendmmsg calls of the sender.
+    pub sender_errors: u64,
+    /// Datagrams the sender sent in its whole run.
+    pub sender_sent: u64,
+    /// Fraction of the sent datagrams that the arm's own counter saw dropped (drop scenarios).
+    pub drops_verified: Option<f64>,
+}
+
+/// The legitimate stream of the collateral damage scenario, with or without the flood.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CollateralRun {
+    pub legit_pps: f64,
+    pub sent: u64,
+    pub received: u64,
+    pub loss: f64,
+    pub delay_p50_ns: u64,
+    pub delay_p99_ns: u64,
+    /// The junk flood's rate (0 without flood).
+    pub flood_pps: f64,
+}
+
+/// One control-plane run: setups completed per second by many concurrent control connections.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ControlRun {
+    pub connections: usize,
+    pub completed: u64,
+    pub per_second: f64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// Setup latency: step 1 sent to step 2 confirmed (enhanced), or connect to the UDP
+    /// ASSOCIATE reply (RFC 1928).
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// The daemon's first distinct warnings when there were errors.
+    pub daemon_log: Vec<String>,
+}
+
+/// Resident memory of the daemon with many live bindings.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MemoryResult {
+    pub target: usize,
+    /// Live confirmed bindings when memory was read.
+    pub live: usize,
+    pub per_family: BTreeMap<String, usize>,
+    /// Why no more bindings fit (the first refusals), if the target was not reached.
+    pub refusals: BTreeMap<String, u64>,
+    pub rss_before: u64,
+    pub rss_after: u64,
+    pub bytes_per_binding: f64,
+    /// Kernel memory of the BINDINGS and OUTBOUND maps (bpftool's `bytes_memlock`).
+    pub kernel_map_bytes: Option<u64>,
+    /// External relay addresses the daemon handed out.
+    pub external_ips_used: Vec<String>,
+    /// Addresses fw's outside interface had (primary and added).
+    pub external_ips_configured: Vec<String>,
+    pub setup_seconds: f64,
+    /// Warnings and errors the daemon logged while bindings were made (first few, distinct).
+    pub daemon_log: Vec<String>,
+}
+
+/// One latency run: a paced echo through an arm.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PingRun {
+    pub rate: u64,
+    pub sent: u64,
+    pub received: u64,
+    pub loss: f64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub p999_ns: u64,
+}
+
+/// How and where the bench ran.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Meta {
+    pub mode: String,
+    pub runs: usize,
+    pub window_s: f64,
+    pub warmup_s: f64,
+    pub cpus: usize,
+    pub kernel: String,
+    pub started_unix: u64,
+    pub duration_s: f64,
+    /// The open-file limit the bench and the daemons it starts run with.
+    pub fd_limit: u64,
+}
+
+/// Everything measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Results {
+    pub meta: Meta,
+    /// Payload size -> arm (`kernel`, `userspace`, `dante`, `plain`, `local_sink`) -> runs.
+    pub relay: BTreeMap<usize, BTreeMap<String, Vec<StreamRun>>>,
+    /// Arm (`xdp`, `nft`, `closed`, `null_device`) -> runs.
+    pub drop: BTreeMap<String, Vec<StreamRun>>,
+    /// `quiet` / `flood` -> runs of the legitimate stream.
+    pub collateral: BTreeMap<String, Vec<CollateralRun>>,
+    /// `enhanced`, `gateway_associate`, `dante_associate` -> runs.
+    pub control: BTreeMap<String, Vec<ControlRun>>,
+    pub memory: Option<MemoryResult>,
+    /// Installed entries -> runs of the in-kernel relay (200-octet payloads).
+    pub scale: BTreeMap<u64, Vec<StreamRun>>,
+    /// Arm -> `low` / `half` -> runs.
+    pub latency: BTreeMap<String, BTreeMap<String, Vec<PingRun>>>,
+    /// Scenarios or runs that failed, with why.
+    pub errors: Vec<String>,
+    /// Observations the reader needs (limits hit, substitutions).
+    pub notes: Vec<String>,
+}
+
+/// The summary of `f` over `runs`.
+pub fn summary<T>(runs: &[T], f: impl Fn(&T) -> f64) -> Option<Summary> {
+    Summary::of(&runs.iter().map(f).collect::<Vec<_>>())
+}
+
+/// The median of `f` over `runs`, NaN when there are none.
+pub fn median_of<T>(runs: &[T], f: impl Fn(&T) -> f64) -> f64 {
+    summary(runs, f).map_or(f64::NAN, |s| s.median)
+}

@@ -1,0 +1,835 @@
+//! Turns the measured runs into summaries (median and spread of every figure), ratios between
+//! arms, the issue's targets against the measured numbers, the printed table and the JSON
+//! document. Pure: no I/O.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::{
+    model::{Results, StreamRun, median_of, summary},
+    stats::{Summary, ratio},
+};
+
+/// Loss below which the arm kept up with everything offered.
+const KEPT_UP_LOSS: f64 = 0.01;
+
+/// Arms of the media relay in table order, with their labels.
+pub const RELAY_ARMS: [(&str, &str); 4] = [
+    ("kernel", "in-kernel relay"),
+    ("userspace", "userspace relay"),
+    ("dante", "Dante sockd"),
+    ("plain", "plain forwarding"),
+];
+
+/// Drop arms in table order.
+pub const DROP_ARMS: [(&str, &str); 4] = [
+    ("xdp", "XDP gate"),
+    ("nft", "nft netdev ingress"),
+    ("closed", "closed port"),
+    ("null_device", "sender only (null dev)"),
+];
+
+/// Who limited a stream's rate.
+pub fn bottleneck(runs: &[StreamRun]) -> &'static str {
+    let loss = median_of(runs, |r| r.loss);
+    let offered = median_of(runs, |r| r.offered_pps);
+    #[expect(clippy::cast_precision_loss, reason = "packet counts")]
+    let rcvbuf = median_of(runs, |r| r.rcvbuf_errors as f64);
+    if loss.is_nan() {
+        "n/a"
+    } else if loss < KEPT_UP_LOSS {
+        "sender"
+    } else if rcvbuf > offered * 0.005 {
+        "sink"
+    } else {
+        "arm"
+    }
+}
+
+/// The baseline CPU per packet for payload `size` (the sender into a local sink).
+fn baseline_cpu(results: &Results, size: usize) -> f64 {
+    results
+        .relay
+        .get(&size)
+        .and_then(|arms| arms.get("local_sink"))
+        .map_or(f64::NAN, |runs| median_of(runs, |r| r.cpu_ns_per_delivered))
+}
+
+fn null_device_cpu(results: &Results) -> f64 {
+    results
+        .drop
+        .get("null_device")
+        .map_or(f64::NAN, |runs| median_of(runs, |r| r.cpu_ns_per_offered))
+}
+
+fn relay_runs<'a>(results: &'a Results, size: usize, arm: &str) -> &'a [StreamRun] {
+    results
+        .relay
+        .get(&size)
+        .and_then(|arms| arms.get(arm))
+        .map_or(&[], Vec::as_slice)
+}
+
+/// Median delivered pps of an arm at a size.
+pub fn relay_pps(results: &Results, size: usize, arm: &str) -> f64 {
+    median_of(relay_runs(results, size, arm), |r| r.delivered_pps)
+}
+
+/// Median CPU per delivered packet, net of the sender's cost into a local sink.
+pub fn relay_net_cpu(results: &Results, size: usize, arm: &str) -> f64 {
+    let base = baseline_cpu(results, size);
+    median_of(relay_runs(results, size, arm), |r| {
+        r.cpu_ns_per_delivered - base
+    })
+}
+
+fn drop_net_cpu(results: &Results, arm: &str) -> f64 {
+    let base = null_device_cpu(results);
+    results.drop.get(arm).map_or(f64::NAN, |runs| {
+        median_of(runs, |r| r.cpu_ns_per_offered - base)
+    })
+}
+
+fn latency_runs<'a>(results: &'a Results, arm: &str, rate: &str) -> &'a [crate::model::PingRun] {
+    results
+        .latency
+        .get(arm)
+        .and_then(|rates| rates.get(rate))
+        .map_or(&[], Vec::as_slice)
+}
+
+#[expect(clippy::cast_precision_loss, reason = "ns to us")]
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1000.0
+}
+
+/// One of the issue's targets against the measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub target: String,
+    pub measured: String,
+    /// `None` when it could not be measured.
+    pub met: Option<bool>,
+    /// How far off (or ahead), in words.
+    pub margin: String,
+}
+
+/// `a / b` for costs: NaN unless both are positive (a net cost at or below zero means the
+/// measurement drowned in noise, and a ratio of it means nothing).
+pub fn cost_ratio(a: f64, b: f64) -> f64 {
+    if a > 0.0 && b > 0.0 { a / b } else { f64::NAN }
+}
+
+fn shown(bound: f64) -> String {
+    if (bound - 1.0 / 3.0).abs() < 1e-9 {
+        "1/3".to_owned()
+    } else {
+        format!("{bound}")
+    }
+}
+
+fn target_at_least(name: &str, value: f64, floor: f64, unit: &str) -> Target {
+    Target {
+        target: format!("{name} >= {}{unit}", shown(floor)),
+        measured: format!("{value:.2}{unit}"),
+        met: value.is_finite().then_some(value >= floor),
+        margin: if value.is_finite() {
+            format!("{:+.0} % of the target", (value / floor - 1.0) * 100.0)
+        } else {
+            "not measured".to_owned()
+        },
+    }
+}
+
+fn target_at_most(name: &str, value: f64, ceiling: f64, unit: &str) -> Target {
+    Target {
+        target: format!("{name} <= {}{unit}", shown(ceiling)),
+        measured: format!("{value:.2}{unit}"),
+        met: value.is_finite().then_some(value <= ceiling),
+        margin: if value.is_finite() && ceiling != 0.0 {
+            format!("{:+.0} % of the target", (value / ceiling - 1.0) * 100.0)
+        } else if value.is_finite() {
+            format!("{value:.3}{unit} over")
+        } else {
+            "not measured".to_owned()
+        },
+    }
+}
+
+/// The issue's targets, evaluated on the medians.
+#[expect(clippy::too_many_lines, reason = "one target after the other")]
+pub fn targets(results: &Results) -> Vec<Target> {
+    let mut out = Vec::new();
+    for size in results.relay.keys().copied() {
+        let kernel = relay_pps(results, size, "kernel");
+        out.push(target_at_least(
+            &format!("{size} B: kernel relay pps / plain forwarding pps"),
+            ratio(kernel, relay_pps(results, size, "plain")),
+            0.9,
+            "",
+        ));
+        out.push(target_at_least(
+            &format!("{size} B: kernel relay pps / Dante pps"),
+            ratio(kernel, relay_pps(results, size, "dante")),
+            5.0,
+            "",
+        ));
+        let kernel_cpu = relay_net_cpu(results, size, "kernel");
+        out.push(target_at_most(
+            &format!("{size} B: kernel relay CPU/pkt / Dante CPU/pkt (net of sender)"),
+            cost_ratio(kernel_cpu, relay_net_cpu(results, size, "dante")),
+            0.2,
+            "",
+        ));
+        out.push(target_at_most(
+            &format!("{size} B: kernel relay CPU/pkt / userspace relay CPU/pkt (net of sender)"),
+            cost_ratio(kernel_cpu, relay_net_cpu(results, size, "userspace")),
+            1.0 / 3.0,
+            "",
+        ));
+    }
+    if !results.drop.is_empty() {
+        out.push(target_at_most(
+            "XDP drop CPU/pkt / nft ingress drop CPU/pkt (net of sender)",
+            cost_ratio(drop_net_cpu(results, "xdp"), drop_net_cpu(results, "nft")),
+            1.1,
+            "",
+        ));
+    }
+    if let Some(flood) = results.collateral.get("flood") {
+        let worst = flood.iter().map(|r| r.loss).fold(f64::NAN, f64::max);
+        out.push(target_at_most(
+            "legitimate stream loss under the junk flood (worst run)",
+            worst * 100.0,
+            0.0,
+            " %",
+        ));
+    }
+    if let Some(enhanced) = results.control.get("enhanced") {
+        out.push(target_at_least(
+            "two-step bindings per second (bind+connect+release)",
+            median_of(enhanced, |r| r.per_second),
+            20_000.0,
+            "/s",
+        ));
+        out.push(target_at_most(
+            "p99 two-step setup latency",
+            median_of(enhanced, |r| r.p99_us),
+            1000.0,
+            " us",
+        ));
+    }
+    if let Some(memory) = &results.memory {
+        out.push(target_at_most(
+            "daemon RSS per live binding",
+            memory.bytes_per_binding,
+            2048.0,
+            " B",
+        ));
+        out.push(target_at_least(
+            "live bindings held at once",
+            #[expect(clippy::cast_precision_loss, reason = "binding counts")]
+            {
+                memory.live as f64
+            },
+            #[expect(clippy::cast_precision_loss, reason = "binding counts")]
+            {
+                memory.target as f64
+            },
+            "",
+        ));
+    }
+    let (small, large) = (
+        results.scale.keys().next().copied(),
+        results.scale.keys().next_back().copied(),
+    );
+    if let (Some(small), Some(large)) = (small, large)
+        && small != large
+    {
+        out.push(target_at_least(
+            &format!("kernel relay pps with {large} entries / with {small}"),
+            ratio(
+                median_of(&results.scale[&large], |r| r.delivered_pps),
+                median_of(&results.scale[&small], |r| r.delivered_pps),
+            ),
+            0.9,
+            "",
+        ));
+    }
+    for rate in ["low", "half"] {
+        let kernel = median_of(latency_runs(results, "kernel", rate), |r| us(r.p99_ns));
+        let plain = median_of(latency_runs(results, "plain", rate), |r| us(r.p99_ns));
+        if kernel.is_finite() || plain.is_finite() {
+            out.push(target_at_most(
+                &format!("added p99 RTT of the kernel relay over plain forwarding ({rate} rate)"),
+                kernel - plain,
+                20.0,
+                " us",
+            ));
+        }
+    }
+    out
+}
+
+fn fmt_summary(s: Option<Summary>, scale: f64, decimals: usize) -> String {
+    match s {
+        Some(s) => {
+            // A range wider than the median itself says more as its top.
+            let spread = match s.spread {
+                Some(p) if p > 2.0 => format!(" (max {:.*})", decimals, s.max * scale),
+                Some(p) => format!(" ±{:.0}%", p * 50.0),
+                None => String::new(),
+            };
+            format!("{:.*}{spread}", decimals, s.median * scale)
+        }
+        None => "-".to_owned(),
+    }
+}
+
+fn fmt_ratio(value: f64) -> String {
+    if value.is_finite() {
+        format!("{value:.2}")
+    } else {
+        "n/a".to_owned()
+    }
+}
+
+/// The printed table. `±x%` is half the min-max range over the median.
+#[expect(clippy::too_many_lines, reason = "one table, section by section")]
+pub fn table(results: &Results) -> String {
+    let mut out = String::new();
+    let m = &results.meta;
+    let _ = writeln!(
+        out,
+        "\n== gateway bench ({} mode: median of {} run(s), ±x% = half the min-max range, (max x) when wider than the median; {} CPUs, kernel {})",
+        m.mode, m.runs, m.cpus, m.kernel
+    );
+    for (size, arms) in &results.relay {
+        let base = baseline_cpu(results, *size);
+        let _ = writeln!(
+            out,
+            "\n[1] inbound media relay, {size}-octet payloads (CPU = all CPUs' busy time per delivered \
+             packet; net = minus the sender's cost into a local sink, {base:.0} ns)"
+        );
+        let _ = writeln!(
+            out,
+            "{:<22}{:>18}{:>18}{:>13}{:>16}{:>16}{:>11}",
+            "arm", "offered pps", "delivered pps", "loss %", "CPU ns/pkt", "net ns/pkt", "limit"
+        );
+        let mut rows: Vec<(&str, &str)> = RELAY_ARMS.to_vec();
+        rows.push(("local_sink", "sender->local sink"));
+        for (key, label) in rows {
+            let Some(runs) = arms.get(key) else { continue };
+            let _ = writeln!(
+                out,
+                "{label:<22}{:>18}{:>18}{:>13}{:>16}{:>16}{:>11}",
+                fmt_summary(summary(runs, |r| r.offered_pps), 1.0, 0),
+                fmt_summary(summary(runs, |r| r.delivered_pps), 1.0, 0),
+                fmt_summary(summary(runs, |r| r.loss), 100.0, 2),
+                fmt_summary(summary(runs, |r| r.cpu_ns_per_delivered), 1.0, 0),
+                if key == "local_sink" {
+                    "-".to_owned()
+                } else {
+                    fmt_summary(summary(runs, |r| r.cpu_ns_per_delivered - base), 1.0, 0)
+                },
+                bottleneck(runs),
+            );
+        }
+        let pps = |arm| relay_pps(results, *size, arm);
+        let cpu = |arm| relay_net_cpu(results, *size, arm);
+        let _ = writeln!(
+            out,
+            "ratios: kernel/plain pps {}, kernel/userspace pps {}, kernel/Dante pps {}; net CPU kernel/userspace {}, kernel/Dante {}",
+            fmt_ratio(ratio(pps("kernel"), pps("plain"))),
+            fmt_ratio(ratio(pps("kernel"), pps("userspace"))),
+            fmt_ratio(ratio(pps("kernel"), pps("dante"))),
+            fmt_ratio(cost_ratio(cpu("kernel"), cpu("userspace"))),
+            fmt_ratio(cost_ratio(cpu("kernel"), cpu("dante"))),
+        );
+    }
+    if !results.drop.is_empty() {
+        let base = null_device_cpu(results);
+        let _ = writeln!(
+            out,
+            "\n[2] unsolicited drop, 64-octet junk flat out at fw's external address (net = minus the \
+             sender's cost into a null device, {base:.0} ns; the sender limits every arm)"
+        );
+        let _ = writeln!(
+            out,
+            "{:<24}{:>18}{:>16}{:>16}{:>12}",
+            "arm", "dropped pps", "CPU ns/pkt", "net ns/pkt", "verified"
+        );
+        for (key, label) in DROP_ARMS {
+            let Some(runs) = results.drop.get(key) else {
+                continue;
+            };
+            let _ = writeln!(
+                out,
+                "{label:<24}{:>18}{:>16}{:>16}{:>12}",
+                fmt_summary(summary(runs, |r| r.offered_pps), 1.0, 0),
+                fmt_summary(summary(runs, |r| r.cpu_ns_per_offered), 1.0, 0),
+                if key == "null_device" {
+                    "-".to_owned()
+                } else {
+                    fmt_summary(summary(runs, |r| r.cpu_ns_per_offered - base), 1.0, 0)
+                },
+                summary(runs, |r| r.drops_verified.unwrap_or(f64::NAN))
+                    .map_or_else(|| "-".to_owned(), |s| format!("{:.1} %", s.median * 100.0)),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "ratio: XDP/nft CPU per dropped packet {} (net), {} (raw)",
+            fmt_ratio(cost_ratio(
+                drop_net_cpu(results, "xdp"),
+                drop_net_cpu(results, "nft")
+            )),
+            fmt_ratio(ratio(
+                results
+                    .drop
+                    .get("xdp")
+                    .map_or(f64::NAN, |r| median_of(r, |r| r.cpu_ns_per_offered)),
+                results
+                    .drop
+                    .get("nft")
+                    .map_or(f64::NAN, |r| median_of(r, |r| r.cpu_ns_per_offered)),
+            )),
+        );
+    }
+    if !results.collateral.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n[2b] collateral damage: legitimate 200-octet stream through the kernel relay"
+        );
+        let _ = writeln!(
+            out,
+            "{:<10}{:>14}{:>12}{:>16}{:>16}{:>18}",
+            "junk", "legit pps", "loss %", "delay p50 us", "delay p99 us", "junk flood pps"
+        );
+        for key in ["quiet", "flood"] {
+            let Some(runs) = results.collateral.get(key) else {
+                continue;
+            };
+            let _ = writeln!(
+                out,
+                "{key:<10}{:>14}{:>12}{:>16}{:>16}{:>18}",
+                fmt_summary(summary(runs, |r| r.legit_pps), 1.0, 0),
+                fmt_summary(summary(runs, |r| r.loss), 100.0, 3),
+                fmt_summary(summary(runs, |r| us(r.delay_p50_ns)), 1.0, 1),
+                fmt_summary(summary(runs, |r| us(r.delay_p99_ns)), 1.0, 1),
+                fmt_summary(summary(runs, |r| r.flood_pps), 1.0, 0),
+            );
+        }
+    }
+    if !results.control.is_empty() || results.memory.is_some() {
+        let _ = writeln!(
+            out,
+            "\n[3] control plane (client load generator shares the 2 CPUs with the daemon)"
+        );
+        let _ = writeln!(
+            out,
+            "{:<44}{:>16}{:>14}{:>14}{:>10}",
+            "setup", "per second", "p50 us", "p99 us", "errors"
+        );
+        for (key, label) in [
+            ("enhanced", "two-step binding (bind+connect+release)"),
+            ("gateway_associate", "gateway RFC 1928 UDP ASSOCIATE"),
+            ("dante_associate", "Dante RFC 1928 UDP ASSOCIATE"),
+        ] {
+            let Some(runs) = results.control.get(key) else {
+                continue;
+            };
+            #[expect(clippy::cast_precision_loss, reason = "error counts")]
+            let errors = summary(runs, |r| r.errors as f64);
+            let _ = writeln!(
+                out,
+                "{label:<44}{:>16}{:>14}{:>14}{:>10}",
+                fmt_summary(summary(runs, |r| r.per_second), 1.0, 0),
+                fmt_summary(summary(runs, |r| r.p50_us), 1.0, 0),
+                fmt_summary(summary(runs, |r| r.p99_us), 1.0, 0),
+                errors.map_or_else(|| "-".to_owned(), |s| format!("{:.0}", s.median)),
+            );
+        }
+        if let Some(memory) = &results.memory {
+            let _ = writeln!(
+                out,
+                "memory: {} live bindings of {} wanted ({:?}), daemon RSS {:.1} -> {:.1} MiB = {:.0} B per binding; \
+                 kernel maps {}; external addresses used {:?} of {} configured; set up in {:.1} s",
+                memory.live,
+                memory.target,
+                memory.per_family,
+                mib(memory.rss_before),
+                mib(memory.rss_after),
+                memory.bytes_per_binding,
+                memory
+                    .kernel_map_bytes
+                    .map_or_else(|| "n/a".to_owned(), |b| format!("{:.1} MiB", mib(b))),
+                memory.external_ips_used,
+                memory.external_ips_configured.len(),
+                memory.setup_seconds,
+            );
+            for (refusal, tasks) in &memory.refusals {
+                let _ = writeln!(out, "  refused ({tasks} sessions): {refusal}");
+            }
+        }
+    }
+    if !results.scale.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n[4] scale: in-kernel relay, 200-octet payloads, with N entries in BINDINGS"
+        );
+        let _ = writeln!(
+            out,
+            "{:<14}{:>18}{:>13}{:>16}{:>11}",
+            "entries", "delivered pps", "loss %", "CPU ns/pkt", "limit"
+        );
+        for (entries, runs) in &results.scale {
+            let _ = writeln!(
+                out,
+                "{entries:<14}{:>18}{:>13}{:>16}{:>11}",
+                fmt_summary(summary(runs, |r| r.delivered_pps), 1.0, 0),
+                fmt_summary(summary(runs, |r| r.loss), 100.0, 2),
+                fmt_summary(summary(runs, |r| r.cpu_ns_per_delivered), 1.0, 0),
+                bottleneck(runs),
+            );
+        }
+    }
+    if !results.latency.is_empty() {
+        let _ = writeln!(out, "\n[5] added latency: UDP echo RTT, 200-octet payloads");
+        let _ = writeln!(
+            out,
+            "{:<20}{:<6}{:>10}{:>14}{:>14}{:>14}{:>13}",
+            "arm", "rate", "pps", "p50 us", "p99 us", "p99.9 us", "loss %"
+        );
+        for (key, label) in RELAY_ARMS {
+            for rate in ["low", "half"] {
+                let runs = latency_runs(results, key, rate);
+                if runs.is_empty() {
+                    continue;
+                }
+                #[expect(clippy::cast_precision_loss, reason = "packet rates")]
+                let pps = median_of(runs, |r| r.rate as f64);
+                let _ = writeln!(
+                    out,
+                    "{label:<20}{rate:<6}{pps:>10.0}{:>14}{:>14}{:>14}{:>13}",
+                    fmt_summary(summary(runs, |r| us(r.p50_ns)), 1.0, 1),
+                    fmt_summary(summary(runs, |r| us(r.p99_ns)), 1.0, 1),
+                    fmt_summary(summary(runs, |r| us(r.p999_ns)), 1.0, 1),
+                    fmt_summary(summary(runs, |r| r.loss), 100.0, 2),
+                );
+            }
+        }
+    }
+    let targets = targets(results);
+    if !targets.is_empty() {
+        let _ = writeln!(out, "\ntargets of issue 8 against the measured medians:");
+        for t in &targets {
+            let verdict = match t.met {
+                Some(true) => "MET   ",
+                Some(false) => "MISSED",
+                None => "n/a   ",
+            };
+            let _ = writeln!(
+                out,
+                "  {verdict} {:<76} measured {} ({})",
+                t.target, t.measured, t.margin
+            );
+        }
+    }
+    for note in &results.notes {
+        let _ = writeln!(out, "note: {note}");
+    }
+    if !results.errors.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{} scenario run(s) failed (see results.json \"errors\")",
+            results.errors.len()
+        );
+    }
+    out
+}
+
+/// What the reader needs to know to read the table right, derived from the results.
+pub fn auto_notes(results: &Results) -> Vec<String> {
+    let mut notes = Vec::new();
+    for (size, arms) in &results.relay {
+        let sender_bound: Vec<&str> = RELAY_ARMS
+            .iter()
+            .filter(|(key, _)| {
+                arms.get(*key)
+                    .is_some_and(|runs| bottleneck(runs) == "sender")
+            })
+            .map(|(_, label)| *label)
+            .collect();
+        if !sender_bound.is_empty() {
+            notes.push(format!(
+                "{size} B: the sender, not the arm, was the bottleneck for {}: they delivered all \
+                 that was offered. On veth the receive work of fw runs in the sender's softirq, so \
+                 a costlier path lowers the offered rate; compare these arms by CPU per packet.",
+                sender_bound.join(", ")
+            ));
+        }
+    }
+    if results.memory.as_ref().is_some_and(|m| m.live < m.target) && results.meta.fd_limit < 1 << 20
+    {
+        notes.push(format!(
+            "memory: the open-file limit here is {} and cannot be raised (setrlimit needs \
+             CAP_SYS_RESOURCE); the daemon keeps two sockets per binding even when the kernel \
+             relays, so it runs out of descriptors near half that many bindings",
+            results.meta.fd_limit
+        ));
+    }
+    for (load, runs) in &results.control {
+        let errors: u64 = runs.iter().map(|r| r.errors).sum();
+        if errors > 0 {
+            let first = runs
+                .iter()
+                .find_map(|r| r.first_error.clone())
+                .unwrap_or_default();
+            let log: Vec<&String> = runs.iter().flat_map(|r| &r.daemon_log).take(3).collect();
+            notes.push(format!(
+                "control {load}: {errors} setups failed in all runs (first: {first}); daemon log: {log:?}"
+            ));
+        }
+    }
+    if let Some(memory) = results.memory.as_ref().filter(|m| m.live < m.target) {
+        let refusals: Vec<&str> = memory.refusals.keys().map(String::as_str).collect();
+        let log = if memory.daemon_log.is_empty() {
+            String::new()
+        } else {
+            format!("; daemon log: {:?}", memory.daemon_log)
+        };
+        notes.push(format!(
+            "memory: {} of {} bindings fit ({:?}); the daemon used external addresses {:?} of the \
+             {} on fw's outside interface (one per family), then refused with {:?}{log}",
+            memory.live,
+            memory.target,
+            memory.per_family,
+            memory.external_ips_used,
+            memory.external_ips_configured.len(),
+            refusals,
+        ));
+    }
+    if results
+        .latency
+        .values()
+        .any(|rates| rates.contains_key("half"))
+    {
+        notes.push(
+            "latency at half of each arm's one-way maximum: an echo doubles the packets and the \
+             pinger, the echo server and the arm share 2 CPUs, so this rate is at or past \
+             saturation and its RTTs are mostly queueing. Low-rate RTTs include the wake-up of \
+             the pinger's and the echo server's threads."
+                .to_owned(),
+        );
+    }
+    if !results.relay.is_empty() || !results.drop.is_empty() {
+        notes.push(
+            "CPU per packet is system-wide (/proc/stat, 10 ms ticks): anything else running on \
+             the machine during a window adds to it; the spread shows how much."
+                .to_owned(),
+        );
+    }
+    notes
+}
+
+#[expect(clippy::cast_precision_loss, reason = "memory sizes")]
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn stream_summary(runs: &[StreamRun], base: f64, per_offered: bool) -> Value {
+    let cpu = |r: &StreamRun| {
+        if per_offered {
+            r.cpu_ns_per_offered
+        } else {
+            r.cpu_ns_per_delivered
+        }
+    };
+    json!({
+        "offered_pps": summary(runs, |r| r.offered_pps),
+        "delivered_pps": summary(runs, |r| r.delivered_pps),
+        "loss": summary(runs, |r| r.loss),
+        "cpu_ns_per_packet": summary(runs, cpu),
+        "net_cpu_ns_per_packet": summary(runs, |r| cpu(r) - base),
+        "busy_cores": summary(runs, |r| r.busy_cores),
+        "rcvbuf_errors": runs.iter().map(|r| r.rcvbuf_errors).sum::<u64>(),
+        "drops_verified": summary(runs, |r| r.drops_verified.unwrap_or(f64::NAN)),
+        "limited_by": bottleneck(runs),
+    })
+}
+
+/// The JSON document: summaries, ratios, targets, then every run.
+#[expect(clippy::too_many_lines, reason = "one area after the other")]
+pub fn document(results: &Results) -> Value {
+    let mut relay = serde_json::Map::new();
+    for (size, arms) in &results.relay {
+        let base = baseline_cpu(results, *size);
+        let mut per_arm = serde_json::Map::new();
+        for (arm, runs) in arms {
+            per_arm.insert(
+                arm.clone(),
+                stream_summary(runs, if arm == "local_sink" { 0.0 } else { base }, false),
+            );
+        }
+        let pps = |arm| relay_pps(results, *size, arm);
+        let cpu = |arm| relay_net_cpu(results, *size, arm);
+        per_arm.insert(
+            "ratios".to_owned(),
+            json!({
+                "kernel_over_plain_pps": finite(ratio(pps("kernel"), pps("plain"))),
+                "kernel_over_userspace_pps": finite(ratio(pps("kernel"), pps("userspace"))),
+                "kernel_over_dante_pps": finite(ratio(pps("kernel"), pps("dante"))),
+                "kernel_over_userspace_net_cpu": finite(cost_ratio(cpu("kernel"), cpu("userspace"))),
+                "kernel_over_dante_net_cpu": finite(cost_ratio(cpu("kernel"), cpu("dante"))),
+            }),
+        );
+        relay.insert(size.to_string(), Value::Object(per_arm));
+    }
+    let base = null_device_cpu(results);
+    let drop: serde_json::Map<String, Value> = results
+        .drop
+        .iter()
+        .map(|(arm, runs)| {
+            (
+                arm.clone(),
+                stream_summary(runs, if arm == "null_device" { 0.0 } else { base }, true),
+            )
+        })
+        .collect();
+    let collateral: serde_json::Map<String, Value> = results
+        .collateral
+        .iter()
+        .map(|(key, runs)| {
+            (
+                key.clone(),
+                json!({
+                    "legit_pps": summary(runs, |r| r.legit_pps),
+                    "loss": summary(runs, |r| r.loss),
+                    "delay_p50_us": summary(runs, |r| us(r.delay_p50_ns)),
+                    "delay_p99_us": summary(runs, |r| us(r.delay_p99_ns)),
+                    "flood_pps": summary(runs, |r| r.flood_pps),
+                }),
+            )
+        })
+        .collect();
+    let control: serde_json::Map<String, Value> = results
+        .control
+        .iter()
+        .map(|(key, runs)| {
+            (
+                key.clone(),
+                json!({
+                    "per_second": summary(runs, |r| r.per_second),
+                    "p50_us": summary(runs, |r| r.p50_us),
+                    "p99_us": summary(runs, |r| r.p99_us),
+                    "errors": runs.iter().map(|r| r.errors).sum::<u64>(),
+                    "connections": runs.first().map(|r| r.connections),
+                }),
+            )
+        })
+        .collect();
+    let scale: serde_json::Map<String, Value> = results
+        .scale
+        .iter()
+        .map(|(entries, runs)| (entries.to_string(), stream_summary(runs, 0.0, false)))
+        .collect();
+    let mut latency = serde_json::Map::new();
+    for (arm, rates) in &results.latency {
+        let per_rate: serde_json::Map<String, Value> = rates
+            .iter()
+            .map(|(rate, runs)| {
+                #[expect(clippy::cast_precision_loss, reason = "packet rates")]
+                let pps = summary(runs, |r| r.rate as f64);
+                (
+                    rate.clone(),
+                    json!({
+                        "rate_pps": pps,
+                        "p50_us": summary(runs, |r| us(r.p50_ns)),
+                        "p99_us": summary(runs, |r| us(r.p99_ns)),
+                        "p999_us": summary(runs, |r| us(r.p999_ns)),
+                        "loss": summary(runs, |r| r.loss),
+                    }),
+                )
+            })
+            .collect();
+        latency.insert(arm.clone(), Value::Object(per_rate));
+    }
+    json!({
+        "meta": results.meta,
+        "summary": {
+            "relay": relay,
+            "drop": drop,
+            "collateral": collateral,
+            "control": control,
+            "memory": results.memory,
+            "scale": scale,
+            "latency": latency,
+        },
+        "targets": targets(results),
+        "notes": results.notes,
+        "errors": results.errors,
+        "runs": results,
+    })
+}
+
+fn finite(value: f64) -> Option<f64> {
+    value.is_finite().then_some(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(delivered: f64, offered: f64, cpu: f64) -> StreamRun {
+        StreamRun {
+            offered_pps: offered,
+            delivered_pps: delivered,
+            loss: 1.0 - delivered / offered,
+            cpu_ns_per_delivered: cpu,
+            ..StreamRun::default()
+        }
+    }
+
+    #[test]
+    fn bottleneck_is_the_sender_when_nothing_is_lost() {
+        assert_eq!(bottleneck(&[stream(100.0, 100.0, 1.0)]), "sender");
+        assert_eq!(bottleneck(&[stream(50.0, 100.0, 1.0)]), "arm");
+        let mut sink = stream(50.0, 100.0, 1.0);
+        sink.rcvbuf_errors = 40;
+        assert_eq!(bottleneck(&[sink]), "sink");
+        assert_eq!(bottleneck(&[]), "n/a");
+    }
+
+    #[test]
+    fn targets_use_net_cpu_and_ratios() {
+        let mut results = Results::default();
+        let arms = results.relay.entry(200).or_default();
+        arms.insert("local_sink".into(), vec![stream(1000.0, 1000.0, 100.0)]);
+        arms.insert("kernel".into(), vec![stream(950.0, 950.0, 200.0)]);
+        arms.insert("plain".into(), vec![stream(1000.0, 1000.0, 150.0)]);
+        arms.insert("dante".into(), vec![stream(100.0, 1000.0, 1100.0)]);
+        arms.insert("userspace".into(), vec![stream(300.0, 1000.0, 500.0)]);
+        let targets = targets(&results);
+        let find = |text: &str| {
+            targets
+                .iter()
+                .find(|t| t.target.contains(text))
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(find("plain forwarding pps").met, Some(true));
+        assert_eq!(find("Dante pps").met, Some(true));
+        // Net CPU: kernel 100, Dante 1000, userspace 400.
+        assert_eq!(find("Dante CPU").measured, "0.10");
+        assert_eq!(find("userspace relay CPU").measured, "0.25");
+        assert!(table(&results).contains("in-kernel relay"));
+        let doc = document(&results);
+        assert_eq!(
+            doc["summary"]["relay"]["200"]["kernel"]["net_cpu_ns_per_packet"]["median"],
+            100.0
+        );
+    }
+}

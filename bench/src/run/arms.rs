@@ -1,0 +1,426 @@
+//! The arms compared: the gateway's in-kernel relay, its userspace relay, Dante's `sockd` (the
+//! packaged SOCKS server with a UDP relay, standard UDP ASSOCIATE) and plain kernel forwarding
+//! in `fw` (no proxy: the test bed's limit). Each arm is brought up in `fw` and torn down by a
+//! guard; a [`ClientPath`] is the client's side of one media flow through it.
+
+use std::{
+    fs,
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    os::fd::{AsRawFd as _, FromRawFd as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use gateway::client::{Client, EnhancedSession, Family, RelayAddrs, UdpAssociation, UdpBinding};
+use integration_tests::{
+    ChildGuard, Netns, addr,
+    gateway::{GatewayDaemon, InstanceCleanup},
+    iface, run_checked, unique_suffix, wait_until,
+};
+use nix::sys::signal::{Signal, kill};
+use serde::Serialize;
+
+use super::env::{Env, SocketSpec};
+
+/// The SOCKS port in `fw` (the gateway's default and Dante's configured one).
+pub const PROXY: SocketAddr = SocketAddr::new(IpAddr::V4(addr::FW_INSIDE_V4), 1080);
+/// The media source in `server` (the REMOTE of step 2).
+pub const SOURCE: SocketAddr = SocketAddr::new(IpAddr::V4(addr::SERVER_V4), 6000);
+/// The plain arm's receiver in `client`.
+pub const PLAIN_SINK: SocketAddr = SocketAddr::new(IpAddr::V4(addr::CLIENT_V4), 5004);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arm {
+    Kernel,
+    Userspace,
+    Dante,
+    Plain,
+}
+
+impl Arm {
+    pub const RELAYS: [Arm; 4] = [Arm::Kernel, Arm::Userspace, Arm::Dante, Arm::Plain];
+
+    pub fn key(self) -> &'static str {
+        match self {
+            Arm::Kernel => "kernel",
+            Arm::Userspace => "userspace",
+            Arm::Dante => "dante",
+            Arm::Plain => "plain",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Arm::Kernel => "in-kernel relay",
+            Arm::Userspace => "userspace relay",
+            Arm::Dante => "Dante sockd",
+            Arm::Plain => "plain forwarding",
+        }
+    }
+}
+
+/// `items` rotated left by `run`: arms alternate their order from run to run.
+pub fn rotated<T: Copy>(items: &[T], run: usize) -> Vec<T> {
+    let n = items.len().max(1);
+    (0..items.len()).map(|i| items[(i + run) % n]).collect()
+}
+
+/// A running arm; dropping it stops what it started and restores `fw`.
+pub struct ArmGuard {
+    // Field order is drop order: the daemon stops before its pins are removed.
+    pub gateway: Option<GatewayDaemon>,
+    pub cleanup: Option<InstanceCleanup>,
+    dante: Option<Dante>,
+    forwarding_ns: Option<PathBuf>,
+}
+
+impl ArmGuard {
+    /// Starts `arm` in `fw`; `extra` are more `gateway run` flags.
+    pub fn start(env: &Env, arm: Arm, extra: &[&str]) -> Result<Self> {
+        let mut guard = Self {
+            gateway: None,
+            cleanup: None,
+            dante: None,
+            forwarding_ns: None,
+        };
+        match arm {
+            Arm::Kernel | Arm::Userspace => {
+                let instance = format!("bench-{}", unique_suffix());
+                guard.cleanup = Some(InstanceCleanup {
+                    instance: instance.clone(),
+                });
+                let mut args = vec![
+                    "--external",
+                    iface::FW_OUTSIDE,
+                    "--internal",
+                    iface::FW_INSIDE,
+                    "--allow-anonymous",
+                    "--datapath",
+                    if arm == Arm::Kernel {
+                        "xdp"
+                    } else {
+                        "userspace"
+                    },
+                ];
+                args.extend_from_slice(extra);
+                guard.gateway = Some(GatewayDaemon::start(&env.bed.fw, &instance, &args)?);
+            }
+            Arm::Dante => guard.dante = Some(Dante::start(env)?),
+            Arm::Plain => {
+                env.bed.fw.sysctl("net.ipv4.ip_forward", "1")?;
+                guard.forwarding_ns = Some(env.bed.fw.path());
+            }
+        }
+        Ok(guard)
+    }
+
+    pub fn instance(&self) -> Option<&str> {
+        self.gateway.as_ref().map(|g| g.instance.as_str())
+    }
+
+    pub fn daemon_pid(&self) -> Option<i32> {
+        self.gateway.as_ref().map(GatewayDaemon::pid)
+    }
+}
+
+impl Drop for ArmGuard {
+    fn drop(&mut self) {
+        if let Some(mut gateway) = self.gateway.take()
+            && !gateway.stop()
+        {
+            eprintln!(
+                "bench: the gateway did not stop cleanly:\n{}",
+                gateway.log_text()
+            );
+        }
+        self.cleanup.take();
+        self.dante.take();
+        if let Some(ns) = self.forwarding_ns.take() {
+            let _ = Command::new("nsenter")
+                .arg(format!("--net={}", ns.display()))
+                .args(["sysctl", "-qw", "net.ipv4.ip_forward=0"])
+                .status();
+        }
+    }
+}
+
+/// Dante's `danted` in `fw`, configured as in the test bed notes, started with `ip netns exec`
+/// and stopped by the pid in its pid file.
+pub struct Dante {
+    child: ChildGuard,
+    pid_file: PathBuf,
+    config: PathBuf,
+    fw: String,
+}
+
+const DANTE_CONFIG: &str = "\
+logoutput: stderr
+internal: 198.51.100.1 port = 1080
+external: 203.0.113.1
+socksmethod: none
+clientmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass { from: 198.51.100.0/24 to: 0.0.0.0/0 }
+socks pass { from: 198.51.100.0/24 to: 0.0.0.0/0  command: connect udpassociate }
+socks pass { from: 0.0.0.0/0 to: 198.51.100.0/24  command: udpreply }
+";
+
+impl Dante {
+    pub fn start(env: &Env) -> Result<Self> {
+        let suffix = unique_suffix();
+        let config = env.work_dir.join(format!("danted-{suffix}.conf"));
+        let pid_file = env.work_dir.join(format!("danted-{suffix}.pid"));
+        fs::write(&config, DANTE_CONFIG).with_context(|| format!("write {}", config.display()))?;
+        let fw = env.bed.fw.name().to_owned();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &fw, "danted", "-f"])
+            .arg(&config)
+            .arg("-p")
+            .arg(&pid_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = ChildGuard::spawn(&mut cmd, "danted")?;
+        let mut dante = Self {
+            child,
+            pid_file,
+            config,
+            fw,
+        };
+        let up = env.bed.client.run(|| {
+            wait_until(Duration::from_secs(10), || {
+                TcpStream::connect_timeout(&PROXY, Duration::from_millis(200)).is_ok()
+            })
+        })?;
+        if !up || dante.child.has_exited() {
+            bail!("danted did not start (is dante-server installed? `cargo xtask setup`)");
+        }
+        Ok(dante)
+    }
+
+    fn pid_from_file(&self) -> Option<i32> {
+        fs::read_to_string(&self.pid_file).ok()?.trim().parse().ok()
+    }
+}
+
+impl Drop for Dante {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid_from_file() {
+            let _ = kill(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        self.child
+            .stop_with(Signal::SIGTERM, Duration::from_secs(5));
+        // Children of the monitor that outlived it (started by our danted), by pid.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let left = dante_pids(&self.fw);
+            if left.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                for pid in left {
+                    let _ = kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                }
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = fs::remove_file(&self.pid_file);
+        let _ = fs::remove_file(&self.config);
+    }
+}
+
+/// Pids of `danted` processes in namespace `ns`.
+fn dante_pids(ns: &str) -> Vec<i32> {
+    let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|pid| pid.parse::<i32>().ok())
+        .filter(|pid| {
+            fs::read_to_string(Path::new(&format!("/proc/{pid}/comm")))
+                .is_ok_and(|comm| comm.trim() == "danted")
+        })
+        .collect()
+}
+
+/// The client's side of one media flow through an arm.
+#[expect(clippy::large_enum_variant, reason = "a handful exist at a time")]
+pub enum ClientPath {
+    /// Two-step binding (bind, then connect to [`SOURCE`]) on the gateway.
+    Enhanced {
+        _session: EnhancedSession,
+        binding: UdpBinding,
+        relays: RelayAddrs,
+    },
+    /// RFC 1928 UDP ASSOCIATE (Dante).
+    Associate(UdpAssociation),
+    /// No proxy: the client's own socket, reached by forwarding.
+    Plain,
+}
+
+impl ClientPath {
+    /// Makes the flow for `arm` (on the client runtime).
+    pub fn open(env: &Env, arm: Arm) -> Result<Self> {
+        env.client(Duration::from_secs(15), async move {
+            Ok(match arm {
+                Arm::Kernel | Arm::Userspace => {
+                    let session = Client::connect(PROXY, None).await?.enhanced().await?;
+                    let binding = session.udp_socket(Family::V4).await?;
+                    binding.bind().await?;
+                    let relays = binding.connect(SOURCE).await?;
+                    Self::Enhanced {
+                        _session: session,
+                        binding,
+                        relays,
+                    }
+                }
+                Arm::Dante => {
+                    Self::Associate(Client::connect(PROXY, None).await?.udp_associate().await?)
+                }
+                Arm::Plain => Self::Plain,
+            })
+        })
+    }
+
+    /// Closes the flow on the client runtime (control connections end, bindings are released).
+    pub fn close(self, env: &Env) {
+        let _ = env.client(Duration::from_secs(5), async move {
+            drop(self);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(())
+        });
+    }
+
+    /// Where the receiver of inbound media reads.
+    pub fn sink_socket(&self) -> SocketSpec {
+        match self {
+            Self::Enhanced { binding, .. } => SocketSpec::Fd(binding.socket().as_raw_fd()),
+            Self::Associate(assoc) => SocketSpec::Fd(assoc.socket().as_raw_fd()),
+            Self::Plain => SocketSpec::Bind(PLAIN_SINK),
+        }
+    }
+
+    /// Where the media source sends (`None`: to whoever the client's first datagram came from,
+    /// which is Dante's outside port).
+    pub fn inbound_to(&self) -> Option<SocketAddr> {
+        match self {
+            Self::Enhanced { relays, .. } => Some(relays.external),
+            Self::Associate(_) => None,
+            Self::Plain => Some(PLAIN_SINK),
+        }
+    }
+
+    /// Octets of relay header in front of inbound datagrams at the client.
+    pub fn inbound_header(&self) -> usize {
+        match self {
+            Self::Enhanced { .. } => 8,
+            Self::Associate(_) => 10,
+            Self::Plain => 0,
+        }
+    }
+
+    /// The pinger's socket, destination and request header towards [`SOURCE`].
+    pub fn ping_route(&self) -> (SocketSpec, SocketAddr, Vec<u8>) {
+        match self {
+            Self::Enhanced {
+                binding, relays, ..
+            } => {
+                let mut header = vec![0u8; 4];
+                header.extend_from_slice(&relays.aid.to_be_bytes());
+                (
+                    SocketSpec::Fd(binding.socket().as_raw_fd()),
+                    relays.internal,
+                    header,
+                )
+            }
+            Self::Associate(assoc) => (
+                SocketSpec::Fd(assoc.socket().as_raw_fd()),
+                assoc.relay_addr(),
+                socks_header(SOURCE),
+            ),
+            Self::Plain => (
+                SocketSpec::Bind(SocketAddr::new(IpAddr::V4(addr::CLIENT_V4), 0)),
+                SOURCE,
+                Vec::new(),
+            ),
+        }
+    }
+
+    /// Sends one datagram from the client to [`SOURCE`] through the arm, so that Dante opens
+    /// its outside port and admits the source's answers. No-op for the other arms.
+    pub fn kick(&self) -> Result<()> {
+        if let Self::Associate(assoc) = self {
+            let mut datagram = socks_header(SOURCE);
+            datagram.extend_from_slice(b"hello");
+            // SAFETY: dup of a descriptor we own; the copy is owned by `socket` and closed on drop.
+            let socket = unsafe {
+                let copy = libc::dup(assoc.socket().as_raw_fd());
+                if copy < 0 {
+                    bail!("dup: {}", std::io::Error::last_os_error());
+                }
+                UdpSocket::from_raw_fd(copy)
+            };
+            socket
+                .send_to(&datagram, assoc.relay_addr())
+                .context("send the hello through Dante")?;
+        }
+        Ok(())
+    }
+}
+
+/// The RFC 1928 UDP request header naming `to` (IPv4).
+pub fn socks_header(to: SocketAddr) -> Vec<u8> {
+    let mut header = vec![0, 0, 0];
+    match to.ip() {
+        IpAddr::V4(v4) => {
+            header.push(1);
+            header.extend_from_slice(&v4.octets());
+        }
+        IpAddr::V6(v6) => {
+            header.push(4);
+            header.extend_from_slice(&v6.octets());
+        }
+    }
+    header.extend_from_slice(&to.port().to_be_bytes());
+    header
+}
+
+/// Adds `ip/prefix` to `dev` in `ns` (IPv6 without duplicate address detection).
+pub fn add_address(ns: &Netns, ip: IpAddr, prefix: u8, dev: &str) -> Result<()> {
+    let cidr = format!("{ip}/{prefix}");
+    let mut cmd = ns.command("ip");
+    if ip.is_ipv6() {
+        cmd.args(["-6", "addr", "add", &cidr, "dev", dev, "nodad"]);
+    } else {
+        cmd.args(["addr", "add", &cidr, "dev", dev]);
+    }
+    run_checked(&mut cmd).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socks_header_for_ipv4() {
+        assert_eq!(
+            socks_header("203.0.113.2:6000".parse().unwrap()),
+            vec![0, 0, 0, 1, 203, 0, 113, 2, 0x17, 0x70]
+        );
+        assert_eq!(socks_header("[2001:db8::1]:1".parse().unwrap()).len(), 22);
+    }
+
+    #[test]
+    fn rotation_alternates_the_order() {
+        assert_eq!(rotated(&[1, 2, 3], 0), vec![1, 2, 3]);
+        assert_eq!(rotated(&[1, 2, 3], 1), vec![2, 3, 1]);
+        assert_eq!(rotated(&[1, 2, 3], 5), vec![3, 1, 2]);
+    }
+}
