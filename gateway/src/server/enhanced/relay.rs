@@ -120,11 +120,28 @@ pub(super) async fn bind_flows(ports: &RelayPorts, ifindex: Option<u32>) -> io::
         ) else {
             return Err(io::Error::other("relay port pair past 65535"));
         };
-        let inside = UdpSocket::bind(internal).await?;
-        let outside = OutsideSocket::bind_port(external, ifindex).await?;
+        let inside = retry_in_use(|| UdpSocket::bind(internal)).await?;
+        let outside = retry_in_use(|| OutsideSocket::bind_port(external, ifindex)).await?;
         flows.push(Flow { inside, outside });
     }
     Ok(flows)
+}
+
+/// Binds, retrying briefly while the port is still in use: a port released a moment ago may
+/// still be held by the aborted relay task of its previous binding until that task is dropped,
+/// which the runtime does on its next turn. Bounded: about 20 ms, then the error stands.
+async fn retry_in_use<T, F: Future<Output = io::Result<T>>>(
+    mut bind: impl FnMut() -> F,
+) -> io::Result<T> {
+    for _ in 0..20 {
+        match bind().await {
+            Err(error) if error.kind() == io::ErrorKind::AddrInUse => {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            other => return other,
+        }
+    }
+    bind().await
 }
 
 /// `addr` with its port moved up by `offset` (the flow number).
