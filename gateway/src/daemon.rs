@@ -64,6 +64,7 @@ pub struct DaemonArgs {
     pub deny: Vec<IpNet>,
     pub max_connections: usize,
     pub datapath: DatapathKind,
+    pub xdp_mode: gateway::datapath::XdpAttachMode,
     pub allow_listen: bool,
 }
 
@@ -139,6 +140,7 @@ async fn serve(
     config.host_allow = args.host_allow.clone();
     config.host_allow.extend(resolver.host_flows());
     config.external_addresses = external_addrs.iter().map(|a| a.ip).collect();
+    config.xdp_mode = args.xdp_mode;
     let mut datapath = Datapath::attach(&config)
         .with_context(|| format!("attach the gateway to {}", args.external))?;
     let gate = datapath.take_gate()?;

@@ -86,6 +86,10 @@ enum Command {
         /// [default: xdp].
         #[arg(long, value_enum)]
         datapath: Option<daemon::DatapathKind>,
+        /// XDP attach mode of the gate: `auto` (driver, else generic), `driver` or `generic`.
+        /// On veth, generic mode avoids the skb copy that native XDP causes.
+        #[arg(long, value_enum, default_value = "auto")]
+        xdp_mode: XdpModeArg,
         /// Let an enhanced-mode step 2 with an unspecified REMOTE confirm a UDP Listen binding:
         /// datagrams from any remote to the relay port reach the client. Off: refused with 02.
         #[arg(long)]
@@ -162,6 +166,7 @@ fn run(cli: Cli) -> Result<()> {
             max_connections,
             allow_listen,
             datapath,
+            xdp_mode,
         } => {
             let file = match &config {
                 Some(path) => gateway::config::load(path)?,
@@ -178,6 +183,11 @@ fn run(cli: Cli) -> Result<()> {
             };
             daemon::run(daemon::DaemonArgs {
                 datapath,
+                xdp_mode: match xdp_mode {
+                    XdpModeArg::Auto => gateway::datapath::XdpAttachMode::Auto,
+                    XdpModeArg::Driver => gateway::datapath::XdpAttachMode::Driver,
+                    XdpModeArg::Generic => gateway::datapath::XdpAttachMode::Generic,
+                },
                 external: external.or(f.external).context(
                     "no external interface: give --external IFACE (or `external` in --config)",
                 )?,
@@ -304,4 +314,12 @@ fn render_bindings(document: &serde_json::Value) -> String {
 /// A list given on the command line replaces the file's list; otherwise the file's applies.
 fn or_file<T>(cli: Vec<T>, from_file: Vec<T>) -> Vec<T> {
     if cli.is_empty() { from_file } else { cli }
+}
+
+/// `--xdp-mode`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum XdpModeArg {
+    Auto,
+    Driver,
+    Generic,
 }

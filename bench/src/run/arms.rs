@@ -107,6 +107,9 @@ impl ArmGuard {
                     },
                 ];
                 args.extend_from_slice(extra);
+                // Extra gateway flags for experiments, e.g. BENCH_GATEWAY_ARGS="--xdp-mode generic".
+                let from_env = std::env::var("BENCH_GATEWAY_ARGS").unwrap_or_default();
+                args.extend(from_env.split_whitespace());
                 guard.gateway = Some(GatewayDaemon::start(&env.bed.fw, &instance, &args)?);
             }
             Arm::Dante => guard.dante = Some(Dante::start(env)?),

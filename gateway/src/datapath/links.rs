@@ -100,10 +100,23 @@ fn reopen(path: &Path) -> Result<PinnedLink, DatapathError> {
     })
 }
 
-/// Attaches (or takes over) the XDP program on `slot.interface`, driver mode first.
+/// Which XDP attach mode to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum XdpAttachMode {
+    /// Driver (native) mode, falling back to generic mode when the driver refuses.
+    #[default]
+    Auto,
+    /// Driver mode only.
+    Driver,
+    /// Generic (skb) mode only. On veth this avoids the skb copy native XDP causes.
+    Generic,
+}
+
+/// Attaches (or takes over) the XDP program on `slot.interface`.
 pub fn attach_xdp(
     program: &mut Xdp,
     slot: &LinkSlot,
+    mode: XdpAttachMode,
 ) -> Result<(PinnedLink, AttachOutcome), DatapathError> {
     let interface = slot.interface.as_str();
     if slot.can_take_over() {
@@ -122,9 +135,16 @@ pub fn attach_xdp(
         slot.record()?;
         return Ok((reopen(&slot.pin)?, AttachOutcome::TookOver));
     }
-    let (id, outcome) = match program.attach(interface, XdpMode::Driver) {
+    let first = if mode == XdpAttachMode::Generic {
+        XdpMode::Skb
+    } else {
+        XdpMode::Driver
+    };
+    let attached = program.attach(interface, first);
+    let (id, outcome) = match attached {
+        Ok(id) if first == XdpMode::Skb => (id, AttachOutcome::Generic),
         Ok(id) => (id, AttachOutcome::Driver),
-        Err(driver_error) => {
+        Err(driver_error) if mode == XdpAttachMode::Auto => {
             warn!(%interface, error = %driver_error, "driver-mode XDP refused; trying generic mode");
             let id = program.attach(interface, XdpMode::Skb).map_err(|source| DatapathError::Program {
                 what: format!(
@@ -134,6 +154,12 @@ pub fn attach_xdp(
                 source,
             })?;
             (id, AttachOutcome::Generic)
+        }
+        Err(source) => {
+            return Err(DatapathError::Program {
+                what: format!("attach XDP to {interface} in {mode:?} mode"),
+                source,
+            });
         }
     };
     let link = program

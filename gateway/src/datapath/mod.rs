@@ -39,7 +39,7 @@ use self::{
 pub use self::{
     heartbeat::monotonic_ns,
     hostflow::{HostFlow, addr16},
-    links::AttachOutcome,
+    links::{AttachOutcome, XdpAttachMode},
 };
 use crate::{gate::KernelGate, instance::Instance};
 
@@ -120,6 +120,7 @@ pub struct DatapathConfig {
     /// The gateway's external addresses: inside hosts may not send UDP to them.
     pub external_addresses: Vec<IpAddr>,
     pub fail_closed_after_ns: u64,
+    pub xdp_mode: XdpAttachMode,
 }
 
 impl DatapathConfig {
@@ -132,6 +133,7 @@ impl DatapathConfig {
             host_allow: Vec::new(),
             external_addresses: Vec::new(),
             fail_closed_after_ns: DEFAULT_FAIL_CLOSED_AFTER_NS,
+            xdp_mode: XdpAttachMode::Auto,
         }
     }
 }
@@ -233,7 +235,11 @@ impl Datapath {
             XDP_EXTERNAL_LINK,
             &config.external_interface,
         );
-        let (link, outcome) = attach_xdp(program_mut(&mut ebpf, XDP_EXTERNAL_PROGRAM)?, &slot)?;
+        let (link, outcome) = attach_xdp(
+            program_mut(&mut ebpf, XDP_EXTERNAL_PROGRAM)?,
+            &slot,
+            config.xdp_mode,
+        )?;
         info!(interface = %config.external_interface, mode = outcome.describe(), "XDP gate attached: unsolicited inbound UDP is dropped");
         links.push((link, slot));
         for (program, link_name, interface) in [
