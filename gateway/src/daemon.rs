@@ -103,6 +103,10 @@ pub fn run(args: DaemonArgs) -> Result<()> {
     result
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "start-up, serving and shutdown in order, read top to bottom"
+)]
 async fn serve(
     args: DaemonArgs,
     instance: Instance,
@@ -165,7 +169,7 @@ async fn serve(
     let services = Arc::new(Services {
         allow_anonymous: args.allow_anonymous,
         users,
-        limiter: FailureLimiter::new(5, Duration::from_secs(60)),
+        limiter: FailureLimiter::new(5, Duration::from_mins(1)),
         policy,
         resolver,
         gate,

@@ -55,7 +55,7 @@ enum Command {
         #[arg(long, value_name = "N")]
         max_bindings: Option<u32>,
         /// Admit one exact UDP flow the host itself needs on the external interface (NTP, DHCP,
-        /// a resolver's replies): REMOTE_IP:PORT,LOCAL_IP:PORT. Repeat for more. Everything else
+        /// a resolver's replies): `REMOTE_IP:PORT,LOCAL_IP:PORT`. Repeat for more. Everything else
         /// that no binding admits is dropped.
         #[arg(long = "allow-host-udp", value_name = "REMOTE,LOCAL", value_parser = HostFlow::parse)]
         allow_host_udp: Vec<HostFlow>,
@@ -210,66 +210,77 @@ fn run(cli: Cli) -> Result<()> {
                 allow_listen: allow_listen || f.allow_listen.unwrap_or(false),
             })
         }
-        Command::Bindings { instance, json } => {
-            let instance = Instance::new(&instance)?;
-            instance.require_running()?;
-            let answer =
-                gateway::control::query(&gateway::control::socket_path(&instance), "bindings")
-                    .context("ask the daemon over its control socket")?;
-            let document: serde_json::Value =
-                serde_json::from_str(&answer).context("parse the daemon's answer")?;
-            if json {
-                println!("{document}");
-            } else {
-                print!("{}", render_bindings(&document));
-            }
-            Ok(())
-        }
-        Command::Detach { instance } => {
-            let instance = Instance::new(&instance)?;
-            if instance.is_running() {
-                anyhow::bail!(
-                    "gateway instance {:?} is running; stop it (SIGTERM) and it detaches itself",
-                    instance.name()
-                );
-            }
-            let removed = gateway::datapath::remove_pins(&instance.pin_dir());
-            let _ = std::fs::remove_dir_all(instance.run_dir());
-            if removed.is_empty() {
-                println!("nothing pinned for instance {}", instance.name());
-            } else {
-                for what in removed {
-                    println!("removed {what}");
-                }
-            }
-            Ok(())
-        }
-        Command::Passwd { name } => {
-            let mut password = String::new();
-            std::io::stdin()
-                .read_line(&mut password)
-                .context("read the password from stdin")?;
-            let password = password.trim_end_matches(['\n', '\r']);
-            let line = gateway::server::auth::hash_line(&name, password.as_bytes())
-                .map_err(anyhow::Error::msg)?;
-            println!("{line}");
-            Ok(())
-        }
-        Command::Stats { instance, json } => {
-            let instance = Instance::new(&instance)?;
-            instance.require_running()?;
-            let totals = stats::read_exit_counters(&instance.pin_dir())?;
-            if json {
-                println!("{}", stats::to_json(instance.name(), &totals));
-            } else {
-                print!("{}", stats::to_table(instance.name(), &totals));
-            }
-            Ok(())
-        }
+        Command::Bindings { instance, json } => show_bindings(&instance, json),
+        Command::Detach { instance } => detach(&instance),
+        Command::Passwd { name } => passwd(&name),
+        Command::Stats { instance, json } => show_stats(&instance, json),
         Command::RtspGet(args) => gateway::rtsp::cli::rtsp_get(&args)
             .map(drop)
             .map_err(Into::into),
     }
+}
+
+/// `gateway bindings`: ask the running daemon for its bindings and print them.
+fn show_bindings(instance: &str, json: bool) -> Result<()> {
+    let instance = Instance::new(instance)?;
+    instance.require_running()?;
+    let answer = gateway::control::query(&gateway::control::socket_path(&instance), "bindings")
+        .context("ask the daemon over its control socket")?;
+    let document: serde_json::Value =
+        serde_json::from_str(&answer).context("parse the daemon's answer")?;
+    if json {
+        println!("{document}");
+    } else {
+        print!("{}", render_bindings(&document));
+    }
+    Ok(())
+}
+
+/// `gateway detach`: remove what a dead instance left attached and pinned.
+fn detach(instance: &str) -> Result<()> {
+    let instance = Instance::new(instance)?;
+    if instance.is_running() {
+        anyhow::bail!(
+            "gateway instance {:?} is running; stop it (SIGTERM) and it detaches itself",
+            instance.name()
+        );
+    }
+    let removed = gateway::datapath::remove_pins(&instance.pin_dir());
+    let _ = std::fs::remove_dir_all(instance.run_dir());
+    if removed.is_empty() {
+        println!("nothing pinned for instance {}", instance.name());
+    } else {
+        for what in removed {
+            println!("removed {what}");
+        }
+    }
+    Ok(())
+}
+
+/// `gateway passwd`: read a password from stdin and print a users-file line.
+fn passwd(name: &str) -> Result<()> {
+    let mut password = String::new();
+    std::io::stdin()
+        .read_line(&mut password)
+        .context("read the password from stdin")?;
+    let password = password.trim_end_matches(['\n', '\r']);
+    let line =
+        gateway::server::auth::hash_line(name, password.as_bytes()).map_err(anyhow::Error::msg)?;
+    println!("{line}");
+    Ok(())
+}
+
+/// `gateway stats`: print the running instance's per-reason counters.
+fn show_stats(instance: &str, json: bool) -> Result<()> {
+    let instance = Instance::new(instance)?;
+    instance.require_running()?;
+    let totals = stats::read_exit_counters(&instance.pin_dir())?;
+    if json {
+        println!("{}", stats::to_json(instance.name(), &totals));
+    } else {
+        print!("{}", stats::to_table(instance.name(), &totals));
+    }
+    Ok(())
 }
 
 /// The `gateway bindings` table.

@@ -1,4 +1,4 @@
-//! Datapath unit tests: the XDP program run by the kernel (BPF_PROG_TEST_RUN) on hand-built
+//! Datapath unit tests: the XDP program run by the kernel (`BPF_PROG_TEST_RUN`) on hand-built
 //! frames, checking the verdict and the per-reason counters. Root only.
 
 use aya::{
@@ -223,7 +223,7 @@ fn ipv6_extension_headers() {
     xdp.expect(&long, XDP_DROP, DropReason::Ipv6ExtensionHeaders);
     // A truncated extension header.
     xdp.expect(
-        &dest_opts[..ETH + 40 + 1],
+        &dest_opts[..=ETH + 40],
         XDP_DROP,
         DropReason::TruncatedHeader,
     );

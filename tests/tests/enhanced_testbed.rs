@@ -95,6 +95,10 @@ async fn nothing_arrives(binding: &gateway::client::UdpBinding, wait: Duration) 
         .is_err()
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one end-to-end scenario, step by step"
+)]
 fn two_step_stream_is_relayed_by_the_kernel(v6: bool) {
     let setup = setup(&[]);
     let (source, wrong_port, other_host, family) = if v6 {
@@ -270,6 +274,10 @@ fn ipv6_two_step_stream_is_relayed_by_the_kernel() {
 }
 
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one end-to-end scenario, step by step"
+)]
 fn sigkill_stops_admission_within_three_seconds_and_a_new_daemon_works() {
     let mut setup = setup(&[]);
     let source_sock = server_socket(&setup.bed, "203.0.113.2:6000");

@@ -1,4 +1,4 @@
-//! Kernel relay unit tests: the tc programs run by the kernel (BPF_PROG_TEST_RUN) on hand-built
+//! Kernel relay unit tests: the tc programs run by the kernel (`BPF_PROG_TEST_RUN`) on hand-built
 //! frames. A hit is rewritten to exactly the expected bytes, with valid IPv4/IPv6 and UDP
 //! checksums, in both framings and both directions; misses and stale heartbeats are counted.
 //! Root only.
@@ -13,8 +13,9 @@ use aya::{
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use gateway::datapath::addr16;
 use gateway_common::{
-    BindingKey, BindingValue, Counter, DatapathSettings, DropReason, OutboundKey, OutboundValue,
-    TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, framing, map_names, relay_mode,
+    BindingKey, BindingValue, Counter, DatapathSettings, DropReason, EntryCounters, OutboundKey,
+    OutboundValue, TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, framing,
+    map_names, relay_mode,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -74,7 +75,8 @@ impl Programs {
         let mut heartbeat: Array<&mut MapData, u64> =
             Array::try_from(self.ebpf.map_mut(map_names::HEARTBEAT).unwrap()).unwrap();
         let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
-        let ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        let ns = u64::try_from(now.tv_sec()).unwrap() * 1_000_000_000
+            + u64::try_from(now.tv_nsec()).unwrap();
         heartbeat.set(0, ns, 0).unwrap();
     }
 
@@ -264,7 +266,7 @@ fn binding_value(case: &Case, framing_kind: u32) -> BindingValue {
         aid_be: AID.to_be(),
         mode: relay_mode::KERNEL,
         framing: framing_kind,
-        counters: Default::default(),
+        counters: EntryCounters::default(),
     }
 }
 
@@ -394,7 +396,7 @@ fn outbound_value(case: &Case, framing_kind: u32) -> OutboundValue {
         aid_be: AID.to_be(),
         framing: framing_kind,
         padding: 0,
-        counters: Default::default(),
+        counters: EntryCounters::default(),
     }
 }
 

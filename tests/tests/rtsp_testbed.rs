@@ -1,7 +1,7 @@
 //! RTSP through the firewall, end to end in the test bed: `gateway rtsp-get` in `client` plays a
 //! stream from a media server in `server` through the gateway in `fw`, over UDP, admitted
 //! exactly and relayed in the kernel. The demo media server (one and two tracks, two clients at
-//! once, media sent from a second address, the userspace datapath), and GStreamer's RTSP server as
+//! once, media sent from a second address, the userspace datapath), and `GStreamer`'s RTSP server as
 //! a real peer. Root only.
 
 use std::{

@@ -1,6 +1,6 @@
 //! The SOCKS5 control plane in the test bed with real peers: curl (CONNECT with and without
 //! username/password, by `.test` name resolved by the gateway through dnsmasq, by IPv4 and IPv6
-//! address), PySocks (UDP ASSOCIATE, `rdns=False` and its default `rdns=True`), raw SOCKS for
+//! address), `PySocks` (UDP ASSOCIATE, `rdns=False` and its default `rdns=True`), raw SOCKS for
 //! policy refusals, BIND, and the firewall rule that only remotes the client sent to get in.
 //! Root only.
 

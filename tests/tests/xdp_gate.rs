@@ -1,6 +1,6 @@
 //! The default-drop gate in the test bed: with the gateway attached in `fw`, unsolicited UDP from
 //! `server` never reaches a socket in `fw` and is counted; TCP still works; when the gateway
-//! stops, the same datagrams arrive; a SIGKILLed daemon leaves the gate closed and a new daemon
+//! stops, the same datagrams arrive; a `SIGKILL`ed daemon leaves the gate closed and a new daemon
 //! takes it over. Root only.
 
 use std::{

@@ -69,6 +69,10 @@ fn read_samples(path: &Path) -> Result<Vec<i16>> {
         .context("read the received WAV")
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "the demo's steps in the order they are printed"
+)]
 fn demo(work: &Path) -> Result<()> {
     let bed = Testbed::new().context("bring up the testbed")?;
     println!(
@@ -135,11 +139,11 @@ fn demo(work: &Path) -> Result<()> {
     let child = player.spawn().context("start gateway rtsp-get")?;
     std::thread::sleep(Duration::from_millis(1500));
     let mid_stream = gateway_cli(&bed.fw, &["bindings", "--instance", &instance])?;
-    let played = child
+    let finished = child
         .wait_with_output()
         .context("wait for gateway rtsp-get")?;
-    let output = String::from_utf8_lossy(&played.stdout).into_owned()
-        + &String::from_utf8_lossy(&played.stderr);
+    let output = String::from_utf8_lossy(&finished.stdout).into_owned()
+        + &String::from_utf8_lossy(&finished.stderr);
 
     println!("\n== 1. the two binding steps ==");
     for line in output
@@ -157,7 +161,7 @@ fn demo(work: &Path) -> Result<()> {
     }) {
         println!("{line}");
     }
-    if !played.status.success() {
+    if !finished.status.success() {
         bail!(
             "gateway rtsp-get failed:\n{output}\ngateway log:\n{}",
             gateway.log_text()

@@ -218,7 +218,7 @@ mod tests {
 
     #[test]
     fn limiter_blocks_after_failures_until_the_window_passes() {
-        let limiter = FailureLimiter::new(3, Duration::from_secs(60));
+        let limiter = FailureLimiter::new(3, Duration::from_mins(1));
         let ip: IpAddr = "198.51.100.2".parse().unwrap();
         let other: IpAddr = "198.51.100.3".parse().unwrap();
         let t0 = Instant::now();

@@ -57,8 +57,8 @@ impl Default for Timeouts {
         Self {
             handshake: Duration::from_secs(10),
             connect: Duration::from_secs(10),
-            bind_accept: Duration::from_secs(120),
-            tcp_idle: Duration::from_secs(3600),
+            bind_accept: Duration::from_mins(2),
+            tcp_idle: Duration::from_hours(1),
         }
     }
 }

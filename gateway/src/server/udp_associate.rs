@@ -1,7 +1,7 @@
 //! UDP ASSOCIATE (RFC 1928) with the userspace relay, the slow path until the kernel relays.
 //!
 //! Rules (protocol.md section 1): datagrams from any client address other than the allowed one
-//! are dropped (IP from DST, or the control peer's IP when DST is zero or PySocks' name "0"; port
+//! are dropped (IP from DST, or the control peer's IP when DST is zero or `PySocks`' name "0"; port
 //! latched from the first datagram when DST.PORT is 0); FRAG != 0 is dropped; bad datagrams are
 //! dropped silently. As a firewall, a remote is admitted inbound only after the client sent to
 //! it: the exact (remote ip:port -> external relay ip:port) kernel entry is installed before that

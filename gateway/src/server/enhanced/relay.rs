@@ -311,7 +311,7 @@ impl Relay {
             match event {
                 Event::Client { data, from } => self.on_client_datagram(flow, &data, from).await,
                 Event::Remote(received, data) => {
-                    self.on_remote_datagram(flow, received, &data).await
+                    self.on_remote_datagram(flow, received, &data).await;
                 }
                 Event::Tcp(data) => self.on_tcp_datagram(data).await,
             }
