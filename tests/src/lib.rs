@@ -135,6 +135,16 @@ impl Netns {
         }
     }
 
+    /// A UDP socket bound to `addr` in this namespace, with a read timeout.
+    pub fn udp_socket(&self, addr: &str, read_timeout: Duration) -> Result<std::net::UdpSocket> {
+        let addr: std::net::SocketAddr = addr.parse().with_context(|| format!("parse {addr}"))?;
+        let socket = self
+            .run(move || std::net::UdpSocket::bind(addr))?
+            .with_context(|| format!("bind UDP {addr}"))?;
+        socket.set_read_timeout(Some(read_timeout))?;
+        Ok(socket)
+    }
+
     /// Sets a sysctl inside this namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         run_checked(

@@ -47,15 +47,7 @@ fn stat(setup: &Setup, reason: &str) -> u64 {
 }
 
 fn server_socket(bed: &Testbed, addr: &str) -> Arc<UdpSocket> {
-    let addr: SocketAddr = addr.parse().unwrap();
-    let socket = bed
-        .server
-        .run(move || UdpSocket::bind(addr).unwrap())
-        .unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
-    Arc::new(socket)
+    Arc::new(bed.server.udp_socket(addr, Duration::from_secs(3)).unwrap())
 }
 
 /// Runs `body` on a current-thread runtime in the `client` namespace.

@@ -6,7 +6,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpStream},
     process::{Command, Output, Stdio},
     time::Duration,
 };
@@ -312,23 +312,17 @@ fn only_remotes_the_client_sent_to_get_in() {
     let client = setup
         .bed
         .client
-        .run(|| UdpSocket::bind("198.51.100.2:0").unwrap())
-        .unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(3)))
+        .udp_socket("198.51.100.2:0", Duration::from_secs(3))
         .unwrap();
     let remote = setup
         .bed
         .server
-        .run(|| UdpSocket::bind("203.0.113.2:9999").unwrap())
-        .unwrap();
-    remote
-        .set_read_timeout(Some(Duration::from_secs(3)))
+        .udp_socket("203.0.113.2:9999", Duration::from_secs(3))
         .unwrap();
     let stranger = setup
         .bed
         .server
-        .run(|| UdpSocket::bind("203.0.113.2:9998").unwrap())
+        .udp_socket("203.0.113.2:9998", Duration::from_secs(3))
         .unwrap();
 
     let mut datagram = BytesMut::new();
@@ -449,18 +443,12 @@ fn inside_host_cannot_pose_as_a_remote() {
     let client = setup
         .bed
         .client
-        .run(|| UdpSocket::bind("198.51.100.2:0").unwrap())
-        .unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_millis(500)))
+        .udp_socket("198.51.100.2:0", Duration::from_millis(500))
         .unwrap();
     let remote = setup
         .bed
         .server
-        .run(|| UdpSocket::bind("203.0.113.2:9999").unwrap())
-        .unwrap();
-    remote
-        .set_read_timeout(Some(Duration::from_secs(3)))
+        .udp_socket("203.0.113.2:9999", Duration::from_secs(3))
         .unwrap();
     let mut datagram = BytesMut::new();
     UdpHeader::new(Address::Ip("203.0.113.2:9999".parse().unwrap()))
@@ -484,7 +472,7 @@ fn inside_host_cannot_pose_as_a_remote() {
     let spoofer = setup
         .bed
         .client
-        .run(|| UdpSocket::bind("203.0.113.2:9999").unwrap())
+        .udp_socket("203.0.113.2:9999", Duration::from_secs(3))
         .unwrap();
     for _ in 0..3 {
         spoofer.send_to(b"spoofed", relay_outside).unwrap();
