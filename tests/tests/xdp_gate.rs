@@ -12,7 +12,8 @@ use std::{
 use integration_tests::{
     Testbed, addr,
     gateway::{
-        GatewayDaemon, InstanceCleanup, gateway_cli, reason_packets, stats_json, unique_instance,
+        GatewayDaemon, InstanceCleanup, TESTBED_ARGS, gateway_cli, reason_packets, start_in_fw,
+        stats_json, unique_instance,
     },
     iface,
     traffic::{self, drain},
@@ -20,16 +21,6 @@ use integration_tests::{
 
 const PORTS: std::ops::Range<u16> = 7001..7011;
 const DATAGRAMS: usize = 1000;
-
-fn gateway_args() -> [&'static str; 5] {
-    [
-        "--external",
-        iface::FW_OUTSIDE,
-        "--internal",
-        iface::FW_INSIDE,
-        "--allow-anonymous",
-    ]
-}
 
 const PAYLOAD: &[u8] = b"unsolicited datagram";
 
@@ -78,12 +69,9 @@ fn tcp_still_works(bed: &Testbed, ip: IpAddr) {
 
 fn gate_drops_until_the_gateway_stops(target: IpAddr) {
     let bed = Testbed::new().unwrap();
-    let instance = unique_instance();
-    let cleanup = InstanceCleanup {
-        instance: instance.clone(),
-    };
     let sinks = bind_sinks(&bed, target);
-    let mut gateway = GatewayDaemon::start(&bed.fw, &instance, &gateway_args()).unwrap();
+    let (mut gateway, cleanup) = start_in_fw(&bed, &[]).unwrap();
+    let instance = gateway.instance.clone();
 
     let before = no_binding_drops(&bed, &instance);
     send_from_server(&bed, target);
@@ -142,7 +130,7 @@ fn sigkill_leaves_the_gate_closed_and_a_new_daemon_takes_over() {
     };
     let target: IpAddr = addr::FW_OUTSIDE_V4.into();
     let sinks = bind_sinks(&bed, target);
-    let mut first = GatewayDaemon::start(&bed.fw, &instance, &gateway_args()).unwrap();
+    let mut first = GatewayDaemon::start(&bed.fw, &instance, &TESTBED_ARGS).unwrap();
     let before = no_binding_drops(&bed, &instance);
     first.kill();
 
@@ -169,7 +157,7 @@ fn sigkill_leaves_the_gate_closed_and_a_new_daemon_takes_over() {
     assert_eq!(dropped - before, DATAGRAMS as u64);
 
     // A new daemon takes over without manual cleanup, and keeps dropping.
-    let mut second = GatewayDaemon::start(&bed.fw, &instance, &gateway_args()).unwrap();
+    let mut second = GatewayDaemon::start(&bed.fw, &instance, &TESTBED_ARGS).unwrap();
     assert!(
         second.log_text().contains("previous daemon"),
         "takeover is logged:\n{}",
@@ -192,15 +180,12 @@ fn sigkill_leaves_the_gate_closed_and_a_new_daemon_takes_over() {
 #[test]
 fn refuses_a_second_daemon_and_unknown_interfaces() {
     let bed = Testbed::new().unwrap();
-    let instance = unique_instance();
-    let _cleanup = InstanceCleanup {
-        instance: instance.clone(),
-    };
-    let first = GatewayDaemon::start(&bed.fw, &instance, &gateway_args()).unwrap();
+    let (first, _cleanup) = start_in_fw(&bed, &[]).unwrap();
+    let instance = first.instance.clone();
 
     let out = gateway_cli(
         &bed.fw,
-        &[&["run", "--instance", &instance][..], &gateway_args()].concat(),
+        &[&["run", "--instance", &instance][..], &TESTBED_ARGS].concat(),
     )
     .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -230,16 +215,11 @@ fn refuses_a_second_daemon_and_unknown_interfaces() {
 #[test]
 fn operator_allow_list_admits_exactly_one_host_flow() {
     let bed = Testbed::new().unwrap();
-    let instance = unique_instance();
-    let _cleanup = InstanceCleanup {
-        instance: instance.clone(),
-    };
     let target: IpAddr = addr::FW_OUTSIDE_V4.into();
     let sinks = bind_sinks(&bed, target);
     let flow = format!("{}:5123,{target}:{}", addr::SERVER_V4, PORTS.start);
-    let mut args = gateway_args().to_vec();
-    args.extend(["--allow-host-udp", &flow]);
-    let _gateway = GatewayDaemon::start(&bed.fw, &instance, &args).unwrap();
+    let (gateway, _cleanup) = start_in_fw(&bed, &["--allow-host-udp", &flow]).unwrap();
+    let instance = gateway.instance.clone();
 
     let (allowed, other_port) = bed
         .server
@@ -273,7 +253,7 @@ fn refuses_without_root() {
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(integration_tests::gateway::gateway_bin())
         .args(["run", "--instance", "unprivileged"])
-        .args(gateway_args())
+        .args(TESTBED_ARGS)
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -287,13 +267,10 @@ fn refuses_without_root() {
 #[test]
 fn detach_removes_what_a_dead_daemon_left() {
     let bed = Testbed::new().unwrap();
-    let instance = unique_instance();
-    let cleanup = InstanceCleanup {
-        instance: instance.clone(),
-    };
     let target: IpAddr = addr::FW_OUTSIDE_V4.into();
     let sinks = bind_sinks(&bed, target);
-    let mut gateway = GatewayDaemon::start(&bed.fw, &instance, &gateway_args()).unwrap();
+    let (mut gateway, cleanup) = start_in_fw(&bed, &[]).unwrap();
+    let instance = gateway.instance.clone();
 
     let refused = gateway_cli(&bed.fw, &["detach", "--instance", &instance]).unwrap();
     assert!(

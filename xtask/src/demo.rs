@@ -12,7 +12,8 @@ use anyhow::{Context as _, Result, bail};
 use integration_tests::{
     ChildGuard, Testbed, addr,
     gateway::{
-        GatewayDaemon, InstanceCleanup, gateway_bin, gateway_cli, reason_packets, stats_json,
+        GatewayDaemon, InstanceCleanup, TESTBED_ARGS, gateway_bin, gateway_cli, reason_packets,
+        stats_json,
     },
     iface, traffic, unique_suffix, wait_until,
 };
@@ -85,17 +86,7 @@ fn demo(work: &Path) -> Result<()> {
     let _cleanup = InstanceCleanup {
         instance: instance.clone(),
     };
-    let mut gateway = GatewayDaemon::start(
-        &bed.fw,
-        &instance,
-        &[
-            "--external",
-            iface::FW_OUTSIDE,
-            "--internal",
-            iface::FW_INSIDE,
-            "--allow-anonymous",
-        ],
-    )?;
+    let mut gateway = GatewayDaemon::start(&bed.fw, &instance, &TESTBED_ARGS)?;
     println!(
         "demo: gateway running in {} (XDP gate on {}, kernel relay)",
         bed.fw.name(),
