@@ -25,6 +25,9 @@ pub mod map_names {
     pub const SETTINGS: &str = "SETTINGS";
     /// The daemon's heartbeat: `u64` `CLOCK_MONOTONIC` nanoseconds at index 0.
     pub const HEARTBEAT: &str = "HEARTBEAT";
+    /// The SOCKS control listeners: [`super::ControlPortKey`] -> `u32` (value unused). TCP to
+    /// them arriving on the external interface is dropped.
+    pub const CONTROL_PORTS: &str = "CONTROL_PORTS";
 }
 
 /// Name of the XDP program on the external interface (the gate).
@@ -42,6 +45,8 @@ pub const DEFAULT_FAIL_CLOSED_AFTER_NS: u64 = 2_000_000_000;
 pub const DEFAULT_MAX_BINDINGS: u32 = 65_536;
 /// Capacity of the host allow-list.
 pub const MAX_HOST_ALLOW: u32 = 1024;
+/// Capacity of the control-listener map.
+pub const MAX_CONTROL_PORTS: u32 = 64;
 
 /// Packets and bytes for one exit reason on one CPU.
 #[repr(C)]
@@ -185,6 +190,16 @@ pub struct HostAllowValue {
 }
 const _: () = assert!(size_of::<HostAllowValue>() == 4);
 
+/// A SOCKS control listener: its address (all zeros for a wildcard listener) and TCP port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ControlPortKey {
+    pub addr: Addr16,
+    pub port_be: u16,
+    pub padding: u16,
+}
+const _: () = assert!(size_of::<ControlPortKey>() == 20);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are repr(C), contain only integers and byte arrays, and have explicit
@@ -206,4 +221,6 @@ mod pod {
     unsafe impl aya::Pod for super::DatapathSettings {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::EntryCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ControlPortKey {}
 }

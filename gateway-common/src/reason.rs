@@ -52,6 +52,9 @@ pub enum DropReason {
     /// or virtual sender; a NIC never delivers one): moving its UDP header would break the later
     /// checksum, so it goes to the userspace relay.
     PartialChecksumToUserspace = 18,
+    /// TCP to a SOCKS control listener that arrived on the external interface (the weak-host
+    /// model would deliver it): dropped, so the control port answers only from inside.
+    ControlPortFromOutside = 19,
 }
 
 /// What the program did with a packet of a given reason.
@@ -65,7 +68,7 @@ pub enum Verdict {
 
 impl DropReason {
     /// Number of reasons; the size of the counter array.
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
 
     /// Every reason, in numeric order.
     pub const ALL: [Self; Self::COUNT as usize] = [
@@ -88,6 +91,7 @@ impl DropReason {
         Self::KernelRelayFailed,
         Self::BindingToKernelRelay,
         Self::PartialChecksumToUserspace,
+        Self::ControlPortFromOutside,
     ];
 
     pub const fn verdict(self) -> Verdict {
@@ -108,7 +112,8 @@ impl DropReason {
             | Self::MalformedIpHeader
             | Self::DaemonGone
             | Self::InsideToExternalAddress
-            | Self::KernelRelayFailed => Verdict::Drop,
+            | Self::KernelRelayFailed
+            | Self::ControlPortFromOutside => Verdict::Drop,
             Self::KernelRelayedInbound | Self::KernelRelayedOutbound => Verdict::Redirect,
         }
     }
@@ -135,6 +140,7 @@ impl DropReason {
             Self::KernelRelayFailed => "kernel_relay_failed",
             Self::BindingToKernelRelay => "binding_to_kernel_relay",
             Self::PartialChecksumToUserspace => "partial_checksum_to_userspace",
+            Self::ControlPortFromOutside => "control_port_from_outside",
         }
     }
 

@@ -1,8 +1,9 @@
 //! The gateway's datapath.
 //!
 //! - `gateway_external` (XDP, external interface): the gate. Admits inbound UDP only when an
-//!   exact binding or a host allow-list entry names it, drops every other UDP datagram, passes
-//!   non-UDP traffic, and fails closed when the daemon's heartbeat stops.
+//!   exact binding or a host allow-list entry names it, drops every other UDP datagram and every
+//!   TCP segment to a SOCKS control listener, passes other traffic, and fails closed when the
+//!   daemon's heartbeat stops.
 //! - `gateway_inbound` (tc ingress, external interface): relays kernel-mode binding hits to their
 //!   client: rewrite, frame, fix checksums, `bpf_redirect_neigh` out of the internal interface.
 //! - `gateway_internal` (tc ingress, internal interface): drops UDP from inside to the gateway's
@@ -41,11 +42,11 @@ mod parse;
 mod tc;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use gateway_common::{BindingKey, DropReason, HostAllowKey, Verdict, relay_mode};
+use gateway_common::{BindingKey, ControlPortKey, DropReason, HostAllowKey, Verdict, relay_mode};
 
 use crate::{
-    maps::{BINDINGS, HOST_ALLOW, count, daemon_alive},
-    parse::{UdpFlow, parse_udp_flow},
+    maps::{BINDINGS, CONTROL_PORTS, HOST_ALLOW, count, daemon_alive},
+    parse::{Flow, Transport, parse_flow},
 };
 
 #[xdp]
@@ -63,15 +64,36 @@ pub fn gateway_external(ctx: XdpContext) -> u32 {
 /// Decides the exit of one frame. `Err` carries parse failures; both arms are counted alike.
 #[inline(always)]
 fn classify(ctx: &XdpContext) -> Result<DropReason, DropReason> {
-    let flow = match parse_udp_flow(ctx)? {
+    let flow = match parse_flow(ctx)? {
         Some(flow) => flow,
         None => return Ok(DropReason::NotUdpPassed),
     };
-    Ok(admit(&flow))
+    Ok(match flow.transport {
+        Transport::Udp => admit(&flow),
+        Transport::Tcp if is_control_port(&flow) => DropReason::ControlPortFromOutside,
+        Transport::Tcp => DropReason::NotUdpPassed,
+    })
+}
+
+/// Whether a TCP segment from outside is addressed to a SOCKS control listener (exactly, or a
+/// wildcard listener on its port).
+#[inline(always)]
+fn is_control_port(flow: &Flow) -> bool {
+    let mut key = ControlPortKey {
+        addr: flow.dst_addr,
+        port_be: flow.dst_port_be,
+        padding: 0,
+    };
+    // SAFETY (both lookups): presence only.
+    if unsafe { CONTROL_PORTS.get(&key) }.is_some() {
+        return true;
+    }
+    key.addr = [0; 16];
+    unsafe { CONTROL_PORTS.get(&key) }.is_some()
 }
 
 #[inline(always)]
-fn admit(flow: &UdpFlow) -> DropReason {
+fn admit(flow: &Flow) -> DropReason {
     let allow_key = HostAllowKey {
         remote_addr: flow.src_addr,
         local_addr: flow.dst_addr,

@@ -8,8 +8,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use gateway_common::{
-    Addr16, BindingKey, BindingValue, Counter, DEFAULT_MAX_BINDINGS, DatapathSettings, DropReason,
-    EntryCounters, HostAllowKey, HostAllowValue, MAX_HOST_ALLOW, OutboundKey, OutboundValue,
+    Addr16, BindingKey, BindingValue, ControlPortKey, Counter, DEFAULT_MAX_BINDINGS,
+    DatapathSettings, DropReason, EntryCounters, HostAllowKey, HostAllowValue, MAX_CONTROL_PORTS,
+    MAX_HOST_ALLOW, OutboundKey, OutboundValue,
 };
 
 #[map(name = "EXIT_COUNTERS")]
@@ -30,6 +31,10 @@ pub static HOST_ALLOW: HashMap<HostAllowKey, HostAllowValue> =
 
 #[map(name = "EXTERNAL_ADDRS")]
 pub static EXTERNAL_ADDRS: HashMap<Addr16, u32> = HashMap::with_max_entries(64, 0);
+
+#[map(name = "CONTROL_PORTS")]
+pub static CONTROL_PORTS: HashMap<ControlPortKey, u32> =
+    HashMap::with_max_entries(MAX_CONTROL_PORTS, 0);
 
 #[map(name = "SETTINGS")]
 pub static SETTINGS: Array<DatapathSettings> = Array::with_max_entries(1, 0);

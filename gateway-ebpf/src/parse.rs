@@ -1,6 +1,7 @@
 //! Header parsing for the external interface: Ethernet with up to two VLAN tags, IPv4, IPv6 with a
-//! bounded walk over extension headers, UDP. Every read goes through [`ptr_at`], the one
-//! bounds-checked accessor. Option, extension-header and fragment drops apply only to UDP.
+//! bounded walk over extension headers, UDP and TCP ports. Every read goes through [`ptr_at`], the
+//! one bounds-checked accessor. Option and fragment drops apply only to UDP; TCP is parsed only
+//! so far as its destination port (to keep the SOCKS control port unreachable from outside).
 
 use aya_ebpf::programs::XdpContext;
 use gateway_common::{Addr16, DropReason, ipv4_mapped};
@@ -15,6 +16,7 @@ const IPV4_MIN_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
 const UDP_HLEN: usize = 8;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_TCP: u8 = 6;
 // IPv6 extension headers we can walk.
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
@@ -25,9 +27,22 @@ const IPV6_DEST_OPTS: u8 = 60;
 const MAX_IPV6_EXT_HEADERS: usize = 4;
 /// IPv4 flags+offset: MF bit and the 13-bit offset.
 const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
+/// IPv4 flags+offset: the 13-bit offset alone (non-zero: not the first fragment).
+const IPV4_OFFSET: u16 = 0x1fff;
+/// IPv6 fragment header: the offset bits of its second 16-bit word.
+const IPV6_FRAGMENT_OFFSET: u16 = 0xfff8;
 
-/// The addresses and ports of a UDP datagram; addresses IPv4-mapped.
-pub struct UdpFlow {
+/// The transport protocols the gate looks into.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    /// Only the ports are read (the first fragment or an unfragmented segment).
+    Tcp,
+}
+
+/// The addresses and ports of a UDP datagram or TCP segment; addresses IPv4-mapped.
+pub struct Flow {
+    pub transport: Transport,
     pub src_addr: Addr16,
     pub dst_addr: Addr16,
     pub src_port_be: u16,
@@ -56,10 +71,10 @@ fn read_u16(ctx: &XdpContext, offset: usize) -> Result<u16, DropReason> {
     Ok(u16::from_be_bytes(read::<2>(ctx, offset)?))
 }
 
-/// `Ok(None)` for anything that is not UDP (to be passed), `Ok(Some)` for a UDP datagram to look
-/// up, `Err` for a counted drop.
+/// `Ok(None)` for anything that is neither UDP nor a TCP segment with ports (to be passed),
+/// `Ok(Some)` for a flow to look up, `Err` for a counted drop.
 #[inline(always)]
-pub fn parse_udp_flow(ctx: &XdpContext) -> Result<Option<UdpFlow>, DropReason> {
+pub fn parse_flow(ctx: &XdpContext) -> Result<Option<Flow>, DropReason> {
     let mut offset = ETH_HLEN;
     let mut ether_type = read_u16(ctx, 12)?;
     // Up to two VLAN tags (802.1Q, 802.1ad QinQ).
@@ -76,32 +91,49 @@ pub fn parse_udp_flow(ctx: &XdpContext) -> Result<Option<UdpFlow>, DropReason> {
     }
 }
 
+/// The four port octets at the transport header `l4`; a UDP header must be whole.
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Option<UdpFlow>, DropReason> {
+fn read_ports(ctx: &XdpContext, transport: Transport, l4: usize) -> Result<[u8; 4], DropReason> {
+    if transport == Transport::Udp {
+        read::<UDP_HLEN>(ctx, l4)?;
+    }
+    read::<4>(ctx, l4)
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Option<Flow>, DropReason> {
     let header = read::<IPV4_MIN_HLEN>(ctx, l3)?;
-    if header[0] >> 4 != 4 || usize::from(header[0] & 0x0f) * 4 < IPV4_MIN_HLEN {
+    let header_len = usize::from(header[0] & 0x0f) * 4;
+    if header[0] >> 4 != 4 || header_len < IPV4_MIN_HLEN {
         return Err(DropReason::MalformedIpHeader);
     }
-    if header[9] != IPPROTO_UDP {
-        return Ok(None);
-    }
-    if u16::from_be_bytes([header[6], header[7]]) & IPV4_MF_OR_OFFSET != 0 {
-        return Err(DropReason::IpFragment);
-    }
-    if header[0] & 0x0f != 5 {
-        return Err(DropReason::Ipv4Options);
-    }
-    let udp = read::<UDP_HLEN>(ctx, l3 + IPV4_MIN_HLEN)?;
-    Ok(Some(UdpFlow {
+    let flags_offset = u16::from_be_bytes([header[6], header[7]]);
+    let transport = match header[9] {
+        IPPROTO_UDP => {
+            if flags_offset & IPV4_MF_OR_OFFSET != 0 {
+                return Err(DropReason::IpFragment);
+            }
+            if header_len != IPV4_MIN_HLEN {
+                return Err(DropReason::Ipv4Options);
+            }
+            Transport::Udp
+        }
+        // A later fragment carries no ports; without its first fragment it never reassembles.
+        IPPROTO_TCP if flags_offset & IPV4_OFFSET == 0 => Transport::Tcp,
+        _ => return Ok(None),
+    };
+    let ports = read_ports(ctx, transport, l3 + header_len)?;
+    Ok(Some(Flow {
+        transport,
         src_addr: ipv4_mapped([header[12], header[13], header[14], header[15]]),
         dst_addr: ipv4_mapped([header[16], header[17], header[18], header[19]]),
-        src_port_be: u16::from_ne_bytes([udp[0], udp[1]]),
-        dst_port_be: u16::from_ne_bytes([udp[2], udp[3]]),
+        src_port_be: u16::from_ne_bytes([ports[0], ports[1]]),
+        dst_port_be: u16::from_ne_bytes([ports[2], ports[3]]),
     }))
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Option<UdpFlow>, DropReason> {
+fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Option<Flow>, DropReason> {
     let header = read::<IPV6_HLEN>(ctx, l3)?;
     if header[0] >> 4 != 6 {
         return Err(DropReason::MalformedIpHeader);
@@ -109,14 +141,17 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Option<UdpFlow>, DropReason
     let mut next = header[6];
     let mut offset = l3 + IPV6_HLEN;
     let mut fragmented = false;
+    let mut later_fragment = false;
     let mut transport_found = false;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH | IPV6_FRAGMENT => {
-                let ext = read::<2>(ctx, offset)?;
+                let ext = read::<4>(ctx, offset)?;
                 let length = match next {
                     IPV6_FRAGMENT => {
                         fragmented = true;
+                        later_fragment |=
+                            u16::from_be_bytes([ext[2], ext[3]]) & IPV6_FRAGMENT_OFFSET != 0;
                         8
                     }
                     IPV6_AUTH => (usize::from(ext[1]) + 2) * 4,
@@ -140,21 +175,22 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Option<UdpFlow>, DropReason
             _ => {}
         }
     }
-    if next != IPPROTO_UDP {
-        return Ok(None);
-    }
-    if fragmented {
-        return Err(DropReason::IpFragment);
-    }
-    let udp = read::<UDP_HLEN>(ctx, offset)?;
+    let transport = match next {
+        IPPROTO_UDP if fragmented => return Err(DropReason::IpFragment),
+        IPPROTO_UDP => Transport::Udp,
+        IPPROTO_TCP if !later_fragment => Transport::Tcp,
+        _ => return Ok(None),
+    };
+    let ports = read_ports(ctx, transport, offset)?;
     let mut src_addr = [0u8; 16];
     let mut dst_addr = [0u8; 16];
     src_addr.copy_from_slice(&header[8..24]);
     dst_addr.copy_from_slice(&header[24..40]);
-    Ok(Some(UdpFlow {
+    Ok(Some(Flow {
+        transport,
         src_addr,
         dst_addr,
-        src_port_be: u16::from_ne_bytes([udp[0], udp[1]]),
-        dst_port_be: u16::from_ne_bytes([udp[2], udp[3]]),
+        src_port_be: u16::from_ne_bytes([ports[0], ports[1]]),
+        dst_port_be: u16::from_ne_bytes([ports[2], ports[3]]),
     }))
 }

@@ -483,14 +483,76 @@ fn rewrite_ipv6_addrs(
     )
 }
 
+/// IPv6 extension headers walked on the internal side before the datagram is called UDP.
+const MAX_IPV6_EXT_HEADERS: usize = 6;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AUTH: u8 = 51;
+
+/// Whether `next` names an IPv6 extension header (RFC 8200 and the IANA list): hop-by-hop,
+/// routing, fragment, AH, destination options, mobility, HIP, shim6 and the two experimental.
+#[inline(always)]
+fn is_ipv6_extension(next: u8) -> bool {
+    matches!(next, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+}
+
+/// Whether an inside packet is UDP (or may be: a chain too long or cut short to tell) to one of
+/// the gateway's external addresses, whatever its IPv4 options, fragmentation or IPv6 extension
+/// headers. Every fragment carries the protocol (IPv4 header, IPv6 fragment header's next
+/// header), so later fragments are caught too.
+#[inline(always)]
+fn inside_to_external_udp(ctx: &TcContext) -> bool {
+    let Ok(ether_type) = ctx.load::<u16>(12) else {
+        return false;
+    };
+    match u16::from_be(ether_type) {
+        ETH_P_IPV4 => {
+            let Ok(header) = ctx.load::<[u8; IPV4_HLEN]>(ETH_HLEN) else {
+                return false;
+            };
+            let dst = ipv4_mapped([header[16], header[17], header[18], header[19]]);
+            // SAFETY: presence only.
+            header[9] == IPPROTO_UDP && unsafe { EXTERNAL_ADDRS.get(&dst) }.is_some()
+        }
+        ETH_P_IPV6 => {
+            let Ok(dst) = ctx.load::<Addr16>(ETH_HLEN + 24) else {
+                return false;
+            };
+            // SAFETY: presence only.
+            if unsafe { EXTERNAL_ADDRS.get(&dst) }.is_none() {
+                return false;
+            }
+            let Ok(mut next) = ctx.load::<u8>(ETH_HLEN + 6) else {
+                return true;
+            };
+            let mut offset = ETH_HLEN + IPV6_HLEN;
+            for _ in 0..MAX_IPV6_EXT_HEADERS {
+                if !is_ipv6_extension(next) {
+                    return next == IPPROTO_UDP;
+                }
+                let Ok(ext) = ctx.load::<[u8; 2]>(offset) else {
+                    return true;
+                };
+                offset += match next {
+                    IPV6_FRAGMENT => 8,
+                    IPV6_AUTH => (usize::from(ext[1]) + 2) * 4,
+                    _ => (usize::from(ext[1]) + 1) * 8,
+                };
+                next = ext[0];
+            }
+            // A chain too long to finish may hide UDP: fail closed.
+            next == IPPROTO_UDP || is_ipv6_extension(next)
+        }
+        _ => false,
+    }
+}
+
 /// Drops inside datagrams to external addresses; relays bound clients' datagrams in the kernel.
 #[inline(always)]
 fn try_internal(ctx: &TcContext) -> Result<i32, DropReason> {
-    let packet = parse(ctx).ok_or(DropReason::NotUdpPassed)?;
-    // SAFETY: presence only.
-    if unsafe { EXTERNAL_ADDRS.get(&packet.dst) }.is_some() {
+    if inside_to_external_udp(ctx) {
         return Err(DropReason::InsideToExternalAddress);
     }
+    let packet = parse(ctx).ok_or(DropReason::NotUdpPassed)?;
     let key = OutboundKey {
         client_addr: packet.src,
         relay_addr: packet.dst,
@@ -518,7 +580,8 @@ fn try_internal(ctx: &TcContext) -> Result<i32, DropReason> {
         let bytes: [u8; 8] = ctx
             .load(l4 + UDP_HLEN)
             .map_err(|_| DropReason::OutboundToUserspace)?;
-        if bytes[4..8] != value.aid_be.to_ne_bytes() {
+        // DGID must be 0 (a whole datagram) and the AID the binding's, as in the userspace relay.
+        if bytes[2] != 0 || bytes[3] != 0 || bytes[4..8] != value.aid_be.to_ne_bytes() {
             return Err(DropReason::OutboundToUserspace);
         }
         header[..8].copy_from_slice(&bytes);

@@ -11,6 +11,7 @@
 //! allow_anonymous = false
 //! resolvers = ["192.0.2.53"]
 //! deny = ["10.0.0.0/8"]
+//! allow_clients = ["198.51.100.0/24"]
 //! allow_host_udp = ["192.0.2.123:123,203.0.113.1:123"]
 //! datapath = "xdp"
 //! ```
@@ -60,6 +61,8 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     pub datapath: Option<String>,
     pub allow_listen: Option<bool>,
+    pub allow_clients: Vec<IpNet>,
+    pub remove_gate_on_exit: Option<bool>,
 }
 
 /// A file's values, checked.
@@ -152,9 +155,11 @@ mod tests {
             allow_anonymous = true
             resolvers = ["192.0.2.53", "[2001:db8::53]:5353"]
             deny = ["10.0.0.0/8"]
+            allow_clients = ["198.51.100.0/25", "2001:db8:1::/64"]
             allow_host_udp = ["192.0.2.123:123,203.0.113.1:123"]
             datapath = "userspace"
             max_connections = 10
+            remove_gate_on_exit = true
             "#,
             "test.toml",
         )
@@ -165,6 +170,8 @@ mod tests {
         assert_eq!(checked.resolvers[1].port(), 5353);
         assert_eq!(checked.host_flows.len(), 1);
         assert_eq!(checked.file.datapath.as_deref(), Some("userspace"));
+        assert_eq!(checked.file.allow_clients.len(), 2);
+        assert_eq!(checked.file.remove_gate_on_exit, Some(true));
     }
 
     #[test]
@@ -194,6 +201,7 @@ mod tests {
         assert!(datapath.contains("`datapath`"), "{datapath}");
         assert!(parse("max_connections = 0", "gw.toml").is_err());
         assert!(parse("deny = [\"10.0.0.0/33\"]", "gw.toml").is_err());
+        assert!(parse("allow_clients = [\"inside\"]", "gw.toml").is_err());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _},
     net::UnixListener,
 };
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::{instance::Instance, server::Services};
 
@@ -66,7 +66,15 @@ pub async fn serve(path: PathBuf, services: Arc<Services>) -> io::Result<()> {
     let listener = UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // EMFILE and friends: the socket must outlive a burst, so back off and go on.
+                warn!(%error, "control socket: accept failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let services = Arc::clone(&services);
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();

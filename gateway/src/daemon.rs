@@ -1,10 +1,14 @@
 //! `gateway run`: everything a daemon does between start and stop, in order. Owns the order of
-//! start-up (nothing is served before the gate is attached) and of shutdown (connections end,
-//! their kernel entries go, then the gate is detached).
+//! start-up (signal handlers first; nothing is served before the gate is attached) and of
+//! shutdown (the gate is emptied at once, connections end, the gate stays attached and dropping).
+//! No path out of here opens the firewall: only `--remove-gate-on-exit` after a clean stop, or
+//! `gateway detach`, removes the gate.
+
+mod access;
+mod signals;
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::PathBuf,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
@@ -15,18 +19,24 @@ use gateway::{
     datapath::{Datapath, DatapathConfig, HostFlow, interface_index},
     gate::Gate,
     instance::Instance,
-    netif::{self, InterfaceAddress},
+    netif::{self, InterfaceAddress, tie_to_device},
     resolver::{Resolver, nameservers_from_resolv_conf},
     server::{
         self, External, Services, Timeouts,
-        auth::{FailureLimiter, Users},
+        access::LiveAccess,
+        auth::FailureLimiter,
         enhanced::EnhancedMode,
         policy::Policy,
     },
 };
-use ipnet::IpNet;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    sync::watch,
+};
 use tracing::{info, warn};
+
+pub use self::access::AccessSource;
+use self::signals::{Event, Signals};
 
 /// Who relays the datagrams of confirmed bindings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -58,17 +68,32 @@ pub struct DaemonArgs {
     pub max_bindings: u32,
     pub host_allow: Vec<HostFlow>,
     pub listen: Vec<SocketAddr>,
-    pub users: Option<PathBuf>,
-    pub allow_anonymous: bool,
+    /// Users, anonymous access, policy and client networks: read at start and on SIGHUP.
+    pub access: AccessSource,
     pub resolvers: Vec<SocketAddr>,
-    pub deny: Vec<IpNet>,
     pub max_connections: usize,
     pub datapath: DatapathKind,
     pub xdp_mode: gateway::datapath::XdpAttachMode,
     pub allow_listen: bool,
+    /// Detach and unpin the gate after a clean stop (the firewall is open afterwards).
+    pub remove_gate_on_exit: bool,
 }
 
 pub fn run(args: DaemonArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?;
+    runtime.block_on(async move {
+        // Before anything is attached or bound: a signal from here on is handled, never the
+        // default action.
+        let mut signals = Signals::install()?;
+        info!(pid = std::process::id(), "gateway starting");
+        start_and_serve(args, &mut signals).await
+    })
+}
+
+async fn start_and_serve(args: DaemonArgs, signals: &mut Signals) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("`gateway run` needs root (it loads and attaches eBPF programs)");
     }
@@ -81,26 +106,63 @@ pub fn run(args: DaemonArgs) -> Result<()> {
             args.external
         );
     }
-    let users = args
-        .users
-        .as_deref()
-        .map(Users::load)
-        .transpose()
-        .context("--users")?;
-    if users.is_none() && !args.allow_anonymous {
-        bail!(
-            "no way to authenticate: give --users FILE (see `gateway passwd`) or --allow-anonymous"
-        );
-    }
+    let access = args.access.load()?;
     let lock = instance.lock()?;
     raise_open_file_limit();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("start the tokio runtime")?;
-    let result = runtime.block_on(serve(args, instance, external_ifindex, users));
+    let result = serve(args, &instance, external_ifindex, access, signals).await;
     lock.release();
     result
+}
+
+/// The control listeners: `--listen`, or every address of the internal interface on port 1080.
+/// None may be an address of the external interface.
+fn listen_addresses(
+    args: &DaemonArgs,
+    internal: &[InterfaceAddress],
+    external: &[InterfaceAddress],
+) -> Result<Vec<SocketAddr>> {
+    let listen: Vec<SocketAddr> = if args.listen.is_empty() {
+        internal
+            .iter()
+            .filter(|a| !matches!(a.ip, IpAddr::V6(v6) if v6.is_unicast_link_local()))
+            .map(|a| SocketAddr::new(a.ip, DEFAULT_SOCKS_PORT))
+            .collect()
+    } else {
+        args.listen.clone()
+    };
+    if listen.is_empty() {
+        bail!(
+            "nothing to listen on: --internal {} has no address and no --listen was given",
+            args.internal
+        );
+    }
+    if let Some(outside) = listen
+        .iter()
+        .find(|l| external.iter().any(|a| a.ip == l.ip().to_canonical()))
+    {
+        bail!(
+            "--listen {outside} is an address of the external interface {}: the control port \
+             answers only from inside; listen on an address of --internal {}",
+            args.external,
+            args.internal
+        );
+    }
+    Ok(listen)
+}
+
+/// A control listener tied to the internal interface, so a connection that arrives anywhere
+/// else (the weak-host model delivers TCP for internal addresses that came in outside) finds
+/// no socket.
+fn bind_listener(addr: SocketAddr, device: &str) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    tie_to_device(&socket, Some(device))?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 #[expect(
@@ -109,9 +171,10 @@ pub fn run(args: DaemonArgs) -> Result<()> {
 )]
 async fn serve(
     args: DaemonArgs,
-    instance: Instance,
+    instance: &Instance,
     external_ifindex: u32,
-    users: Option<Users>,
+    access: server::access::Access,
+    signals: &mut Signals,
 ) -> Result<()> {
     let external_addrs = netif::addresses(&args.external).context("read --external addresses")?;
     let internal_addrs = netif::addresses(&args.internal).context("read --internal addresses")?;
@@ -119,6 +182,7 @@ async fn serve(
     if external_v4.is_none() && external_v6.is_none() {
         bail!("--external {} has no IP address", args.external);
     }
+    let listen = listen_addresses(&args, &internal_addrs, &external_addrs)?;
 
     let resolvers = if args.resolvers.is_empty() {
         let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
@@ -126,13 +190,31 @@ async fn serve(
     } else {
         args.resolvers.clone()
     };
+    // Each resolver socket is tied to the interface its nameserver is reached through.
+    let device_for = {
+        let (external, internal) = (external_addrs.clone(), internal_addrs.clone());
+        let (ext_name, int_name) = (args.external.clone(), args.internal.clone());
+        move |source: IpAddr| {
+            if external.iter().any(|a| a.ip == source) {
+                Some(ext_name.clone())
+            } else if internal.iter().any(|a| a.ip == source) {
+                Some(int_name.clone())
+            } else {
+                None
+            }
+        }
+    };
     let resolver = Arc::new(
-        Resolver::bind(&resolvers)
+        Resolver::bind_tied(&resolvers, &device_for)
             .await
             .context("bind the resolver sockets")?,
     );
     if resolvers.is_empty() {
         warn!("no nameserver configured (--resolver, /etc/resolv.conf): domain names will fail");
+    }
+    if let Some(signal) = signals.stop_pending() {
+        info!(signal, "stop requested during start-up, before the gate was touched; exiting");
+        return Ok(());
     }
 
     let mut config = DatapathConfig::new(
@@ -145,77 +227,81 @@ async fn serve(
     config.host_allow.extend(resolver.host_flows());
     config.external_addresses = external_addrs.iter().map(|a| a.ip).collect();
     config.xdp_mode = args.xdp_mode;
+    config.control_listeners = listen.clone();
+    // From here on every exit leaves the gate attached and dropping (a failed attach leaves
+    // whatever was pinned before, which drops too).
     let mut datapath = Datapath::attach(&config)
         .with_context(|| format!("attach the gateway to {}", args.external))?;
-    let gate = datapath.take_gate()?;
+    let own_flows = resolver.host_flows();
+    let gate = match datapath.take_gate() {
+        Ok(gate) => gate,
+        Err(error) => {
+            datapath.stop(&own_flows);
+            return Err(error).context("open the binding maps");
+        }
+    };
     let gate: Arc<dyn Gate> = match args.datapath {
         DatapathKind::Xdp => Arc::new(gate),
         DatapathKind::Userspace => Arc::new(gate.userspace_only()),
     };
     info!(datapath = ?args.datapath, "confirmed bindings are relayed by {}", args.datapath.describe());
+    if let Some(signal) = signals.stop_pending() {
+        info!(signal, "stop requested during start-up; the gate stays attached and dropping");
+        datapath.stop(&own_flows);
+        return Ok(());
+    }
 
-    let mut policy = Policy {
-        own_addresses: external_addrs
-            .iter()
-            .chain(&internal_addrs)
-            .map(|a| a.ip)
-            .collect(),
-        deny: args.deny.clone(),
-        allow_loopback: false,
+    let enhanced = match enhanced_mode(&args, &external_addrs, &internal_addrs, &access.policy) {
+        Ok(enhanced) => enhanced,
+        Err(error) => {
+            datapath.stop(&own_flows);
+            return Err(error);
+        }
     };
-    // Clients may not reach the protected networks through the proxy.
-    policy.deny.extend(internal_addrs.iter().map(|a| a.network));
-    let enhanced = enhanced_mode(&args, &external_addrs, &internal_addrs, &policy)?;
     let services = Arc::new(Services {
-        allow_anonymous: args.allow_anonymous,
-        users,
+        access: LiveAccess::new(access),
         limiter: FailureLimiter::new(5, Duration::from_mins(1)),
-        policy,
         resolver,
-        gate,
+        gate: Arc::clone(&gate),
         external: External {
             v4: external_v4,
             v6: external_v6,
             ifindex: Some(external_ifindex),
+            device: Some(args.external.clone()),
         },
+        internal_device: Some(args.internal.clone()),
         timeouts: Timeouts::default(),
         max_connections: args.max_connections,
         enhanced,
     });
 
-    let control_path = gateway::control::socket_path(&instance);
+    let mut listeners = Vec::new();
+    for addr in &listen {
+        match bind_listener(*addr, &args.internal) {
+            Ok(listener) => listeners.push(listener),
+            Err(error) => {
+                warn!(%addr, %error, "cannot listen; stopping, and the gate stays attached and dropping");
+                gate.close();
+                datapath.stop(&own_flows);
+                return Err(error).with_context(|| {
+                    format!(
+                        "listen on {addr} (the gate stays attached and dropping; `gateway detach \
+                         --instance {}` removes it)",
+                        instance.name()
+                    )
+                });
+            }
+        }
+    }
+    let control_path = gateway::control::socket_path(instance);
     let control = tokio::spawn(gateway::control::serve(
         control_path.clone(),
         Arc::clone(&services),
     ));
-
-    let listen = if args.listen.is_empty() {
-        internal_addrs
-            .iter()
-            .filter(|a| !matches!(a.ip, std::net::IpAddr::V6(v6) if v6.is_unicast_link_local()))
-            .map(|a| SocketAddr::new(a.ip, DEFAULT_SOCKS_PORT))
-            .collect()
-    } else {
-        args.listen.clone()
-    };
-    if listen.is_empty() {
-        datapath.detach();
-        bail!(
-            "nothing to listen on: --internal {} has no address and no --listen was given",
-            args.internal
-        );
-    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut servers = Vec::new();
-    for addr in &listen {
-        let listener = match TcpListener::bind(addr).await {
-            Ok(listener) => listener,
-            Err(error) => {
-                datapath.detach();
-                return Err(error).with_context(|| format!("listen on {addr}"));
-            }
-        };
-        info!(%addr, "SOCKS5 listening");
+    for (addr, listener) in listen.iter().zip(listeners) {
+        info!(%addr, device = %args.internal, "SOCKS5 listening");
         let mut stop = stop_rx.clone();
         servers.push(tokio::spawn(server::run(
             Arc::clone(&services),
@@ -225,16 +311,31 @@ async fn serve(
             },
         )));
     }
-    info!(
-        instance = instance.name(),
-        external = %args.external,
-        internal = %args.internal,
-        pid = std::process::id(),
-        "gateway running"
-    );
 
-    let signal = wait_for_shutdown_signal().await?;
-    info!(signal, "shutting down");
+    let signal = match signals.stop_pending() {
+        Some(signal) => {
+            info!(signal, "stop requested during start-up; not serving");
+            signal
+        }
+        None => {
+            info!(
+                instance = instance.name(),
+                external = %args.external,
+                internal = %args.internal,
+                pid = std::process::id(),
+                "gateway running"
+            );
+            loop {
+                match signals.next().await {
+                    Event::Stop(signal) => break signal,
+                    Event::Reload => reload(&args.access, &services),
+                }
+            }
+        }
+    };
+    // Nothing is admitted from this moment, even while connections are still closing.
+    let removed = gate.close();
+    info!(signal, kernel_entries_removed = removed, "shutting down: the gate admits nothing now");
     let _ = stop_tx.send(true);
     for server in servers {
         let _ = server.await;
@@ -242,8 +343,36 @@ async fn serve(
     control.abort();
     let _ = std::fs::remove_file(&control_path);
     drop(services);
-    datapath.detach();
+    if args.remove_gate_on_exit {
+        datapath.detach();
+    } else {
+        datapath.stop(&own_flows);
+    }
     Ok(())
+}
+
+/// SIGHUP: reads the users file, the configuration file's policy and the interfaces' addresses
+/// again and puts them in force for every later request; live bindings and connections stay,
+/// except sessions the new settings no longer admit. A file that does not load changes nothing.
+fn reload(source: &AccessSource, services: &Services) {
+    let access = match source.load() {
+        Ok(access) => access,
+        Err(error) => {
+            warn!(error = %format!("{error:#}"), "SIGHUP: reload refused; the previous users and policy stay in force");
+            return;
+        }
+    };
+    if let Some(mode) = &services.enhanced {
+        mode.set_forbidden_remotes(access::forbidden_remotes(&access.policy));
+    }
+    info!(
+        users = access.users.as_ref().map_or(0, server::auth::Users::len),
+        anonymous = access.allow_anonymous,
+        denied_networks = access.policy.deny.len(),
+        client_networks = access.clients.len(),
+        "SIGHUP: users and policy reloaded"
+    );
+    services.access.replace(access);
 }
 
 /// The enhanced UDP mode's binding table: relay addresses are the primary address of each family
@@ -284,34 +413,9 @@ fn enhanced_mode(
         warn!("an interface has no usable address: the enhanced UDP mode (CMD 04) is off");
         return Ok(None);
     }
-    let deny = policy
-        .deny
-        .iter()
-        .filter_map(|net| binding::IpNet::new(net.addr(), net.prefix_len()));
-    let own = policy
-        .own_addresses
-        .iter()
-        .map(|ip| binding::IpNet::host(*ip));
-    let link_local = [
-        binding::IpNet::new(IpAddr::V4(Ipv4Addr::new(169, 254, 0, 0)), 16),
-        binding::IpNet::new(IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0)), 10),
-    ];
-    config.forbidden_remotes.extend(deny.chain(own));
-    config
-        .forbidden_remotes
-        .extend(link_local.into_iter().flatten());
+    config.forbidden_remotes = access::forbidden_remotes(policy);
     let mode = EnhancedMode::new(config).context("configure the enhanced UDP mode")?;
     Ok(Some(Arc::new(mode)))
-}
-
-async fn wait_for_shutdown_signal() -> Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
-    })
 }
 
 /// Every relay socket is a file descriptor: take the hard limit, and say what it allows.

@@ -6,7 +6,10 @@
 use std::{
     collections::HashSet,
     net::SocketAddr,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use aya::maps::{HashMap, MapData, MapError};
@@ -91,6 +94,8 @@ pub enum GateError {
         relay: SocketAddr,
         source: Box<MapError>,
     },
+    #[error("the gate is closed (the daemon is stopping): {remote} -> {relay} not admitted")]
+    Closed { remote: SocketAddr, relay: SocketAddr },
 }
 
 /// Installs and removes kernel admissions. Removing an absent entry is not an error.
@@ -123,6 +128,9 @@ pub trait Gate: Send + Sync + std::fmt::Debug {
         let _ = (entry, relay);
         None
     }
+    /// Stops admitting for good: removes every entry and refuses every later install (a
+    /// stopping daemon's connections may still be confirming). Returns how many entries went.
+    fn close(&self) -> usize;
 }
 
 /// The real gate: the pinned `BINDINGS` and `OUTBOUND` maps of the attached datapath.
@@ -131,6 +139,8 @@ pub struct KernelGate {
     outbound: Mutex<HashMap<MapData, OutboundKey, OutboundValue>>,
     /// Whether confirmed bindings are relayed by the kernel (`--datapath xdp`) or by user space.
     kernel_relay: bool,
+    /// Set by [`Gate::close`] while holding the map locks, so no install slips in after it.
+    closed: AtomicBool,
 }
 
 impl std::fmt::Debug for KernelGate {
@@ -148,6 +158,7 @@ impl KernelGate {
             map: Mutex::new(map),
             outbound: Mutex::new(outbound),
             kernel_relay: true,
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -159,9 +170,22 @@ impl KernelGate {
     }
 }
 
+impl KernelGate {
+    fn refuse_if_closed(&self, entry: GateEntry) -> Result<(), GateError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(GateError::Closed {
+                remote: entry.remote,
+                relay: entry.relay,
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Gate for KernelGate {
     fn install(&self, entry: GateEntry) -> Result<(), GateError> {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        self.refuse_if_closed(entry)?;
         map.insert(entry.key(), BindingValue::default(), 0)
             .map_err(|source| GateError::Install {
                 remote: entry.remote,
@@ -180,6 +204,10 @@ impl Gate for KernelGate {
             source: Box::new(source),
         };
         // Outbound first: when the first answer arrives, the client can already send back.
+        // Both locks are held, in the order `close` takes them, so a close cannot interleave.
+        let mut inbound_map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut outbound_map = self.outbound.lock().unwrap_or_else(PoisonError::into_inner);
+        self.refuse_if_closed(entry)?;
         let outbound = OutboundValue {
             remote_addr: addr16(entry.remote.ip()),
             external_relay_addr: addr16(entry.relay.ip()),
@@ -190,9 +218,7 @@ impl Gate for KernelGate {
             padding: 0,
             counters: EntryCounters::default(),
         };
-        self.outbound
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        outbound_map
             .insert(relay.outbound_key(), outbound, 0)
             .map_err(map_error)?;
         let inbound = BindingValue {
@@ -205,11 +231,7 @@ impl Gate for KernelGate {
             framing: relay.framing_code(),
             counters: EntryCounters::default(),
         };
-        self.map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(entry.key(), inbound, 0)
-            .map_err(map_error)
+        inbound_map.insert(entry.key(), inbound, 0).map_err(map_error)
     }
 
     fn remove(&self, entry: GateEntry) {
@@ -243,6 +265,21 @@ impl Gate for KernelGate {
             .map(|value| value.counters.last_seen_ns);
         inbound.max(outbound)
     }
+
+    fn close(&self) -> usize {
+        let mut inbound = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut outbound = self.outbound.lock().unwrap_or_else(PoisonError::into_inner);
+        self.closed.store(true, Ordering::Release);
+        let keys: Vec<BindingKey> = inbound.keys().filter_map(Result::ok).collect();
+        for key in &keys {
+            let _ = inbound.remove(key);
+        }
+        let out_keys: Vec<OutboundKey> = outbound.keys().filter_map(Result::ok).collect();
+        for key in &out_keys {
+            let _ = outbound.remove(key);
+        }
+        keys.len() + out_keys.len()
+    }
 }
 
 /// An in-memory gate for tests and for running without eBPF: records what is admitted.
@@ -250,6 +287,7 @@ impl Gate for KernelGate {
 pub struct MemoryGate {
     entries: Arc<Mutex<HashSet<GateEntry>>>,
     kernel_relays: Arc<Mutex<HashSet<KernelRelay>>>,
+    closed: Arc<AtomicBool>,
 }
 
 impl MemoryGate {
@@ -278,10 +316,14 @@ impl MemoryGate {
 
 impl Gate for MemoryGate {
     fn install(&self, entry: GateEntry) -> Result<(), GateError> {
-        self.entries
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(entry);
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.closed.load(Ordering::Acquire) {
+            return Err(GateError::Closed {
+                remote: entry.remote,
+                relay: entry.relay,
+            });
+        }
+        entries.insert(entry);
         Ok(())
     }
 
@@ -305,6 +347,18 @@ impl Gate for MemoryGate {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(relay);
+    }
+
+    fn close(&self) -> usize {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        self.closed.store(true, Ordering::Release);
+        let removed = entries.len();
+        entries.clear();
+        self.kernel_relays
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        removed
     }
 }
 
@@ -334,6 +388,20 @@ mod tests {
         gate.install(entry).unwrap();
         assert!(gate.contains(&entry));
         gate.remove(entry);
+        assert!(gate.entries().is_empty());
+    }
+
+    #[test]
+    fn a_closed_gate_is_empty_and_admits_nothing_more() {
+        let gate = MemoryGate::default();
+        let entry = GateEntry {
+            remote: "203.0.113.2:6000".parse().unwrap(),
+            relay: "203.0.113.1:30000".parse().unwrap(),
+        };
+        gate.install(entry).unwrap();
+        assert_eq!(gate.close(), 1);
+        assert!(gate.entries().is_empty());
+        assert!(matches!(gate.install(entry), Err(GateError::Closed { .. })));
         assert!(gate.entries().is_empty());
     }
 }

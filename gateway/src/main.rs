@@ -34,8 +34,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon: attach the XDP gate to the external interface and serve until SIGINT or
-    /// SIGTERM. Needs root. Maps and the link are pinned under /sys/fs/bpf/gateway/INSTANCE/, so
-    /// the gate stays closed even if the daemon is killed; the next daemon takes it over.
+    /// SIGTERM; SIGHUP reloads the users file and the policy. Needs root. Maps and links are
+    /// pinned under /sys/fs/bpf/gateway/INSTANCE/: a stop, a crash or a failed start leaves the
+    /// gate attached and dropping (the next daemon takes it over); only `gateway detach` or
+    /// --remove-gate-on-exit removes it.
     Run {
         /// A TOML file with any of these settings (keys as the flags, `_` for `-`); flags given
         /// here win over the file. Unknown keys are errors.
@@ -60,10 +62,18 @@ enum Command {
         #[arg(long = "allow-host-udp", value_name = "REMOTE,LOCAL", value_parser = HostFlow::parse)]
         allow_host_udp: Vec<HostFlow>,
         /// Address for SOCKS5 control connections (repeat for more). Default: every address of
-        /// the internal interface, port 1080.
+        /// the internal interface, port 1080. Listeners are tied to the internal interface, and
+        /// TCP to them arriving on the external one is dropped; an external address is refused.
         #[arg(long, value_name = "IP:PORT")]
         listen: Vec<SocketAddr>,
+        /// A network control connections are accepted from (repeat for more); connections from
+        /// anywhere else are closed at accept. Default: the internal interface's networks.
+        /// Reloaded on SIGHUP.
+        #[arg(long = "allow-clients", value_name = "CIDR")]
+        allow_clients: Vec<IpNet>,
         /// Users file of NAME:ARGON2ID-HASH lines (make lines with `gateway passwd NAME`).
+        /// Reloaded on SIGHUP: a removed user's sessions end; a file that does not load is
+        /// refused and the previous users stay.
         #[arg(long, value_name = "FILE")]
         users: Option<PathBuf>,
         /// Accept clients without authentication (SOCKS method 00).
@@ -75,7 +85,7 @@ enum Command {
         resolvers: Vec<SocketAddr>,
         /// A network clients may not reach through the gateway (repeat for more). The internal
         /// interface's networks, the gateway's own addresses, loopback, multicast and broadcast
-        /// are always refused.
+        /// are always refused. The file's list is reloaded on SIGHUP.
         #[arg(long, value_name = "CIDR")]
         deny: Vec<IpNet>,
         /// Most control connections served at once; more are closed at accept [default: 4096].
@@ -94,6 +104,10 @@ enum Command {
         /// datagrams from any remote to the relay port reach the client. Off: refused with 02.
         #[arg(long)]
         allow_listen: bool,
+        /// After a clean stop (SIGINT/SIGTERM), detach and unpin the gate, which opens the
+        /// firewall. Off: the gate stays attached and dropping until `gateway detach`.
+        #[arg(long)]
+        remove_gate_on_exit: bool,
     },
     /// List the live bindings of a running gateway: enhanced-mode bindings with their owner (user,
     /// control peer), state and addresses, and every kernel entry with its counters.
@@ -105,8 +119,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove what a dead gateway left attached and pinned (its links, so the gate opens, and its
-    /// maps). Refuses while the instance's daemon is alive: stop it with SIGTERM instead.
+    /// Remove the gate of a stopped or dead gateway: its XDP and tc links (the gate opens: unsolicited
+    /// UDP reaches the host again), its pinned maps and its run directory. The gateway installs
+    /// no tc filters or port reservations besides. Refuses while the instance's daemon is alive:
+    /// stop it (SIGTERM) first, then detach.
     Detach {
         /// Instance name of the gateway to remove.
         #[arg(long, value_name = "NAME", default_value = DEFAULT_INSTANCE)]
@@ -159,6 +175,7 @@ fn run(cli: Cli) -> Result<()> {
             max_bindings,
             allow_host_udp,
             listen,
+            allow_clients,
             users,
             allow_anonymous,
             resolvers,
@@ -167,6 +184,7 @@ fn run(cli: Cli) -> Result<()> {
             allow_listen,
             datapath,
             xdp_mode,
+            remove_gate_on_exit,
         } => {
             let file = match &config {
                 Some(path) => gateway::config::load(path)?,
@@ -181,6 +199,12 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 None => daemon::DatapathKind::Xdp,
             };
+            let external = external.or(f.external).context(
+                "no external interface: give --external IFACE (or `external` in --config)",
+            )?;
+            let internal = internal.or(f.internal).context(
+                "no internal interface: give --internal IFACE (or `internal` in --config)",
+            )?;
             daemon::run(daemon::DaemonArgs {
                 datapath,
                 xdp_mode: match xdp_mode {
@@ -188,12 +212,17 @@ fn run(cli: Cli) -> Result<()> {
                     XdpModeArg::Driver => gateway::datapath::XdpAttachMode::Driver,
                     XdpModeArg::Generic => gateway::datapath::XdpAttachMode::Generic,
                 },
-                external: external.or(f.external).context(
-                    "no external interface: give --external IFACE (or `external` in --config)",
-                )?,
-                internal: internal.or(f.internal).context(
-                    "no internal interface: give --internal IFACE (or `internal` in --config)",
-                )?,
+                access: daemon::AccessSource {
+                    config,
+                    users,
+                    allow_anonymous,
+                    deny,
+                    clients: allow_clients,
+                    external: external.clone(),
+                    internal: internal.clone(),
+                },
+                external,
+                internal,
                 instance: instance
                     .or(f.instance)
                     .unwrap_or_else(|| DEFAULT_INSTANCE.to_owned()),
@@ -202,12 +231,10 @@ fn run(cli: Cli) -> Result<()> {
                     .unwrap_or(DEFAULT_MAX_BINDINGS),
                 host_allow: or_file(allow_host_udp, file.host_flows),
                 listen: or_file(listen, f.listen),
-                users: users.or(f.users),
-                allow_anonymous: allow_anonymous || f.allow_anonymous.unwrap_or(false),
                 resolvers: or_file(resolvers, file.resolvers),
-                deny: or_file(deny, f.deny),
                 max_connections: max_connections.or(f.max_connections).unwrap_or(4096),
                 allow_listen: allow_listen || f.allow_listen.unwrap_or(false),
+                remove_gate_on_exit: remove_gate_on_exit || f.remove_gate_on_exit.unwrap_or(false),
             })
         }
         Command::Bindings { instance, json } => show_bindings(&instance, json),
@@ -241,7 +268,8 @@ fn detach(instance: &str) -> Result<()> {
     let instance = Instance::new(instance)?;
     if instance.is_running() {
         anyhow::bail!(
-            "gateway instance {:?} is running; stop it (SIGTERM) and it detaches itself",
+            "gateway instance {:?} is running; stop it first (SIGTERM: the gate stays attached \
+             and dropping), then run `gateway detach` to remove the gate",
             instance.name()
         );
     }

@@ -1,4 +1,5 @@
-//! Addresses and networks of the gateway's interfaces (getifaddrs). Read once at start.
+//! Addresses and networks of the gateway's interfaces (getifaddrs), read at start and on reload,
+//! and tying a socket to its interface.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -105,4 +106,23 @@ mod tests {
             )
         );
     }
+}
+
+/// Ties a socket to `device` (`SO_BINDTODEVICE`) when one is given: it then receives only what
+/// arrived on that interface and sends only through it, whatever the weak-host model would do.
+pub fn tie_to_device(socket: &impl std::os::fd::AsFd, device: Option<&str>) -> std::io::Result<()> {
+    let Some(device) = device else {
+        return Ok(());
+    };
+    nix::sys::socket::setsockopt(
+        socket,
+        nix::sys::socket::sockopt::BindToDevice,
+        &std::ffi::OsString::from(device),
+    )
+    .map_err(|errno| {
+        std::io::Error::new(
+            std::io::Error::from(errno).kind(),
+            format!("tie a socket to {device} (SO_BINDTODEVICE): {errno}"),
+        )
+    })
 }

@@ -97,6 +97,16 @@ pub fn nameservers_from_resolv_conf(text: &str) -> Vec<SocketAddr> {
 impl Resolver {
     /// Binds one socket per nameserver (an ephemeral port, fixed for the daemon's lifetime).
     pub async fn bind(servers: &[SocketAddr]) -> io::Result<Self> {
+        Self::bind_tied(servers, &|_| None).await
+    }
+
+    /// Like [`Resolver::bind`], and ties each socket to the interface `device_for` names for the
+    /// source address the kernel picks towards its nameserver (`None`: not tied, as for a
+    /// nameserver on loopback).
+    pub async fn bind_tied(
+        servers: &[SocketAddr],
+        device_for: &(dyn Fn(IpAddr) -> Option<String> + Sync),
+    ) -> io::Result<Self> {
         let pending: Pending = Arc::default();
         let mut upstreams = Vec::with_capacity(servers.len());
         for &server in servers {
@@ -112,7 +122,9 @@ impl Resolver {
                 continue;
             }
             let socket = UdpSocket::bind(SocketAddr::new(any, 0)).await?;
-            let local = SocketAddr::new(probe.local_addr()?.ip(), socket.local_addr()?.port());
+            let source = probe.local_addr()?.ip();
+            crate::netif::tie_to_device(&socket, device_for(source).as_deref())?;
+            let local = SocketAddr::new(source, socket.local_addr()?.port());
             let socket = Arc::new(socket);
             let reader = tokio::spawn(read_replies(
                 Arc::clone(&socket),

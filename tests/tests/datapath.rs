@@ -9,7 +9,8 @@ use aya::{
 use etherparse::PacketBuilder;
 use gateway::datapath::EBPF_OBJECT;
 use gateway_common::{
-    Counter, DropReason, HostAllowKey, HostAllowValue, XDP_EXTERNAL_PROGRAM, ipv4_mapped, map_names,
+    ControlPortKey, Counter, DropReason, HostAllowKey, HostAllowValue, XDP_EXTERNAL_PROGRAM,
+    ipv4_mapped, map_names,
 };
 
 const XDP_DROP: u32 = 1;
@@ -273,4 +274,78 @@ fn allow_listed_dns_reply_passes() {
         XDP_DROP,
         DropReason::NoBinding,
     );
+}
+
+/// The SOCKS control listener of these tests: an internal address, as the weak-host model would
+/// deliver it from outside.
+const CONTROL: [u8; 4] = [198, 51, 100, 1];
+const CONTROL6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+fn tcp_syn(builder: etherparse::PacketBuilderStep<etherparse::IpHeaders>, port: u16) -> Vec<u8> {
+    let builder = builder.tcp(40000, port, 1, 1000).syn();
+    let mut frame = Vec::new();
+    builder.write(&mut frame, b"").unwrap();
+    frame
+}
+
+fn syn4(dst: [u8; 4], port: u16) -> Vec<u8> {
+    tcp_syn(PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(SERVER, dst, 64), port)
+}
+
+fn syn6(dst: [u8; 16], port: u16) -> Vec<u8> {
+    tcp_syn(PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(SERVER6, dst, 64), port)
+}
+
+impl Loaded {
+    fn add_control_port(&mut self, addr: [u8; 16], port: u16) {
+        let mut ports: HashMap<&mut MapData, ControlPortKey, u32> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::CONTROL_PORTS).unwrap()).unwrap();
+        let key = ControlPortKey {
+            addr,
+            port_be: port.to_be(),
+            padding: 0,
+        };
+        ports.insert(key, 0, 0).unwrap();
+    }
+}
+
+#[test]
+fn tcp_to_the_control_port_from_outside_is_dropped() {
+    let mut xdp = Loaded::new();
+    xdp.add_control_port(ipv4_mapped(CONTROL), 1080);
+    xdp.add_control_port(CONTROL6, 1080);
+    // A wildcard listener on 1081: any address.
+    xdp.add_control_port([0; 16], 1081);
+
+    let reason = DropReason::ControlPortFromOutside;
+    xdp.expect(&syn4(CONTROL, 1080), XDP_DROP, reason);
+    xdp.expect(&syn6(CONTROL6, 1080), XDP_DROP, reason);
+    xdp.expect(&syn4(GATEWAY, 1081), XDP_DROP, reason);
+    xdp.expect(&syn6(GATEWAY6, 1081), XDP_DROP, reason);
+    // Other ports and other addresses stay reachable (the host's own TCP services).
+    xdp.expect(&syn4(CONTROL, 80), XDP_PASS, DropReason::NotUdpPassed);
+    xdp.expect(&syn4(GATEWAY, 1080), XDP_PASS, DropReason::NotUdpPassed);
+    xdp.expect(&syn6(GATEWAY6, 1080), XDP_PASS, DropReason::NotUdpPassed);
+
+    // IPv4 options do not hide the port.
+    let plain = syn4(CONTROL, 1080);
+    let mut with_options = plain[..ETH + 20].to_vec();
+    with_options.extend_from_slice(&[1, 1, 1, 0]);
+    with_options.extend_from_slice(&plain[ETH + 20..]);
+    with_options[ETH] = 0x46;
+    xdp.expect(&with_options, XDP_DROP, reason);
+    // Nor does a first fragment, nor IPv6 extension headers before TCP.
+    let mut first_fragment = syn4(CONTROL, 1080);
+    first_fragment[ETH + 6] |= 0x20;
+    xdp.expect(&first_fragment, XDP_DROP, reason);
+    let hop_by_hop = with_ipv6_ext(&syn6(CONTROL6, 1080), 0, [0, 0, 1, 4, 0, 0, 0, 0]);
+    xdp.expect(&hop_by_hop, XDP_DROP, reason);
+    let first6 = with_ipv6_ext(&syn6(CONTROL6, 1080), 44, [0, 0, 0, 1, 0, 0, 0, 7]);
+    xdp.expect(&first6, XDP_DROP, reason);
+    // A later fragment carries no ports (and never reassembles without its first): passed.
+    let mut later_fragment = syn4(CONTROL, 1080);
+    later_fragment[ETH + 7] = 0x10;
+    xdp.expect(&later_fragment, XDP_PASS, DropReason::NotUdpPassed);
+    // A first fragment cut before the ports is a counted drop, not a pass.
+    xdp.expect(&first_fragment[..ETH + 20 + 3], XDP_DROP, DropReason::TruncatedHeader);
 }

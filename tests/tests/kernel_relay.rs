@@ -452,7 +452,20 @@ fn outbound_is_rewritten(case: &Case, framing_kind: u32) {
     }] = 1;
     let frame = udp_frame(case.client, case.internal_relay, &fragment);
     assert_eq!(programs.run(TC_INTERNAL_PROGRAM, &frame).0, TC_ACT_OK);
-    assert_eq!(programs.count(DropReason::OutboundToUserspace), 2);
+    let mut to_userspace = 2;
+    if framing_kind == framing::ENHANCED {
+        // DGID != 0 (a piece of a fragmented datagram) is the userspace relay's to drop.
+        let mut dgid = framed.clone();
+        dgid[3] = 1;
+        let frame = udp_frame(case.client, case.internal_relay, &dgid);
+        assert_eq!(programs.run(TC_INTERNAL_PROGRAM, &frame), (TC_ACT_OK, frame));
+        to_userspace += 1;
+    }
+    assert_eq!(
+        programs.count(DropReason::OutboundToUserspace),
+        to_userspace
+    );
+    assert_eq!(programs.count(DropReason::KernelRelayedOutbound), 1);
 }
 
 #[test]
@@ -529,4 +542,111 @@ fn listen_and_host_level_entries_admit_to_userspace() {
         assert_eq!(programs.run(XDP_EXTERNAL_PROGRAM, &frame).0, XDP_DROP);
     }
     assert_eq!(programs.count(DropReason::NoBinding), 2);
+}
+
+const ETH: usize = 14;
+
+/// Inserts an 8-octet IPv6 extension header of type `ext_type` after the fixed header.
+fn with_ipv6_ext(frame: &[u8], ext_type: u8, ext: [u8; 8]) -> Vec<u8> {
+    let mut out = frame[..ETH + 40].to_vec();
+    let mut ext = ext;
+    ext[0] = out[ETH + 6];
+    out[ETH + 6] = ext_type;
+    let payload_len = u16::from_be_bytes([out[ETH + 4], out[ETH + 5]]) + 8;
+    out[ETH + 4..ETH + 6].copy_from_slice(&payload_len.to_be_bytes());
+    out.extend_from_slice(&ext);
+    out.extend_from_slice(&frame[ETH + 40..]);
+    out
+}
+
+#[test]
+fn inside_udp_to_external_addresses_is_dropped_whatever_its_headers() {
+    let mut programs = Programs::load();
+    {
+        let mut external: HashMap<&mut MapData, [u8; 16], u32> =
+            HashMap::try_from(programs.ebpf.map_mut(map_names::EXTERNAL_ADDRS).unwrap()).unwrap();
+        for ip in ["203.0.113.1", "2001:db8:2::1"] {
+            external.insert(addr16(ip.parse().unwrap()), 0, 0).unwrap();
+        }
+    }
+    let v4 = udp_frame(sa("198.51.100.2:6000"), sa("203.0.113.1:30000"), b"spoofed");
+    let v6 = udp_frame(
+        sa("[2001:db8:1::2]:6000"),
+        sa("[2001:db8:2::1]:30000"),
+        b"spoofed",
+    );
+    let mut with_options = v4[..ETH + 20].to_vec();
+    with_options.extend_from_slice(&[1, 1, 1, 0]);
+    with_options.extend_from_slice(&v4[ETH + 20..]);
+    with_options[ETH] = 0x46;
+    let total = u16::from_be_bytes([with_options[ETH + 2], with_options[ETH + 3]]) + 4;
+    with_options[ETH + 2..ETH + 4].copy_from_slice(&total.to_be_bytes());
+    let mut first_fragment = v4.clone();
+    first_fragment[ETH + 6] |= 0x20;
+    let mut later_fragment = v4.clone();
+    later_fragment[ETH + 7] = 0x10;
+    let hop_by_hop = with_ipv6_ext(&v6, 0, [0, 0, 1, 4, 0, 0, 0, 0]);
+    let fragment6 = with_ipv6_ext(&v6, 44, [0, 0, 0, 0x11, 0, 0, 0, 7]);
+    let chain = with_ipv6_ext(&hop_by_hop, 60, [0, 0, 1, 4, 0, 0, 0, 0]);
+    let mut too_long = v6.clone();
+    for _ in 0..8 {
+        too_long = with_ipv6_ext(&too_long, 60, [0, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    let cases = [
+        ("plain IPv4", v4.clone()),
+        ("IPv4 with options", with_options),
+        ("IPv4 first fragment", first_fragment),
+        ("IPv4 later fragment", later_fragment),
+        ("plain IPv6", v6.clone()),
+        ("IPv6 hop-by-hop", hop_by_hop.clone()),
+        ("IPv6 later fragment", fragment6),
+        ("IPv6 hop-by-hop + destination options", chain),
+        ("IPv6 chain too long to walk", too_long),
+    ];
+    for (i, (what, frame)) in cases.iter().enumerate() {
+        assert_eq!(
+            programs.run(TC_INTERNAL_PROGRAM, frame).0,
+            TC_ACT_SHOT,
+            "{what} is dropped"
+        );
+        assert_eq!(
+            programs.count(DropReason::InsideToExternalAddress),
+            i as u64 + 1,
+            "{what} is counted"
+        );
+    }
+
+    // TCP and ICMPv6 to the external address stay allowed (the host's own services, ping), also
+    // behind an extension header.
+    let tcp = {
+        let mut frame = Vec::new();
+        PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4([198, 51, 100, 2], [203, 0, 113, 1], 64)
+            .tcp(40000, 22, 1, 1000)
+            .write(&mut frame, b"")
+            .unwrap();
+        frame
+    };
+    let icmp6 = {
+        let mut frame = Vec::new();
+        PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv6(
+                "2001:db8:1::2".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+                "2001:db8:2::1".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+                64,
+            )
+            .icmpv6_echo_request(1, 1)
+            .write(&mut frame, b"ping")
+            .unwrap();
+        frame
+    };
+    let passes_before = programs.count(DropReason::NotUdpPassed);
+    for frame in [tcp, icmp6.clone(), with_ipv6_ext(&icmp6, 0, [0, 0, 1, 4, 0, 0, 0, 0])] {
+        assert_eq!(programs.run(TC_INTERNAL_PROGRAM, &frame).0, TC_ACT_OK);
+    }
+    assert_eq!(programs.count(DropReason::NotUdpPassed), passes_before + 3);
+    assert_eq!(
+        programs.count(DropReason::InsideToExternalAddress),
+        cases.len() as u64
+    );
 }

@@ -75,6 +75,12 @@ impl Bindings {
         &self.config
     }
 
+    /// Replaces the networks a REMOTE may not name (a policy reload). Live bindings keep their
+    /// remotes; the new list applies to every later request.
+    pub fn set_forbidden_remotes(&mut self, forbidden: Vec<super::IpNet>) {
+        self.config.forbidden_remotes = forbidden;
+    }
+
     /// A UDP BIND from connection `conn`, whose peer is `peer_ip`, authenticated as `user`.
     pub fn on_bind(
         &mut self,

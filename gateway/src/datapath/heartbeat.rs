@@ -1,6 +1,7 @@
 //! The daemon's heartbeat: a dedicated thread writes `CLOCK_MONOTONIC` into the `HEARTBEAT` map
 //! every [`INTERVAL`]. The programs admit nothing once it is older than the fail-closed limit, so
-//! a daemon killed with SIGKILL stops admitting within that limit. A thread, not a task: it must
+//! a daemon killed with SIGKILL stops admitting within that limit; a stopped one (or one whose
+//! start failed) writes an expired beat and stops admitting at once. A thread, not a task: it must
 //! keep beating while the runtime is busy (inserting a million entries, say).
 
 use std::{
@@ -44,6 +45,10 @@ impl Heartbeat {
                         warn!(%error, "write the heartbeat");
                     }
                     std::thread::sleep(INTERVAL);
+                }
+                // A stopped daemon admits nothing from now on, not only after the limit.
+                if let Err(error) = map.set(0, 0, 0) {
+                    warn!(%error, "expire the heartbeat");
                 }
             })
             .ok();

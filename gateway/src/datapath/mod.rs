@@ -4,7 +4,9 @@
 //! attached as bpf links pinned under the instance's bpffs directory with every map, so a daemon
 //! killed with SIGKILL leaves the gate in place (the firewall never fails open; the heartbeat
 //! stops, so no binding admits anything) and the next daemon takes the links over by replacing
-//! their programs. A clean stop unpins everything. Owns no protocol logic.
+//! their programs. A stop, a failed start or a crash leaves the gate pinned and dropping; only
+//! [`Datapath::detach`] (`gateway detach`, `--remove-gate-on-exit`) and [`remove_pins`] remove it.
+//! Owns no protocol logic.
 
 mod heartbeat;
 mod hostflow;
@@ -12,7 +14,7 @@ mod links;
 
 use std::{
     fs, io,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -25,7 +27,8 @@ use aya::{
     },
 };
 use gateway_common::{
-    Addr16, BindingKey, BindingValue, DEFAULT_FAIL_CLOSED_AFTER_NS, DEFAULT_MAX_BINDINGS,
+    Addr16, BindingKey, BindingValue, ControlPortKey, DEFAULT_FAIL_CLOSED_AFTER_NS,
+    DEFAULT_MAX_BINDINGS,
     DatapathSettings, HostAllowKey, HostAllowValue, OutboundKey, OutboundValue, TC_INBOUND_PROGRAM,
     TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, map_names,
 };
@@ -52,8 +55,9 @@ const XDP_EXTERNAL_LINK: &str = "xdp_external_link";
 const TC_EXTERNAL_LINK: &str = "tc_external_link";
 const TC_INTERNAL_LINK: &str = "tc_internal_link";
 const LINKS: [&str; 3] = [XDP_EXTERNAL_LINK, TC_EXTERNAL_LINK, TC_INTERNAL_LINK];
-const PINNED_MAPS: [&str; 7] = [
+const PINNED_MAPS: [&str; 8] = [
     map_names::EXIT_COUNTERS,
+    map_names::CONTROL_PORTS,
     map_names::BINDINGS,
     map_names::OUTBOUND,
     map_names::HOST_ALLOW,
@@ -121,6 +125,8 @@ pub struct DatapathConfig {
     pub external_addresses: Vec<IpAddr>,
     pub fail_closed_after_ns: u64,
     pub xdp_mode: XdpAttachMode,
+    /// The SOCKS control listeners: TCP to them from outside is dropped by the gate.
+    pub control_listeners: Vec<SocketAddr>,
 }
 
 impl DatapathConfig {
@@ -134,6 +140,7 @@ impl DatapathConfig {
             external_addresses: Vec::new(),
             fail_closed_after_ns: DEFAULT_FAIL_CLOSED_AFTER_NS,
             xdp_mode: XdpAttachMode::Auto,
+            control_listeners: Vec::new(),
         }
     }
 }
@@ -206,6 +213,7 @@ impl Datapath {
                     })?;
             }
         }
+        fill_control_ports(&mut ebpf, &config.control_listeners)?;
         let settings = DatapathSettings {
             internal_ifindex,
             external_ifindex,
@@ -279,7 +287,25 @@ impl Datapath {
         Ok(KernelGate::new(inbound, outbound))
     }
 
-    /// Clean stop: stop the heartbeat, detach the programs and unpin the links and the maps.
+    /// A stop that keeps the firewall closed: the heartbeat ends with an expired beat, so no
+    /// binding left in a map admits anything, and the host flows of the daemon's own sockets
+    /// (its resolver's replies) leave the allow-list; the links stay pinned and the gate keeps
+    /// dropping until the next daemon takes it over or `gateway detach` removes it.
+    pub fn stop(mut self, own_host_flows: &[HostFlow]) {
+        self.heartbeat.stop();
+        match map_mut::<HostAllowKey, HostAllowValue>(&mut self.ebpf, map_names::HOST_ALLOW) {
+            Ok(mut allow) => {
+                for flow in own_host_flows {
+                    let _ = allow.remove(&flow.key());
+                }
+            }
+            Err(error) => warn!(%error, "open the host allow-list to remove the resolver's flows"),
+        }
+        info!("gate left attached and dropping (remove it with `gateway detach`)");
+    }
+
+    /// Removes the gate: stop the heartbeat, detach the programs and unpin the links and the
+    /// maps. Only on an explicit request (`--remove-gate-on-exit`); the firewall is open after.
     pub fn detach(mut self) {
         self.heartbeat.stop();
         for (link, slot) in self.links.drain(..) {
@@ -290,7 +316,7 @@ impl Datapath {
             slot.forget();
         }
         remove_pins(&self.pin_dir);
-        info!("datapath detached and unpinned");
+        info!("datapath detached and unpinned: the gate is open");
     }
 }
 
@@ -405,6 +431,29 @@ fn fill_host_allow(ebpf: &mut Ebpf, flows: &[HostFlow]) -> Result<(), DatapathEr
                 source,
             })?;
         info!(remote = %flow.remote, local = %flow.local, "host UDP flow allowed");
+    }
+    Ok(())
+}
+
+/// Replaces the control-listener map with exactly `listeners` (wildcards as all-zero addresses).
+fn fill_control_ports(ebpf: &mut Ebpf, listeners: &[SocketAddr]) -> Result<(), DatapathError> {
+    clear::<ControlPortKey, u32>(ebpf, map_names::CONTROL_PORTS)?;
+    let mut ports: HashMap<_, ControlPortKey, u32> = map_mut(ebpf, map_names::CONTROL_PORTS)?;
+    for listener in listeners {
+        let ip = listener.ip();
+        let key = ControlPortKey {
+            addr: if ip.to_canonical().is_unspecified() {
+                [0; 16]
+            } else {
+                addr16(ip)
+            },
+            port_be: listener.port().to_be(),
+            padding: 0,
+        };
+        ports.insert(key, 0, 0).map_err(|source| DatapathError::Map {
+            what: format!("add control listener {listener}"),
+            source,
+        })?;
     }
     Ok(())
 }

@@ -90,6 +90,11 @@ impl Users {
         self.hashes.is_empty()
     }
 
+    /// Whether `name` is listed.
+    pub fn contains(&self, name: &str) -> bool {
+        self.hashes.contains_key(name)
+    }
+
     /// Whether `password` is `name`'s password. Costs one argon2 verification either way.
     pub fn verify(&self, name: &str, password: &[u8]) -> bool {
         let (hash, known) = match self.hashes.get(name) {

@@ -35,7 +35,7 @@ pub async fn run(
         send_failure(&mut conn, ReplyCode::AddressTypeNotSupported).await;
         return Ok(());
     };
-    if expected.is_some_and(|ip| !services.policy.allows(ip)) {
+    if expected.is_some_and(|ip| !services.access.get().policy.allows(ip)) {
         send_failure(&mut conn, ReplyCode::NotAllowed).await;
         return Ok(());
     }
@@ -44,6 +44,7 @@ pub async fn run(
     } else {
         TcpSocket::new_v6()?
     };
+    services.tie_outside(&socket)?;
     socket.bind(SocketAddr::new(external, 0))?;
     let listener = socket.listen(1)?;
     let listening = listener.local_addr()?;

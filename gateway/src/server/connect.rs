@@ -46,7 +46,7 @@ pub async fn resolve_allowed(
     let allowed: Vec<SocketAddr> = candidates
         .into_iter()
         .map(|addr| SocketAddr::new(super::policy::canonical(addr.ip()), addr.port()))
-        .filter(|addr| services.policy.allows(addr.ip()))
+        .filter(|addr| services.access.get().policy.allows(addr.ip()))
         .collect();
     if allowed.is_empty() {
         return Err(ReplyCode::NotAllowed);
@@ -64,6 +64,7 @@ async fn connect_from_external(
     } else {
         TcpSocket::new_v6()?
     };
+    services.tie_outside(&socket)?;
     if let Some(external) = services.external_for(peer.ip(), target.ip()) {
         socket.bind(SocketAddr::new(external, 0))?;
     }

@@ -33,9 +33,10 @@ pub async fn run(
     peer: SocketAddr,
 ) -> Result<(Option<String>, Request), HandshakeError> {
     let greeting = conn.read_message(Greeting::decode).await?;
-    let method = if services.users.is_some() && greeting.offers(Method::UserPass) {
+    let access = services.access.get();
+    let method = if access.users.is_some() && greeting.offers(Method::UserPass) {
         Method::UserPass
-    } else if services.allow_anonymous && greeting.offers(Method::NoAuth) {
+    } else if access.allow_anonymous && greeting.offers(Method::NoAuth) {
         Method::NoAuth
     } else {
         Method::NoAcceptable
@@ -73,9 +74,12 @@ async fn authenticate(
     let allowed = services.limiter.may_try(peer.ip(), now);
     let ok = allowed
         && services
+            .access
+            .get()
             .users
             .as_ref()
             .is_some_and(|users| users.verify(&name, &request.password));
+    let logged = super::printable_user(Some(&name));
     let mut out = BytesMut::new();
     if ok {
         AuthReply::SUCCESS
@@ -89,10 +93,10 @@ async fn authenticate(
         return Ok(name);
     }
     if !allowed {
-        info!(%peer, user = %name, "authentication refused: too many failures from this address");
+        info!(%peer, user = %logged, "authentication refused: too many failures from this address");
         return Err(HandshakeError::RateLimited);
     }
     services.limiter.record_failure(peer.ip(), now);
-    info!(%peer, user = %name, "authentication failed");
+    info!(%peer, user = %logged, "authentication failed");
     Err(HandshakeError::BadCredentials(name))
 }

@@ -3,6 +3,7 @@
 //! the enhanced UDP mode).
 //! Protocol decisions come from the sans-IO `socks` codecs; this layer does the I/O.
 
+pub mod access;
 pub mod auth;
 mod bind;
 mod connect;
@@ -28,11 +29,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use self::{
-    auth::{FailureLimiter, Users},
-    connection::Connection,
-    policy::Policy,
-};
+use self::{access::LiveAccess, auth::FailureLimiter, connection::Connection};
 use crate::{
     gate::Gate,
     resolver::Resolver,
@@ -65,13 +62,16 @@ impl Default for Timeouts {
 
 /// The gateway's outside addresses: relays and outbound connections use these, so a client's
 /// CONNECTs and UDP relays share one external IP per family.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct External {
     pub v4: Option<Ipv4Addr>,
     pub v6: Option<Ipv6Addr>,
     /// Index of the external interface: relay sockets accept only datagrams that arrived there.
     /// `None` accepts any interface (in-process tests on loopback).
     pub ifindex: Option<u32>,
+    /// The external interface's name: outside sockets are tied to it (`SO_BINDTODEVICE`), so
+    /// nothing they send or accept uses another interface. `None` ties nothing (tests).
+    pub device: Option<String>,
 }
 
 impl External {
@@ -87,20 +87,34 @@ impl External {
 /// Everything a control connection needs, shared by all of them.
 #[derive(Debug)]
 pub struct Services {
-    pub allow_anonymous: bool,
-    pub users: Option<Users>,
+    /// Users, anonymous access, destination policy, client networks: replaced by SIGHUP.
+    pub access: LiveAccess,
     pub limiter: FailureLimiter,
-    pub policy: Policy,
     pub resolver: Arc<Resolver>,
     pub gate: Arc<dyn Gate>,
     pub external: External,
+    /// The internal interface's name: inside sockets are tied to it (`SO_BINDTODEVICE`). `None`
+    /// ties nothing (in-process tests on loopback).
+    pub internal_device: Option<String>,
     pub timeouts: Timeouts,
     pub max_connections: usize,
     /// The enhanced UDP mode (CMD 04) and its binding table; `None` refuses CMD 04 with `07`.
     pub enhanced: Option<Arc<enhanced::EnhancedMode>>,
 }
 
+pub use crate::netif::tie_to_device;
+
 impl Services {
+    /// Ties an inside socket (client side) to the internal interface.
+    pub fn tie_inside(&self, socket: &impl std::os::fd::AsFd) -> std::io::Result<()> {
+        tie_to_device(socket, self.internal_device.as_deref())
+    }
+
+    /// Ties an outside socket (remote side) to the external interface.
+    pub fn tie_outside(&self, socket: &impl std::os::fd::AsFd) -> std::io::Result<()> {
+        tie_to_device(socket, self.external.device.as_deref())
+    }
+
     /// The external address a client at `peer` uses towards `target`'s family: the same for its
     /// CONNECTs, BINDs and UDP relays (RTSP servers may refuse media to an address other than the
     /// one the session came from). With several external addresses the enhanced mode's choice per
@@ -139,6 +153,11 @@ pub async fn run(
                         continue;
                     }
                 };
+                if !services.access.get().admits_client(peer.ip()) {
+                    info!(%peer, "control connection from outside the permitted client networks; closing");
+                    drop(stream);
+                    continue;
+                }
                 let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
                     warn!(%peer, cap = services.max_connections, "connection cap reached; closing");
                     drop(stream);
@@ -195,19 +214,33 @@ async fn serve(services: Arc<Services>, stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let who = user.as_deref().unwrap_or("-");
+    let who = printable_user(user.as_deref());
     info!(%peer, user = %who, command = ?request.command, target = %request.address, "request");
-    let result = match request.command {
-        Command::Connect => connect::run(conn, &services, peer, &request.address).await,
-        Command::Bind => bind::run(conn, &services, peer, &request.address).await,
-        Command::UdpAssociate => {
-            udp_associate::run(conn, &services, peer, local, &request.address).await
+    let command = async {
+        match request.command {
+            Command::Connect => connect::run(conn, &services, peer, &request.address).await,
+            Command::Bind => bind::run(conn, &services, peer, &request.address).await,
+            Command::UdpAssociate => {
+                udp_associate::run(conn, &services, peer, local, &request.address).await
+            }
+            Command::EnhancedUdp => enhanced::run(conn, &services, peer, user.as_deref()).await,
         }
-        Command::EnhancedUdp => enhanced::run(conn, &services, peer, user.as_deref()).await,
     };
-    if let Err(error) = result {
-        debug!(%peer, %error, "connection ended with an error");
+    tokio::select! {
+        result = command => {
+            if let Err(error) = result {
+                debug!(%peer, %error, "connection ended with an error");
+            }
+        }
+        () = services.access.revoked(peer.ip(), user.as_deref()) => {
+            info!(%peer, user = %who, "access withdrawn by a reload; closing the connection");
+        }
     }
+}
+
+/// A user name as logged: control characters escaped, so a name cannot forge log lines.
+pub fn printable_user(user: Option<&str>) -> String {
+    user.map_or_else(|| "-".to_owned(), |name| name.escape_debug().to_string())
 }
 
 /// Sends a failure reply; the caller then closes the connection.

@@ -14,6 +14,8 @@ use nix::sys::socket::{
 };
 use tokio::{io::Interest, net::UdpSocket};
 
+use super::{External, tie_to_device};
+
 /// What one receive produced.
 pub enum Received {
     /// A datagram from `from` that arrived on the external interface.
@@ -30,14 +32,16 @@ pub struct OutsideSocket {
 }
 
 impl OutsideSocket {
-    /// Binds `ip:0` (an ephemeral port). `ifindex` is the external interface (None: any).
-    pub async fn bind(ip: IpAddr, ifindex: Option<u32>) -> io::Result<Self> {
-        Self::bind_port(SocketAddr::new(ip, 0), ifindex).await
+    /// Binds `ip:0` (an ephemeral port) on the external interface.
+    pub async fn bind(ip: IpAddr, external: &External) -> io::Result<Self> {
+        Self::bind_port(SocketAddr::new(ip, 0), external).await
     }
 
-    /// Binds exactly `addr`.
-    pub async fn bind_port(addr: SocketAddr, ifindex: Option<u32>) -> io::Result<Self> {
+    /// Binds exactly `addr`, tied to the external interface (when `external` names one).
+    pub async fn bind_port(addr: SocketAddr, external: &External) -> io::Result<Self> {
+        let ifindex = external.ifindex;
         let socket = UdpSocket::bind(addr).await?;
+        tie_to_device(&socket, external.device.as_deref())?;
         if addr.is_ipv4() {
             setsockopt(&socket, Ipv4PacketInfo, &true).map_err(io::Error::from)?;
         } else {

@@ -99,8 +99,22 @@ pub async fn run(
         send_failure(&mut conn, ReplyCode::NotAllowed).await;
         return Ok(());
     }
-    let inside = UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await?;
-    let relay_inside = inside.local_addr()?;
+    let bound = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
+        Ok(inside) => services.tie_inside(&inside).map(|()| inside),
+        Err(error) => Err(error),
+    };
+    let (inside, relay_inside) = match bound.and_then(|inside| {
+        let relay = inside.local_addr()?;
+        Ok((inside, relay))
+    }) {
+        Ok(bound) => bound,
+        Err(error) => {
+            // EMFILE, no port left: the client hears why instead of a closed connection.
+            warn!(%peer, %error, "bind the inside relay socket for UDP ASSOCIATE");
+            send_failure(&mut conn, ReplyCode::GeneralFailure).await;
+            return Ok(());
+        }
+    };
     let mut association = Association {
         services,
         peer,
@@ -278,7 +292,7 @@ impl Association<'_> {
             &mut self.outside_v6
         };
         if slot.is_none() {
-            match OutsideSocket::bind(external, self.services.external.ifindex).await {
+            match OutsideSocket::bind(external, &self.services.external).await {
                 Ok(socket) => *slot = Some(socket),
                 Err(error) => {
                     warn!(%external, %error, "bind the outside relay socket");

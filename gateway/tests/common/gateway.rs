@@ -17,6 +17,7 @@ use gateway::{
     resolver::Resolver,
     server::{
         self, External, Services, Timeouts,
+        access::{Access, LiveAccess},
         auth::{FailureLimiter, Users, hash_line},
         enhanced::EnhancedMode,
         policy::Policy,
@@ -37,24 +38,29 @@ use super::{
 
 /// Services for a test gateway on loopback holding `gate`: anonymous access, loopback
 /// destinations allowed, external address 127.0.0.1 / `::1` on any interface (no interface
-/// check), a resolver without nameservers, default timeouts, 64 connections, a limiter of 5
-/// failures per 60 s, no enhanced mode.
+/// check), control connections from loopback only, a resolver without nameservers, default
+/// timeouts, 64 connections, a limiter of 5 failures per 60 s, no enhanced mode.
 pub async fn loopback_services(gate: &MemoryGate) -> Services {
     Services {
-        allow_anonymous: true,
-        users: None,
+        access: LiveAccess::new(Access {
+            allow_anonymous: true,
+            users: None,
+            policy: Policy {
+                allow_loopback: true,
+                ..Policy::default()
+            },
+            clients: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+        }),
         limiter: FailureLimiter::new(5, Duration::from_mins(1)),
-        policy: Policy {
-            allow_loopback: true,
-            ..Policy::default()
-        },
         resolver: resolver(&[]).await,
         gate: Arc::new(gate.clone()),
         external: External {
             v4: Some(Ipv4Addr::LOCALHOST),
             v6: Some(Ipv6Addr::LOCALHOST),
             ifindex: None,
+            device: None,
         },
+        internal_device: None,
         timeouts: Timeouts::default(),
         max_connections: 64,
         enhanced: None,
@@ -235,6 +241,16 @@ impl Gateway {
         self.mode
             .as_deref()
             .expect("a gateway with the enhanced mode")
+    }
+
+    /// The enhanced mode, shared, for a task that outlives the borrow of the gateway; panics if
+    /// the gateway has none.
+    pub fn shared_mode(&self) -> Arc<EnhancedMode> {
+        Arc::clone(
+            self.mode
+                .as_ref()
+                .expect("a gateway with the enhanced mode"),
+        )
     }
 
     /// The internal relay ports the enhanced mode was given (before the test's tweak).

@@ -167,9 +167,15 @@ impl EnhancedMode {
         }
     }
 
-    /// The binding configuration in force.
+    /// The binding configuration in force (its forbidden remotes as at start: the machine holds
+    /// the current list).
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Replaces the networks a REMOTE may not name, for every later request (SIGHUP).
+    pub fn set_forbidden_remotes(&self, forbidden: Vec<crate::binding::IpNet>) {
+        self.lock_bindings().set_forbidden_remotes(forbidden);
     }
 
     /// How many bindings (half-bound and confirmed) are live.

@@ -36,7 +36,10 @@ use tracing::{debug, warn};
 use super::EnhancedMode;
 use crate::{
     binding::{BindingInfo, BindingState, Family, RelayPorts, RemoteMatch, flags},
-    server::outside::{OutsideSocket, Received, with_scratch},
+    server::{
+        Services,
+        outside::{OutsideSocket, Received, with_scratch},
+    },
     socks::{
         Address,
         enhanced::{DatagramHeader, TcpDatagram},
@@ -111,7 +114,7 @@ pub(super) struct Flow {
 }
 
 /// Binds the relay sockets of `ports`: Q and P, and Q+1 and P+1 for an RTP pair.
-pub(super) async fn bind_flows(ports: &RelayPorts, ifindex: Option<u32>) -> io::Result<Vec<Flow>> {
+pub(super) async fn bind_flows(ports: &RelayPorts, services: &Services) -> io::Result<Vec<Flow>> {
     let mut flows = Vec::with_capacity(2);
     for offset in 0..if ports.pair { 2 } else { 1 } {
         let (Some(internal), Some(external)) = (
@@ -121,7 +124,9 @@ pub(super) async fn bind_flows(ports: &RelayPorts, ifindex: Option<u32>) -> io::
             return Err(io::Error::other("relay port pair past 65535"));
         };
         let inside = retry_in_use(|| UdpSocket::bind(internal)).await?;
-        let outside = retry_in_use(|| OutsideSocket::bind_port(external, ifindex)).await?;
+        services.tie_inside(&inside)?;
+        let outside =
+            retry_in_use(|| OutsideSocket::bind_port(external, &services.external)).await?;
         flows.push(Flow { inside, outside });
     }
     Ok(flows)

@@ -240,7 +240,7 @@ impl Session<'_> {
             match action {
                 Action::Reserve(ports) => {
                     let info = info.ok_or_else(|| std::io::Error::other("binding vanished"))?;
-                    let flows = relay::bind_flows(ports, self.services.external.ifindex).await?;
+                    let flows = relay::bind_flows(ports, self.services).await?;
                     let (control, abort) = relay::spawn(Spawn {
                         mode: Arc::clone(&self.mode),
                         info,
