@@ -22,11 +22,8 @@ use gateway::{
     netif::{self, InterfaceAddress, tie_to_device},
     resolver::{Resolver, nameservers_from_resolv_conf},
     server::{
-        self, External, Services, Timeouts,
-        access::LiveAccess,
-        auth::FailureLimiter,
-        enhanced::EnhancedMode,
-        policy::Policy,
+        self, External, Services, Timeouts, access::LiveAccess, auth::FailureLimiter,
+        enhanced::EnhancedMode, policy::Policy,
     },
 };
 use tokio::{
@@ -213,7 +210,10 @@ async fn serve(
         warn!("no nameserver configured (--resolver, /etc/resolv.conf): domain names will fail");
     }
     if let Some(signal) = signals.stop_pending() {
-        info!(signal, "stop requested during start-up, before the gate was touched; exiting");
+        info!(
+            signal,
+            "stop requested during start-up, before the gate was touched; exiting"
+        );
         return Ok(());
     }
 
@@ -246,7 +246,10 @@ async fn serve(
     };
     info!(datapath = ?args.datapath, "confirmed bindings are relayed by {}", args.datapath.describe());
     if let Some(signal) = signals.stop_pending() {
-        info!(signal, "stop requested during start-up; the gate stays attached and dropping");
+        info!(
+            signal,
+            "stop requested during start-up; the gate stays attached and dropping"
+        );
         datapath.stop(&own_flows);
         return Ok(());
     }
@@ -335,7 +338,11 @@ async fn serve(
     };
     // Nothing is admitted from this moment, even while connections are still closing.
     let removed = gate.close();
-    info!(signal, kernel_entries_removed = removed, "shutting down: the gate admits nothing now");
+    info!(
+        signal,
+        kernel_entries_removed = removed,
+        "shutting down: the gate admits nothing now"
+    );
     let _ = stop_tx.send(true);
     for server in servers {
         let _ = server.await;

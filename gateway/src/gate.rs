@@ -95,7 +95,10 @@ pub enum GateError {
         source: Box<MapError>,
     },
     #[error("the gate is closed (the daemon is stopping): {remote} -> {relay} not admitted")]
-    Closed { remote: SocketAddr, relay: SocketAddr },
+    Closed {
+        remote: SocketAddr,
+        relay: SocketAddr,
+    },
 }
 
 /// Installs and removes kernel admissions. Removing an absent entry is not an error.
@@ -231,7 +234,9 @@ impl Gate for KernelGate {
             framing: relay.framing_code(),
             counters: EntryCounters::default(),
         };
-        inbound_map.insert(entry.key(), inbound, 0).map_err(map_error)
+        inbound_map
+            .insert(entry.key(), inbound, 0)
+            .map_err(map_error)
     }
 
     fn remove(&self, entry: GateEntry) {

@@ -7,13 +7,15 @@
 mod common;
 
 use std::{
+    future::Future as _,
     net::{Ipv4Addr, SocketAddr},
+    task::Poll,
     time::Duration,
 };
 
 use common::{
     gateway::{CLIENT_LIBRARY_PORTS, Gateway, new_socket, resolver, users},
-    io::{assert_silent, recv_udp, send_udp, within},
+    io::{IO_TIMEOUT, assert_silent, eventually, eventually_for, recv_udp, send_udp, within},
     peers::{LOCALHOST, REMOTE_HOST, fake_nameserver, tcp_echo, udp, udp_pair},
 };
 use gateway::{
@@ -32,8 +34,8 @@ use tokio::{
 async fn start(users: Option<Users>, nameserver: Option<SocketAddr>) -> Gateway {
     let names = resolver(&Vec::from_iter(nameserver)).await;
     Gateway::start(|services| {
-        services.allow_anonymous = users.is_none();
-        services.users = users;
+        services.access.get_mut().allow_anonymous = users.is_none();
+        services.access.get_mut().users = users;
         services.resolver = names;
     })
     .await
@@ -271,9 +273,7 @@ async fn listen_where_allowed_and_refused_where_not() {
     };
     let sending = async {
         // Wait until the Listen is confirmed, then send from two remotes.
-        while !socket.is_listening() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually("the Listen is confirmed", || socket.is_listening()).await;
         send_udp(&first, b"one", relays.external).await;
         send_udp(&second, b"two", relays.external).await;
     };
@@ -375,7 +375,14 @@ async fn a_late_step_two_gets_expired() {
     let socket = new_socket(&session).await;
     within("bind", socket.bind()).await.unwrap();
     let remote: SocketAddr = "127.0.0.2:6000".parse().unwrap();
-    tokio::time::sleep(gateway::binding::PENDING_TIMEOUT_MIN + Duration::from_millis(500)).await;
+    assert_eq!(gateway.mode().live_bindings(), 1);
+    // The gateway expires the half-bound binding after the pending timeout.
+    eventually_for(
+        "the half-bound binding expires",
+        gateway::binding::PENDING_TIMEOUT_MIN + IO_TIMEOUT,
+        || gateway.mode().live_bindings() == 0,
+    )
+    .await;
     assert!(matches!(
         within("a late connect", socket.connect(remote)).await,
         Err(ClientError::Binding(BindingError::Expired))
@@ -400,13 +407,13 @@ async fn closing_the_session_releases_everything() {
     assert_eq!(gateway.mode().live_bindings(), 2);
 
     let mut buf = [0u8; 64];
-    let (received, ()) = within("recv while the session closes", async {
-        tokio::join!(open.recv(&mut buf), async {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            session.close();
-        })
-    })
-    .await;
+    let mut receiving = std::pin::pin!(open.recv(&mut buf));
+    // The recv is waiting (its first poll is pending) when the session closes.
+    let waiting =
+        std::future::poll_fn(|cx| Poll::Ready(receiving.as_mut().poll(cx).is_pending())).await;
+    assert!(waiting, "recv returned before the session closed");
+    session.close();
+    let received = within("recv while the session closes", receiving).await;
     assert!(
         matches!(received, Err(ClientError::SessionClosed(_))),
         "{received:?}"
@@ -427,6 +434,7 @@ async fn a_step_one_without_answer_is_never_resent_and_a_late_success_is_release
         .unwrap();
     let addr = listener.local_addr().unwrap();
     let (seen_tx, seen) = oneshot::channel();
+    let (gave_up_tx, gave_up) = oneshot::channel::<()>();
     tokio::spawn(within("the fake gateway", async move {
         let (mut stream, _) = listener.accept().await.unwrap();
         let mut greeting = [0u8; 3];
@@ -441,7 +449,7 @@ async fn a_step_one_without_answer_is_never_resent_and_a_late_success_is_release
         // Step 1 (IPv4 LOCAL and REMOTE: 27 octets); no answer until the client gave up.
         let mut step1 = [0u8; 27];
         stream.read_exact(&mut step1).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        gave_up.await.unwrap();
         // The late success: AID 42, relays 127.0.0.1:40000 / 127.0.0.1:30000.
         let mut reply = step1;
         reply[0] = 0x02;
@@ -467,6 +475,8 @@ async fn a_step_one_without_answer_is_never_resent_and_a_late_success_is_release
         within("bind", socket.bind()).await,
         Err(ClientError::Timeout { .. })
     ));
+    // The client gave up: only now does the gateway answer.
+    gave_up_tx.send(()).unwrap();
     let (step1, next) = within("the gateway sees the RELEASE", seen).await.unwrap();
     assert_eq!((step1[0], step1[3]), (0x01, 0x05), "a UDP BIND request");
     assert_eq!(

@@ -25,7 +25,7 @@ use tokio::net::UdpSocket;
 /// These tests keep the default SOCKS policy (loopback destinations refused): the enhanced mode
 /// does not consult it, and with loopback remotes everywhere these tests would notice if it did.
 fn default_policy(services: &mut Services) {
-    services.policy = Policy::default();
+    services.access.get_mut().policy = Policy::default();
 }
 
 /// A gateway with the enhanced mode on the next block of this binary's relay ports, its binding

@@ -17,7 +17,7 @@ use std::{
 use bytes::BytesMut;
 use common::{
     gateway::{Gateway, RTSP_LOOPBACK_PORTS},
-    io::within_for,
+    io::{IO_TIMEOUT, eventually_for, within_for},
     peers::{LOCALHOST, REMOTE_HOST},
 };
 use gateway::{
@@ -29,6 +29,7 @@ use gateway::{
         message, sdp,
         server::{DemoServer, ServerConfig, ServerStats},
     },
+    server::enhanced::EnhancedMode,
 };
 use rtsp_types::{Message, Method, StatusCode, headers};
 use tokio::{
@@ -276,14 +277,14 @@ async fn the_cli_prints_the_steps_and_writes_the_wav() {
 // ---- failures, from a scripted server -------------------------------------------------------
 
 /// How the fake server answers SETUP.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Setup {
     Refuse,
     NoServerPort,
     /// 200 with ports, then PLAY succeeds but nothing is sent.
     Silent,
-    /// Like `Silent`, after this long.
-    Slow(Duration),
+    /// Like `Silent`, once the gateway of this mode has expired the client's half-bound binding.
+    AfterExpiry(Arc<EnhancedMode>),
 }
 
 /// A one-track RTSP server on 127.0.0.2 that answers SETUP as `setup` says.
@@ -294,6 +295,7 @@ async fn fake_server(setup: Setup) -> String {
     let url = format!("rtsp://{}/fake", listener.local_addr().unwrap());
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
+            let setup = setup.clone();
             tokio::spawn(async move {
                 let mut buffer = BytesMut::new();
                 loop {
@@ -305,7 +307,7 @@ async fn fake_server(setup: Setup) -> String {
                     let cseq = request
                         .header(&headers::CSEQ)
                         .map(|v| v.as_str().to_owned());
-                    let (status, extra, body) = fake_answer(&request, setup).await;
+                    let (status, extra, body) = fake_answer(&request, &setup).await;
                     let bytes = message::response(status, cseq.as_deref(), &extra, &body);
                     if stream.write_all(&bytes).await.is_err() {
                         return;
@@ -319,7 +321,7 @@ async fn fake_server(setup: Setup) -> String {
 
 async fn fake_answer(
     request: &rtsp_types::Request<Vec<u8>>,
-    setup: Setup,
+    setup: &Setup,
 ) -> (StatusCode, Vec<(headers::HeaderName, String)>, Vec<u8>) {
     let session = (headers::SESSION, "F00D".to_owned());
     match request.method() {
@@ -355,8 +357,14 @@ async fn fake_answer(
                     vec![(headers::TRANSPORT, with_ports), session],
                     vec![],
                 ),
-                Setup::Slow(delay) => {
-                    tokio::time::sleep(delay).await;
+                Setup::AfterExpiry(mode) => {
+                    // The client made its step 1 before this SETUP; answer once it expired.
+                    eventually_for(
+                        "the half-bound binding expires",
+                        PENDING_TIMEOUT_MIN + IO_TIMEOUT,
+                        || mode.live_bindings() == 0,
+                    )
+                    .await;
                     (
                         StatusCode::Ok,
                         vec![(headers::TRANSPORT, with_ports), session],
@@ -434,10 +442,7 @@ async fn a_stream_that_never_starts_times_out() {
 #[tokio::test]
 async fn a_setup_answered_after_the_pending_timeout_finds_the_binding_expired() {
     let gateway = start_gateway(|config| config.pending_timeout = PENDING_TIMEOUT_MIN).await;
-    let url = fake_server(Setup::Slow(
-        PENDING_TIMEOUT_MIN + Duration::from_millis(1500),
-    ))
-    .await;
+    let url = fake_server(Setup::AfterExpiry(gateway.shared_mode())).await;
     let (options, _) = options(&url, &gateway);
     let error = within_for("play", PLAY_TIMEOUT, play(options))
         .await

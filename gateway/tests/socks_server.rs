@@ -64,8 +64,8 @@ async fn zero_methods_greeting_is_closed_without_a_reply() {
 #[tokio::test]
 async fn no_acceptable_method_gets_ff_then_close() {
     let gateway = Gateway::start(|services| {
-        services.allow_anonymous = false;
-        services.users = Some(users("alice", "s3cret"));
+        services.access.get_mut().allow_anonymous = false;
+        services.access.get_mut().users = Some(users("alice", "s3cret"));
     })
     .await;
     // Only "no authentication" offered, but the gateway requires a password.
@@ -80,7 +80,9 @@ async fn no_acceptable_method_gets_ff_then_close() {
 
 #[tokio::test]
 async fn gssapi_is_never_selected() {
-    let gateway = Gateway::start(|services| services.users = Some(users("alice", "s3cret"))).await;
+    let gateway =
+        Gateway::start(|services| services.access.get_mut().users = Some(users("alice", "s3cret")))
+            .await;
     let mut stream = gateway.connect().await;
     send(&mut stream, &[0x05, 0x01, 0x01]).await;
     assert_eq!(read_until_closed(&mut stream).await, [0x05, 0xFF]);
@@ -92,7 +94,9 @@ async fn gssapi_is_never_selected() {
 
 #[tokio::test]
 async fn username_password_is_preferred_when_users_are_configured() {
-    let gateway = Gateway::start(|services| services.users = Some(users("alice", "s3cret"))).await;
+    let gateway =
+        Gateway::start(|services| services.access.get_mut().users = Some(users("alice", "s3cret")))
+            .await;
     let mut stream = gateway.connect().await;
     send(&mut stream, &[0x05, 0x02, 0x00, 0x02]).await;
     assert_eq!(read_exact(&mut stream, 2).await, [0x05, 0x02]);
@@ -131,7 +135,7 @@ async fn truncated_messages_end_the_connection_task() {
         // handshake timeout: the closes seen here are not timeouts.
         services.max_connections = 1;
         services.timeouts.handshake = Duration::from_mins(1);
-        services.users = Some(users("alice", "s3cret"));
+        services.access.get_mut().users = Some(users("alice", "s3cret"));
     })
     .await;
     let mut request = vec![0x05, 0x01, 0x00];
@@ -277,8 +281,8 @@ async fn password_gateway() -> (Gateway, SocketAddr) {
     let echo = tcp_echo(LOCALHOST).await;
     (
         Gateway::start(|services| {
-            services.allow_anonymous = false;
-            services.users = Some(users("alice", "s3cret"));
+            services.access.get_mut().allow_anonymous = false;
+            services.access.get_mut().users = Some(users("alice", "s3cret"));
         })
         .await,
         echo.addr,
@@ -481,7 +485,8 @@ async fn connect_to_a_domain_name_resolved_by_the_gateway() {
 async fn connect_to_a_denied_address_gets_02() {
     let mut echo = tcp_echo(LOCALHOST).await;
     // Default policy: loopback is refused.
-    let gateway = Gateway::start(|services| services.policy.allow_loopback = false).await;
+    let gateway =
+        Gateway::start(|services| services.access.get_mut().policy.allow_loopback = false).await;
     for target in [echo.addr, "[::1]:80".parse().unwrap()] {
         let mut stream = connect_anonymous(&gateway).await;
         send(&mut stream, &request(CONNECT, target)).await;
@@ -492,9 +497,10 @@ async fn connect_to_a_denied_address_gets_02() {
         );
     }
     // A denied network (operator rule) with loopback otherwise allowed.
-    let gateway =
-        Gateway::start(|services| services.policy.deny = vec!["127.0.0.0/24".parse().unwrap()])
-            .await;
+    let gateway = Gateway::start(|services| {
+        services.access.get_mut().policy.deny = vec!["127.0.0.0/24".parse().unwrap()]
+    })
+    .await;
     let mut stream = connect_anonymous(&gateway).await;
     send(&mut stream, &request(CONNECT, echo.addr)).await;
     assert_eq!(read_until_closed(&mut stream).await, failure_reply(0x02));
@@ -701,7 +707,7 @@ async fn udp_associate_to_a_domain_name_and_to_a_denied_destination() {
     let names = resolver(&[nameserver]).await;
     let gateway = Gateway::start(|services| {
         services.resolver = names;
-        services.policy.deny = vec!["127.0.0.2/32".parse().unwrap()];
+        services.access.get_mut().policy.deny = vec!["127.0.0.2/32".parse().unwrap()];
     })
     .await;
     let gate = gateway.gate.clone();
@@ -799,7 +805,8 @@ async fn bind_for_a_named_host_refuses_other_peers() {
 
 #[tokio::test]
 async fn bind_for_a_denied_host_gets_02() {
-    let gateway = Gateway::start(|services| services.policy.allow_loopback = false).await;
+    let gateway =
+        Gateway::start(|services| services.access.get_mut().policy.allow_loopback = false).await;
     let mut control = connect_anonymous(&gateway).await;
     send(&mut control, &request(BIND, "127.0.0.1:0".parse().unwrap())).await;
     assert_eq!(read_until_closed(&mut control).await, failure_reply(0x02));

@@ -102,7 +102,23 @@ impl GatewayDaemon {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Graceful stop (SIGTERM); returns whether it exited successfully.
+    /// Sends `signal` without waiting (SIGHUP to reload, say).
+    pub fn signal(&self, signal: Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal);
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        !self.child.has_exited()
+    }
+
+    /// Polls the log until it contains `needle` `count` times, for at most `timeout`.
+    pub fn wait_for_log(&self, needle: &str, count: usize, timeout: Duration) -> bool {
+        wait_until(timeout, || self.log_text().matches(needle).count() >= count)
+    }
+
+    /// Graceful stop (SIGTERM); returns whether it exited successfully. The gate stays
+    /// attached and dropping: [`detach`] removes it.
     pub fn stop(&mut self) -> bool {
         self.child
             .stop_with(Signal::SIGTERM, Duration::from_secs(10))
@@ -114,6 +130,82 @@ impl GatewayDaemon {
         self.child
             .stop_with(Signal::SIGKILL, Duration::from_secs(5));
     }
+}
+
+/// Runs `gateway run` in `ns` expecting it to fail at start: returns its exit status and log
+/// once it has exited (bounded by 20 s; a daemon that comes up instead fails the test).
+pub fn start_expecting_failure(
+    ns: &Netns,
+    instance: &str,
+    args: &[&str],
+) -> Result<(std::process::ExitStatus, String)> {
+    let log = std::env::temp_dir().join(format!("gateway-{instance}-{}.log", unique_suffix()));
+    let log_file = fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+    let mut cmd = ns.command(gateway_bin());
+    cmd.args(["run", "--instance", instance])
+        .args(args)
+        .env("GATEWAY_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
+    let mut child = ChildGuard::spawn(&mut cmd, "gateway daemon (expected to fail)")?;
+    let mut status = None;
+    wait_until(Duration::from_secs(20), || {
+        status = child.child_mut().and_then(|c| c.try_wait().ok().flatten());
+        status.is_some()
+    });
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    let _ = fs::remove_file(&log);
+    match status {
+        Some(status) => Ok((status, text)),
+        None => bail!("gateway did not exit; its log:\n{text}"),
+    }
+}
+
+/// `gateway detach --instance INSTANCE` in `ns`: removes the gate of a stopped daemon. Fails
+/// with the CLI's stderr when it refuses.
+pub fn detach(ns: &Netns, instance: &str) -> Result<String> {
+    let out = gateway_cli(ns, &["detach", "--instance", instance])?;
+    if !out.status.success() {
+        bail!(
+            "gateway detach failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A users-file line made with `gateway passwd`, as an operator would.
+pub fn passwd_line(name: &str, password: &str) -> Result<String> {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(gateway_bin())
+        .args(["passwd", name])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("run gateway passwd")?;
+    child
+        .stdin
+        .take()
+        .context("stdin of gateway passwd")?
+        .write_all(format!("{password}\n").as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "gateway passwd failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether an XDP program is attached to `interface` in `ns` (`ip link` shows `prog/xdp`).
+pub fn xdp_attached(ns: &Netns, interface: &str) -> Result<bool> {
+    let out = crate::run_checked(
+        ns.command("ip")
+            .args(["-d", "link", "show", "dev", interface]),
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout).contains("prog/xdp"))
 }
 
 impl Drop for GatewayDaemon {

@@ -289,11 +289,17 @@ fn tcp_syn(builder: etherparse::PacketBuilderStep<etherparse::IpHeaders>, port: 
 }
 
 fn syn4(dst: [u8; 4], port: u16) -> Vec<u8> {
-    tcp_syn(PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(SERVER, dst, 64), port)
+    tcp_syn(
+        PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(SERVER, dst, 64),
+        port,
+    )
 }
 
 fn syn6(dst: [u8; 16], port: u16) -> Vec<u8> {
-    tcp_syn(PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(SERVER6, dst, 64), port)
+    tcp_syn(
+        PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(SERVER6, dst, 64),
+        port,
+    )
 }
 
 impl Loaded {
@@ -347,5 +353,9 @@ fn tcp_to_the_control_port_from_outside_is_dropped() {
     later_fragment[ETH + 7] = 0x10;
     xdp.expect(&later_fragment, XDP_PASS, DropReason::NotUdpPassed);
     // A first fragment cut before the ports is a counted drop, not a pass.
-    xdp.expect(&first_fragment[..ETH + 20 + 3], XDP_DROP, DropReason::TruncatedHeader);
+    xdp.expect(
+        &first_fragment[..ETH + 20 + 3],
+        XDP_DROP,
+        DropReason::TruncatedHeader,
+    );
 }

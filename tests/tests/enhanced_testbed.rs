@@ -6,7 +6,10 @@
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -15,11 +18,16 @@ use gateway_common::DropReason;
 use integration_tests::{
     Netns, Testbed, addr,
     gateway::{GatewayDaemon, InstanceCleanup, reason_packets, start_in_fw, stats_json},
-    iface,
+    iface, wait_until,
 };
 
 const PROXY: &str = "198.51.100.1:1080";
 const STREAM: usize = 200;
+/// Bound on waiting for a counter, a log line or a datagram that must come.
+const WAIT: Duration = Duration::from_secs(5);
+/// How soon after a SIGKILL the bindings must admit nothing (the heartbeat's fail-closed limit
+/// is 2 s).
+const FAIL_CLOSED_WITHIN: Duration = Duration::from_secs(3);
 
 struct Setup {
     gateway: GatewayDaemon,
@@ -147,6 +155,15 @@ fn two_step_stream_is_relayed_by_the_kernel(v6: bool) {
             for socket in [&source_sock, &wrong_port_sock, &other_host_sock] {
                 socket.send_to(b"too early", external).unwrap();
             }
+            // The gate has seen all three before the absence check starts.
+            let counted = Arc::clone(&setup);
+            let dropped = tokio::task::spawn_blocking(move || {
+                wait_until(WAIT, || stat(&counted, "no_binding") - dropped_before >= 3)
+            });
+            assert!(
+                dropped.await.unwrap(),
+                "the gate did not count the three early datagrams as no_binding"
+            );
             assert!(
                 nothing_arrives(&binding, Duration::from_millis(500)).await,
                 "a half-bound binding admits nothing"
@@ -211,7 +228,12 @@ fn two_step_stream_is_relayed_by_the_kernel(v6: bool) {
 
             // Release stops delivery within a second: the next datagram is dropped by the gate.
             binding.release().await.unwrap();
-            assert!(gate_drops_within_a_second(&setup, &source_sock, external));
+            assert!(gate_drops_within_a_second(
+                &setup,
+                &source_sock,
+                external,
+                Instant::now()
+            ));
 
             // Connection close stops delivery of every binding of the connection.
             let second = session.udp_socket(family).await.unwrap();
@@ -219,16 +241,29 @@ fn two_step_stream_is_relayed_by_the_kernel(v6: bool) {
             second.connect(source_addr).await.unwrap();
             source_sock.send_to(b"while bound", external).unwrap();
             assert_eq!(receive(&second, 1).await.len(), 1);
+            let closed = Instant::now();
             session.close();
             tokio::time::timeout(Duration::from_secs(2), session.closed())
                 .await
                 .unwrap();
             drop(second);
             drop(session);
-            // Let the runtime finish closing the control connection before blocking on checks.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // The runtime finishes closing the control connection (its tasks run while this
+            // waits) and the gateway sees the close.
+            tokio::time::timeout(WAIT, async {
+                while !setup.gateway.log_text().contains(SESSION_ENDED) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no {SESSION_ENDED:?} in the gateway log:\n{}",
+                    setup.gateway.log_text()
+                )
+            });
             let check = tokio::task::spawn_blocking(move || {
-                gate_drops_within_a_second(&setup, &source_sock, external)
+                gate_drops_within_a_second(&setup, &source_sock, external, closed)
             });
             assert!(
                 check.await.unwrap(),
@@ -238,17 +273,25 @@ fn two_step_stream_is_relayed_by_the_kernel(v6: bool) {
     });
 }
 
-/// Sends one datagram after a release or close and checks that the gate drops it (its
-/// `no_binding` counter rises) within a second; retries the send so the check is not racing
-/// the daemon's removal by more than that second.
-fn gate_drops_within_a_second(setup: &Setup, sender: &UdpSocket, to: SocketAddr) -> bool {
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(1) {
+/// What the daemon logs when an enhanced-mode control connection has ended.
+const SESSION_ENDED: &str = "enhanced UDP mode ended";
+
+/// Sends one datagram after a release or close (at `since`) and checks that the gate drops it
+/// (its `no_binding` counter rises) within a second of `since`; retries the send, since a
+/// datagram sent before the daemon removed the entry is still delivered and never counted.
+fn gate_drops_within_a_second(
+    setup: &Setup,
+    sender: &UdpSocket,
+    to: SocketAddr,
+    since: Instant,
+) -> bool {
+    while since.elapsed() < Duration::from_secs(1) {
         let before = stat(setup, "no_binding");
         sender.send_to(b"after the end", to).unwrap();
-        std::thread::sleep(Duration::from_millis(50));
-        if stat(setup, "no_binding") > before {
-            println!("delivery stopped after {:?}", started.elapsed());
+        if wait_until(Duration::from_millis(100), || {
+            stat(setup, "no_binding") > before
+        }) {
+            println!("delivery stopped after {:?}", since.elapsed());
             return true;
         }
     }
@@ -277,7 +320,9 @@ fn sigkill_stops_admission_within_three_seconds_and_a_new_daemon_works() {
     let pin_dir = setup.cleanup.pin_dir();
     let daemon = &mut setup.gateway;
     let (session_tx, session_rx) = std::sync::mpsc::channel::<()>();
-    let (external_tx, external_rx) = std::sync::mpsc::channel::<SocketAddr>();
+    let (external_tx, external_rx) = std::sync::mpsc::channel::<(SocketAddr, SocketAddr)>();
+    let delivered = Arc::new(AtomicUsize::new(0));
+    let arrivals = Arc::clone(&delivered);
     let client_ns = setup.bed.client.path();
     let receiver = std::thread::spawn(move || {
         let file = std::fs::File::open(client_ns).unwrap();
@@ -296,29 +341,34 @@ fn sigkill_stops_admission_within_three_seconds_and_a_new_daemon_works() {
                 let binding = session.udp_socket(Family::V4).await.unwrap();
                 let external = binding.bind().await.unwrap().external;
                 binding.connect(source_addr).await.unwrap();
-                external_tx.send(external).unwrap();
+                // A second binding from the same source only to probe for the moment admission
+                // stops; what reaches it is never read, so it does not count as delivered.
+                let probe = session.udp_socket(Family::V4).await.unwrap();
+                let probe_external = probe.bind().await.unwrap().external;
+                probe.connect(source_addr).await.unwrap();
+                external_tx.send((external, probe_external)).unwrap();
                 // Count what arrives until told to stop.
-                let mut delivered = 0usize;
                 let mut buf = [0u8; 256];
                 loop {
                     if session_rx.try_recv().is_ok() {
-                        return delivered;
+                        drop(probe);
+                        return arrivals.load(Ordering::SeqCst);
                     }
                     if let Ok(Ok(_)) =
                         tokio::time::timeout(Duration::from_millis(50), binding.recv(&mut buf))
                             .await
                     {
-                        delivered += 1;
+                        arrivals.fetch_add(1, Ordering::SeqCst);
                     }
                 }
             })
     });
-    let external = external_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let (external, probe_external) = external_rx.recv_timeout(Duration::from_secs(10)).unwrap();
     source_sock.send_to(b"before", external).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    daemon.kill();
-    let killed = Instant::now();
-    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        wait_until(WAIT, || delivered.load(Ordering::SeqCst) >= 1),
+        "the datagram sent before the kill did not arrive"
+    );
     let counted = |reason: DropReason| {
         gateway::stats::read_exit_counters(&pin_dir)
             .unwrap()
@@ -327,15 +377,44 @@ fn sigkill_stops_admission_within_three_seconds_and_a_new_daemon_works() {
             .unwrap()
             .packets
     };
+    // Each inbound binding hit ends relayed in the kernel or dropped as daemon_gone.
+    let outcomes = || counted(DropReason::KernelRelayedInbound) + counted(DropReason::DaemonGone);
+    daemon.kill();
+    let killed = Instant::now();
+    // Probe until the gate drops a hit as daemon_gone (the heartbeat went stale), each probe
+    // accounted for before the next.
+    let stopped_after = loop {
+        let sent_after = killed.elapsed();
+        assert!(
+            sent_after <= FAIL_CLOSED_WITHIN,
+            "the bindings still admitted {sent_after:?} after SIGKILL"
+        );
+        let (gone, before) = (counted(DropReason::DaemonGone), outcomes());
+        source_sock.send_to(b"probe", probe_external).unwrap();
+        assert!(
+            wait_until(WAIT, || outcomes() > before),
+            "a probe was neither relayed in the kernel nor dropped as daemon_gone"
+        );
+        if counted(DropReason::DaemonGone) > gone {
+            break sent_after;
+        }
+        // Pacing: some 100 probes until the fail-closed limit.
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let gone_before = counted(DropReason::DaemonGone);
+    let outcomes_before = outcomes();
     for _ in 0..20 {
         source_sock.send_to(b"after kill", external).unwrap();
     }
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        wait_until(WAIT, || outcomes() - outcomes_before >= 20),
+        "the gate did not see the 20 datagrams sent after the kill"
+    );
     session_tx.send(()).unwrap();
     let delivered = receiver.join().unwrap();
     println!(
-        "killed {:?} ago; delivered in total {delivered}",
+        "killed {:?} ago; admission stopped {stopped_after:?} after the kill; delivered in total \
+         {delivered}",
         killed.elapsed()
     );
     assert_eq!(

@@ -458,7 +458,10 @@ fn outbound_is_rewritten(case: &Case, framing_kind: u32) {
         let mut dgid = framed.clone();
         dgid[3] = 1;
         let frame = udp_frame(case.client, case.internal_relay, &dgid);
-        assert_eq!(programs.run(TC_INTERNAL_PROGRAM, &frame), (TC_ACT_OK, frame));
+        assert_eq!(
+            programs.run(TC_INTERNAL_PROGRAM, &frame),
+            (TC_ACT_OK, frame)
+        );
         to_userspace += 1;
     }
     assert_eq!(
@@ -631,8 +634,14 @@ fn inside_udp_to_external_addresses_is_dropped_whatever_its_headers() {
         let mut frame = Vec::new();
         PacketBuilder::ethernet2(MAC_A, MAC_B)
             .ipv6(
-                "2001:db8:1::2".parse::<std::net::Ipv6Addr>().unwrap().octets(),
-                "2001:db8:2::1".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+                "2001:db8:1::2"
+                    .parse::<std::net::Ipv6Addr>()
+                    .unwrap()
+                    .octets(),
+                "2001:db8:2::1"
+                    .parse::<std::net::Ipv6Addr>()
+                    .unwrap()
+                    .octets(),
                 64,
             )
             .icmpv6_echo_request(1, 1)
@@ -641,7 +650,11 @@ fn inside_udp_to_external_addresses_is_dropped_whatever_its_headers() {
         frame
     };
     let passes_before = programs.count(DropReason::NotUdpPassed);
-    for frame in [tcp, icmp6.clone(), with_ipv6_ext(&icmp6, 0, [0, 0, 1, 4, 0, 0, 0, 0])] {
+    for frame in [
+        tcp,
+        icmp6.clone(),
+        with_ipv6_ext(&icmp6, 0, [0, 0, 1, 4, 0, 0, 0, 0]),
+    ] {
         assert_eq!(programs.run(TC_INTERNAL_PROGRAM, &frame).0, TC_ACT_OK);
     }
     assert_eq!(programs.count(DropReason::NotUdpPassed), passes_before + 3);

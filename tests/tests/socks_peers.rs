@@ -7,7 +7,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
-    process::{Command, Output, Stdio},
+    process::Output,
     time::Duration,
 };
 
@@ -19,15 +19,19 @@ use gateway::socks::{
 use integration_tests::{
     Testbed, addr,
     gateway::{
-        GatewayDaemon, InstanceCleanup, gateway_bin, reason_packets, stats_json, unique_instance,
+        GatewayDaemon, InstanceCleanup, gateway_cli, passwd_line, reason_packets, stats_json,
+        unique_instance,
     },
     iface,
     peers::{Dnsmasq, HttpServer, UdpEcho},
+    wait_until,
 };
 
 const BODY: &str = "hello through the gateway\n";
 const PROXY: &str = "198.51.100.1:1080";
 const PASSWORD: &str = "correct horse";
+/// Bound on waiting for a log line, a counter or a kernel entry that must come (or go).
+const WAIT: Duration = Duration::from_secs(5);
 
 struct Setup {
     // Drop order: gateway first, peers, then the namespaces.
@@ -45,31 +49,12 @@ impl Drop for Setup {
     }
 }
 
-/// Makes a users-file line with `gateway passwd`, as an operator would.
-fn passwd_line(name: &str, password: &str) -> String {
-    let mut child = Command::new(gateway_bin())
-        .args(["passwd", name])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{password}\n").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap()
-}
-
 fn setup() -> Setup {
     let bed = Testbed::new().unwrap();
     let dns = Dnsmasq::start(&bed.server, &["web.test"]).unwrap();
     let http = HttpServer::start(&bed.server, BODY).unwrap();
     let users = std::env::temp_dir().join(format!("gateway-users-{}", unique_instance()));
-    std::fs::write(&users, passwd_line("alice", PASSWORD)).unwrap();
+    std::fs::write(&users, passwd_line("alice", PASSWORD).unwrap()).unwrap();
     let instance = unique_instance();
     let cleanup = InstanceCleanup {
         instance: instance.clone(),
@@ -111,6 +96,45 @@ fn curl(setup: &Setup, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Waits (bounded) until the gateway's log contains `line`: the daemon may write it after the
+/// client has already seen the outcome (a refusal is sent before it is logged).
+fn assert_logged(gateway: &GatewayDaemon, line: &str, what: &str) {
+    assert!(
+        wait_until(WAIT, || gateway.log_text().contains(line)),
+        "{what}: no {line:?} in the gateway log within {WAIT:?}:\n{}",
+        gateway.log_text()
+    );
+}
+
+/// The `no_binding` drops counted so far.
+fn no_binding(setup: &Setup) -> u64 {
+    reason_packets(
+        &stats_json(&setup.bed.fw, &setup.gateway.instance).unwrap(),
+        "no_binding",
+    )
+}
+
+/// The external relay addresses of the kernel entries (`gateway bindings --json`).
+fn kernel_entry_relays(setup: &Setup) -> Vec<String> {
+    let out = gateway_cli(
+        &setup.bed.fw,
+        &["bindings", "--instance", &setup.gateway.instance, "--json"],
+    )
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "gateway bindings failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let document: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    document["kernel_entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry["external_relay"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 fn assert_fetched(out: &Output, what: &str) {
     assert!(
         out.status.success(),
@@ -147,8 +171,7 @@ fn curl_connects_by_name_and_address_with_and_without_credentials() {
         ],
     );
     assert_fetched(&authed, "username/password");
-    let log = setup.gateway.log_text();
-    assert!(log.contains("user=alice"), "the log names the user:\n{log}");
+    assert_logged(&setup.gateway, "user=alice", "the log names the user");
 }
 
 #[test]
@@ -169,7 +192,11 @@ fn curl_with_a_wrong_password_fails() {
         "a wrong password must not get through"
     );
     assert!(out.stdout.is_empty());
-    assert!(setup.gateway.log_text().contains("authentication failed"));
+    assert_logged(
+        &setup.gateway,
+        "authentication failed",
+        "the refusal is logged",
+    );
 }
 
 /// Opens a control connection from `client` and runs greeting + one request; returns the stream
@@ -336,10 +363,7 @@ fn only_remotes_the_client_sent_to_get_in() {
     assert_eq!(&buf[..len], b"question");
     assert_eq!(relay_outside.ip(), IpAddr::from(addr::FW_OUTSIDE_V4));
 
-    let before = reason_packets(
-        &stats_json(&setup.bed.fw, &setup.gateway.instance).unwrap(),
-        "no_binding",
-    );
+    let before = no_binding(&setup);
     for _ in 0..5 {
         stranger.send_to(b"intruder", relay_outside).unwrap();
     }
@@ -355,10 +379,7 @@ fn only_remotes_the_client_sent_to_get_in() {
         received, b"answer",
         "the answer arrives, the intruder's datagrams do not"
     );
-    let after = reason_packets(
-        &stats_json(&setup.bed.fw, &setup.gateway.instance).unwrap(),
-        "no_binding",
-    );
+    let after = no_binding(&setup);
     assert_eq!(
         after - before,
         5,
@@ -366,18 +387,24 @@ fn only_remotes_the_client_sent_to_get_in() {
     );
 
     // The association ends with its control connection, and so does the kernel entry.
+    let relay_outside_text = relay_outside.to_string();
+    assert!(
+        kernel_entry_relays(&setup).contains(&relay_outside_text),
+        "the association has its kernel entry"
+    );
     drop(control);
-    std::thread::sleep(Duration::from_millis(300));
-    let before = reason_packets(
-        &stats_json(&setup.bed.fw, &setup.gateway.instance).unwrap(),
-        "no_binding",
+    assert!(
+        wait_until(WAIT, || !kernel_entry_relays(&setup)
+            .contains(&relay_outside_text)),
+        "the kernel entry of {relay_outside} outlived its control connection by {WAIT:?}"
     );
+    let before = no_binding(&setup);
     remote.send_to(b"late answer", relay_outside).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    let after = reason_packets(
-        &stats_json(&setup.bed.fw, &setup.gateway.instance).unwrap(),
-        "no_binding",
+    assert!(
+        wait_until(WAIT, || no_binding(&setup) > before),
+        "the late answer was not counted as no_binding"
     );
+    let after = no_binding(&setup);
     assert_eq!(
         after - before,
         1,
@@ -477,6 +504,17 @@ fn inside_host_cannot_pose_as_a_remote() {
     for _ in 0..3 {
         spoofer.send_to(b"spoofed", relay_outside).unwrap();
     }
+    // fw has seen all three before the absence check starts.
+    let inside_drops = || {
+        reason_packets(
+            &stats_json(&setup.bed.fw, &setup.gateway.instance).unwrap(),
+            "inside_to_external_address",
+        )
+    };
+    assert!(
+        wait_until(WAIT, || inside_drops() >= 3),
+        "the program on the internal interface did not count the three spoofed datagrams"
+    );
     assert!(
         client.recv_from(&mut buf).is_err(),
         "a datagram that arrived on the internal interface must not be relayed"
@@ -490,7 +528,6 @@ fn inside_host_cannot_pose_as_a_remote() {
     assert!(buf[..len].ends_with(b"answer"));
     // The kernel's program on the internal interface dropped and counted them before any
     // socket saw them (the relay's own arrival-interface check is the second line).
-    let stats = stats_json(&setup.bed.fw, &setup.gateway.instance).unwrap();
-    assert_eq!(reason_packets(&stats, "inside_to_external_address"), 3);
+    assert_eq!(inside_drops(), 3);
     drop(control);
 }

@@ -1,7 +1,7 @@
 //! The default-drop gate in the test bed: with the gateway attached in `fw`, unsolicited UDP from
-//! `server` never reaches a socket in `fw` and is counted; TCP still works; when the gateway
-//! stops, the same datagrams arrive; a `SIGKILL`ed daemon leaves the gate closed and a new daemon
-//! takes it over. Root only.
+//! `server` never reaches a socket in `fw` and is counted; TCP still works; a stopped daemon
+//! leaves the gate dropping, and only `gateway detach` lets the same datagrams arrive; a
+//! `SIGKILL`ed daemon leaves the gate closed and a new daemon takes it over. Root only.
 
 use std::{
     io::{Read as _, Write as _},
@@ -12,11 +12,12 @@ use std::{
 use integration_tests::{
     Testbed, addr,
     gateway::{
-        GatewayDaemon, InstanceCleanup, TESTBED_ARGS, gateway_cli, reason_packets, start_in_fw,
-        stats_json, unique_instance,
+        GatewayDaemon, InstanceCleanup, TESTBED_ARGS, detach, gateway_cli, reason_packets,
+        start_in_fw, stats_json, unique_instance, xdp_attached,
     },
     iface,
     traffic::{self, drain},
+    wait_until,
 };
 
 const PORTS: std::ops::Range<u16> = 7001..7011;
@@ -38,6 +39,44 @@ fn send_from_server(bed: &Testbed, target: IpAddr) {
 
 fn no_binding_drops(bed: &Testbed, instance: &str) -> u64 {
     reason_packets(&stats_json(&bed.fw, instance).unwrap(), "no_binding")
+}
+
+/// Packets of `reason` read from the pinned counters (no daemon needs to run).
+fn pinned_count(cleanup: &InstanceCleanup, reason: gateway_common::DropReason) -> u64 {
+    gateway::stats::read_exit_counters(&cleanup.pin_dir())
+        .unwrap()
+        .iter()
+        .find(|total| total.reason == reason)
+        .unwrap()
+        .packets
+}
+
+fn pinned_no_binding(cleanup: &InstanceCleanup) -> u64 {
+    pinned_count(cleanup, gateway_common::DropReason::NoBinding)
+}
+
+/// Sends the unsolicited burst, waits until the gate has counted all of it, then checks that
+/// nothing reached a socket.
+fn assert_burst_dropped(bed: &Testbed, sinks: &[UdpSocket], cleanup: &InstanceCleanup, what: &str) {
+    let target = sinks[0].local_addr().unwrap().ip();
+    let before = pinned_no_binding(cleanup);
+    send_from_server(bed, target);
+    assert!(
+        wait_until(Duration::from_secs(10), || pinned_no_binding(cleanup)
+            >= before + DATAGRAMS as u64),
+        "{what}: every datagram counted as no_binding ({} of {DATAGRAMS})",
+        pinned_no_binding(cleanup) - before
+    );
+    assert_eq!(
+        drain(sinks, 0, Duration::from_millis(200)),
+        0,
+        "{what}: no unsolicited datagram may reach a socket in fw"
+    );
+    assert_eq!(
+        pinned_no_binding(cleanup) - before,
+        DATAGRAMS as u64,
+        "{what}"
+    );
 }
 
 fn tcp_still_works(bed: &Testbed, ip: IpAddr) {
@@ -67,30 +106,17 @@ fn tcp_still_works(bed: &Testbed, ip: IpAddr) {
     assert_eq!(&echoed, b"hello");
 }
 
-fn gate_drops_until_the_gateway_stops(target: IpAddr) {
+fn gate_drops_until_it_is_detached(target: IpAddr) {
     let bed = Testbed::new().unwrap();
     let sinks = bind_sinks(&bed, target);
     let (mut gateway, cleanup) = start_in_fw(&bed, &[]).unwrap();
     let instance = gateway.instance.clone();
 
-    let before = no_binding_drops(&bed, &instance);
-    send_from_server(&bed, target);
-    let received = drain(&sinks, 0, Duration::from_millis(500));
-    let after = no_binding_drops(&bed, &instance);
-    println!(
-        "{target}: gate attached: received {received}, no_binding +{}",
-        after - before
+    assert_burst_dropped(&bed, &sinks, &cleanup, "gate attached");
+    assert!(
+        no_binding_drops(&bed, &instance) >= DATAGRAMS as u64,
+        "`gateway stats` shows the drops"
     );
-    assert_eq!(
-        received, 0,
-        "no unsolicited datagram may reach a socket in fw"
-    );
-    assert_eq!(
-        after - before,
-        DATAGRAMS as u64,
-        "every datagram counted as no_binding"
-    );
-
     tcp_still_works(&bed, target);
 
     assert!(
@@ -99,12 +125,79 @@ fn gate_drops_until_the_gateway_stops(target: IpAddr) {
         gateway.log_text()
     );
     assert!(
-        !cleanup.pin_dir().exists(),
-        "a clean stop unpins everything"
+        gateway
+            .log_text()
+            .contains("gate left attached and dropping"),
+        "the stop says what it left:\n{}",
+        gateway.log_text()
+    );
+    assert_burst_dropped(&bed, &sinks, &cleanup, "after SIGTERM");
+    assert!(xdp_attached(&bed.fw, iface::FW_OUTSIDE).unwrap());
+    // The internal side's tc program stays too: inside UDP to the external address is dropped.
+    let inside_sink = bed
+        .fw
+        .udp_socket(
+            &SocketAddr::new(target, 7100).to_string(),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+    let inside_to_external = |count: usize| {
+        bed.client
+            .run(move || {
+                let any = if target.is_ipv4() {
+                    "0.0.0.0:0"
+                } else {
+                    "[::]:0"
+                };
+                let socket = UdpSocket::bind(any).unwrap();
+                for _ in 0..count {
+                    socket.send_to(b"from inside", (target, 7100)).unwrap();
+                }
+            })
+            .unwrap();
+    };
+    let inside_drops = || {
+        pinned_count(
+            &cleanup,
+            gateway_common::DropReason::InsideToExternalAddress,
+        )
+    };
+    let before = inside_drops();
+    inside_to_external(10);
+    assert!(
+        wait_until(Duration::from_secs(5), || inside_drops() >= before + 10),
+        "after SIGTERM the internal side still drops and counts UDP to external addresses"
+    );
+    assert_eq!(
+        drain(
+            std::slice::from_ref(&inside_sink),
+            0,
+            Duration::from_millis(100)
+        ),
+        0,
+        "none of it reaches a socket"
+    );
+
+    let said = detach(&bed.fw, &instance).unwrap();
+    println!("{target}: gateway detach said:\n{said}");
+    assert!(!cleanup.pin_dir().exists(), "detach removes every pin");
+    assert!(
+        !xdp_attached(&bed.fw, iface::FW_OUTSIDE).unwrap(),
+        "no XDP program stays attached"
+    );
+    inside_to_external(10);
+    assert_eq!(
+        drain(
+            std::slice::from_ref(&inside_sink),
+            10,
+            Duration::from_secs(5)
+        ),
+        10,
+        "no tc program stays attached: inside UDP to the external address arrives"
     );
     send_from_server(&bed, target);
     let received = drain(&sinks, DATAGRAMS, Duration::from_secs(5));
-    println!("{target}: gateway stopped: received {received}");
+    println!("{target}: gate detached: received {received}");
     assert_eq!(
         received, DATAGRAMS,
         "without the gate the same datagrams arrive"
@@ -112,13 +205,13 @@ fn gate_drops_until_the_gateway_stops(target: IpAddr) {
 }
 
 #[test]
-fn ipv4_unsolicited_udp_is_dropped_until_the_gateway_stops() {
-    gate_drops_until_the_gateway_stops(addr::FW_OUTSIDE_V4.into());
+fn ipv4_unsolicited_udp_is_dropped_until_the_gate_is_detached() {
+    gate_drops_until_it_is_detached(addr::FW_OUTSIDE_V4.into());
 }
 
 #[test]
-fn ipv6_unsolicited_udp_is_dropped_until_the_gateway_stops() {
-    gate_drops_until_the_gateway_stops(addr::FW_OUTSIDE_V6.into());
+fn ipv6_unsolicited_udp_is_dropped_until_the_gate_is_detached() {
+    gate_drops_until_it_is_detached(addr::FW_OUTSIDE_V6.into());
 }
 
 #[test]
@@ -131,7 +224,6 @@ fn sigkill_leaves_the_gate_closed_and_a_new_daemon_takes_over() {
     let target: IpAddr = addr::FW_OUTSIDE_V4.into();
     let sinks = bind_sinks(&bed, target);
     let mut first = GatewayDaemon::start(&bed.fw, &instance, &TESTBED_ARGS).unwrap();
-    let before = no_binding_drops(&bed, &instance);
     first.kill();
 
     // No daemon: the CLI says so and fails, but the pinned gate still drops and counts.
@@ -142,19 +234,7 @@ fn sigkill_leaves_the_gate_closed_and_a_new_daemon_takes_over() {
         "stats explains: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    send_from_server(&bed, target);
-    assert_eq!(
-        drain(&sinks, 0, Duration::from_millis(500)),
-        0,
-        "fails closed"
-    );
-    let counted = gateway::stats::read_exit_counters(&cleanup.pin_dir()).unwrap();
-    let dropped = counted
-        .iter()
-        .find(|total| total.reason == gateway_common::DropReason::NoBinding)
-        .unwrap()
-        .packets;
-    assert_eq!(dropped - before, DATAGRAMS as u64);
+    assert_burst_dropped(&bed, &sinks, &cleanup, "after SIGKILL");
 
     // A new daemon takes over without manual cleanup, and keeps dropping.
     let mut second = GatewayDaemon::start(&bed.fw, &instance, &TESTBED_ARGS).unwrap();
@@ -163,17 +243,14 @@ fn sigkill_leaves_the_gate_closed_and_a_new_daemon_takes_over() {
         "takeover is logged:\n{}",
         second.log_text()
     );
-    let before = no_binding_drops(&bed, &instance);
-    send_from_server(&bed, target);
-    assert_eq!(drain(&sinks, 0, Duration::from_millis(500)), 0);
-    assert_eq!(no_binding_drops(&bed, &instance) - before, DATAGRAMS as u64);
+    assert_burst_dropped(&bed, &sinks, &cleanup, "after the takeover");
 
     assert!(second.stop());
-    send_from_server(&bed, target);
-    assert_eq!(
-        drain(&sinks, DATAGRAMS, Duration::from_secs(5)),
-        DATAGRAMS,
-        "after a clean stop of the new daemon the gate is gone"
+    assert_burst_dropped(
+        &bed,
+        &sinks,
+        &cleanup,
+        "after a clean stop of the new daemon",
     );
 }
 
@@ -237,7 +314,13 @@ fn operator_allow_list_admits_exactly_one_host_flow() {
             (10, 20)
         })
         .unwrap();
-    let received = drain(&sinks, allowed, Duration::from_millis(500));
+    let received = drain(&sinks, allowed, Duration::from_secs(5));
+    assert!(
+        wait_until(Duration::from_secs(5), || no_binding_drops(&bed, &instance)
+            >= other_port),
+        "the other flows are counted"
+    );
+    let received = received + drain(&sinks, 0, Duration::from_millis(100));
     let stats = stats_json(&bed.fw, &instance).unwrap();
     assert_eq!(received, allowed, "only the allow-listed flow arrives");
     assert_eq!(reason_packets(&stats, "host_allow_listed"), allowed as u64);
@@ -279,12 +362,7 @@ fn detach_removes_what_a_dead_daemon_left() {
     );
 
     gateway.kill();
-    send_from_server(&bed, target);
-    assert_eq!(
-        drain(&sinks, 0, Duration::from_millis(300)),
-        0,
-        "the gate outlives the daemon"
-    );
+    assert_burst_dropped(&bed, &sinks, &cleanup, "the gate outlives the daemon");
 
     let out = gateway_cli(&bed.fw, &["detach", "--instance", &instance]).unwrap();
     let said = String::from_utf8_lossy(&out.stdout);

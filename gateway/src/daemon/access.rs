@@ -91,7 +91,12 @@ pub fn forbidden_remotes(policy: &Policy) -> Vec<binding::IpNet> {
             .iter()
             .filter_map(|net| binding::IpNet::new(net.addr(), net.prefix_len())),
     );
-    forbidden.extend(policy.own_addresses.iter().map(|ip| binding::IpNet::host(*ip)));
+    forbidden.extend(
+        policy
+            .own_addresses
+            .iter()
+            .map(|ip| binding::IpNet::host(*ip)),
+    );
     forbidden.extend(
         [
             binding::IpNet::new(IpAddr::V4(Ipv4Addr::new(169, 254, 0, 0)), 16),

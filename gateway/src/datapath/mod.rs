@@ -28,9 +28,8 @@ use aya::{
 };
 use gateway_common::{
     Addr16, BindingKey, BindingValue, ControlPortKey, DEFAULT_FAIL_CLOSED_AFTER_NS,
-    DEFAULT_MAX_BINDINGS,
-    DatapathSettings, HostAllowKey, HostAllowValue, OutboundKey, OutboundValue, TC_INBOUND_PROGRAM,
-    TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, map_names,
+    DEFAULT_MAX_BINDINGS, DatapathSettings, HostAllowKey, HostAllowValue, OutboundKey,
+    OutboundValue, TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, map_names,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -450,10 +449,12 @@ fn fill_control_ports(ebpf: &mut Ebpf, listeners: &[SocketAddr]) -> Result<(), D
             port_be: listener.port().to_be(),
             padding: 0,
         };
-        ports.insert(key, 0, 0).map_err(|source| DatapathError::Map {
-            what: format!("add control listener {listener}"),
-            source,
-        })?;
+        ports
+            .insert(key, 0, 0)
+            .map_err(|source| DatapathError::Map {
+                what: format!("add control listener {listener}"),
+                source,
+            })?;
     }
     Ok(())
 }

@@ -37,7 +37,10 @@ impl Access {
     /// Whether a session authenticated as `user` (`None`: anonymous) may go on.
     pub fn admits_user(&self, user: Option<&str>) -> bool {
         match user {
-            Some(name) => self.users.as_ref().is_some_and(|users| users.contains(name)),
+            Some(name) => self
+                .users
+                .as_ref()
+                .is_some_and(|users| users.contains(name)),
             None => self.allow_anonymous,
         }
     }

@@ -27,8 +27,14 @@ pub async fn within_for<T>(what: &str, limit: Duration, f: impl Future<Output = 
 }
 
 /// Polls `condition` until it holds, for at most [`IO_TIMEOUT`].
-pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    within(what, async {
+pub async fn eventually(what: &str, condition: impl FnMut() -> bool) {
+    eventually_for(what, IO_TIMEOUT, condition).await;
+}
+
+/// Polls `condition` until it holds, for at most `limit` (for waits longer than [`IO_TIMEOUT`],
+/// such as an expiry), then panics naming `what`.
+pub async fn eventually_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    within_for(what, limit, async {
         while !condition() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -1,0 +1,590 @@
+//! No way in, as an attacker would try it in the test bed: the control port from outside (the
+//! weak-host model routes TCP for internal addresses in from the external side), a restart that
+//! fails, a stop, signals during start-up, and reloads while a stream flows. Root only.
+
+use std::{
+    fs::File,
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use std::os::unix::fs::OpenOptionsExt as _;
+
+use gateway::client::{Client, Family};
+use gateway_common::DropReason;
+use integration_tests::{
+    Netns, Testbed, addr,
+    gateway::{
+        GatewayDaemon, InstanceCleanup, TESTBED_ARGS, detach, passwd_line, start_expecting_failure,
+        start_in_fw, unique_instance,
+    },
+    iface,
+    traffic::{self, drain},
+    wait_until,
+};
+use nix::{
+    sched::{CloneFlags, setns},
+    sys::signal::Signal,
+};
+
+/// Bound on waiting for something that must happen.
+const WAIT: Duration = Duration::from_secs(10);
+const BURST: usize = 100;
+const SINK_PORTS: [u16; 4] = [7201, 7202, 7203, 7204];
+
+fn pinned(cleanup: &InstanceCleanup, reason: DropReason) -> u64 {
+    gateway::stats::read_exit_counters(&cleanup.pin_dir())
+        .map(|totals| {
+            totals
+                .iter()
+                .find(|total| total.reason == reason)
+                .map_or(0, |total| total.packets)
+        })
+        .unwrap_or(0)
+}
+
+/// Sends `BURST` unsolicited datagrams from `server` to sockets on the external address, waits
+/// until the gate has counted them and returns how many reached a socket.
+fn unsolicited_burst(bed: &Testbed, cleanup: &InstanceCleanup, sinks: &[UdpSocket]) -> usize {
+    let before = pinned(cleanup, DropReason::NoBinding);
+    traffic::send_udp(
+        &bed.server,
+        addr::FW_OUTSIDE_V4.into(),
+        &SINK_PORTS,
+        BURST,
+        b"unsolicited",
+    )
+    .unwrap();
+    let counted = wait_until(WAIT, || {
+        pinned(cleanup, DropReason::NoBinding) >= before + BURST as u64
+    });
+    // Counted or not, whatever arrived is the answer; the count explains a failure.
+    let arrived = drain(sinks, 0, Duration::from_millis(100));
+    assert!(
+        counted || arrived > 0,
+        "the burst was neither counted as no_binding nor delivered"
+    );
+    arrived
+}
+
+fn external_sinks(bed: &Testbed) -> Vec<UdpSocket> {
+    traffic::bind_sinks(&bed.fw, addr::FW_OUTSIDE_V4.into(), &SINK_PORTS).unwrap()
+}
+
+/// Sends a SOCKS5 greeting (no authentication) and returns the method selection, or `None`
+/// when no SOCKS reply comes (no connection, closed, or silence).
+fn greeting_reply(ns: &Netns, proxy: SocketAddr) -> Option<[u8; 2]> {
+    ns.run(move || {
+        let mut stream = TcpStream::connect_timeout(&proxy, Duration::from_secs(2)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        stream.write_all(&[5, 1, 0]).ok()?;
+        let mut reply = [0u8; 2];
+        stream.read_exact(&mut reply).ok()?;
+        Some(reply)
+    })
+    .unwrap()
+}
+
+#[test]
+fn the_control_port_answers_only_from_inside() {
+    let bed = Testbed::new().unwrap();
+    let (gateway, cleanup) = start_in_fw(&bed, &[]).unwrap();
+    let inside_v4 = SocketAddr::new(addr::FW_INSIDE_V4.into(), 1080);
+    let inside_v6 = SocketAddr::new(addr::FW_INSIDE_V6.into(), 1080);
+
+    // The server side has a route to the internal prefix via fw's external address: the
+    // weak-host model would deliver its SYN to the listener.
+    for proxy in [inside_v4, inside_v6] {
+        let before = pinned(&cleanup, DropReason::ControlPortFromOutside);
+        assert_eq!(
+            greeting_reply(&bed.server, proxy),
+            None,
+            "{proxy}: no SOCKS reply to a host outside"
+        );
+        assert!(
+            wait_until(WAIT, || pinned(
+                &cleanup,
+                DropReason::ControlPortFromOutside
+            ) > before),
+            "{proxy}: the SYN from outside is dropped and counted as control_port_from_outside"
+        );
+        assert_eq!(
+            greeting_reply(&bed.client, proxy),
+            Some([5, 0]),
+            "{proxy}: a client inside still gets 05 00"
+        );
+    }
+    // The listeners are tied to the internal interface (`ss` shows ADDR%DEVICE), so a
+    // connection that arrives anywhere else finds no socket even without the gate.
+    let listening = integration_tests::run_checked(bed.fw.command("ss").args(["-Htln"])).unwrap();
+    let listening = String::from_utf8_lossy(&listening.stdout);
+    for proxy in [inside_v4, inside_v6] {
+        let tied = match proxy.ip() {
+            IpAddr::V4(ip) => format!("{ip}%{}:1080", iface::FW_INSIDE),
+            IpAddr::V6(ip) => format!("[{ip}]%{}:1080", iface::FW_INSIDE),
+        };
+        assert!(
+            listening.contains(&tied),
+            "{tied} in `ss -tln`:\n{listening}"
+        );
+    }
+    drop(gateway);
+}
+
+#[test]
+fn control_connections_only_from_permitted_client_networks() {
+    let bed = Testbed::new().unwrap();
+    let (mut gateway, cleanup) = start_in_fw(&bed, &["--allow-clients", "192.0.2.0/24"]).unwrap();
+    let proxy = SocketAddr::new(addr::FW_INSIDE_V4.into(), 1080);
+    assert_eq!(
+        greeting_reply(&bed.client, proxy),
+        None,
+        "a client outside the permitted networks gets no SOCKS reply"
+    );
+    assert!(
+        gateway.wait_for_log("outside the permitted client networks", 1, WAIT),
+        "the refusal is logged:\n{}",
+        gateway.log_text()
+    );
+    assert!(gateway.stop());
+    detach(&bed.fw, &gateway.instance).unwrap();
+    drop(cleanup);
+
+    // The default: the internal interface's networks.
+    let (_gateway, _cleanup) = start_in_fw(&bed, &[]).unwrap();
+    assert_eq!(greeting_reply(&bed.client, proxy), Some([5, 0]));
+}
+
+/// A confirmed enhanced-mode binding held by a client in `client`, counting what reaches its
+/// socket, until it is told to stop.
+struct LiveBinding {
+    external: SocketAddr,
+    received: Arc<AtomicUsize>,
+    session_closed: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LiveBinding {
+    fn start(bed: &Testbed, credentials: Option<(&str, &str)>, remote: SocketAddr) -> Self {
+        let path: PathBuf = bed.client.path();
+        let credentials = credentials.map(|(u, p)| (u.to_owned(), p.to_owned()));
+        let received = Arc::new(AtomicUsize::new(0));
+        let session_closed = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = {
+            let (received, closed, stop) = (
+                Arc::clone(&received),
+                Arc::clone(&session_closed),
+                Arc::clone(&stop),
+            );
+            std::thread::spawn(move || {
+                setns(File::open(&path).unwrap(), CloneFlags::CLONE_NEWNET).unwrap();
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let proxy = SocketAddr::new(addr::FW_INSIDE_V4.into(), 1080);
+                    let session = Client::connect(proxy, credentials)
+                        .await
+                        .unwrap()
+                        .enhanced()
+                        .await
+                        .unwrap();
+                    let binding = session.udp_socket(Family::V4).await.unwrap();
+                    let relay = binding.bind().await.unwrap();
+                    binding.connect(remote).await.unwrap();
+                    ready_tx.send(relay.external).unwrap();
+                    let mut buf = vec![0u8; 2048];
+                    while !stop.load(Ordering::Relaxed) {
+                        tokio::select! {
+                            got = tokio::time::timeout(
+                                Duration::from_millis(50),
+                                binding.socket().recv(&mut buf),
+                            ) => {
+                                if matches!(got, Ok(Ok(_))) {
+                                    received.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            () = session.closed(), if !closed.load(Ordering::Relaxed) => {
+                                closed.store(true, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                });
+            })
+        };
+        let external = ready_rx
+            .recv_timeout(WAIT)
+            .expect("the binding is confirmed");
+        Self {
+            external,
+            received,
+            session_closed,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn received(&self) -> usize {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    fn session_closed(&self) -> bool {
+        self.session_closed.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for LiveBinding {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The media source in `server`.
+fn source(bed: &Testbed) -> UdpSocket {
+    bed.server
+        .udp_socket("203.0.113.2:6000", Duration::from_secs(2))
+        .unwrap()
+}
+
+fn send_stream(socket: &UdpSocket, to: SocketAddr, count: usize) {
+    for i in 0..count {
+        socket.send_to(format!("media {i}").as_bytes(), to).unwrap();
+    }
+}
+
+#[test]
+fn a_failed_restart_and_a_stop_keep_the_gate_closed_until_detach() {
+    let bed = Testbed::new().unwrap();
+    let sinks = external_sinks(&bed);
+    let instance = unique_instance();
+    let cleanup = InstanceCleanup {
+        instance: instance.clone(),
+    };
+    let mut first = GatewayDaemon::start(&bed.fw, &instance, &TESTBED_ARGS).unwrap();
+    first.kill();
+
+    // Someone holds the listen port: the next start fails, clearly, and opens nothing.
+    let squatter = bed
+        .fw
+        .run(|| TcpListener::bind((addr::FW_INSIDE_V4, 1080)).unwrap())
+        .unwrap();
+    let (status, log) = start_expecting_failure(&bed.fw, &instance, &TESTBED_ARGS).unwrap();
+    assert!(!status.success());
+    assert!(
+        log.contains("listen on 198.51.100.1:1080") && log.to_lowercase().contains("in use"),
+        "the failure names the address and the cause:\n{log}"
+    );
+    assert!(
+        log.contains("the gate stays attached and dropping"),
+        "the failure says the gate stays:\n{log}"
+    );
+    assert_eq!(
+        unsolicited_burst(&bed, &cleanup, &sinks),
+        0,
+        "after a failed restart no unsolicited datagram reaches a socket"
+    );
+    drop(squatter);
+
+    // A running daemon with a live binding; then SIGTERM.
+    let mut gateway = GatewayDaemon::start(&bed.fw, &instance, &TESTBED_ARGS).unwrap();
+    let source = source(&bed);
+    let live = LiveBinding::start(&bed, None, source.local_addr().unwrap());
+    send_stream(&source, live.external, 10);
+    assert!(
+        wait_until(WAIT, || live.received() >= 10),
+        "the live binding delivers ({} of 10)",
+        live.received()
+    );
+    assert!(gateway.stop(), "clean exit:\n{}", gateway.log_text());
+    assert!(
+        gateway.log_text().contains("the gate admits nothing now"),
+        "{}",
+        gateway.log_text()
+    );
+    assert_eq!(
+        unsolicited_burst(&bed, &cleanup, &sinks),
+        0,
+        "after SIGTERM no unsolicited datagram reaches a socket"
+    );
+    let before = pinned(&cleanup, DropReason::NoBinding);
+    let delivered = live.received();
+    send_stream(&source, live.external, BURST);
+    assert!(
+        wait_until(WAIT, || pinned(&cleanup, DropReason::NoBinding)
+            >= before + BURST as u64),
+        "the stopped binding's datagrams are dropped as no_binding"
+    );
+    assert_eq!(
+        live.received(),
+        delivered,
+        "a binding live before the stop admits nothing after it"
+    );
+    drop(live);
+
+    // Only `gateway detach` opens the firewall, and leaves nothing behind.
+    detach(&bed.fw, &instance).unwrap();
+    assert!(!cleanup.pin_dir().exists(), "no pins left");
+    assert!(
+        !integration_tests::gateway::xdp_attached(&bed.fw, iface::FW_OUTSIDE).unwrap(),
+        "no XDP program left"
+    );
+    traffic::send_udp(
+        &bed.server,
+        addr::FW_OUTSIDE_V4.into(),
+        &SINK_PORTS,
+        BURST,
+        b"after detach",
+    )
+    .unwrap();
+    assert_eq!(drain(&sinks, BURST, WAIT), BURST, "after detach all arrive");
+}
+
+/// A users file with `lines`, removed on drop.
+struct UsersFile(PathBuf);
+
+impl UsersFile {
+    fn write(&self, text: &str) {
+        // Write aside and rename, as an operator's editor would: the daemon never reads half.
+        let tmp = self.0.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.0).unwrap();
+    }
+}
+
+impl Drop for UsersFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn authenticates(bed: &Testbed, user: &str, password: &str) -> bool {
+    let (user, password) = (user.to_owned(), password.to_owned());
+    bed.client
+        .run(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(Client::connect(
+                    SocketAddr::new(addr::FW_INSIDE_V4.into(), 1080),
+                    Some((user, password)),
+                ))
+                .is_ok()
+        })
+        .unwrap()
+}
+
+#[test]
+fn sighup_reloads_users_and_keeps_live_streams() {
+    let bed = Testbed::new().unwrap();
+    let users =
+        UsersFile(std::env::temp_dir().join(format!("gateway-users-{}", unique_instance())));
+    let alice = passwd_line("alice", "alice-pw").unwrap();
+    let bob = passwd_line("bob", "bob-pw").unwrap();
+    let carol = passwd_line("carol", "carol-pw").unwrap();
+    users.write(&format!("{alice}{carol}"));
+    let args = [
+        "--external",
+        iface::FW_OUTSIDE,
+        "--internal",
+        iface::FW_INSIDE,
+        "--users",
+        users.0.to_str().unwrap(),
+    ];
+    let instance = unique_instance();
+    let _cleanup = InstanceCleanup {
+        instance: instance.clone(),
+    };
+    let mut gateway = GatewayDaemon::start(&bed.fw, &instance, &args).unwrap();
+    let pid = gateway.pid();
+    assert!(authenticates(&bed, "alice", "alice-pw"));
+    assert!(
+        !authenticates(&bed, "bob", "bob-pw"),
+        "bob is not a user yet"
+    );
+
+    // alice's stream flows while the users file gains bob and SIGHUP reloads it.
+    let source = source(&bed);
+    let stream = LiveBinding::start(
+        &bed,
+        Some(("alice", "alice-pw")),
+        source.local_addr().unwrap(),
+    );
+    let carols = LiveBinding::start(
+        &bed,
+        Some(("carol", "carol-pw")),
+        "203.0.113.2:6002".parse().unwrap(),
+    );
+    const STREAM: usize = 400;
+    let sender = {
+        let source = source.try_clone().unwrap();
+        let to = stream.external;
+        std::thread::spawn(move || {
+            for i in 0..STREAM {
+                source.send_to(format!("media {i}").as_bytes(), to).unwrap();
+                if i % 10 == 0 {
+                    // Paced, so the reload falls in the middle of the stream.
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        })
+    };
+    users.write(&format!("{alice}{bob}{carol}"));
+    gateway.signal(Signal::SIGHUP);
+    assert!(
+        gateway.wait_for_log("SIGHUP: users and policy reloaded", 1, WAIT),
+        "the reload is logged:\n{}",
+        gateway.log_text()
+    );
+    sender.join().unwrap();
+    assert!(
+        wait_until(WAIT, || stream.received() >= STREAM),
+        "the live stream lost packets across the reload: {} of {STREAM}",
+        stream.received()
+    );
+    assert!(gateway.is_running() && gateway.pid() == pid, "same process");
+    assert!(
+        authenticates(&bed, "bob", "bob-pw"),
+        "the new user authenticates"
+    );
+    assert!(!stream.session_closed() && !carols.session_closed());
+
+    // A broken file is refused; the users in force stay.
+    users.write("this line is not NAME:HASH\n");
+    gateway.signal(Signal::SIGHUP);
+    assert!(
+        gateway.wait_for_log("reload refused", 1, WAIT),
+        "the refusal is logged:\n{}",
+        gateway.log_text()
+    );
+    assert!(
+        authenticates(&bed, "alice", "alice-pw"),
+        "old users still work"
+    );
+    assert!(authenticates(&bed, "bob", "bob-pw"));
+
+    // A file without carol ends carol's session, and only hers.
+    users.write(&format!("{alice}{bob}"));
+    gateway.signal(Signal::SIGHUP);
+    assert!(gateway.wait_for_log("SIGHUP: users and policy reloaded", 2, WAIT));
+    assert!(
+        wait_until(WAIT, || carols.session_closed()),
+        "a removed user's live session ends"
+    );
+    assert!(!stream.session_closed(), "other sessions stay");
+    assert!(!authenticates(&bed, "carol", "carol-pw"));
+    assert!(gateway.is_running() && gateway.pid() == pid);
+}
+
+/// Makes a FIFO at `path` (the daemon reads its configuration file through it, so the test
+/// decides when each read completes).
+fn mkfifo(path: &std::path::Path) {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+}
+
+#[test]
+fn sigterm_during_start_up_leaves_the_gate_closed() {
+    let bed = Testbed::new().unwrap();
+    let sinks = external_sinks(&bed);
+    let instance = unique_instance();
+    let cleanup = InstanceCleanup {
+        instance: instance.clone(),
+    };
+    // A gate left by a killed daemon.
+    let mut first = GatewayDaemon::start(&bed.fw, &instance, &TESTBED_ARGS).unwrap();
+    first.kill();
+
+    let dir = std::env::temp_dir().join(format!("gateway-fifo-{instance}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("config.toml");
+    mkfifo(&fifo);
+    let config = format!(
+        "external = \"{}\"\ninternal = \"{}\"\nallow_anonymous = true\n",
+        iface::FW_OUTSIDE,
+        iface::FW_INSIDE
+    );
+    // The daemon reads its configuration once for its settings and once more, after its signal
+    // handlers are installed, for users and policy: the second read is held until SIGTERM is in.
+    let log = std::env::temp_dir().join(format!("gateway-{instance}-startup.log"));
+    let log_file = File::create(&log).unwrap();
+    let mut daemon = integration_tests::ChildGuard::spawn(
+        bed.fw
+            .command(integration_tests::gateway::gateway_bin())
+            .args(["run", "--instance", &instance, "--config"])
+            .arg(&fifo)
+            .env("GATEWAY_LOG", "info")
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file),
+        "gateway daemon",
+    )
+    .unwrap();
+    // Bounded: a non-blocking open fails until the daemon opens its end.
+    let feed = |text: &str| {
+        let mut writer = None;
+        assert!(
+            wait_until(WAIT, || {
+                writer = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&fifo)
+                    .ok();
+                writer.is_some()
+            }),
+            "the daemon never opened its configuration file"
+        );
+        writer.unwrap().write_all(text.as_bytes()).unwrap();
+    };
+    feed(&config);
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        wait_until(WAIT, || read_log().contains("gateway starting")),
+        "the daemon starts:\n{}",
+        read_log()
+    );
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.pid()), Signal::SIGTERM).unwrap();
+    feed(&config);
+    let mut status = None;
+    assert!(
+        wait_until(WAIT, || {
+            status = daemon.child_mut().and_then(|c| c.try_wait().ok().flatten());
+            status.is_some()
+        }),
+        "the daemon exits on a SIGTERM during start-up:\n{}",
+        read_log()
+    );
+    let text = read_log();
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&log);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "a requested stop is a clean exit:\n{text}"
+    );
+    assert!(
+        text.contains("stop requested during start-up"),
+        "a clear log line:\n{text}"
+    );
+    assert!(
+        !text.contains("gateway running"),
+        "it never served:\n{text}"
+    );
+    assert_eq!(
+        unsolicited_burst(&bed, &cleanup, &sinks),
+        0,
+        "the gate stays closed"
+    );
+}
