@@ -315,24 +315,21 @@ async fn serve(
         )));
     }
 
-    let signal = match signals.stop_pending() {
-        Some(signal) => {
-            info!(signal, "stop requested during start-up; not serving");
-            signal
-        }
-        None => {
-            info!(
-                instance = instance.name(),
-                external = %args.external,
-                internal = %args.internal,
-                pid = std::process::id(),
-                "gateway running"
-            );
-            loop {
-                match signals.next().await {
-                    Event::Stop(signal) => break signal,
-                    Event::Reload => reload(&args.access, &services),
-                }
+    let signal = if let Some(signal) = signals.stop_pending() {
+        info!(signal, "stop requested during start-up; not serving");
+        signal
+    } else {
+        info!(
+            instance = instance.name(),
+            external = %args.external,
+            internal = %args.internal,
+            pid = std::process::id(),
+            "gateway running"
+        );
+        loop {
+            match signals.next().await {
+                Event::Stop(signal) => break signal,
+                Event::Reload => reload(&args.access, &services),
             }
         }
     };

@@ -65,6 +65,25 @@ pub fn primary(addresses: &[InterfaceAddress]) -> (Option<Ipv4Addr>, Option<Ipv6
     (v4, v6)
 }
 
+/// Ties a socket to `device` (`SO_BINDTODEVICE`) when one is given: it then receives only what
+/// arrived on that interface and sends only through it, whatever the weak-host model would do.
+pub fn tie_to_device(socket: &impl std::os::fd::AsFd, device: Option<&str>) -> std::io::Result<()> {
+    let Some(device) = device else {
+        return Ok(());
+    };
+    nix::sys::socket::setsockopt(
+        socket,
+        nix::sys::socket::sockopt::BindToDevice,
+        &std::ffi::OsString::from(device),
+    )
+    .map_err(|errno| {
+        std::io::Error::new(
+            std::io::Error::from(errno).kind(),
+            format!("tie a socket to {device} (SO_BINDTODEVICE): {errno}"),
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,23 +125,4 @@ mod tests {
             )
         );
     }
-}
-
-/// Ties a socket to `device` (`SO_BINDTODEVICE`) when one is given: it then receives only what
-/// arrived on that interface and sends only through it, whatever the weak-host model would do.
-pub fn tie_to_device(socket: &impl std::os::fd::AsFd, device: Option<&str>) -> std::io::Result<()> {
-    let Some(device) = device else {
-        return Ok(());
-    };
-    nix::sys::socket::setsockopt(
-        socket,
-        nix::sys::socket::sockopt::BindToDevice,
-        &std::ffi::OsString::from(device),
-    )
-    .map_err(|errno| {
-        std::io::Error::new(
-            std::io::Error::from(errno).kind(),
-            format!("tie a socket to {device} (SO_BINDTODEVICE): {errno}"),
-        )
-    })
 }

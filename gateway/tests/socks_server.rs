@@ -498,7 +498,7 @@ async fn connect_to_a_denied_address_gets_02() {
     }
     // A denied network (operator rule) with loopback otherwise allowed.
     let gateway = Gateway::start(|services| {
-        services.access.get_mut().policy.deny = vec!["127.0.0.0/24".parse().unwrap()]
+        services.access.get_mut().policy.deny = vec!["127.0.0.0/24".parse().unwrap()];
     })
     .await;
     let mut stream = connect_anonymous(&gateway).await;

@@ -41,14 +41,12 @@ const BURST: usize = 100;
 const SINK_PORTS: [u16; 4] = [7201, 7202, 7203, 7204];
 
 fn pinned(cleanup: &InstanceCleanup, reason: DropReason) -> u64 {
-    gateway::stats::read_exit_counters(&cleanup.pin_dir())
-        .map(|totals| {
-            totals
-                .iter()
-                .find(|total| total.reason == reason)
-                .map_or(0, |total| total.packets)
-        })
-        .unwrap_or(0)
+    gateway::stats::read_exit_counters(&cleanup.pin_dir()).map_or(0, |totals| {
+        totals
+            .iter()
+            .find(|total| total.reason == reason)
+            .map_or(0, |total| total.packets)
+    })
 }
 
 /// Sends `BURST` unsolicited datagrams from `server` to sockets on the external address, waits
@@ -389,6 +387,9 @@ fn authenticates(bed: &Testbed, user: &str, password: &str) -> bool {
         .unwrap()
 }
 
+/// Datagrams of the stream that flows across the reload.
+const STREAM: usize = 400;
+
 #[test]
 fn sighup_reloads_users_and_keeps_live_streams() {
     let bed = Testbed::new().unwrap();
@@ -430,7 +431,6 @@ fn sighup_reloads_users_and_keeps_live_streams() {
         Some(("carol", "carol-pw")),
         "203.0.113.2:6002".parse().unwrap(),
     );
-    const STREAM: usize = 400;
     let sender = {
         let source = source.try_clone().unwrap();
         let to = stream.external;

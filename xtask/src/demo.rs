@@ -128,7 +128,20 @@ fn demo(work: &Path) -> Result<()> {
         .stderr(Stdio::piped());
     println!("demo: client: gateway rtsp-get {URL} --proxy {PROXY}");
     let child = player.spawn().context("start gateway rtsp-get")?;
-    std::thread::sleep(Duration::from_millis(1500));
+    // Mid-stream: once both bindings of the RTP pair are confirmed.
+    let confirmed = || {
+        gateway_cli(&bed.fw, &["bindings", "--instance", &instance, "--json"])
+            .ok()
+            .and_then(|out| serde_json::from_slice::<serde_json::Value>(&out.stdout).ok())
+            .is_some_and(|doc| {
+                doc["enhanced_bindings"]
+                    .as_array()
+                    .is_some_and(|b| b.iter().any(|b| b["state"] == "confirmed"))
+            })
+    };
+    if !wait_until(Duration::from_secs(10), confirmed) {
+        println!("demo: no confirmed binding seen within 10 s");
+    }
     let mid_stream = gateway_cli(&bed.fw, &["bindings", "--instance", &instance])?;
     let finished = child
         .wait_with_output()
@@ -170,7 +183,12 @@ fn demo(work: &Path) -> Result<()> {
         JUNK,
         b"unsolicited",
     )?;
-    std::thread::sleep(Duration::from_millis(200));
+    let junk_counted = || {
+        stats_json(&bed.fw, &instance).is_ok_and(|stats| {
+            reason_packets(&stats, "no_binding") - sinkless_before >= JUNK as u64
+        })
+    };
+    wait_until(Duration::from_secs(10), junk_counted);
     let stats = stats_json(&bed.fw, &instance)?;
     let junk_dropped = reason_packets(&stats, "no_binding") - sinkless_before;
     println!("\n== 4. per-reason counters (gateway stats) ==");
@@ -203,7 +221,10 @@ fn demo(work: &Path) -> Result<()> {
     if !gateway.stop() {
         bail!("the gateway did not stop cleanly:\n{}", gateway.log_text());
     }
-    println!("\ndemo: gateway stopped, pins removed, testbed torn down");
+    println!("\ndemo: gateway stopped; its gate stays attached and dropping until detached");
+    integration_tests::gateway::detach(&bed.fw, &gateway.instance)
+        .context("gateway detach after the demo")?;
+    println!("demo: `gateway detach` removed the gate and its pins; testbed torn down");
     let junk_ok = u64::try_from(JUNK).is_ok_and(|junk| junk_dropped == junk);
     if !exact || relayed == 0 || !junk_ok {
         bail!(

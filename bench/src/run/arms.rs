@@ -74,6 +74,8 @@ pub struct ArmGuard {
     // Field order is drop order: the daemon stops before its pins are removed.
     pub gateway: Option<GatewayDaemon>,
     pub cleanup: Option<InstanceCleanup>,
+    /// Where the gateway runs, for `gateway detach` after its stop.
+    gateway_ns: Option<PathBuf>,
     dante: Option<Dante>,
     forwarding_ns: Option<PathBuf>,
 }
@@ -84,6 +86,7 @@ impl ArmGuard {
         let mut guard = Self {
             gateway: None,
             cleanup: None,
+            gateway_ns: None,
             dante: None,
             forwarding_ns: None,
         };
@@ -110,6 +113,7 @@ impl ArmGuard {
                 // Extra gateway flags for experiments, e.g. BENCH_GATEWAY_ARGS="--xdp-mode generic".
                 let from_env = std::env::var("BENCH_GATEWAY_ARGS").unwrap_or_default();
                 args.extend(from_env.split_whitespace());
+                guard.gateway_ns = Some(env.bed.fw.path());
                 guard.gateway = Some(GatewayDaemon::start(&env.bed.fw, &instance, &args)?);
             }
             Arm::Dante => guard.dante = Some(Dante::start(env)?),
@@ -132,13 +136,28 @@ impl ArmGuard {
 
 impl Drop for ArmGuard {
     fn drop(&mut self) {
-        if let Some(mut gateway) = self.gateway.take()
-            && !gateway.stop()
-        {
-            eprintln!(
-                "bench: the gateway did not stop cleanly:\n{}",
-                gateway.log_text()
-            );
+        if let Some(mut gateway) = self.gateway.take() {
+            if !gateway.stop() {
+                eprintln!(
+                    "bench: the gateway did not stop cleanly:\n{}",
+                    gateway.log_text()
+                );
+            }
+            // A stopped gateway leaves its gate dropping: the next arm needs it gone.
+            if let Some(ns) = &self.gateway_ns {
+                let detached = Command::new("nsenter")
+                    .arg(format!("--net={}", ns.display()))
+                    .arg(integration_tests::gateway::gateway_bin())
+                    .args(["detach", "--instance", &gateway.instance])
+                    .stdout(Stdio::null())
+                    .status();
+                if !detached.is_ok_and(|status| status.success()) {
+                    eprintln!(
+                        "bench: gateway detach --instance {} failed",
+                        gateway.instance
+                    );
+                }
+            }
         }
         self.cleanup.take();
         self.dante.take();
