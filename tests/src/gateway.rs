@@ -70,10 +70,28 @@ impl GatewayDaemon {
     /// Starts `gateway run --instance INSTANCE ARGS...` in `ns` and waits until it reports that it
     /// runs (the gate is attached; the maps are pinned earlier than that).
     pub fn start(ns: &Netns, instance: &str, args: &[&str]) -> Result<Self> {
+        Self::start_with_prefix(ns, instance, &[], args)
+    }
+
+    /// [`GatewayDaemon::start`] under a wrapper command (`prefix`, e.g. `prlimit ... --`), which
+    /// must exec the gateway so the pid is the daemon's.
+    pub fn start_with_prefix(
+        ns: &Netns,
+        instance: &str,
+        prefix: &[&str],
+        args: &[&str],
+    ) -> Result<Self> {
         let log = std::env::temp_dir().join(format!("gateway-{instance}-{}.log", unique_suffix()));
         let log_file =
             fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let mut cmd = ns.command(gateway_bin());
+        let mut cmd = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = ns.command(program);
+                cmd.args(rest).arg(gateway_bin());
+                cmd
+            }
+            None => ns.command(gateway_bin()),
+        };
         cmd.args(["run", "--instance", instance])
             .args(args)
             .env("GATEWAY_LOG", "info")

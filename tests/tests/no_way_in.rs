@@ -352,10 +352,10 @@ fn a_failed_restart_and_a_stop_keep_the_gate_closed_until_detach() {
     assert_eq!(drain(&sinks, BURST, WAIT), BURST, "after detach all arrive");
 }
 
-/// A users file with `lines`, removed on drop.
-struct UsersFile(PathBuf);
+/// A file the test edits while the daemon runs (users, configuration), removed on drop.
+struct EditedFile(PathBuf);
 
-impl UsersFile {
+impl EditedFile {
     fn write(&self, text: &str) {
         // Write aside and rename, as an operator's editor would: the daemon never reads half.
         let tmp = self.0.with_extension("tmp");
@@ -364,7 +364,7 @@ impl UsersFile {
     }
 }
 
-impl Drop for UsersFile {
+impl Drop for EditedFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
@@ -394,7 +394,7 @@ const STREAM: usize = 400;
 fn sighup_reloads_users_and_keeps_live_streams() {
     let bed = Testbed::new().unwrap();
     let users =
-        UsersFile(std::env::temp_dir().join(format!("gateway-users-{}", unique_instance())));
+        EditedFile(std::env::temp_dir().join(format!("gateway-users-{}", unique_instance())));
     let alice = passwd_line("alice", "alice-pw").unwrap();
     let bob = passwd_line("bob", "bob-pw").unwrap();
     let carol = passwd_line("carol", "carol-pw").unwrap();
@@ -587,4 +587,275 @@ fn sigterm_during_start_up_leaves_the_gate_closed() {
         0,
         "the gate stays closed"
     );
+}
+
+#[test]
+fn remove_gate_on_exit_opens_the_firewall_only_when_asked() {
+    let bed = Testbed::new().unwrap();
+    let sinks = external_sinks(&bed);
+    let (mut gateway, cleanup) = start_in_fw(&bed, &["--remove-gate-on-exit"]).unwrap();
+    assert_eq!(unsolicited_burst(&bed, &cleanup, &sinks), 0);
+    assert!(gateway.stop());
+    assert!(
+        gateway.log_text().contains("the gate is open"),
+        "{}",
+        gateway.log_text()
+    );
+    assert!(!cleanup.pin_dir().exists(), "nothing left pinned");
+    traffic::send_udp(
+        &bed.server,
+        addr::FW_OUTSIDE_V4.into(),
+        &SINK_PORTS,
+        BURST,
+        b"gate removed",
+    )
+    .unwrap();
+    assert_eq!(drain(&sinks, BURST, WAIT), BURST);
+}
+
+/// The reply code of a SOCKS5 CONNECT to `target` by an anonymous client in `client`; `None`
+/// when the gateway gives no SOCKS answer.
+fn connect_reply(bed: &Testbed, target: SocketAddr) -> Option<u8> {
+    let SocketAddr::V4(target) = target else {
+        panic!("IPv4 targets only");
+    };
+    bed.client
+        .run(move || {
+            let proxy = SocketAddr::new(addr::FW_INSIDE_V4.into(), 1080);
+            let mut stream = TcpStream::connect_timeout(&proxy, Duration::from_secs(2)).ok()?;
+            stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            stream.write_all(&[5, 1, 0]).ok()?;
+            let mut selection = [0u8; 2];
+            stream.read_exact(&mut selection).ok()?;
+            let mut request = vec![5, 1, 0, 1];
+            request.extend_from_slice(&target.ip().octets());
+            request.extend_from_slice(&target.port().to_be_bytes());
+            stream.write_all(&request).ok()?;
+            let mut reply = [0u8; 2];
+            stream.read_exact(&mut reply).ok()?;
+            Some(reply[1])
+        })
+        .unwrap()
+}
+
+#[test]
+fn sighup_reloads_the_policy_from_the_config_file() {
+    let bed = Testbed::new().unwrap();
+    let dir = std::env::temp_dir().join(format!("gateway-policy-{}", unique_instance()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = EditedFile(dir.join("gateway.toml"));
+    let base = format!(
+        "external = \"{}\"\ninternal = \"{}\"\nallow_anonymous = true\n",
+        iface::FW_OUTSIDE,
+        iface::FW_INSIDE
+    );
+    config.write(&base);
+    let (gateway, _cleanup) = start_in_fw(&bed, &["--config", config.0.to_str().unwrap()]).unwrap();
+    let server: SocketAddr = "203.0.113.2:9".parse().unwrap();
+    let before = connect_reply(&bed, server);
+    assert!(
+        before.is_some_and(|code| code != 2),
+        "allowed before the reload (nothing listens there: {before:?})"
+    );
+    let source = source(&bed);
+    let live = LiveBinding::start(&bed, None, source.local_addr().unwrap());
+
+    // deny: CONNECT and enhanced-mode REMOTEs in the network are refused from now on.
+    config.write(&format!("{base}deny = [\"203.0.113.0/24\"]\n"));
+    gateway.signal(Signal::SIGHUP);
+    assert!(gateway.wait_for_log("SIGHUP: users and policy reloaded", 1, WAIT));
+    assert_eq!(
+        connect_reply(&bed, server),
+        Some(2),
+        "denied after the reload"
+    );
+    let refused = bed
+        .client
+        .run(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    let proxy = SocketAddr::new(addr::FW_INSIDE_V4.into(), 1080);
+                    let session = Client::connect(proxy, None)
+                        .await
+                        .unwrap()
+                        .enhanced()
+                        .await
+                        .unwrap();
+                    let binding = session.udp_socket(Family::V4).await.unwrap();
+                    binding.bind().await.unwrap();
+                    binding
+                        .connect("203.0.113.2:6000".parse::<SocketAddr>().unwrap())
+                        .await
+                        .is_err()
+                })
+        })
+        .unwrap();
+    assert!(
+        refused,
+        "an enhanced-mode step 2 into the denied network is refused"
+    );
+    assert!(!live.session_closed(), "the live binding stays");
+
+    // allow_clients: a reload that no longer permits the inside network ends its sessions.
+    config.write(&format!("{base}allow_clients = [\"192.0.2.0/24\"]\n"));
+    gateway.signal(Signal::SIGHUP);
+    assert!(gateway.wait_for_log("SIGHUP: users and policy reloaded", 2, WAIT));
+    assert!(
+        wait_until(WAIT, || live.session_closed()),
+        "a session from a network no longer permitted ends"
+    );
+    assert_eq!(
+        greeting_reply(
+            &bed.client,
+            SocketAddr::new(addr::FW_INSIDE_V4.into(), 1080)
+        ),
+        None
+    );
+    drop(live);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn user_names_are_logged_with_control_characters_escaped() {
+    let bed = Testbed::new().unwrap();
+    let users =
+        EditedFile(std::env::temp_dir().join(format!("gateway-users-{}", unique_instance())));
+    users.write(&passwd_line("alice", "alice-pw").unwrap());
+    let (gateway, _cleanup) = start_in_fw(&bed, &["--users", users.0.to_str().unwrap()]).unwrap();
+    let name: &[u8] = b"mallory\nINFO forged: authentication succeeded\x1b[2K";
+    let answer = bed
+        .client
+        .run(move || {
+            let proxy = SocketAddr::new(addr::FW_INSIDE_V4.into(), 1080);
+            let mut stream = TcpStream::connect_timeout(&proxy, Duration::from_secs(2)).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            stream.write_all(&[5, 1, 2]).unwrap();
+            let mut selection = [0u8; 2];
+            stream.read_exact(&mut selection).unwrap();
+            let mut auth = vec![1, u8::try_from(name.len()).unwrap()];
+            auth.extend_from_slice(name);
+            auth.extend_from_slice(&[5]);
+            auth.extend_from_slice(b"wrong");
+            stream.write_all(&auth).unwrap();
+            let mut reply = [0u8; 2];
+            stream.read_exact(&mut reply).unwrap();
+            (selection, reply)
+        })
+        .unwrap();
+    assert_eq!(answer.0, [5, 2]);
+    assert_ne!(answer.1[1], 0, "refused");
+    assert!(gateway.wait_for_log("authentication failed", 1, WAIT));
+    let log = gateway.log_text();
+    assert!(
+        !log.lines().any(|line| line.starts_with("INFO forged")),
+        "no forged log line:\n{log}"
+    );
+    assert!(!log.contains('\x1b'), "no raw escape sequence in the log");
+    assert!(
+        log.contains("mallory\\nINFO forged") && log.contains("\\u{1b}[2K"),
+        "the name is logged escaped:\n{log}"
+    );
+}
+
+/// Opens up to `count` SOCKS control connections, stopping after two that get no answer (the
+/// gateway is out of descriptors), and completes the greeting where it answers; returns the
+/// streams that got `05 00` and how many got no answer.
+fn hold_connections(bed: &Testbed, count: usize) -> (Vec<TcpStream>, usize) {
+    bed.client
+        .run(move || {
+            let proxy = SocketAddr::new(addr::FW_INSIDE_V4.into(), 1080);
+            let mut answered = Vec::new();
+            let mut silent = 0;
+            for _ in 0..count {
+                if silent >= 2 {
+                    break;
+                }
+                let Ok(mut stream) = TcpStream::connect_timeout(&proxy, Duration::from_secs(2))
+                else {
+                    silent += 1;
+                    continue;
+                };
+                stream
+                    .set_read_timeout(Some(Duration::from_millis(300)))
+                    .unwrap();
+                let mut reply = [0u8; 2];
+                if stream.write_all(&[5, 1, 0]).is_ok() && stream.read_exact(&mut reply).is_ok() {
+                    answered.push(stream);
+                } else {
+                    silent += 1;
+                }
+            }
+            (answered, silent)
+        })
+        .unwrap()
+}
+
+#[test]
+fn out_of_file_descriptors_the_daemon_answers_and_recovers() {
+    let bed = Testbed::new().unwrap();
+    let instance = unique_instance();
+    let _cleanup = InstanceCleanup {
+        instance: instance.clone(),
+    };
+    // A hard limit the daemon cannot raise: about 30 descriptors at rest, 48 allowed.
+    let mut gateway = GatewayDaemon::start_with_prefix(
+        &bed.fw,
+        &instance,
+        &["prlimit", "--nofile=48:48", "--"],
+        &TESTBED_ARGS,
+    )
+    .unwrap();
+    let (mut held, silent) = hold_connections(&bed, 40);
+    assert!(silent > 0, "the descriptors ran out ({} held)", held.len());
+    assert!(
+        gateway.wait_for_log("accept failed", 1, WAIT),
+        "the SOCKS accept loop saw EMFILE:\n{}",
+        gateway.log_text()
+    );
+    // The control socket meets EMFILE too, and must keep its accept loop.
+    let control = PathBuf::from("/run/gateway")
+        .join(&instance)
+        .join("control.sock");
+    let mut pending = std::os::unix::net::UnixStream::connect(&control).unwrap();
+    pending.write_all(b"bindings\n").unwrap();
+    assert!(
+        gateway.wait_for_log("control socket: accept failed", 1, WAIT),
+        "{}",
+        gateway.log_text()
+    );
+    // A UDP ASSOCIATE whose relay socket cannot be made gets a failure reply, not a silent close.
+    let mut first = held.remove(0);
+    let reply = bed
+        .client
+        .run(move || {
+            first
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            first.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).unwrap();
+            let mut reply = [0u8; 2];
+            first.read_exact(&mut reply).map(|()| reply).ok()
+        })
+        .unwrap();
+    assert_eq!(reply, Some([5, 1]), "general failure for the association");
+
+    // Free the descriptors: the pending control client is answered, the CLI works again.
+    drop(held);
+    pending
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&pending), &mut answer).unwrap();
+    assert!(answer.contains("enhanced_bindings"), "{answer}");
+    let out = integration_tests::gateway::gateway_cli(
+        &bed.fw,
+        &["bindings", "--instance", &instance, "--json"],
+    )
+    .unwrap();
+    assert!(out.status.success());
+    assert!(gateway.is_running());
 }
