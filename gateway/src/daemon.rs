@@ -133,16 +133,23 @@ fn listen_addresses(
             args.internal
         );
     }
-    if let Some(outside) = listen
-        .iter()
-        .find(|l| external.iter().any(|a| a.ip == l.ip().to_canonical()))
-    {
-        bail!(
-            "--listen {outside} is an address of the external interface {}: the control port \
-             answers only from inside; listen on an address of --internal {}",
-            args.external,
-            args.internal
-        );
+    for addr in &listen {
+        let ip = addr.ip().to_canonical();
+        if external.iter().any(|a| a.ip == ip) {
+            bail!(
+                "--listen {addr} is an address of the external interface {}: the control port \
+                 answers only from inside; listen on an address of --internal {}",
+                args.external,
+                args.internal
+            );
+        }
+        if !ip.is_unspecified() && !internal.iter().any(|a| a.ip == ip) {
+            bail!(
+                "--listen {addr} is not an address of --internal {}: listeners are tied to that \
+                 interface, so it would never accept a client",
+                args.internal
+            );
+        }
     }
     Ok(listen)
 }
@@ -297,10 +304,14 @@ async fn serve(
         }
     }
     let control_path = gateway::control::socket_path(instance);
-    let control = tokio::spawn(gateway::control::serve(
-        control_path.clone(),
-        Arc::clone(&services),
-    ));
+    let control = tokio::spawn({
+        let (path, services) = (control_path.clone(), Arc::clone(&services));
+        async move {
+            if let Err(error) = gateway::control::serve(path.clone(), services).await {
+                warn!(path = %path.display(), %error, "control socket failed: `gateway bindings` will not answer");
+            }
+        }
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut servers = Vec::new();
     for (addr, listener) in listen.iter().zip(listeners) {

@@ -287,6 +287,27 @@ fn refuses_a_second_daemon_and_unknown_interfaces() {
     .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"nosuch0\" does not exist"));
+
+    // A control listener outside the internal interface is refused before anything is attached.
+    for (listen, says) in [
+        ("203.0.113.1:1080", "external interface"),
+        ("127.0.0.1:1080", "not an address of --internal"),
+    ] {
+        let out = gateway_cli(
+            &bed.fw,
+            &[
+                &["run", "--instance", "other", "--listen", listen][..],
+                &TESTBED_ARGS,
+            ]
+            .concat(),
+        )
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(says),
+            "{listen}: {stderr}"
+        );
+    }
 }
 
 #[test]
