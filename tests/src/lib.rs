@@ -5,6 +5,7 @@
 //! It runs `ip` (iproute2) and `nsenter`; the gateway and its CLI are started with
 //! `nsenter --net=...` so they keep seeing the host's bpffs. Nothing here loads eBPF.
 
+pub mod frames;
 pub mod gateway;
 pub mod peers;
 pub mod traffic;

@@ -12,6 +12,7 @@ use gateway_common::{
     ControlPortKey, Counter, DropReason, HostAllowKey, HostAllowValue, XDP_EXTERNAL_PROGRAM,
     ipv4_mapped, map_names,
 };
+use integration_tests::frames::{ETH, with_ipv4_options, with_ipv6_ext};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -119,8 +120,6 @@ fn tcp4() -> Vec<u8> {
     frame
 }
 
-const ETH: usize = 14;
-
 #[test]
 fn unbound_udp_is_dropped_and_counted() {
     let xdp = Loaded::new();
@@ -177,10 +176,7 @@ fn ipv4_fragments_and_options_are_dropped_for_udp_only() {
 
     // IHL 6: one word of options (NOP NOP NOP EOL) inserted after the fixed header.
     let plain = udp4(6000, 30000, b"payload");
-    let mut with_options = plain[..ETH + 20].to_vec();
-    with_options.extend_from_slice(&[1, 1, 1, 0]);
-    with_options.extend_from_slice(&plain[ETH + 20..]);
-    with_options[ETH] = 0x46;
+    let with_options = with_ipv4_options(&plain);
     xdp.expect(&with_options, XDP_DROP, DropReason::Ipv4Options);
 
     // TCP with options and as a fragment still passes: those drops are for UDP only.
@@ -191,19 +187,6 @@ fn ipv4_fragments_and_options_are_dropped_for_udp_only() {
     let mut bad_ihl = udp4(6000, 30000, b"payload");
     bad_ihl[ETH] = 0x44;
     xdp.expect(&bad_ihl, XDP_DROP, DropReason::MalformedIpHeader);
-}
-
-/// Inserts an IPv6 extension header of type `ext_type` (8 octets) after the fixed header.
-fn with_ipv6_ext(frame: &[u8], ext_type: u8, ext: [u8; 8]) -> Vec<u8> {
-    let mut out = frame[..ETH + 40].to_vec();
-    let mut ext = ext;
-    ext[0] = out[ETH + 6]; // the extension's next header = the old transport
-    out[ETH + 6] = ext_type;
-    let payload_len = u16::from_be_bytes([out[ETH + 4], out[ETH + 5]]) + 8;
-    out[ETH + 4..ETH + 6].copy_from_slice(&payload_len.to_be_bytes());
-    out.extend_from_slice(&ext);
-    out.extend_from_slice(&frame[ETH + 40..]);
-    out
 }
 
 #[test]
@@ -335,10 +318,7 @@ fn tcp_to_the_control_port_from_outside_is_dropped() {
 
     // IPv4 options do not hide the port.
     let plain = syn4(CONTROL, 1080);
-    let mut with_options = plain[..ETH + 20].to_vec();
-    with_options.extend_from_slice(&[1, 1, 1, 0]);
-    with_options.extend_from_slice(&plain[ETH + 20..]);
-    with_options[ETH] = 0x46;
+    let with_options = with_ipv4_options(&plain);
     xdp.expect(&with_options, XDP_DROP, reason);
     // Nor does a first fragment, nor IPv6 extension headers before TCP.
     let mut first_fragment = syn4(CONTROL, 1080);

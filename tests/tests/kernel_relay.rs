@@ -17,6 +17,7 @@ use gateway_common::{
     OutboundValue, TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, framing,
     map_names, relay_mode,
 };
+use integration_tests::frames::{ETH, with_ipv4_options, with_ipv6_ext};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -547,21 +548,6 @@ fn listen_and_host_level_entries_admit_to_userspace() {
     assert_eq!(programs.count(DropReason::NoBinding), 2);
 }
 
-const ETH: usize = 14;
-
-/// Inserts an 8-octet IPv6 extension header of type `ext_type` after the fixed header.
-fn with_ipv6_ext(frame: &[u8], ext_type: u8, ext: [u8; 8]) -> Vec<u8> {
-    let mut out = frame[..ETH + 40].to_vec();
-    let mut ext = ext;
-    ext[0] = out[ETH + 6];
-    out[ETH + 6] = ext_type;
-    let payload_len = u16::from_be_bytes([out[ETH + 4], out[ETH + 5]]) + 8;
-    out[ETH + 4..ETH + 6].copy_from_slice(&payload_len.to_be_bytes());
-    out.extend_from_slice(&ext);
-    out.extend_from_slice(&frame[ETH + 40..]);
-    out
-}
-
 #[test]
 fn inside_udp_to_external_addresses_is_dropped_whatever_its_headers() {
     let mut programs = Programs::load();
@@ -578,12 +564,7 @@ fn inside_udp_to_external_addresses_is_dropped_whatever_its_headers() {
         sa("[2001:db8:2::1]:30000"),
         b"spoofed",
     );
-    let mut with_options = v4[..ETH + 20].to_vec();
-    with_options.extend_from_slice(&[1, 1, 1, 0]);
-    with_options.extend_from_slice(&v4[ETH + 20..]);
-    with_options[ETH] = 0x46;
-    let total = u16::from_be_bytes([with_options[ETH + 2], with_options[ETH + 3]]) + 4;
-    with_options[ETH + 2..ETH + 4].copy_from_slice(&total.to_be_bytes());
+    let with_options = with_ipv4_options(&v4);
     let mut first_fragment = v4.clone();
     first_fragment[ETH + 6] |= 0x20;
     let mut later_fragment = v4.clone();

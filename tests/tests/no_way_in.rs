@@ -2,6 +2,8 @@
 //! weak-host model routes TCP for internal addresses in from the external side), a restart that
 //! fails, a stop, signals during start-up, and reloads while a stream flows. Root only.
 
+mod common;
+
 use std::{
     fs::File,
     io::{Read as _, Write as _},
@@ -18,6 +20,7 @@ use std::{
 
 use std::os::unix::fs::OpenOptionsExt as _;
 
+use common::pinned_packets;
 use gateway::client::{Client, Family};
 use gateway_common::DropReason;
 use integration_tests::{
@@ -40,19 +43,10 @@ const WAIT: Duration = Duration::from_secs(10);
 const BURST: usize = 100;
 const SINK_PORTS: [u16; 4] = [7201, 7202, 7203, 7204];
 
-fn pinned(cleanup: &InstanceCleanup, reason: DropReason) -> u64 {
-    gateway::stats::read_exit_counters(&cleanup.pin_dir()).map_or(0, |totals| {
-        totals
-            .iter()
-            .find(|total| total.reason == reason)
-            .map_or(0, |total| total.packets)
-    })
-}
-
 /// Sends `BURST` unsolicited datagrams from `server` to sockets on the external address, waits
 /// until the gate has counted them and returns how many reached a socket.
 fn unsolicited_burst(bed: &Testbed, cleanup: &InstanceCleanup, sinks: &[UdpSocket]) -> usize {
-    let before = pinned(cleanup, DropReason::NoBinding);
+    let before = pinned_packets(cleanup, DropReason::NoBinding);
     traffic::send_udp(
         &bed.server,
         addr::FW_OUTSIDE_V4.into(),
@@ -62,7 +56,7 @@ fn unsolicited_burst(bed: &Testbed, cleanup: &InstanceCleanup, sinks: &[UdpSocke
     )
     .unwrap();
     let counted = wait_until(WAIT, || {
-        pinned(cleanup, DropReason::NoBinding) >= before + BURST as u64
+        pinned_packets(cleanup, DropReason::NoBinding) >= before + BURST as u64
     });
     // Counted or not, whatever arrived is the answer; the count explains a failure.
     let arrived = drain(sinks, 0, Duration::from_millis(100));
@@ -101,14 +95,14 @@ fn the_control_port_answers_only_from_inside() {
     // The server side has a route to the internal prefix via fw's external address: the
     // weak-host model would deliver its SYN to the listener.
     for proxy in [inside_v4, inside_v6] {
-        let before = pinned(&cleanup, DropReason::ControlPortFromOutside);
+        let before = pinned_packets(&cleanup, DropReason::ControlPortFromOutside);
         assert_eq!(
             greeting_reply(&bed.server, proxy),
             None,
             "{proxy}: no SOCKS reply to a host outside"
         );
         assert!(
-            wait_until(WAIT, || pinned(
+            wait_until(WAIT, || pinned_packets(
                 &cleanup,
                 DropReason::ControlPortFromOutside
             ) > before),
@@ -319,11 +313,11 @@ fn a_failed_restart_and_a_stop_keep_the_gate_closed_until_detach() {
         0,
         "after SIGTERM no unsolicited datagram reaches a socket"
     );
-    let before = pinned(&cleanup, DropReason::NoBinding);
+    let before = pinned_packets(&cleanup, DropReason::NoBinding);
     let delivered = live.received();
     send_stream(&source, live.external, BURST);
     assert!(
-        wait_until(WAIT, || pinned(&cleanup, DropReason::NoBinding)
+        wait_until(WAIT, || pinned_packets(&cleanup, DropReason::NoBinding)
             >= before + BURST as u64),
         "the stopped binding's datagrams are dropped as no_binding"
     );

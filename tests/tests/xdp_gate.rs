@@ -3,12 +3,15 @@
 //! leaves the gate dropping, and only `gateway detach` lets the same datagrams arrive; a
 //! `SIGKILL`ed daemon leaves the gate closed and a new daemon takes it over. Root only.
 
+mod common;
+
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     time::Duration,
 };
 
+use common::pinned_packets;
 use integration_tests::{
     Testbed, addr,
     gateway::{
@@ -41,18 +44,8 @@ fn no_binding_drops(bed: &Testbed, instance: &str) -> u64 {
     reason_packets(&stats_json(&bed.fw, instance).unwrap(), "no_binding")
 }
 
-/// Packets of `reason` read from the pinned counters (no daemon needs to run).
-fn pinned_count(cleanup: &InstanceCleanup, reason: gateway_common::DropReason) -> u64 {
-    gateway::stats::read_exit_counters(&cleanup.pin_dir())
-        .unwrap()
-        .iter()
-        .find(|total| total.reason == reason)
-        .unwrap()
-        .packets
-}
-
 fn pinned_no_binding(cleanup: &InstanceCleanup) -> u64 {
-    pinned_count(cleanup, gateway_common::DropReason::NoBinding)
+    pinned_packets(cleanup, gateway_common::DropReason::NoBinding)
 }
 
 /// Sends the unsolicited burst, waits until the gate has counted all of it, then checks that
@@ -157,7 +150,7 @@ fn gate_drops_until_it_is_detached(target: IpAddr) {
             .unwrap();
     };
     let inside_drops = || {
-        pinned_count(
+        pinned_packets(
             &cleanup,
             gateway_common::DropReason::InsideToExternalAddress,
         )
