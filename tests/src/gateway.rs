@@ -81,6 +81,19 @@ impl GatewayDaemon {
         prefix: &[&str],
         args: &[&str],
     ) -> Result<Self> {
+        let mut daemon = Self::spawn(ns, instance, prefix, args)?;
+        let ready = wait_until(Duration::from_secs(10), || {
+            daemon.child.has_exited() || daemon.log_text().contains(READY_LINE)
+        });
+        if !ready || daemon.child.has_exited() {
+            bail!("gateway did not come up; its log:\n{}", daemon.log_text());
+        }
+        Ok(daemon)
+    }
+
+    /// Starts `gateway run --instance INSTANCE ARGS...` in `ns` (under `prefix`, if any) with its
+    /// output in a log file, without waiting for anything.
+    pub fn spawn(ns: &Netns, instance: &str, prefix: &[&str], args: &[&str]) -> Result<Self> {
         let log = std::env::temp_dir().join(format!("gateway-{instance}-{}.log", unique_suffix()));
         let log_file =
             fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
@@ -98,18 +111,24 @@ impl GatewayDaemon {
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
-        let mut daemon = Self {
+        Ok(Self {
             child: ChildGuard::spawn(&mut cmd, "gateway daemon")?,
             instance: instance.to_owned(),
             log,
-        };
-        let ready = wait_until(Duration::from_secs(10), || {
-            daemon.child.has_exited() || daemon.log_text().contains(READY_LINE)
+        })
+    }
+
+    /// Waits (bounded by `timeout`) for the daemon to exit on its own; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        wait_until(timeout, || {
+            status = self
+                .child
+                .child_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
+            status.is_some()
         });
-        if !ready || daemon.child.has_exited() {
-            bail!("gateway did not come up; its log:\n{}", daemon.log_text());
-        }
-        Ok(daemon)
+        status
     }
 
     pub fn pid(&self) -> i32 {
@@ -157,26 +176,10 @@ pub fn start_expecting_failure(
     instance: &str,
     args: &[&str],
 ) -> Result<(std::process::ExitStatus, String)> {
-    let log = std::env::temp_dir().join(format!("gateway-{instance}-{}.log", unique_suffix()));
-    let log_file = fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-    let mut cmd = ns.command(gateway_bin());
-    cmd.args(["run", "--instance", instance])
-        .args(args)
-        .env("GATEWAY_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file);
-    let mut child = ChildGuard::spawn(&mut cmd, "gateway daemon (expected to fail)")?;
-    let mut status = None;
-    wait_until(Duration::from_secs(20), || {
-        status = child.child_mut().and_then(|c| c.try_wait().ok().flatten());
-        status.is_some()
-    });
-    let text = fs::read_to_string(&log).unwrap_or_default();
-    let _ = fs::remove_file(&log);
-    match status {
-        Some(status) => Ok((status, text)),
-        None => bail!("gateway did not exit; its log:\n{text}"),
+    let mut daemon = GatewayDaemon::spawn(ns, instance, &[], args)?;
+    match daemon.wait_exit(Duration::from_secs(20)) {
+        Some(status) => Ok((status, daemon.log_text())),
+        None => bail!("gateway did not exit; its log:\n{}", daemon.log_text()),
     }
 }
 

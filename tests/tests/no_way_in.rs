@@ -259,16 +259,23 @@ fn send_stream(socket: &UdpSocket, to: SocketAddr, count: usize) {
     }
 }
 
-#[test]
-fn a_failed_restart_and_a_stop_keep_the_gate_closed_until_detach() {
-    let bed = Testbed::new().unwrap();
-    let sinks = external_sinks(&bed);
+/// A gate left pinned by a daemon killed with SIGKILL: its instance name and cleanup guard.
+fn gate_of_a_killed_daemon(bed: &Testbed) -> (String, InstanceCleanup) {
     let instance = unique_instance();
     let cleanup = InstanceCleanup {
         instance: instance.clone(),
     };
-    let mut first = GatewayDaemon::start(&bed.fw, &instance, &TESTBED_ARGS).unwrap();
-    first.kill();
+    GatewayDaemon::start(&bed.fw, &instance, &TESTBED_ARGS)
+        .unwrap()
+        .kill();
+    (instance, cleanup)
+}
+
+#[test]
+fn a_failed_restart_and_a_stop_keep_the_gate_closed_until_detach() {
+    let bed = Testbed::new().unwrap();
+    let sinks = external_sinks(&bed);
+    let (instance, cleanup) = gate_of_a_killed_daemon(&bed);
 
     // Someone holds the listen port: the next start fails, clearly, and opens nothing.
     let squatter = bed
@@ -495,13 +502,7 @@ fn mkfifo(path: &std::path::Path) {
 fn sigterm_during_start_up_leaves_the_gate_closed() {
     let bed = Testbed::new().unwrap();
     let sinks = external_sinks(&bed);
-    let instance = unique_instance();
-    let cleanup = InstanceCleanup {
-        instance: instance.clone(),
-    };
-    // A gate left by a killed daemon.
-    let mut first = GatewayDaemon::start(&bed.fw, &instance, &TESTBED_ARGS).unwrap();
-    first.kill();
+    let (instance, cleanup) = gate_of_a_killed_daemon(&bed);
 
     let dir = std::env::temp_dir().join(format!("gateway-fifo-{instance}"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -514,19 +515,9 @@ fn sigterm_during_start_up_leaves_the_gate_closed() {
     );
     // The daemon reads its configuration once for its settings and once more, after its signal
     // handlers are installed, for users and policy: the second read is held until SIGTERM is in.
-    let log = std::env::temp_dir().join(format!("gateway-{instance}-startup.log"));
-    let log_file = File::create(&log).unwrap();
-    let mut daemon = integration_tests::ChildGuard::spawn(
-        bed.fw
-            .command(integration_tests::gateway::gateway_bin())
-            .args(["run", "--instance", &instance, "--config"])
-            .arg(&fifo)
-            .env("GATEWAY_LOG", "info")
-            .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file),
-        "gateway daemon",
-    )
-    .unwrap();
+    let fifo_arg = fifo.to_str().unwrap().to_owned();
+    let mut daemon =
+        GatewayDaemon::spawn(&bed.fw, &instance, &[], &["--config", &fifo_arg]).unwrap();
     // Bounded: a non-blocking open fails until the daemon opens its end.
     let feed = |text: &str| {
         let mut writer = None;
@@ -544,26 +535,16 @@ fn sigterm_during_start_up_leaves_the_gate_closed() {
         writer.unwrap().write_all(text.as_bytes()).unwrap();
     };
     feed(&config);
-    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
-        wait_until(WAIT, || read_log().contains("gateway starting")),
+        daemon.wait_for_log("gateway starting", 1, WAIT),
         "the daemon starts:\n{}",
-        read_log()
+        daemon.log_text()
     );
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.pid()), Signal::SIGTERM).unwrap();
+    daemon.signal(Signal::SIGTERM);
     feed(&config);
-    let mut status = None;
-    assert!(
-        wait_until(WAIT, || {
-            status = daemon.child_mut().and_then(|c| c.try_wait().ok().flatten());
-            status.is_some()
-        }),
-        "the daemon exits on a SIGTERM during start-up:\n{}",
-        read_log()
-    );
-    let text = read_log();
+    let status = daemon.wait_exit(WAIT);
+    let text = daemon.log_text();
     let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_file(&log);
     assert!(
         status.is_some_and(|s| s.success()),
         "a requested stop is a clean exit:\n{text}"
