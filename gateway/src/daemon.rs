@@ -194,25 +194,6 @@ async fn serve(
     } else {
         args.resolvers.clone()
     };
-    // Each resolver socket is tied to the interface its nameserver is reached through.
-    let device_for = {
-        let (external, internal) = (external_addrs.clone(), internal_addrs.clone());
-        let (ext_name, int_name) = (args.external.clone(), args.internal.clone());
-        move |source: IpAddr| {
-            if external.iter().any(|a| a.ip == source) {
-                Some(ext_name.clone())
-            } else if internal.iter().any(|a| a.ip == source) {
-                Some(int_name.clone())
-            } else {
-                None
-            }
-        }
-    };
-    let resolver = Arc::new(
-        Resolver::bind_tied(&resolvers, &device_for)
-            .await
-            .context("bind the resolver sockets")?,
-    );
     if resolvers.is_empty() {
         warn!("no nameserver configured (--resolver, /etc/resolv.conf): domain names will fail");
     }
@@ -231,7 +212,6 @@ async fn serve(
     );
     config.max_bindings = args.max_bindings;
     config.host_allow = args.host_allow.clone();
-    config.host_allow.extend(resolver.host_flows());
     config.external_addresses = external_addrs.iter().map(|a| a.ip).collect();
     config.xdp_mode = args.xdp_mode;
     config.control_listeners = listen.clone();
@@ -239,11 +219,10 @@ async fn serve(
     // whatever was pinned before, which drops too).
     let mut datapath = Datapath::attach(&config)
         .with_context(|| format!("attach the gateway to {}", args.external))?;
-    let own_flows = resolver.host_flows();
     let gate = match datapath.take_gate() {
         Ok(gate) => gate,
         Err(error) => {
-            datapath.stop(&own_flows);
+            datapath.stop();
             return Err(error).context("open the binding maps");
         }
     };
@@ -252,19 +231,41 @@ async fn serve(
         DatapathKind::Userspace => Arc::new(gate.userspace_only()),
     };
     info!(datapath = ?args.datapath, "confirmed bindings are relayed by {}", args.datapath.describe());
+    // Each query's socket is tied to the interface its nameserver is reached through, and its
+    // exact reply flow is admitted by the gate only while the query is outstanding.
+    let device_for = {
+        let (external, internal) = (external_addrs.clone(), internal_addrs.clone());
+        let (ext_name, int_name) = (args.external.clone(), args.internal.clone());
+        move |source: IpAddr| {
+            if external.iter().any(|a| a.ip == source) {
+                Some(ext_name.clone())
+            } else if internal.iter().any(|a| a.ip == source) {
+                Some(int_name.clone())
+            } else {
+                None
+            }
+        }
+    };
+    let resolver = match Resolver::new(&resolvers, Arc::clone(&gate), &device_for) {
+        Ok(resolver) => Arc::new(resolver),
+        Err(error) => {
+            datapath.stop();
+            return Err(error).context("set up the resolver");
+        }
+    };
     if let Some(signal) = signals.stop_pending() {
         info!(
             signal,
             "stop requested during start-up; the gate stays attached and dropping"
         );
-        datapath.stop(&own_flows);
+        datapath.stop();
         return Ok(());
     }
 
     let enhanced = match enhanced_mode(&args, &external_addrs, &internal_addrs, &access.policy) {
         Ok(enhanced) => enhanced,
         Err(error) => {
-            datapath.stop(&own_flows);
+            datapath.stop();
             return Err(error);
         }
     };
@@ -292,7 +293,7 @@ async fn serve(
             Err(error) => {
                 warn!(%addr, %error, "cannot listen; stopping, and the gate stays attached and dropping");
                 gate.close();
-                datapath.stop(&own_flows);
+                datapath.stop();
                 return Err(error).with_context(|| {
                     format!(
                         "listen on {addr} (the gate stays attached and dropping; `gateway detach \
@@ -361,7 +362,7 @@ async fn serve(
     if args.remove_gate_on_exit {
         datapath.detach();
     } else {
-        datapath.stop(&own_flows);
+        datapath.stop();
     }
     Ok(())
 }

@@ -14,11 +14,12 @@ use std::{
 
 use aya::maps::{HashMap, MapData, MapError};
 use gateway_common::{
-    BindingKey, BindingValue, EntryCounters, OutboundKey, OutboundValue, framing, relay_mode,
+    BindingKey, BindingValue, EntryCounters, HostAllowKey, HostAllowValue, OutboundKey,
+    OutboundValue, framing, relay_mode,
 };
 use thiserror::Error;
 
-use crate::datapath::addr16;
+use crate::datapath::{HostFlow, addr16};
 
 /// One exact admission: datagrams from `remote` to the external relay address `relay`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -99,6 +100,12 @@ pub enum GateError {
         remote: SocketAddr,
         relay: SocketAddr,
     },
+    #[error("allow host flow {remote} -> {local}: {source}")]
+    HostFlow {
+        remote: SocketAddr,
+        local: SocketAddr,
+        source: Box<MapError>,
+    },
 }
 
 /// Installs and removes kernel admissions. Removing an absent entry is not an error.
@@ -133,13 +140,19 @@ pub trait Gate: Send + Sync + std::fmt::Debug {
     }
     /// Stops admitting for good: removes every entry and refuses every later install (a
     /// stopping daemon's connections may still be confirming). Returns how many entries went.
+    /// The operator's host flows stay; new ones are refused.
     fn close(&self) -> usize;
+    /// Admits one exact host flow (the gateway's own resolver query) until
+    /// [`Gate::remove_host_flow`].
+    fn allow_host_flow(&self, flow: HostFlow) -> Result<(), GateError>;
+    fn remove_host_flow(&self, flow: HostFlow);
 }
 
 /// The real gate: the pinned `BINDINGS` and `OUTBOUND` maps of the attached datapath.
 pub struct KernelGate {
     map: Mutex<HashMap<MapData, BindingKey, BindingValue>>,
     outbound: Mutex<HashMap<MapData, OutboundKey, OutboundValue>>,
+    host_allow: Mutex<HashMap<MapData, HostAllowKey, HostAllowValue>>,
     /// Whether confirmed bindings are relayed by the kernel (`--datapath xdp`) or by user space.
     kernel_relay: bool,
     /// Set by [`Gate::close`] while holding the map locks, so no install slips in after it.
@@ -156,10 +169,12 @@ impl KernelGate {
     pub fn new(
         map: HashMap<MapData, BindingKey, BindingValue>,
         outbound: HashMap<MapData, OutboundKey, OutboundValue>,
+        host_allow: HashMap<MapData, HostAllowKey, HostAllowValue>,
     ) -> Self {
         Self {
             map: Mutex::new(map),
             outbound: Mutex::new(outbound),
+            host_allow: Mutex::new(host_allow),
             kernel_relay: true,
             closed: AtomicBool::new(false),
         }
@@ -285,6 +300,32 @@ impl Gate for KernelGate {
         }
         keys.len() + out_keys.len()
     }
+
+    fn allow_host_flow(&self, flow: HostFlow) -> Result<(), GateError> {
+        let mut allow = self
+            .host_allow
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.refuse_if_closed(GateEntry {
+            remote: flow.remote,
+            relay: flow.local,
+        })?;
+        allow
+            .insert(flow.key(), HostAllowValue::default(), 0)
+            .map_err(|source| GateError::HostFlow {
+                remote: flow.remote,
+                local: flow.local,
+                source: Box::new(source),
+            })
+    }
+
+    fn remove_host_flow(&self, flow: HostFlow) {
+        let mut allow = self
+            .host_allow
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let _ = allow.remove(&flow.key());
+    }
 }
 
 /// An in-memory gate for tests and for running without eBPF: records what is admitted.
@@ -292,6 +333,7 @@ impl Gate for KernelGate {
 pub struct MemoryGate {
     entries: Arc<Mutex<HashSet<GateEntry>>>,
     kernel_relays: Arc<Mutex<HashSet<KernelRelay>>>,
+    host_flows: Arc<Mutex<HashSet<HostFlow>>>,
     closed: Arc<AtomicBool>,
 }
 
@@ -306,6 +348,14 @@ impl MemoryGate {
     /// Client sockets that have an outbound kernel entry.
     pub fn kernel_relays(&self) -> HashSet<KernelRelay> {
         self.kernel_relays
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Host flows admitted now (the resolver's outstanding queries).
+    pub fn host_flows(&self) -> HashSet<HostFlow> {
+        self.host_flows
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
@@ -364,6 +414,27 @@ impl Gate for MemoryGate {
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
         removed
+    }
+
+    fn allow_host_flow(&self, flow: HostFlow) -> Result<(), GateError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(GateError::Closed {
+                remote: flow.remote,
+                relay: flow.local,
+            });
+        }
+        self.host_flows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(flow);
+        Ok(())
+    }
+
+    fn remove_host_flow(&self, flow: HostFlow) {
+        self.host_flows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&flow);
     }
 }
 

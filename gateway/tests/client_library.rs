@@ -32,7 +32,7 @@ use tokio::{
 /// A gateway without the enhanced mode: anonymous access unless `users` is given, `nameserver`
 /// (if any) resolving names.
 async fn start(users: Option<Users>, nameserver: Option<SocketAddr>) -> Gateway {
-    let names = resolver(&Vec::from_iter(nameserver)).await;
+    let names = resolver(&Vec::from_iter(nameserver));
     Gateway::start(|services| {
         services.access.get_mut().allow_anonymous = users.is_none();
         services.access.get_mut().users = users;

@@ -457,7 +457,7 @@ async fn connect_to_a_closed_port_gets_05() {
 async fn connect_to_a_domain_name_resolved_by_the_gateway() {
     let mut echo = tcp_echo(LOCALHOST).await;
     let nameserver = fake_nameserver(vec![("echo.test", Ipv4Addr::LOCALHOST)]).await;
-    let names = resolver(&[nameserver]).await;
+    let names = resolver(&[nameserver]);
     let gateway = Gateway::start(|services| services.resolver = names).await;
 
     let mut stream = connect_anonymous(&gateway).await;
@@ -704,7 +704,7 @@ async fn udp_associate_to_a_domain_name_and_to_a_denied_destination() {
     let mut echo = udp_echo(LOCALHOST).await;
     let mut denied = udp_echo(OTHER_HOST).await;
     let nameserver = fake_nameserver(vec![("echo.test", Ipv4Addr::LOCALHOST)]).await;
-    let names = resolver(&[nameserver]).await;
+    let names = resolver(&[nameserver]);
     let gateway = Gateway::start(|services| {
         services.resolver = names;
         services.access.get_mut().policy.deny = vec!["127.0.0.2/32".parse().unwrap()];

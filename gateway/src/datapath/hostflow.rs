@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use gateway_common::{Addr16, HostAllowKey, ipv4_mapped};
 
 /// One exact UDP flow for the host allow-list: datagrams from `remote` to `local`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct HostFlow {
     pub remote: SocketAddr,
     pub local: SocketAddr,

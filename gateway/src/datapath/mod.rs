@@ -279,27 +279,21 @@ impl Datapath {
         self.outcome
     }
 
-    /// Hands the binding maps to a [`KernelGate`], which owns them from then on.
+    /// Hands the binding maps and the host allow-list to a [`KernelGate`], which owns them from
+    /// then on.
     pub fn take_gate(&mut self) -> Result<KernelGate, DatapathError> {
         let inbound = take_hash(&mut self.ebpf, map_names::BINDINGS)?;
         let outbound = take_hash(&mut self.ebpf, map_names::OUTBOUND)?;
-        Ok(KernelGate::new(inbound, outbound))
+        let host_allow = take_hash(&mut self.ebpf, map_names::HOST_ALLOW)?;
+        Ok(KernelGate::new(inbound, outbound, host_allow))
     }
 
     /// A stop that keeps the firewall closed: the heartbeat ends with an expired beat, so no
-    /// binding left in a map admits anything, and the host flows of the daemon's own sockets
-    /// (its resolver's replies) leave the allow-list; the links stay pinned and the gate keeps
-    /// dropping until the next daemon takes it over or `gateway detach` removes it.
-    pub fn stop(mut self, own_host_flows: &[HostFlow]) {
+    /// binding left in a map admits anything; the links stay pinned and the gate keeps dropping
+    /// until the next daemon takes it over or `gateway detach` removes it. (The resolver's query
+    /// flows leave the allow-list with their queries.)
+    pub fn stop(mut self) {
         self.heartbeat.stop();
-        match map_mut::<HostAllowKey, HostAllowValue>(&mut self.ebpf, map_names::HOST_ALLOW) {
-            Ok(mut allow) => {
-                for flow in own_host_flows {
-                    let _ = allow.remove(&flow.key());
-                }
-            }
-            Err(error) => warn!(%error, "open the host allow-list to remove the resolver's flows"),
-        }
         info!("gate left attached and dropping (remove it with `gateway detach`)");
     }
 

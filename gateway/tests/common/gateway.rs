@@ -40,7 +40,7 @@ use super::{
 /// destinations allowed, external address 127.0.0.1 / `::1` on any interface (no interface
 /// check), control connections from loopback only, a resolver without nameservers, default
 /// timeouts, 64 connections, a limiter of 5 failures per 60 s, no enhanced mode.
-pub async fn loopback_services(gate: &MemoryGate) -> Services {
+pub fn loopback_services(gate: &MemoryGate) -> Services {
     Services {
         access: LiveAccess::new(Access {
             allow_anonymous: true,
@@ -52,7 +52,7 @@ pub async fn loopback_services(gate: &MemoryGate) -> Services {
             clients: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
         }),
         limiter: FailureLimiter::new(5, Duration::from_mins(1)),
-        resolver: resolver(&[]).await,
+        resolver: resolver(&[]),
         gate: Arc::new(gate.clone()),
         external: External {
             v4: Some(Ipv4Addr::LOCALHOST),
@@ -68,12 +68,8 @@ pub async fn loopback_services(gate: &MemoryGate) -> Services {
 }
 
 /// A resolver asking `nameservers` (a [`super::peers::fake_nameserver`]).
-pub async fn resolver(nameservers: &[SocketAddr]) -> Arc<Resolver> {
-    Arc::new(
-        within("bind the resolver", Resolver::bind(nameservers))
-            .await
-            .unwrap(),
-    )
+pub fn resolver(nameservers: &[SocketAddr]) -> Arc<Resolver> {
+    Arc::new(Resolver::without_gate(nameservers).unwrap())
 }
 
 /// A users file with one user.
@@ -194,7 +190,7 @@ impl Gateway {
     ) -> Self {
         let (mode, relay_ports) = enhanced.unzip();
         let gate = MemoryGate::default();
-        let mut services = loopback_services(&gate).await;
+        let mut services = loopback_services(&gate);
         services.enhanced.clone_from(&mode);
         adjust(&mut services);
         let listener = within("listen", TcpListener::bind("127.0.0.1:0"))
