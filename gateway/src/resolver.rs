@@ -43,6 +43,10 @@ const CACHE_ENTRIES: usize = 1024;
 const CACHE_MAX_TTL: Duration = Duration::from_hours(1);
 /// CNAMEs followed within one answer.
 const MAX_CNAME_CHAIN: usize = 8;
+/// Lookups in flight at once, gateway-wide. Each holds up to two host allow-list entries (A and
+/// AAAA), so this keeps the resolver well inside the allow-list's 1024 entries whatever clients
+/// ask; a lookup beyond it fails at once.
+pub const MAX_LOOKUPS_IN_FLIGHT: usize = 256;
 
 #[derive(Debug, Error)]
 pub enum ResolveError {
@@ -60,6 +64,8 @@ pub enum ResolveError {
     ServerFailure { name: String, code: String },
     #[error("no query socket for {name}: {source}")]
     Socket { name: String, source: io::Error },
+    #[error("too many lookups in flight ({MAX_LOOKUPS_IN_FLIGHT}); {0} not looked up")]
+    Busy(String),
 }
 
 /// One nameserver: where queries to it come from, and the interface they use.
@@ -99,6 +105,7 @@ pub struct Resolver {
     ports: RangeInclusive<u16>,
     recent: Mutex<Recent>,
     cache: Mutex<HashMap<(Name, RecordType), Cached>>,
+    in_flight: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for Resolver {
@@ -185,6 +192,7 @@ impl Resolver {
             ports: DEFAULT_QUERY_PORTS,
             recent: Mutex::default(),
             cache: Mutex::default(),
+            in_flight: tokio::sync::Semaphore::new(MAX_LOOKUPS_IN_FLIGHT),
         })
     }
 
@@ -204,6 +212,9 @@ impl Resolver {
         if self.upstreams.is_empty() {
             return Err(ResolveError::NoNameservers);
         }
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return Err(ResolveError::Busy(name.to_owned()));
+        };
         let (v4, v6) = tokio::join!(
             self.cached_query(name, &fqdn, RecordType::A),
             self.cached_query(name, &fqdn, RecordType::AAAA)
@@ -731,6 +742,33 @@ mod tests {
             "asked again once the TTL ran out"
         );
         task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lookups_in_flight_are_capped() {
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let resolver = Arc::new(Resolver::without_gate(&[silent.local_addr().unwrap()]).unwrap());
+        let mut waiting = tokio::task::JoinSet::new();
+        for i in 0..MAX_LOOKUPS_IN_FLIGHT {
+            let resolver = Arc::clone(&resolver);
+            waiting.spawn(async move { resolver.lookup(&format!("n{i}.test")).await });
+        }
+        // Every spawned lookup holds its permit once it has run up to its first wait.
+        while resolver.in_flight.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(matches!(
+            resolver.lookup("one-too-many.test").await,
+            Err(ResolveError::Busy(_))
+        ));
+        while let Some(done) = waiting.join_next().await {
+            assert!(matches!(done.unwrap(), Err(ResolveError::Timeout(_))));
+        }
+        // The permits came back.
+        assert!(matches!(
+            resolver.lookup("again.test").await,
+            Err(ResolveError::Timeout(_))
+        ));
     }
 
     #[tokio::test(start_paused = true)]
