@@ -59,6 +59,7 @@ pub struct FileConfig {
     pub resolvers: Vec<String>,
     pub deny: Vec<IpNet>,
     pub max_connections: Option<usize>,
+    pub max_connections_per_client: Option<usize>,
     pub datapath: Option<String>,
     pub allow_listen: Option<bool>,
     pub allow_clients: Vec<IpNet>,
@@ -125,6 +126,12 @@ pub fn parse(text: &str, origin: &str) -> Result<Checked, ConfigError> {
     if file.max_connections == Some(0) {
         return Err(value_error(
             "max_connections".into(),
+            "must be at least 1".into(),
+        ));
+    }
+    if file.max_connections_per_client == Some(0) {
+        return Err(value_error(
+            "max_connections_per_client".into(),
             "must be at least 1".into(),
         ));
     }

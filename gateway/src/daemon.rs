@@ -22,8 +22,12 @@ use gateway::{
     netif::{self, InterfaceAddress, tie_to_device},
     resolver::{Resolver, nameservers_from_resolv_conf},
     server::{
-        self, External, Services, Timeouts, access::LiveAccess, auth::FailureLimiter,
-        enhanced::EnhancedMode, policy::Policy,
+        self, External, Services, Timeouts,
+        access::LiveAccess,
+        auth::FailureLimiter,
+        enhanced::EnhancedMode,
+        limits::{AuthLimit, ConnectionLimits},
+        policy::Policy,
     },
 };
 use tokio::{
@@ -69,6 +73,7 @@ pub struct DaemonArgs {
     pub access: AccessSource,
     pub resolvers: Vec<SocketAddr>,
     pub max_connections: usize,
+    pub max_connections_per_client: usize,
     pub datapath: DatapathKind,
     pub xdp_mode: gateway::datapath::XdpAttachMode,
     pub allow_listen: bool,
@@ -282,7 +287,8 @@ async fn serve(
         },
         internal_device: Some(args.internal.clone()),
         timeouts: Timeouts::default(),
-        max_connections: args.max_connections,
+        connections: ConnectionLimits::new(args.max_connections, args.max_connections_per_client),
+        auth: AuthLimit::per_core(2),
         enhanced,
     });
 

@@ -88,9 +88,14 @@ enum Command {
         /// are always refused. The file's list is reloaded on SIGHUP.
         #[arg(long, value_name = "CIDR")]
         deny: Vec<IpNet>,
-        /// Most control connections served at once; more are closed at accept [default: 4096].
+        /// Most control connections served at once, across all listeners; more are closed at
+        /// accept and counted [default: 4096].
         #[arg(long, value_name = "N")]
         max_connections: Option<usize>,
+        /// Most control connections from one client address; more are closed at accept and
+        /// counted [default: 256].
+        #[arg(long, value_name = "N")]
+        max_connections_per_client: Option<usize>,
         /// Who relays confirmed bindings: `xdp` (in the kernel) or `userspace` (for comparison
         /// and for interfaces without XDP). The XDP gate drops unsolicited UDP either way
         /// [default: xdp].
@@ -181,6 +186,7 @@ fn run(cli: Cli) -> Result<()> {
             resolvers,
             deny,
             max_connections,
+            max_connections_per_client,
             allow_listen,
             datapath,
             xdp_mode,
@@ -232,7 +238,12 @@ fn run(cli: Cli) -> Result<()> {
                 host_allow: or_file(allow_host_udp, file.host_flows),
                 listen: or_file(listen, f.listen),
                 resolvers: or_file(resolvers, file.resolvers),
-                max_connections: max_connections.or(f.max_connections).unwrap_or(4096),
+                max_connections: max_connections
+                    .or(f.max_connections)
+                    .unwrap_or(gateway::server::limits::DEFAULT_MAX_CONNECTIONS),
+                max_connections_per_client: max_connections_per_client
+                    .or(f.max_connections_per_client)
+                    .unwrap_or(gateway::server::limits::DEFAULT_MAX_CONNECTIONS_PER_CLIENT),
                 allow_listen: allow_listen || f.allow_listen.unwrap_or(false),
                 remove_gate_on_exit: remove_gate_on_exit || f.remove_gate_on_exit.unwrap_or(false),
             })

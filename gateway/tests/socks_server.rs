@@ -133,7 +133,7 @@ async fn truncated_messages_end_the_connection_task() {
     let gateway = Gateway::start(|services| {
         // One slot: a connection task that did not end would keep the next client out. A long
         // handshake timeout: the closes seen here are not timeouts.
-        services.max_connections = 1;
+        services.connections = gateway::server::limits::ConnectionLimits::new(1, 1);
         services.timeouts.handshake = Duration::from_mins(1);
         services.access.get_mut().users = Some(users("alice", "s3cret"));
     })
@@ -831,7 +831,10 @@ async fn bind_without_a_peer_times_out_with_01() {
 
 #[tokio::test]
 async fn connection_cap_closes_connections_over_it() {
-    let gateway = Gateway::start(|services| services.max_connections = 1).await;
+    let gateway = Gateway::start(|services| {
+        services.connections = gateway::server::limits::ConnectionLimits::new(1, 1);
+    })
+    .await;
     let first = connect_anonymous(&gateway).await;
     let mut second = gateway.connect().await;
     send(&mut second, &[0x05, 0x01, 0x00]).await;
@@ -839,6 +842,38 @@ async fn connection_cap_closes_connections_over_it() {
     drop(first);
     // The slot is released with the first connection.
     eventually_served(&gateway).await;
+}
+
+#[tokio::test]
+async fn connection_cap_per_client_address_leaves_other_clients_served() {
+    let gateway = Gateway::start(|services| {
+        services.connections = gateway::server::limits::ConnectionLimits::new(16, 2);
+    })
+    .await;
+    let busy: IpAddr = "127.0.0.2".parse().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = gateway.connect_from(busy).await;
+        send(&mut stream, &[0x05, 0x01, 0x00]).await;
+        let mut reply = [0u8; 2];
+        stream.read_exact(&mut reply).await.unwrap();
+        assert_eq!(reply, [0x05, 0x00]);
+        held.push(stream);
+    }
+    let mut third = gateway.connect_from(busy).await;
+    send(&mut third, &[0x05, 0x01, 0x00]).await;
+    assert_eq!(
+        read_until_closed(&mut third).await,
+        b"",
+        "a third connection from one address is closed"
+    );
+    // Another client address is served at the same time.
+    let mut other = gateway.connect_from("127.0.0.3".parse().unwrap()).await;
+    send(&mut other, &[0x05, 0x01, 0x00]).await;
+    let mut reply = [0u8; 2];
+    other.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply, [0x05, 0x00]);
+    assert_eq!(gateway.services.connections.refused(), (0, 1), "counted");
 }
 
 /// Retries until a new client gets its greeting answered (the previous task may still be

@@ -110,6 +110,12 @@ pub struct Config {
     /// Cap on half-bound bindings per authenticated user (anonymous connections are not counted
     /// per user; the per-connection and total caps still apply).
     pub max_half_bound_per_user: usize,
+    /// Cap on live bindings (half-bound and confirmed, one-step Opens included) per control
+    /// connection.
+    pub max_bindings_per_connection: usize,
+    /// Cap on live bindings per user across all their connections; an anonymous client counts
+    /// by its address.
+    pub max_bindings_per_user: usize,
     /// Cap on live bindings (half-bound and confirmed) on the gateway.
     pub max_bindings: usize,
     /// Cap on tombstones kept per connection; past it the oldest is forgotten (its TID is free
@@ -144,6 +150,8 @@ impl Default for Config {
             allow_port_zero_remote: false,
             max_half_bound_per_connection: 64,
             max_half_bound_per_user: 256,
+            max_bindings_per_connection: 1024,
+            max_bindings_per_user: 8192,
             max_bindings: 200_000,
             max_tombstones_per_connection: 1024,
             internal_ports: PortRange::new(40_000, 49_999),

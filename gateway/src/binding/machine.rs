@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::aid::AidSource;
 use super::config::{Config, ConfigError};
 use super::ports::RelayAllocator;
-use super::record::{Binding, ConnState, State, Tombstone};
+use super::record::{Binding, ConnState, Owner, State, Tombstone};
 use super::types::{
     Action, BindError, BindRequest, BindingInfo, BindingState, ConnId, Decision, Expired,
     ExpiryReason, Reply, ReplyCode, flags,
@@ -29,6 +29,8 @@ pub struct Bindings {
     pub(super) conns: HashMap<ConnId, ConnState>,
     /// Half-bound bindings per authenticated user.
     pub(super) users: HashMap<Arc<str>, usize>,
+    /// Live bindings per owner (user, or an anonymous client's address).
+    pub(super) owners: HashMap<Owner, usize>,
     /// Scheduled checks `(when, aid)`. A binding's entry may be earlier than its real deadline
     /// (traffic only moves `last_activity`); [`Bindings::on_timeout`] reschedules those.
     pub(super) timers: BTreeSet<(Instant, u32)>,
@@ -65,6 +67,7 @@ impl Bindings {
             tombstones: HashMap::new(),
             conns: HashMap::new(),
             users: HashMap::new(),
+            owners: HashMap::new(),
             timers: BTreeSet::new(),
             tomb_seq: 0,
         })
@@ -270,6 +273,13 @@ impl Bindings {
             return Vec::new();
         };
         self.timers.remove(&(binding.timer, aid));
+        let owner = binding.owner();
+        if let Some(count) = self.owners.get_mut(&owner) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.owners.remove(&owner);
+            }
+        }
         if let State::HalfBound { .. } = binding.state {
             self.uncount_half_bound(binding.conn, binding.user.as_deref());
         }
@@ -346,6 +356,11 @@ impl Bindings {
         assert_eq!(self.timers.len(), self.live.len());
         let conn_half: usize = self.conns.values().map(|c| c.half_bound).sum();
         assert_eq!(conn_half, half);
+        let mut owned: HashMap<Owner, usize> = HashMap::new();
+        for b in self.live.values() {
+            *owned.entry(b.owner()).or_insert(0) += 1;
+        }
+        assert_eq!(owned, self.owners, "live bindings per owner");
         for (aid, t) in &self.tombstones {
             let c = &self.conns[&t.conn];
             assert_eq!(c.tombs.get(&t.seq), Some(aid));

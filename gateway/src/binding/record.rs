@@ -30,6 +30,29 @@ pub(super) struct Binding {
     pub(super) timer: Instant,
 }
 
+/// Who a binding counts against for the per-user cap: its user, or for an anonymous client its
+/// address (so anonymous clients cannot share one unlimited pool).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Owner {
+    User(Arc<str>),
+    Address(IpAddr),
+}
+
+impl Owner {
+    pub(super) fn of(user: Option<&Arc<str>>, client: IpAddr) -> Self {
+        match user {
+            Some(user) => Self::User(Arc::clone(user)),
+            None => Self::Address(client.to_canonical()),
+        }
+    }
+}
+
+impl Binding {
+    pub(super) fn owner(&self) -> Owner {
+        Owner::of(self.user.as_ref(), self.local.ip())
+    }
+}
+
 /// Half-bound (admits nothing, waits for step 2) or confirmed (admits `remote`).
 #[derive(Clone, Copy)]
 pub(super) enum State {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::machine::Bindings;
-use super::record::{Binding, State, Wanted, after, canonical, ok_reply};
+use super::record::{Binding, Owner, State, Wanted, after, canonical, ok_reply};
 use super::types::{Action, BindError, BindRequest, ConnId, Decision, Family, flags};
 
 /// How many candidate AIDs are drawn before a request fails with `01`.
@@ -208,6 +208,15 @@ impl Bindings {
         if self.live.len() >= self.config.max_bindings {
             return Err(BindError::TotalCap);
         }
+        let live_on_conn = self.conns.get(&conn).map_or(0, |c| c.live.len());
+        if live_on_conn >= self.config.max_bindings_per_connection {
+            return Err(BindError::ConnectionCap);
+        }
+        let owner_user: Option<Arc<str>> = user.map(Arc::from);
+        let owner = Owner::of(owner_user.as_ref(), peer);
+        if self.owners.get(&owner).copied().unwrap_or(0) >= self.config.max_bindings_per_user {
+            return Err(BindError::UserCap);
+        }
         if step1 {
             let on_conn = self.conns.get(&conn).map_or(0, |c| c.half_bound);
             if on_conn >= self.config.max_half_bound_per_connection {
@@ -225,7 +234,7 @@ impl Bindings {
         let aid = self.draw_aid()?;
         let ports = self.ports.reserve(internal_family, external_ip, pair)?;
 
-        let user: Option<Arc<str>> = user.map(Arc::from);
+        let user = owner_user;
         let (state, timer) = if step1 {
             let expires = after(now, self.config.pending_timeout);
             (State::HalfBound { expires }, expires)
@@ -262,6 +271,8 @@ impl Bindings {
             }
         }
         self.timers.insert((timer, aid));
+        // Counted only now: every refusal above leaves nothing behind.
+        *self.owners.entry(owner).or_insert(0) += 1;
         self.live.insert(aid, binding);
         let reply_flags = if step1 {
             flags | flags::REMOTE_PENDING

@@ -72,13 +72,19 @@ async fn authenticate(
     let name = String::from_utf8_lossy(&request.username).into_owned();
     let now = Instant::now();
     let allowed = services.limiter.may_try(peer.ip(), now);
-    let ok = allowed
-        && services
-            .access
-            .get()
-            .users
-            .as_ref()
-            .is_some_and(|users| users.verify(&name, &request.password));
+    let ok = allowed && {
+        let access = services.access.get();
+        let (user, password) = (name.clone(), request.password.clone());
+        services
+            .auth
+            .run(move || {
+                access
+                    .users
+                    .as_ref()
+                    .is_some_and(|users| users.verify(&user, &password))
+            })
+            .await
+    };
     let logged = super::printable_user(Some(&name));
     let mut out = BytesMut::new();
     if ok {

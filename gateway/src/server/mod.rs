@@ -10,6 +10,7 @@ mod connect;
 pub mod connection;
 pub mod enhanced;
 mod handshake;
+pub mod limits;
 mod outside;
 pub mod policy;
 mod relay;
@@ -24,12 +25,17 @@ use std::{
 
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{Semaphore, watch},
+    sync::watch,
     task::JoinSet,
 };
 use tracing::{debug, info, warn};
 
-use self::{access::LiveAccess, auth::FailureLimiter, connection::Connection};
+use self::{
+    access::LiveAccess,
+    auth::FailureLimiter,
+    connection::Connection,
+    limits::{AuthLimit, ConnectionLimits, Refusal},
+};
 use crate::{
     gate::Gate,
     resolver::Resolver,
@@ -97,7 +103,10 @@ pub struct Services {
     /// ties nothing (in-process tests on loopback).
     pub internal_device: Option<String>,
     pub timeouts: Timeouts,
-    pub max_connections: usize,
+    /// Control connections in total and per client address, across every listener.
+    pub connections: ConnectionLimits,
+    /// Password verifications in flight (Argon2 on the blocking pool).
+    pub auth: AuthLimit,
     /// The enhanced UDP mode (CMD 04) and its binding table; `None` refuses CMD 04 with `07`.
     pub enhanced: Option<Arc<enhanced::EnhancedMode>>,
 }
@@ -136,7 +145,6 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) {
-    let slots = Arc::new(Semaphore::new(services.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
@@ -158,10 +166,18 @@ pub async fn run(
                     drop(stream);
                     continue;
                 }
-                let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-                    warn!(%peer, cap = services.max_connections, "connection cap reached; closing");
-                    drop(stream);
-                    continue;
+                let permit = match services.connections.admit(peer.ip()) {
+                    Ok(permit) => permit,
+                    Err(Refusal::Total) => {
+                        warn!(%peer, cap = services.connections.max_total(), "connection cap reached; closing");
+                        drop(stream);
+                        continue;
+                    }
+                    Err(Refusal::PerClient) => {
+                        warn!(%peer, cap = services.connections.max_per_client(), "connection cap of this client address reached; closing");
+                        drop(stream);
+                        continue;
+                    }
                 };
                 let services = Arc::clone(&services);
                 let mut stop = stop_rx.clone();

@@ -20,6 +20,7 @@ use gateway::{
         access::{Access, LiveAccess},
         auth::{FailureLimiter, Users, hash_line},
         enhanced::EnhancedMode,
+        limits::{AuthLimit, ConnectionLimits},
         policy::Policy,
     },
 };
@@ -62,7 +63,8 @@ pub fn loopback_services(gate: &MemoryGate) -> Services {
         },
         internal_device: None,
         timeouts: Timeouts::default(),
-        max_connections: 64,
+        connections: ConnectionLimits::new(64, 64),
+        auth: AuthLimit::per_core(2),
         enhanced: None,
     }
 }
@@ -157,6 +159,8 @@ pub fn binding_config((internal_ports, external_ports): (PortRange, PortRange)) 
 pub struct Gateway {
     pub addr: SocketAddr,
     pub gate: MemoryGate,
+    /// What the server runs with (its counters, its limits).
+    pub services: Arc<Services>,
     mode: Option<Arc<EnhancedMode>>,
     /// The `(internal, external)` block the enhanced mode was given, before any tweak.
     relay_ports: Option<(PortRange, PortRange)>,
@@ -198,12 +202,14 @@ impl Gateway {
             .unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(Arc::new(services), listener, async move {
+        let services = Arc::new(services);
+        let task = tokio::spawn(server::run(Arc::clone(&services), listener, async move {
             let _ = rx.await;
         }));
         Self {
             addr,
             gate,
+            services,
             mode,
             relay_ports,
             shutdown: Some(tx),

@@ -492,3 +492,81 @@ fn a_hundred_thousand_live_bindings_over_several_external_addresses() {
     assert_eq!(b.ports_in_use(), (0, 0));
     assert!(b.is_empty() && b.tombstones() == 0);
 }
+
+#[test]
+fn live_binding_cap_per_connection_counts_opens_and_confirmed_bindings() {
+    let mut gw = Gw::with(Config {
+        max_bindings_per_connection: 3,
+        ..test_config()
+    });
+    let first = gw.bind(A, step1(1), 0);
+    assert_eq!(code(&first), ReplyCode::Ok);
+    gw.bind(A, step2(1, first.reply.aid), 0);
+    assert_eq!(code(&gw.bind(A, open(2, source()), 0)), ReplyCode::Ok);
+    assert_eq!(code(&gw.bind(A, step1(3), 0)), ReplyCode::Ok);
+    let (in_use, _) = gw.b.ports_in_use();
+    let over = gw.bind(A, open(4, source()), 0);
+    assert_eq!(over.reply.error, Some(BindError::ConnectionCap));
+    assert_eq!(code(&over), ReplyCode::GeneralFailure);
+    assert!(over.actions.is_empty());
+    assert_eq!(gw.b.ports_in_use().0, in_use, "a refusal reserves nothing");
+    // Another connection binds normally meanwhile.
+    assert_eq!(code(&gw.bind(B, open(1, source()), 0)), ReplyCode::Ok);
+    // A release makes room on the capped connection.
+    gw.release(A, first.reply.aid, 1);
+    assert_eq!(code(&gw.bind(A, open(4, source()), 1)), ReplyCode::Ok);
+}
+
+#[test]
+fn live_binding_cap_per_user_and_per_anonymous_address() {
+    let mut gw = Gw::with(Config {
+        max_bindings_per_user: 2,
+        ..test_config()
+    });
+    let alice = Some("alice");
+    for conn in [ConnId(1), ConnId(2)] {
+        assert_eq!(
+            code(&gw.bind_as(conn, CLIENT, alice, open(1, source()), 0)),
+            ReplyCode::Ok
+        );
+    }
+    let over = gw.bind_as(ConnId(3), CLIENT, alice, open(1, source()), 0);
+    assert_eq!(over.reply.error, Some(BindError::UserCap));
+    assert_eq!(code(&over), ReplyCode::GeneralFailure);
+    // bob, at the same time, from the same address: his own count.
+    assert_eq!(
+        code(&gw.bind_as(ConnId(3), CLIENT, Some("bob"), open(1, source()), 0)),
+        ReplyCode::Ok
+    );
+    // Anonymous clients count by address: two connections from one host share the cap...
+    for conn in [ConnId(4), ConnId(5)] {
+        assert_eq!(
+            code(&gw.bind_as(conn, CLIENT_V6, None, open_from(CLIENT_V6, 1), 0)),
+            ReplyCode::Ok
+        );
+    }
+    let over = gw.bind_as(ConnId(6), CLIENT_V6, None, open_from(CLIENT_V6, 1), 0);
+    assert_eq!(over.reply.error, Some(BindError::UserCap));
+    // ...while another anonymous host binds normally.
+    assert_eq!(
+        code(&gw.bind_as(ConnId(7), CLIENT, None, open(1, source()), 0)),
+        ReplyCode::Ok
+    );
+    // Closing one of alice's connections gives her room again.
+    gw.b.on_connection_closed(ConnId(1));
+    assert_eq!(
+        code(&gw.bind_as(ConnId(3), CLIENT, alice, open(2, source()), 0)),
+        ReplyCode::Ok
+    );
+}
+
+/// A one-step Open from `client` (port 5000) to the IPv6 source.
+fn open_from(client: IpAddr, tid: u16) -> BindRequest {
+    req(
+        tid,
+        0,
+        SocketAddr::new(client, 5000),
+        Remote::Exact("[2001:db8:2::2]:6000".parse().unwrap()),
+        RSU,
+    )
+}
