@@ -289,6 +289,7 @@ async fn serve(
         timeouts: Timeouts::default(),
         connections: ConnectionLimits::new(args.max_connections, args.max_connections_per_client),
         auth: AuthLimit::per_core(2),
+        association_limits: gateway::server::AssociationLimits::default(),
         enhanced,
     });
 

@@ -12,8 +12,8 @@ use std::{
 use common::{
     gateway::{Gateway, resolver, users},
     io::{
-        IO_TIMEOUT, eventually, read_exact, read_until_closed, read_until_closed_within, recv_udp,
-        send, within,
+        IO_TIMEOUT, eventually, eventually_for, read_exact, read_until_closed,
+        read_until_closed_within, recv_udp, send, within,
     },
     peers::{LOCALHOST, REMOTE_HOST, fake_nameserver, tcp_counter, tcp_echo, udp_echo},
     socks::{
@@ -587,6 +587,66 @@ async fn udp_associate_relays_and_admits_exactly_the_remote_while_it_lives() {
         gate.entries().is_empty()
     })
     .await;
+}
+
+#[tokio::test]
+async fn udp_associate_caps_its_remotes_and_expires_idle_ones() {
+    let mut echoes = Vec::new();
+    for _ in 0..3 {
+        echoes.push(udp_echo(LOCALHOST).await);
+    }
+    let gateway = Gateway::start(|services| {
+        services.association_limits = gateway::server::AssociationLimits {
+            max_remotes: 2,
+            remote_idle: Duration::from_secs(1),
+        };
+    })
+    .await;
+    let gate = gateway.gate.clone();
+    let (_control, relay) = udp_associate(&gateway, ANY.parse().unwrap()).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for echo in &mut echoes[..2] {
+        client
+            .send_to(&udp_datagram(0, echo.addr, b"in"), relay)
+            .await
+            .unwrap();
+        assert_eq!(echo.next().await.1, b"in");
+        recv_udp(&client).await;
+    }
+    // A third remote is over the cap: not admitted, not sent to.
+    let third = echoes[2].addr;
+    client
+        .send_to(&udp_datagram(0, third, b"over"), relay)
+        .await
+        .unwrap();
+    // A second association binds and admits normally at the same time.
+    let (_other_control, other_relay) = udp_associate(&gateway, ANY.parse().unwrap()).await;
+    let other = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    other
+        .send_to(&udp_datagram(0, third, b"other"), other_relay)
+        .await
+        .unwrap();
+    assert_eq!(
+        echoes[2].next().await.1,
+        b"other",
+        "only the other association's"
+    );
+    assert_eq!(
+        gate.entries().iter().filter(|e| e.remote == third).count(),
+        1,
+        "the capped association did not admit the third remote"
+    );
+    // Once the first two are idle past the timeout, their entries go and the third gets in.
+    let first_two = [echoes[0].addr, echoes[1].addr];
+    eventually_for("idle remotes expire", Duration::from_secs(30), || {
+        !gate.entries().iter().any(|e| first_two.contains(&e.remote))
+    })
+    .await;
+    client
+        .send_to(&udp_datagram(0, third, b"later"), relay)
+        .await
+        .unwrap();
+    assert_eq!(echoes[2].next().await.1, b"later");
 }
 
 #[tokio::test]

@@ -205,28 +205,9 @@ impl Bindings {
         if pair && (local.port() == u16::MAX || wanted.port() == u16::MAX) {
             return Err(BindError::PairPortOverflow);
         }
-        if self.live.len() >= self.config.max_bindings {
-            return Err(BindError::TotalCap);
-        }
-        let live_on_conn = self.conns.get(&conn).map_or(0, |c| c.live.len());
-        if live_on_conn >= self.config.max_bindings_per_connection {
-            return Err(BindError::ConnectionCap);
-        }
         let owner_user: Option<Arc<str>> = user.map(Arc::from);
         let owner = Owner::of(owner_user.as_ref(), peer);
-        if self.owners.get(&owner).copied().unwrap_or(0) >= self.config.max_bindings_per_user {
-            return Err(BindError::UserCap);
-        }
-        if step1 {
-            let on_conn = self.conns.get(&conn).map_or(0, |c| c.half_bound);
-            if on_conn >= self.config.max_half_bound_per_connection {
-                return Err(BindError::ConnectionCap);
-            }
-            let of_user = user.map_or(0, |u| self.users.get(u).copied().unwrap_or(0));
-            if user.is_some() && of_user >= self.config.max_half_bound_per_user {
-                return Err(BindError::UserCap);
-            }
-        }
+        self.check_caps(conn, &owner, user, step1)?;
         let external_ip = self
             .config
             .external_ip_for(peer, family)
@@ -283,6 +264,38 @@ impl Bindings {
             reply: ok_reply(aid, reply_flags, &ports),
             actions,
         })
+    }
+
+    /// The caps a new binding must fit: the gateway's, its connection's and its owner's, and for
+    /// a half-bound one the half-bound caps.
+    fn check_caps(
+        &self,
+        conn: ConnId,
+        owner: &Owner,
+        user: Option<&str>,
+        step1: bool,
+    ) -> Result<(), BindError> {
+        if self.live.len() >= self.config.max_bindings {
+            return Err(BindError::TotalCap);
+        }
+        let live_on_conn = self.conns.get(&conn).map_or(0, |c| c.live.len());
+        if live_on_conn >= self.config.max_bindings_per_connection {
+            return Err(BindError::ConnectionCap);
+        }
+        if self.owners.get(owner).copied().unwrap_or(0) >= self.config.max_bindings_per_user {
+            return Err(BindError::UserCap);
+        }
+        if step1 {
+            let on_conn = self.conns.get(&conn).map_or(0, |c| c.half_bound);
+            if on_conn >= self.config.max_half_bound_per_connection {
+                return Err(BindError::ConnectionCap);
+            }
+            let of_user = user.map_or(0, |u| self.users.get(u).copied().unwrap_or(0));
+            if user.is_some() && of_user >= self.config.max_half_bound_per_user {
+                return Err(BindError::UserCap);
+            }
+        }
+        Ok(())
     }
 
     /// Port 0 and forbidden networks for a specific REMOTE.

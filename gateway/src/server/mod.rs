@@ -16,6 +16,8 @@ pub mod policy;
 mod relay;
 mod udp_associate;
 
+pub use self::udp_associate::AssociationLimits;
+
 use std::{
     future::Future,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -107,6 +109,8 @@ pub struct Services {
     pub connections: ConnectionLimits,
     /// Password verifications in flight (Argon2 on the blocking pool).
     pub auth: AuthLimit,
+    /// What one RFC 1928 UDP association may hold.
+    pub association_limits: AssociationLimits,
     /// The enhanced UDP mode (CMD 04) and its binding table; `None` refuses CMD 04 with `07`.
     pub enhanced: Option<Arc<enhanced::EnhancedMode>>,
 }

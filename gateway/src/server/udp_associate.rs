@@ -9,12 +9,13 @@
 //! connection.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
+    time::Duration,
 };
 
 use bytes::BytesMut;
-use tokio::net::UdpSocket;
+use tokio::{net::UdpSocket, time::Instant};
 use tracing::{debug, info, warn};
 
 use super::{
@@ -30,9 +31,33 @@ use crate::{
     socks::{Address, ReplyCode, UdpHeader},
 };
 
+/// What one RFC 1928 association may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct AssociationLimits {
+    /// Remotes admitted at once; past it, datagrams to new remotes are dropped and counted (the
+    /// kernel's binding map is shared by every client). Default 4096.
+    pub max_remotes: usize,
+    /// An admitted remote with no datagram either way for this long is removed (default: the
+    /// enhanced mode's binding idle timeout, 5 min); the client sending to it admits it again.
+    pub remote_idle: Duration,
+}
+
+impl Default for AssociationLimits {
+    fn default() -> Self {
+        Self {
+            max_remotes: 4096,
+            remote_idle: Duration::from_mins(5),
+        }
+    }
+}
+/// How often idle remotes are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(15);
+
 /// Counters of one association, logged when it ends.
 #[derive(Debug, Default)]
 struct AssociationStats {
+    dropped_remote_cap: u64,
+    remotes_expired: u64,
     to_remote: u64,
     to_client: u64,
     dropped_wrong_client: u64,
@@ -75,8 +100,11 @@ struct Association<'a> {
     inside: UdpSocket,
     outside_v4: Option<OutsideSocket>,
     outside_v6: Option<OutsideSocket>,
-    /// Remotes the client has sent to; each has a kernel entry.
-    admitted: HashSet<GateEntry>,
+    /// Remotes the client has sent to, each with a kernel entry, and when the userspace relay
+    /// last saw a datagram of it.
+    admitted: HashMap<GateEntry, Instant>,
+    remote_cap: usize,
+    remote_idle: Duration,
     stats: AssociationStats,
 }
 
@@ -125,7 +153,9 @@ pub async fn run(
         inside,
         outside_v4: None,
         outside_v6: None,
-        admitted: HashSet::new(),
+        admitted: HashMap::new(),
+        remote_cap: services.association_limits.max_remotes,
+        remote_idle: services.association_limits.remote_idle,
         stats: AssociationStats::default(),
     };
     send_success(&mut conn, relay_inside).await?;
@@ -147,8 +177,14 @@ impl Association<'_> {
     async fn serve(&mut self) -> std::io::Result<()> {
         // No buffer per association: wait for readiness, read into the thread's scratch buffer
         // and copy out exactly the datagram.
+        let period = SWEEP_EVERY
+            .min(self.remote_idle / 2)
+            .max(Duration::from_millis(100));
+        let mut sweep = tokio::time::interval(period);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = sweep.tick() => self.expire_idle_remotes(),
                 ready = self.inside.readable() => {
                     ready?;
                     match with_scratch(|buf| self.inside.try_recv_from(buf).map(|(len, from)| (buf[..len].to_vec(), from))) {
@@ -188,9 +224,10 @@ impl Association<'_> {
                 (received, data)
             })
         });
+        let relay = socket.local_addr();
         match read {
             Ok((received, data)) => {
-                self.on_remote_datagram(received, &data).await;
+                self.on_remote_datagram(received, relay, &data).await;
                 Ok(())
             }
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
@@ -226,7 +263,19 @@ impl Association<'_> {
             remote: target,
             relay,
         };
-        if !self.admitted.contains(&entry) {
+        if let Some(seen) = self.admitted.get_mut(&entry) {
+            *seen = Instant::now();
+        } else {
+            if self.admitted.len() >= self.remote_cap {
+                self.expire_idle_remotes();
+            }
+            if self.admitted.len() >= self.remote_cap {
+                if self.stats.dropped_remote_cap == 0 {
+                    warn!(peer = %self.peer, cap = self.remote_cap, "UDP association at its cap of remotes; datagrams to new remotes are dropped");
+                }
+                self.stats.dropped_remote_cap += 1;
+                return;
+            }
             // Admit the answer before the question leaves; where the datapath can, the kernel
             // relays this remote's datagrams (and the client's to it) from now on.
             let installed = match self.kernel_relay() {
@@ -239,7 +288,7 @@ impl Association<'_> {
                 return;
             }
             debug!(peer = %self.peer, remote = %target, relay = %entry.relay, "remote admitted");
-            self.admitted.insert(entry);
+            self.admitted.insert(entry, Instant::now());
         }
         let outside = if relay.is_ipv4() {
             &self.outside_v4
@@ -254,7 +303,7 @@ impl Association<'_> {
         }
     }
 
-    async fn on_remote_datagram(&mut self, received: Received, buf: &[u8]) {
+    async fn on_remote_datagram(&mut self, received: Received, relay: SocketAddr, buf: &[u8]) {
         let (len, from) = match received {
             Received::Datagram { len, from } => (len, from),
             Received::WrongInterface { from, ifindex } => {
@@ -264,10 +313,16 @@ impl Association<'_> {
             }
         };
         let from = SocketAddr::new(canonical(from.ip()), from.port());
-        if !self.admitted.iter().any(|entry| entry.remote == from) {
+        let entry = GateEntry {
+            remote: from,
+            relay,
+        };
+        // One hash lookup per datagram, whatever the number of remotes.
+        let Some(seen) = self.admitted.get_mut(&entry) else {
             self.stats.dropped_unknown_remote += 1;
             return;
-        }
+        };
+        *seen = Instant::now();
         let Some(client) = self.client.addr() else {
             return;
         };
@@ -303,6 +358,31 @@ impl Association<'_> {
         slot.as_ref().map(OutsideSocket::local_addr)
     }
 
+    /// Removes every remote with no datagram either way (in user space, or in the kernel by its
+    /// inbound entry's counters) for the idle timeout, with its kernel entry.
+    fn expire_idle_remotes(&mut self) {
+        let now = Instant::now();
+        let now_ns = crate::datapath::monotonic_ns();
+        let idle_ns = u64::try_from(self.remote_idle.as_nanos()).unwrap_or(u64::MAX);
+        let gate = &self.services.gate;
+        let before = self.admitted.len();
+        self.admitted.retain(|entry, seen| {
+            let kernel_active = gate.inbound_counters(*entry).is_some_and(|c| {
+                c.last_seen_ns != 0 && now_ns.saturating_sub(c.last_seen_ns) < idle_ns
+            });
+            let keep = kernel_active || now.duration_since(*seen) < self.remote_idle;
+            if !keep {
+                gate.remove(*entry);
+            }
+            keep
+        });
+        let expired = before - self.admitted.len();
+        if expired > 0 {
+            self.stats.remotes_expired += expired as u64;
+            debug!(peer = %self.peer, expired, "idle remotes of the UDP association removed");
+        }
+    }
+
     /// The kernel relay description of this association (RFC 1928 framing), once the client's
     /// address is known.
     fn kernel_relay(&self) -> Option<KernelRelay> {
@@ -319,7 +399,7 @@ impl Association<'_> {
 /// dropped mid-await when the server shuts down (or aborts it), and the entries must go then too.
 impl Drop for Association<'_> {
     fn drop(&mut self) {
-        for entry in &self.admitted {
+        for entry in self.admitted.keys() {
             self.services.gate.remove(*entry);
         }
         if let Some(relay) = self.kernel_relay() {

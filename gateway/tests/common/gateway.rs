@@ -65,6 +65,7 @@ pub fn loopback_services(gate: &MemoryGate) -> Services {
         timeouts: Timeouts::default(),
         connections: ConnectionLimits::new(64, 64),
         auth: AuthLimit::per_core(2),
+        association_limits: gateway::server::AssociationLimits::default(),
         enhanced: None,
     }
 }
