@@ -311,6 +311,11 @@ async fn serve(
             }
         }
     }
+    let watcher = tokio::spawn(follow_address_changes(
+        Arc::clone(&services),
+        args.external.clone(),
+        args.internal.clone(),
+    ));
     let control_path = gateway::control::socket_path(instance);
     let control = tokio::spawn({
         let (path, services) = (control_path.clone(), Arc::clone(&services));
@@ -364,6 +369,7 @@ async fn serve(
         let _ = server.await;
     }
     control.abort();
+    watcher.abort();
     let _ = std::fs::remove_file(&control_path);
     drop(services);
     if args.remove_gate_on_exit {
@@ -372,6 +378,58 @@ async fn serve(
         datapath.stop();
     }
     Ok(())
+}
+
+/// Keeps the policy's own addresses (the whole host's) current: on every address change the
+/// kernel announces over netlink, they are read again and put in force, for the SOCKS policy and
+/// the enhanced mode's forbidden remotes alike.
+async fn follow_address_changes(services: Arc<Services>, external: String, internal: String) {
+    let socket = match netif::address_changes().and_then(|fd| {
+        // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same for
+        // the AsyncFd's whole life.
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(std::io::Error::from)
+    }) {
+        Ok(socket) => socket,
+        Err(error) => {
+            warn!(%error, "cannot follow address changes (netlink); own addresses are refreshed on SIGHUP only");
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let Ok(mut ready) = socket.readable().await else {
+            return;
+        };
+        // Drain everything queued: one refresh covers a burst of changes.
+        while nix::sys::socket::recv(
+            std::os::fd::AsRawFd::as_raw_fd(socket.get_ref()),
+            &mut buf,
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .is_ok()
+        {}
+        ready.clear_ready();
+        let (Ok(ext), Ok(int)) = (netif::addresses(&external), netif::addresses(&internal)) else {
+            continue;
+        };
+        let own = access::own_addresses(&ext, &int);
+        let mut updated = (*services.access.get()).clone();
+        if updated.policy.own_addresses == own {
+            continue;
+        }
+        info!(
+            addresses = own.len(),
+            "host addresses changed; the policy follows"
+        );
+        updated.policy.own_addresses = own;
+        if let Some(mode) = &services.enhanced {
+            mode.set_forbidden_remotes(access::forbidden_remotes(&updated.policy));
+        }
+        services.access.replace(updated);
+    }
 }
 
 /// SIGHUP: reads the users file, the configuration file's policy and the interfaces' addresses

@@ -29,9 +29,19 @@ fn prefix_len(mask: IpAddr) -> u8 {
 
 /// Every IPv4 and IPv6 address of `interface`.
 pub fn addresses(interface: &str) -> std::io::Result<Vec<InterfaceAddress>> {
+    collect_addresses(Some(interface))
+}
+
+/// Every IPv4 and IPv6 address of every interface of the host (in this network namespace):
+/// management and container interfaces, loopback, addresses added after start.
+pub fn host_addresses() -> std::io::Result<Vec<InterfaceAddress>> {
+    collect_addresses(None)
+}
+
+fn collect_addresses(only: Option<&str>) -> std::io::Result<Vec<InterfaceAddress>> {
     let mut found = Vec::new();
     for ifaddr in getifaddrs().map_err(std::io::Error::from)? {
-        if ifaddr.interface_name != interface {
+        if only.is_some_and(|name| ifaddr.interface_name != name) {
             continue;
         }
         let Some(ip) = ifaddr.address.as_ref().and_then(ip_of) else {
@@ -63,6 +73,28 @@ pub fn primary(addresses: &[InterfaceAddress]) -> (Option<Ipv4Addr>, Option<Ipv6
         _ => None,
     });
     (v4, v6)
+}
+
+/// A netlink socket that becomes readable whenever an address is added to or removed from any
+/// interface (`RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR`). The messages themselves need not be
+/// parsed: each is a cue to read the addresses again.
+pub fn address_changes() -> std::io::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{
+        AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, socket,
+    };
+    const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+    const RTMGRP_IPV6_IFADDR: u32 = 0x100;
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &NetlinkAddr::new(0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR),
+    )?;
+    Ok(fd)
 }
 
 /// Ties a socket to `device` (`SO_BINDTODEVICE`) when one is given: it then receives only what

@@ -823,3 +823,36 @@ fn out_of_file_descriptors_the_daemon_answers_and_recovers() {
     assert!(out.status.success());
     assert!(gateway.is_running());
 }
+
+#[test]
+fn an_address_added_to_the_host_after_start_is_refused_as_a_connect_target() {
+    let bed = Testbed::new().unwrap();
+    let (gateway, _cleanup) = start_in_fw(&bed, &[]).unwrap();
+    let target: SocketAddr = "192.0.2.77:22".parse().unwrap();
+    let before = connect_reply(&bed, target);
+    assert!(
+        before.is_some_and(|code| code != 2),
+        "not the gateway's yet: tried, not refused by policy ({before:?})"
+    );
+    // A management interface appears on the gateway host (a veth pair: this kernel may have no
+    // dummy driver).
+    for args in [
+        &[
+            "link", "add", "mgmt0", "type", "veth", "peer", "name", "mgmt1",
+        ][..],
+        &["addr", "add", "192.0.2.77/32", "dev", "mgmt0"],
+        &["link", "set", "mgmt0", "up"],
+    ] {
+        integration_tests::run_checked(bed.fw.command("ip").args(args)).unwrap();
+    }
+    assert!(
+        gateway.wait_for_log("host addresses changed", 1, WAIT),
+        "the change is seen through netlink:\n{}",
+        gateway.log_text()
+    );
+    assert_eq!(
+        connect_reply(&bed, target),
+        Some(2),
+        "the host's new address is refused as a CONNECT target"
+    );
+}

@@ -11,7 +11,7 @@ use anyhow::{Context as _, Result, bail};
 use gateway::{
     binding,
     config::FileConfig,
-    netif,
+    netif::{self, InterfaceAddress},
     server::{access::Access, auth::Users, policy::Policy},
 };
 use ipnet::IpNet;
@@ -66,13 +66,26 @@ impl AccessSource {
             allow_anonymous,
             users,
             policy: Policy {
-                own_addresses: external.iter().chain(&internal).map(|a| a.ip).collect(),
+                own_addresses: own_addresses(&external, &internal),
                 deny,
                 allow_loopback: false,
             },
             clients,
         })
     }
+}
+
+/// Every address of the gateway host: both interfaces' and every other interface's (a
+/// management or container interface), so no CONNECT or remote reaches the host itself.
+pub fn own_addresses(external: &[InterfaceAddress], internal: &[InterfaceAddress]) -> Vec<IpAddr> {
+    let mut own: Vec<IpAddr> = external.iter().chain(internal).map(|a| a.ip).collect();
+    match netif::host_addresses() {
+        Ok(host) => own.extend(host.iter().map(|a| a.ip)),
+        Err(error) => tracing::warn!(%error, "read the host's addresses"),
+    }
+    own.sort_unstable();
+    own.dedup();
+    own
 }
 
 /// The first list that is not empty (the command line's replaces the file's, which replaces the
