@@ -25,7 +25,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::datapath::HostFlow;
+use crate::{binding::PortRange, datapath::HostFlow};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -64,6 +64,8 @@ pub struct FileConfig {
     pub allow_listen: Option<bool>,
     pub allow_clients: Vec<IpNet>,
     pub remove_gate_on_exit: Option<bool>,
+    pub internal_ports: Option<String>,
+    pub external_ports: Option<String>,
 }
 
 /// A file's values, checked.
@@ -72,6 +74,8 @@ pub struct Checked {
     pub file: FileConfig,
     pub host_flows: Vec<HostFlow>,
     pub resolvers: Vec<SocketAddr>,
+    pub internal_ports: Option<PortRange>,
+    pub external_ports: Option<PortRange>,
 }
 
 /// `IP` or `IP:PORT` (port 53 when absent).
@@ -135,6 +139,14 @@ pub fn parse(text: &str, origin: &str) -> Result<Checked, ConfigError> {
             "must be at least 1".into(),
         ));
     }
+    let port_range = |key: &str, text: &Option<String>| {
+        text.as_deref()
+            .map(PortRange::parse)
+            .transpose()
+            .map_err(|m| value_error(key.into(), m))
+    };
+    let internal_ports = port_range("internal_ports", &file.internal_ports)?;
+    let external_ports = port_range("external_ports", &file.external_ports)?;
     if file.max_bindings == Some(0) {
         return Err(value_error(
             "max_bindings".into(),
@@ -145,6 +157,8 @@ pub fn parse(text: &str, origin: &str) -> Result<Checked, ConfigError> {
         file,
         host_flows,
         resolvers,
+        internal_ports,
+        external_ports,
     })
 }
 
@@ -209,6 +223,10 @@ mod tests {
         assert!(parse("max_connections = 0", "gw.toml").is_err());
         assert!(parse("deny = [\"10.0.0.0/33\"]", "gw.toml").is_err());
         assert!(parse("allow_clients = [\"inside\"]", "gw.toml").is_err());
+        let ports = parse("external_ports = \"40000-30000\"", "gw.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(ports.contains("`external_ports`"), "{ports}");
     }
 
     #[test]

@@ -79,6 +79,8 @@ pub struct DaemonArgs {
     pub allow_listen: bool,
     /// Detach and unpin the gate after a clean stop (the firewall is open afterwards).
     pub remove_gate_on_exit: bool,
+    pub internal_ports: binding::PortRange,
+    pub external_ports: binding::PortRange,
 }
 
 pub fn run(args: DaemonArgs) -> Result<()> {
@@ -209,6 +211,8 @@ async fn serve(
         );
         return Ok(());
     }
+
+    reserve_relay_ports(&args, instance)?;
 
     let mut config = DatapathConfig::new(
         instance.clone(),
@@ -380,6 +384,35 @@ async fn serve(
     Ok(())
 }
 
+/// Keeps the relay port ranges for the gateway: refused if a port in them is in use now,
+/// reserved otherwise (recorded in the run directory for `gateway detach`).
+fn reserve_relay_ports(args: &DaemonArgs, instance: &Instance) -> Result<()> {
+    use gateway::reserved_ports;
+    let ranges = [args.internal_ports.ports(), args.external_ports.ports()];
+    let busy = reserved_ports::in_use(&ranges, 5);
+    if !busy.is_empty() {
+        let listed: Vec<String> = busy.iter().map(|(p, port)| format!("{p} {port}")).collect();
+        bail!(
+            "the relay port ranges {} (internal) and {} (external) hold ports in use: {}; free \
+             them or choose other ranges (--internal-ports, --external-ports)",
+            args.internal_ports.first.to_string() + "-" + &args.internal_ports.last.to_string(),
+            args.external_ports.first.to_string() + "-" + &args.external_ports.last.to_string(),
+            listed.join(", ")
+        );
+    }
+    let record = instance.run_dir().join(crate::RESERVED_PORTS_RECORD);
+    match reserved_ports::reserve(&ranges, &record) {
+        Ok(added) => info!(
+            reserved = %reserved_ports::format(&added),
+            "relay ports reserved (net.ipv4.ip_local_reserved_ports)"
+        ),
+        Err(error) => {
+            warn!(%error, "could not reserve the relay ports; ephemeral binds may take some");
+        }
+    }
+    Ok(())
+}
+
 /// Keeps the policy's own addresses (the whole host's) current: on every address change the
 /// kernel announces over netlink, they are read again and put in force, for the SOCKS policy and
 /// the enhanced mode's forbidden remotes alike.
@@ -488,6 +521,8 @@ fn enhanced_mode(
         allow_listen: args.allow_listen,
         // A confirmed RTP pair takes two kernel entries; UDP ASSOCIATE shares the map.
         max_bindings: usize::try_from(args.max_bindings / 2).unwrap_or(usize::MAX),
+        internal_ports: args.internal_ports,
+        external_ports: args.external_ports,
         ..binding::Config::default()
     };
     if config.internal_ips.is_empty() || config.external_ips.is_empty() {

@@ -3,6 +3,7 @@
 //! - [`datapath`] loads, attaches, pins and detaches the eBPF programs and their maps.
 //! - [`instance`] names a running gateway and guards it with a lock file.
 //! - [`stats`] reads the pinned exit counters of a running gateway.
+//! - [`reserved_ports`] keeps the relay port ranges out of the kernel's ephemeral ports.
 //! - [`socks`] and [`binding`] are the sans-IO protocol core.
 
 pub mod binding;
@@ -13,6 +14,7 @@ pub mod datapath;
 pub mod gate;
 pub mod instance;
 pub mod netif;
+pub mod reserved_ports;
 pub mod resolver;
 pub mod rtsp;
 pub mod server;

@@ -9,6 +9,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use gateway::{
+    binding::PortRange,
     datapath::HostFlow,
     instance::{DEFAULT_INSTANCE, Instance},
     stats,
@@ -109,6 +110,15 @@ enum Command {
         /// datagrams from any remote to the relay port reach the client. Off: refused with 02.
         #[arg(long)]
         allow_listen: bool,
+        /// Client-side relay ports of the enhanced mode, FIRST-LAST [default: 40000-49999].
+        /// Reserved for the gateway at start (`net.ipv4.ip_local_reserved_ports`, released by
+        /// `gateway detach`); a range holding a port in use is refused.
+        #[arg(long, value_name = "FIRST-LAST", value_parser = PortRange::parse)]
+        internal_ports: Option<PortRange>,
+        /// Remote-side relay ports of the enhanced mode, for each external address,
+        /// FIRST-LAST [default: 30000-39999]. Reserved like --internal-ports.
+        #[arg(long, value_name = "FIRST-LAST", value_parser = PortRange::parse)]
+        external_ports: Option<PortRange>,
         /// After a clean stop (SIGINT/SIGTERM), detach and unpin the gate, which opens the
         /// firewall. Off: the gate stays attached and dropping until `gateway detach`.
         #[arg(long)]
@@ -125,9 +135,9 @@ enum Command {
         json: bool,
     },
     /// Remove the gate of a stopped or dead gateway: its XDP and tc links (the gate opens: unsolicited
-    /// UDP reaches the host again), its pinned maps and its run directory. The gateway installs
-    /// no tc filters or port reservations besides. Refuses while the instance's daemon is alive:
-    /// stop it (SIGTERM) first, then detach.
+    /// UDP reaches the host again), its pinned maps, the relay ports it reserved and its run
+    /// directory. The gateway installs no tc filters besides. Refuses while the instance's
+    /// daemon is alive: stop it (SIGTERM) first, then detach.
     Detach {
         /// Instance name of the gateway to remove.
         #[arg(long, value_name = "NAME", default_value = DEFAULT_INSTANCE)]
@@ -191,6 +201,8 @@ fn run(cli: Cli) -> Result<()> {
             datapath,
             xdp_mode,
             remove_gate_on_exit,
+            internal_ports,
+            external_ports,
         } => {
             let file = match &config {
                 Some(path) => gateway::config::load(path)?,
@@ -246,6 +258,12 @@ fn run(cli: Cli) -> Result<()> {
                     .unwrap_or(gateway::server::limits::DEFAULT_MAX_CONNECTIONS_PER_CLIENT),
                 allow_listen: allow_listen || f.allow_listen.unwrap_or(false),
                 remove_gate_on_exit: remove_gate_on_exit || f.remove_gate_on_exit.unwrap_or(false),
+                internal_ports: internal_ports
+                    .or(file.internal_ports)
+                    .unwrap_or(gateway::binding::Config::default().internal_ports),
+                external_ports: external_ports
+                    .or(file.external_ports)
+                    .unwrap_or(gateway::binding::Config::default().external_ports),
             })
         }
         Command::Bindings { instance, json } => show_bindings(&instance, json),
@@ -274,6 +292,9 @@ fn show_bindings(instance: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Where a daemon records the relay ports it reserved, in its run directory.
+pub const RESERVED_PORTS_RECORD: &str = "reserved_ports";
+
 /// `gateway detach`: remove what a dead instance left attached and pinned.
 fn detach(instance: &str) -> Result<()> {
     let instance = Instance::new(instance)?;
@@ -284,7 +305,15 @@ fn detach(instance: &str) -> Result<()> {
             instance.name()
         );
     }
-    let removed = gateway::datapath::remove_pins(&instance.pin_dir());
+    let mut removed = gateway::datapath::remove_pins(&instance.pin_dir());
+    match gateway::reserved_ports::release(&instance.run_dir().join(RESERVED_PORTS_RECORD)) {
+        Ok(Some(ports)) => removed.push(format!(
+            "reserved ports {}",
+            gateway::reserved_ports::format(&ports)
+        )),
+        Ok(None) => {}
+        Err(error) => eprintln!("gateway: could not release the reserved relay ports: {error}"),
+    }
     let _ = std::fs::remove_dir_all(instance.run_dir());
     if removed.is_empty() {
         println!("nothing pinned for instance {}", instance.name());

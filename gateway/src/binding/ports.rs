@@ -25,6 +25,30 @@ impl PortRange {
         PortRange { first, last }
     }
 
+    /// Parses `FIRST-LAST` (a non-empty range without port 0).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (first, last) = text
+            .split_once('-')
+            .ok_or_else(|| format!("{text:?}: expected FIRST-LAST"))?;
+        let port = |s: &str| {
+            s.trim()
+                .parse::<u16>()
+                .map_err(|_| format!("{text:?}: {s:?} is not a port"))
+        };
+        let range = Self::new(port(first)?, port(last)?);
+        if range.first == 0 || range.first > range.last {
+            return Err(format!(
+                "{text:?}: must be non-empty and must not contain port 0"
+            ));
+        }
+        Ok(range)
+    }
+
+    /// The same ports as a `RangeInclusive`.
+    pub fn ports(&self) -> std::ops::RangeInclusive<u16> {
+        self.first..=self.last
+    }
+
     /// How many ports the range holds (0 if `first > last`).
     pub fn len(&self) -> usize {
         if self.first > self.last {
