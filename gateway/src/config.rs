@@ -66,6 +66,9 @@ pub struct FileConfig {
     pub remove_gate_on_exit: Option<bool>,
     pub internal_ports: Option<String>,
     pub external_ports: Option<String>,
+    pub max_bindings_per_connection: Option<usize>,
+    pub max_bindings_per_user: Option<usize>,
+    pub max_remotes_per_association: Option<usize>,
 }
 
 /// A file's values, checked.
@@ -133,11 +136,24 @@ pub fn parse(text: &str, origin: &str) -> Result<Checked, ConfigError> {
             "must be at least 1".into(),
         ));
     }
-    if file.max_connections_per_client == Some(0) {
-        return Err(value_error(
-            "max_connections_per_client".into(),
-            "must be at least 1".into(),
-        ));
+    for (key, value) in [
+        (
+            "max_connections_per_client",
+            file.max_connections_per_client,
+        ),
+        (
+            "max_bindings_per_connection",
+            file.max_bindings_per_connection,
+        ),
+        ("max_bindings_per_user", file.max_bindings_per_user),
+        (
+            "max_remotes_per_association",
+            file.max_remotes_per_association,
+        ),
+    ] {
+        if value == Some(0) {
+            return Err(value_error(key.into(), "must be at least 1".into()));
+        }
     }
     let port_range = |key: &str, text: &Option<String>| {
         text.as_deref()

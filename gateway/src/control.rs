@@ -57,7 +57,22 @@ pub fn bindings_document(services: &Services) -> Value {
             })
         })
         .collect();
-    json!({ "enhanced_bindings": enhanced, "kernel_entries": kernel })
+    let (refused_total, refused_per_client) = services.connections.refused();
+    let caps_hit = services
+        .enhanced
+        .as_ref()
+        .map_or([0; 3], |mode| mode.caps_hit());
+    let limits = json!({
+        "connections": services.connections.held(),
+        "max_connections": services.connections.max_total(),
+        "max_connections_per_client": services.connections.max_per_client(),
+        "connections_refused_total_cap": refused_total,
+        "connections_refused_per_client_cap": refused_per_client,
+        "bindings_refused_connection_cap": caps_hit[0],
+        "bindings_refused_user_cap": caps_hit[1],
+        "bindings_refused_total_cap": caps_hit[2],
+    });
+    json!({ "enhanced_bindings": enhanced, "kernel_entries": kernel, "limits": limits })
 }
 
 /// Serves the control socket until the task is dropped.

@@ -81,6 +81,9 @@ pub struct DaemonArgs {
     pub remove_gate_on_exit: bool,
     pub internal_ports: binding::PortRange,
     pub external_ports: binding::PortRange,
+    pub max_bindings_per_connection: usize,
+    pub max_bindings_per_user: usize,
+    pub max_remotes_per_association: usize,
 }
 
 pub fn run(args: DaemonArgs) -> Result<()> {
@@ -293,7 +296,10 @@ async fn serve(
         timeouts: Timeouts::default(),
         connections: ConnectionLimits::new(args.max_connections, args.max_connections_per_client),
         auth: AuthLimit::per_core(2),
-        association_limits: gateway::server::AssociationLimits::default(),
+        association_limits: gateway::server::AssociationLimits {
+            max_remotes: args.max_remotes_per_association,
+            ..gateway::server::AssociationLimits::default()
+        },
         enhanced,
     });
 
@@ -523,6 +529,8 @@ fn enhanced_mode(
         max_bindings: usize::try_from(args.max_bindings / 2).unwrap_or(usize::MAX),
         internal_ports: args.internal_ports,
         external_ports: args.external_ports,
+        max_bindings_per_connection: args.max_bindings_per_connection,
+        max_bindings_per_user: args.max_bindings_per_user,
         ..binding::Config::default()
     };
     if config.internal_ips.is_empty() || config.external_ips.is_empty() {

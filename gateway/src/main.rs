@@ -39,91 +39,7 @@ enum Command {
     /// pinned under /sys/fs/bpf/gateway/INSTANCE/: a stop, a crash or a failed start leaves the
     /// gate attached and dropping (the next daemon takes it over); only `gateway detach` or
     /// --remove-gate-on-exit removes it.
-    Run {
-        /// A TOML file with any of these settings (keys as the flags, `_` for `-`); flags given
-        /// here win over the file. Unknown keys are errors.
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// Interface facing the untrusted side (where unsolicited UDP arrives and is dropped).
-        #[arg(long, value_name = "IFACE")]
-        external: Option<String>,
-        /// Interface facing the protected clients.
-        #[arg(long, value_name = "IFACE")]
-        internal: Option<String>,
-        /// Instance name: separates pinned objects and lock files of several gateways on one host
-        /// [default: gateway].
-        #[arg(long, value_name = "NAME")]
-        instance: Option<String>,
-        /// Capacity of the kernel binding map [default: 65536].
-        #[arg(long, value_name = "N")]
-        max_bindings: Option<u32>,
-        /// Admit one exact UDP flow the host itself needs on the external interface (NTP, DHCP,
-        /// a resolver's replies): `REMOTE_IP:PORT,LOCAL_IP:PORT`. Repeat for more. Everything else
-        /// that no binding admits is dropped.
-        #[arg(long = "allow-host-udp", value_name = "REMOTE,LOCAL", value_parser = HostFlow::parse)]
-        allow_host_udp: Vec<HostFlow>,
-        /// Address for SOCKS5 control connections (repeat for more). Default: every address of
-        /// the internal interface, port 1080. Listeners are tied to the internal interface, and
-        /// TCP to them arriving on the external one is dropped; an external address is refused.
-        #[arg(long, value_name = "IP:PORT")]
-        listen: Vec<SocketAddr>,
-        /// A network control connections are accepted from (repeat for more); connections from
-        /// anywhere else are closed at accept. Default: the internal interface's networks.
-        /// Reloaded on SIGHUP.
-        #[arg(long = "allow-clients", value_name = "CIDR")]
-        allow_clients: Vec<IpNet>,
-        /// Users file of NAME:ARGON2ID-HASH lines (make lines with `gateway passwd NAME`).
-        /// Reloaded on SIGHUP: a removed user's sessions end; a file that does not load is
-        /// refused and the previous users stay.
-        #[arg(long, value_name = "FILE")]
-        users: Option<PathBuf>,
-        /// Accept clients without authentication (SOCKS method 00).
-        #[arg(long)]
-        allow_anonymous: bool,
-        /// Nameserver for domain names in SOCKS requests, IP or IP:PORT (repeat for more).
-        /// Default: the nameservers of /etc/resolv.conf. Their replies are allow-listed exactly.
-        #[arg(long = "resolver", value_name = "IP[:PORT]", value_parser = parse_resolver)]
-        resolvers: Vec<SocketAddr>,
-        /// A network clients may not reach through the gateway (repeat for more). The internal
-        /// interface's networks, the gateway's own addresses, loopback, multicast and broadcast
-        /// are always refused. The file's list is reloaded on SIGHUP.
-        #[arg(long, value_name = "CIDR")]
-        deny: Vec<IpNet>,
-        /// Most control connections served at once, across all listeners; more are closed at
-        /// accept and counted [default: 4096].
-        #[arg(long, value_name = "N")]
-        max_connections: Option<usize>,
-        /// Most control connections from one client address; more are closed at accept and
-        /// counted [default: 256].
-        #[arg(long, value_name = "N")]
-        max_connections_per_client: Option<usize>,
-        /// Who relays confirmed bindings: `xdp` (in the kernel) or `userspace` (for comparison
-        /// and for interfaces without XDP). The XDP gate drops unsolicited UDP either way
-        /// [default: xdp].
-        #[arg(long, value_enum)]
-        datapath: Option<daemon::DatapathKind>,
-        /// XDP attach mode of the gate: `auto` (driver, else generic), `driver` or `generic`.
-        /// On veth, generic mode avoids the skb copy that native XDP causes.
-        #[arg(long, value_enum, default_value = "auto")]
-        xdp_mode: XdpModeArg,
-        /// Let an enhanced-mode step 2 with an unspecified REMOTE confirm a UDP Listen binding:
-        /// datagrams from any remote to the relay port reach the client. Off: refused with 02.
-        #[arg(long)]
-        allow_listen: bool,
-        /// Client-side relay ports of the enhanced mode, FIRST-LAST [default: 40000-49999].
-        /// Reserved for the gateway at start (`net.ipv4.ip_local_reserved_ports`, released by
-        /// `gateway detach`); a range holding a port in use is refused.
-        #[arg(long, value_name = "FIRST-LAST", value_parser = PortRange::parse)]
-        internal_ports: Option<PortRange>,
-        /// Remote-side relay ports of the enhanced mode, for each external address,
-        /// FIRST-LAST [default: 30000-39999]. Reserved like --internal-ports.
-        #[arg(long, value_name = "FIRST-LAST", value_parser = PortRange::parse)]
-        external_ports: Option<PortRange>,
-        /// After a clean stop (SIGINT/SIGTERM), detach and unpin the gate, which opens the
-        /// firewall. Off: the gate stays attached and dropping until `gateway detach`.
-        #[arg(long)]
-        remove_gate_on_exit: bool,
-    },
+    Run(RunArgs),
     /// List the live bindings of a running gateway: enhanced-mode bindings with their owner (user,
     /// control peer), state and addresses, and every kernel entry with its counters.
     Bindings {
@@ -163,6 +79,106 @@ enum Command {
     RtspGet(gateway::rtsp::cli::RtspGetArgs),
 }
 
+/// The flags of `gateway run` (see `gateway run --help`).
+#[derive(clap::Args)]
+struct RunArgs {
+    /// A TOML file with any of these settings (keys as the flags, `_` for `-`); flags given
+    /// here win over the file. Unknown keys are errors.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Interface facing the untrusted side (where unsolicited UDP arrives and is dropped).
+    #[arg(long, value_name = "IFACE")]
+    external: Option<String>,
+    /// Interface facing the protected clients.
+    #[arg(long, value_name = "IFACE")]
+    internal: Option<String>,
+    /// Instance name: separates pinned objects and lock files of several gateways on one host
+    /// [default: gateway].
+    #[arg(long, value_name = "NAME")]
+    instance: Option<String>,
+    /// Capacity of the kernel binding map [default: 65536].
+    #[arg(long, value_name = "N")]
+    max_bindings: Option<u32>,
+    /// Admit one exact UDP flow the host itself needs on the external interface (NTP, DHCP,
+    /// a resolver's replies): `REMOTE_IP:PORT,LOCAL_IP:PORT`. Repeat for more. Everything else
+    /// that no binding admits is dropped.
+    #[arg(long = "allow-host-udp", value_name = "REMOTE,LOCAL", value_parser = HostFlow::parse)]
+    allow_host_udp: Vec<HostFlow>,
+    /// Address for SOCKS5 control connections (repeat for more). Default: every address of
+    /// the internal interface, port 1080. Listeners are tied to the internal interface, and
+    /// TCP to them arriving on the external one is dropped; an external address is refused.
+    #[arg(long, value_name = "IP:PORT")]
+    listen: Vec<SocketAddr>,
+    /// A network control connections are accepted from (repeat for more); connections from
+    /// anywhere else are closed at accept. Default: the internal interface's networks.
+    /// Reloaded on SIGHUP.
+    #[arg(long = "allow-clients", value_name = "CIDR")]
+    allow_clients: Vec<IpNet>,
+    /// Users file of NAME:ARGON2ID-HASH lines (make lines with `gateway passwd NAME`).
+    /// Reloaded on SIGHUP: a removed user's sessions end; a file that does not load is
+    /// refused and the previous users stay.
+    #[arg(long, value_name = "FILE")]
+    users: Option<PathBuf>,
+    /// Accept clients without authentication (SOCKS method 00).
+    #[arg(long)]
+    allow_anonymous: bool,
+    /// Nameserver for domain names in SOCKS requests, IP or IP:PORT (repeat for more).
+    /// Default: the nameservers of /etc/resolv.conf. Their replies are allow-listed exactly.
+    #[arg(long = "resolver", value_name = "IP[:PORT]", value_parser = parse_resolver)]
+    resolvers: Vec<SocketAddr>,
+    /// A network clients may not reach through the gateway (repeat for more). The internal
+    /// interface's networks, the gateway's own addresses, loopback, multicast and broadcast
+    /// are always refused. The file's list is reloaded on SIGHUP.
+    #[arg(long, value_name = "CIDR")]
+    deny: Vec<IpNet>,
+    /// Most control connections served at once, across all listeners; more are closed at
+    /// accept and counted [default: 4096].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Most control connections from one client address; more are closed at accept and
+    /// counted [default: 256].
+    #[arg(long, value_name = "N")]
+    max_connections_per_client: Option<usize>,
+    /// Who relays confirmed bindings: `xdp` (in the kernel) or `userspace` (for comparison
+    /// and for interfaces without XDP). The XDP gate drops unsolicited UDP either way
+    /// [default: xdp].
+    #[arg(long, value_enum)]
+    datapath: Option<daemon::DatapathKind>,
+    /// XDP attach mode of the gate: `auto` (driver, else generic), `driver` or `generic`.
+    /// On veth, generic mode avoids the skb copy that native XDP causes.
+    #[arg(long, value_enum, default_value = "auto")]
+    xdp_mode: XdpModeArg,
+    /// Let an enhanced-mode step 2 with an unspecified REMOTE confirm a UDP Listen binding:
+    /// datagrams from any remote to the relay port reach the client. Off: refused with 02.
+    #[arg(long)]
+    allow_listen: bool,
+    /// Most live enhanced-mode bindings per control connection (half-bound, confirmed and
+    /// one-step Opens); more get `01` and are counted [default: 1024].
+    #[arg(long, value_name = "N")]
+    max_bindings_per_connection: Option<usize>,
+    /// Most live enhanced-mode bindings per user across all their connections; an anonymous
+    /// client counts by its address [default: 8192].
+    #[arg(long, value_name = "N")]
+    max_bindings_per_user: Option<usize>,
+    /// Most remotes one RFC 1928 UDP ASSOCIATE admits at once; datagrams to more are dropped
+    /// and counted [default: 4096].
+    #[arg(long, value_name = "N")]
+    max_remotes_per_association: Option<usize>,
+    /// Client-side relay ports of the enhanced mode, FIRST-LAST [default: 40000-49999].
+    /// Reserved for the gateway at start (`net.ipv4.ip_local_reserved_ports`, released by
+    /// `gateway detach`); a range holding a port in use is refused.
+    #[arg(long, value_name = "FIRST-LAST", value_parser = PortRange::parse)]
+    internal_ports: Option<PortRange>,
+    /// Remote-side relay ports of the enhanced mode, for each external address,
+    /// FIRST-LAST [default: 30000-39999]. Reserved like --internal-ports.
+    #[arg(long, value_name = "FIRST-LAST", value_parser = PortRange::parse)]
+    external_ports: Option<PortRange>,
+    /// After a clean stop (SIGINT/SIGTERM), detach and unpin the gate, which opens the
+    /// firewall. Off: the gate stays attached and dropping until `gateway detach`.
+    #[arg(long)]
+    remove_gate_on_exit: bool,
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -182,90 +198,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run {
-            config,
-            external,
-            internal,
-            instance,
-            max_bindings,
-            allow_host_udp,
-            listen,
-            allow_clients,
-            users,
-            allow_anonymous,
-            resolvers,
-            deny,
-            max_connections,
-            max_connections_per_client,
-            allow_listen,
-            datapath,
-            xdp_mode,
-            remove_gate_on_exit,
-            internal_ports,
-            external_ports,
-        } => {
-            let file = match &config {
-                Some(path) => gateway::config::load(path)?,
-                None => gateway::config::Checked::default(),
-            };
-            let f = file.file;
-            // A flag given on the command line wins over the file; lists replace, not merge.
-            let datapath = match datapath {
-                Some(datapath) => datapath,
-                None if f.datapath.as_deref() == Some("userspace") => {
-                    daemon::DatapathKind::Userspace
-                }
-                None => daemon::DatapathKind::Xdp,
-            };
-            let external = external.or(f.external).context(
-                "no external interface: give --external IFACE (or `external` in --config)",
-            )?;
-            let internal = internal.or(f.internal).context(
-                "no internal interface: give --internal IFACE (or `internal` in --config)",
-            )?;
-            daemon::run(daemon::DaemonArgs {
-                datapath,
-                xdp_mode: match xdp_mode {
-                    XdpModeArg::Auto => gateway::datapath::XdpAttachMode::Auto,
-                    XdpModeArg::Driver => gateway::datapath::XdpAttachMode::Driver,
-                    XdpModeArg::Generic => gateway::datapath::XdpAttachMode::Generic,
-                },
-                access: daemon::AccessSource {
-                    config,
-                    users,
-                    allow_anonymous,
-                    deny,
-                    clients: allow_clients,
-                    external: external.clone(),
-                    internal: internal.clone(),
-                },
-                external,
-                internal,
-                instance: instance
-                    .or(f.instance)
-                    .unwrap_or_else(|| DEFAULT_INSTANCE.to_owned()),
-                max_bindings: max_bindings
-                    .or(f.max_bindings)
-                    .unwrap_or(DEFAULT_MAX_BINDINGS),
-                host_allow: or_file(allow_host_udp, file.host_flows),
-                listen: or_file(listen, f.listen),
-                resolvers: or_file(resolvers, file.resolvers),
-                max_connections: max_connections
-                    .or(f.max_connections)
-                    .unwrap_or(gateway::server::limits::DEFAULT_MAX_CONNECTIONS),
-                max_connections_per_client: max_connections_per_client
-                    .or(f.max_connections_per_client)
-                    .unwrap_or(gateway::server::limits::DEFAULT_MAX_CONNECTIONS_PER_CLIENT),
-                allow_listen: allow_listen || f.allow_listen.unwrap_or(false),
-                remove_gate_on_exit: remove_gate_on_exit || f.remove_gate_on_exit.unwrap_or(false),
-                internal_ports: internal_ports
-                    .or(file.internal_ports)
-                    .unwrap_or(gateway::binding::Config::default().internal_ports),
-                external_ports: external_ports
-                    .or(file.external_ports)
-                    .unwrap_or(gateway::binding::Config::default().external_ports),
-            })
-        }
+        Command::Run(args) => daemon::run(daemon_args(args)?),
         Command::Bindings { instance, json } => show_bindings(&instance, json),
         Command::Detach { instance } => detach(&instance),
         Command::Passwd { name } => passwd(&name),
@@ -274,6 +207,103 @@ fn run(cli: Cli) -> Result<()> {
             .map(drop)
             .map_err(Into::into),
     }
+}
+
+/// `gateway run`'s flags merged with its configuration file (a flag wins).
+fn daemon_args(args: RunArgs) -> Result<daemon::DaemonArgs> {
+    let RunArgs {
+        config,
+        external,
+        internal,
+        instance,
+        max_bindings,
+        allow_host_udp,
+        listen,
+        allow_clients,
+        users,
+        allow_anonymous,
+        resolvers,
+        deny,
+        max_connections,
+        max_connections_per_client,
+        allow_listen,
+        datapath,
+        xdp_mode,
+        remove_gate_on_exit,
+        internal_ports,
+        external_ports,
+        max_bindings_per_connection,
+        max_bindings_per_user,
+        max_remotes_per_association,
+    } = args;
+    let file = match &config {
+        Some(path) => gateway::config::load(path)?,
+        None => gateway::config::Checked::default(),
+    };
+    let f = file.file;
+    // A flag given on the command line wins over the file; lists replace, not merge.
+    let datapath = match datapath {
+        Some(datapath) => datapath,
+        None if f.datapath.as_deref() == Some("userspace") => daemon::DatapathKind::Userspace,
+        None => daemon::DatapathKind::Xdp,
+    };
+    let external = external
+        .or(f.external)
+        .context("no external interface: give --external IFACE (or `external` in --config)")?;
+    let internal = internal
+        .or(f.internal)
+        .context("no internal interface: give --internal IFACE (or `internal` in --config)")?;
+    Ok(daemon::DaemonArgs {
+        datapath,
+        xdp_mode: match xdp_mode {
+            XdpModeArg::Auto => gateway::datapath::XdpAttachMode::Auto,
+            XdpModeArg::Driver => gateway::datapath::XdpAttachMode::Driver,
+            XdpModeArg::Generic => gateway::datapath::XdpAttachMode::Generic,
+        },
+        access: daemon::AccessSource {
+            config,
+            users,
+            allow_anonymous,
+            deny,
+            clients: allow_clients,
+            external: external.clone(),
+            internal: internal.clone(),
+        },
+        external,
+        internal,
+        instance: instance
+            .or(f.instance)
+            .unwrap_or_else(|| DEFAULT_INSTANCE.to_owned()),
+        max_bindings: max_bindings
+            .or(f.max_bindings)
+            .unwrap_or(DEFAULT_MAX_BINDINGS),
+        host_allow: or_file(allow_host_udp, file.host_flows),
+        listen: or_file(listen, f.listen),
+        resolvers: or_file(resolvers, file.resolvers),
+        max_connections: max_connections
+            .or(f.max_connections)
+            .unwrap_or(gateway::server::limits::DEFAULT_MAX_CONNECTIONS),
+        max_connections_per_client: max_connections_per_client
+            .or(f.max_connections_per_client)
+            .unwrap_or(gateway::server::limits::DEFAULT_MAX_CONNECTIONS_PER_CLIENT),
+        allow_listen: allow_listen || f.allow_listen.unwrap_or(false),
+        remove_gate_on_exit: remove_gate_on_exit || f.remove_gate_on_exit.unwrap_or(false),
+        max_bindings_per_connection: max_bindings_per_connection
+            .or(f.max_bindings_per_connection)
+            .unwrap_or(gateway::binding::Config::default().max_bindings_per_connection),
+        max_bindings_per_user: max_bindings_per_user
+            .or(f.max_bindings_per_user)
+            .unwrap_or(gateway::binding::Config::default().max_bindings_per_user),
+        max_remotes_per_association: max_remotes_per_association
+            .or(f.max_remotes_per_association)
+            .unwrap_or(gateway::server::AssociationLimits::default().max_remotes),
+        internal_ports: internal_ports
+            .or(file.internal_ports)
+            .unwrap_or(gateway::binding::Config::default().internal_ports),
+        external_ports: external_ports
+            .or(file.external_ports)
+            .unwrap_or(gateway::binding::Config::default().external_ports),
+    })
 }
 
 /// `gateway bindings`: ask the running daemon for its bindings and print them.

@@ -487,3 +487,37 @@ async fn a_step_one_without_answer_is_never_resent_and_a_late_success_is_release
     assert_eq!(&next[7..9], &step1[7..9], "with the step-1 TID");
     assert_eq!(&next[9..13], &42u32.to_be_bytes(), "and the late AID");
 }
+
+#[tokio::test]
+async fn a_connection_at_its_binding_cap_gets_01_and_others_bind_meanwhile() {
+    let gateway = start_enhanced(|config| config.max_bindings_per_connection = 2).await;
+    let session = gateway.session().await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let socket = new_socket(&session).await;
+        within("bind", socket.bind()).await.unwrap();
+        held.push(socket);
+    }
+    let over = new_socket(&session).await;
+    assert!(matches!(
+        within("bind over the cap", over.bind()).await,
+        Err(ClientError::Binding(BindingError::GeneralFailure))
+    ));
+    assert_eq!(
+        gateway.mode().caps_hit(),
+        [1, 0, 0],
+        "counted as the connection cap"
+    );
+    // Another connection binds normally at the same time.
+    let other = gateway.session().await;
+    let socket = new_socket(&other).await;
+    within("bind on another connection", socket.bind())
+        .await
+        .unwrap();
+    // A release on the capped connection makes room.
+    within("release", held.pop().unwrap().release())
+        .await
+        .unwrap();
+    let again = new_socket(&session).await;
+    within("bind after a release", again.bind()).await.unwrap();
+}

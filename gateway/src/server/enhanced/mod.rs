@@ -76,6 +76,8 @@ pub struct EnhancedMode {
     /// Who holds each control connection in the mode: its peer address and user.
     owners: Mutex<HashMap<ConnId, (SocketAddr, Option<String>)>>,
     next_conn: AtomicU64,
+    /// Bindings refused by a cap: per connection, per user, gateway-wide.
+    caps_hit: [AtomicU64; 3],
     wake: Arc<Notify>,
     expiry_started: AtomicBool,
     /// Flows the kernel relays, by AID, with the last-seen time read at the last poll: kernel
@@ -119,6 +121,7 @@ impl EnhancedMode {
             conns: Mutex::new(HashMap::new()),
             owners: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
+            caps_hit: Default::default(),
             wake: Arc::new(Notify::new()),
             expiry_started: AtomicBool::new(false),
             kernel_flows: Mutex::new(HashMap::new()),
@@ -171,6 +174,23 @@ impl EnhancedMode {
     /// the current list).
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Counts a refused binding against its cap, if a cap refused it.
+    fn count_refusal(&self, error: crate::binding::BindError) {
+        use crate::binding::BindError;
+        let slot = match error {
+            BindError::ConnectionCap => 0,
+            BindError::UserCap => 1,
+            BindError::TotalCap => 2,
+            _ => return,
+        };
+        self.caps_hit[slot].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Bindings refused so far by the cap per connection, per user and in total.
+    pub fn caps_hit(&self) -> [u64; 3] {
+        [0, 1, 2].map(|i| self.caps_hit[i].load(Ordering::Relaxed))
     }
 
     /// Replaces the networks a REMOTE may not name, for every later request (SIGHUP).

@@ -183,6 +183,9 @@ impl Session<'_> {
         let (decision, info) = {
             let mut bindings = self.mode.lock_bindings();
             let decision = bindings.on_bind(self.conn, self.peer.ip(), self.user, bind, now());
+            if let Some(error) = decision.reply.error {
+                self.mode.count_refusal(error);
+            }
             let info = if decision.reply.code == ReplyCode::Ok {
                 bindings.binding(decision.reply.aid)
             } else {
