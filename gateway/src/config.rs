@@ -69,6 +69,8 @@ pub struct FileConfig {
     pub max_bindings_per_connection: Option<usize>,
     pub max_bindings_per_user: Option<usize>,
     pub max_remotes_per_association: Option<usize>,
+    pub xdp_mode: Option<String>,
+    pub tc_attach: Option<String>,
 }
 
 /// A file's values, checked.
@@ -239,6 +241,11 @@ mod tests {
         assert!(parse("max_connections = 0", "gw.toml").is_err());
         assert!(parse("deny = [\"10.0.0.0/33\"]", "gw.toml").is_err());
         assert!(parse("allow_clients = [\"inside\"]", "gw.toml").is_err());
+        let tc = parse("tc_attach = \"ebpf\"", "gw.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(tc.contains("`tc_attach`") && tc.contains("netlink"), "{tc}");
+        assert!(parse("xdp_mode = \"generic\"", "gw.toml").is_ok());
         let ports = parse("external_ports = \"40000-30000\"", "gw.toml")
             .unwrap_err()
             .to_string();

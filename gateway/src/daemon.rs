@@ -76,6 +76,7 @@ pub struct DaemonArgs {
     pub max_connections_per_client: usize,
     pub datapath: DatapathKind,
     pub xdp_mode: gateway::datapath::XdpAttachMode,
+    pub tc_mode: gateway::datapath::TcAttachMode,
     pub allow_listen: bool,
     /// Detach and unpin the gate after a clean stop (the firewall is open afterwards).
     pub remove_gate_on_exit: bool,
@@ -226,6 +227,7 @@ async fn serve(
     config.host_allow = args.host_allow.clone();
     config.external_addresses = external_addrs.iter().map(|a| a.ip).collect();
     config.xdp_mode = args.xdp_mode;
+    config.tc_mode = args.tc_mode;
     config.control_listeners = listen.clone();
     // From here on every exit leaves the gate attached and dropping (a failed attach leaves
     // whatever was pinned before, which drops too).

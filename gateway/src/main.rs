@@ -146,8 +146,13 @@ struct RunArgs {
     datapath: Option<daemon::DatapathKind>,
     /// XDP attach mode of the gate: `auto` (driver, else generic), `driver` or `generic`.
     /// On veth, generic mode avoids the skb copy that native XDP causes.
-    #[arg(long, value_enum, default_value = "auto")]
-    xdp_mode: XdpModeArg,
+    #[arg(long, value_enum)]
+    xdp_mode: Option<XdpModeArg>,
+    /// How the tc relay programs are attached: `auto` (tcx links on Linux 6.6 and later, netlink
+    /// filters before), `tcx`, or `netlink` (clsact + `cls_bpf` filters; they outlive the daemon
+    /// like pinned links, and `gateway detach` removes them) [default: auto].
+    #[arg(long = "tc-attach", value_enum)]
+    tc_attach: Option<TcAttachArg>,
     /// Let an enhanced-mode step 2 with an unspecified REMOTE confirm a UDP Listen binding:
     /// datagrams from any remote to the relay port reach the client. Off: refused with 02.
     #[arg(long)]
@@ -229,6 +234,7 @@ fn daemon_args(args: RunArgs) -> Result<daemon::DaemonArgs> {
         allow_listen,
         datapath,
         xdp_mode,
+        tc_attach,
         remove_gate_on_exit,
         internal_ports,
         external_ports,
@@ -255,10 +261,15 @@ fn daemon_args(args: RunArgs) -> Result<daemon::DaemonArgs> {
         .context("no internal interface: give --internal IFACE (or `internal` in --config)")?;
     Ok(daemon::DaemonArgs {
         datapath,
-        xdp_mode: match xdp_mode {
-            XdpModeArg::Auto => gateway::datapath::XdpAttachMode::Auto,
-            XdpModeArg::Driver => gateway::datapath::XdpAttachMode::Driver,
-            XdpModeArg::Generic => gateway::datapath::XdpAttachMode::Generic,
+        xdp_mode: match xdp_mode.or_else(|| from_file(f.xdp_mode.as_deref())) {
+            None | Some(XdpModeArg::Auto) => gateway::datapath::XdpAttachMode::Auto,
+            Some(XdpModeArg::Driver) => gateway::datapath::XdpAttachMode::Driver,
+            Some(XdpModeArg::Generic) => gateway::datapath::XdpAttachMode::Generic,
+        },
+        tc_mode: match tc_attach.or_else(|| from_file(f.tc_attach.as_deref())) {
+            None | Some(TcAttachArg::Auto) => gateway::datapath::TcAttachMode::Auto,
+            Some(TcAttachArg::Tcx) => gateway::datapath::TcAttachMode::Tcx,
+            Some(TcAttachArg::Netlink) => gateway::datapath::TcAttachMode::Netlink,
         },
         access: daemon::AccessSource {
             config,
@@ -344,6 +355,9 @@ fn detach(instance: &str) -> Result<()> {
         Ok(None) => {}
         Err(error) => eprintln!("gateway: could not release the reserved relay ports: {error}"),
     }
+    for interface in gateway::datapath::remove_netlink_filters(&instance.run_dir()) {
+        removed.push(format!("tc netlink filter on {interface}"));
+    }
     let _ = std::fs::remove_dir_all(instance.run_dir());
     if removed.is_empty() {
         println!("nothing pinned for instance {}", instance.name());
@@ -425,10 +439,23 @@ fn or_file<T>(cli: Vec<T>, from_file: Vec<T>) -> Vec<T> {
     if cli.is_empty() { from_file } else { cli }
 }
 
-/// `--xdp-mode`.
+/// A file's value for a flag of choices (checked by the config parser already).
+fn from_file<T: clap::ValueEnum>(value: Option<&str>) -> Option<T> {
+    value.and_then(|value| T::from_str(value, true).ok())
+}
+
+/// `--xdp-mode` (and the file's `xdp_mode`).
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum XdpModeArg {
     Auto,
     Driver,
     Generic,
+}
+
+/// `--tc-attach` (and the file's `tc_attach`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TcAttachArg {
+    Auto,
+    Tcx,
+    Netlink,
 }

@@ -18,7 +18,7 @@ use gateway_common::DropReason;
 use integration_tests::{
     Netns, Testbed, addr,
     gateway::{GatewayDaemon, InstanceCleanup, reason_packets, start_in_fw, stats_json},
-    iface, wait_until,
+    wait_until,
 };
 
 const PROXY: &str = "198.51.100.1:1080";
@@ -99,8 +99,8 @@ async fn nothing_arrives(binding: &gateway::client::UdpBinding, wait: Duration) 
     clippy::too_many_lines,
     reason = "one end-to-end scenario, step by step"
 )]
-fn two_step_stream_is_relayed_by_the_kernel(v6: bool) {
-    let setup = setup(&[]);
+fn two_step_stream_is_relayed_by_the_kernel(v6: bool, extra: &[&str]) {
+    let setup = setup(extra);
     let (source, wrong_port, other_host, family) = if v6 {
         (
             "[2001:db8:2::2]:6000",
@@ -300,21 +300,38 @@ fn gate_drops_within_a_second(
 
 #[test]
 fn ipv4_two_step_stream_is_relayed_by_the_kernel() {
-    two_step_stream_is_relayed_by_the_kernel(false);
+    two_step_stream_is_relayed_by_the_kernel(false, &[]);
 }
 
 #[test]
 fn ipv6_two_step_stream_is_relayed_by_the_kernel() {
-    two_step_stream_is_relayed_by_the_kernel(true);
+    two_step_stream_is_relayed_by_the_kernel(true, &[]);
+}
+
+/// The tc relay attached as netlink filters (clsact + cls_bpf), as on kernels without tcx.
+#[test]
+fn two_step_stream_is_relayed_by_the_kernel_through_netlink_filters() {
+    two_step_stream_is_relayed_by_the_kernel(false, &["--tc-attach", "netlink"]);
 }
 
 #[test]
+fn sigkill_stops_admission_within_three_seconds_and_a_new_daemon_works() {
+    sigkill_stops_admission_and_a_new_daemon_works(&[]);
+}
+
+/// The same with the tc relay as netlink filters: they outlive the killed daemon like pinned
+/// links, and the new daemon replaces their programs.
+#[test]
+fn sigkill_fails_closed_and_a_new_daemon_works_with_netlink_filters() {
+    sigkill_stops_admission_and_a_new_daemon_works(&["--tc-attach", "netlink"]);
+}
+
 #[expect(
     clippy::too_many_lines,
     reason = "one end-to-end scenario, step by step"
 )]
-fn sigkill_stops_admission_within_three_seconds_and_a_new_daemon_works() {
-    let mut setup = setup(&[]);
+fn sigkill_stops_admission_and_a_new_daemon_works(extra: &[&str]) {
+    let mut setup = setup(extra);
     let source_sock = server_socket(&setup.bed, "203.0.113.2:6000");
     let source_addr: SocketAddr = "203.0.113.2:6000".parse().unwrap();
     let pin_dir = setup.cleanup.pin_dir();
@@ -429,18 +446,12 @@ fn sigkill_stops_admission_within_three_seconds_and_a_new_daemon_works() {
 
     // A new daemon takes over with a clean binding table and works at once.
     let instance = setup.gateway.instance.clone();
-    let fresh = GatewayDaemon::start(
-        &setup.bed.fw,
-        &instance,
-        &[
-            "--external",
-            iface::FW_OUTSIDE,
-            "--internal",
-            iface::FW_INSIDE,
-            "--allow-anonymous",
-        ],
-    )
-    .unwrap();
+    let args: Vec<&str> = integration_tests::gateway::TESTBED_ARGS
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect();
+    let fresh = GatewayDaemon::start(&setup.bed.fw, &instance, &args).unwrap();
     assert!(
         fresh.log_text().contains("previous daemon"),
         "{}",

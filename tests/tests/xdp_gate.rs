@@ -445,3 +445,40 @@ fn config_file_runs_the_gateway_and_bad_keys_are_refused() {
     drop(gateway);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The tc filters on `interface`'s ingress, as `tc filter show` lists them.
+fn tc_filters(bed: &Testbed, interface: &str) -> String {
+    let out = integration_tests::run_checked(
+        bed.fw
+            .command("tc")
+            .args(["filter", "show", "dev", interface, "ingress"]),
+    )
+    .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn netlink_filters_stay_after_a_stop_and_go_with_detach() {
+    let bed = Testbed::new().unwrap();
+    let (mut gateway, cleanup) = start_in_fw(&bed, &["--tc-attach", "netlink"]).unwrap();
+    for interface in [iface::FW_INSIDE, iface::FW_OUTSIDE] {
+        assert!(
+            tc_filters(&bed, interface).contains("gateway_"),
+            "{interface}: {}",
+            tc_filters(&bed, interface)
+        );
+    }
+    assert!(gateway.stop());
+    assert!(
+        tc_filters(&bed, iface::FW_INSIDE).contains("gateway_internal"),
+        "the filter outlives the daemon"
+    );
+    let said = detach(&bed.fw, &cleanup.instance).unwrap();
+    assert!(said.contains("tc netlink filter on"), "{said}");
+    for interface in [iface::FW_INSIDE, iface::FW_OUTSIDE] {
+        assert!(
+            !tc_filters(&bed, interface).contains("gateway_"),
+            "{interface}: detach removed the filter"
+        );
+    }
+}

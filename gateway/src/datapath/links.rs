@@ -1,5 +1,8 @@
 //! Attaching programs as bpf links pinned in bpffs, and taking over links a dead daemon left:
-//! the link stays attached (the gate never opens) while its program is replaced.
+//! the link stays attached (the gate never opens) while its program is replaced. Where the
+//! kernel has no tcx (before 6.6), the tc programs are attached as netlink filters (clsact +
+//! `cls_bpf`) at a fixed priority and handle instead: such a filter outlives its process like a
+//! pinned link, a new daemon replaces its program in place, and `gateway detach` removes it.
 
 use std::{
     fs,
@@ -9,7 +12,7 @@ use std::{
 use aya::programs::{
     SchedClassifier, TcAttachType, Xdp,
     links::{FdLink, PinnedLink},
-    tc::SchedClassifierLink,
+    tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle, qdisc_add_clsact},
     xdp::{XdpLink, XdpMode},
 };
 use tracing::warn;
@@ -24,6 +27,8 @@ pub enum AttachOutcome {
     Generic,
     /// tc ingress (tcx).
     Tc,
+    /// tc ingress as a netlink filter (clsact + `cls_bpf`; kernels without tcx).
+    TcNetlink,
     /// A link left pinned by a previous daemon now runs our program.
     TookOver,
 }
@@ -34,7 +39,8 @@ impl AttachOutcome {
             Self::Driver => "driver mode",
             Self::Generic => "generic mode (the driver has no native XDP)",
             Self::Tc => "tc ingress",
-            Self::TookOver => "the pinned link of a previous daemon",
+            Self::TcNetlink => "tc ingress (netlink filter)",
+            Self::TookOver => "the attachment of a previous daemon (pinned link or tc filter)",
         }
     }
 }
@@ -84,7 +90,140 @@ impl LinkSlot {
 
     pub fn forget(&self) {
         let _ = fs::remove_file(&self.record);
+        let _ = fs::remove_file(self.netlink_record());
     }
+
+    /// The record of a netlink filter this slot attached (its interface).
+    fn netlink_record(&self) -> PathBuf {
+        self.record.with_extension("netlink")
+    }
+}
+
+/// How the tc programs are attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TcAttachMode {
+    /// tcx links where the kernel has them (6.6 and later), netlink filters before.
+    #[default]
+    Auto,
+    /// tcx links only.
+    Tcx,
+    /// Netlink filters (clsact + `cls_bpf`), also where tcx exists.
+    Netlink,
+}
+
+impl TcAttachMode {
+    fn netlink_here(self) -> bool {
+        match self {
+            Self::Tcx => false,
+            Self::Netlink => true,
+            Self::Auto => !aya::util::KernelVersion::current()
+                .is_ok_and(|version| version >= aya::util::KernelVersion::new(6, 6, 0)),
+        }
+    }
+}
+
+/// The priority and handle of the gateway's netlink filters: fixed, so a new daemon replaces
+/// the program in place and `gateway detach` finds the filter.
+const NETLINK_PRIORITY: u16 = 0x4777;
+const NETLINK_HANDLE: TcHandle = TcHandle::new(0, 0x4777);
+
+/// A tc program's attachment: a pinned tcx link, or a netlink filter on an interface.
+pub enum TcAttachment {
+    Pinned(PinnedLink),
+    Netlink { interface: String },
+}
+
+/// The gateway's netlink filter on `interface`'s ingress, as a link handle (dropping it
+/// detaches the filter).
+fn netlink_filter(interface: &str) -> std::io::Result<SchedClassifierLink> {
+    SchedClassifierLink::attached(
+        interface,
+        TcAttachType::Ingress,
+        NETLINK_PRIORITY,
+        NETLINK_HANDLE,
+        None,
+    )
+}
+
+/// Removes the gateway's netlink filter from `interface`'s ingress, if there is one.
+pub fn remove_netlink_filter(interface: &str) {
+    if let Ok(filter) = netlink_filter(interface) {
+        drop(filter);
+    }
+}
+
+/// Removes every netlink filter recorded in `run_dir` (a dead or stopped daemon's); returns the
+/// interfaces it removed them from.
+pub fn remove_netlink_filters(run_dir: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    let Ok(entries) = fs::read_dir(run_dir) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "netlink")
+            && let Ok(interface) = fs::read_to_string(&path)
+        {
+            remove_netlink_filter(interface.trim());
+            removed.push(interface.trim().to_owned());
+            let _ = fs::remove_file(&path);
+        }
+    }
+    removed
+}
+
+/// Attaches (or takes over) a tc program on `slot.interface`'s ingress as a netlink filter that
+/// outlives this process.
+fn attach_tc_netlink(
+    program: &mut SchedClassifier,
+    slot: &LinkSlot,
+) -> Result<(TcAttachment, AttachOutcome), DatapathError> {
+    let interface = slot.interface.as_str();
+    // Present already when a previous daemon left its filter: not an error.
+    let _ = qdisc_add_clsact(interface);
+    // A filter at our priority and handle (a previous daemon's) gets the new program in place;
+    // otherwise a new one is made.
+    let replaced = netlink_filter(interface)
+        .ok()
+        .and_then(|existing| program.attach_to_link(existing).ok());
+    let (id, outcome) = if let Some(id) = replaced {
+        (id, AttachOutcome::TookOver)
+    } else {
+        let id = program
+            .attach_with_options(
+                interface,
+                TcAttachType::Ingress,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: NETLINK_PRIORITY,
+                    handle: NETLINK_HANDLE,
+                    classid: None,
+                }),
+            )
+            .map_err(|source| DatapathError::Program {
+                what: format!("attach tc ingress to {interface} as a netlink filter"),
+                source,
+            })?;
+        (id, AttachOutcome::TcNetlink)
+    };
+    let link = program
+        .take_link(id)
+        .map_err(|source| DatapathError::Program {
+            what: "take the tc filter".to_owned(),
+            source,
+        })?;
+    // Never detached by this process: the filter stays when the daemon dies (fail closed).
+    std::mem::forget(link);
+    fs::write(slot.netlink_record(), interface).map_err(|source| DatapathError::Io {
+        what: "write",
+        path: slot.netlink_record(),
+        source,
+    })?;
+    Ok((
+        TcAttachment::Netlink {
+            interface: interface.to_owned(),
+        },
+        outcome,
+    ))
 }
 
 fn pin(fd_link: FdLink, path: &Path) -> Result<PinnedLink, DatapathError> {
@@ -177,8 +316,21 @@ pub fn attach_xdp(
     Ok((pinned, outcome))
 }
 
-/// Attaches (or takes over) a tc program on `slot.interface`'s ingress, as a tcx link.
+/// Attaches (or takes over) a tc program on `slot.interface`'s ingress: a tcx link, or a
+/// netlink filter where `mode` asks for one.
 pub fn attach_tc_ingress(
+    program: &mut SchedClassifier,
+    slot: &LinkSlot,
+    mode: TcAttachMode,
+) -> Result<(TcAttachment, AttachOutcome), DatapathError> {
+    if mode.netlink_here() {
+        return attach_tc_netlink(program, slot);
+    }
+    attach_tcx(program, slot).map(|(link, outcome)| (TcAttachment::Pinned(link), outcome))
+}
+
+/// Attaches (or takes over) a tc program on `slot.interface`'s ingress, as a tcx link.
+fn attach_tcx(
     program: &mut SchedClassifier,
     slot: &LinkSlot,
 ) -> Result<(PinnedLink, AttachOutcome), DatapathError> {

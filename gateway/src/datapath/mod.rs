@@ -21,10 +21,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError},
-    programs::{
-        ProgramError, SchedClassifier, Xdp,
-        links::{LinkError, PinnedLink},
-    },
+    programs::{ProgramError, SchedClassifier, Xdp, links::LinkError},
 };
 use gateway_common::{
     Addr16, BindingKey, BindingValue, ControlPortKey, DEFAULT_FAIL_CLOSED_AFTER_NS,
@@ -36,12 +33,12 @@ use tracing::{info, warn};
 
 use self::{
     heartbeat::Heartbeat,
-    links::{LinkSlot, attach_tc_ingress, attach_xdp, remove_pinned_link},
+    links::{LinkSlot, TcAttachment, attach_tc_ingress, attach_xdp, remove_pinned_link},
 };
 pub use self::{
     heartbeat::monotonic_ns,
     hostflow::{HostFlow, addr16},
-    links::{AttachOutcome, XdpAttachMode},
+    links::{AttachOutcome, TcAttachMode, XdpAttachMode, remove_netlink_filters},
 };
 use crate::{gate::KernelGate, instance::Instance};
 
@@ -124,6 +121,7 @@ pub struct DatapathConfig {
     pub external_addresses: Vec<IpAddr>,
     pub fail_closed_after_ns: u64,
     pub xdp_mode: XdpAttachMode,
+    pub tc_mode: TcAttachMode,
     /// The SOCKS control listeners: TCP to them from outside is dropped by the gate.
     pub control_listeners: Vec<SocketAddr>,
 }
@@ -139,6 +137,7 @@ impl DatapathConfig {
             external_addresses: Vec::new(),
             fail_closed_after_ns: DEFAULT_FAIL_CLOSED_AFTER_NS,
             xdp_mode: XdpAttachMode::Auto,
+            tc_mode: TcAttachMode::Auto,
             control_listeners: Vec::new(),
         }
     }
@@ -147,7 +146,7 @@ impl DatapathConfig {
 /// The loaded and attached datapath. Keep it alive for the daemon's lifetime.
 pub struct Datapath {
     ebpf: Ebpf,
-    links: Vec<(PinnedLink, LinkSlot)>,
+    links: Vec<(TcAttachment, LinkSlot)>,
     heartbeat: Heartbeat,
     pin_dir: PathBuf,
     outcome: AttachOutcome,
@@ -248,7 +247,7 @@ impl Datapath {
             config.xdp_mode,
         )?;
         info!(interface = %config.external_interface, mode = outcome.describe(), "XDP gate attached: unsolicited inbound UDP is dropped");
-        links.push((link, slot));
+        links.push((TcAttachment::Pinned(link), slot));
         for (program, link_name, interface) in [
             (
                 TC_INBOUND_PROGRAM,
@@ -262,7 +261,8 @@ impl Datapath {
             ),
         ] {
             let slot = LinkSlot::new(&pin_dir, &run_dir, link_name, interface);
-            let (link, tc_outcome) = attach_tc_ingress(program_mut(&mut ebpf, program)?, &slot)?;
+            let (link, tc_outcome) =
+                attach_tc_ingress(program_mut(&mut ebpf, program)?, &slot, config.tc_mode)?;
             info!(%interface, program, mode = tc_outcome.describe(), "kernel relay attached");
             links.push((link, slot));
         }
@@ -302,9 +302,14 @@ impl Datapath {
     pub fn detach(mut self) {
         self.heartbeat.stop();
         for (link, slot) in self.links.drain(..) {
-            match link.unpin() {
-                Ok(fd_link) => drop(fd_link),
-                Err(error) => warn!(%error, "unpin a link"),
+            match link {
+                TcAttachment::Pinned(link) => match link.unpin() {
+                    Ok(fd_link) => drop(fd_link),
+                    Err(error) => warn!(%error, "unpin a link"),
+                },
+                TcAttachment::Netlink { interface } => {
+                    links::remove_netlink_filter(&interface);
+                }
             }
             slot.forget();
         }
