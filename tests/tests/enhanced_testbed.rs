@@ -308,7 +308,7 @@ fn ipv6_two_step_stream_is_relayed_by_the_kernel() {
     two_step_stream_is_relayed_by_the_kernel(true, &[]);
 }
 
-/// The tc relay attached as netlink filters (clsact + cls_bpf), as on kernels without tcx.
+/// The tc relay attached as netlink filters (clsact + `cls_bpf`), as on kernels without tcx.
 #[test]
 fn two_step_stream_is_relayed_by_the_kernel_through_netlink_filters() {
     two_step_stream_is_relayed_by_the_kernel(false, &["--tc-attach", "netlink"]);
