@@ -182,6 +182,10 @@ struct RunArgs {
     /// firewall. Off: the gate stays attached and dropping until `gateway detach`.
     #[arg(long)]
     remove_gate_on_exit: bool,
+    /// Print the effective configuration (the file merged with the flags, defaults filled in)
+    /// as a TOML file `--config` accepts, and exit. Needs no root.
+    #[arg(long)]
+    print_config: bool,
 }
 
 fn main() -> ExitCode {
@@ -203,7 +207,16 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run(args) => daemon::run(daemon_args(args)?),
+        Command::Run(args) => {
+            let print = args.print_config;
+            let daemon_args = daemon_args(args)?;
+            if print {
+                print!("{}", effective_config(&daemon_args)?);
+                Ok(())
+            } else {
+                daemon::run(daemon_args)
+            }
+        }
         Command::Bindings { instance, json } => show_bindings(&instance, json),
         Command::Detach { instance } => detach(&instance),
         Command::Passwd { name } => passwd(&name),
@@ -236,6 +249,7 @@ fn daemon_args(args: RunArgs) -> Result<daemon::DaemonArgs> {
         xdp_mode,
         tc_attach,
         remove_gate_on_exit,
+        print_config: _,
         internal_ports,
         external_ports,
         max_bindings_per_connection,
@@ -315,6 +329,90 @@ fn daemon_args(args: RunArgs) -> Result<daemon::DaemonArgs> {
             .or(file.external_ports)
             .unwrap_or(gateway::binding::Config::default().external_ports),
     })
+}
+
+/// The effective configuration as TOML with the file's keys: what `--print-config` shows, and
+/// a file `--config` accepts as it is.
+fn effective_config(args: &daemon::DaemonArgs) -> Result<String> {
+    use toml::Value;
+    let strings = |items: Vec<String>| Value::Array(items.into_iter().map(Value::String).collect());
+    let count = |n: usize| Value::Integer(i64::try_from(n).unwrap_or(i64::MAX));
+    let range = |r: &PortRange| Value::String(format!("{}-{}", r.first, r.last));
+    let lower = |debug: String| Value::String(debug.to_lowercase());
+    // Lists the file may hold that `AccessSource` reads itself (a flag's list replaces the file's).
+    let file = match &args.access.config {
+        Some(path) => gateway::config::load(path)?.file,
+        None => gateway::config::FileConfig::default(),
+    };
+    let deny = or_file(args.access.deny.clone(), file.deny);
+    let clients = or_file(args.access.clients.clone(), file.allow_clients);
+    let users = args.access.users.clone().or(file.users);
+    let allow_anonymous = args.access.allow_anonymous || file.allow_anonymous.unwrap_or(false);
+    let mut table = toml::Table::new();
+    table.insert("external".into(), Value::String(args.external.clone()));
+    table.insert("internal".into(), Value::String(args.internal.clone()));
+    table.insert("instance".into(), Value::String(args.instance.clone()));
+    table.insert(
+        "max_bindings".into(),
+        Value::Integer(args.max_bindings.into()),
+    );
+    table.insert(
+        "allow_host_udp".into(),
+        strings(
+            args.host_allow
+                .iter()
+                .map(|f| format!("{},{}", f.remote, f.local))
+                .collect(),
+        ),
+    );
+    table.insert(
+        "listen".into(),
+        strings(args.listen.iter().map(ToString::to_string).collect()),
+    );
+    if let Some(users) = users {
+        table.insert("users".into(), Value::String(users.display().to_string()));
+    }
+    table.insert("allow_anonymous".into(), Value::Boolean(allow_anonymous));
+    table.insert(
+        "resolvers".into(),
+        strings(args.resolvers.iter().map(ToString::to_string).collect()),
+    );
+    table.insert(
+        "deny".into(),
+        strings(deny.iter().map(ToString::to_string).collect()),
+    );
+    table.insert(
+        "allow_clients".into(),
+        strings(clients.iter().map(ToString::to_string).collect()),
+    );
+    table.insert("max_connections".into(), count(args.max_connections));
+    table.insert(
+        "max_connections_per_client".into(),
+        count(args.max_connections_per_client),
+    );
+    table.insert(
+        "max_bindings_per_connection".into(),
+        count(args.max_bindings_per_connection),
+    );
+    table.insert(
+        "max_bindings_per_user".into(),
+        count(args.max_bindings_per_user),
+    );
+    table.insert(
+        "max_remotes_per_association".into(),
+        count(args.max_remotes_per_association),
+    );
+    table.insert("internal_ports".into(), range(&args.internal_ports));
+    table.insert("external_ports".into(), range(&args.external_ports));
+    table.insert("datapath".into(), lower(format!("{:?}", args.datapath)));
+    table.insert("xdp_mode".into(), lower(format!("{:?}", args.xdp_mode)));
+    table.insert("tc_attach".into(), lower(format!("{:?}", args.tc_mode)));
+    table.insert("allow_listen".into(), Value::Boolean(args.allow_listen));
+    table.insert(
+        "remove_gate_on_exit".into(),
+        Value::Boolean(args.remove_gate_on_exit),
+    );
+    toml::to_string(&table).context("write the configuration as TOML")
 }
 
 /// `gateway bindings`: ask the running daemon for its bindings and print them.
