@@ -81,6 +81,10 @@ enum Command {
 
 /// The flags of `gateway run` (see `gateway run --help`).
 #[derive(clap::Args)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "command-line switches: each bool is one flag"
+)]
 struct RunArgs {
     /// A TOML file with any of these settings (keys as the flags, `_` for `-`); flags given
     /// here win over the file. Unknown keys are errors.
