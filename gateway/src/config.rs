@@ -138,6 +138,27 @@ pub fn parse(text: &str, origin: &str) -> Result<Checked, ConfigError> {
             "must be at least 1".into(),
         ));
     }
+    for (key, value, allowed) in [
+        (
+            "xdp_mode",
+            &file.xdp_mode,
+            &["auto", "driver", "generic"][..],
+        ),
+        (
+            "tc_attach",
+            &file.tc_attach,
+            &["auto", "tcx", "netlink"][..],
+        ),
+    ] {
+        if let Some(value) = value
+            && !allowed.contains(&value.as_str())
+        {
+            return Err(value_error(
+                key.into(),
+                format!("{value:?} is none of {}", allowed.join(", ")),
+            ));
+        }
+    }
     for (key, value) in [
         (
             "max_connections_per_client",
