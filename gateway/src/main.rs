@@ -81,10 +81,6 @@ enum Command {
 
 /// The flags of `gateway run` (see `gateway run --help`).
 #[derive(clap::Args)]
-#[expect(
-    clippy::struct_excessive_bools,
-    reason = "command-line switches: each bool is one flag"
-)]
 struct RunArgs {
     /// A TOML file with any of these settings (keys as the flags, `_` for `-`); flags given
     /// here win over the file. Unknown keys are errors.
@@ -123,9 +119,10 @@ struct RunArgs {
     /// refused and the previous users stay.
     #[arg(long, value_name = "FILE")]
     users: Option<PathBuf>,
-    /// Accept clients without authentication (SOCKS method 00).
-    #[arg(long)]
-    allow_anonymous: bool,
+    /// Accept clients without authentication (SOCKS method 00). `--allow-anonymous=false` turns
+    /// off what the file turned on.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    allow_anonymous: Option<bool>,
     /// Nameserver for domain names in SOCKS requests, IP or IP:PORT (repeat for more).
     /// Default: the nameservers of /etc/resolv.conf. Their replies are allow-listed exactly.
     #[arg(long = "resolver", value_name = "IP[:PORT]", value_parser = parse_resolver)]
@@ -159,8 +156,8 @@ struct RunArgs {
     tc_attach: Option<TcAttachArg>,
     /// Let an enhanced-mode step 2 with an unspecified REMOTE confirm a UDP Listen binding:
     /// datagrams from any remote to the relay port reach the client. Off: refused with 02.
-    #[arg(long)]
-    allow_listen: bool,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    allow_listen: Option<bool>,
     /// Most live enhanced-mode bindings per control connection (half-bound, confirmed and
     /// one-step Opens); more get `01` and are counted [default: 1024].
     #[arg(long, value_name = "N")]
@@ -184,8 +181,8 @@ struct RunArgs {
     external_ports: Option<PortRange>,
     /// After a clean stop (SIGINT/SIGTERM), detach and unpin the gate, which opens the
     /// firewall. Off: the gate stays attached and dropping until `gateway detach`.
-    #[arg(long)]
-    remove_gate_on_exit: bool,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    remove_gate_on_exit: Option<bool>,
     /// Print the effective configuration (the file merged with the flags, defaults filled in)
     /// as a TOML file `--config` accepts, and exit. Needs no root.
     #[arg(long)]
@@ -232,6 +229,10 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// `gateway run`'s flags merged with its configuration file (a flag wins).
+#[expect(
+    clippy::too_many_lines,
+    reason = "one line per setting: the flag, else the file, else the default"
+)]
 fn daemon_args(args: RunArgs) -> Result<daemon::DaemonArgs> {
     let RunArgs {
         config,
@@ -315,8 +316,10 @@ fn daemon_args(args: RunArgs) -> Result<daemon::DaemonArgs> {
         max_connections_per_client: max_connections_per_client
             .or(f.max_connections_per_client)
             .unwrap_or(gateway::server::limits::DEFAULT_MAX_CONNECTIONS_PER_CLIENT),
-        allow_listen: allow_listen || f.allow_listen.unwrap_or(false),
-        remove_gate_on_exit: remove_gate_on_exit || f.remove_gate_on_exit.unwrap_or(false),
+        allow_listen: allow_listen.or(f.allow_listen).unwrap_or(false),
+        remove_gate_on_exit: remove_gate_on_exit
+            .or(f.remove_gate_on_exit)
+            .unwrap_or(false),
         max_bindings_per_connection: max_bindings_per_connection
             .or(f.max_bindings_per_connection)
             .unwrap_or(gateway::binding::Config::default().max_bindings_per_connection),
@@ -351,7 +354,11 @@ fn effective_config(args: &daemon::DaemonArgs) -> Result<String> {
     let deny = or_file(args.access.deny.clone(), file.deny);
     let clients = or_file(args.access.clients.clone(), file.allow_clients);
     let users = args.access.users.clone().or(file.users);
-    let allow_anonymous = args.access.allow_anonymous || file.allow_anonymous.unwrap_or(false);
+    let allow_anonymous = args
+        .access
+        .allow_anonymous
+        .or(file.allow_anonymous)
+        .unwrap_or(false);
     let mut table = toml::Table::new();
     table.insert("external".into(), Value::String(args.external.clone()));
     table.insert("internal".into(), Value::String(args.internal.clone()));

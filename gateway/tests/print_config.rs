@@ -60,6 +60,28 @@ fn a_file_plus_flags_prints_the_merged_values_and_reads_back() {
         "a default"
     );
     assert_eq!(table["deny"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        table["allow_anonymous"].as_bool(),
+        Some(true),
+        "from the file"
+    );
+    // A boolean flag turns off what the file turned on.
+    let (ok, off, stderr) = gateway(&[
+        "run",
+        "--config",
+        config,
+        "--allow-anonymous=false",
+        "--remove-gate-on-exit",
+        "--print-config",
+    ]);
+    assert!(ok, "{stderr}");
+    let off: toml::Table = off.parse().unwrap();
+    assert_eq!(off["allow_anonymous"].as_bool(), Some(false));
+    assert_eq!(
+        off["remove_gate_on_exit"].as_bool(),
+        Some(true),
+        "a bare switch is true"
+    );
     // What it prints is a configuration file that means the same.
     let printed_file = temp_file("printed.toml", &printed);
     let (ok, again, stderr) = gateway(&[

@@ -22,7 +22,8 @@ use ipnet::IpNet;
 pub struct AccessSource {
     pub config: Option<PathBuf>,
     pub users: Option<PathBuf>,
-    pub allow_anonymous: bool,
+    /// The flag, when given (it wins over the file either way).
+    pub allow_anonymous: Option<bool>,
     pub deny: Vec<IpNet>,
     pub clients: Vec<IpNet>,
     pub external: String,
@@ -43,7 +44,10 @@ impl AccessSource {
             .map(|path| Users::load(&path))
             .transpose()
             .context("--users")?;
-        let allow_anonymous = self.allow_anonymous || file.allow_anonymous.unwrap_or(false);
+        let allow_anonymous = self
+            .allow_anonymous
+            .or(file.allow_anonymous)
+            .unwrap_or(false);
         if users.is_none() && !allow_anonymous {
             bail!(
                 "no way to authenticate: give --users FILE (see `gateway passwd`) or \
