@@ -21,7 +21,7 @@ use std::{
 use std::os::unix::fs::OpenOptionsExt as _;
 
 use common::pinned_packets;
-use gateway::client::{Client, Family};
+use gateway::client::{Client, EnhancedSession, Family};
 use gateway_common::DropReason;
 use integration_tests::{
     Netns, Testbed, addr,
@@ -155,6 +155,17 @@ fn control_connections_only_from_permitted_client_networks() {
     assert_eq!(greeting_reply(&bed.client, proxy), Some([5, 0]));
 }
 
+/// An enhanced-mode session with the gateway in the test bed (run in `client`).
+async fn enhanced_session(credentials: Option<(String, String)>) -> EnhancedSession {
+    let proxy = SocketAddr::new(addr::FW_INSIDE_V4.into(), 1080);
+    Client::connect(proxy, credentials)
+        .await
+        .unwrap()
+        .enhanced()
+        .await
+        .unwrap()
+}
+
 /// A confirmed enhanced-mode binding held by a client in `client`, counting what reaches its
 /// socket, until it is told to stop.
 struct LiveBinding {
@@ -186,13 +197,7 @@ impl LiveBinding {
                     .build()
                     .unwrap();
                 runtime.block_on(async move {
-                    let proxy = SocketAddr::new(addr::FW_INSIDE_V4.into(), 1080);
-                    let session = Client::connect(proxy, credentials)
-                        .await
-                        .unwrap()
-                        .enhanced()
-                        .await
-                        .unwrap();
+                    let session = enhanced_session(credentials).await;
                     let binding = session.udp_socket(Family::V4).await.unwrap();
                     let relay = binding.bind().await.unwrap();
                     binding.connect(remote).await.unwrap();
@@ -652,13 +657,7 @@ fn sighup_reloads_the_policy_from_the_config_file() {
                 .build()
                 .unwrap()
                 .block_on(async {
-                    let proxy = SocketAddr::new(addr::FW_INSIDE_V4.into(), 1080);
-                    let session = Client::connect(proxy, None)
-                        .await
-                        .unwrap()
-                        .enhanced()
-                        .await
-                        .unwrap();
+                    let session = enhanced_session(None).await;
                     let binding = session.udp_socket(Family::V4).await.unwrap();
                     binding.bind().await.unwrap();
                     binding
