@@ -397,6 +397,21 @@ async fn serve(
 fn reserve_relay_ports(args: &DaemonArgs, instance: &Instance) -> Result<()> {
     use gateway::reserved_ports;
     let ranges = [args.internal_ports.ports(), args.external_ports.ports()];
+    // The resolver binds its query ports itself, which a reservation does not stop.
+    let queries = gateway::resolver::DEFAULT_QUERY_PORTS;
+    if let Some(range) = ranges
+        .iter()
+        .find(|r| r.start() <= queries.end() && queries.start() <= r.end())
+    {
+        bail!(
+            "the relay port range {}-{} overlaps the resolver's query ports {}-{}; choose \
+             another range (--internal-ports, --external-ports)",
+            range.start(),
+            range.end(),
+            queries.start(),
+            queries.end()
+        );
+    }
     let busy = reserved_ports::in_use(&ranges, 5);
     if !busy.is_empty() {
         let listed: Vec<String> = busy.iter().map(|(p, port)| format!("{p} {port}")).collect();

@@ -78,6 +78,18 @@ fn a_relay_range_holding_a_port_in_use_is_refused() {
     );
     assert_eq!(reserved(&bed.fw), "", "nothing reserved");
     drop(busy);
+    // A range over the resolver's query ports is refused too, naming both.
+    let (status, log) = start_expecting_failure(
+        &bed.fw,
+        &instance,
+        &[&TESTBED_ARGS[..], &["--external-ports", "55000-56999"]].concat(),
+    )
+    .unwrap();
+    assert!(!status.success());
+    assert!(
+        log.contains("overlaps the resolver's query ports 50000-60999"),
+        "{log}"
+    );
     // Another range works.
     let (_gateway, _cleanup2) = start_in_fw(&bed, &["--external-ports", "20000-29999"]).unwrap();
     assert_eq!(reserved(&bed.fw), "20000-29999,40000-49999");
