@@ -16,19 +16,20 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use gateway::{
     binding,
-    datapath::{Datapath, DatapathConfig, HostFlow, interface_index},
+    datapath::{Datapath, DatapathConfig, interface_index},
     gate::Gate,
     instance::Instance,
     netif::{self, InterfaceAddress, tie_to_device},
     resolver::{Resolver, nameservers_from_resolv_conf},
     server::{
-        self, External, Services, Timeouts,
+        self, External, Services,
         access::LiveAccess,
         auth::FailureLimiter,
         enhanced::EnhancedMode,
         limits::{AuthLimit, ConnectionLimits},
         policy::Policy,
     },
+    settings::{DatapathKind, Settings},
 };
 use tokio::{
     net::{TcpListener, TcpSocket},
@@ -39,52 +40,15 @@ use tracing::{info, warn};
 pub use self::access::AccessSource;
 use self::signals::{Event, Signals};
 
-/// Who relays the datagrams of confirmed bindings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DatapathKind {
-    /// The kernel: tc programs rewrite and redirect (the XDP gate admits).
-    Xdp,
-    /// The userspace relay (the XDP gate still admits and drops).
-    Userspace,
-}
-
-impl DatapathKind {
-    pub const fn describe(self) -> &'static str {
-        match self {
-            Self::Xdp => "the kernel (tc programs)",
-            Self::Userspace => "the userspace relay",
-        }
-    }
-}
-
 /// SOCKS port when `--listen` is not given.
 pub const DEFAULT_SOCKS_PORT: u16 = 1080;
 
-/// What `gateway run` was asked to do (validated by clap and here).
+/// What `gateway run` was asked to do: the effective settings (checked), and where the
+/// reloadable ones come from again on SIGHUP.
 #[derive(Debug)]
 pub struct DaemonArgs {
-    pub external: String,
-    pub internal: String,
-    pub instance: String,
-    pub max_bindings: u32,
-    pub host_allow: Vec<HostFlow>,
-    pub listen: Vec<SocketAddr>,
-    /// Users, anonymous access, policy and client networks: read at start and on SIGHUP.
+    pub settings: Settings,
     pub access: AccessSource,
-    pub resolvers: Vec<SocketAddr>,
-    pub max_connections: usize,
-    pub max_connections_per_client: usize,
-    pub datapath: DatapathKind,
-    pub xdp_mode: gateway::datapath::XdpAttachMode,
-    pub tc_mode: gateway::datapath::TcAttachMode,
-    pub allow_listen: bool,
-    /// Detach and unpin the gate after a clean stop (the firewall is open afterwards).
-    pub remove_gate_on_exit: bool,
-    pub internal_ports: binding::PortRange,
-    pub external_ports: binding::PortRange,
-    pub max_bindings_per_connection: usize,
-    pub max_bindings_per_user: usize,
-    pub max_remotes_per_association: usize,
 }
 
 pub fn run(args: DaemonArgs) -> Result<()> {
@@ -102,16 +66,17 @@ pub fn run(args: DaemonArgs) -> Result<()> {
 }
 
 async fn start_and_serve(args: DaemonArgs, signals: &mut Signals) -> Result<()> {
+    let s = &args.settings;
     if !nix::unistd::geteuid().is_root() {
         bail!("`gateway run` needs root (it loads and attaches eBPF programs)");
     }
-    let instance = Instance::new(&args.instance)?;
-    let external_ifindex = interface_index(&args.external).context("--external")?;
-    interface_index(&args.internal).context("--internal")?;
-    if args.external == args.internal {
+    let instance = Instance::new(&s.instance)?;
+    let external_ifindex = interface_index(&s.external).context("--external")?;
+    interface_index(&s.internal).context("--internal")?;
+    if s.external == s.internal {
         bail!(
             "--external and --internal must be different interfaces (both are {})",
-            args.external
+            s.external
         );
     }
     let access = args.access.load()?;
@@ -129,19 +94,20 @@ fn listen_addresses(
     internal: &[InterfaceAddress],
     external: &[InterfaceAddress],
 ) -> Result<Vec<SocketAddr>> {
-    let listen: Vec<SocketAddr> = if args.listen.is_empty() {
+    let s = &args.settings;
+    let listen: Vec<SocketAddr> = if s.listen.is_empty() {
         internal
             .iter()
             .filter(|a| !matches!(a.ip, IpAddr::V6(v6) if v6.is_unicast_link_local()))
             .map(|a| SocketAddr::new(a.ip, DEFAULT_SOCKS_PORT))
             .collect()
     } else {
-        args.listen.clone()
+        s.listen.clone()
     };
     if listen.is_empty() {
         bail!(
             "nothing to listen on: --internal {} has no address and no --listen was given",
-            args.internal
+            s.internal
         );
     }
     for addr in &listen {
@@ -150,15 +116,15 @@ fn listen_addresses(
             bail!(
                 "--listen {addr} is an address of the external interface {}: the control port \
                  answers only from inside; listen on an address of --internal {}",
-                args.external,
-                args.internal
+                s.external,
+                s.internal
             );
         }
         if !ip.is_unspecified() && !internal.iter().any(|a| a.ip == ip) {
             bail!(
                 "--listen {addr} is not an address of --internal {}: listeners are tied to that \
                  interface, so it would never accept a client",
-                args.internal
+                s.internal
             );
         }
     }
@@ -191,19 +157,20 @@ async fn serve(
     access: server::access::Access,
     signals: &mut Signals,
 ) -> Result<()> {
-    let external_addrs = netif::addresses(&args.external).context("read --external addresses")?;
-    let internal_addrs = netif::addresses(&args.internal).context("read --internal addresses")?;
+    let s = &args.settings;
+    let external_addrs = netif::addresses(&s.external).context("read --external addresses")?;
+    let internal_addrs = netif::addresses(&s.internal).context("read --internal addresses")?;
     let (external_v4, external_v6) = netif::primary(&external_addrs);
     if external_v4.is_none() && external_v6.is_none() {
-        bail!("--external {} has no IP address", args.external);
+        bail!("--external {} has no IP address", s.external);
     }
     let listen = listen_addresses(&args, &internal_addrs, &external_addrs)?;
 
-    let resolvers = if args.resolvers.is_empty() {
+    let resolvers: Vec<SocketAddr> = if s.resolvers.is_empty() {
         let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         nameservers_from_resolv_conf(&text)
     } else {
-        args.resolvers.clone()
+        s.resolvers.iter().map(|server| server.0).collect()
     };
     if resolvers.is_empty() {
         warn!("no nameserver configured (--resolver, /etc/resolv.conf): domain names will fail");
@@ -218,21 +185,17 @@ async fn serve(
 
     reserve_relay_ports(&args, instance)?;
 
-    let mut config = DatapathConfig::new(
-        instance.clone(),
-        args.external.clone(),
-        args.internal.clone(),
-    );
-    config.max_bindings = args.max_bindings;
-    config.host_allow = args.host_allow.clone();
+    let mut config = DatapathConfig::new(instance.clone(), s.external.clone(), s.internal.clone());
+    config.max_bindings = s.max_bindings.get();
+    config.host_allow = s.allow_host_udp.clone();
     config.external_addresses = external_addrs.iter().map(|a| a.ip).collect();
-    config.xdp_mode = args.xdp_mode;
-    config.tc_mode = args.tc_mode;
+    config.xdp_mode = s.xdp_mode;
+    config.tc_mode = s.tc_attach;
     config.control_listeners = listen.clone();
     // From here on every exit leaves the gate attached and dropping (a failed attach leaves
     // whatever was pinned before, which drops too).
     let mut datapath = Datapath::attach(&config)
-        .with_context(|| format!("attach the gateway to {}", args.external))?;
+        .with_context(|| format!("attach the gateway to {}", s.external))?;
     let gate = match datapath.take_gate() {
         Ok(gate) => gate,
         Err(error) => {
@@ -240,16 +203,16 @@ async fn serve(
             return Err(error).context("open the binding maps");
         }
     };
-    let gate: Arc<dyn Gate> = match args.datapath {
-        DatapathKind::Xdp => Arc::new(gate),
+    let gate: Arc<dyn Gate> = match s.datapath {
+        DatapathKind::Kernel | DatapathKind::Xdp => Arc::new(gate),
         DatapathKind::Userspace => Arc::new(gate.userspace_only()),
     };
-    info!(datapath = ?args.datapath, "confirmed bindings are relayed by {}", args.datapath.describe());
+    info!(datapath = ?s.datapath, "confirmed bindings are relayed by {}", s.datapath.describe());
     // Each query's socket is tied to the interface its nameserver is reached through, and its
     // exact reply flow is admitted by the gate only while the query is outstanding.
     let device_for = {
         let (external, internal) = (external_addrs.clone(), internal_addrs.clone());
-        let (ext_name, int_name) = (args.external.clone(), args.internal.clone());
+        let (ext_name, int_name) = (s.external.clone(), s.internal.clone());
         move |source: IpAddr| {
             if external.iter().any(|a| a.ip == source) {
                 Some(ext_name.clone())
@@ -292,22 +255,25 @@ async fn serve(
             v4: external_v4,
             v6: external_v6,
             ifindex: Some(external_ifindex),
-            device: Some(args.external.clone()),
+            device: Some(s.external.clone()),
         },
-        internal_device: Some(args.internal.clone()),
-        timeouts: Timeouts::default(),
-        connections: ConnectionLimits::new(args.max_connections, args.max_connections_per_client),
+        internal_device: Some(s.internal.clone()),
+        timeouts: s.timeouts(),
+        connections: ConnectionLimits::new(
+            s.max_connections.get(),
+            s.max_connections_per_client.get(),
+        ),
         auth: AuthLimit::per_core(2),
         association_limits: gateway::server::AssociationLimits {
-            max_remotes: args.max_remotes_per_association,
-            ..gateway::server::AssociationLimits::default()
+            max_remotes: s.max_remotes_per_association.get(),
+            remote_idle: Duration::from_secs(s.idle_timeout),
         },
         enhanced,
     });
 
     let mut listeners = Vec::new();
     for addr in &listen {
-        match bind_listener(*addr, &args.internal) {
+        match bind_listener(*addr, &s.internal) {
             Ok(listener) => listeners.push(listener),
             Err(error) => {
                 warn!(%addr, %error, "cannot listen; stopping, and the gate stays attached and dropping");
@@ -325,8 +291,8 @@ async fn serve(
     }
     let watcher = tokio::spawn(follow_address_changes(
         Arc::clone(&services),
-        args.external.clone(),
-        args.internal.clone(),
+        s.external.clone(),
+        s.internal.clone(),
     ));
     let control_path = gateway::control::socket_path(instance);
     let control = tokio::spawn({
@@ -340,7 +306,7 @@ async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut servers = Vec::new();
     for (addr, listener) in listen.iter().zip(listeners) {
-        info!(%addr, device = %args.internal, "SOCKS5 listening");
+        info!(%addr, device = %s.internal, "SOCKS5 listening");
         let mut stop = stop_rx.clone();
         servers.push(tokio::spawn(server::run(
             Arc::clone(&services),
@@ -357,8 +323,8 @@ async fn serve(
     } else {
         info!(
             instance = instance.name(),
-            external = %args.external,
-            internal = %args.internal,
+            external = %s.external,
+            internal = %s.internal,
             pid = std::process::id(),
             "gateway running"
         );
@@ -384,7 +350,7 @@ async fn serve(
     watcher.abort();
     let _ = std::fs::remove_file(&control_path);
     drop(services);
-    if args.remove_gate_on_exit {
+    if s.remove_gate_on_exit {
         datapath.detach();
     } else {
         datapath.stop();
@@ -396,7 +362,8 @@ async fn serve(
 /// reserved otherwise (recorded in the run directory for `gateway detach`).
 fn reserve_relay_ports(args: &DaemonArgs, instance: &Instance) -> Result<()> {
     use gateway::reserved_ports;
-    let ranges = [args.internal_ports.ports(), args.external_ports.ports()];
+    let s = &args.settings;
+    let ranges = [s.internal_ports.ports(), s.external_ports.ports()];
     // The resolver binds its query ports itself, which a reservation does not stop.
     let queries = gateway::resolver::DEFAULT_QUERY_PORTS;
     if let Some(range) = ranges
@@ -418,8 +385,8 @@ fn reserve_relay_ports(args: &DaemonArgs, instance: &Instance) -> Result<()> {
         bail!(
             "the relay port ranges {} (internal) and {} (external) hold ports in use: {}; free \
              them or choose other ranges (--internal-ports, --external-ports)",
-            args.internal_ports.first.to_string() + "-" + &args.internal_ports.last.to_string(),
-            args.external_ports.first.to_string() + "-" + &args.external_ports.last.to_string(),
+            s.internal_ports.first.to_string() + "-" + &s.internal_ports.last.to_string(),
+            s.external_ports.first.to_string() + "-" + &s.external_ports.last.to_string(),
             listed.join(", ")
         );
     }
@@ -522,6 +489,7 @@ fn enhanced_mode(
     internal: &[InterfaceAddress],
     policy: &Policy,
 ) -> Result<Option<Arc<EnhancedMode>>> {
+    let s = &args.settings;
     let primaries = |addrs: &[InterfaceAddress]| -> Vec<IpAddr> {
         let (v4, v6) = netif::primary(addrs);
         v4.map(IpAddr::V4)
@@ -541,13 +509,15 @@ fn enhanced_mode(
                 IpAddr::V6(v6) => !v6.is_unicast_link_local(),
             })
             .collect(),
-        allow_listen: args.allow_listen,
+        allow_listen: s.allow_listen,
         // A confirmed RTP pair takes two kernel entries; UDP ASSOCIATE shares the map.
-        max_bindings: usize::try_from(args.max_bindings / 2).unwrap_or(usize::MAX),
-        internal_ports: args.internal_ports,
-        external_ports: args.external_ports,
-        max_bindings_per_connection: args.max_bindings_per_connection,
-        max_bindings_per_user: args.max_bindings_per_user,
+        max_bindings: usize::try_from(s.max_bindings.get() / 2).unwrap_or(usize::MAX),
+        internal_ports: s.internal_ports,
+        external_ports: s.external_ports,
+        max_bindings_per_connection: s.max_bindings_per_connection.get(),
+        max_bindings_per_user: s.max_bindings_per_user.get(),
+        pending_timeout: Duration::from_secs(s.pending_timeout),
+        idle_timeout: Duration::from_secs(s.idle_timeout),
         ..binding::Config::default()
     };
     if config.internal_ips.is_empty() || config.external_ips.is_empty() {

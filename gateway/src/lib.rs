@@ -8,7 +8,7 @@
 
 pub mod binding;
 pub mod client;
-pub mod config;
+
 pub mod control;
 pub mod datapath;
 pub mod gate;
@@ -18,5 +18,6 @@ pub mod reserved_ports;
 pub mod resolver;
 pub mod rtsp;
 pub mod server;
+pub mod settings;
 pub mod socks;
 pub mod stats;

@@ -23,13 +23,21 @@ fn reserved(ns: &Netns) -> String {
 fn relay_ports_are_reserved_from_start_until_detach() {
     let bed = Testbed::new().unwrap();
     assert_eq!(reserved(&bed.fw), "", "a fresh namespace reserves nothing");
+    // The default ranges lie below Linux's default ephemeral ports; a host whose ephemeral
+    // range was widened over them is kept out by the reservation.
+    run_checked(
+        bed.fw
+            .command("sysctl")
+            .args(["-w", "net.ipv4.ip_local_port_range=16384 33791"]),
+    )
+    .unwrap();
     let (mut gateway, _cleanup) = start_in_fw(&bed, &[]).unwrap();
     assert_eq!(
         reserved(&bed.fw),
-        "30000-49999",
+        "16384-32767",
         "both default ranges reserved"
     );
-    // The kernel no longer hands them out as ephemeral ports.
+    // The kernel no longer hands them out as ephemeral ports: it is left 32768-33791.
     let picked: Vec<u16> = bed
         .fw
         .run(|| {
@@ -45,13 +53,13 @@ fn relay_ports_are_reserved_from_start_until_detach() {
         })
         .unwrap();
     assert!(
-        picked.iter().all(|port| !(30000..=49999).contains(port)),
+        picked.iter().all(|port| (32768..=33791).contains(port)),
         "no ephemeral port from the relay ranges: {picked:?}"
     );
     assert!(gateway.stop());
-    assert_eq!(reserved(&bed.fw), "30000-49999", "a stop keeps them");
+    assert_eq!(reserved(&bed.fw), "16384-32767", "a stop keeps them");
     let said = detach(&bed.fw, &gateway.instance).unwrap();
-    assert!(said.contains("reserved ports 30000-49999"), "{said}");
+    assert!(said.contains("reserved ports 16384-32767"), "{said}");
     assert_eq!(
         reserved(&bed.fw),
         "",
@@ -64,7 +72,7 @@ fn a_relay_range_holding_a_port_in_use_is_refused() {
     let bed = Testbed::new().unwrap();
     let busy = bed
         .fw
-        .udp_socket("198.51.100.1:35000", Duration::from_secs(1))
+        .udp_socket("198.51.100.1:20000", Duration::from_secs(1))
         .unwrap();
     let instance = unique_instance();
     let _cleanup = integration_tests::gateway::InstanceCleanup {
@@ -73,7 +81,7 @@ fn a_relay_range_holding_a_port_in_use_is_refused() {
     let (status, log) = start_expecting_failure(&bed.fw, &instance, &TESTBED_ARGS).unwrap();
     assert!(!status.success());
     assert!(
-        log.contains("ports in use: udp 35000") && log.contains("--external-ports"),
+        log.contains("ports in use: udp 20000") && log.contains("--external-ports"),
         "the refusal names the port and the way out:\n{log}"
     );
     assert_eq!(reserved(&bed.fw), "", "nothing reserved");
@@ -91,6 +99,6 @@ fn a_relay_range_holding_a_port_in_use_is_refused() {
         "{log}"
     );
     // Another range works.
-    let (_gateway, _cleanup2) = start_in_fw(&bed, &["--external-ports", "20000-29999"]).unwrap();
-    assert_eq!(reserved(&bed.fw), "20000-29999,40000-49999");
+    let (_gateway, _cleanup2) = start_in_fw(&bed, &["--external-ports", "12000-15999"]).unwrap();
+    assert_eq!(reserved(&bed.fw), "12000-15999,24576-32767");
 }

@@ -179,7 +179,7 @@ fn demo(work: &Path) -> Result<()> {
     traffic::send_udp(
         &bed.server,
         IpAddr::from(addr::FW_OUTSIDE_V4),
-        &[30000, 30001, 5004],
+        &[16384, 16385, 5004],
         JUNK,
         b"unsolicited",
     )?;

@@ -154,8 +154,10 @@ impl Default for Config {
             max_bindings_per_user: 8192,
             max_bindings: 200_000,
             max_tombstones_per_connection: 1024,
-            internal_ports: PortRange::new(40_000, 49_999),
-            external_ports: PortRange::new(30_000, 39_999),
+            // Below Linux's default ephemeral ports (32768-60999): no socket of the host's
+            // takes a relay port, whatever the reservation.
+            internal_ports: PortRange::new(24_576, 32_767),
+            external_ports: PortRange::new(16_384, 24_575),
             internal_ips: Vec::new(),
             external_ips: Vec::new(),
             spill_to_other_external_ips: false,

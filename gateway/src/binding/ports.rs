@@ -69,6 +69,19 @@ impl PortRange {
     }
 }
 
+impl std::str::FromStr for PortRange {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        Self::parse(text)
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
 /// Bit of a slot's state: its even port is taken (or outside the range).
 const EVEN: u8 = 0b01;
 /// Bit of a slot's state: its odd port is taken (or outside the range).

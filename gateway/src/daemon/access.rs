@@ -10,9 +10,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use gateway::{
     binding,
-    config::FileConfig,
     netif::{self, InterfaceAddress},
     server::{access::Access, auth::Users, policy::Policy},
+    settings::{self, Layer, Settings},
 };
 use ipnet::IpNet;
 
@@ -21,53 +21,50 @@ use ipnet::IpNet;
 #[derive(Debug, Clone, Default)]
 pub struct AccessSource {
     pub config: Option<PathBuf>,
-    pub users: Option<PathBuf>,
-    /// The flag, when given (it wins over the file either way).
-    pub allow_anonymous: Option<bool>,
-    pub deny: Vec<IpNet>,
-    pub clients: Vec<IpNet>,
-    pub external: String,
-    pub internal: String,
+    pub flags: Layer,
 }
 
 impl AccessSource {
+    /// The effective settings now: the flags over the configuration file as it reads now.
+    pub fn settings(&self) -> Result<Settings> {
+        let file = match &self.config {
+            Some(path) => settings::load(path)?,
+            None => Layer::default(),
+        };
+        let settings = self.flags.clone().over(file).resolve();
+        settings.check()?;
+        Ok(settings)
+    }
+
     /// Reads the configuration file, the users file and both interfaces' addresses.
     pub fn load(&self) -> Result<Access> {
-        let file = match &self.config {
-            Some(path) => gateway::config::load(path)?.file,
-            None => FileConfig::default(),
-        };
-        let users = self
-            .users
-            .clone()
-            .or(file.users)
-            .map(|path| Users::load(&path))
+        let settings = self.settings()?;
+        let users = settings
+            .users_file()
+            .map(Users::load)
             .transpose()
             .context("--users")?;
-        let allow_anonymous = self
-            .allow_anonymous
-            .or(file.allow_anonymous)
-            .unwrap_or(false);
-        if users.is_none() && !allow_anonymous {
+        if users.is_none() && !settings.allow_anonymous {
             bail!(
                 "no way to authenticate: give --users FILE (see `gateway passwd`) or \
                  --allow-anonymous"
             );
         }
-        let external = netif::addresses(&self.external)
-            .with_context(|| format!("read the addresses of --external {}", self.external))?;
-        let internal = netif::addresses(&self.internal)
-            .with_context(|| format!("read the addresses of --internal {}", self.internal))?;
+        let external = netif::addresses(&settings.external)
+            .with_context(|| format!("read the addresses of --external {}", settings.external))?;
+        let internal = netif::addresses(&settings.internal)
+            .with_context(|| format!("read the addresses of --internal {}", settings.internal))?;
         let internal_networks: Vec<IpNet> = internal.iter().map(|a| a.network).collect();
-        let mut deny = first_given(self.deny.clone(), file.deny);
+        let mut deny = settings.deny;
         // Clients may not reach the protected networks through the proxy.
         deny.extend(internal_networks.iter().copied());
-        let clients = first_given(
-            first_given(self.clients.clone(), file.allow_clients),
-            internal_networks,
-        );
+        let clients = if settings.allow_clients.is_empty() {
+            internal_networks
+        } else {
+            settings.allow_clients
+        };
         Ok(Access {
-            allow_anonymous,
+            allow_anonymous: settings.allow_anonymous,
             users,
             policy: Policy {
                 own_addresses: own_addresses(&external, &internal),
@@ -90,12 +87,6 @@ pub fn own_addresses(external: &[InterfaceAddress], internal: &[InterfaceAddress
     own.sort_unstable();
     own.dedup();
     own
-}
-
-/// The first list that is not empty (the command line's replaces the file's, which replaces the
-/// default).
-fn first_given<T>(given: Vec<T>, otherwise: Vec<T>) -> Vec<T> {
-    if given.is_empty() { otherwise } else { given }
 }
 
 /// The networks an enhanced-mode REMOTE may not name under `policy`: its denied networks, the

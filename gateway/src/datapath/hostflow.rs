@@ -43,6 +43,19 @@ impl HostFlow {
     }
 }
 
+impl std::str::FromStr for HostFlow {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        Self::parse(text)
+    }
+}
+
+impl std::fmt::Display for HostFlow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{},{}", self.remote, self.local)
+    }
+}
+
 /// An address as the kernel maps store it: 16 octets, IPv4 mapped.
 pub fn addr16(ip: IpAddr) -> Addr16 {
     match ip {

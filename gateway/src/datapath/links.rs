@@ -100,7 +100,18 @@ impl LinkSlot {
 }
 
 /// How the tc programs are attached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum TcAttachMode {
     /// tcx links where the kernel has them (6.6 and later), netlink filters before.
     #[default]
@@ -240,7 +251,18 @@ fn reopen(path: &Path) -> Result<PinnedLink, DatapathError> {
 }
 
 /// Which XDP attach mode to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum XdpAttachMode {
     /// Driver (native) mode, falling back to generic mode when the driver refuses.
     #[default]

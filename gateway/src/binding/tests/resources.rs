@@ -425,9 +425,12 @@ fn config_validation_names_the_key() {
 
 #[test]
 fn config_defaults_follow_the_protocol_notes() {
-    // The ranges follow the worked example: external 30000.., internal 40000...
+    // The relay ranges lie below Linux's default ephemeral ports (32768-60999), so the
+    // kernel never hands one of them to another socket, and they do not overlap each other.
     let d = Config::default();
-    assert!(d.external_ports.contains(30_000) && d.internal_ports.contains(40_000));
+    assert!(d.external_ports.last < 32_768 && d.internal_ports.last < 32_768);
+    assert!(d.external_ports.last < d.internal_ports.first);
+    assert!(d.external_ports.len() >= 8192 && d.internal_ports.len() >= 8192);
     assert_eq!(
         (d.pending_timeout, d.idle_timeout),
         (Duration::from_secs(30), Duration::from_mins(5))

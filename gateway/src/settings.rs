@@ -1,0 +1,522 @@
+//! Every setting of `gateway run`, declared once. The one list below makes the command-line
+//! flags (clap), the keys of the TOML configuration file (serde, dashes become underscores),
+//! the defaults, the precedence (a flag wins over the file, which wins over the default) and
+//! what `--print-config` shows. Unknown keys and bad values are errors that name the key.
+//!
+//! ```toml
+//! external = "eth0"
+//! internal = "eth1"
+//! listen = ["198.51.100.1:1080"]
+//! users = "/etc/gateway/users"
+//! resolvers = ["192.0.2.53"]
+//! deny = ["10.0.0.0/8"]
+//! allow_clients = ["198.51.100.0/24"]
+//! allow_host_udp = ["192.0.2.123:123,203.0.113.1:123"]
+//! datapath = "kernel"
+//! idle_timeout = 300
+//! ```
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    num::{NonZeroU32, NonZeroU64, NonZeroUsize},
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::{
+    binding::{self, PortRange},
+    datapath::{HostFlow, TcAttachMode, XdpAttachMode},
+    server::{AssociationLimits, Timeouts, limits},
+};
+
+#[derive(Debug, Error)]
+pub enum SettingsError {
+    #[error("read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config file {path}: key `{key}`: {message}")]
+    Value {
+        path: String,
+        key: String,
+        message: String,
+    },
+    #[error("`{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// Declares the settings: each one's doc comment is its `--help`, its `#[arg]` its flag, its
+/// type the value in the file, and the expression after `=` its default.
+macro_rules! settings {
+    ($( $(#[$meta:meta])* $field:ident : $ty:ty = $default:expr ; )*) => {
+        /// One source of settings (the command line or the file): `None` where it says nothing.
+        #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct Layer {
+            $( $(#[$meta])* pub $field: Option<$ty>, )*
+        }
+
+        /// The effective settings: every value from a layer or its default.
+        #[derive(Debug, Clone, PartialEq, Serialize)]
+        pub struct Settings {
+            $( pub $field: $ty, )*
+        }
+
+        impl Layer {
+            /// This layer's values, and `lower`'s where this one has none.
+            #[must_use]
+            pub fn over(self, lower: Layer) -> Layer {
+                Layer { $( $field: self.$field.or(lower.$field), )* }
+            }
+
+            /// The settings this layer gives, defaults for the rest.
+            pub fn resolve(self) -> Settings {
+                Settings { $( $field: self.$field.unwrap_or_else(|| $default), )* }
+            }
+        }
+
+        impl Settings {
+            /// The default of every setting.
+            pub fn defaults() -> Settings {
+                Layer::default().resolve()
+            }
+        }
+    };
+}
+
+settings! {
+    /// Interface facing the untrusted side (where unsolicited UDP arrives and is dropped).
+    /// Required.
+    #[arg(long, value_name = "IFACE")]
+    external: String = String::new();
+    /// Interface facing the protected clients. Required.
+    #[arg(long, value_name = "IFACE")]
+    internal: String = String::new();
+    /// Instance name: separates pinned objects and lock files of several gateways on one host.
+    #[arg(long, value_name = "NAME")]
+    instance: String = crate::instance::DEFAULT_INSTANCE.to_owned();
+    /// Address for SOCKS5 control connections (repeat for more). Default: every address of
+    /// the internal interface, port 1080. Listeners are tied to the internal interface, and
+    /// TCP to them arriving on the external one is dropped; an external address is refused.
+    #[arg(long, value_name = "IP:PORT")]
+    listen: Vec<SocketAddr> = Vec::new();
+    /// A network control connections are accepted from (repeat for more); connections from
+    /// anywhere else are closed at accept. Default: the internal interface's networks.
+    /// Reloaded on SIGHUP.
+    #[arg(long, value_name = "CIDR")]
+    allow_clients: Vec<IpNet> = Vec::new();
+    /// Users file of NAME:ARGON2ID-HASH lines (make lines with `gateway passwd NAME`); empty:
+    /// none. Reloaded on SIGHUP: a removed user's sessions end; a file that does not load is
+    /// refused and the previous users stay.
+    #[arg(long, value_name = "FILE")]
+    users: PathBuf = PathBuf::new();
+    /// Accept clients without authentication (SOCKS method 00). `--allow-anonymous=false`
+    /// turns off what the file turned on. Reloaded on SIGHUP.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    allow_anonymous: bool = false;
+    /// A network clients may not reach through the gateway (repeat for more). The internal
+    /// interface's networks, the gateway host's own addresses, loopback, multicast and
+    /// broadcast are always refused. Reloaded on SIGHUP.
+    #[arg(long, value_name = "CIDR")]
+    deny: Vec<IpNet> = Vec::new();
+    /// Nameserver for domain names in SOCKS requests, IP or IP:PORT (repeat for more).
+    /// Default: the nameservers of /etc/resolv.conf. Each query's reply flow is admitted
+    /// exactly while the query is outstanding.
+    #[arg(long = "resolver", value_name = "IP[:PORT]")]
+    resolvers: Vec<Nameserver> = Vec::new();
+    /// Admit one exact UDP flow the host itself needs on the external interface (NTP, DHCP):
+    /// `REMOTE_IP:PORT,LOCAL_IP:PORT`. Repeat for more. Everything else that no binding admits
+    /// is dropped.
+    #[arg(long, value_name = "REMOTE,LOCAL")]
+    allow_host_udp: Vec<HostFlow> = Vec::new();
+    /// Who relays confirmed bindings: `kernel` (tc programs) or `userspace` (for comparison
+    /// and for interfaces where the kernel relay cannot run). The XDP gate drops unsolicited
+    /// UDP either way. `xdp` is an old name for `kernel`.
+    #[arg(long, value_enum, value_name = "WHO")]
+    datapath: DatapathKind = DatapathKind::Kernel;
+    /// XDP attach mode of the gate: `auto` (driver, else generic), `driver` or `generic`.
+    /// On veth, generic mode avoids the skb copy that native XDP causes.
+    #[arg(long, value_enum, value_name = "MODE")]
+    xdp_mode: XdpAttachMode = XdpAttachMode::Auto;
+    /// How the tc relay programs are attached: `auto` (tcx links on Linux 6.6 and later,
+    /// netlink filters before), `tcx`, or `netlink` (clsact + `cls_bpf` filters; they outlive
+    /// the daemon like pinned links, and `gateway detach` removes them).
+    #[arg(long, value_enum, value_name = "HOW")]
+    tc_attach: TcAttachMode = TcAttachMode::Auto;
+    /// Let an enhanced-mode step 2 with an unspecified REMOTE confirm a UDP Listen binding:
+    /// datagrams from any remote to the relay port reach the client. Off: refused with 02.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    allow_listen: bool = false;
+    /// Client-side relay ports of the enhanced mode, FIRST-LAST. Reserved for the gateway at
+    /// start (`net.ipv4.ip_local_reserved_ports`, released by `gateway detach`); a range
+    /// holding a port in use is refused.
+    #[arg(long, value_name = "FIRST-LAST")]
+    internal_ports: PortRange = binding::Config::default().internal_ports;
+    /// Remote-side relay ports of the enhanced mode, for each external address, FIRST-LAST.
+    /// Reserved like --internal-ports.
+    #[arg(long, value_name = "FIRST-LAST")]
+    external_ports: PortRange = binding::Config::default().external_ports;
+    /// Capacity of the kernel binding map (a confirmed RTP pair takes two entries).
+    #[arg(long, value_name = "N")]
+    max_bindings: NonZeroU32 = NonZeroU32::new(gateway_common::DEFAULT_MAX_BINDINGS)
+        .unwrap_or(NonZeroU32::MIN);
+    /// Most control connections served at once, across all listeners; more are closed at
+    /// accept and counted.
+    #[arg(long, value_name = "N")]
+    max_connections: NonZeroUsize = non_zero(limits::DEFAULT_MAX_CONNECTIONS);
+    /// Most control connections from one client address; more are closed at accept and
+    /// counted.
+    #[arg(long, value_name = "N")]
+    max_connections_per_client: NonZeroUsize =
+        non_zero(limits::DEFAULT_MAX_CONNECTIONS_PER_CLIENT);
+    /// Most live enhanced-mode bindings per control connection (half-bound, confirmed and
+    /// one-step Opens); more get `01` and are counted.
+    #[arg(long, value_name = "N")]
+    max_bindings_per_connection: NonZeroUsize =
+        non_zero(binding::Config::default().max_bindings_per_connection);
+    /// Most live enhanced-mode bindings per user across all their connections; an anonymous
+    /// client counts by its address.
+    #[arg(long, value_name = "N")]
+    max_bindings_per_user: NonZeroUsize =
+        non_zero(binding::Config::default().max_bindings_per_user);
+    /// Most remotes one RFC 1928 UDP ASSOCIATE admits at once; datagrams to more are dropped
+    /// and counted.
+    #[arg(long, value_name = "N")]
+    max_remotes_per_association: NonZeroUsize =
+        non_zero(AssociationLimits::default().max_remotes);
+    /// Seconds a half-bound enhanced-mode binding (step 1 done) waits for its step 2
+    /// (5 to 300).
+    #[arg(long, value_name = "SECONDS")]
+    pending_timeout: u64 = binding::Config::default().pending_timeout.as_secs();
+    /// Seconds a confirmed binding, or a remote a UDP ASSOCIATE admitted, lives without a
+    /// datagram (1 to 86400).
+    #[arg(long, value_name = "SECONDS")]
+    idle_timeout: u64 = binding::Config::default().idle_timeout.as_secs();
+    /// Seconds from accepting a control connection to its complete request; a silent or
+    /// dribbling client is cut off.
+    #[arg(long, value_name = "SECONDS")]
+    handshake_timeout: NonZeroU64 = seconds(Timeouts::default().handshake);
+    /// Seconds an outbound TCP connect of a CONNECT may take.
+    #[arg(long, value_name = "SECONDS")]
+    connect_timeout: NonZeroU64 = seconds(Timeouts::default().connect);
+    /// Seconds a BIND waits for its peer to connect.
+    #[arg(long, value_name = "SECONDS")]
+    bind_accept_timeout: NonZeroU64 = seconds(Timeouts::default().bind_accept);
+    /// Seconds a CONNECT or BIND relay lives with no byte in either direction.
+    #[arg(long, value_name = "SECONDS")]
+    tcp_idle_timeout: NonZeroU64 = seconds(Timeouts::default().tcp_idle);
+    /// After a clean stop (SIGINT/SIGTERM), detach and unpin the gate, which opens the
+    /// firewall. Off: the gate stays attached and dropping until `gateway detach`.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    remove_gate_on_exit: bool = false;
+}
+
+fn non_zero(n: usize) -> NonZeroUsize {
+    NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN)
+}
+
+fn seconds(duration: Duration) -> NonZeroU64 {
+    NonZeroU64::new(duration.as_secs()).unwrap_or(NonZeroU64::MIN)
+}
+
+/// Who relays the datagrams of confirmed bindings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathKind {
+    /// The kernel: tc programs rewrite and redirect (the XDP gate admits).
+    Kernel,
+    /// The userspace relay (the XDP gate still admits and drops).
+    Userspace,
+    /// The old name of `kernel`; accepted with a deprecation line in the log.
+    #[value(hide = true)]
+    Xdp,
+}
+
+impl DatapathKind {
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Self::Kernel | Self::Xdp => "the kernel (tc programs)",
+            Self::Userspace => "the userspace relay",
+        }
+    }
+}
+
+/// A nameserver: `IP` or `IP:PORT` (port 53 when absent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nameserver(pub SocketAddr);
+
+impl FromStr for Nameserver {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        text.parse::<SocketAddr>()
+            .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+            .map(Nameserver)
+            .map_err(|_| format!("{text:?} is not an IP or IP:PORT"))
+    }
+}
+
+impl fmt::Display for Nameserver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Values written as text in the file, as on the command line.
+macro_rules! serde_as_text {
+    ($($ty:ty),*) => {$(
+        impl Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_str(self)
+            }
+        }
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(deserializer)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+serde_as_text!(Nameserver, PortRange, HostFlow);
+
+impl Settings {
+    /// The checks no single value's type makes: what a start needs, and the timeouts' ranges.
+    pub fn check(&self) -> Result<(), SettingsError> {
+        let invalid = |key, message: &str| {
+            Err(SettingsError::Invalid {
+                key,
+                message: message.to_owned(),
+            })
+        };
+        if self.external.is_empty() {
+            return invalid("external", "no external interface: give --external IFACE");
+        }
+        if self.internal.is_empty() {
+            return invalid("internal", "no internal interface: give --internal IFACE");
+        }
+        let pending = Duration::from_secs(self.pending_timeout);
+        if !(binding::PENDING_TIMEOUT_MIN..=binding::PENDING_TIMEOUT_MAX).contains(&pending) {
+            return invalid("pending_timeout", "must be 5 to 300 seconds");
+        }
+        let idle = Duration::from_secs(self.idle_timeout);
+        if !(Duration::from_secs(1)..=binding::IDLE_TIMEOUT_MAX).contains(&idle) {
+            return invalid("idle_timeout", "must be 1 to 86400 seconds");
+        }
+        Ok(())
+    }
+
+    /// The users file, if one is set.
+    pub fn users_file(&self) -> Option<&Path> {
+        (!self.users.as_os_str().is_empty()).then_some(self.users.as_path())
+    }
+
+    /// The SOCKS server's timeouts.
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            handshake: Duration::from_secs(self.handshake_timeout.get()),
+            connect: Duration::from_secs(self.connect_timeout.get()),
+            bind_accept: Duration::from_secs(self.bind_accept_timeout.get()),
+            tcp_idle: Duration::from_secs(self.tcp_idle_timeout.get()),
+        }
+    }
+
+    /// The effective settings as a TOML file `--config` accepts as it is.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|error| format!("# cannot write as TOML: {error}\n"))
+    }
+}
+
+/// Reads and parses a configuration file.
+pub fn load(path: &Path) -> Result<Layer, SettingsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses configuration text; `origin` names it in errors.
+pub fn parse(text: &str, origin: &str) -> Result<Layer, SettingsError> {
+    toml::from_str(text).map_err(|error: toml::de::Error| {
+        let message = error.message().trim().replace('\n', " ");
+        match error.span().and_then(|span| key_at(text, span.start)) {
+            Some(key) => SettingsError::Value {
+                path: origin.to_owned(),
+                key,
+                message,
+            },
+            None => SettingsError::Parse {
+                path: origin.to_owned(),
+                message: error.to_string().trim().replace('\n', " "),
+            },
+        }
+    })
+}
+
+/// The key of the `key = value` line holding byte `offset` of `text`.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let start = text.get(..offset)?.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let key = line.split_once('=')?.0.trim().trim_matches('"');
+    (!key.is_empty() && !key.starts_with('#')).then(|| key.to_owned())
+}
+
+/// The help of `gateway run` with each setting's default appended, from [`Settings::defaults`]
+/// (so a default is written in one place).
+#[must_use]
+pub fn document_defaults(command: clap::Command) -> clap::Command {
+    let defaults = toml::Table::try_from(Settings::defaults()).unwrap_or_default();
+    command.mut_args(|arg| {
+        let shown = match defaults.get(arg.get_id().as_str()) {
+            Some(toml::Value::String(text)) if !text.is_empty() => text.clone(),
+            Some(toml::Value::Array(items)) if !items.is_empty() => items
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            Some(value @ (toml::Value::Integer(_) | toml::Value::Boolean(_))) => value.to_string(),
+            _ => return arg,
+        };
+        let with_default = |help: Option<&clap::builder::StyledStr>| {
+            format!(
+                "{} [default: {shown}]",
+                help.map(ToString::to_string).unwrap_or_default()
+            )
+        };
+        let help = with_default(arg.get_help());
+        let long = arg.get_long_help().map(|long| with_default(Some(long)));
+        let arg = arg.help(help);
+        match long {
+            Some(long) => arg.long_help(long),
+            None => arg,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_file_parses() {
+        let layer = parse(
+            r#"
+            external = "eth0"
+            internal = "eth1"
+            listen = ["198.51.100.1:1080", "[2001:db8:1::1]:1080"]
+            allow_anonymous = true
+            resolvers = ["192.0.2.53", "[2001:db8::53]:5353"]
+            deny = ["10.0.0.0/8"]
+            allow_clients = ["198.51.100.0/25", "2001:db8:1::/64"]
+            allow_host_udp = ["192.0.2.123:123,203.0.113.1:123"]
+            datapath = "userspace"
+            max_connections = 10
+            idle_timeout = 60
+            remove_gate_on_exit = true
+            "#,
+            "test.toml",
+        )
+        .unwrap();
+        let settings = layer.resolve();
+        settings.check().unwrap();
+        assert_eq!(settings.external, "eth0");
+        assert_eq!(settings.listen.len(), 2);
+        assert_eq!(settings.resolvers[0].0, "192.0.2.53:53".parse().unwrap());
+        assert_eq!(settings.resolvers[1].0.port(), 5353);
+        assert_eq!(settings.allow_host_udp.len(), 1);
+        assert_eq!(settings.datapath, DatapathKind::Userspace);
+        assert_eq!(settings.allow_clients.len(), 2);
+        assert_eq!(settings.idle_timeout, 60);
+        assert!(settings.remove_gate_on_exit);
+        assert_eq!(settings.max_connections.get(), 10);
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text, "gw.toml")
+            .map(Layer::resolve)
+            .and_then(|settings| settings.check())
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let base = "external = \"a\"\ninternal = \"b\"\n";
+        for (text, key) in [
+            ("extrnal = \"eth0\"", "extrnal"),
+            ("max_connections = \"many\"", "max_connections"),
+            ("max_connections = 0", "max_connections"),
+            ("max_bindings_per_user = 0", "max_bindings_per_user"),
+            ("resolvers = [\"192.0.2.53\", \"nope\"]", "resolvers"),
+            ("allow_host_udp = [\"192.0.2.1:53\"]", "allow_host_udp"),
+            ("datapath = \"dpdk\"", "datapath"),
+            ("deny = [\"10.0.0.0/33\"]", "deny"),
+            ("allow_clients = [\"inside\"]", "allow_clients"),
+            ("tc_attach = \"ebpf\"", "tc_attach"),
+            ("external_ports = \"40000-30000\"", "external_ports"),
+            ("pending_timeout = 1", "pending_timeout"),
+            ("idle_timeout = 0", "idle_timeout"),
+            ("handshake_timeout = 0", "handshake_timeout"),
+        ] {
+            let error = error_of(&format!("{base}{text}\n"));
+            assert!(error.contains(&format!("`{key}`")), "{text}: {error}");
+        }
+        assert!(error_of("internal = \"b\"").contains("`external`"));
+        assert!(parse("xdp_mode = \"generic\"", "gw.toml").is_ok());
+        assert!(
+            parse("datapath = \"xdp\"", "gw.toml").is_ok(),
+            "the old name"
+        );
+    }
+
+    #[test]
+    fn a_flag_wins_over_the_file_and_the_file_over_the_default() {
+        let file = parse(
+            "external = \"eth0\"\ninternal = \"eth1\"\nmax_connections = 10\nallow_anonymous = true\n\
+             deny = [\"10.0.0.0/8\"]\n",
+            "gw.toml",
+        )
+        .unwrap();
+        let flags = Layer {
+            max_connections: Some(non_zero(20)),
+            allow_anonymous: Some(false),
+            ..Layer::default()
+        };
+        let settings = flags.over(file).resolve();
+        assert_eq!(settings.max_connections.get(), 20);
+        assert!(!settings.allow_anonymous, "a flag turns a boolean off");
+        assert_eq!(settings.deny.len(), 1, "from the file");
+        assert_eq!(
+            settings.max_connections_per_client,
+            Settings::defaults().max_connections_per_client
+        );
+    }
+
+    #[test]
+    fn the_printed_settings_read_back_the_same() {
+        let mut settings = Settings::defaults();
+        settings.external = "eth0".into();
+        settings.internal = "eth1".into();
+        settings.allow_host_udp = vec![HostFlow::parse("192.0.2.123:123,203.0.113.1:123").unwrap()];
+        settings.resolvers = vec!["[2001:db8::53]:5353".parse().unwrap()];
+        settings.users = "/etc/gateway/users".into();
+        let again = parse(&settings.to_toml(), "printed").unwrap().resolve();
+        assert_eq!(again, settings);
+    }
+
+    #[test]
+    fn an_empty_file_is_all_defaults() {
+        let settings = parse("", "empty.toml").unwrap().resolve();
+        assert_eq!(settings, Settings::defaults());
+        assert!(settings.users_file().is_none());
+    }
+}
