@@ -378,8 +378,12 @@ impl Resolver {
                     continue;
                 }
                 let deadline = Instant::now() + ATTEMPT_TIMEOUT;
-                if let Some(answer) = await_reply(&socket, id, &question, deadline).await {
-                    return interpret(name, fqdn, record_type, &answer);
+                if let Some(result) = await_answer(&socket, id, &question, deadline, |answer| {
+                    interpret(name, fqdn, record_type, answer)
+                })
+                .await
+                {
+                    return result;
                 }
             }
         }
@@ -387,15 +391,18 @@ impl Resolver {
     }
 }
 
-/// Reads replies on the query's connected socket until one carries `id` and exactly `question`,
-/// or `deadline`. Anything else (a forged reply with another question, garbage) is dropped and
-/// the wait goes on.
-async fn await_reply(
+/// Reads replies on the query's connected socket until one carries `id` and exactly `question`
+/// and is an answer about the queried name, or `deadline`. Anything else is dropped and the wait
+/// goes on, so a forged reply racing the genuine one cannot end the lookup: garbage, another
+/// question, and a reply whose answer records all belong to other names (an empty answer, a
+/// genuine "no such record", is an answer).
+async fn await_answer(
     socket: &UdpSocket,
     id: u16,
     question: &Query,
     deadline: Instant,
-) -> Option<Message> {
+    interpret: impl Fn(&Message) -> Result<(Vec<IpAddr>, Duration), ResolveError>,
+) -> Option<Result<(Vec<IpAddr>, Duration), ResolveError>> {
     let mut buf = vec![0u8; 4096];
     loop {
         // A timeout, or ICMP port unreachable and friends: no answer from this nameserver.
@@ -409,7 +416,17 @@ async fn await_reply(
             && message.metadata.id == id
             && is_the_question(&message, question)
         {
-            return Some(message);
+            let result = interpret(&message);
+            let about_other_names =
+                matches!(result, Err(ResolveError::NoAddresses(_))) && !message.answers.is_empty();
+            if !about_other_names {
+                return Some(result);
+            }
+            debug!(
+                id,
+                "DNS reply whose records are all for other names; dropped"
+            );
+            continue;
         }
         debug!(
             id = message.metadata.id,
@@ -698,9 +715,11 @@ mod tests {
             resolver.lookup("alias.test").await.unwrap(),
             vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9))]
         );
+        // A reply whose records all belong to another name is no answer: the wait goes on
+        // (a genuine answer may follow) until the attempts time out.
         assert!(matches!(
             resolver.lookup("web.test").await,
-            Err(ResolveError::NoAddresses(_))
+            Err(ResolveError::Timeout(_))
         ));
         task.abort();
     }
