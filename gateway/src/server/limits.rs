@@ -144,8 +144,40 @@ impl AuthLimit {
         let Ok(_slot) = Arc::clone(&self.slots).acquire_owned().await else {
             return false;
         };
-        tokio::task::spawn_blocking(verify).await.unwrap_or(false)
+        tokio::task::spawn_blocking(|| at_low_priority(verify))
+            .await
+            .unwrap_or(false)
     }
+}
+
+/// How much nicer than the daemon a password check runs: Argon2 is made to burn CPU, and on a
+/// small firewall the relay must win every time it has a datagram to move.
+const AUTH_NICENESS: libc::c_int = 10;
+
+/// Runs `f` on this (blocking-pool) thread at [`AUTH_NICENESS`] above its priority, which is
+/// restored afterwards (Linux keeps the nice value per thread).
+fn at_low_priority<R>(f: impl FnOnce() -> R) -> R {
+    let tid = libc::id_t::try_from(nix::unistd::gettid().as_raw()).unwrap_or(0);
+    // SAFETY: getpriority/setpriority only read and set this thread's nice value; errno is
+    // cleared first because -1 is also a valid priority.
+    let before = unsafe {
+        *libc::__errno_location() = 0;
+        libc::getpriority(libc::PRIO_PROCESS, tid)
+    };
+    let known = before != -1 || std::io::Error::last_os_error().raw_os_error() == Some(0);
+    let lowered = known
+        // SAFETY: as above.
+        && unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, before + AUTH_NICENESS) } == 0;
+    let result = f();
+    // SAFETY: as above. Raising it back needs CAP_SYS_NICE; without, the thread stays nicer,
+    // which costs only other blocking work some speed.
+    if lowered && unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, before) } != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "cannot restore a blocking thread's priority after a password check"
+        );
+    }
+    result
 }
 
 #[cfg(test)]
@@ -180,5 +212,24 @@ mod tests {
             .run(move || std::thread::current().id() != worker)
             .await;
         assert!(elsewhere, "the verification ran on the blocking pool");
+        let nice = || {
+            let tid = libc::id_t::try_from(nix::unistd::gettid().as_raw()).unwrap();
+            // SAFETY: reads this thread's nice value.
+            unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) }
+        };
+        let daemon = nice();
+        let during = Arc::new(std::sync::atomic::AtomicI32::new(i32::MIN));
+        let seen = Arc::clone(&during);
+        limit
+            .run(move || {
+                seen.store(nice(), std::sync::atomic::Ordering::Relaxed);
+                true
+            })
+            .await;
+        assert_eq!(
+            during.load(std::sync::atomic::Ordering::Relaxed),
+            (daemon + AUTH_NICENESS).min(19),
+            "a password check yields the CPU to the relay"
+        );
     }
 }
