@@ -6,7 +6,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -76,6 +76,89 @@ fn associate(client: &Netns) -> (TcpStream, SocketAddr) {
     (stream, SocketAddr::new(IpAddr::V4(ip), port))
 }
 
+/// A stream through an anonymous UDP ASSOCIATE (the client admits the sender first), each
+/// datagram stamped with its send time; the receiving side keeps the worst delay.
+struct TimedStream {
+    running: Arc<AtomicBool>,
+    sender: std::thread::JoinHandle<u64>,
+    receiver: std::thread::JoinHandle<(u64, u64)>,
+    _control: TcpStream,
+}
+
+impl TimedStream {
+    fn start(bed: &Testbed) -> Self {
+        let (control, relay) = associate(&bed.client);
+        let client_socket = bed
+            .client
+            .udp_socket("198.51.100.2:0", Duration::from_millis(200))
+            .unwrap();
+        let server_socket = bed
+            .server
+            .udp_socket("203.0.113.2:9000", Duration::from_secs(5))
+            .unwrap();
+        let mut hello = vec![0, 0, 0, 1];
+        hello.extend_from_slice(&addr::SERVER_V4.octets());
+        hello.extend_from_slice(&9000u16.to_be_bytes());
+        hello.extend_from_slice(b"hello");
+        client_socket.send_to(&hello, relay).unwrap();
+        let mut buf = [0u8; 1500];
+        let (_, gateway_outside) = server_socket
+            .recv_from(&mut buf)
+            .expect("the hello arrives");
+        let running = Arc::new(AtomicBool::new(true));
+        let sending = Arc::clone(&running);
+        let sender = std::thread::spawn(move || {
+            let interval = 1_000_000_000 / RATE_PER_SECOND;
+            let start = now_ns();
+            let mut sent = 0u64;
+            // Bounded: two minutes at most, whatever the logins do.
+            while sending.load(Ordering::Relaxed) && sent < 120 * RATE_PER_SECOND {
+                let due = start + sent * interval;
+                let now = now_ns();
+                if now < due {
+                    std::thread::sleep(Duration::from_nanos(due - now));
+                }
+                let _ = server_socket.send_to(&now_ns().to_be_bytes(), gateway_outside);
+                sent += 1;
+            }
+            sent
+        });
+        let receiving = Arc::clone(&running);
+        let receiver = std::thread::spawn(move || {
+            let (mut count, mut worst) = (0u64, 0u64);
+            let mut buf = [0u8; 1500];
+            while receiving.load(Ordering::Relaxed) {
+                let Ok((len, _)) = client_socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                let now = now_ns();
+                // 10 octets of RFC 1928 header (IPv4), then the send time.
+                let Some(stamp) = buf.get(10..18).filter(|_| len == 18) else {
+                    continue;
+                };
+                let stamp = u64::from_be_bytes(stamp.try_into().unwrap());
+                count += 1;
+                worst = worst.max(now.saturating_sub(stamp));
+            }
+            (count, worst)
+        });
+        Self {
+            running,
+            sender,
+            receiver,
+            _control: control,
+        }
+    }
+
+    /// Stops the stream: (sent, received, worst delay in ns).
+    fn finish(self) -> (u64, u64, u64) {
+        self.running.store(false, Ordering::Relaxed);
+        let sent = self.sender.join().unwrap();
+        let (received, worst) = self.receiver.join().unwrap();
+        (sent, received, worst)
+    }
+}
+
 #[test]
 fn logins_do_not_delay_a_userspace_relayed_stream() {
     let bed = Testbed::new().unwrap();
@@ -96,73 +179,7 @@ fn logins_do_not_delay_a_userspace_relayed_stream() {
     )
     .unwrap();
 
-    // The stream: the client admits the sender through its association, then the sender
-    // sends RATE_PER_SECOND datagrams a second to the relay address it was reached from.
-    let (_control, relay) = associate(&bed.client);
-    let receiver = bed
-        .client
-        .udp_socket("198.51.100.2:0", Duration::from_millis(200))
-        .unwrap();
-    let sender = bed
-        .server
-        .udp_socket("203.0.113.2:9000", Duration::from_secs(5))
-        .unwrap();
-    let mut hello = vec![0, 0, 0, 1];
-    hello.extend_from_slice(&addr::SERVER_V4.octets());
-    hello.extend_from_slice(&9000u16.to_be_bytes());
-    hello.extend_from_slice(b"hello");
-    receiver.send_to(&hello, relay).unwrap();
-    let mut buf = [0u8; 1500];
-    let (_, gateway_outside) = sender.recv_from(&mut buf).expect("the hello arrives");
-    let sending = Arc::new(AtomicBool::new(true));
-    let sender_thread = {
-        let sending = Arc::clone(&sending);
-        std::thread::spawn(move || {
-            let interval = 1_000_000_000 / RATE_PER_SECOND;
-            let start = now_ns();
-            let mut sent = 0u64;
-            // Bounded: two minutes at most, whatever the logins do.
-            while sending.load(Ordering::Relaxed) && sent < 120 * RATE_PER_SECOND {
-                let due = start + sent * interval;
-                let now = now_ns();
-                if now < due {
-                    std::thread::sleep(Duration::from_nanos(due - now));
-                }
-                let _ = sender.send_to(&now_ns().to_be_bytes(), gateway_outside);
-                sent += 1;
-            }
-            sent
-        })
-    };
-    // (received, worst delay in ns) while `measure` is set.
-    let measuring = Arc::new(AtomicBool::new(false));
-    let receiving = Arc::clone(&sending);
-    let receiver_thread = {
-        let measuring = Arc::clone(&measuring);
-        std::thread::spawn(move || {
-            let (mut received, mut worst) = (0u64, 0u64);
-            let mut buf = [0u8; 1500];
-            while receiving.load(Ordering::Relaxed) {
-                let Ok((len, _)) = receiver.recv_from(&mut buf) else {
-                    continue;
-                };
-                let now = now_ns();
-                // 10 octets of RFC 1928 header (IPv4), then the send time.
-                let Some(stamp) = buf.get(10..18).filter(|_| len == 18) else {
-                    continue;
-                };
-                let sent = u64::from_be_bytes(stamp.try_into().unwrap());
-                if measuring.load(Ordering::Relaxed) {
-                    received += 1;
-                    worst = worst.max(now.saturating_sub(sent));
-                }
-            }
-            (received, worst)
-        })
-    };
-    // Measure from a running stream on.
-    measuring.store(true, Ordering::Relaxed);
-
+    let stream = TimedStream::start(&bed);
     let logins: Vec<_> = (0..LOGINS)
         .map(|_| {
             let stream = connect(&bed.client);
@@ -174,10 +191,7 @@ fn logins_do_not_delay_a_userspace_relayed_stream() {
         })
         .collect();
     let results: Vec<(bool, u64)> = logins.into_iter().map(|t| t.join().unwrap()).collect();
-    measuring.store(false, Ordering::Relaxed);
-    sending.store(false, Ordering::Relaxed);
-    let sent = sender_thread.join().unwrap();
-    let (received, worst) = receiver_thread.join().unwrap();
+    let (sent, received, worst) = stream.finish();
     let _ = std::fs::remove_file(&users);
 
     assert!(
