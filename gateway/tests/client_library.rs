@@ -521,3 +521,57 @@ async fn a_connection_at_its_binding_cap_gets_01_and_others_bind_meanwhile() {
     let again = new_socket(&session).await;
     within("bind after a release", again.bind()).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_user_at_their_binding_cap_gets_01_on_every_connection_and_others_bind() {
+    let both = format!(
+        "{}\n{}\n",
+        gateway::server::auth::hash_line("alice", b"a-secret").unwrap(),
+        gateway::server::auth::hash_line("bob", b"b-secret").unwrap()
+    );
+    let gateway = Gateway::start_enhanced(
+        &CLIENT_LIBRARY_PORTS,
+        |config| config.max_bindings_per_user = 2,
+        |services| {
+            services.access.get_mut().allow_anonymous = false;
+            services.access.get_mut().users = Some(Users::parse(&both).unwrap());
+        },
+    )
+    .await;
+    let session_of = |user: &str, password: &str| {
+        let credentials = Some((user.to_owned(), password.to_owned()));
+        let proxy = gateway.addr;
+        async move {
+            within("log in", Client::connect(proxy, credentials))
+                .await
+                .unwrap()
+                .enhanced()
+                .await
+                .unwrap()
+        }
+    };
+    // Alice's two bindings on two connections fill her cap.
+    let (first, second) = (
+        session_of("alice", "a-secret").await,
+        session_of("alice", "a-secret").await,
+    );
+    let mut held = Vec::new();
+    for session in [&first, &second] {
+        let socket = new_socket(session).await;
+        within("bind", socket.bind()).await.unwrap();
+        held.push(socket);
+    }
+    let third = session_of("alice", "a-secret").await;
+    for session in [&first, &second, &third] {
+        let over = new_socket(session).await;
+        assert!(matches!(
+            within("bind over the user cap", over.bind()).await,
+            Err(ClientError::Binding(BindingError::GeneralFailure))
+        ));
+    }
+    assert_eq!(gateway.mode().caps_hit(), [0, 3, 0], "counted as the user cap");
+    // Bob binds normally meanwhile.
+    let bob = session_of("bob", "b-secret").await;
+    let socket = new_socket(&bob).await;
+    within("bob binds", socket.bind()).await.unwrap();
+}
