@@ -7,11 +7,11 @@
 
 mod reason;
 
-pub use reason::{DropReason, Verdict};
+pub use reason::{ExitReason, Verdict};
 
 /// Map names, shared so user space finds the maps the eBPF object declares.
 pub mod map_names {
-    /// Per-CPU `{packets, bytes}` per [`super::DropReason`].
+    /// Per-CPU `{packets, bytes}` per [`super::ExitReason`].
     pub const EXIT_COUNTERS: &str = "EXIT_COUNTERS";
     /// Exact bindings: [`super::BindingKey`] -> [`super::BindingValue`].
     pub const BINDINGS: &str = "BINDINGS";

@@ -2,11 +2,11 @@
 //! exactly one reason, counted per CPU in `{packets, bytes}`. Values are an ABI shared with pinned
 //! maps of running gateways: append only, never renumber.
 
-/// Why a packet left the program the way it did. Despite the name (kept for Cilium familiarity)
-/// it covers passes too, so every exit is counted.
+/// How and why a packet left the program: dropped, passed or redirected, each for one named
+/// reason, so every exit is counted.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DropReason {
+pub enum ExitReason {
     /// Not UDP (ARP, ICMP, IPv6 neighbour discovery, TCP, ...): passed to the stack.
     NotUdpPassed = 0,
     /// UDP with no admitting binding or allow-list entry: dropped.
@@ -66,7 +66,7 @@ pub enum Verdict {
     Redirect = 2,
 }
 
-impl DropReason {
+impl ExitReason {
     /// Number of reasons; the size of the counter array.
     pub const COUNT: u32 = 20;
 
@@ -166,8 +166,8 @@ impl Verdict {
 // The list is dense: ALL[i] has value i.
 const _: () = {
     let mut i = 0;
-    while i < DropReason::ALL.len() {
-        assert!(DropReason::ALL[i] as usize == i);
+    while i < ExitReason::ALL.len() {
+        assert!(ExitReason::ALL[i] as usize == i);
         i += 1;
     }
 };
@@ -178,22 +178,22 @@ mod tests {
 
     #[test]
     fn names_are_unique_and_round_trip() {
-        for (i, reason) in DropReason::ALL.iter().enumerate() {
+        for (i, reason) in ExitReason::ALL.iter().enumerate() {
             assert_eq!(
-                DropReason::from_u32(u32::try_from(i).unwrap()),
+                ExitReason::from_u32(u32::try_from(i).unwrap()),
                 Some(*reason)
             );
-            for other in &DropReason::ALL[i + 1..] {
+            for other in &ExitReason::ALL[i + 1..] {
                 assert_ne!(reason.name(), other.name());
             }
         }
-        assert_eq!(DropReason::from_u32(DropReason::COUNT), None);
+        assert_eq!(ExitReason::from_u32(ExitReason::COUNT), None);
     }
 
     #[test]
     fn verdicts() {
-        assert_eq!(DropReason::NoBinding.verdict(), Verdict::Drop);
-        assert_eq!(DropReason::NotUdpPassed.verdict(), Verdict::Pass);
-        assert_eq!(DropReason::HostAllowListed.verdict(), Verdict::Pass);
+        assert_eq!(ExitReason::NoBinding.verdict(), Verdict::Drop);
+        assert_eq!(ExitReason::NotUdpPassed.verdict(), Verdict::Pass);
+        assert_eq!(ExitReason::HostAllowListed.verdict(), Verdict::Pass);
     }
 }

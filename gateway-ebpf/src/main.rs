@@ -42,7 +42,7 @@ mod parse;
 mod tc;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use gateway_common::{BindingKey, ControlPortKey, DropReason, HostAllowKey, Verdict, relay_mode};
+use gateway_common::{BindingKey, ControlPortKey, ExitReason, HostAllowKey, Verdict, relay_mode};
 
 use crate::{
     maps::{BINDINGS, CONTROL_PORTS, HOST_ALLOW, count, daemon_alive},
@@ -63,15 +63,15 @@ pub fn gateway_external(ctx: XdpContext) -> u32 {
 
 /// Decides the exit of one frame. `Err` carries parse failures; both arms are counted alike.
 #[inline(always)]
-fn classify(ctx: &XdpContext) -> Result<DropReason, DropReason> {
+fn classify(ctx: &XdpContext) -> Result<ExitReason, ExitReason> {
     let flow = match parse_flow(ctx)? {
         Some(flow) => flow,
-        None => return Ok(DropReason::NotUdpPassed),
+        None => return Ok(ExitReason::NotUdpPassed),
     };
     Ok(match flow.transport {
         Transport::Udp => admit(&flow),
-        Transport::Tcp if is_control_port(&flow) => DropReason::ControlPortFromOutside,
-        Transport::Tcp => DropReason::NotUdpPassed,
+        Transport::Tcp if is_control_port(&flow) => ExitReason::ControlPortFromOutside,
+        Transport::Tcp => ExitReason::NotUdpPassed,
     })
 }
 
@@ -93,7 +93,7 @@ fn is_control_port(flow: &Flow) -> bool {
 }
 
 #[inline(always)]
-fn admit(flow: &Flow) -> DropReason {
+fn admit(flow: &Flow) -> ExitReason {
     let allow_key = HostAllowKey {
         remote_addr: flow.src_addr,
         local_addr: flow.dst_addr,
@@ -102,7 +102,7 @@ fn admit(flow: &Flow) -> DropReason {
     };
     // SAFETY: the value is only tested for presence.
     if unsafe { HOST_ALLOW.get(&allow_key) }.is_some() {
-        return DropReason::HostAllowListed;
+        return ExitReason::HostAllowListed;
     }
     let mut binding_key = BindingKey {
         remote_addr: flow.src_addr,
@@ -123,15 +123,15 @@ fn admit(flow: &Flow) -> DropReason {
         found = unsafe { BINDINGS.get(&binding_key) }.map(|value| value.mode);
     }
     let Some(mode) = found else {
-        return DropReason::NoBinding;
+        return ExitReason::NoBinding;
     };
     if !daemon_alive() {
-        return DropReason::DaemonGone;
+        return ExitReason::DaemonGone;
     }
     if mode == relay_mode::KERNEL {
-        DropReason::BindingToKernelRelay
+        ExitReason::BindingToKernelRelay
     } else {
-        DropReason::BindingToUserspace
+        ExitReason::BindingToUserspace
     }
 }
 

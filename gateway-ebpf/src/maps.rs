@@ -9,13 +9,13 @@ use aya_ebpf::{
 };
 use gateway_common::{
     Addr16, BindingKey, BindingValue, ControlPortKey, Counter, DEFAULT_MAX_BINDINGS,
-    DatapathSettings, DropReason, EntryCounters, HostAllowKey, HostAllowValue, MAX_CONTROL_PORTS,
+    DatapathSettings, ExitReason, EntryCounters, HostAllowKey, HostAllowValue, MAX_CONTROL_PORTS,
     MAX_HOST_ALLOW, OutboundKey, OutboundValue,
 };
 
 #[map(name = "EXIT_COUNTERS")]
 pub static EXIT_COUNTERS: PerCpuArray<Counter> =
-    PerCpuArray::with_max_entries(DropReason::COUNT, 0);
+    PerCpuArray::with_max_entries(ExitReason::COUNT, 0);
 
 #[map(name = "BINDINGS")]
 pub static BINDINGS: HashMap<BindingKey, BindingValue> =
@@ -43,7 +43,7 @@ pub static SETTINGS: Array<DatapathSettings> = Array::with_max_entries(1, 0);
 pub static HEARTBEAT: Array<u64> = Array::with_max_entries(1, 0);
 
 #[inline(always)]
-pub fn count(reason: DropReason, bytes: usize) {
+pub fn count(reason: ExitReason, bytes: usize) {
     if let Some(counter) = EXIT_COUNTERS.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU slot, so no other writer; the pointer comes from a successful lookup.
         unsafe {

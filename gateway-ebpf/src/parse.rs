@@ -4,7 +4,7 @@
 //! so far as its destination port (to keep the SOCKS control port unreachable from outside).
 
 use aya_ebpf::programs::XdpContext;
-use gateway_common::{Addr16, DropReason, ipv4_mapped};
+use gateway_common::{Addr16, ExitReason, ipv4_mapped};
 
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
@@ -51,30 +51,30 @@ pub struct Flow {
 
 /// A pointer to `N` bytes at `offset`, or a truncation drop when the frame is shorter.
 #[inline(always)]
-fn ptr_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Result<*const [u8; N], DropReason> {
+fn ptr_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Result<*const [u8; N], ExitReason> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + N > end {
-        return Err(DropReason::TruncatedHeader);
+        return Err(ExitReason::TruncatedHeader);
     }
     Ok((start + offset) as *const [u8; N])
 }
 
 #[inline(always)]
-fn read<const N: usize>(ctx: &XdpContext, offset: usize) -> Result<[u8; N], DropReason> {
+fn read<const N: usize>(ctx: &XdpContext, offset: usize) -> Result<[u8; N], ExitReason> {
     // SAFETY: ptr_at checked that N bytes at offset lie inside the frame.
     Ok(unsafe { *ptr_at::<N>(ctx, offset)? })
 }
 
 #[inline(always)]
-fn read_u16(ctx: &XdpContext, offset: usize) -> Result<u16, DropReason> {
+fn read_u16(ctx: &XdpContext, offset: usize) -> Result<u16, ExitReason> {
     Ok(u16::from_be_bytes(read::<2>(ctx, offset)?))
 }
 
 /// `Ok(None)` for anything that is neither UDP nor a TCP segment with ports (to be passed),
 /// `Ok(Some)` for a flow to look up, `Err` for a counted drop.
 #[inline(always)]
-pub fn parse_flow(ctx: &XdpContext) -> Result<Option<Flow>, DropReason> {
+pub fn parse_flow(ctx: &XdpContext) -> Result<Option<Flow>, ExitReason> {
     let mut offset = ETH_HLEN;
     let mut ether_type = read_u16(ctx, 12)?;
     // Up to two VLAN tags (802.1Q, 802.1ad QinQ).
@@ -93,7 +93,7 @@ pub fn parse_flow(ctx: &XdpContext) -> Result<Option<Flow>, DropReason> {
 
 /// The four port octets at the transport header `l4`; a UDP header must be whole.
 #[inline(always)]
-fn read_ports(ctx: &XdpContext, transport: Transport, l4: usize) -> Result<[u8; 4], DropReason> {
+fn read_ports(ctx: &XdpContext, transport: Transport, l4: usize) -> Result<[u8; 4], ExitReason> {
     if transport == Transport::Udp {
         read::<UDP_HLEN>(ctx, l4)?;
     }
@@ -101,20 +101,20 @@ fn read_ports(ctx: &XdpContext, transport: Transport, l4: usize) -> Result<[u8; 
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Option<Flow>, DropReason> {
+fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Option<Flow>, ExitReason> {
     let header = read::<IPV4_MIN_HLEN>(ctx, l3)?;
     let header_len = usize::from(header[0] & 0x0f) * 4;
     if header[0] >> 4 != 4 || header_len < IPV4_MIN_HLEN {
-        return Err(DropReason::MalformedIpHeader);
+        return Err(ExitReason::MalformedIpHeader);
     }
     let flags_offset = u16::from_be_bytes([header[6], header[7]]);
     let transport = match header[9] {
         IPPROTO_UDP => {
             if flags_offset & IPV4_MF_OR_OFFSET != 0 {
-                return Err(DropReason::IpFragment);
+                return Err(ExitReason::IpFragment);
             }
             if header_len != IPV4_MIN_HLEN {
-                return Err(DropReason::Ipv4Options);
+                return Err(ExitReason::Ipv4Options);
             }
             Transport::Udp
         }
@@ -133,10 +133,10 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Option<Flow>, DropReason> {
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Option<Flow>, DropReason> {
+fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Option<Flow>, ExitReason> {
     let header = read::<IPV6_HLEN>(ctx, l3)?;
     if header[0] >> 4 != 6 {
-        return Err(DropReason::MalformedIpHeader);
+        return Err(ExitReason::MalformedIpHeader);
     }
     let mut next = header[6];
     let mut offset = l3 + IPV6_HLEN;
@@ -170,13 +170,13 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Option<Flow>, DropReason> {
         // After the loop `next` may be the transport; anything else is too long a chain.
         match next {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH | IPV6_FRAGMENT => {
-                return Err(DropReason::Ipv6ExtensionHeaders);
+                return Err(ExitReason::Ipv6ExtensionHeaders);
             }
             _ => {}
         }
     }
     let transport = match next {
-        IPPROTO_UDP if fragmented => return Err(DropReason::IpFragment),
+        IPPROTO_UDP if fragmented => return Err(ExitReason::IpFragment),
         IPPROTO_UDP => Transport::Udp,
         IPPROTO_TCP if !later_fragment => Transport::Tcp,
         _ => return Ok(None),

@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use gateway_common::{
-    Addr16, BindingKey, BindingValue, DropReason, OutboundKey, OutboundValue, Verdict, framing,
+    Addr16, BindingKey, BindingValue, ExitReason, OutboundKey, OutboundValue, Verdict, framing,
     ipv4_mapped, relay_mode,
 };
 
@@ -181,7 +181,7 @@ fn checksum_is_partial(ctx: &TcContext, packet: &Datagram) -> bool {
     check == folded as u16
 }
 
-fn action_of(reason: DropReason) -> i32 {
+fn action_of(reason: ExitReason) -> i32 {
     match reason.verdict() {
         Verdict::Pass => TC_ACT_OK,
         Verdict::Drop => TC_ACT_SHOT,
@@ -201,7 +201,7 @@ struct Exit {
 impl Exit {
     /// `Ok` carries the redirect helper's action, counted as `relayed`.
     #[inline(always)]
-    fn from(result: Result<i32, DropReason>, relayed: DropReason) -> Self {
+    fn from(result: Result<i32, ExitReason>, relayed: ExitReason) -> Self {
         let (action, reason) = match result {
             Ok(action) => (action, relayed),
             Err(reason) => (action_of(reason), reason),
@@ -231,7 +231,7 @@ pub fn gateway_internal(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn count_raw(reason: u32, len: usize) {
-    if let Some(reason) = DropReason::from_u32(reason) {
+    if let Some(reason) = ExitReason::from_u32(reason) {
         count(reason, len);
     }
 }
@@ -239,19 +239,19 @@ fn count_raw(reason: u32, len: usize) {
 /// Out of line to keep each program's stack under the limit.
 #[inline(never)]
 fn inbound(ctx: &TcContext) -> Exit {
-    Exit::from(try_inbound(ctx), DropReason::KernelRelayedInbound)
+    Exit::from(try_inbound(ctx), ExitReason::KernelRelayedInbound)
 }
 
 /// Out of line to keep each program's stack under the limit.
 #[inline(never)]
 fn internal(ctx: &TcContext) -> Exit {
-    Exit::from(try_internal(ctx), DropReason::KernelRelayedOutbound)
+    Exit::from(try_internal(ctx), ExitReason::KernelRelayedOutbound)
 }
 
 /// Rewrites one kernel-mode binding hit for its client and redirects it.
 #[inline(always)]
-fn try_inbound(ctx: &TcContext) -> Result<i32, DropReason> {
-    let packet = parse(ctx).ok_or(DropReason::InboundToStack)?;
+fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
+    let packet = parse(ctx).ok_or(ExitReason::InboundToStack)?;
     let key = BindingKey {
         remote_addr: packet.src,
         relay_addr: packet.dst,
@@ -260,23 +260,23 @@ fn try_inbound(ctx: &TcContext) -> Result<i32, DropReason> {
     };
     let value_ptr = BINDINGS
         .get_ptr_mut(&key)
-        .ok_or(DropReason::InboundToStack)?;
+        .ok_or(ExitReason::InboundToStack)?;
     // SAFETY: a successful lookup; the entry stays valid for the program's run (RCU).
     let value: &BindingValue = unsafe { &*value_ptr };
     if value.mode != relay_mode::KERNEL {
-        return Err(DropReason::InboundToStack);
+        return Err(ExitReason::InboundToStack);
     }
     if !daemon_alive() {
-        return Err(DropReason::DaemonGone);
+        return Err(ExitReason::DaemonGone);
     }
     // The kernel does not translate between families: such bindings stay in user space.
     if is_ipv4_mapped(&value.client_addr) == packet.v6
         || is_ipv4_mapped(&value.internal_relay_addr) == packet.v6
     {
-        return Err(DropReason::InboundToStack);
+        return Err(ExitReason::InboundToStack);
     }
     if checksum_is_partial(ctx, &packet) {
-        return Err(DropReason::PartialChecksumToUserspace);
+        return Err(ExitReason::PartialChecksumToUserspace);
     }
     let (header, header_len) = framing_header(value, &packet.src, packet.src_port_be);
     let settings = settings();
@@ -292,18 +292,18 @@ fn try_inbound(ctx: &TcContext) -> Result<i32, DropReason> {
         )
     };
     if mtu != 0 {
-        return Err(DropReason::TooBigForKernelRelay);
+        return Err(ExitReason::TooBigForKernelRelay);
     }
     let grow = header_len;
     let l4 = packet.l4;
-    let old_csum: u16 = ctx.load(l4 + 6).map_err(|_| DropReason::InboundToStack)?;
+    let old_csum: u16 = ctx.load(l4 + 6).map_err(|_| ExitReason::InboundToStack)?;
     let old_len_be = packet.udp_len.to_be();
     let new_len_be = (packet.udp_len + grow as u16).to_be();
 
     ctx.adjust_room(grow as i32, BPF_ADJ_ROOM_NET, 0)
-        .map_err(|_| DropReason::InboundToStack)?;
+        .map_err(|_| ExitReason::InboundToStack)?;
     // From here on the packet is being rewritten: any failure is a drop.
-    let failed = |_| DropReason::KernelRelayFailed;
+    let failed = |_| ExitReason::KernelRelayFailed;
     let udp: [u8; UDP_HLEN] = ctx.load(l4 + grow).map_err(failed)?;
     ctx.store(l4, &udp, 0).map_err(failed)?;
     store_framing(ctx, l4 + UDP_HLEN, &header, header_len).map_err(failed)?;
@@ -548,11 +548,11 @@ fn inside_to_external_udp(ctx: &TcContext) -> bool {
 
 /// Drops inside datagrams to external addresses; relays bound clients' datagrams in the kernel.
 #[inline(always)]
-fn try_internal(ctx: &TcContext) -> Result<i32, DropReason> {
+fn try_internal(ctx: &TcContext) -> Result<i32, ExitReason> {
     if inside_to_external_udp(ctx) {
-        return Err(DropReason::InsideToExternalAddress);
+        return Err(ExitReason::InsideToExternalAddress);
     }
-    let packet = parse(ctx).ok_or(DropReason::NotUdpPassed)?;
+    let packet = parse(ctx).ok_or(ExitReason::NotUdpPassed)?;
     let key = OutboundKey {
         client_addr: packet.src,
         relay_addr: packet.dst,
@@ -561,56 +561,56 @@ fn try_internal(ctx: &TcContext) -> Result<i32, DropReason> {
     };
     let value_ptr = OUTBOUND
         .get_ptr_mut(&key)
-        .ok_or(DropReason::OutboundToUserspace)?;
+        .ok_or(ExitReason::OutboundToUserspace)?;
     // SAFETY: a successful lookup; the entry stays valid for the program's run (RCU).
     let value: &OutboundValue = unsafe { &*value_ptr };
     if !daemon_alive() {
-        return Err(DropReason::OutboundToUserspace);
+        return Err(ExitReason::OutboundToUserspace);
     }
     let l4 = packet.l4;
     let first: [u8; 4] = ctx
         .load(l4 + UDP_HLEN)
-        .map_err(|_| DropReason::OutboundToUserspace)?;
+        .map_err(|_| ExitReason::OutboundToUserspace)?;
     // RSV and FRAG must be zero in both framings.
     if first[0] != 0 || first[1] != 0 || (value.framing == framing::SOCKS5 && first[2] != 0) {
-        return Err(DropReason::OutboundToUserspace);
+        return Err(ExitReason::OutboundToUserspace);
     }
     let mut header = [0u8; 24];
     let (header_len, dest, dest_port_be) = if value.framing == framing::ENHANCED {
         let bytes: [u8; 8] = ctx
             .load(l4 + UDP_HLEN)
-            .map_err(|_| DropReason::OutboundToUserspace)?;
+            .map_err(|_| ExitReason::OutboundToUserspace)?;
         // DGID must be 0 (a whole datagram) and the AID the binding's, as in the userspace relay.
         if bytes[2] != 0 || bytes[3] != 0 || bytes[4..8] != value.aid_be.to_ne_bytes() {
-            return Err(DropReason::OutboundToUserspace);
+            return Err(ExitReason::OutboundToUserspace);
         }
         header[..8].copy_from_slice(&bytes);
         (8, value.remote_addr, value.remote_port_be)
     } else if first[3] == 1 {
         let bytes: [u8; 10] = ctx
             .load(l4 + UDP_HLEN)
-            .map_err(|_| DropReason::OutboundToUserspace)?;
+            .map_err(|_| ExitReason::OutboundToUserspace)?;
         header[..10].copy_from_slice(&bytes);
         let dest = ipv4_mapped([bytes[4], bytes[5], bytes[6], bytes[7]]);
         (10, dest, u16::from_ne_bytes([bytes[8], bytes[9]]))
     } else if first[3] == 4 {
         let bytes: [u8; 22] = ctx
             .load(l4 + UDP_HLEN)
-            .map_err(|_| DropReason::OutboundToUserspace)?;
+            .map_err(|_| ExitReason::OutboundToUserspace)?;
         header[..22].copy_from_slice(&bytes);
         let mut dest = [0u8; 16];
         dest.copy_from_slice(&bytes[4..20]);
         (22, dest, u16::from_ne_bytes([bytes[20], bytes[21]]))
     } else {
-        return Err(DropReason::OutboundToUserspace);
+        return Err(ExitReason::OutboundToUserspace);
     };
     if usize::from(packet.udp_len) < UDP_HLEN + header_len {
-        return Err(DropReason::OutboundToUserspace);
+        return Err(ExitReason::OutboundToUserspace);
     }
     // No family translation in the kernel.
     if is_ipv4_mapped(&dest) == packet.v6 || is_ipv4_mapped(&value.external_relay_addr) == packet.v6
     {
-        return Err(DropReason::OutboundToUserspace);
+        return Err(ExitReason::OutboundToUserspace);
     }
     // RFC 1928: only to a remote the association admits (it has an inbound entry).
     if value.framing == framing::SOCKS5 {
@@ -622,26 +622,26 @@ fn try_internal(ctx: &TcContext) -> Result<i32, DropReason> {
         };
         // SAFETY: presence only.
         if unsafe { BINDINGS.get(&inbound) }.is_none() {
-            return Err(DropReason::OutboundToUserspace);
+            return Err(ExitReason::OutboundToUserspace);
         }
     }
     if checksum_is_partial(ctx, &packet) {
-        return Err(DropReason::PartialChecksumToUserspace);
+        return Err(ExitReason::PartialChecksumToUserspace);
     }
     let settings = settings();
     let shrink = header_len;
     let old_csum: u16 = ctx
         .load(l4 + 6)
-        .map_err(|_| DropReason::OutboundToUserspace)?;
+        .map_err(|_| ExitReason::OutboundToUserspace)?;
     let has_csum = packet.v6 || old_csum != 0;
     let old_len_be = packet.udp_len.to_be();
     let new_len_be = (packet.udp_len - shrink as u16).to_be();
 
     // Move the UDP header over the framing, then cut the gap right after the IP header.
-    let udp: [u8; UDP_HLEN] = ctx.load(l4).map_err(|_| DropReason::OutboundToUserspace)?;
+    let udp: [u8; UDP_HLEN] = ctx.load(l4).map_err(|_| ExitReason::OutboundToUserspace)?;
     ctx.store(l4 + shrink, &udp, 0)
-        .map_err(|_| DropReason::KernelRelayFailed)?;
-    let failed = |_| DropReason::KernelRelayFailed;
+        .map_err(|_| ExitReason::KernelRelayFailed)?;
+    let failed = |_| ExitReason::KernelRelayFailed;
     ctx.adjust_room(-(shrink as i32), BPF_ADJ_ROOM_NET, 0)
         .map_err(failed)?;
 

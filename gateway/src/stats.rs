@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use aya::maps::{Map, MapData, MapError, PerCpuArray};
-use gateway_common::{Counter, DropReason, Verdict, map_names};
+use gateway_common::{Counter, ExitReason, Verdict, map_names};
 use serde_json::{Value, json};
 use thiserror::Error;
 
@@ -19,7 +19,7 @@ pub enum StatsError {
 /// Totals over all CPUs for one exit reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReasonTotal {
-    pub reason: DropReason,
+    pub reason: ExitReason,
     pub packets: u64,
     pub bytes: u64,
 }
@@ -34,8 +34,8 @@ pub fn read_exit_counters(pin_dir: &Path) -> Result<Vec<ReasonTotal>, StatsError
     let map =
         Map::from_map_data(MapData::from_pin(&path).map_err(open_error)?).map_err(open_error)?;
     let counters: PerCpuArray<MapData, Counter> = PerCpuArray::try_from(map).map_err(open_error)?;
-    let mut totals = Vec::with_capacity(DropReason::ALL.len());
-    for reason in DropReason::ALL {
+    let mut totals = Vec::with_capacity(ExitReason::ALL.len());
+    for reason in ExitReason::ALL {
         let per_cpu = counters.get(&(reason as u32), 0)?;
         let (packets, bytes) = per_cpu
             .iter()
@@ -123,7 +123,7 @@ mod tests {
     use super::*;
 
     fn sample() -> Vec<ReasonTotal> {
-        DropReason::ALL
+        ExitReason::ALL
             .iter()
             .map(|&reason| ReasonTotal {
                 reason,
@@ -140,7 +140,7 @@ mod tests {
         assert_eq!(json["reasons"]["no_binding"]["packets"], 2);
         assert_eq!(json["reasons"]["no_binding"]["verdict"], "drop");
         assert_eq!(json["reasons"]["not_udp_passed"]["verdict"], "pass");
-        let expected: u64 = DropReason::ALL
+        let expected: u64 = ExitReason::ALL
             .iter()
             .filter(|r| r.verdict() == Verdict::Drop)
             .map(|&r| u64::from(r as u32) + 1)
@@ -148,14 +148,14 @@ mod tests {
         assert_eq!(json["dropped"]["packets"], expected);
         assert_eq!(
             json["reasons"].as_object().unwrap().len(),
-            DropReason::ALL.len()
+            ExitReason::ALL.len()
         );
     }
 
     #[test]
     fn table_has_a_line_per_reason() {
         let table = to_table("t", &sample());
-        assert_eq!(table.lines().count(), DropReason::ALL.len() + 3);
+        assert_eq!(table.lines().count(), ExitReason::ALL.len() + 3);
         assert!(table.contains("ipv4_options"));
     }
 }

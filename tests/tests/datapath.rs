@@ -9,7 +9,7 @@ use aya::{
 use etherparse::PacketBuilder;
 use gateway::datapath::EBPF_OBJECT;
 use gateway_common::{
-    ControlPortKey, Counter, DropReason, HostAllowKey, HostAllowValue, XDP_EXTERNAL_PROGRAM,
+    ControlPortKey, Counter, ExitReason, HostAllowKey, HostAllowValue, XDP_EXTERNAL_PROGRAM,
     ipv4_mapped, map_names,
 };
 use integration_tests::frames::{ETH, with_ipv4_options, with_ipv6_ext};
@@ -59,7 +59,7 @@ impl Loaded {
             .return_value
     }
 
-    fn count(&self, reason: DropReason) -> Counter {
+    fn count(&self, reason: ExitReason) -> Counter {
         let counters: PerCpuArray<&MapData, Counter> =
             PerCpuArray::try_from(self.ebpf.map(map_names::EXIT_COUNTERS).unwrap()).unwrap();
         counters
@@ -74,10 +74,10 @@ impl Loaded {
 
     /// Runs `frame`, expecting `action` and exactly one more count for `reason` (with the frame's
     /// bytes) and no change to any other reason.
-    fn expect(&self, frame: &[u8], action: u32, reason: DropReason) {
-        let before: Vec<Counter> = DropReason::ALL.iter().map(|&r| self.count(r)).collect();
+    fn expect(&self, frame: &[u8], action: u32, reason: ExitReason) {
+        let before: Vec<Counter> = ExitReason::ALL.iter().map(|&r| self.count(r)).collect();
         assert_eq!(self.run(frame), action, "action for {reason:?}");
-        for (i, &r) in DropReason::ALL.iter().enumerate() {
+        for (i, &r) in ExitReason::ALL.iter().enumerate() {
             let after = self.count(r);
             if r == reason {
                 assert_eq!(after.packets, before[i].packets + 1, "{r:?} packets");
@@ -123,14 +123,14 @@ fn tcp4() -> Vec<u8> {
 #[test]
 fn unbound_udp_is_dropped_and_counted() {
     let xdp = Loaded::new();
-    xdp.expect(&udp4(6000, 30000, b"junk"), XDP_DROP, DropReason::NoBinding);
-    xdp.expect(&udp6(6000, 30000, b"junk"), XDP_DROP, DropReason::NoBinding);
+    xdp.expect(&udp4(6000, 30000, b"junk"), XDP_DROP, ExitReason::NoBinding);
+    xdp.expect(&udp6(6000, 30000, b"junk"), XDP_DROP, ExitReason::NoBinding);
 }
 
 #[test]
 fn non_udp_passes() {
     let xdp = Loaded::new();
-    xdp.expect(&tcp4(), XDP_PASS, DropReason::NotUdpPassed);
+    xdp.expect(&tcp4(), XDP_PASS, ExitReason::NotUdpPassed);
     // ARP request.
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&MAC_A);
@@ -139,14 +139,14 @@ fn non_udp_passes() {
     arp.extend_from_slice(&SERVER);
     arp.extend_from_slice(&[0; 6]);
     arp.extend_from_slice(&GATEWAY);
-    xdp.expect(&arp, XDP_PASS, DropReason::NotUdpPassed);
+    xdp.expect(&arp, XDP_PASS, ExitReason::NotUdpPassed);
     // IPv6 neighbour solicitation (ICMPv6, next header 58).
     let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
         .ipv6(SERVER6, GATEWAY6, 255)
         .icmpv6_echo_request(1, 1);
     let mut icmp6 = Vec::new();
     builder.write(&mut icmp6, b"ping").unwrap();
-    xdp.expect(&icmp6, XDP_PASS, DropReason::NotUdpPassed);
+    xdp.expect(&icmp6, XDP_PASS, ExitReason::NotUdpPassed);
 }
 
 #[test]
@@ -157,11 +157,11 @@ fn truncated_headers_are_dropped() {
     // Ethernet cut inside its type field (after the VLAN tag's TPID).
     let mut vlan_cut = v4[..12].to_vec();
     vlan_cut.extend_from_slice(&[0x81, 0x00, 0x00]);
-    xdp.expect(&vlan_cut, XDP_DROP, DropReason::TruncatedHeader);
-    xdp.expect(&v4[..ETH + 19], XDP_DROP, DropReason::TruncatedHeader);
-    xdp.expect(&v4[..ETH + 20 + 7], XDP_DROP, DropReason::TruncatedHeader);
-    xdp.expect(&v6[..ETH + 39], XDP_DROP, DropReason::TruncatedHeader);
-    xdp.expect(&v6[..ETH + 40 + 7], XDP_DROP, DropReason::TruncatedHeader);
+    xdp.expect(&vlan_cut, XDP_DROP, ExitReason::TruncatedHeader);
+    xdp.expect(&v4[..ETH + 19], XDP_DROP, ExitReason::TruncatedHeader);
+    xdp.expect(&v4[..ETH + 20 + 7], XDP_DROP, ExitReason::TruncatedHeader);
+    xdp.expect(&v6[..ETH + 39], XDP_DROP, ExitReason::TruncatedHeader);
+    xdp.expect(&v6[..ETH + 40 + 7], XDP_DROP, ExitReason::TruncatedHeader);
 }
 
 #[test]
@@ -169,24 +169,24 @@ fn ipv4_fragments_and_options_are_dropped_for_udp_only() {
     let xdp = Loaded::new();
     let mut first_fragment = udp4(6000, 30000, b"payload");
     first_fragment[ETH + 6] |= 0x20; // MF
-    xdp.expect(&first_fragment, XDP_DROP, DropReason::IpFragment);
+    xdp.expect(&first_fragment, XDP_DROP, ExitReason::IpFragment);
     let mut later_fragment = udp4(6000, 30000, b"payload");
     later_fragment[ETH + 7] = 0x10; // offset 16 * 8
-    xdp.expect(&later_fragment, XDP_DROP, DropReason::IpFragment);
+    xdp.expect(&later_fragment, XDP_DROP, ExitReason::IpFragment);
 
     // IHL 6: one word of options (NOP NOP NOP EOL) inserted after the fixed header.
     let plain = udp4(6000, 30000, b"payload");
     let with_options = with_ipv4_options(&plain);
-    xdp.expect(&with_options, XDP_DROP, DropReason::Ipv4Options);
+    xdp.expect(&with_options, XDP_DROP, ExitReason::Ipv4Options);
 
     // TCP with options and as a fragment still passes: those drops are for UDP only.
     let mut tcp_fragment = tcp4();
     tcp_fragment[ETH + 6] |= 0x20;
-    xdp.expect(&tcp_fragment, XDP_PASS, DropReason::NotUdpPassed);
+    xdp.expect(&tcp_fragment, XDP_PASS, ExitReason::NotUdpPassed);
 
     let mut bad_ihl = udp4(6000, 30000, b"payload");
     bad_ihl[ETH] = 0x44;
-    xdp.expect(&bad_ihl, XDP_DROP, DropReason::MalformedIpHeader);
+    xdp.expect(&bad_ihl, XDP_DROP, ExitReason::MalformedIpHeader);
 }
 
 #[test]
@@ -195,21 +195,21 @@ fn ipv6_extension_headers() {
     let plain = udp6(6000, 30000, b"payload");
     // Destination options are walked: the UDP behind them is looked up (and dropped, unbound).
     let dest_opts = with_ipv6_ext(&plain, 60, [0, 0, 1, 4, 0, 0, 0, 0]);
-    xdp.expect(&dest_opts, XDP_DROP, DropReason::NoBinding);
+    xdp.expect(&dest_opts, XDP_DROP, ExitReason::NoBinding);
     // A fragment header in front of UDP.
     let fragment = with_ipv6_ext(&plain, 44, [0, 0, 0, 1, 0, 0, 0, 7]);
-    xdp.expect(&fragment, XDP_DROP, DropReason::IpFragment);
+    xdp.expect(&fragment, XDP_DROP, ExitReason::IpFragment);
     // A chain longer than the program walks: counted, dropped.
     let mut long = plain.clone();
     for _ in 0..5 {
         long = with_ipv6_ext(&long, 60, [0, 0, 1, 4, 0, 0, 0, 0]);
     }
-    xdp.expect(&long, XDP_DROP, DropReason::Ipv6ExtensionHeaders);
+    xdp.expect(&long, XDP_DROP, ExitReason::Ipv6ExtensionHeaders);
     // A truncated extension header.
     xdp.expect(
         &dest_opts[..=ETH + 40],
         XDP_DROP,
-        DropReason::TruncatedHeader,
+        ExitReason::TruncatedHeader,
     );
 }
 
@@ -220,11 +220,11 @@ fn vlan_tagged_udp_is_parsed() {
     let mut single = plain[..12].to_vec();
     single.extend_from_slice(&[0x81, 0x00, 0x00, 0x0a]);
     single.extend_from_slice(&plain[12..]);
-    xdp.expect(&single, XDP_DROP, DropReason::NoBinding);
+    xdp.expect(&single, XDP_DROP, ExitReason::NoBinding);
     let mut double = plain[..12].to_vec();
     double.extend_from_slice(&[0x88, 0xa8, 0x00, 0x0b, 0x81, 0x00, 0x00, 0x0a]);
     double.extend_from_slice(&plain[12..]);
-    xdp.expect(&double, XDP_DROP, DropReason::NoBinding);
+    xdp.expect(&double, XDP_DROP, ExitReason::NoBinding);
 }
 
 #[test]
@@ -244,18 +244,18 @@ fn allow_listed_dns_reply_passes() {
     xdp.expect(
         &udp4(53, 40053, b"dns reply"),
         XDP_PASS,
-        DropReason::HostAllowListed,
+        ExitReason::HostAllowListed,
     );
     // Exact match only: another local port or another remote port is dropped.
     xdp.expect(
         &udp4(53, 40054, b"dns reply"),
         XDP_DROP,
-        DropReason::NoBinding,
+        ExitReason::NoBinding,
     );
     xdp.expect(
         &udp4(54, 40053, b"dns reply"),
         XDP_DROP,
-        DropReason::NoBinding,
+        ExitReason::NoBinding,
     );
 }
 
@@ -306,15 +306,15 @@ fn tcp_to_the_control_port_from_outside_is_dropped() {
     // A wildcard listener on 1081: any address.
     xdp.add_control_port([0; 16], 1081);
 
-    let reason = DropReason::ControlPortFromOutside;
+    let reason = ExitReason::ControlPortFromOutside;
     xdp.expect(&syn4(CONTROL, 1080), XDP_DROP, reason);
     xdp.expect(&syn6(CONTROL6, 1080), XDP_DROP, reason);
     xdp.expect(&syn4(GATEWAY, 1081), XDP_DROP, reason);
     xdp.expect(&syn6(GATEWAY6, 1081), XDP_DROP, reason);
     // Other ports and other addresses stay reachable (the host's own TCP services).
-    xdp.expect(&syn4(CONTROL, 80), XDP_PASS, DropReason::NotUdpPassed);
-    xdp.expect(&syn4(GATEWAY, 1080), XDP_PASS, DropReason::NotUdpPassed);
-    xdp.expect(&syn6(GATEWAY6, 1080), XDP_PASS, DropReason::NotUdpPassed);
+    xdp.expect(&syn4(CONTROL, 80), XDP_PASS, ExitReason::NotUdpPassed);
+    xdp.expect(&syn4(GATEWAY, 1080), XDP_PASS, ExitReason::NotUdpPassed);
+    xdp.expect(&syn6(GATEWAY6, 1080), XDP_PASS, ExitReason::NotUdpPassed);
 
     // IPv4 options do not hide the port.
     let plain = syn4(CONTROL, 1080);
@@ -331,11 +331,11 @@ fn tcp_to_the_control_port_from_outside_is_dropped() {
     // A later fragment carries no ports (and never reassembles without its first): passed.
     let mut later_fragment = syn4(CONTROL, 1080);
     later_fragment[ETH + 7] = 0x10;
-    xdp.expect(&later_fragment, XDP_PASS, DropReason::NotUdpPassed);
+    xdp.expect(&later_fragment, XDP_PASS, ExitReason::NotUdpPassed);
     // A first fragment cut before the ports is a counted drop, not a pass.
     xdp.expect(
         &first_fragment[..ETH + 20 + 3],
         XDP_DROP,
-        DropReason::TruncatedHeader,
+        ExitReason::TruncatedHeader,
     );
 }

@@ -14,7 +14,7 @@ use std::{
 };
 
 use gateway::client::{Client, ClientError, Family};
-use gateway_common::DropReason;
+use gateway_common::ExitReason;
 use integration_tests::{
     Netns, Testbed, addr,
     gateway::{GatewayDaemon, InstanceCleanup, reason_packets, start_in_fw, stats_json},
@@ -386,7 +386,7 @@ fn sigkill_stops_admission_and_a_new_daemon_works(extra: &[&str]) {
         wait_until(WAIT, || delivered.load(Ordering::SeqCst) >= 1),
         "the datagram sent before the kill did not arrive"
     );
-    let counted = |reason: DropReason| {
+    let counted = |reason: ExitReason| {
         gateway::stats::read_exit_counters(&pin_dir)
             .unwrap()
             .into_iter()
@@ -395,7 +395,7 @@ fn sigkill_stops_admission_and_a_new_daemon_works(extra: &[&str]) {
             .packets
     };
     // Each inbound binding hit ends relayed in the kernel or dropped as daemon_gone.
-    let outcomes = || counted(DropReason::KernelRelayedInbound) + counted(DropReason::DaemonGone);
+    let outcomes = || counted(ExitReason::KernelRelayedInbound) + counted(ExitReason::DaemonGone);
     daemon.kill();
     let killed = Instant::now();
     // Probe until the gate drops a hit as daemon_gone (the heartbeat went stale), each probe
@@ -406,19 +406,19 @@ fn sigkill_stops_admission_and_a_new_daemon_works(extra: &[&str]) {
             sent_after <= FAIL_CLOSED_WITHIN,
             "the bindings still admitted {sent_after:?} after SIGKILL"
         );
-        let (gone, before) = (counted(DropReason::DaemonGone), outcomes());
+        let (gone, before) = (counted(ExitReason::DaemonGone), outcomes());
         source_sock.send_to(b"probe", probe_external).unwrap();
         assert!(
             wait_until(WAIT, || outcomes() > before),
             "a probe was neither relayed in the kernel nor dropped as daemon_gone"
         );
-        if counted(DropReason::DaemonGone) > gone {
+        if counted(ExitReason::DaemonGone) > gone {
             break sent_after;
         }
         // Pacing: some 100 probes until the fail-closed limit.
         std::thread::sleep(Duration::from_millis(20));
     };
-    let gone_before = counted(DropReason::DaemonGone);
+    let gone_before = counted(ExitReason::DaemonGone);
     let outcomes_before = outcomes();
     for _ in 0..20 {
         source_sock.send_to(b"after kill", external).unwrap();
@@ -439,7 +439,7 @@ fn sigkill_stops_admission_and_a_new_daemon_works(extra: &[&str]) {
         "only the datagram sent before the kill arrives"
     );
     assert_eq!(
-        counted(DropReason::DaemonGone) - gone_before,
+        counted(ExitReason::DaemonGone) - gone_before,
         20,
         "fail closed: counted as daemon_gone"
     );

@@ -13,7 +13,7 @@ use aya::{
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use gateway::datapath::addr16;
 use gateway_common::{
-    BindingKey, BindingValue, Counter, DatapathSettings, DropReason, EntryCounters, OutboundKey,
+    BindingKey, BindingValue, Counter, DatapathSettings, ExitReason, EntryCounters, OutboundKey,
     OutboundValue, TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, framing,
     map_names, relay_mode,
 };
@@ -133,7 +133,7 @@ impl Programs {
         (result.return_value, out)
     }
 
-    fn count(&self, reason: DropReason) -> u64 {
+    fn count(&self, reason: ExitReason) -> u64 {
         let counters: PerCpuArray<&MapData, Counter> =
             PerCpuArray::try_from(self.ebpf.map(map_names::EXIT_COUNTERS).unwrap()).unwrap();
         counters
@@ -299,7 +299,7 @@ fn inbound_is_rewritten(case: &Case, framing_kind: u32) {
 
     let (xdp, _) = programs.run(XDP_EXTERNAL_PROGRAM, &frame);
     assert_eq!(xdp, XDP_PASS, "the gate admits the binding");
-    assert_eq!(programs.count(DropReason::BindingToKernelRelay), 1);
+    assert_eq!(programs.count(ExitReason::BindingToKernelRelay), 1);
 
     let (action, out) = programs.run(TC_INBOUND_PROGRAM, &frame);
     assert_eq!(action, TC_ACT_REDIRECT);
@@ -320,7 +320,7 @@ fn inbound_is_rewritten(case: &Case, framing_kind: u32) {
         &frame[..12],
         "MACs are left to bpf_redirect_neigh"
     );
-    assert_eq!(programs.count(DropReason::KernelRelayedInbound), 1);
+    assert_eq!(programs.count(ExitReason::KernelRelayedInbound), 1);
     let counters = programs.inbound_counters(case.remote, case.external_relay);
     assert_eq!(counters.packets, 1);
     assert_eq!(counters.bytes, payload.len() as u64);
@@ -366,8 +366,8 @@ fn misses_and_wrong_ports_are_not_relayed() {
         assert_eq!(action, TC_ACT_OK, "tc leaves misses alone");
         assert_eq!(out, frame);
     }
-    assert_eq!(programs.count(DropReason::NoBinding), 2);
-    assert_eq!(programs.count(DropReason::InboundToStack), 2);
+    assert_eq!(programs.count(ExitReason::NoBinding), 2);
+    assert_eq!(programs.count(ExitReason::InboundToStack), 2);
 }
 
 #[test]
@@ -382,7 +382,7 @@ fn stale_heartbeat_fails_closed() {
     programs.stop_heart();
     let frame = udp_frame(case.remote, case.external_relay, b"media");
     assert_eq!(programs.run(XDP_EXTERNAL_PROGRAM, &frame).0, XDP_DROP);
-    assert_eq!(programs.count(DropReason::DaemonGone), 1);
+    assert_eq!(programs.count(ExitReason::DaemonGone), 1);
     assert_eq!(programs.run(TC_INBOUND_PROGRAM, &frame).0, TC_ACT_SHOT);
     programs.beat();
     assert_eq!(programs.run(XDP_EXTERNAL_PROGRAM, &frame).0, XDP_PASS);
@@ -432,7 +432,7 @@ fn outbound_is_rewritten(case: &Case, framing_kind: u32) {
     );
     assert_eq!(dst, case.remote);
     assert_eq!(data, payload, "header stripped");
-    assert_eq!(programs.count(DropReason::KernelRelayedOutbound), 1);
+    assert_eq!(programs.count(ExitReason::KernelRelayedOutbound), 1);
 
     // A wrong AID / a destination the binding does not admit goes to user space unchanged.
     let mut wrong = if framing_kind == framing::ENHANCED {
@@ -466,10 +466,10 @@ fn outbound_is_rewritten(case: &Case, framing_kind: u32) {
         to_userspace += 1;
     }
     assert_eq!(
-        programs.count(DropReason::OutboundToUserspace),
+        programs.count(ExitReason::OutboundToUserspace),
         to_userspace
     );
-    assert_eq!(programs.count(DropReason::KernelRelayedOutbound), 1);
+    assert_eq!(programs.count(ExitReason::KernelRelayedOutbound), 1);
 }
 
 #[test]
@@ -504,7 +504,7 @@ fn inside_datagrams_to_external_addresses_are_dropped() {
     }
     let frame = udp_frame(sa("203.0.113.2:6000"), sa("203.0.113.1:30000"), b"spoofed");
     assert_eq!(programs.run(TC_INTERNAL_PROGRAM, &frame).0, TC_ACT_SHOT);
-    assert_eq!(programs.count(DropReason::InsideToExternalAddress), 1);
+    assert_eq!(programs.count(ExitReason::InsideToExternalAddress), 1);
     // Truncated UDP from inside is not relayed.
     let frame = udp_frame(sa("198.51.100.2:5000"), sa("198.51.100.1:40000"), b"");
     assert_eq!(
@@ -537,7 +537,7 @@ fn listen_and_host_level_entries_admit_to_userspace() {
     ] {
         assert_eq!(programs.run(XDP_EXTERNAL_PROGRAM, &frame).0, XDP_PASS);
     }
-    assert_eq!(programs.count(DropReason::BindingToUserspace), 2);
+    assert_eq!(programs.count(ExitReason::BindingToUserspace), 2);
     // Neither widens anything else: another host to the host-level port, any host elsewhere.
     for frame in [
         udp_frame(sa("203.0.113.8:4321"), sa("203.0.113.1:30002"), b"x"),
@@ -545,7 +545,7 @@ fn listen_and_host_level_entries_admit_to_userspace() {
     ] {
         assert_eq!(programs.run(XDP_EXTERNAL_PROGRAM, &frame).0, XDP_DROP);
     }
-    assert_eq!(programs.count(DropReason::NoBinding), 2);
+    assert_eq!(programs.count(ExitReason::NoBinding), 2);
 }
 
 #[test]
@@ -594,7 +594,7 @@ fn inside_udp_to_external_addresses_is_dropped_whatever_its_headers() {
             "{what} is dropped"
         );
         assert_eq!(
-            programs.count(DropReason::InsideToExternalAddress),
+            programs.count(ExitReason::InsideToExternalAddress),
             i as u64 + 1,
             "{what} is counted"
         );
@@ -630,7 +630,7 @@ fn inside_udp_to_external_addresses_is_dropped_whatever_its_headers() {
             .unwrap();
         frame
     };
-    let passes_before = programs.count(DropReason::NotUdpPassed);
+    let passes_before = programs.count(ExitReason::NotUdpPassed);
     for frame in [
         tcp,
         icmp6.clone(),
@@ -638,9 +638,9 @@ fn inside_udp_to_external_addresses_is_dropped_whatever_its_headers() {
     ] {
         assert_eq!(programs.run(TC_INTERNAL_PROGRAM, &frame).0, TC_ACT_OK);
     }
-    assert_eq!(programs.count(DropReason::NotUdpPassed), passes_before + 3);
+    assert_eq!(programs.count(ExitReason::NotUdpPassed), passes_before + 3);
     assert_eq!(
-        programs.count(DropReason::InsideToExternalAddress),
+        programs.count(ExitReason::InsideToExternalAddress),
         cases.len() as u64
     );
 }

@@ -22,7 +22,7 @@ use std::os::unix::fs::OpenOptionsExt as _;
 
 use common::pinned_packets;
 use gateway::client::{Client, EnhancedSession, Family};
-use gateway_common::DropReason;
+use gateway_common::ExitReason;
 use integration_tests::{
     Netns, Testbed, addr,
     gateway::{
@@ -46,7 +46,7 @@ const SINK_PORTS: [u16; 4] = [7201, 7202, 7203, 7204];
 /// Sends `BURST` unsolicited datagrams from `server` to sockets on the external address, waits
 /// until the gate has counted them and returns how many reached a socket.
 fn unsolicited_burst(bed: &Testbed, cleanup: &InstanceCleanup, sinks: &[UdpSocket]) -> usize {
-    let before = pinned_packets(cleanup, DropReason::NoBinding);
+    let before = pinned_packets(cleanup, ExitReason::NoBinding);
     traffic::send_udp(
         &bed.server,
         addr::FW_OUTSIDE_V4.into(),
@@ -56,7 +56,7 @@ fn unsolicited_burst(bed: &Testbed, cleanup: &InstanceCleanup, sinks: &[UdpSocke
     )
     .unwrap();
     let counted = wait_until(WAIT, || {
-        pinned_packets(cleanup, DropReason::NoBinding) >= before + BURST as u64
+        pinned_packets(cleanup, ExitReason::NoBinding) >= before + BURST as u64
     });
     // Counted or not, whatever arrived is the answer; the count explains a failure.
     let arrived = drain(sinks, 0, Duration::from_millis(100));
@@ -95,7 +95,7 @@ fn the_control_port_answers_only_from_inside() {
     // The server side has a route to the internal prefix via fw's external address: the
     // weak-host model would deliver its SYN to the listener.
     for proxy in [inside_v4, inside_v6] {
-        let before = pinned_packets(&cleanup, DropReason::ControlPortFromOutside);
+        let before = pinned_packets(&cleanup, ExitReason::ControlPortFromOutside);
         assert_eq!(
             greeting_reply(&bed.server, proxy),
             None,
@@ -104,7 +104,7 @@ fn the_control_port_answers_only_from_inside() {
         assert!(
             wait_until(WAIT, || pinned_packets(
                 &cleanup,
-                DropReason::ControlPortFromOutside
+                ExitReason::ControlPortFromOutside
             ) > before),
             "{proxy}: the SYN from outside is dropped and counted as control_port_from_outside"
         );
@@ -325,11 +325,11 @@ fn a_failed_restart_and_a_stop_keep_the_gate_closed_until_detach() {
         0,
         "after SIGTERM no unsolicited datagram reaches a socket"
     );
-    let before = pinned_packets(&cleanup, DropReason::NoBinding);
+    let before = pinned_packets(&cleanup, ExitReason::NoBinding);
     let delivered = live.received();
     send_stream(&source, live.external, BURST);
     assert!(
-        wait_until(WAIT, || pinned_packets(&cleanup, DropReason::NoBinding)
+        wait_until(WAIT, || pinned_packets(&cleanup, ExitReason::NoBinding)
             >= before + BURST as u64),
         "the stopped binding's datagrams are dropped as no_binding"
     );

@@ -45,7 +45,7 @@ fn no_binding_drops(bed: &Testbed, instance: &str) -> u64 {
 }
 
 fn pinned_no_binding(cleanup: &InstanceCleanup) -> u64 {
-    pinned_packets(cleanup, gateway_common::DropReason::NoBinding)
+    pinned_packets(cleanup, gateway_common::ExitReason::NoBinding)
 }
 
 /// Sends the unsolicited burst, waits until the gate has counted all of it, then checks that
@@ -152,7 +152,7 @@ fn gate_drops_until_it_is_detached(target: IpAddr) {
     let inside_drops = || {
         pinned_packets(
             &cleanup,
-            gateway_common::DropReason::InsideToExternalAddress,
+            gateway_common::ExitReason::InsideToExternalAddress,
         )
     };
     let before = inside_drops();
