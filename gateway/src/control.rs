@@ -26,8 +26,7 @@ pub fn socket_path(instance: &Instance) -> PathBuf {
 }
 
 fn ip_of(addr: &[u8; 16]) -> IpAddr {
-    let v6 = Ipv6Addr::from(*addr);
-    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+    Ipv6Addr::from(*addr).to_canonical()
 }
 
 /// The `bindings` document.

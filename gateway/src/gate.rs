@@ -19,7 +19,7 @@ use gateway_common::{
 };
 use thiserror::Error;
 
-use crate::datapath::{HostFlow, addr16};
+use crate::host_flow::{HostFlow, addr16};
 
 /// One exact admission: datagrams from `remote` to the external relay address `relay`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -76,7 +76,7 @@ impl KernelRelay {
 
     /// The kernel relays only within one family (no translation).
     fn same_family(&self, entry: &GateEntry) -> bool {
-        let v4 = |ip: std::net::IpAddr| crate::server::policy::canonical(ip).is_ipv4();
+        let v4 = |ip: std::net::IpAddr| ip.to_canonical().is_ipv4();
         let families = [
             v4(self.client.ip()),
             v4(self.internal_relay.ip()),

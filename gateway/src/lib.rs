@@ -6,12 +6,14 @@
 //! - [`reserved_ports`] keeps the relay port ranges out of the kernel's ephemeral ports.
 //! - [`socks`] and [`binding`] are the sans-IO protocol core.
 
+pub mod attach_mode;
 pub mod binding;
 pub mod client;
 
 pub mod control;
 pub mod datapath;
 pub mod gate;
+pub mod host_flow;
 pub mod instance;
 pub mod netif;
 pub mod reserved_ports;

@@ -25,7 +25,7 @@ use tokio::{net::UdpSocket, time::Instant};
 use tracing::{debug, warn};
 
 use crate::{
-    datapath::HostFlow,
+    host_flow::HostFlow,
     gate::{Gate, MemoryGate},
 };
 

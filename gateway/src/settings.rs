@@ -31,7 +31,8 @@ use thiserror::Error;
 
 use crate::{
     binding::{self, PortRange},
-    datapath::{HostFlow, TcAttachMode, XdpAttachMode},
+    attach_mode::{TcAttachMode, XdpAttachMode},
+    host_flow::HostFlow,
     server::{AssociationLimits, Timeouts, limits},
 };
 

@@ -11,7 +11,7 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use gateway::datapath::addr16;
+use gateway::host_flow::addr16;
 use gateway_common::{
     BindingKey, BindingValue, Counter, DatapathSettings, ExitReason, EntryCounters, OutboundKey,
     OutboundValue, TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, framing,

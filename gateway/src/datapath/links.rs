@@ -4,6 +4,7 @@
 //! `cls_bpf`) at a fixed priority and handle instead: such a filter outlives its process like a
 //! pinned link, a new daemon replaces its program in place, and `gateway detach` removes it.
 
+use crate::attach_mode::{TcAttachMode, XdpAttachMode};
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -99,28 +100,6 @@ impl LinkSlot {
     }
 }
 
-/// How the tc programs are attached.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    clap::ValueEnum,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum TcAttachMode {
-    /// tcx links where the kernel has them (6.6 and later), netlink filters before.
-    #[default]
-    Auto,
-    /// tcx links only.
-    Tcx,
-    /// Netlink filters (clsact + `cls_bpf`), also where tcx exists.
-    Netlink,
-}
 
 impl TcAttachMode {
     fn netlink_here(self) -> bool {
@@ -250,28 +229,6 @@ fn reopen(path: &Path) -> Result<PinnedLink, DatapathError> {
     })
 }
 
-/// Which XDP attach mode to use.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    clap::ValueEnum,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpAttachMode {
-    /// Driver (native) mode, falling back to generic mode when the driver refuses.
-    #[default]
-    Auto,
-    /// Driver mode only.
-    Driver,
-    /// Generic (skb) mode only. On veth this avoids the skb copy native XDP causes.
-    Generic,
-}
 
 /// Attaches (or takes over) the XDP program on `slot.interface`.
 pub fn attach_xdp(

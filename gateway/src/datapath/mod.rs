@@ -9,7 +9,6 @@
 //! Owns no protocol logic.
 
 mod heartbeat;
-mod hostflow;
 mod links;
 
 use std::{
@@ -37,10 +36,14 @@ use self::{
 };
 pub use self::{
     heartbeat::monotonic_ns,
-    hostflow::{HostFlow, addr16},
-    links::{AttachOutcome, TcAttachMode, XdpAttachMode, remove_netlink_filters},
+    links::{AttachOutcome, remove_netlink_filters},
 };
-use crate::{gate::KernelGate, instance::Instance};
+use crate::{
+    attach_mode::{TcAttachMode, XdpAttachMode},
+    gate::KernelGate,
+    host_flow::{HostFlow, addr16},
+    instance::Instance,
+};
 
 /// The compiled eBPF object, built by `build.rs` (empty with `AYA_BUILD_SKIP=1`).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway"));

@@ -10,7 +10,6 @@ use tracing::info;
 use super::{
     Services,
     connection::{Connection, ConnectionError},
-    policy::canonical,
     relay::relay,
     send_failure, send_success,
 };
@@ -24,7 +23,7 @@ pub async fn run(
 ) -> Result<(), ConnectionError> {
     // The expected peer: a specific IP restricts who may connect; a name or zeros does not.
     let expected: Option<IpAddr> = match address {
-        Address::Ip(addr) if !addr.ip().is_unspecified() => Some(canonical(addr.ip())),
+        Address::Ip(addr) if !addr.ip().is_unspecified() => Some(addr.ip().to_canonical()),
         _ => None,
     };
     let family_hint = expected.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
@@ -59,7 +58,7 @@ pub async fn run(
             () = conn.wait_closed() => return Ok(()),
         };
         match accepted {
-            Ok(Ok((stream, from))) if expected.is_none_or(|ip| ip == canonical(from.ip())) => {
+            Ok(Ok((stream, from))) if expected.is_none_or(|ip| ip == from.ip().to_canonical()) => {
                 break (stream, from);
             }
             Ok(Ok((_, from))) => {

@@ -45,7 +45,7 @@ pub async fn resolve_allowed(
     };
     let allowed: Vec<SocketAddr> = candidates
         .into_iter()
-        .map(|addr| SocketAddr::new(super::policy::canonical(addr.ip()), addr.port()))
+        .map(|addr| SocketAddr::new(addr.ip().to_canonical(), addr.port()))
         .filter(|addr| services.access.get().policy.allows(addr.ip()))
         .collect();
     if allowed.is_empty() {

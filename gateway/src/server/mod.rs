@@ -85,7 +85,7 @@ pub struct External {
 impl External {
     /// The external address of `ip`'s family, if the gateway has one.
     pub fn for_family(&self, ip: IpAddr) -> Option<IpAddr> {
-        match policy::canonical(ip) {
+        match ip.to_canonical() {
             IpAddr::V4(_) => self.v4.map(IpAddr::V4),
             IpAddr::V6(_) => self.v6.map(IpAddr::V6),
         }
@@ -136,7 +136,7 @@ impl Services {
         match &self.enhanced {
             Some(mode) => mode
                 .config()
-                .external_ip_for(policy::canonical(peer), crate::binding::Family::of(target)),
+                .external_ip_for(peer.to_canonical(), crate::binding::Family::of(target)),
             None => self.external.for_family(target),
         }
     }

@@ -19,7 +19,7 @@ pub struct Policy {
 impl Policy {
     /// Whether a client may send to or connect to `ip`.
     pub fn allows(&self, ip: IpAddr) -> bool {
-        let ip = canonical(ip);
+        let ip = ip.to_canonical();
         let special = match ip {
             IpAddr::V4(v4) => {
                 (v4.is_loopback() && !self.allow_loopback)
@@ -36,16 +36,8 @@ impl Policy {
             }
         };
         !special
-            && !self.own_addresses.iter().any(|own| canonical(*own) == ip)
+            && !self.own_addresses.iter().any(|own| (*own).to_canonical() == ip)
             && !self.deny.iter().any(|net| net.contains(&ip))
-    }
-}
-
-/// IPv4-mapped IPv6 addresses are IPv4.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        IpAddr::V4(_) => ip,
     }
 }
 

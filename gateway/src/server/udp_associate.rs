@@ -23,7 +23,6 @@ use super::{
     connect::resolve_allowed,
     connection::{Connection, ConnectionError},
     outside::{OutsideSocket, Received, with_scratch},
-    policy::canonical,
     send_failure, send_success,
 };
 use crate::{
@@ -78,7 +77,7 @@ struct ClientMatch {
 
 impl ClientMatch {
     fn accepts(&mut self, from: SocketAddr) -> bool {
-        if canonical(from.ip()) != self.ip {
+        if from.ip().to_canonical() != self.ip {
             return false;
         }
         if self.port == 0 {
@@ -115,9 +114,9 @@ pub async fn run(
     local: SocketAddr,
     address: &Address,
 ) -> Result<(), ConnectionError> {
-    let peer_ip = canonical(peer.ip());
+    let peer_ip = peer.ip().to_canonical();
     let client_ip = match address {
-        Address::Ip(addr) if !addr.ip().is_unspecified() => canonical(addr.ip()),
+        Address::Ip(addr) if !addr.ip().is_unspecified() => addr.ip().to_canonical(),
         _ => peer_ip,
     };
     // Decision: the association serves the host on the control connection only, so no client
@@ -312,7 +311,7 @@ impl Association<'_> {
                 return;
             }
         };
-        let from = SocketAddr::new(canonical(from.ip()), from.port());
+        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
         let entry = GateEntry {
             remote: from,
             relay,

@@ -1,0 +1,48 @@
+//! How the daemon attaches its programs: settings the loader reads and the configuration
+//! declares, so they live below both.
+
+/// How the tc programs are attached.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum TcAttachMode {
+    /// tcx links where the kernel has them (6.6 and later), netlink filters before.
+    #[default]
+    Auto,
+    /// tcx links only.
+    Tcx,
+    /// Netlink filters (clsact + `cls_bpf`), also where tcx exists.
+    Netlink,
+}
+
+/// Which XDP attach mode to use.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpAttachMode {
+    /// Driver (native) mode, falling back to generic mode when the driver refuses.
+    #[default]
+    Auto,
+    /// Driver mode only.
+    Driver,
+    /// Generic (skb) mode only. On veth this avoids the skb copy native XDP causes.
+    Generic,
+}
