@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use gateway_common::{
     Addr16, BindingKey, BindingValue, ControlPortKey, Counter, DEFAULT_MAX_BINDINGS,
-    DatapathSettings, ExitReason, EntryCounters, HostAllowKey, HostAllowValue, MAX_CONTROL_PORTS,
+    DatapathSettings, EntryCounters, ExitReason, HostAllowKey, HostAllowValue, MAX_CONTROL_PORTS,
     MAX_HOST_ALLOW, OutboundKey, OutboundValue,
 };
 

@@ -25,8 +25,8 @@ use tokio::{net::UdpSocket, time::Instant};
 use tracing::{debug, warn};
 
 use crate::{
-    host_flow::HostFlow,
     gate::{Gate, MemoryGate},
+    host_flow::HostFlow,
 };
 
 /// How long one attempt waits for an answer.

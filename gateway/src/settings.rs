@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
-    binding::{self, PortRange},
     attach_mode::{TcAttachMode, XdpAttachMode},
+    binding::{self, PortRange},
     host_flow::HostFlow,
     server::{AssociationLimits, Timeouts, limits},
 };

@@ -569,7 +569,11 @@ async fn a_user_at_their_binding_cap_gets_01_on_every_connection_and_others_bind
             Err(ClientError::Binding(BindingError::GeneralFailure))
         ));
     }
-    assert_eq!(gateway.mode().caps_hit(), [0, 3, 0], "counted as the user cap");
+    assert_eq!(
+        gateway.mode().caps_hit(),
+        [0, 3, 0],
+        "counted as the user cap"
+    );
     // Bob binds normally meanwhile.
     let bob = session_of("bob", "b-secret").await;
     let socket = new_socket(&bob).await;

@@ -13,7 +13,7 @@ use aya::{
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use gateway::host_flow::addr16;
 use gateway_common::{
-    BindingKey, BindingValue, Counter, DatapathSettings, ExitReason, EntryCounters, OutboundKey,
+    BindingKey, BindingValue, Counter, DatapathSettings, EntryCounters, ExitReason, OutboundKey,
     OutboundValue, TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, framing,
     map_names, relay_mode,
 };

@@ -4,7 +4,7 @@
 //! Owns the values and their checks. It must not read files or flags (the daemon's config layer
 //! maps its TOML/clap values into a [`Config`]) and must not touch sockets.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use super::ports::PortRange;
@@ -17,81 +17,23 @@ pub const PENDING_TIMEOUT_MAX: Duration = Duration::from_mins(5);
 /// Largest allowed `idle_timeout` (one day).
 pub const IDLE_TIMEOUT_MAX: Duration = Duration::from_hours(24);
 
-/// An IP network (address and prefix length).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
+pub use ipnet::IpNet;
 
-impl IpNet {
-    /// A network; `None` if `prefix` is longer than the address.
-    pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
-        let max = match addr {
-            IpAddr::V4(_) => 32,
-            IpAddr::V6(_) => 128,
-        };
-        (prefix <= max).then_some(IpNet { addr, prefix })
-    }
-
-    /// A single host.
-    pub fn host(addr: IpAddr) -> Self {
-        let prefix = match addr {
-            IpAddr::V4(_) => 32,
-            IpAddr::V6(_) => 128,
-        };
-        IpNet { addr, prefix }
-    }
-
-    /// The network's address.
-    pub fn addr(&self) -> IpAddr {
-        self.addr
-    }
-
-    /// The prefix length.
-    pub fn prefix(&self) -> u8 {
-        self.prefix
-    }
-
-    /// Whether `ip` lies in this network (IPv4-mapped IPv6 addresses count as IPv4).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip.to_canonical()) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-
-    /// The networks a REMOTE may not name by default: unspecified, loopback, multicast and
-    /// broadcast, both families. The gateway's relay addresses are always forbidden besides.
-    pub fn default_forbidden() -> Vec<IpNet> {
-        let v4 = |a, b, c, d, p| IpNet {
-            addr: IpAddr::V4(Ipv4Addr::new(a, b, c, d)),
-            prefix: p,
-        };
-        vec![
-            v4(0, 0, 0, 0, 8),
-            v4(127, 0, 0, 0, 8),
-            v4(224, 0, 0, 0, 4),
-            v4(255, 255, 255, 255, 32),
-            IpNet::host(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
-            IpNet::host(IpAddr::V6(Ipv6Addr::LOCALHOST)),
-            IpNet {
-                addr: IpAddr::V6(Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0)),
-                prefix: 8,
-            },
-        ]
-    }
+/// The networks a REMOTE may not name by default: unspecified, loopback, multicast and broadcast,
+/// both families. The gateway's relay addresses are always forbidden besides.
+pub fn default_forbidden_remotes() -> Vec<IpNet> {
+    [
+        "0.0.0.0/8",
+        "127.0.0.0/8",
+        "224.0.0.0/4",
+        "255.255.255.255/32",
+        "::/128",
+        "::1/128",
+        "ff00::/8",
+    ]
+    .iter()
+    .filter_map(|net| net.parse().ok())
+    .collect()
 }
 
 /// Everything the binding state machine needs to know about policy and resources.
@@ -135,7 +77,7 @@ pub struct Config {
     /// instead of refusing (default false: keeps one external address per client, as RTSP
     /// servers may require).
     pub spill_to_other_external_ips: bool,
-    /// Networks a REMOTE may not name (`02`). Starts as [`IpNet::default_forbidden`]; add the
+    /// Networks a REMOTE may not name (`02`). Starts as [`default_forbidden_remotes`]; add the
     /// internal networks and the gateway's other addresses. The relay addresses above are
     /// always forbidden.
     pub forbidden_remotes: Vec<IpNet>,
@@ -161,7 +103,7 @@ impl Default for Config {
             internal_ips: Vec::new(),
             external_ips: Vec::new(),
             spill_to_other_external_ips: false,
-            forbidden_remotes: IpNet::default_forbidden(),
+            forbidden_remotes: default_forbidden_remotes(),
         }
     }
 }
@@ -276,7 +218,7 @@ impl Config {
         !(ip.is_unspecified()
             || self.internal_ips.contains(&ip)
             || self.external_ips.contains(&ip)
-            || self.forbidden_remotes.iter().any(|net| net.contains(ip)))
+            || self.forbidden_remotes.iter().any(|net| net.contains(&ip)))
     }
 }
 

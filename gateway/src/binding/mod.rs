@@ -29,6 +29,7 @@ mod tests;
 pub use aid::{AidSource, HashAids};
 pub use config::{
     Config, ConfigError, IDLE_TIMEOUT_MAX, IpNet, PENDING_TIMEOUT_MAX, PENDING_TIMEOUT_MIN,
+    default_forbidden_remotes,
 };
 pub use machine::Bindings;
 pub use ports::{PortPool, PortRange};

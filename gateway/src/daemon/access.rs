@@ -2,10 +2,7 @@
 //! networks) from the command line, the configuration file and the interfaces. The same code
 //! runs at start and on SIGHUP, so a reload means exactly what a restart would.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
-};
+use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::{Context as _, Result, bail};
 use gateway::{
@@ -91,27 +88,14 @@ pub fn own_addresses(external: &[InterfaceAddress], internal: &[InterfaceAddress
 
 /// The networks an enhanced-mode REMOTE may not name under `policy`: its denied networks, the
 /// gateway's own addresses and link-local, besides the binding machine's defaults.
-pub fn forbidden_remotes(policy: &Policy) -> Vec<binding::IpNet> {
-    let mut forbidden = binding::IpNet::default_forbidden();
+pub fn forbidden_remotes(policy: &Policy) -> Vec<IpNet> {
+    let mut forbidden = binding::default_forbidden_remotes();
+    forbidden.extend(policy.deny.iter().copied());
+    forbidden.extend(policy.own_addresses.iter().map(|ip| IpNet::from(*ip)));
     forbidden.extend(
-        policy
-            .deny
+        ["169.254.0.0/16", "fe80::/10"]
             .iter()
-            .filter_map(|net| binding::IpNet::new(net.addr(), net.prefix_len())),
-    );
-    forbidden.extend(
-        policy
-            .own_addresses
-            .iter()
-            .map(|ip| binding::IpNet::host(*ip)),
-    );
-    forbidden.extend(
-        [
-            binding::IpNet::new(IpAddr::V4(Ipv4Addr::new(169, 254, 0, 0)), 16),
-            binding::IpNet::new(IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0)), 10),
-        ]
-        .into_iter()
-        .flatten(),
+            .filter_map(|net| net.parse::<IpNet>().ok()),
     );
     forbidden
 }

@@ -100,7 +100,6 @@ impl LinkSlot {
     }
 }
 
-
 impl TcAttachMode {
     fn netlink_here(self) -> bool {
         match self {
@@ -228,7 +227,6 @@ fn reopen(path: &Path) -> Result<PinnedLink, DatapathError> {
         source,
     })
 }
-
 
 /// Attaches (or takes over) the XDP program on `slot.interface`.
 pub fn attach_xdp(

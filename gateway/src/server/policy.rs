@@ -36,7 +36,10 @@ impl Policy {
             }
         };
         !special
-            && !self.own_addresses.iter().any(|own| (*own).to_canonical() == ip)
+            && !self
+                .own_addresses
+                .iter()
+                .any(|own| (*own).to_canonical() == ip)
             && !self.deny.iter().any(|net| net.contains(&ip))
     }
 }

@@ -54,7 +54,7 @@ pub(super) fn test_config() -> Config {
     // An internal network (the client side) is forbidden as a REMOTE.
     config
         .forbidden_remotes
-        .push(IpNet::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 0)), 24).unwrap());
+        .push("198.51.100.0/24".parse().unwrap());
     config
 }
 

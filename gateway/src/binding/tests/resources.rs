@@ -408,19 +408,16 @@ fn config_validation_names_the_key() {
         PENDING_TIMEOUT_MIN..=PENDING_TIMEOUT_MAX,
         Duration::from_secs(5)..=Duration::from_mins(5)
     );
-    assert!(IpNet::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 33).is_none());
-    let net = IpNet::new(
-        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0)),
-        32,
-    )
-    .unwrap();
-    assert!(net.contains(INTERNAL_V6) && !net.contains(INTERNAL_V4));
-    assert_eq!((net.prefix(), net.addr().is_ipv6()), (32, true));
-    assert!(
-        IpNet::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
-            .unwrap()
-            .contains(CLIENT)
-    );
+    // A REMOTE in a forbidden network is refused, also written IPv4-mapped.
+    let mut config = ok.clone();
+    config.forbidden_remotes = vec![
+        "2001:db8::/32".parse().unwrap(),
+        "192.0.2.0/24".parse().unwrap(),
+    ];
+    assert!(!config.remote_allowed(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 9, 0, 0, 0, 0, 1))));
+    assert!(!config.remote_allowed("::ffff:192.0.2.7".parse().unwrap()));
+    assert!(config.remote_allowed("203.0.113.77".parse().unwrap()));
+    assert!(!Config::default().remote_allowed("::ffff:127.0.0.1".parse().unwrap()));
 }
 
 #[test]

@@ -194,7 +194,7 @@ impl EnhancedMode {
     }
 
     /// Replaces the networks a REMOTE may not name, for every later request (SIGHUP).
-    pub fn set_forbidden_remotes(&self, forbidden: Vec<crate::binding::IpNet>) {
+    pub fn set_forbidden_remotes(&self, forbidden: Vec<ipnet::IpNet>) {
         self.lock_bindings().set_forbidden_remotes(forbidden);
     }
 
