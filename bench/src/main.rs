@@ -72,7 +72,7 @@ fn run_main(cli: &Cli) -> Result<()> {
         // SAFETY: single-threaded here, before any thread or child is started.
         unsafe { std::env::set_var("GATEWAY_BIN", bin_dir.join("gateway")) };
     }
-    let gateway_bin = integration_tests::gateway::gateway_bin();
+    let gateway_bin = testbed::gateway::gateway_bin();
     if !gateway_bin.exists() {
         bail!(
             "{} is missing; build the gateway (cargo build --release -p gateway)",

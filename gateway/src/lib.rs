@@ -8,7 +8,6 @@
 
 pub mod attach_mode;
 pub mod binding;
-pub mod client;
 
 pub mod control;
 pub mod datapath;
@@ -18,8 +17,6 @@ pub mod instance;
 pub mod netif;
 pub mod reserved_ports;
 pub mod resolver;
-pub mod rtsp;
 pub mod server;
 pub mod settings;
-pub mod socks;
 pub mod stats;

@@ -3,8 +3,9 @@
 use std::process::ExitCode;
 
 mod daemon;
+mod sibling;
 
-use std::path::PathBuf;
+use std::{ffi::OsString, path::PathBuf};
 
 use anyhow::{Context as _, Result};
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
@@ -33,7 +34,7 @@ enum Command {
     /// pinned under /sys/fs/bpf/gateway/INSTANCE/: a stop, a crash or a failed start leaves the
     /// gate attached and dropping (the next daemon takes it over); only `gateway detach` or
     /// --remove-gate-on-exit removes it.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the live bindings of a running gateway: enhanced-mode bindings with their owner (user,
     /// control peer), state and addresses, and every kernel entry with its counters.
     Bindings {
@@ -68,9 +69,17 @@ enum Command {
         json: bool,
     },
     /// Play an RTSP stream through a gateway: control over SOCKS CONNECT, media over two-step
-    /// RTP-pair bindings (step 1 before SETUP, step 2 with the reply's source before PLAY), RTCP
-    /// receiver reports back; print the steps and per-track statistics, write the audio as WAV.
-    RtspGet(gateway::rtsp::cli::RtspGetArgs),
+    /// RTP-pair bindings, statistics and WAV. Runs `gateway-rtsp-get`, installed beside
+    /// `gateway` (`gateway rtsp-get --help` shows its options).
+    #[command(disable_help_flag = true)]
+    RtspGet {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<OsString>,
+    },
+    /// Any other `gateway NAME ...` runs the executable `gateway-NAME` beside `gateway` or on
+    /// PATH, the way `git NAME` runs `git-NAME`.
+    #[command(external_subcommand)]
+    External(Vec<OsString>),
 }
 
 /// The flags of `gateway run` (see `gateway run --help`): every setting, and the two that
@@ -115,7 +124,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => {
             let print = args.print_config;
-            let daemon_args = daemon_args(args)?;
+            let daemon_args = daemon_args(*args)?;
             if print {
                 print!("{}", daemon_args.settings.to_toml());
                 Ok(())
@@ -127,9 +136,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Detach { instance } => detach(&instance),
         Command::Passwd { name } => passwd(&name),
         Command::Stats { instance, json } => show_stats(&instance, json),
-        Command::RtspGet(args) => gateway::rtsp::cli::rtsp_get(&args)
-            .map(drop)
-            .map_err(Into::into),
+        Command::RtspGet { args } => sibling::run("rtsp-get", &args),
+        Command::External(words) => match words.split_first() {
+            Some((name, args)) => sibling::run(&name.to_string_lossy(), args),
+            None => Ok(()),
+        },
     }
 }
 

@@ -1,4 +1,4 @@
-//! The client library (`gateway::client`) against the real server, in-process on loopback:
+//! The client library (`gateway_client`) against the real server, in-process on loopback:
 //! CONNECT (by IP and by name), RFC 1929, typed refusals and timeouts, RFC 1928 UDP ASSOCIATE,
 //! and the enhanced mode's socket calls (two-step Open, Listen, one-step Open, RTP pair, expiry,
 //! release, session close). The client is on 127.0.0.1, remotes on 127.0.0.2, the relays on
@@ -18,11 +18,8 @@ use common::{
     io::{IO_TIMEOUT, assert_silent, eventually, eventually_for, recv_udp, send_udp, within},
     peers::{LOCALHOST, REMOTE_HOST, fake_nameserver, tcp_echo, udp, udp_pair},
 };
-use gateway::{
-    binding::Config,
-    client::{Address, BindingError, Client, ClientError, Family, ReplyCode, Timeouts},
-    server::auth::Users,
-};
+use gateway::{binding::Config, server::auth::Users};
+use gateway_client::{Address, BindingError, Client, ClientError, Family, ReplyCode, Timeouts};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpListener,
@@ -60,7 +57,7 @@ async fn connect_by_ip_and_by_name_reaches_the_echo() {
     ];
     for target in targets {
         let client = gateway.client().await;
-        assert_eq!(client.method(), gateway::client::Method::NoAuth);
+        assert_eq!(client.method(), gateway_client::Method::NoAuth);
         let (mut stream, bound) = within("CONNECT", client.tcp_connect(target.clone()))
             .await
             .unwrap();
@@ -94,7 +91,7 @@ async fn user_pass_good_bad_and_missing() {
     let client = within("connect", Client::connect(gateway.addr, good))
         .await
         .unwrap();
-    assert_eq!(client.method(), gateway::client::Method::UserPass);
+    assert_eq!(client.method(), gateway_client::Method::UserPass);
     within("CONNECT", client.tcp_connect(echo)).await.unwrap();
 
     let bad = Some(("alice".to_owned(), "wrong".to_owned()));

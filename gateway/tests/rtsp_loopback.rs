@@ -22,14 +22,14 @@ use common::{
 };
 use gateway::{
     binding::{Config, PENDING_TIMEOUT_MIN},
-    rtsp::{
-        RtspError,
-        audio::{Audio, Codec, Match},
-        client::{Event, PlayOptions, PlayReport, play},
-        message, sdp,
-        server::{DemoServer, ServerConfig, ServerStats},
-    },
     server::enhanced::EnhancedMode,
+};
+use gateway_rtsp::client::{Event, PlayOptions, PlayReport, play};
+use gateway_rtsp::{
+    RtspError,
+    audio::{Audio, Codec, Match},
+    message, sdp,
+    server::{DemoServer, ServerConfig, ServerStats},
 };
 use rtsp_types::{Message, Method, StatusCode, headers};
 use tokio::{
@@ -138,7 +138,7 @@ async fn l16_arrives_sample_exact_from_a_second_media_address() {
     );
     assert_clean(&report, 50);
     // Step 2 named the media address and the server's port, not the RTSP address.
-    let gateway::client::Address::Ip(source) = track.source.clone() else {
+    let gateway_client::Address::Ip(source) = track.source.clone() else {
         panic!("an IP source")
     };
     assert_eq!(source.ip(), MEDIA_HOST);

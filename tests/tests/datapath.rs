@@ -12,7 +12,7 @@ use gateway_common::{
     ControlPortKey, Counter, ExitReason, HostAllowKey, HostAllowValue, XDP_EXTERNAL_PROGRAM,
     ipv4_mapped, map_names,
 };
-use integration_tests::frames::{ETH, with_ipv4_options, with_ipv6_ext};
+use testbed::frames::{ETH, with_ipv4_options, with_ipv6_ext};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;

@@ -13,9 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gateway::client::{Client, ClientError, Family};
+use gateway_client::{Client, ClientError, Family};
 use gateway_common::ExitReason;
-use integration_tests::{
+use testbed::{
     Netns, Testbed, addr,
     gateway::{GatewayDaemon, InstanceCleanup, reason_packets, start_in_fw, stats_json},
     wait_until,
@@ -74,7 +74,7 @@ fn in_client<R: Send + 'static>(
 }
 
 /// Receives until `count` datagrams arrived or 3 s passed without one.
-async fn receive(binding: &gateway::client::UdpBinding, count: usize) -> Vec<Vec<u8>> {
+async fn receive(binding: &gateway_client::UdpBinding, count: usize) -> Vec<Vec<u8>> {
     let mut got = Vec::new();
     let mut buf = vec![0u8; 2048];
     while got.len() < count {
@@ -88,7 +88,7 @@ async fn receive(binding: &gateway::client::UdpBinding, count: usize) -> Vec<Vec
 
 /// Whether nothing reaches the binding's local socket for `wait`. Reads the socket itself:
 /// `recv` on a bound, unconnected binding would ask for a Listen step 2.
-async fn nothing_arrives(binding: &gateway::client::UdpBinding, wait: Duration) -> bool {
+async fn nothing_arrives(binding: &gateway_client::UdpBinding, wait: Duration) -> bool {
     let mut buf = vec![0u8; 2048];
     tokio::time::timeout(wait, binding.socket().recv(&mut buf))
         .await
@@ -446,7 +446,7 @@ fn sigkill_stops_admission_and_a_new_daemon_works(extra: &[&str]) {
 
     // A new daemon takes over with a clean binding table and works at once.
     let instance = setup.gateway.instance.clone();
-    let args: Vec<&str> = integration_tests::gateway::TESTBED_ARGS
+    let args: Vec<&str> = testbed::gateway::TESTBED_ARGS
         .iter()
         .chain(extra)
         .copied()
@@ -457,7 +457,7 @@ fn sigkill_stops_admission_and_a_new_daemon_works(extra: &[&str]) {
         "{}",
         fresh.log_text()
     );
-    let document = integration_tests::gateway::gateway_cli(
+    let document = testbed::gateway::gateway_cli(
         &setup.bed.fw,
         &["bindings", "--instance", &instance, "--json"],
     )

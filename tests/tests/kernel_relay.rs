@@ -17,7 +17,7 @@ use gateway_common::{
     OutboundValue, TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, framing,
     map_names, relay_mode,
 };
-use integration_tests::frames::{ETH, with_ipv4_options, with_ipv6_ext};
+use testbed::frames::{ETH, with_ipv4_options, with_ipv6_ext};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;

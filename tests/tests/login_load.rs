@@ -14,11 +14,11 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::{
+use nix::time::{ClockId, clock_gettime};
+use testbed::{
     Netns, Testbed, addr,
     gateway::{passwd_line, start_in_fw},
 };
-use nix::time::{ClockId, clock_gettime};
 
 const LOGINS: usize = 16;
 const RATE_PER_SECOND: u64 = 1000;

@@ -21,9 +21,13 @@ use std::{
 use std::os::unix::fs::OpenOptionsExt as _;
 
 use common::pinned_packets;
-use gateway::client::{Client, EnhancedSession, Family};
+use gateway_client::{Client, EnhancedSession, Family};
 use gateway_common::ExitReason;
-use integration_tests::{
+use nix::{
+    sched::{CloneFlags, setns},
+    sys::signal::Signal,
+};
+use testbed::{
     Netns, Testbed, addr,
     gateway::{
         GatewayDaemon, InstanceCleanup, TESTBED_ARGS, detach, passwd_line, start_expecting_failure,
@@ -32,10 +36,6 @@ use integration_tests::{
     iface,
     traffic::{self, drain},
     wait_until,
-};
-use nix::{
-    sched::{CloneFlags, setns},
-    sys::signal::Signal,
 };
 
 /// Bound on waiting for something that must happen.
@@ -116,7 +116,7 @@ fn the_control_port_answers_only_from_inside() {
     }
     // The listeners are tied to the internal interface (`ss` shows ADDR%DEVICE), so a
     // connection that arrives anywhere else finds no socket even without the gate.
-    let listening = integration_tests::run_checked(bed.fw.command("ss").args(["-Htln"])).unwrap();
+    let listening = testbed::run_checked(bed.fw.command("ss").args(["-Htln"])).unwrap();
     let listening = String::from_utf8_lossy(&listening.stdout);
     for proxy in [inside_v4, inside_v6] {
         let tied = match proxy.ip() {
@@ -344,7 +344,7 @@ fn a_failed_restart_and_a_stop_keep_the_gate_closed_until_detach() {
     detach(&bed.fw, &instance).unwrap();
     assert!(!cleanup.pin_dir().exists(), "no pins left");
     assert!(
-        !integration_tests::gateway::xdp_attached(&bed.fw, iface::FW_OUTSIDE).unwrap(),
+        !testbed::gateway::xdp_attached(&bed.fw, iface::FW_OUTSIDE).unwrap(),
         "no XDP program left"
     );
     traffic::send_udp(
@@ -814,11 +814,9 @@ fn out_of_file_descriptors_the_daemon_answers_and_recovers() {
     let mut answer = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(&pending), &mut answer).unwrap();
     assert!(answer.contains("enhanced_bindings"), "{answer}");
-    let out = integration_tests::gateway::gateway_cli(
-        &bed.fw,
-        &["bindings", "--instance", &instance, "--json"],
-    )
-    .unwrap();
+    let out =
+        testbed::gateway::gateway_cli(&bed.fw, &["bindings", "--instance", &instance, "--json"])
+            .unwrap();
     assert!(out.status.success());
     assert!(gateway.is_running());
 }
@@ -842,7 +840,7 @@ fn an_address_added_to_the_host_after_start_is_refused_as_a_connect_target() {
         &["addr", "add", "192.0.2.77/32", "dev", "mgmt0"],
         &["link", "set", "mgmt0", "up"],
     ] {
-        integration_tests::run_checked(bed.fw.command("ip").args(args)).unwrap();
+        testbed::run_checked(bed.fw.command("ip").args(args)).unwrap();
     }
     assert!(
         gateway.wait_for_log("host addresses changed", 1, WAIT),

@@ -5,16 +5,14 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use gateway::{
-    client::{Client, Family},
-    socks::Address,
-};
-use integration_tests::{
+use gateway_client::{Client, Family};
+use gateway_proto::Address;
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use testbed::{
     Testbed, addr,
     gateway::start_in_fw,
     peers::{Dnsmasq, HttpServer},
 };
-use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
 const PROXY: &str = "198.51.100.1:1080";
 const ASSOCIATIONS: usize = 2000;
@@ -40,7 +38,7 @@ async fn make_bindings(proxy: SocketAddr, remote: SocketAddr) -> (usize, Vec<Str
             let binding = session.udp_socket(Family::V4).await?;
             binding.bind().await?;
             binding.connect(remote).await?;
-            Ok::<_, gateway::client::ClientError>(binding)
+            Ok::<_, gateway_client::ClientError>(binding)
         }
         .await;
         match result {

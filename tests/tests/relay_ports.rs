@@ -4,7 +4,7 @@
 
 use std::{net::UdpSocket, time::Duration};
 
-use integration_tests::{
+use testbed::{
     Netns, Testbed, addr,
     gateway::{TESTBED_ARGS, detach, start_expecting_failure, start_in_fw, unique_instance},
     run_checked,
@@ -75,7 +75,7 @@ fn a_relay_range_holding_a_port_in_use_is_refused() {
         .udp_socket("198.51.100.1:20000", Duration::from_secs(1))
         .unwrap();
     let instance = unique_instance();
-    let _cleanup = integration_tests::gateway::InstanceCleanup {
+    let _cleanup = testbed::gateway::InstanceCleanup {
         instance: instance.clone(),
     };
     let (status, log) = start_expecting_failure(&bed.fw, &instance, &TESTBED_ARGS).unwrap();

@@ -20,9 +20,7 @@ use hickory_proto::{
     op::{Message, MessageType, OpCode, Query},
     rr::{Name, RData, Record, RecordType, rdata::A},
 };
-use integration_tests::{
-    Netns, Testbed, addr, gateway::start_in_fw, iface, run_checked, wait_until,
-};
+use testbed::{Netns, Testbed, addr, gateway::start_in_fw, iface, run_checked, wait_until};
 
 const PORT: u16 = 8080;
 const GENUINE: Ipv4Addr = addr::SERVER_V4;
@@ -235,8 +233,8 @@ struct Setup {
     genuine: Listener,
     forged: Listener,
     _gateway: (
-        integration_tests::gateway::GatewayDaemon,
-        integration_tests::gateway::InstanceCleanup,
+        testbed::gateway::GatewayDaemon,
+        testbed::gateway::InstanceCleanup,
     ),
     bed: Testbed,
 }

@@ -11,8 +11,8 @@ use std::{
     time::Duration,
 };
 
-use gateway::rtsp::audio::{Audio, Match};
-use integration_tests::{
+use gateway_rtsp::audio::{Audio, Match};
+use testbed::{
     ChildGuard, Testbed,
     gateway::{
         GatewayDaemon, InstanceCleanup, gateway_bin, reason_packets, start_in_fw, stats_json,

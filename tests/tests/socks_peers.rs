@@ -12,11 +12,11 @@ use std::{
 };
 
 use bytes::BytesMut;
-use gateway::socks::{
+use gateway_proto::{
     Address, Command as SocksCommand, Greeting, Method, MethodSelection, Reply, ReplyCode, Request,
     UdpHeader,
 };
-use integration_tests::{
+use testbed::{
     Testbed, addr,
     gateway::{
         GatewayDaemon, InstanceCleanup, gateway_cli, passwd_line, reason_packets, stats_json,
@@ -230,7 +230,7 @@ fn socks_request(setup: &Setup, command: SocksCommand, address: Address) -> (Tcp
 
 fn read_message<T>(
     stream: &mut TcpStream,
-    decode: impl Fn(&mut BytesMut) -> Result<Option<T>, gateway::socks::ProtocolError>,
+    decode: impl Fn(&mut BytesMut) -> Result<Option<T>, gateway_proto::ProtocolError>,
 ) -> T {
     let mut buf = BytesMut::new();
     loop {
@@ -488,7 +488,7 @@ fn inside_host_cannot_pose_as_a_remote() {
 
     // An inside host takes the remote's address and sends to the relay's outside address from
     // within: it reaches fw on the internal interface, where no XDP gate runs.
-    integration_tests::run_checked(setup.bed.client.command("ip").args([
+    testbed::run_checked(setup.bed.client.command("ip").args([
         "addr",
         "add",
         "203.0.113.2/32",

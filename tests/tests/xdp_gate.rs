@@ -12,7 +12,7 @@ use std::{
 };
 
 use common::pinned_packets;
-use integration_tests::{
+use testbed::{
     Testbed, addr,
     gateway::{
         GatewayDaemon, InstanceCleanup, TESTBED_ARGS, detach, gateway_cli, reason_packets,
@@ -348,7 +348,7 @@ fn refuses_without_root() {
         .fw
         .command("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(integration_tests::gateway::gateway_bin())
+        .arg(testbed::gateway::gateway_bin())
         .args(["run", "--instance", "unprivileged"])
         .args(TESTBED_ARGS)
         .output()
@@ -448,7 +448,7 @@ fn config_file_runs_the_gateway_and_bad_keys_are_refused() {
 
 /// The tc filters on `interface`'s ingress, as `tc filter show` lists them.
 fn tc_filters(bed: &Testbed, interface: &str) -> String {
-    let out = integration_tests::run_checked(
+    let out = testbed::run_checked(
         bed.fw
             .command("tc")
             .args(["filter", "show", "dev", interface, "ingress"]),

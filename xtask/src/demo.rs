@@ -9,7 +9,7 @@
 use std::{net::IpAddr, path::Path, process::Stdio, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use integration_tests::{
+use testbed::{
     ChildGuard, Testbed, addr,
     gateway::{
         GatewayDaemon, InstanceCleanup, TESTBED_ARGS, gateway_bin, gateway_cli, reason_packets,
@@ -222,7 +222,7 @@ fn demo(work: &Path) -> Result<()> {
         bail!("the gateway did not stop cleanly:\n{}", gateway.log_text());
     }
     println!("\ndemo: gateway stopped; its gate stays attached and dropping until detached");
-    integration_tests::gateway::detach(&bed.fw, &gateway.instance)
+    testbed::gateway::detach(&bed.fw, &gateway.instance)
         .context("gateway detach after the demo")?;
     println!("demo: `gateway detach` removed the gate and its pins; testbed torn down");
     let junk_ok = u64::try_from(JUNK).is_ok_and(|junk| junk_dropped == junk);

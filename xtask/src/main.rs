@@ -91,7 +91,7 @@ fn run(cli: Cli) -> Result<()> {
             require_root("testbed")?;
             match action {
                 TestbedAction::Up => {
-                    let names = integration_tests::Testbed::up_persistent()?;
+                    let names = testbed::Testbed::up_persistent()?;
                     println!(
                         "testbed up: namespaces {} -- {} -- {}",
                         names.client, names.fw, names.server
@@ -100,7 +100,7 @@ fn run(cli: Cli) -> Result<()> {
                     Ok(())
                 }
                 TestbedAction::Down => {
-                    integration_tests::Testbed::down_persistent()?;
+                    testbed::Testbed::down_persistent()?;
                     println!("testbed down");
                     Ok(())
                 }

@@ -21,7 +21,7 @@ pub fn cargo(args: &[&str]) -> Result<()> {
 }
 
 /// Names of the integration test files in `tests/tests/`.
-fn integration_tests() -> Result<Vec<String>> {
+fn testbed() -> Result<Vec<String>> {
     let dir = workspace_root().join("tests/tests");
     let mut names: Vec<String> = fs::read_dir(&dir)
         .with_context(|| format!("read {}", dir.display()))?
@@ -49,7 +49,7 @@ pub fn run(filter: Option<&str>, skip_unit: bool) -> Result<()> {
             "--locked",
             "--workspace",
             "--exclude",
-            "integration-tests",
+            "testbed",
             "--exclude",
             "gateway-ebpf",
         ]) {
@@ -58,7 +58,7 @@ pub fn run(filter: Option<&str>, skip_unit: bool) -> Result<()> {
     }
 
     let gateway_bin = workspace_root().join("target/debug/gateway");
-    for name in integration_tests()? {
+    for name in testbed()? {
         if filter.is_some_and(|filter| !name.contains(filter)) {
             continue;
         }
@@ -68,7 +68,7 @@ pub fn run(filter: Option<&str>, skip_unit: bool) -> Result<()> {
                 "test",
                 "--locked",
                 "--package",
-                "integration-tests",
+                "testbed",
                 "--test",
                 &name,
                 "--",

@@ -14,14 +14,14 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use gateway::client::{Client, EnhancedSession, Family, RelayAddrs, UdpAssociation, UdpBinding};
-use integration_tests::{
+use gateway_client::{Client, EnhancedSession, Family, RelayAddrs, UdpAssociation, UdpBinding};
+use nix::sys::signal::{Signal, kill};
+use serde::Serialize;
+use testbed::{
     ChildGuard, Netns, addr,
     gateway::{GatewayDaemon, InstanceCleanup},
     iface, run_checked, unique_suffix, wait_until,
 };
-use nix::sys::signal::{Signal, kill};
-use serde::Serialize;
 
 use super::env::{Env, SocketSpec};
 
@@ -147,7 +147,7 @@ impl Drop for ArmGuard {
             if let Some(ns) = &self.gateway_ns {
                 let detached = Command::new("nsenter")
                     .arg(format!("--net={}", ns.display()))
-                    .arg(integration_tests::gateway::gateway_bin())
+                    .arg(testbed::gateway::gateway_bin())
                     .args(["detach", "--instance", &gateway.instance])
                     .stdout(Stdio::null())
                     .status();

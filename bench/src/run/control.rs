@@ -19,8 +19,8 @@ use bench::{
     procfs,
     stats::Percentiles,
 };
-use gateway::client::{Client, Family, UdpBinding};
-use integration_tests::{addr, iface, run_checked};
+use gateway_client::{Client, Family, UdpBinding};
+use testbed::{addr, iface, run_checked};
 use tokio::{task::JoinSet, time::Instant};
 
 use super::{
@@ -195,7 +195,7 @@ async fn enhanced_load(conns: usize, time: Duration) -> Result<ControlRun> {
                     binding.connect(remote).await?;
                     let setup = t0.elapsed();
                     binding.release().await?;
-                    Ok::<_, gateway::client::ClientError>(setup)
+                    Ok::<_, gateway_client::ClientError>(setup)
                 };
                 match step.await {
                     Ok(setup) => {
@@ -334,7 +334,7 @@ async fn hold_bindings(
                                     let binding = session.udp_socket(family).await?;
                                     let relays = binding.bind().await?;
                                     binding.connect(remote).await?;
-                                    Ok::<_, gateway::client::ClientError>((binding, relays))
+                                    Ok::<_, gateway_client::ClientError>((binding, relays))
                                 };
                                 match made.await {
                                     Ok((binding, relays)) => {

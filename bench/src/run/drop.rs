@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use bench::model::{CollateralRun, Results, StreamRun};
-use integration_tests::{
+use testbed::{
     addr,
     gateway::{reason_packets, stats_json},
     iface, run_checked,

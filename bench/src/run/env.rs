@@ -15,9 +15,9 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use bench::procfs::{self, CpuTimes, UdpCounters};
-use integration_tests::{ChildGuard, Netns, Testbed};
 use nix::sys::signal::Signal;
 use serde_json::Value;
+use testbed::{ChildGuard, Netns, Testbed};
 
 use super::plan::Plan;
 

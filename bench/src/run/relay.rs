@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Result;
 use bench::model::{Results, StreamRun};
-use integration_tests::addr;
+use testbed::addr;
 
 use super::{
     arms::{Arm, ArmGuard, ClientPath, SOURCE, rotated},

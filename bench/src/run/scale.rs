@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, Map, MapData};
 use bench::model::Results;
 use gateway_common::{BindingKey, BindingValue, framing, ipv4_mapped, map_names, relay_mode};
-use integration_tests::addr;
+use testbed::addr;
 
 use super::{
     arms::{Arm, ArmGuard, ClientPath, SOURCE},

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use bench::model::StreamRun;
-use integration_tests::Netns;
+use testbed::Netns;
 
 use super::env::{Blast, Env, SocketSpec, measure};
 

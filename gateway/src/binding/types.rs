@@ -1,7 +1,7 @@
 //! Domain types of the binding state machine: requests, reply codes, errors and the decisions
 //! (replies, kernel entries, port reservations) it hands back.
 //!
-//! Owns the vocabulary only. It must not depend on the SOCKS codec (`crate::socks`): the glue maps
+//! Owns the vocabulary only. It must not depend on the SOCKS codec (`gateway_proto`): the glue maps
 //! between the wire types and these. No I/O, no clock.
 
 use std::net::{IpAddr, SocketAddr};
@@ -41,24 +41,7 @@ pub mod flags {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub u64);
 
-/// An address family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Family {
-    /// IPv4 (IPv4-mapped IPv6 addresses count as IPv4).
-    V4,
-    /// IPv6.
-    V6,
-}
-
-impl Family {
-    /// The family of `ip`, treating IPv4-mapped IPv6 addresses as IPv4.
-    pub fn of(ip: IpAddr) -> Self {
-        match ip.to_canonical() {
-            IpAddr::V4(_) => Family::V4,
-            IpAddr::V6(_) => Family::V6,
-        }
-    }
-}
+pub use gateway_proto::Family;
 
 /// The REMOTE of a UDP BIND request, after any domain name was resolved by the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

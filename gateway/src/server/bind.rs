@@ -13,7 +13,7 @@ use super::{
     relay::relay,
     send_failure, send_success,
 };
-use crate::socks::{Address, ReplyCode};
+use gateway_proto::{Address, ReplyCode};
 
 pub async fn run(
     mut conn: Connection,

@@ -12,7 +12,7 @@ use super::{
     relay::relay,
     send_failure, send_success,
 };
-use crate::socks::{Address, ReplyCode};
+use gateway_proto::{Address, ReplyCode};
 
 /// The reply code for a failed outbound connect.
 pub fn connect_error_code(error: &io::Error) -> ReplyCode {

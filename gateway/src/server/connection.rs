@@ -8,7 +8,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::socks::ProtocolError;
+use gateway_proto::ProtocolError;
 
 /// Largest message we buffer before deciding it is malformed (a request is at most 262 octets,
 /// an enhanced control packet at most a few hundred).

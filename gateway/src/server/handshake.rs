@@ -12,7 +12,7 @@ use super::{
     connection::{Connection, ConnectionError},
     send_failure,
 };
-use crate::socks::{AuthReply, AuthRequest, Greeting, Method, MethodSelection, Request};
+use gateway_proto::{AuthReply, AuthRequest, Greeting, Method, MethodSelection, Request};
 
 #[derive(Debug, Error)]
 pub enum HandshakeError {

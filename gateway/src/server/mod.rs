@@ -38,11 +38,8 @@ use self::{
     connection::Connection,
     limits::{AuthLimit, ConnectionLimits, Refusal},
 };
-use crate::{
-    gate::Gate,
-    resolver::Resolver,
-    socks::{Command, Reply, ReplyCode},
-};
+use crate::{gate::Gate, resolver::Resolver};
+use gateway_proto::{Command, Reply, ReplyCode};
 
 /// Timeouts of the control plane.
 #[derive(Debug, Clone, Copy)]

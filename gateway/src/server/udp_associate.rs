@@ -25,10 +25,8 @@ use super::{
     outside::{OutsideSocket, Received, with_scratch},
     send_failure, send_success,
 };
-use crate::{
-    gate::{Framing, GateEntry, KernelRelay},
-    socks::{Address, ReplyCode, UdpHeader},
-};
+use crate::gate::{Framing, GateEntry, KernelRelay};
+use gateway_proto::{Address, ReplyCode, UdpHeader};
 
 /// What one RFC 1928 association may hold.
 #[derive(Debug, Clone, Copy)]

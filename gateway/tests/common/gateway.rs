@@ -12,7 +12,6 @@ use std::{
 
 use gateway::{
     binding::{Config, PortRange},
-    client::{Client, EnhancedSession, Family, UdpBinding},
     gate::MemoryGate,
     resolver::Resolver,
     server::{
@@ -24,6 +23,7 @@ use gateway::{
         policy::Policy,
     },
 };
+use gateway_client::{Client, EnhancedSession, Family, UdpBinding};
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
     sync::oneshot,
@@ -281,14 +281,14 @@ impl Gateway {
         .await;
     }
 
-    /// A `gateway::client` client, anonymous.
+    /// A `gateway_client` client, anonymous.
     pub async fn client(&self) -> Client {
         within("connect", Client::connect(self.addr, None))
             .await
             .unwrap()
     }
 
-    /// A `gateway::client` enhanced-mode session, anonymous.
+    /// A `gateway_client` enhanced-mode session, anonymous.
     pub async fn session(&self) -> EnhancedSession {
         within("enter the enhanced mode", self.client().await.enhanced())
             .await

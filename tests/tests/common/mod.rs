@@ -2,7 +2,7 @@
 //! must build without it).
 
 use gateway_common::ExitReason;
-use integration_tests::gateway::InstanceCleanup;
+use testbed::gateway::InstanceCleanup;
 
 /// Packets counted for `reason` in the instance's pinned counters (0 when nothing is pinned).
 /// Needs no running daemon: the gate counts after a stop or a kill too.

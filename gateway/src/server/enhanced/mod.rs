@@ -41,8 +41,8 @@ use crate::{
         RemoteMatch,
     },
     gate::{Framing, Gate, GateEntry, KernelRelay},
-    socks::ReplyCode,
 };
+use gateway_proto::ReplyCode;
 
 /// The clock of the mode: tokio's, so tests on a paused clock drive expiry.
 fn now() -> Instant {

@@ -40,10 +40,10 @@ use crate::{
         Services,
         outside::{OutsideSocket, Received, with_scratch},
     },
-    socks::{
-        Address,
-        enhanced::{DatagramHeader, TcpDatagram},
-    },
+};
+use gateway_proto::{
+    Address,
+    enhanced::{DatagramHeader, TcpDatagram},
 };
 
 /// At most one traffic report per binding per this interval.

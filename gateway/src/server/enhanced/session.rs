@@ -30,12 +30,12 @@ use crate::{
         Services,
         connection::{Connection, ConnectionError},
     },
-    socks::{
-        Address,
-        enhanced::{
-            ControlReply, ControlRequest, EnhancedReplyCode, EntryReply, Flags, Packet,
-            TcpDatagram, UdpCommand,
-        },
+};
+use gateway_proto::{
+    Address,
+    enhanced::{
+        ControlReply, ControlRequest, EnhancedReplyCode, EntryReply, Flags, Packet, TcpDatagram,
+        UdpCommand,
     },
 };
 

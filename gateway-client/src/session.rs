@@ -1,0 +1,402 @@
+//! The enhanced-mode control connection on the client side: a reader task that matches replies
+//! to requests by TID, a writer task that puts whole packets on the wire (so a cancelled caller
+//! never leaves half a packet behind), and the TIDs of the connection.
+//!
+//! Owns the connection, not the bindings: [`super::UdpBinding`] and [`super::RtpPair`] keep a
+//! handle on the session and decide what to send. The session ends when the gateway closes the
+//! connection, when a packet cannot be written in time, or when the last handle is dropped; the
+//! gateway then releases every binding made on it.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{
+        TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+    sync::{mpsc, oneshot, watch},
+    task::JoinHandle,
+};
+use tracing::debug;
+
+use super::{ClientError, Family, RtpPair, Timeouts, UdpBinding};
+use gateway_proto::{
+    Address,
+    enhanced::{ControlReply, ControlRequest, EnhancedReplyCode, Flags, Packet, UdpCommand},
+};
+
+/// Packets waiting for the writer task; callers wait (bounded) when it is full.
+const WRITE_QUEUE: usize = 64;
+/// More buffered octets than this without a whole packet means the gateway is not speaking the
+/// protocol (a control packet is at most a few hundred octets, a TCP datagram 64 KiB).
+const MAX_BUFFERED: usize = 128 * 1024;
+
+/// One control connection in the enhanced UDP mode. It carries any number of bindings; cloning
+/// the value shares the connection.
+///
+/// Replies are matched to requests by TID, so bindings may be used from several tasks at once.
+/// Every control request is bounded by [`Timeouts::control`]. A step 1 that timed out is never
+/// sent again (the gateway would read the repeat as a step 2 Listen); its TID is retired and a
+/// late success is released.
+///
+/// # Examples
+///
+/// ```no_run
+/// use gateway_client::{Client, Family};
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let proxy = "198.51.100.1:1080".parse()?;
+/// let session = Client::connect(proxy, None).await?.enhanced().await?;
+/// // Two bindings on one control connection.
+/// let audio = session.udp_socket(Family::V4).await?;
+/// let video = session.udp_socket(Family::V4).await?;
+/// println!("audio at {}", audio.bind().await?.external);
+/// println!("video at {}", video.bind().await?.external);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct EnhancedSession {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    link: Arc<Link>,
+    frames: mpsc::Sender<Bytes>,
+    reader: JoinHandle<()>,
+    local_ip: IpAddr,
+    proxy: SocketAddr,
+    timeouts: Timeouts,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The writer flushes what is queued (RELEASEs of dropped bindings), then its end of the
+        // stream is shut down when the last sender is gone.
+        self.reader.abort();
+    }
+}
+
+/// What the reader, the writer and the callers share.
+#[derive(Debug)]
+struct Link {
+    state: Mutex<State>,
+    closed: watch::Sender<bool>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Callers waiting for the reply to their TID.
+    pending: HashMap<u16, oneshot::Sender<ControlReply>>,
+    /// TIDs in use on this connection.
+    taken: HashSet<u16>,
+    /// Step-1 TIDs whose caller gave up: a late success is released, the TID never reused.
+    abandoned: HashSet<u16>,
+    last_tid: u16,
+    /// Why the session ended.
+    closed: Option<String>,
+}
+
+impl State {
+    /// The next free non-zero TID. TIDs are handed out in order and come back only after the
+    /// counter wraps, so a late reply for a gone binding never reaches another binding.
+    fn allocate_tid(&mut self) -> Option<u16> {
+        for _ in 0..=u16::MAX {
+            self.last_tid = self.last_tid.wrapping_add(1);
+            let tid = self.last_tid;
+            if tid != 0 && self.taken.insert(tid) {
+                return Some(tid);
+            }
+        }
+        None
+    }
+}
+
+impl Link {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Ends the session: waiting callers get [`ClientError::SessionClosed`].
+    fn close(&self, reason: String) {
+        let mut state = self.lock();
+        if state.closed.is_none() {
+            debug!(%reason, "enhanced-mode session closed");
+            state.closed = Some(reason);
+        }
+        state.pending.clear();
+        drop(state);
+        self.closed.send_replace(true);
+    }
+
+    fn closed_error(&self) -> ClientError {
+        let reason = self.lock().closed.clone();
+        ClientError::SessionClosed(reason.unwrap_or_else(|| "the connection ended".to_owned()))
+    }
+}
+
+impl EnhancedSession {
+    /// Takes over a control connection that has just entered the enhanced mode.
+    pub(super) fn start(
+        stream: TcpStream,
+        proxy: SocketAddr,
+        timeouts: Timeouts,
+    ) -> Result<Self, ClientError> {
+        let local_ip = stream.local_addr()?.ip();
+        let (read, write) = stream.into_split();
+        let link = Arc::new(Link {
+            state: Mutex::new(State::default()),
+            closed: watch::Sender::new(false),
+        });
+        let (frames, queue) = mpsc::channel(WRITE_QUEUE);
+        tokio::spawn(write_packets(
+            write,
+            queue,
+            Arc::clone(&link),
+            timeouts.control,
+        ));
+        let reader = tokio::spawn(read_packets(read, Arc::clone(&link), frames.clone()));
+        Ok(Self {
+            shared: Arc::new(Shared {
+                link,
+                frames,
+                reader,
+                local_ip,
+                proxy,
+                timeouts,
+            }),
+        })
+    }
+
+    /// The local IP of the control connection: every binding's LOCAL, since the gateway accepts
+    /// no other (protocol.md section 3).
+    pub fn local_ip(&self) -> IpAddr {
+        self.shared.local_ip
+    }
+
+    /// The gateway's control address.
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.shared.proxy
+    }
+
+    /// The timeouts of this session.
+    pub fn timeouts(&self) -> Timeouts {
+        self.shared.timeouts
+    }
+
+    /// Whether the control connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.shared.link.lock().closed.is_some()
+    }
+
+    /// Resolves when the control connection ends (the gateway closed it, or it failed).
+    pub async fn closed(&self) {
+        let mut closed = self.shared.link.closed.subscribe();
+        let _ = closed.wait_for(|closed| *closed).await;
+    }
+
+    /// Closes the control connection now; the gateway releases every binding made on it, and
+    /// calls on them fail with [`ClientError::SessionClosed`]. Dropping every handle (the session
+    /// and its bindings) closes it too.
+    pub fn close(&self) {
+        self.shared.link.close("closed by the client".to_owned());
+        self.shared.reader.abort();
+    }
+
+    /// A new binding, like `socket(family, SOCK_DGRAM)`: a local UDP socket on
+    /// [`EnhancedSession::local_ip`], nothing sent yet. `family` is the family of the remote
+    /// side (and so of the external relay address).
+    pub async fn udp_socket(&self, family: Family) -> Result<UdpBinding, ClientError> {
+        UdpBinding::new(self.clone(), family).await
+    }
+
+    /// A bound RTP pair: local sockets on an even/odd pair L, L+1 and a step 1 with RTP-PAIR, so
+    /// the gateway reserves external relay ports P, P+1 (advertise P in the SETUP request).
+    pub async fn bind_rtp_pair(&self, family: Family) -> Result<RtpPair, ClientError> {
+        RtpPair::bind(self.clone(), family).await
+    }
+
+    /// A fresh TID for a new binding.
+    pub(super) fn allocate_tid(&self) -> Result<u16, ClientError> {
+        self.shared
+            .link
+            .lock()
+            .allocate_tid()
+            .ok_or(ClientError::TidsExhausted)
+    }
+
+    /// Returns a TID whose binding is gone (released, or never made).
+    pub(super) fn free_tid(&self, tid: u16) {
+        self.shared.link.lock().taken.remove(&tid);
+    }
+
+    /// Retires the TID of a step 1 that got no answer: it stays taken, and if the gateway's
+    /// success arrives after all, the binding is released.
+    pub(super) fn abandon(&self, tid: u16) {
+        self.shared.link.lock().abandoned.insert(tid);
+    }
+
+    /// Sends `request` and waits for the reply with its TID, within [`Timeouts::control`].
+    pub(super) async fn request(
+        &self,
+        request: &ControlRequest,
+        operation: &'static str,
+    ) -> Result<ControlReply, ClientError> {
+        let mut frame = BytesMut::with_capacity(request.encoded_len());
+        request.encode(&mut frame)?;
+        let link = &self.shared.link;
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = link.lock();
+            if state.closed.is_some() {
+                drop(state);
+                return Err(link.closed_error());
+            }
+            state.pending.insert(request.tid, tx);
+        }
+        let after = self.shared.timeouts.control;
+        let exchange = async {
+            self.shared
+                .frames
+                .send(frame.freeze())
+                .await
+                .map_err(|_| link.closed_error())?;
+            rx.await.map_err(|_| link.closed_error())
+        };
+        if let Ok(result) = tokio::time::timeout(after, exchange).await {
+            result
+        } else {
+            link.lock().pending.remove(&request.tid);
+            Err(ClientError::Timeout { operation, after })
+        }
+    }
+
+    /// Queues `request` without waiting for room or for the reply (a RELEASE from `Drop`).
+    pub(super) fn send_unanswered(&self, request: &ControlRequest) {
+        let mut frame = BytesMut::with_capacity(request.encoded_len());
+        if request.encode(&mut frame).is_ok() {
+            let _ = self.shared.frames.try_send(frame.freeze());
+        }
+    }
+}
+
+/// A UDP RELEASE of `aid` (LOCAL and REMOTE are zeros: unused).
+pub(super) fn release_request(tid: u16, aid: u32) -> ControlRequest {
+    ControlRequest {
+        command: UdpCommand::Release,
+        flags: Flags::empty(),
+        ttl: 0,
+        tid,
+        aid,
+        local: Address::UNSPECIFIED_V4,
+        remote: Address::UNSPECIFIED_V4,
+    }
+}
+
+/// The writer task: whole packets, each within `after`; a failure ends the session.
+async fn write_packets(
+    mut write: OwnedWriteHalf,
+    mut queue: mpsc::Receiver<Bytes>,
+    link: Arc<Link>,
+    after: Duration,
+) {
+    let mut closed = link.closed.subscribe();
+    loop {
+        let frame = tokio::select! {
+            frame = queue.recv() => frame,
+            // Closed by the client or by the reader: stop writing, drop the write half.
+            _ = closed.wait_for(|closed| *closed) => return,
+        };
+        let Some(frame) = frame else { break };
+        let reason = match tokio::time::timeout(after, write.write_all(&frame)).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(error)) => format!("write to the gateway: {error}"),
+            Err(_) => format!("write to the gateway timed out after {after:?}"),
+        };
+        link.close(reason);
+        return;
+    }
+    // Every handle is gone: dropping the write half sends FIN, and the gateway releases the
+    // bindings of this connection.
+}
+
+/// The reader task: replies to their callers, until the connection ends.
+async fn read_packets(mut read: OwnedReadHalf, link: Arc<Link>, frames: mpsc::Sender<Bytes>) {
+    let mut buffer = BytesMut::with_capacity(4096);
+    let reason = loop {
+        match Packet::decode(&mut buffer) {
+            Ok(Some(Packet::Reply(reply))) => on_reply(&link, &frames, reply),
+            Ok(Some(Packet::Datagram(datagram))) => {
+                // No binding of this library asks for TCP encapsulation.
+                debug!(aid = datagram.aid, "TCP-encapsulated datagram dropped");
+            }
+            Ok(Some(Packet::Request(_))) => break "the gateway sent a control request".to_owned(),
+            Ok(None) if buffer.len() > MAX_BUFFERED => {
+                break "the gateway sent an oversized packet".to_owned();
+            }
+            Ok(None) => match read.read_buf(&mut buffer).await {
+                Ok(0) => break "the gateway closed the control connection".to_owned(),
+                Ok(_) => {}
+                Err(error) => break format!("read from the gateway: {error}"),
+            },
+            Err(error) => break format!("malformed packet from the gateway: {error}"),
+        }
+    };
+    link.close(reason);
+}
+
+fn on_reply(link: &Link, frames: &mpsc::Sender<Bytes>, reply: ControlReply) {
+    let mut state = link.lock();
+    if let Some(waiter) = state.pending.remove(&reply.tid) {
+        let _ = waiter.send(reply);
+        return;
+    }
+    if state.abandoned.remove(&reply.tid)
+        && reply.code == EnhancedReplyCode::Succeeded
+        && reply.aid != 0
+    {
+        // A step 1 answered after its caller gave up: nobody knows its relay addresses, so
+        // release it now rather than leave it half-bound until it expires.
+        let request = release_request(reply.tid, reply.aid);
+        let mut frame = BytesMut::with_capacity(request.encoded_len());
+        if request.encode(&mut frame).is_ok() {
+            let _ = frames.try_send(frame.freeze());
+        }
+        debug!(
+            tid = reply.tid,
+            aid = reply.aid,
+            "late step-1 reply: released"
+        );
+        return;
+    }
+    debug!(tid = reply.tid, code = ?reply.code, "reply for no outstanding request dropped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tids_are_non_zero_in_order_and_skip_taken_ones() {
+        let mut state = State::default();
+        assert_eq!(state.allocate_tid(), Some(1));
+        assert_eq!(state.allocate_tid(), Some(2));
+        state.taken.insert(3);
+        assert_eq!(state.allocate_tid(), Some(4));
+        // A freed TID comes back only after the counter wraps, and 0 is never handed out.
+        state.taken.remove(&1);
+        state.last_tid = u16::MAX - 1;
+        assert_eq!(state.allocate_tid(), Some(u16::MAX));
+        assert_eq!(state.allocate_tid(), Some(1));
+        // All taken: exhausted.
+        state.taken = (1..=u16::MAX).collect();
+        assert_eq!(state.allocate_tid(), None);
+    }
+}
