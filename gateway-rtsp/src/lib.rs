@@ -8,7 +8,7 @@
 //! - [`server`]: [`server::DemoServer`], the demo media server (OPTIONS, DESCRIBE, SETUP, PLAY,
 //!   TEARDOWN; RTP L16 or PCMU with RTCP sender reports at real-time pace).
 //! - Pure parts, unit-tested against malformed and hostile input: [`message`] (framing),
-//!   [`transport`] (the Transport header), [`sdp`], [`rtp`] (RTP/RTCP), [`stats`] (loss,
+//!   [`transport`] (the Transport header), [`sdp`], [`rtp`] (RTP/RTCP), [`rtp_stats`] (loss,
 //!   reordering, jitter), [`audio`] (L16, PCMU, WAV, reassembly).
 //!
 //! This module uses the gateway only through [`gateway_client`], over the network, like any
@@ -20,9 +20,9 @@ pub mod client;
 mod error;
 pub mod message;
 pub mod rtp;
+pub mod rtp_stats;
 pub mod sdp;
 pub mod server;
-pub mod stats;
 pub mod transport;
 
 pub use error::{ParseError, RtspError};

@@ -294,11 +294,11 @@ async fn serve(
         s.external.clone(),
         s.internal.clone(),
     ));
-    let control_path = gateway::control::socket_path(instance);
+    let control_path = gateway::admin_socket::socket_path(instance);
     let control = tokio::spawn({
         let (path, services) = (control_path.clone(), Arc::clone(&services));
         async move {
-            if let Err(error) = gateway::control::serve(path.clone(), services).await {
+            if let Err(error) = gateway::admin_socket::serve(path.clone(), services).await {
                 warn!(path = %path.display(), %error, "control socket failed: `gateway bindings` will not answer");
             }
         }

@@ -9,8 +9,9 @@
 pub mod attach_mode;
 pub mod binding;
 
-pub mod control;
+pub mod admin_socket;
 pub mod datapath;
+pub mod exit_counters;
 pub mod gate;
 pub mod host_flow;
 pub mod instance;
@@ -19,4 +20,3 @@ pub mod reserved_ports;
 pub mod resolver;
 pub mod server;
 pub mod settings;
-pub mod stats;

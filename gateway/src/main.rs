@@ -10,8 +10,9 @@ use std::{ffi::OsString, path::PathBuf};
 use anyhow::{Context as _, Result};
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use gateway::{
+    exit_counters,
     instance::{DEFAULT_INSTANCE, Instance},
-    settings, stats,
+    settings,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -165,8 +166,9 @@ fn daemon_args(args: RunArgs) -> Result<daemon::DaemonArgs> {
 fn show_bindings(instance: &str, json: bool) -> Result<()> {
     let instance = Instance::new(instance)?;
     instance.require_running()?;
-    let answer = gateway::control::query(&gateway::control::socket_path(&instance), "bindings")
-        .context("ask the daemon over its control socket")?;
+    let answer =
+        gateway::admin_socket::query(&gateway::admin_socket::socket_path(&instance), "bindings")
+            .context("ask the daemon over its control socket")?;
     let document: serde_json::Value =
         serde_json::from_str(&answer).context("parse the daemon's answer")?;
     if json {
@@ -230,11 +232,11 @@ fn passwd(name: &str) -> Result<()> {
 fn show_stats(instance: &str, json: bool) -> Result<()> {
     let instance = Instance::new(instance)?;
     instance.require_running()?;
-    let totals = stats::read_exit_counters(&instance.pin_dir())?;
+    let totals = exit_counters::read_exit_counters(&instance.pin_dir())?;
     if json {
-        println!("{}", stats::to_json(instance.name(), &totals));
+        println!("{}", exit_counters::to_json(instance.name(), &totals));
     } else {
-        print!("{}", stats::to_table(instance.name(), &totals));
+        print!("{}", exit_counters::to_table(instance.name(), &totals));
     }
     Ok(())
 }

@@ -387,7 +387,7 @@ fn sigkill_stops_admission_and_a_new_daemon_works(extra: &[&str]) {
         "the datagram sent before the kill did not arrive"
     );
     let counted = |reason: ExitReason| {
-        gateway::stats::read_exit_counters(&pin_dir)
+        gateway::exit_counters::read_exit_counters(&pin_dir)
             .unwrap()
             .into_iter()
             .find(|t| t.reason == reason)

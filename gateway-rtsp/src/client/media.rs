@@ -13,8 +13,8 @@ use crate::{
     RtspError,
     audio::{Codec, Reassembly},
     rtp::{self, RtcpPacket, RtpPacket},
+    rtp_stats::{Arrival, Reception, StreamStats, dlsr_units},
     sdp::SdpTrack,
-    stats::{Arrival, Reception, StreamStats, dlsr_units},
 };
 
 /// After a BYE, how long late packets are still taken.

@@ -13,7 +13,7 @@
 //! Progress goes to an optional callback ([`PlayOptions::progress`]) as [`Event`]s whose
 //! `Display` is the line a person reads. Every network wait is bounded.
 
-mod control;
+mod connection;
 mod media;
 mod report;
 
@@ -28,7 +28,7 @@ use rtsp_types::{Method, Url, headers};
 use tokio::time::Instant;
 
 pub use self::report::{Event, PlayReport, TrackReport};
-use self::{control::Control, media::Receive};
+use self::{connection::Control, media::Receive};
 use super::{
     ParseError, RtspError,
     audio::{Audio, Codec},

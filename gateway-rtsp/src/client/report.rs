@@ -10,8 +10,8 @@ use gateway_client::{Address, RelayAddrs};
 
 use crate::{
     audio::{Audio, Codec},
+    rtp_stats::StreamStats,
     sdp::SdpTrack,
-    stats::StreamStats,
     transport::ReplyTransport,
 };
 
