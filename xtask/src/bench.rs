@@ -9,7 +9,7 @@ use std::{path::Path, process::Command};
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
-use crate::{setup::workspace_root, test::cargo};
+use crate::{cargo::cargo, setup::workspace_root};
 
 /// Builds and runs the bench in `mode` (`full`, `quick` or `smoke`), results into `out`.
 pub fn run(mode: &str, only: Option<&str>, out: &Path) -> Result<()> {

@@ -25,7 +25,7 @@ const SECONDS: u32 = 3;
 const JUNK: usize = 1000;
 
 pub fn run() -> Result<()> {
-    crate::test::cargo(&["build", "--locked", "--package", "gateway", "--bins"])?;
+    crate::cargo::cargo(&["build", "--locked", "--bins"])?;
     let work = std::env::temp_dir().join(format!("gateway-demo-{}", unique_suffix()));
     std::fs::create_dir_all(&work)?;
     let result = demo(&work);

@@ -3,6 +3,7 @@
 //! demo. It must build with the stable toolchain and no bpf-linker, because `setup` installs it.
 
 mod bench;
+mod cargo;
 mod demo;
 mod setup;
 mod test;
@@ -41,8 +42,10 @@ enum Command {
         #[arg(value_enum)]
         action: TestbedAction,
     },
-    /// Set up, build, bring up the testbed, attach the gateway in `fw`, send unsolicited UDP
-    /// from `server` and show the gateway's drop counters; tears everything down again.
+    /// Set up, build, bring up the testbed, start the gateway in `fw` and the demo media server
+    /// in `server`, play an RTSP stream with `gateway rtsp-get` in `client` through the two-step
+    /// binding and the kernel relay, show the bindings, the per-reason counters and what
+    /// happened to unsolicited UDP, check the audio is sample-exact; tears everything down.
     Demo,
     /// Benchmarks (root, about 15 minutes; `--quick` about 5): in-kernel relay vs userspace relay
     /// vs Dante vs plain forwarding, drop cost, control plane, scale, latency. Prints a table and
@@ -118,7 +121,7 @@ fn run(cli: Cli) -> Result<()> {
             let out = setup::workspace_root().join("target/bench");
             bench::run(if quick { "quick" } else { "full" }, only.as_deref(), &out)
         }
-        Command::Clippy => test::cargo(&[
+        Command::Clippy => cargo::cargo(&[
             "clippy",
             "--workspace",
             "--exclude",

@@ -6,19 +6,8 @@ use std::{fs, process::Command, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::setup::workspace_root;
+use crate::{cargo::cargo, setup::workspace_root};
 
-pub fn cargo(args: &[&str]) -> Result<()> {
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
-        .args(args)
-        .current_dir(workspace_root())
-        .status()
-        .with_context(|| format!("run cargo {}", args.join(" ")))?;
-    if !status.success() {
-        bail!("cargo {} failed with {status}", args.join(" "));
-    }
-    Ok(())
-}
 
 /// Names of the integration test files in `tests/tests/`.
 fn testbed() -> Result<Vec<String>> {
