@@ -14,12 +14,10 @@ use std::{
 };
 
 use super::{
-    BindingError, ClientError, EnhancedSession, Family, reachable, session::release_request,
+    BindingError, ClientError, EnhancedSession, Family,
+    exchange::{bind_request, refusal, relays_of, release_request},
 };
-use gateway_proto::{
-    Address,
-    enhanced::{ControlReply, ControlRequest, Flags, UdpCommand},
-};
+use gateway_proto::{Address, enhanced::Flags};
 
 /// A binding's relay addresses, from the gateway's reply to step 1 (or to a one-step Open).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -304,34 +302,9 @@ impl Core {
         remote: Address,
         operation: &'static str,
     ) -> Result<RelayAddrs, ClientError> {
-        let request = ControlRequest {
-            command: UdpCommand::Bind,
-            flags: self.flags,
-            ttl: 0,
-            tid,
-            aid,
-            local: self.local.into(),
-            remote,
-        };
+        let request = bind_request(self.flags, tid, aid, self.local.into(), remote);
         let reply = self.session.request(&request, operation).await?;
-        refusal(&reply)?;
-        if reply.aid == 0 {
-            return Err(ClientError::UnexpectedReply(
-                "AID 0 in a successful UDP BIND reply".to_owned(),
-            ));
-        }
-        let internal = reachable(&reply.local, self.session.proxy_addr().ip())?;
-        let Address::Ip(external) = reply.remote else {
-            return Err(ClientError::UnexpectedReply(format!(
-                "a domain name ({}) as the external relay address",
-                reply.remote
-            )));
-        };
-        Ok(RelayAddrs {
-            aid: reply.aid,
-            internal,
-            external,
-        })
+        relays_of(&reply, self.session.proxy_addr().ip())
     }
 }
 
@@ -343,9 +316,4 @@ impl Drop for Core {
             self.session.free_tid(tid);
         }
     }
-}
-
-/// The typed refusal in a reply, if any.
-fn refusal(reply: &ControlReply) -> Result<(), BindingError> {
-    BindingError::from_code(reply.code).map_or(Ok(()), Err)
 }

@@ -1,75 +1,31 @@
-//! The client's half of the SOCKS5 handshake: greeting, method selection, RFC 1929, one request
-//! and its reply. Generic over the stream so unit tests can play the gateway on a duplex pipe.
+//! The async driver of the SOCKS5 handshake ([`super::exchange`] says what the steps are):
+//! greeting, method selection, RFC 1929, one request and its reply. Generic over the stream so
+//! unit tests can play the gateway on a duplex pipe.
 //!
 //! Replies are read to their exact length (the address type says how long they are), so not one
 //! octet after a CONNECT reply, which belongs to the relayed stream, is taken from the socket.
 //! The callers bound every call with a timeout.
 
-use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-use super::ClientError;
-use gateway_proto::{
-    Address, AddressType, AuthReply, AuthRequest, Command, Greeting, Method, MethodSelection,
-    ProtocolError, Reply, ReplyCode, Request,
-    enhanced::{EntryReply, entry_request},
-};
+use super::{ClientError, exchange};
+use gateway_proto::{Address, AuthReply, AuthRequest, Command, Method, MethodSelection};
 
-/// The RFC 1929 request for `credentials`, checked before anything is sent.
-pub(super) fn auth_request(
-    credentials: Option<&(String, String)>,
-) -> Result<Option<AuthRequest>, ClientError> {
-    let Some((user, password)) = credentials else {
-        return Ok(None);
-    };
-    let request = AuthRequest::new(user.as_bytes(), password.as_bytes());
-    let mut scratch = Vec::new();
-    request
-        .encode(&mut scratch)
-        .map_err(ClientError::InvalidCredentials)?;
-    Ok(Some(request))
-}
-
-/// Greeting, method selection and, when the gateway selects it, RFC 1929. Offers no
-/// authentication without credentials, username/password first (then none) with them.
+/// Greeting, method selection and, when the gateway selects it, RFC 1929.
 pub(super) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     auth: Option<&AuthRequest>,
 ) -> Result<Method, ClientError> {
-    let methods = if auth.is_some() {
-        vec![Method::UserPass, Method::NoAuth]
-    } else {
-        vec![Method::NoAuth]
-    };
-    let mut out = BytesMut::new();
-    Greeting {
-        methods: methods.clone(),
-    }
-    .encode(&mut out)?;
-    stream.write_all(&out).await?;
-
+    let (greeting, offered) = exchange::greeting(auth)?;
+    stream.write_all(&greeting).await?;
     let mut selection = [0u8; MethodSelection::LEN];
     read_exact(stream, &mut selection).await?;
-    let method = MethodSelection::decode(&mut &selection[..])?
-        .ok_or(ProtocolError::Truncated)?
-        .method;
-    if method == Method::NoAcceptable {
-        return Err(ClientError::NoAcceptableMethod);
-    }
-    if !methods.contains(&method) {
-        return Err(ClientError::UnexpectedMethod(method.to_u8()));
-    }
+    let method = exchange::selected_method(selection, &offered)?;
     if let (Method::UserPass, Some(auth)) = (method, auth) {
-        let mut out = BytesMut::new();
-        auth.encode(&mut out)
-            .map_err(ClientError::InvalidCredentials)?;
-        stream.write_all(&out).await?;
+        stream.write_all(&exchange::auth_octets(auth)?).await?;
         let mut status = [0u8; AuthReply::LEN];
         read_exact(stream, &mut status).await?;
-        let reply = AuthReply::decode(&mut &status[..])?.ok_or(ProtocolError::Truncated)?;
-        if !reply.is_success() {
-            return Err(ClientError::BadCredentials(reply.status));
-        }
+        exchange::check_auth_reply(status)?;
     }
     Ok(method)
 }
@@ -80,45 +36,27 @@ pub(super) async fn request<S: AsyncRead + AsyncWrite + Unpin>(
     command: Command,
     address: Address,
 ) -> Result<Address, ClientError> {
-    let mut out = BytesMut::new();
-    Request { command, address }.encode(&mut out)?;
-    stream.write_all(&out).await?;
-    let octets = read_reply(stream).await?;
-    let reply = Reply::decode(&mut &octets[..])?.ok_or(ProtocolError::Truncated)?;
-    if reply.code != ReplyCode::Succeeded {
-        return Err(ClientError::Refused(reply.code));
-    }
-    Ok(reply.address)
+    stream
+        .write_all(&exchange::request_octets(command, address)?)
+        .await?;
+    exchange::reply_address(&read_reply(stream).await?)
 }
 
 /// Sends `05 04 00 01 00000000 0000` and reads the entry reply.
 pub(super) async fn enter_enhanced<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
 ) -> Result<Address, ClientError> {
-    let mut out = BytesMut::new();
-    entry_request().encode(&mut out)?;
-    stream.write_all(&out).await?;
-    let octets = read_reply(stream).await?;
-    match EntryReply::decode(&mut &octets[..])?.ok_or(ProtocolError::Truncated)? {
-        EntryReply::Entered(address) => Ok(address),
-        EntryReply::Refused(reply) => Err(ClientError::Refused(reply.code)),
-    }
+    stream.write_all(&exchange::entry_octets()?).await?;
+    exchange::entry_address(&read_reply(stream).await?)
 }
 
 /// Reads exactly one reply (`VER REP RSV ATYP ADDR PORT`), however the gateway sends it.
 async fn read_reply<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Vec<u8>, ClientError> {
-    // VER REP RSV ATYP and the first octet of ADDR (the length of a domain name).
-    let mut octets = vec![0u8; 5];
-    read_exact(stream, &mut octets).await?;
-    let rest = match AddressType::try_from(octets[3]) {
-        Ok(AddressType::Ipv4) => 4 + 2 - 1,
-        Ok(AddressType::Ipv6) => 16 + 2 - 1,
-        Ok(AddressType::Domain) => usize::from(octets[4]) + 2,
-        // The decoder reports the unknown type.
-        Err(_) => 0,
-    };
-    octets.resize(5 + rest, 0);
-    read_exact(stream, &mut octets[5..]).await?;
+    let mut prefix = [0u8; exchange::REPLY_PREFIX];
+    read_exact(stream, &mut prefix).await?;
+    let mut octets = prefix.to_vec();
+    octets.resize(exchange::REPLY_PREFIX + exchange::reply_rest(prefix), 0);
+    read_exact(stream, &mut octets[exchange::REPLY_PREFIX..]).await?;
     Ok(octets)
 }
 
@@ -139,6 +77,8 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, duplex};
 
     use super::*;
+    use crate::exchange::auth_request;
+    use gateway_proto::ReplyCode;
 
     /// Plays the gateway: expects `expect` from the client, answers `answer`.
     async fn gateway(

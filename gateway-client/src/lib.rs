@@ -1,22 +1,26 @@
-//! A tokio client library that socksifies an application through the gateway: SOCKS5 (RFC 1928)
+//! The client library of the gateway: it socksifies an application through SOCKS5 (RFC 1928)
 //! with username/password (RFC 1929), TCP CONNECT, RFC 1928 UDP ASSOCIATE, and the enhanced UDP
-//! mode with the two-step binding (protocol.md sections 3 and 4).
+//! mode with the two-step binding (docs/protocol.md). It builds on stable Rust alone: nothing
+//! below it needs the eBPF toolchain.
 //!
-//! This module owns the client side of the conversation: it sequences the sans-IO codecs of
-//! [`gateway_proto`] over sockets, bounds every network wait of the control plane with a timeout
-//! ([`Timeouts`]) and turns refusals into typed errors ([`ClientError`], [`BindingError`]). It must
-//! not depend on the server, the binding state machine or the datapath: it talks to any gateway
-//! over the network only.
+//! This crate owns the client side of the conversation: one I/O-free module says what each step
+//! writes and what each answer means, without I/O; two layers drive it over sockets, bounding
+//! every network wait of the control plane with a timeout ([`Timeouts`]) and turning refusals
+//! into typed errors ([`ClientError`], [`BindingError`]). It must not depend on the server, the
+//! binding state machine or the datapath: it talks to any gateway over the network only.
 //!
-//! - [`Client`]: one authenticated control connection; it is spent on one command:
-//!   [`Client::tcp_connect`], [`Client::udp_associate`] or [`Client::enhanced`].
-//! - [`UdpAssociation`]: RFC 1928 UDP relaying, adding and stripping the RFC 1928 header.
-//! - [`EnhancedSession`]: a control connection in the enhanced mode, carrying any number of
-//!   bindings; replies are matched to requests by TID in a background task.
-//! - [`UdpBinding`]: one enhanced-mode binding that mirrors the socket calls of protocol.md
-//!   section 4 (`bind` is step 1, `connect` step 2 Open, `listen` or `recv` step 2 Listen,
-//!   `send_to` on an unbound binding a one-step Open).
-//! - [`RtpPair`]: one RTP-PAIR binding with its RTP and RTCP flows.
+//! - [`blocking`]: the synchronous core on `std` sockets (for the `LD_PRELOAD` shim):
+//!   [`blocking::Client`], [`blocking::Session`] and [`blocking::Binding`].
+//! - The async tokio layer:
+//!   - [`Client`]: one authenticated control connection; it is spent on one command:
+//!     [`Client::tcp_connect`], [`Client::udp_associate`] or [`Client::enhanced`].
+//!   - [`UdpAssociation`]: RFC 1928 UDP relaying, adding and stripping the RFC 1928 header.
+//!   - [`EnhancedSession`]: a control connection in the enhanced mode, carrying any number of
+//!     bindings; replies are matched to requests by TID in a background task.
+//!   - [`UdpBinding`]: one enhanced-mode binding that mirrors an application's socket calls
+//!     (`bind` is step 1, `connect` step 2 Open, `listen` or `recv` step 2 Listen, `send_to` on
+//!     an unbound binding a one-step Open).
+//!   - [`RtpPair`]: one RTP-PAIR binding with its RTP and RTCP flows.
 //!
 //! # Examples
 //!
@@ -52,7 +56,9 @@
 //! ```
 
 mod binding;
+pub mod blocking;
 mod error;
+mod exchange;
 mod flow;
 mod handshake;
 mod session;
@@ -155,7 +161,7 @@ impl Client {
         credentials: Option<(String, String)>,
         timeouts: Timeouts,
     ) -> Result<Self, ClientError> {
-        let auth = handshake::auth_request(credentials.as_ref())?;
+        let auth = exchange::auth_request(credentials.as_ref())?;
         let stream = bounded("connect to the gateway", timeouts.connect, async {
             TcpStream::connect(proxy)
                 .await

@@ -26,11 +26,8 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::{ClientError, Family, RtpPair, Timeouts, UdpBinding};
-use gateway_proto::{
-    Address,
-    enhanced::{ControlReply, ControlRequest, EnhancedReplyCode, Flags, Packet, UdpCommand},
-};
+use super::{ClientError, Family, RtpPair, Timeouts, UdpBinding, exchange::Tids};
+use gateway_proto::enhanced::{ControlReply, ControlRequest, EnhancedReplyCode, Packet};
 
 /// Packets waiting for the writer task; callers wait (bounded) when it is full.
 const WRITE_QUEUE: usize = 64;
@@ -96,27 +93,11 @@ struct State {
     /// Callers waiting for the reply to their TID.
     pending: HashMap<u16, oneshot::Sender<ControlReply>>,
     /// TIDs in use on this connection.
-    taken: HashSet<u16>,
+    tids: Tids,
     /// Step-1 TIDs whose caller gave up: a late success is released, the TID never reused.
     abandoned: HashSet<u16>,
-    last_tid: u16,
     /// Why the session ended.
     closed: Option<String>,
-}
-
-impl State {
-    /// The next free non-zero TID. TIDs are handed out in order and come back only after the
-    /// counter wraps, so a late reply for a gone binding never reaches another binding.
-    fn allocate_tid(&mut self) -> Option<u16> {
-        for _ in 0..=u16::MAX {
-            self.last_tid = self.last_tid.wrapping_add(1);
-            let tid = self.last_tid;
-            if tid != 0 && self.taken.insert(tid) {
-                return Some(tid);
-            }
-        }
-        None
-    }
 }
 
 impl Link {
@@ -228,13 +209,14 @@ impl EnhancedSession {
         self.shared
             .link
             .lock()
-            .allocate_tid()
+            .tids
+            .allocate()
             .ok_or(ClientError::TidsExhausted)
     }
 
     /// Returns a TID whose binding is gone (released, or never made).
     pub(super) fn free_tid(&self, tid: u16) {
-        self.shared.link.lock().taken.remove(&tid);
+        self.shared.link.lock().tids.free(tid);
     }
 
     /// Retires the TID of a step 1 that got no answer: it stays taken, and if the gateway's
@@ -284,19 +266,6 @@ impl EnhancedSession {
         if request.encode(&mut frame).is_ok() {
             let _ = self.shared.frames.try_send(frame.freeze());
         }
-    }
-}
-
-/// A UDP RELEASE of `aid` (LOCAL and REMOTE are zeros: unused).
-pub(super) fn release_request(tid: u16, aid: u32) -> ControlRequest {
-    ControlRequest {
-        command: UdpCommand::Release,
-        flags: Flags::empty(),
-        ttl: 0,
-        tid,
-        aid,
-        local: Address::UNSPECIFIED_V4,
-        remote: Address::UNSPECIFIED_V4,
     }
 }
 
@@ -364,7 +333,7 @@ fn on_reply(link: &Link, frames: &mpsc::Sender<Bytes>, reply: ControlReply) {
     {
         // A step 1 answered after its caller gave up: nobody knows its relay addresses, so
         // release it now rather than leave it half-bound until it expires.
-        let request = release_request(reply.tid, reply.aid);
+        let request = super::exchange::release_request(reply.tid, reply.aid);
         let mut frame = BytesMut::with_capacity(request.encoded_len());
         if request.encode(&mut frame).is_ok() {
             let _ = frames.try_send(frame.freeze());
@@ -377,26 +346,4 @@ fn on_reply(link: &Link, frames: &mpsc::Sender<Bytes>, reply: ControlReply) {
         return;
     }
     debug!(tid = reply.tid, code = ?reply.code, "reply for no outstanding request dropped");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tids_are_non_zero_in_order_and_skip_taken_ones() {
-        let mut state = State::default();
-        assert_eq!(state.allocate_tid(), Some(1));
-        assert_eq!(state.allocate_tid(), Some(2));
-        state.taken.insert(3);
-        assert_eq!(state.allocate_tid(), Some(4));
-        // A freed TID comes back only after the counter wraps, and 0 is never handed out.
-        state.taken.remove(&1);
-        state.last_tid = u16::MAX - 1;
-        assert_eq!(state.allocate_tid(), Some(u16::MAX));
-        assert_eq!(state.allocate_tid(), Some(1));
-        // All taken: exhausted.
-        state.taken = (1..=u16::MAX).collect();
-        assert_eq!(state.allocate_tid(), None);
-    }
 }

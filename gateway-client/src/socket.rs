@@ -17,13 +17,10 @@ use super::{
 };
 use gateway_proto::{Address, enhanced::Flags};
 
+use super::exchange::unicast_flags;
+
 /// How many times to look for a free even/odd pair of local ports.
 const PAIR_ATTEMPTS: usize = 64;
-
-/// Flags of every binding this library makes: receive, send, unicast.
-fn unicast_flags() -> Flags {
-    Flags::RECEIVE | Flags::SEND | Flags::UNICAST
-}
 
 /// One enhanced-mode UDP binding that behaves like a socksified UDP socket: each call is the
 /// socket call of protocol.md section 4 and triggers its protocol step.

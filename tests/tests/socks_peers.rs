@@ -531,3 +531,34 @@ fn inside_host_cannot_pose_as_a_remote() {
     assert_eq!(inside_drops(), 3);
     drop(control);
 }
+
+#[test]
+fn the_client_crates_example_fetches_by_name_through_the_gateway() {
+    let setup = setup();
+    // `cargo test` builds the examples beside the binaries.
+    let example = testbed::gateway::gateway_bin()
+        .parent()
+        .unwrap()
+        .join("examples/http_get");
+    let out = setup
+        .bed
+        .client
+        .command(&example)
+        .args([PROXY, "web.test", "80", "/index.txt"])
+        .env("GATEWAY_USER", "alice")
+        .env("GATEWAY_PASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        example.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("HTTP/1.") && text.ends_with(BODY),
+        "the page, by name, with a password: {text}"
+    );
+    assert_logged(&setup.gateway, "user=alice", "the log names the user");
+}

@@ -8,7 +8,6 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{cargo::cargo, setup::workspace_root};
 
-
 /// Names of the integration test files in `tests/tests/`.
 fn testbed() -> Result<Vec<String>> {
     let dir = workspace_root().join("tests/tests");
@@ -28,9 +27,17 @@ pub fn run(filter: Option<&str>, skip_unit: bool) -> Result<()> {
     let started = Instant::now();
     println!("test: building the workspace (the eBPF object comes from gateway/build.rs)");
     // Default members: everything but gateway-ebpf, which build.rs cross-compiles.
-    cargo(&["build", "--locked", "--bins"])?;
+    cargo(&["build", "--locked", "--bins", "--examples"])?;
 
     let mut failures = Vec::new();
+    if filter.is_none() && !skip_unit {
+        println!("test: gateway-client alone, with stable Rust only and no bpf-linker on PATH");
+        if let Err(error) = client_without_ebpf_toolchain() {
+            failures.push(format!(
+                "gateway-client without the eBPF toolchain: {error:#}"
+            ));
+        }
+    }
     if !skip_unit {
         println!("test: unit tests");
         if let Err(error) = cargo(&[
@@ -89,4 +96,73 @@ pub fn run(filter: Option<&str>, skip_unit: bool) -> Result<()> {
         }
         bail!("{} test group(s) failed after {elapsed} s", failures.len())
     }
+}
+
+/// Builds and tests `gateway-client` as an application embedding it would: the stable
+/// toolchain's own cargo and rustc (no rustup proxy, so no nightly), a PATH without bpf-linker,
+/// a target directory of its own (nothing built with the eBPF toolchain is reused), and a check
+/// that its dependency tree holds nothing of the eBPF build.
+fn client_without_ebpf_toolchain() -> Result<()> {
+    let root = workspace_root();
+    let stable_bin = |tool: &str| -> Result<std::path::PathBuf> {
+        let out = Command::new("rustup")
+            .args(["which", "--toolchain", "stable", tool])
+            .output()
+            .context("run rustup which")?;
+        if !out.status.success() {
+            bail!(
+                "rustup which {tool}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().into())
+    };
+    let bin = root.join("target/stable-only/bin");
+    fs::create_dir_all(&bin)?;
+    for tool in ["cargo", "rustc", "rustdoc"] {
+        let link = bin.join(tool);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(stable_bin(tool)?, &link)
+            .with_context(|| format!("link {}", link.display()))?;
+    }
+    let path = format!("{}:/usr/bin:/bin", bin.display());
+    let hidden = |args: &[&str]| -> Result<String> {
+        let out = Command::new(bin.join("cargo"))
+            .args(args)
+            .current_dir(&root)
+            .env("PATH", &path)
+            .env("CARGO_TARGET_DIR", root.join("target/stable-only/target"))
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("RUSTC")
+            .env_remove("CARGO")
+            .output()
+            .with_context(|| format!("run cargo {}", args.join(" ")))?;
+        if !out.status.success() {
+            bail!(
+                "cargo {} failed:\n{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let tree = hidden(&[
+        "tree",
+        "--locked",
+        "-p",
+        "gateway-client",
+        "-e",
+        "normal,build,dev",
+        "--prefix",
+        "none",
+    ])?;
+    for forbidden in ["aya", "gateway-ebpf", "gateway-common", "gateway v"] {
+        if tree.lines().any(|line| line.starts_with(forbidden)) {
+            bail!("gateway-client depends on {forbidden}:\n{tree}");
+        }
+    }
+    hidden(&["test", "--locked", "-p", "gateway-client", "--all-targets"])?;
+    hidden(&["test", "--locked", "-p", "gateway-client", "--doc"])?;
+    println!("test: gateway-client builds and passes with stable Rust alone");
+    Ok(())
 }

@@ -116,11 +116,20 @@ pub const ENHANCED_MODE_PORTS: RelayPorts = RelayPorts {
     block: 100,
     internal: 50,
 };
-/// `client_library.rs`: 30000..32700.
+/// `client_library.rs`: 30000..32520.
 pub const CLIENT_LIBRARY_PORTS: RelayPorts = RelayPorts {
     base: 30_000,
-    processes: 9,
-    blocks: 10,
+    processes: 7,
+    blocks: 12,
+    block: 30,
+    internal: 14,
+};
+
+/// `blocking_client.rs`: 2000..2960.
+pub const BLOCKING_CLIENT_PORTS: RelayPorts = RelayPorts {
+    base: 2_000,
+    processes: 8,
+    blocks: 4,
     block: 30,
     internal: 14,
 };

@@ -1,0 +1,263 @@
+//! The client's side of the SOCKS5 conversation without I/O: what to write, how many octets the
+//! answer has, and what the answer means. The async layer ([`super::handshake`]) and the
+//! synchronous core ([`super::blocking`]) drive the same steps over their sockets, so both speak
+//! exactly the same protocol.
+
+use std::collections::HashSet;
+
+use bytes::BytesMut;
+use gateway_proto::{
+    Address, AddressType, AuthReply, AuthRequest, Command, Greeting, Method, MethodSelection,
+    ProtocolError, Reply, ReplyCode, Request,
+    enhanced::{ControlReply, ControlRequest, EntryReply, Flags, UdpCommand, entry_request},
+};
+
+use super::{BindingError, ClientError, RelayAddrs, reachable};
+
+/// The RFC 1929 request for `credentials`, checked before anything is sent.
+pub(crate) fn auth_request(
+    credentials: Option<&(String, String)>,
+) -> Result<Option<AuthRequest>, ClientError> {
+    let Some((user, password)) = credentials else {
+        return Ok(None);
+    };
+    let request = AuthRequest::new(user.as_bytes(), password.as_bytes());
+    let mut scratch = Vec::new();
+    request
+        .encode(&mut scratch)
+        .map_err(ClientError::InvalidCredentials)?;
+    Ok(Some(request))
+}
+
+/// The greeting and the methods it offers: no authentication without credentials,
+/// username/password first (then none) with them.
+pub(crate) fn greeting(auth: Option<&AuthRequest>) -> Result<(BytesMut, Vec<Method>), ClientError> {
+    let methods = if auth.is_some() {
+        vec![Method::UserPass, Method::NoAuth]
+    } else {
+        vec![Method::NoAuth]
+    };
+    let mut out = BytesMut::new();
+    Greeting {
+        methods: methods.clone(),
+    }
+    .encode(&mut out)?;
+    Ok((out, methods))
+}
+
+/// The method the gateway selected, if it is one we offered.
+pub(crate) fn selected_method(
+    octets: [u8; MethodSelection::LEN],
+    offered: &[Method],
+) -> Result<Method, ClientError> {
+    let method = MethodSelection::decode(&mut &octets[..])?
+        .ok_or(ProtocolError::Truncated)?
+        .method;
+    if method == Method::NoAcceptable {
+        return Err(ClientError::NoAcceptableMethod);
+    }
+    if !offered.contains(&method) {
+        return Err(ClientError::UnexpectedMethod(method.to_u8()));
+    }
+    Ok(method)
+}
+
+/// The RFC 1929 request on the wire.
+pub(crate) fn auth_octets(auth: &AuthRequest) -> Result<BytesMut, ClientError> {
+    let mut out = BytesMut::new();
+    auth.encode(&mut out)
+        .map_err(ClientError::InvalidCredentials)?;
+    Ok(out)
+}
+
+/// Whether the RFC 1929 status says yes.
+pub(crate) fn check_auth_reply(octets: [u8; AuthReply::LEN]) -> Result<(), ClientError> {
+    let reply = AuthReply::decode(&mut &octets[..])?.ok_or(ProtocolError::Truncated)?;
+    if reply.is_success() {
+        Ok(())
+    } else {
+        Err(ClientError::BadCredentials(reply.status))
+    }
+}
+
+/// A request on the wire.
+pub(crate) fn request_octets(command: Command, address: Address) -> Result<BytesMut, ClientError> {
+    let mut out = BytesMut::new();
+    Request { command, address }.encode(&mut out)?;
+    Ok(out)
+}
+
+/// The enhanced-mode entry request on the wire (`05 04 00 01 00000000 0000`).
+pub(crate) fn entry_octets() -> Result<BytesMut, ClientError> {
+    let mut out = BytesMut::new();
+    entry_request().encode(&mut out)?;
+    Ok(out)
+}
+
+/// A reply is read in two parts: this many octets first (`VER REP RSV ATYP` and the first octet
+/// of the address, a domain name's length) ...
+pub(crate) const REPLY_PREFIX: usize = 5;
+
+/// ... then this many, so not one octet after the reply (which belongs to a relayed stream) is
+/// taken from the socket.
+pub(crate) fn reply_rest(prefix: [u8; REPLY_PREFIX]) -> usize {
+    match AddressType::try_from(prefix[3]) {
+        Ok(AddressType::Ipv4) => 4 + 2 - 1,
+        Ok(AddressType::Ipv6) => 16 + 2 - 1,
+        Ok(AddressType::Domain) => usize::from(prefix[4]) + 2,
+        // The decoder reports the unknown type.
+        Err(_) => 0,
+    }
+}
+
+/// BND of a successful reply; a refusal is [`ClientError::Refused`].
+pub(crate) fn reply_address(octets: &[u8]) -> Result<Address, ClientError> {
+    let reply = Reply::decode(&mut &octets[..])?.ok_or(ProtocolError::Truncated)?;
+    if reply.code != ReplyCode::Succeeded {
+        return Err(ClientError::Refused(reply.code));
+    }
+    Ok(reply.address)
+}
+
+/// The address of a successful enhanced-mode entry reply.
+pub(crate) fn entry_address(octets: &[u8]) -> Result<Address, ClientError> {
+    match EntryReply::decode(&mut &octets[..])?.ok_or(ProtocolError::Truncated)? {
+        EntryReply::Entered(address) => Ok(address),
+        EntryReply::Refused(reply) => Err(ClientError::Refused(reply.code)),
+    }
+}
+
+/// Flags of every binding this library makes: receive, send, unicast.
+pub(crate) fn unicast_flags() -> Flags {
+    Flags::RECEIVE | Flags::SEND | Flags::UNICAST
+}
+
+/// A UDP BIND: step 1 (`aid` 0, REMOTE unspecified), step 2 (step 1's TID and AID) or a
+/// one-step Open (`aid` 0, an exact REMOTE).
+pub(crate) fn bind_request(
+    flags: Flags,
+    tid: u16,
+    aid: u32,
+    local: Address,
+    remote: Address,
+) -> ControlRequest {
+    ControlRequest {
+        command: UdpCommand::Bind,
+        flags,
+        ttl: 0,
+        tid,
+        aid,
+        local,
+        remote,
+    }
+}
+
+/// A UDP RELEASE of `aid` (LOCAL and REMOTE are zeros: unused).
+pub(crate) fn release_request(tid: u16, aid: u32) -> ControlRequest {
+    ControlRequest {
+        command: UdpCommand::Release,
+        flags: Flags::empty(),
+        ttl: 0,
+        tid,
+        aid,
+        local: Address::UNSPECIFIED_V4,
+        remote: Address::UNSPECIFIED_V4,
+    }
+}
+
+/// The typed refusal in a reply, if any.
+pub(crate) fn refusal(reply: &ControlReply) -> Result<(), BindingError> {
+    BindingError::from_code(reply.code).map_or(Ok(()), Err)
+}
+
+/// The relay addresses of a successful UDP BIND reply (an unspecified internal relay is the
+/// gateway's control address).
+pub(crate) fn relays_of(
+    reply: &ControlReply,
+    proxy: std::net::IpAddr,
+) -> Result<RelayAddrs, ClientError> {
+    refusal(reply)?;
+    if reply.aid == 0 {
+        return Err(ClientError::UnexpectedReply(
+            "AID 0 in a successful UDP BIND reply".to_owned(),
+        ));
+    }
+    let internal = reachable(&reply.local, proxy)?;
+    let Address::Ip(external) = reply.remote else {
+        return Err(ClientError::UnexpectedReply(format!(
+            "a domain name ({}) as the external relay address",
+            reply.remote
+        )));
+    };
+    Ok(RelayAddrs {
+        aid: reply.aid,
+        internal,
+        external,
+    })
+}
+
+/// The TIDs of one control connection. They are handed out in order and come back only after
+/// the counter wraps, so a late reply for a gone binding never reaches another binding; 0 (not
+/// two-step) is never handed out.
+#[derive(Debug, Default)]
+pub(crate) struct Tids {
+    taken: HashSet<u16>,
+    last: u16,
+}
+
+impl Tids {
+    /// The next free TID, taken; `None` when all 65,535 are in use.
+    pub(crate) fn allocate(&mut self) -> Option<u16> {
+        for _ in 0..=u16::MAX {
+            self.last = self.last.wrapping_add(1);
+            let tid = self.last;
+            if tid != 0 && self.taken.insert(tid) {
+                return Some(tid);
+            }
+        }
+        None
+    }
+
+    /// Returns a TID whose binding is gone (released, or never made).
+    pub(crate) fn free(&mut self, tid: u16) {
+        self.taken.remove(&tid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tids_are_non_zero_in_order_and_skip_taken_ones() {
+        let mut tids = Tids::default();
+        assert_eq!(tids.allocate(), Some(1));
+        assert_eq!(tids.allocate(), Some(2));
+        tids.taken.insert(3);
+        assert_eq!(tids.allocate(), Some(4));
+        // A freed TID comes back only after the counter wraps, and 0 is never handed out.
+        tids.free(1);
+        tids.last = u16::MAX - 1;
+        assert_eq!(tids.allocate(), Some(u16::MAX));
+        assert_eq!(tids.allocate(), Some(1));
+        // All taken: exhausted.
+        tids.taken = (1..=u16::MAX).collect();
+        assert_eq!(tids.allocate(), None);
+    }
+
+    #[test]
+    fn a_reply_is_read_to_its_exact_length() {
+        assert_eq!(reply_rest([5, 0, 0, 1, 0]), 5, "IPv4: 4 + 2 - 1 more");
+        assert_eq!(reply_rest([5, 0, 0, 4, 0]), 17, "IPv6: 16 + 2 - 1 more");
+        assert_eq!(
+            reply_rest([5, 0, 0, 3, 9]),
+            11,
+            "a 9-octet name and the port"
+        );
+        assert_eq!(
+            reply_rest([5, 0, 0, 7, 0]),
+            0,
+            "unknown: the decoder says so"
+        );
+    }
+}
