@@ -129,7 +129,7 @@ fn client_without_ebpf_toolchain() -> Result<()> {
     let hidden = |args: &[&str]| -> Result<String> {
         let out = Command::new(bin.join("cargo"))
             .args(args)
-            .current_dir(&root)
+            .current_dir(root)
             .env("PATH", &path)
             .env("CARGO_TARGET_DIR", root.join("target/stable-only/target"))
             .env_remove("RUSTUP_TOOLCHAIN")
