@@ -11,14 +11,18 @@ use std::{
     time::Duration,
 };
 
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _},
     net::UnixListener,
 };
 use tracing::{debug, warn};
 
-use crate::{instance::Instance, server::Services};
+use crate::{
+    instance::Instance,
+    report::{Bindings, KernelEntry, Limits, SCHEMA_VERSION},
+    server::Services,
+};
 
 /// Where an instance's control socket lives.
 pub fn socket_path(instance: &Instance) -> PathBuf {
@@ -30,30 +34,36 @@ fn ip_of(addr: &[u8; 16]) -> IpAddr {
 }
 
 /// The `bindings` document.
-pub fn bindings_document(services: &Services) -> Value {
-    let enhanced = services
+pub fn bindings_document(services: &Services) -> Bindings {
+    let enhanced_bindings = services
         .enhanced
         .as_ref()
         .map(|mode| mode.describe(services.gate.as_ref()))
         .unwrap_or_default();
-    let kernel: Vec<Value> = services
+    let kernel_entries = services
         .gate
         .list()
         .into_iter()
         .map(|(key, value)| {
-            let remote = SocketAddr::new(ip_of(&key.remote_addr), u16::from_be(key.remote_port_be));
-            let relay = SocketAddr::new(ip_of(&key.relay_addr), u16::from_be(key.relay_port_be));
             let kernel_relays = value.mode == gateway_common::relay_mode::KERNEL;
-            json!({
-                "remote": remote.to_string(),
-                "external_relay": relay.to_string(),
-                "relayed_by": if kernel_relays { "kernel" } else { "userspace" },
-                "client": kernel_relays.then(|| SocketAddr::new(ip_of(&value.client_addr), u16::from_be(value.client_port_be)).to_string()),
-                "aid": kernel_relays.then_some(u32::from_be(value.aid_be)),
-                "packets": value.counters.packets,
-                "bytes": value.counters.bytes,
-                "last_seen_ns": value.counters.last_seen_ns,
-            })
+            KernelEntry {
+                remote: SocketAddr::new(ip_of(&key.remote_addr), u16::from_be(key.remote_port_be)),
+                external_relay: SocketAddr::new(
+                    ip_of(&key.relay_addr),
+                    u16::from_be(key.relay_port_be),
+                ),
+                relayed_by: if kernel_relays { "kernel" } else { "userspace" }.to_owned(),
+                client: kernel_relays.then(|| {
+                    SocketAddr::new(
+                        ip_of(&value.client_addr),
+                        u16::from_be(value.client_port_be),
+                    )
+                }),
+                aid: kernel_relays.then_some(u32::from_be(value.aid_be)),
+                packets: value.counters.packets,
+                bytes: value.counters.bytes,
+                last_seen_ns: value.counters.last_seen_ns,
+            }
         })
         .collect();
     let (refused_total, refused_per_client) = services.connections.refused();
@@ -61,17 +71,21 @@ pub fn bindings_document(services: &Services) -> Value {
         .enhanced
         .as_ref()
         .map_or([0; 3], |mode| mode.caps_hit());
-    let limits = json!({
-        "connections": services.connections.held(),
-        "max_connections": services.connections.max_total(),
-        "max_connections_per_client": services.connections.max_per_client(),
-        "connections_refused_total_cap": refused_total,
-        "connections_refused_per_client_cap": refused_per_client,
-        "bindings_refused_connection_cap": caps_hit[0],
-        "bindings_refused_user_cap": caps_hit[1],
-        "bindings_refused_total_cap": caps_hit[2],
-    });
-    json!({ "enhanced_bindings": enhanced, "kernel_entries": kernel, "limits": limits })
+    Bindings {
+        version: SCHEMA_VERSION,
+        enhanced_bindings,
+        kernel_entries,
+        limits: Limits {
+            connections: services.connections.held(),
+            max_connections: services.connections.max_total(),
+            max_connections_per_client: services.connections.max_per_client(),
+            connections_refused_total_cap: refused_total,
+            connections_refused_per_client_cap: refused_per_client,
+            bindings_refused_connection_cap: caps_hit[0],
+            bindings_refused_user_cap: caps_hit[1],
+            bindings_refused_total_cap: caps_hit[2],
+        },
+    }
 }
 
 /// Serves the control socket until the task is dropped.
@@ -97,7 +111,8 @@ pub async fn serve(path: PathBuf, services: Arc<Services>) -> io::Result<()> {
             let read =
                 tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
             let reply = match (read, line.trim()) {
-                (Ok(Ok(_)), "bindings") => bindings_document(&services).to_string(),
+                (Ok(Ok(_)), "bindings") => serde_json::to_string(&bindings_document(&services))
+                    .unwrap_or_else(|error| json!({ "error": error.to_string() }).to_string()),
                 (Ok(Ok(_)), other) => {
                     json!({ "error": format!("unknown command {other:?}") }).to_string()
                 }

@@ -5,8 +5,9 @@ use std::path::Path;
 
 use aya::maps::{Map, MapData, MapError, PerCpuArray};
 use gateway_common::{Counter, ExitReason, Verdict, map_names};
-use serde_json::{Value, json};
 use thiserror::Error;
+
+use crate::report::{ReasonCount, SCHEMA_VERSION, Stats, Traffic};
 
 #[derive(Debug, Error)]
 pub enum StatsError {
@@ -49,73 +50,34 @@ pub fn read_exit_counters(pin_dir: &Path) -> Result<Vec<ReasonTotal>, StatsError
     Ok(totals)
 }
 
-/// `{"instance": .., "reasons": {name: {verdict, packets, bytes}}, "dropped": {packets, bytes}}`.
-pub fn to_json(instance: &str, totals: &[ReasonTotal]) -> Value {
-    let mut reasons = serde_json::Map::new();
-    let (mut dropped_packets, mut dropped_bytes) = (0u64, 0u64);
-    for total in totals {
-        if total.reason.verdict() == Verdict::Drop {
-            dropped_packets += total.packets;
-            dropped_bytes += total.bytes;
-        }
-        reasons.insert(
-            total.reason.name().to_owned(),
-            json!({
-                "verdict": total.reason.verdict().name(),
-                "packets": total.packets,
-                "bytes": total.bytes,
-            }),
-        );
+/// The `gateway stats` document of `totals`.
+pub fn report(instance: &str, totals: &[ReasonTotal]) -> Stats {
+    let sum = |verdict: Verdict| {
+        totals
+            .iter()
+            .filter(|t| t.reason.verdict() == verdict)
+            .fold(Traffic::default(), |sum, t| Traffic {
+                packets: sum.packets + t.packets,
+                bytes: sum.bytes + t.bytes,
+            })
+    };
+    Stats {
+        version: SCHEMA_VERSION,
+        instance: instance.to_owned(),
+        reasons: totals
+            .iter()
+            .map(|t| {
+                let count = ReasonCount {
+                    verdict: t.reason.verdict().name().to_owned(),
+                    packets: t.packets,
+                    bytes: t.bytes,
+                };
+                (t.reason.name().to_owned(), count)
+            })
+            .collect(),
+        dropped: sum(Verdict::Drop),
+        kernel_relayed: sum(Verdict::Redirect),
     }
-    let (mut fast_packets, mut fast_bytes) = (0u64, 0u64);
-    for total in totals {
-        if total.reason.verdict() == Verdict::Redirect {
-            fast_packets += total.packets;
-            fast_bytes += total.bytes;
-        }
-    }
-    json!({
-        "instance": instance,
-        "reasons": reasons,
-        "dropped": { "packets": dropped_packets, "bytes": dropped_bytes },
-        "kernel_relayed": { "packets": fast_packets, "bytes": fast_bytes },
-    })
-}
-
-/// A fixed-width table, one line per reason.
-pub fn to_table(instance: &str, totals: &[ReasonTotal]) -> String {
-    use std::fmt::Write as _;
-    let mut out = format!("gateway instance {instance}: datapath exits by reason\n");
-    let relayed: u64 = totals
-        .iter()
-        .filter(|t| t.reason.verdict() == Verdict::Redirect)
-        .map(|t| t.packets)
-        .sum();
-    let dropped: u64 = totals
-        .iter()
-        .filter(|t| t.reason.verdict() == Verdict::Drop)
-        .map(|t| t.packets)
-        .sum();
-    let _ = writeln!(
-        out,
-        "kernel relayed (fast path): {relayed} packets; dropped: {dropped} packets"
-    );
-    let _ = writeln!(
-        out,
-        "{:<30} {:<8} {:>14} {:>16}",
-        "reason", "verdict", "packets", "bytes"
-    );
-    for total in totals {
-        let _ = writeln!(
-            out,
-            "{:<30} {:<8} {:>14} {:>16}",
-            total.reason.name(),
-            total.reason.verdict().name(),
-            total.packets,
-            total.bytes
-        );
-    }
-    out
 }
 
 #[cfg(test)]
@@ -134,28 +96,23 @@ mod tests {
     }
 
     #[test]
-    fn json_names_every_reason_and_sums_drops() {
-        let json = to_json("t", &sample());
-        assert_eq!(json["instance"], "t");
-        assert_eq!(json["reasons"]["no_binding"]["packets"], 2);
-        assert_eq!(json["reasons"]["no_binding"]["verdict"], "drop");
-        assert_eq!(json["reasons"]["not_udp_passed"]["verdict"], "pass");
-        let expected: u64 = ExitReason::ALL
-            .iter()
-            .filter(|r| r.verdict() == Verdict::Drop)
-            .map(|&r| u64::from(r as u32) + 1)
-            .sum();
-        assert_eq!(json["dropped"]["packets"], expected);
-        assert_eq!(
-            json["reasons"].as_object().unwrap().len(),
-            ExitReason::ALL.len()
-        );
-    }
-
-    #[test]
-    fn table_has_a_line_per_reason() {
-        let table = to_table("t", &sample());
-        assert_eq!(table.lines().count(), ExitReason::ALL.len() + 3);
-        assert!(table.contains("ipv4_options"));
+    fn the_report_names_every_reason_and_sums_drops_and_redirects() {
+        let report = report("t", &sample());
+        assert_eq!(report.instance, "t");
+        assert_eq!(report.reasons["no_binding"].packets, 2);
+        assert_eq!(report.reasons["no_binding"].verdict, "drop");
+        assert_eq!(report.reasons["not_udp_passed"].verdict, "pass");
+        let expected = |verdict: Verdict| -> u64 {
+            ExitReason::ALL
+                .iter()
+                .filter(|r| r.verdict() == verdict)
+                .map(|&r| u64::from(r as u32) + 1)
+                .sum()
+        };
+        assert_eq!(report.dropped.packets, expected(Verdict::Drop));
+        assert_eq!(report.kernel_relayed.packets, expected(Verdict::Redirect));
+        assert_eq!(report.reasons.len(), ExitReason::ALL.len());
+        let table = report.to_table();
+        assert_eq!(table.lines().count(), 3 + ExitReason::ALL.len(), "{table}");
     }
 }

@@ -16,6 +16,7 @@ pub mod gate;
 pub mod host_flow;
 pub mod instance;
 pub mod netif;
+pub mod report;
 pub mod reserved_ports;
 pub mod resolver;
 pub mod server;

@@ -169,12 +169,12 @@ fn show_bindings(instance: &str, json: bool) -> Result<()> {
     let answer =
         gateway::admin_socket::query(&gateway::admin_socket::socket_path(&instance), "bindings")
             .context("ask the daemon over its control socket")?;
-    let document: serde_json::Value =
-        serde_json::from_str(&answer).context("parse the daemon's answer")?;
+    let document: gateway::report::Bindings =
+        gateway::report::parse(&answer).context("read the daemon's answer")?;
     if json {
-        println!("{document}");
+        println!("{}", serde_json::to_string(&document)?);
     } else {
-        print!("{}", render_bindings(&document));
+        print!("{}", document.to_table());
     }
     Ok(())
 }
@@ -233,49 +233,11 @@ fn show_stats(instance: &str, json: bool) -> Result<()> {
     let instance = Instance::new(instance)?;
     instance.require_running()?;
     let totals = exit_counters::read_exit_counters(&instance.pin_dir())?;
+    let document = exit_counters::report(instance.name(), &totals);
     if json {
-        println!("{}", exit_counters::to_json(instance.name(), &totals));
+        println!("{}", serde_json::to_string(&document)?);
     } else {
-        print!("{}", exit_counters::to_table(instance.name(), &totals));
+        print!("{}", document.to_table());
     }
     Ok(())
-}
-
-/// The `gateway bindings` table.
-fn render_bindings(document: &serde_json::Value) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let empty = Vec::new();
-    let enhanced = document["enhanced_bindings"].as_array().unwrap_or(&empty);
-    let _ = writeln!(out, "enhanced-mode bindings: {}", enhanced.len());
-    for b in enhanced {
-        let _ = writeln!(
-            out,
-            "  aid {:#010x} tid {} {} user {} peer {} client {} relay {} / {} remote {}",
-            b["aid"].as_u64().unwrap_or(0),
-            b["tid"],
-            b["state"].as_str().unwrap_or("?"),
-            b["user"].as_str().unwrap_or("-"),
-            b["control_peer"].as_str().unwrap_or("-"),
-            b["client"].as_str().unwrap_or("-"),
-            b["internal_relay"].as_str().unwrap_or("-"),
-            b["external_relay"].as_str().unwrap_or("-"),
-            b["remote"].as_str().unwrap_or("-"),
-        );
-    }
-    let kernel = document["kernel_entries"].as_array().unwrap_or(&empty);
-    let _ = writeln!(out, "kernel entries: {}", kernel.len());
-    for e in kernel {
-        let _ = writeln!(
-            out,
-            "  {} -> {} by {} client {} packets {} bytes {}",
-            e["remote"].as_str().unwrap_or("?"),
-            e["external_relay"].as_str().unwrap_or("?"),
-            e["relayed_by"].as_str().unwrap_or("?"),
-            e["client"].as_str().unwrap_or("-"),
-            e["packets"],
-            e["bytes"],
-        );
-    }
-    out
 }

@@ -256,8 +256,11 @@ impl EnhancedMode {
 
     /// The live bindings for `gateway bindings`: state, owner, addresses and, for flows the
     /// kernel relays, its counters.
-    pub fn describe(&self, gate: &dyn Gate) -> Vec<serde_json::Value> {
-        use crate::binding::BindingState;
+    pub fn describe(&self, gate: &dyn Gate) -> Vec<crate::report::EnhancedBinding> {
+        use crate::{
+            binding::BindingState,
+            report::{EnhancedBinding, KernelFlow},
+        };
         let list = self.lock_bindings().list();
         let owners = self
             .owners
@@ -272,44 +275,41 @@ impl EnhancedMode {
         list.into_iter()
             .map(|(info, user)| {
                 let (state, remote) = match info.state {
-                    BindingState::HalfBound { .. } => ("half-bound", serde_json::Value::Null),
-                    BindingState::Confirmed { remote, .. } => (
-                        "confirmed",
-                        serde_json::Value::String(format!("{remote:?}")),
-                    ),
+                    BindingState::HalfBound { .. } => ("half-bound", None),
+                    BindingState::Confirmed { remote, .. } => {
+                        ("confirmed", Some(format!("{remote:?}")))
+                    }
                 };
-                let owner = owners.get(&info.conn);
-                let kernel: Vec<serde_json::Value> = flows
+                let kernel_flows = flows
                     .get(&info.aid)
                     .into_iter()
                     .flatten()
                     .map(|flow| {
                         let counters = gate.inbound_counters(flow.entry);
-                        serde_json::json!({
-                            "remote": flow.entry.remote.to_string(),
-                            "external_relay": flow.entry.relay.to_string(),
-                            "client": flow.relay.client.to_string(),
-                            "internal_relay": flow.relay.internal_relay.to_string(),
-                            "inbound_packets": counters.map_or(0, |c| c.packets),
-                            "inbound_bytes": counters.map_or(0, |c| c.bytes),
-                        })
+                        KernelFlow {
+                            remote: flow.entry.remote,
+                            external_relay: flow.entry.relay,
+                            client: flow.relay.client,
+                            internal_relay: flow.relay.internal_relay,
+                            inbound_packets: counters.map_or(0, |c| c.packets),
+                            inbound_bytes: counters.map_or(0, |c| c.bytes),
+                        }
                     })
                     .collect();
-                serde_json::json!({
-                    "kind": "enhanced",
-                    "aid": info.aid,
-                    "tid": info.tid,
-                    "state": state,
-                    "user": user,
-                    "control_peer": owner.map(|(peer, _)| peer.to_string()),
-                    "client": info.local.to_string(),
-                    "internal_relay": info.ports.internal.to_string(),
-                    "external_relay": info.ports.external.to_string(),
-                    "rtp_pair": info.ports.pair,
-                    "remote": remote,
-                    "flags": info.flags,
-                    "kernel_flows": kernel,
-                })
+                EnhancedBinding {
+                    aid: info.aid,
+                    tid: info.tid,
+                    state: state.to_owned(),
+                    user,
+                    control_peer: owners.get(&info.conn).map(|(peer, _)| *peer),
+                    client: info.local,
+                    internal_relay: info.ports.internal,
+                    external_relay: info.ports.external,
+                    rtp_pair: info.ports.pair,
+                    remote,
+                    flags: info.flags,
+                    kernel_flows,
+                }
             })
             .collect()
     }

@@ -1,0 +1,343 @@
+//! The documents the CLI prints: `gateway stats` and `gateway bindings`, as typed values. The
+//! daemon (bindings) and the CLI (stats) build them, `--json` prints them with serde, the tables
+//! are rendered from them, so one schema serves scripts and people. Every document carries
+//! [`SCHEMA_VERSION`]; a reader refuses another version with a clear message rather than
+//! misreading it.
+//!
+//! Keys scripts already read stay: `kernel_relayed.packets` and `.bytes` in stats,
+//! `kernel_entries` and `enhanced_bindings` in bindings.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use thiserror::Error;
+
+/// The version of both documents; raise it when a key changes meaning or goes away.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Error)]
+pub enum ReportError {
+    #[error("not a gateway document: {0}")]
+    Malformed(String),
+    #[error(
+        "the document is schema version {found}, this gateway reads version {SCHEMA_VERSION}: \
+         use the `gateway` binary of the same release as the daemon"
+    )]
+    Version { found: u32 },
+}
+
+/// Reads a document, checking its version before anything else.
+pub fn parse<T: DeserializeOwned>(text: &str) -> Result<T, ReportError> {
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: Option<u32>,
+    }
+    let versioned: Versioned =
+        serde_json::from_str(text).map_err(|error| ReportError::Malformed(error.to_string()))?;
+    match versioned.version {
+        Some(SCHEMA_VERSION) => {
+            serde_json::from_str(text).map_err(|error| ReportError::Malformed(error.to_string()))
+        }
+        Some(found) => Err(ReportError::Version { found }),
+        None => Err(ReportError::Malformed("no `version` key".to_owned())),
+    }
+}
+
+/// Packets and bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// One exit reason's count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReasonCount {
+    /// `drop`, `pass` or `redirect`.
+    pub verdict: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// `gateway stats --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    pub version: u32,
+    pub instance: String,
+    /// Every exit reason of the data path by name.
+    pub reasons: BTreeMap<String, ReasonCount>,
+    /// The sum of every `drop` reason.
+    pub dropped: Traffic,
+    /// The sum of every `redirect` reason: what the kernel relayed.
+    pub kernel_relayed: Traffic,
+}
+
+impl Stats {
+    /// The table `gateway stats` prints.
+    pub fn to_table(&self) -> String {
+        let mut out = format!(
+            "gateway instance {}: datapath exits by reason\n",
+            self.instance
+        );
+        let _ = writeln!(
+            out,
+            "kernel relayed (fast path): {} packets; dropped: {} packets",
+            self.kernel_relayed.packets, self.dropped.packets
+        );
+        let _ = writeln!(
+            out,
+            "{:<30} {:<8} {:>14} {:>16}",
+            "reason", "verdict", "packets", "bytes"
+        );
+        for (name, count) in &self.reasons {
+            let _ = writeln!(
+                out,
+                "{name:<30} {:<8} {:>14} {:>16}",
+                count.verdict, count.packets, count.bytes
+            );
+        }
+        out
+    }
+}
+
+/// `gateway bindings --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bindings {
+    pub version: u32,
+    pub enhanced_bindings: Vec<EnhancedBinding>,
+    /// Every entry of the kernel's binding map (enhanced mode and UDP ASSOCIATE alike).
+    pub kernel_entries: Vec<KernelEntry>,
+    pub limits: Limits,
+}
+
+/// One enhanced-mode binding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnhancedBinding {
+    pub aid: u32,
+    pub tid: u16,
+    /// `half-bound` or `confirmed`.
+    pub state: String,
+    /// The authenticated user; `None` for an anonymous client.
+    pub user: Option<String>,
+    /// The control connection's peer.
+    pub control_peer: Option<SocketAddr>,
+    /// The client's LOCAL.
+    pub client: SocketAddr,
+    pub internal_relay: SocketAddr,
+    pub external_relay: SocketAddr,
+    pub rtp_pair: bool,
+    /// What a confirmed binding admits (exact remote, host, or any for Listen).
+    pub remote: Option<String>,
+    pub flags: u16,
+    /// The kernel flows relaying it, with their inbound counters.
+    pub kernel_flows: Vec<KernelFlow>,
+}
+
+/// One kernel-relayed flow of an enhanced-mode binding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelFlow {
+    pub remote: SocketAddr,
+    pub external_relay: SocketAddr,
+    pub client: SocketAddr,
+    pub internal_relay: SocketAddr,
+    pub inbound_packets: u64,
+    pub inbound_bytes: u64,
+}
+
+/// One entry of the kernel's binding map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelEntry {
+    pub remote: SocketAddr,
+    pub external_relay: SocketAddr,
+    /// `kernel` or `userspace`.
+    pub relayed_by: String,
+    /// The client the kernel relays to (kernel entries only).
+    pub client: Option<SocketAddr>,
+    pub aid: Option<u32>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub last_seen_ns: u64,
+}
+
+/// The caps and how often each was hit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub connections: usize,
+    pub max_connections: usize,
+    pub max_connections_per_client: usize,
+    pub connections_refused_total_cap: u64,
+    pub connections_refused_per_client_cap: u64,
+    pub bindings_refused_connection_cap: u64,
+    pub bindings_refused_user_cap: u64,
+    pub bindings_refused_total_cap: u64,
+}
+
+impl Bindings {
+    /// The table `gateway bindings` prints.
+    pub fn to_table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "enhanced-mode bindings: {}",
+            self.enhanced_bindings.len()
+        );
+        let or_dash = |value: Option<String>| value.unwrap_or_else(|| "-".to_owned());
+        for b in &self.enhanced_bindings {
+            let _ = writeln!(
+                out,
+                "  aid {:#010x} tid {} {} user {} peer {} client {} relay {} / {} remote {}",
+                b.aid,
+                b.tid,
+                b.state,
+                or_dash(b.user.clone()),
+                or_dash(b.control_peer.map(|p| p.to_string())),
+                b.client,
+                b.internal_relay,
+                b.external_relay,
+                or_dash(b.remote.clone()),
+            );
+        }
+        let _ = writeln!(out, "kernel entries: {}", self.kernel_entries.len());
+        for e in &self.kernel_entries {
+            let _ = writeln!(
+                out,
+                "  {} -> {} by {} client {} packets {} bytes {}",
+                e.remote,
+                e.external_relay,
+                e.relayed_by,
+                or_dash(e.client.map(|c| c.to_string())),
+                e.packets,
+                e.bytes,
+            );
+        }
+        let l = &self.limits;
+        let _ = writeln!(
+            out,
+            "control connections: {} of {} ({} per client); refused: {} at the total cap, {} at \
+             the per-client cap; bindings refused: {} connection cap, {} user cap, {} total cap",
+            l.connections,
+            l.max_connections,
+            l.max_connections_per_client,
+            l.connections_refused_total_cap,
+            l.connections_refused_per_client_cap,
+            l.bindings_refused_connection_cap,
+            l.bindings_refused_user_cap,
+            l.bindings_refused_total_cap,
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bindings() -> Bindings {
+        let sa = |text: &str| text.parse::<SocketAddr>().unwrap();
+        Bindings {
+            version: SCHEMA_VERSION,
+            enhanced_bindings: vec![EnhancedBinding {
+                aid: 0xe592_07ab,
+                tid: 1,
+                state: "confirmed".into(),
+                user: None,
+                control_peer: Some(sa("198.51.100.2:37066")),
+                client: sa("198.51.100.2:55370"),
+                internal_relay: sa("198.51.100.1:24600"),
+                external_relay: sa("203.0.113.1:16400"),
+                rtp_pair: true,
+                remote: Some("Exact(203.0.113.2:60324)".into()),
+                flags: 0x0b,
+                kernel_flows: vec![],
+            }],
+            kernel_entries: vec![KernelEntry {
+                remote: sa("203.0.113.2:60324"),
+                external_relay: sa("203.0.113.1:16400"),
+                relayed_by: "kernel".into(),
+                client: Some(sa("198.51.100.2:55370")),
+                aid: Some(0xe592_07ab),
+                packets: 75,
+                bytes: 24_900,
+                last_seen_ns: 1,
+            }],
+            limits: Limits {
+                max_connections: 4096,
+                ..Limits::default()
+            },
+        }
+    }
+
+    #[test]
+    fn bindings_render_from_the_typed_document_and_read_back() {
+        let document = bindings();
+        let json = serde_json::to_string(&document).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        // The keys scripts read.
+        assert!(value["kernel_entries"].is_array() && value["enhanced_bindings"].is_array());
+        assert_eq!(value["version"], SCHEMA_VERSION);
+        assert_eq!(parse::<Bindings>(&json).unwrap(), document);
+        let table = document.to_table();
+        assert!(table.contains("enhanced-mode bindings: 1"), "{table}");
+        assert!(
+            table.contains("aid 0xe59207ab tid 1 confirmed user - peer 198.51.100.2:37066"),
+            "{table}"
+        );
+        assert!(
+            table.contains(
+                "203.0.113.2:60324 -> 203.0.113.1:16400 by kernel client 198.51.100.2:55370 \
+                 packets 75 bytes 24900"
+            ),
+            "{table}"
+        );
+        assert!(table.contains("control connections: 0 of 4096"), "{table}");
+    }
+
+    #[test]
+    fn stats_keep_the_keys_scripts_read() {
+        let mut reasons = BTreeMap::new();
+        reasons.insert(
+            "kernel_relayed_inbound".to_owned(),
+            ReasonCount {
+                verdict: "redirect".into(),
+                packets: 156,
+                bytes: 56_648,
+            },
+        );
+        let stats = Stats {
+            version: SCHEMA_VERSION,
+            instance: "gw".into(),
+            reasons,
+            dropped: Traffic::default(),
+            kernel_relayed: Traffic {
+                packets: 156,
+                bytes: 56_648,
+            },
+        };
+        let value = serde_json::to_value(&stats).unwrap();
+        assert_eq!(value["kernel_relayed"]["packets"], 156);
+        assert_eq!(value["kernel_relayed"]["bytes"], 56_648);
+        let table = stats.to_table();
+        assert!(
+            table.contains("kernel relayed (fast path): 156 packets"),
+            "{table}"
+        );
+        assert!(table.contains("kernel_relayed_inbound"), "{table}");
+    }
+
+    #[test]
+    fn another_version_or_no_version_is_refused_clearly() {
+        let mut value = serde_json::to_value(bindings()).unwrap();
+        value["version"] = serde_json::json!(SCHEMA_VERSION + 1);
+        let error = parse::<Bindings>(&value.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(&format!("version {}", SCHEMA_VERSION + 1))
+                && error.contains("same release"),
+            "{error}"
+        );
+        value.as_object_mut().unwrap().remove("version");
+        assert!(parse::<Bindings>(&value.to_string()).is_err());
+        assert!(parse::<Stats>("not json").is_err());
+    }
+}
