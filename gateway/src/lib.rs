@@ -1,15 +1,27 @@
-//! The gateway: a SOCKS5 daemon whose firewall and media fast path live in eBPF.
+//! The gateway daemon's library: a SOCKS5 server whose firewall and media fast path live in
+//! eBPF. The `gateway` binary (`main.rs`, `daemon/`) wires these together; the wire codecs are
+//! in the `gateway-proto` crate, the client library in `gateway-client`.
 //!
-//! - [`datapath`] loads, attaches, pins and detaches the eBPF programs and their maps.
-//! - [`instance`] names a running gateway and guards it with a lock file.
-//! - [`stats`] reads the pinned exit counters of a running gateway.
-//! - [`reserved_ports`] keeps the relay port ranges out of the kernel's ephemeral ports.
-//! - [`socks`] and [`binding`] are the sans-IO protocol core.
-
-pub mod attach_mode;
-pub mod binding;
+//! Below everything else (no module here imports upward):
+//! - [`attach_mode`] and [`host_flow`]: what the loader, the settings and the resolver share.
+//! - [`binding`]: the sans-IO binding state machine of the enhanced mode.
+//! - [`netif`]: interface addresses and their changes (netlink).
+//! - [`instance`]: names a running gateway and guards it with a lock file.
+//!
+//! Above them:
+//! - [`gate`]: the kernel gate handle (binding entries, the resolver's per-query host flows).
+//! - [`datapath`]: loads, attaches, pins and detaches the eBPF programs and their maps.
+//! - [`exit_counters`]: reads the pinned exit counters of a running gateway.
+//! - [`reserved_ports`]: keeps the relay port ranges out of the kernel's ephemeral ports.
+//! - [`resolver`]: the RFC 5452 resolver for domain names in requests.
+//! - [`server`]: the SOCKS5 server, the enhanced mode, both relays, policy and caps.
+//! - [`settings`]: every setting of `gateway run`, declared once.
+//! - [`report`] and [`admin_socket`]: the typed documents of `gateway stats` and
+//!   `gateway bindings`, and the daemon's local socket that serves the latter.
 
 pub mod admin_socket;
+pub mod attach_mode;
+pub mod binding;
 pub mod datapath;
 pub mod exit_counters;
 pub mod gate;
