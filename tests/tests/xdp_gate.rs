@@ -428,7 +428,7 @@ fn config_file_runs_the_gateway_and_bad_keys_are_refused() {
     let typo = dir.join("typo.toml");
     std::fs::write(&typo, "externall = \"outside0\"\n").unwrap();
 
-    for (file, expected) in [(&bad, "resolvers[0]"), (&typo, "externall")] {
+    for (file, expected) in [(&bad, "key `resolvers`"), (&typo, "externall")] {
         let out = gateway_cli(&bed.fw, &["run", "--config", file.to_str().unwrap()]).unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
