@@ -112,9 +112,13 @@ fn framing_header(value: &BindingValue, remote: &Addr16, remote_port_be: u16) ->
 }
 
 /// Ones-complement sum of `len` (8, 12 or 24) octets of `bytes`, for the checksum helpers.
+#[expect(
+    clippy::cast_ptr_alignment,
+    reason = "bpf_csum_diff is declared with `*mut u32` but reads octets: no alignment needed"
+)]
 #[inline(always)]
 fn sum_of(bytes: &[u8; 24], len: usize) -> i64 {
-    let ptr = bytes.as_ptr() as *mut u32;
+    let ptr = bytes.as_ptr().cast_mut().cast::<u32>();
     // SAFETY: `ptr` points to 24 readable octets; every size used is at most 24 and a multiple
     // of four. A null `from` with size 0 means "add `to`".
     unsafe {
@@ -129,6 +133,13 @@ fn sum_of(bytes: &[u8; 24], len: usize) -> i64 {
 /// Whether the UDP checksum field holds only the folded pseudo-header sum, which is what a
 /// `CHECKSUM_PARTIAL` skb carries until the checksum is completed. (A complete checksum equals it
 /// with probability 2^-16; such a datagram merely takes the userspace path.)
+#[expect(
+    clippy::cast_ptr_alignment,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_truncation,
+    reason = "bpf_csum_diff reads octets through its `*mut u32`; its non-negative 32-bit sum is \
+              folded to 16 bits before the last cast"
+)]
 #[inline(always)]
 fn checksum_is_partial(ctx: &TcContext, packet: &Datagram) -> bool {
     let Ok(check) = ctx.load::<u16>(packet.l4 + 6) else {
@@ -151,7 +162,7 @@ fn checksum_is_partial(ctx: &TcContext, packet: &Datagram) -> bool {
             bpf_csum_diff(
                 core::ptr::null_mut(),
                 0,
-                pseudo.as_mut_ptr() as *mut u32,
+                pseudo.as_mut_ptr().cast::<u32>(),
                 40,
                 0,
             )
@@ -169,7 +180,7 @@ fn checksum_is_partial(ctx: &TcContext, packet: &Datagram) -> bool {
             bpf_csum_diff(
                 core::ptr::null_mut(),
                 0,
-                pseudo.as_mut_ptr() as *mut u32,
+                pseudo.as_mut_ptr().cast::<u32>(),
                 12,
                 0,
             )
@@ -186,7 +197,7 @@ fn action_of(reason: ExitReason) -> i32 {
         Verdict::Pass => TC_ACT_OK,
         Verdict::Drop => TC_ACT_SHOT,
         // The redirect helper's own return value is the action on success.
-        Verdict::Redirect => aya_ebpf::bindings::TC_ACT_REDIRECT as i32,
+        Verdict::Redirect => aya_ebpf::bindings::TC_ACT_REDIRECT,
     }
 }
 
@@ -213,6 +224,10 @@ impl Exit {
     }
 }
 
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the entry point's signature is the classifier macro's"
+)]
 #[classifier]
 pub fn gateway_inbound(ctx: TcContext) -> i32 {
     let len = ctx.len() as usize;
@@ -221,6 +236,10 @@ pub fn gateway_inbound(ctx: TcContext) -> i32 {
     exit.action
 }
 
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the entry point's signature is the classifier macro's"
+)]
 #[classifier]
 pub fn gateway_internal(ctx: TcContext) -> i32 {
     let len = ctx.len() as usize;
@@ -249,6 +268,18 @@ fn internal(ctx: &TcContext) -> Exit {
 }
 
 /// Rewrites one kernel-mode binding hit for its client and redirects it.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "the framing header is at most 22 octets and UDP lengths are bounded by the packet \
+              (64 KiB); the checksum helpers take the 32-bit sum of bpf_csum_diff as a u64, and \
+              bpf_redirect_neigh returns a tc action"
+)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the key is lent to the map helper, not copied again onto the 512-byte BPF stack"
+)]
 #[inline(always)]
 fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
     let packet = parse(ctx).ok_or(ExitReason::InboundToStack)?;
@@ -284,7 +315,7 @@ fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
     // SAFETY: the skb pointer is the program's context.
     let mtu = unsafe {
         bpf_check_mtu(
-            ctx.skb.skb as *mut c_void,
+            ctx.skb.skb.cast::<c_void>(),
             settings.internal_ifindex,
             &raw mut mtu_len,
             header_len as i32,
@@ -308,7 +339,7 @@ fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
     ctx.store(l4, &udp, 0).map_err(failed)?;
     store_framing(ctx, l4 + UDP_HLEN, &header, header_len).map_err(failed)?;
 
-    let csum_off = (l4 + 6) as usize;
+    let csum_off = l4 + 6;
     let l4_flags = u64::from(BPF_F_MARK_MANGLED_0);
     let has_csum = packet.v6 || old_csum != 0;
     if packet.v6 {
@@ -407,15 +438,20 @@ fn store_framing(ctx: &TcContext, offset: usize, header: &[u8; 24], len: usize) 
     // SAFETY: `header` has 24 octets; each cast views a prefix of it.
     unsafe {
         match len {
-            8 => ctx.store(offset, &*(ptr as *const [u8; 8]), 0),
-            10 => ctx.store(offset, &*(ptr as *const [u8; 10]), 0),
-            _ => ctx.store(offset, &*(ptr as *const [u8; MAX_FRAMING]), 0),
+            8 => ctx.store(offset, &*ptr.cast::<[u8; 8]>(), 0),
+            10 => ctx.store(offset, &*ptr.cast::<[u8; 10]>(), 0),
+            _ => ctx.store(offset, &*ptr.cast::<[u8; MAX_FRAMING]>(), 0),
         }
     }
 }
 
 /// IPv4: new source and destination addresses and total length (`+delta`), with the IP checksum
 /// and, when present, the UDP pseudo-header part of the UDP checksum.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "an IPv4 total length grown or shrunk by at most 22 octets stays in 16 bits"
+)]
 #[inline(always)]
 fn rewrite_ipv4(
     ctx: &TcContext,
@@ -447,6 +483,13 @@ fn rewrite_ipv4(
 }
 
 /// IPv6: new source and destination addresses, with the UDP pseudo-header part of the checksum.
+#[expect(
+    clippy::cast_ptr_alignment,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "bpf_csum_diff reads octets through its `*mut u32` and returns a 32-bit sum, which \
+              seeds the next call and the checksum helper as is"
+)]
 #[inline(always)]
 fn rewrite_ipv6_addrs(
     ctx: &TcContext,
@@ -461,16 +504,16 @@ fn rewrite_ipv6_addrs(
     // with the first's sum.
     let diff = unsafe {
         let first = bpf_csum_diff(
-            packet.src.as_ptr() as *mut u32,
+            packet.src.as_ptr().cast_mut().cast::<u32>(),
             16,
-            new_src.as_ptr() as *mut u32,
+            new_src.as_ptr().cast_mut().cast::<u32>(),
             16,
             0,
         );
         bpf_csum_diff(
-            packet.dst.as_ptr() as *mut u32,
+            packet.dst.as_ptr().cast_mut().cast::<u32>(),
             16,
-            new_dst.as_ptr() as *mut u32,
+            new_dst.as_ptr().cast_mut().cast::<u32>(),
             16,
             first as u32,
         )
@@ -499,6 +542,10 @@ fn is_ipv6_extension(next: u8) -> bool {
 /// the gateway's external addresses, whatever its IPv4 options, fragmentation or IPv6 extension
 /// headers. Every fragment carries the protocol (IPv4 header, IPv6 fragment header's next
 /// header), so later fragments are caught too.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the key is lent to the map helper, not copied again onto the 512-byte BPF stack"
+)]
 #[inline(always)]
 fn inside_to_external_udp(ctx: &TcContext) -> bool {
     let Ok(ether_type) = ctx.load::<u16>(12) else {
@@ -547,6 +594,22 @@ fn inside_to_external_udp(ctx: &TcContext) -> bool {
 }
 
 /// Drops inside datagrams to external addresses; relays bound clients' datagrams in the kernel.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "the framing header is at most 22 octets and UDP lengths are bounded by the packet \
+              (64 KiB); the checksum helpers take the 32-bit sum of bpf_csum_diff as a u64, and \
+              bpf_redirect_neigh returns a tc action"
+)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one outbound rewrite in the order the packet is changed, read top to bottom"
+)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the key is lent to the map helper, not copied again onto the 512-byte BPF stack"
+)]
 #[inline(always)]
 fn try_internal(ctx: &TcContext) -> Result<i32, ExitReason> {
     if inside_to_external_udp(ctx) {
@@ -678,7 +741,7 @@ fn try_internal(ctx: &TcContext) -> Result<i32, ExitReason> {
     if has_csum {
         // The framing octets left the checksummed data.
         let removed = sum_of(&header, padded(header_len));
-        ctx.l4_csum_replace(csum_off, 0, (!(removed as u32)) as u64, l4_flags)
+        ctx.l4_csum_replace(csum_off, 0, u64::from(!(removed as u32)), l4_flags)
             .map_err(failed)?;
     }
     touch(
