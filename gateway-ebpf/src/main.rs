@@ -10,9 +10,11 @@
 //!   external addresses, and relays bound clients' datagrams to their remotes in the kernel.
 //!
 //! Every exit is counted by reason; malformed input is a counted drop or goes to user space. No
-//! logging on the per-packet path.
+//! logging on the per-packet path: the rare events an operator must see are logged, rate-limited,
+//! from the branches that meet them (`events`).
 #![no_std]
 #![no_main]
+mod events;
 mod maps;
 mod parse;
 mod tc;
@@ -116,6 +118,12 @@ fn admit(flow: &Flow) -> ExitReason {
         return ExitReason::NoBinding;
     };
     if !daemon_alive() {
+        events::stale_heartbeat(
+            &flow.src_addr,
+            flow.src_port_be,
+            &flow.dst_addr,
+            flow.dst_port_be,
+        );
         return ExitReason::DaemonGone;
     }
     if mode == relay_mode::KERNEL {

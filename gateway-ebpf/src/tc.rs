@@ -22,7 +22,10 @@ use gateway_common::{
     ipv4_mapped, relay_mode,
 };
 
-use crate::maps::{BINDINGS, EXTERNAL_ADDRS, OUTBOUND, count, daemon_alive, settings, touch};
+use crate::{
+    events,
+    maps::{BINDINGS, EXTERNAL_ADDRS, OUTBOUND, count, daemon_alive, settings, touch},
+};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IPV4: u16 = 0x0800;
@@ -280,6 +283,10 @@ fn internal(ctx: &TcContext) -> Exit {
     clippy::needless_borrows_for_generic_args,
     reason = "the key is lent to the map helper, not copied again onto the 512-byte BPF stack"
 )]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one inbound rewrite in the order the packet is changed, read top to bottom"
+)]
 #[inline(always)]
 fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
     let packet = parse(ctx).ok_or(ExitReason::InboundToStack)?;
@@ -298,6 +305,8 @@ fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
         return Err(ExitReason::InboundToStack);
     }
     if !daemon_alive() {
+        // Not logged here: the XDP gate dropped (and logged) the same hit before tc saw it;
+        // this check only closes the race with a heartbeat expiring in between.
         return Err(ExitReason::DaemonGone);
     }
     // The kernel does not translate between families: such bindings stay in user space.
@@ -307,6 +316,12 @@ fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
         return Err(ExitReason::InboundToStack);
     }
     if checksum_is_partial(ctx, &packet) {
+        events::partial_checksum(
+            &packet.src,
+            packet.src_port_be,
+            &packet.dst,
+            packet.dst_port_be,
+        );
         return Err(ExitReason::PartialChecksumToUserspace);
     }
     let (header, header_len) = framing_header(value, &packet.src, packet.src_port_be);
@@ -323,6 +338,12 @@ fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
         )
     };
     if mtu != 0 {
+        events::too_big_for_kernel_relay(
+            &packet.src,
+            packet.src_port_be,
+            packet.udp_len,
+            header_len as u32,
+        );
         return Err(ExitReason::TooBigForKernelRelay);
     }
     let grow = header_len;
@@ -334,7 +355,7 @@ fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
     ctx.adjust_room(grow as i32, BPF_ADJ_ROOM_NET, 0)
         .map_err(|_| ExitReason::InboundToStack)?;
     // From here on the packet is being rewritten: any failure is a drop.
-    let failed = |_| ExitReason::KernelRelayFailed;
+    let failed = relay_failed;
     let udp: [u8; UDP_HLEN] = ctx.load(l4 + grow).map_err(failed)?;
     ctx.store(l4, &udp, 0).map_err(failed)?;
     store_framing(ctx, l4 + UDP_HLEN, &header, header_len).map_err(failed)?;
@@ -390,6 +411,13 @@ fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
     let action =
         unsafe { bpf_redirect_neigh(settings.internal_ifindex, core::ptr::null_mut(), 0, 0) };
     Ok(action as i32)
+}
+
+/// A helper failed mid-rewrite: the datagram may be half rewritten, so it is dropped (and logged).
+#[inline(always)]
+fn relay_failed(error: i64) -> ExitReason {
+    events::kernel_relay_failed(error);
+    ExitReason::KernelRelayFailed
 }
 
 /// New UDP ports and length, with their part of the UDP checksum (the length is in the header
@@ -689,6 +717,12 @@ fn try_internal(ctx: &TcContext) -> Result<i32, ExitReason> {
         }
     }
     if checksum_is_partial(ctx, &packet) {
+        events::partial_checksum(
+            &packet.src,
+            packet.src_port_be,
+            &packet.dst,
+            packet.dst_port_be,
+        );
         return Err(ExitReason::PartialChecksumToUserspace);
     }
     let settings = settings();
@@ -702,9 +736,8 @@ fn try_internal(ctx: &TcContext) -> Result<i32, ExitReason> {
 
     // Move the UDP header over the framing, then cut the gap right after the IP header.
     let udp: [u8; UDP_HLEN] = ctx.load(l4).map_err(|_| ExitReason::OutboundToUserspace)?;
-    ctx.store(l4 + shrink, &udp, 0)
-        .map_err(|_| ExitReason::KernelRelayFailed)?;
-    let failed = |_| ExitReason::KernelRelayFailed;
+    let failed = relay_failed;
+    ctx.store(l4 + shrink, &udp, 0).map_err(failed)?;
     ctx.adjust_room(-(shrink as i32), BPF_ADJ_ROOM_NET, 0)
         .map_err(failed)?;
 
