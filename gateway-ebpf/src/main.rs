@@ -10,33 +10,11 @@
 //!   external addresses, and relays bound clients' datagrams to their remotes in the kernel.
 //!
 //! Every exit is counted by reason; malformed input is a counted drop or goes to user space. No
-//! logging on the per-packet path.
+//! logging on the per-packet path: the rare events an operator must see are logged, rate-limited,
+//! from the branches that meet them (`events`).
 #![no_std]
 #![no_main]
-// The verifier must see through every helper, and BPF-to-BPF calls cost stack and arguments:
-// small functions are inlined on purpose.
-#![allow(clippy::inline_always)]
-// Header arithmetic works on lengths already bounded by the packet (at most 64 KiB), pointer
-// casts go to packet and map memory the kernel aligns or reads bytewise.
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss,
-    clippy::cast_ptr_alignment,
-    clippy::ptr_as_ptr,
-    clippy::ptr_cast_constness,
-    clippy::cast_lossless,
-    clippy::unnecessary_cast
-)]
-// Map keys are passed by reference to helpers written for `Borrow<K>`; packet handlers are long
-// straight-line sequences the verifier reads best unsplit.
-#![allow(
-    clippy::needless_borrows_for_generic_args,
-    clippy::needless_pass_by_value,
-    clippy::too_many_lines,
-    clippy::manual_let_else
-)]
-
+mod events;
 mod maps;
 mod parse;
 mod tc;
@@ -49,6 +27,10 @@ use crate::{
     parse::{Flow, Transport, parse_flow},
 };
 
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the entry point's signature is the xdp macro's"
+)]
 #[xdp]
 pub fn gateway_external(ctx: XdpContext) -> u32 {
     let reason = match classify(&ctx) {
@@ -64,9 +46,8 @@ pub fn gateway_external(ctx: XdpContext) -> u32 {
 /// Decides the exit of one frame. `Err` carries parse failures; both arms are counted alike.
 #[inline(always)]
 fn classify(ctx: &XdpContext) -> Result<ExitReason, ExitReason> {
-    let flow = match parse_flow(ctx)? {
-        Some(flow) => flow,
-        None => return Ok(ExitReason::NotUdpPassed),
+    let Some(flow) = parse_flow(ctx)? else {
+        return Ok(ExitReason::NotUdpPassed);
     };
     Ok(match flow.transport {
         Transport::Udp => admit(&flow),
@@ -77,6 +58,10 @@ fn classify(ctx: &XdpContext) -> Result<ExitReason, ExitReason> {
 
 /// Whether a TCP segment from outside is addressed to a SOCKS control listener (exactly, or a
 /// wildcard listener on its port).
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the key is lent to the map helper, not copied again onto the 512-byte BPF stack"
+)]
 #[inline(always)]
 fn is_control_port(flow: &Flow) -> bool {
     let mut key = ControlPortKey {
@@ -84,14 +69,19 @@ fn is_control_port(flow: &Flow) -> bool {
         port_be: flow.dst_port_be,
         padding: 0,
     };
-    // SAFETY (both lookups): presence only.
+    // SAFETY: presence only.
     if unsafe { CONTROL_PORTS.get(&key) }.is_some() {
         return true;
     }
     key.addr = [0; 16];
+    // SAFETY: presence only.
     unsafe { CONTROL_PORTS.get(&key) }.is_some()
 }
 
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the key is lent to the map helper, not copied again onto the 512-byte BPF stack"
+)]
 #[inline(always)]
 fn admit(flow: &Flow) -> ExitReason {
     let allow_key = HostAllowKey {
@@ -110,22 +100,30 @@ fn admit(flow: &Flow) -> ExitReason {
         remote_port_be: flow.src_port_be,
         relay_port_be: flow.dst_port_be,
     };
-    // SAFETY (all three lookups): one field is copied out at once.
+    // SAFETY: one field is copied out at once (here and in the two lookups below).
     let mut found = unsafe { BINDINGS.get(&binding_key) }.map(|value| value.mode);
     if found.is_none() {
         // A host-level binding (remote port 0, only where policy allows it).
         binding_key.remote_port_be = 0;
+        // SAFETY: as above.
         found = unsafe { BINDINGS.get(&binding_key) }.map(|value| value.mode);
     }
     if found.is_none() {
         // A Listen binding: any remote to this relay port (only where policy allows it).
         binding_key.remote_addr = [0; 16];
+        // SAFETY: as above.
         found = unsafe { BINDINGS.get(&binding_key) }.map(|value| value.mode);
     }
     let Some(mode) = found else {
         return ExitReason::NoBinding;
     };
     if !daemon_alive() {
+        events::stale_heartbeat(
+            &flow.src_addr,
+            flow.src_port_be,
+            &flow.dst_addr,
+            flow.dst_port_be,
+        );
         return ExitReason::DaemonGone;
     }
     if mode == relay_mode::KERNEL {

@@ -6,6 +6,8 @@
 use aya_ebpf::programs::XdpContext;
 use gateway_common::{Addr16, ExitReason, ipv4_mapped};
 
+use crate::events;
+
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
 const ETH_P_IPV4: u16 = 0x0800;
@@ -111,9 +113,13 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Option<Flow>, ExitReason> {
     let transport = match header[9] {
         IPPROTO_UDP => {
             if flags_offset & IPV4_MF_OR_OFFSET != 0 {
+                let (src, dst) = ipv4_addrs(&header);
+                events::udp_fragment(&src, &dst);
                 return Err(ExitReason::IpFragment);
             }
             if header_len != IPV4_MIN_HLEN {
+                let (src, dst) = ipv4_addrs(&header);
+                events::ipv4_options(&src, &dst);
                 return Err(ExitReason::Ipv4Options);
             }
             Transport::Udp
@@ -123,13 +129,33 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Option<Flow>, ExitReason> {
         _ => return Ok(None),
     };
     let ports = read_ports(ctx, transport, l3 + header_len)?;
+    let (src_addr, dst_addr) = ipv4_addrs(&header);
     Ok(Some(Flow {
         transport,
-        src_addr: ipv4_mapped([header[12], header[13], header[14], header[15]]),
-        dst_addr: ipv4_mapped([header[16], header[17], header[18], header[19]]),
+        src_addr,
+        dst_addr,
         src_port_be: u16::from_ne_bytes([ports[0], ports[1]]),
         dst_port_be: u16::from_ne_bytes([ports[2], ports[3]]),
     }))
+}
+
+/// The source and destination of an IPv4 header, IPv4-mapped.
+#[inline(always)]
+fn ipv4_addrs(header: &[u8; IPV4_MIN_HLEN]) -> (Addr16, Addr16) {
+    (
+        ipv4_mapped([header[12], header[13], header[14], header[15]]),
+        ipv4_mapped([header[16], header[17], header[18], header[19]]),
+    )
+}
+
+/// The source and destination of an IPv6 header.
+#[inline(always)]
+fn ipv6_addrs(header: &[u8; IPV6_HLEN]) -> (Addr16, Addr16) {
+    let mut src_addr = [0u8; 16];
+    let mut dst_addr = [0u8; 16];
+    src_addr.copy_from_slice(&header[8..24]);
+    dst_addr.copy_from_slice(&header[24..40]);
+    (src_addr, dst_addr)
 }
 
 #[inline(always)]
@@ -170,22 +196,25 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Option<Flow>, ExitReason> {
         // After the loop `next` may be the transport; anything else is too long a chain.
         match next {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH | IPV6_FRAGMENT => {
+                let (src, dst) = ipv6_addrs(&header);
+                events::ipv6_extension_chain(&src, &dst, MAX_IPV6_EXT_HEADERS);
                 return Err(ExitReason::Ipv6ExtensionHeaders);
             }
             _ => {}
         }
     }
     let transport = match next {
-        IPPROTO_UDP if fragmented => return Err(ExitReason::IpFragment),
+        IPPROTO_UDP if fragmented => {
+            let (src, dst) = ipv6_addrs(&header);
+            events::udp_fragment(&src, &dst);
+            return Err(ExitReason::IpFragment);
+        }
         IPPROTO_UDP => Transport::Udp,
         IPPROTO_TCP if !later_fragment => Transport::Tcp,
         _ => return Ok(None),
     };
     let ports = read_ports(ctx, transport, offset)?;
-    let mut src_addr = [0u8; 16];
-    let mut dst_addr = [0u8; 16];
-    src_addr.copy_from_slice(&header[8..24]);
-    dst_addr.copy_from_slice(&header[24..40]);
+    let (src_addr, dst_addr) = ipv6_addrs(&header);
     Ok(Some(Flow {
         transport,
         src_addr,

@@ -22,7 +22,10 @@ use gateway_common::{
     ipv4_mapped, relay_mode,
 };
 
-use crate::maps::{BINDINGS, EXTERNAL_ADDRS, OUTBOUND, count, daemon_alive, settings, touch};
+use crate::{
+    events,
+    maps::{BINDINGS, EXTERNAL_ADDRS, OUTBOUND, count, daemon_alive, settings, touch},
+};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IPV4: u16 = 0x0800;
@@ -112,9 +115,13 @@ fn framing_header(value: &BindingValue, remote: &Addr16, remote_port_be: u16) ->
 }
 
 /// Ones-complement sum of `len` (8, 12 or 24) octets of `bytes`, for the checksum helpers.
+#[expect(
+    clippy::cast_ptr_alignment,
+    reason = "bpf_csum_diff is declared with `*mut u32` but reads octets: no alignment needed"
+)]
 #[inline(always)]
 fn sum_of(bytes: &[u8; 24], len: usize) -> i64 {
-    let ptr = bytes.as_ptr() as *mut u32;
+    let ptr = bytes.as_ptr().cast_mut().cast::<u32>();
     // SAFETY: `ptr` points to 24 readable octets; every size used is at most 24 and a multiple
     // of four. A null `from` with size 0 means "add `to`".
     unsafe {
@@ -129,6 +136,13 @@ fn sum_of(bytes: &[u8; 24], len: usize) -> i64 {
 /// Whether the UDP checksum field holds only the folded pseudo-header sum, which is what a
 /// `CHECKSUM_PARTIAL` skb carries until the checksum is completed. (A complete checksum equals it
 /// with probability 2^-16; such a datagram merely takes the userspace path.)
+#[expect(
+    clippy::cast_ptr_alignment,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_truncation,
+    reason = "bpf_csum_diff reads octets through its `*mut u32`; its non-negative 32-bit sum is \
+              folded to 16 bits before the last cast"
+)]
 #[inline(always)]
 fn checksum_is_partial(ctx: &TcContext, packet: &Datagram) -> bool {
     let Ok(check) = ctx.load::<u16>(packet.l4 + 6) else {
@@ -151,7 +165,7 @@ fn checksum_is_partial(ctx: &TcContext, packet: &Datagram) -> bool {
             bpf_csum_diff(
                 core::ptr::null_mut(),
                 0,
-                pseudo.as_mut_ptr() as *mut u32,
+                pseudo.as_mut_ptr().cast::<u32>(),
                 40,
                 0,
             )
@@ -169,7 +183,7 @@ fn checksum_is_partial(ctx: &TcContext, packet: &Datagram) -> bool {
             bpf_csum_diff(
                 core::ptr::null_mut(),
                 0,
-                pseudo.as_mut_ptr() as *mut u32,
+                pseudo.as_mut_ptr().cast::<u32>(),
                 12,
                 0,
             )
@@ -186,7 +200,7 @@ fn action_of(reason: ExitReason) -> i32 {
         Verdict::Pass => TC_ACT_OK,
         Verdict::Drop => TC_ACT_SHOT,
         // The redirect helper's own return value is the action on success.
-        Verdict::Redirect => aya_ebpf::bindings::TC_ACT_REDIRECT as i32,
+        Verdict::Redirect => aya_ebpf::bindings::TC_ACT_REDIRECT,
     }
 }
 
@@ -213,6 +227,10 @@ impl Exit {
     }
 }
 
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the entry point's signature is the classifier macro's"
+)]
 #[classifier]
 pub fn gateway_inbound(ctx: TcContext) -> i32 {
     let len = ctx.len() as usize;
@@ -221,6 +239,10 @@ pub fn gateway_inbound(ctx: TcContext) -> i32 {
     exit.action
 }
 
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the entry point's signature is the classifier macro's"
+)]
 #[classifier]
 pub fn gateway_internal(ctx: TcContext) -> i32 {
     let len = ctx.len() as usize;
@@ -249,6 +271,22 @@ fn internal(ctx: &TcContext) -> Exit {
 }
 
 /// Rewrites one kernel-mode binding hit for its client and redirects it.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "the framing header is at most 22 octets and UDP lengths are bounded by the packet \
+              (64 KiB); the checksum helpers take the 32-bit sum of bpf_csum_diff as a u64, and \
+              bpf_redirect_neigh returns a tc action"
+)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the key is lent to the map helper, not copied again onto the 512-byte BPF stack"
+)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one inbound rewrite in the order the packet is changed, read top to bottom"
+)]
 #[inline(always)]
 fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
     let packet = parse(ctx).ok_or(ExitReason::InboundToStack)?;
@@ -267,6 +305,8 @@ fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
         return Err(ExitReason::InboundToStack);
     }
     if !daemon_alive() {
+        // Not logged here: the XDP gate dropped (and logged) the same hit before tc saw it;
+        // this check only closes the race with a heartbeat expiring in between.
         return Err(ExitReason::DaemonGone);
     }
     // The kernel does not translate between families: such bindings stay in user space.
@@ -276,6 +316,12 @@ fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
         return Err(ExitReason::InboundToStack);
     }
     if checksum_is_partial(ctx, &packet) {
+        events::partial_checksum(
+            &packet.src,
+            packet.src_port_be,
+            &packet.dst,
+            packet.dst_port_be,
+        );
         return Err(ExitReason::PartialChecksumToUserspace);
     }
     let (header, header_len) = framing_header(value, &packet.src, packet.src_port_be);
@@ -284,7 +330,7 @@ fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
     // SAFETY: the skb pointer is the program's context.
     let mtu = unsafe {
         bpf_check_mtu(
-            ctx.skb.skb as *mut c_void,
+            ctx.skb.skb.cast::<c_void>(),
             settings.internal_ifindex,
             &raw mut mtu_len,
             header_len as i32,
@@ -292,6 +338,12 @@ fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
         )
     };
     if mtu != 0 {
+        events::too_big_for_kernel_relay(
+            &packet.src,
+            packet.src_port_be,
+            packet.udp_len,
+            header_len as u32,
+        );
         return Err(ExitReason::TooBigForKernelRelay);
     }
     let grow = header_len;
@@ -303,12 +355,12 @@ fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
     ctx.adjust_room(grow as i32, BPF_ADJ_ROOM_NET, 0)
         .map_err(|_| ExitReason::InboundToStack)?;
     // From here on the packet is being rewritten: any failure is a drop.
-    let failed = |_| ExitReason::KernelRelayFailed;
+    let failed = relay_failed;
     let udp: [u8; UDP_HLEN] = ctx.load(l4 + grow).map_err(failed)?;
     ctx.store(l4, &udp, 0).map_err(failed)?;
     store_framing(ctx, l4 + UDP_HLEN, &header, header_len).map_err(failed)?;
 
-    let csum_off = (l4 + 6) as usize;
+    let csum_off = l4 + 6;
     let l4_flags = u64::from(BPF_F_MARK_MANGLED_0);
     let has_csum = packet.v6 || old_csum != 0;
     if packet.v6 {
@@ -361,6 +413,13 @@ fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
     Ok(action as i32)
 }
 
+/// A helper failed mid-rewrite: the datagram may be half rewritten, so it is dropped (and logged).
+#[inline(always)]
+fn relay_failed(error: i64) -> ExitReason {
+    events::kernel_relay_failed(error);
+    ExitReason::KernelRelayFailed
+}
+
 /// New UDP ports and length, with their part of the UDP checksum (the length is in the header
 /// and in the pseudo-header).
 struct UdpRewrite {
@@ -407,15 +466,20 @@ fn store_framing(ctx: &TcContext, offset: usize, header: &[u8; 24], len: usize) 
     // SAFETY: `header` has 24 octets; each cast views a prefix of it.
     unsafe {
         match len {
-            8 => ctx.store(offset, &*(ptr as *const [u8; 8]), 0),
-            10 => ctx.store(offset, &*(ptr as *const [u8; 10]), 0),
-            _ => ctx.store(offset, &*(ptr as *const [u8; MAX_FRAMING]), 0),
+            8 => ctx.store(offset, &*ptr.cast::<[u8; 8]>(), 0),
+            10 => ctx.store(offset, &*ptr.cast::<[u8; 10]>(), 0),
+            _ => ctx.store(offset, &*ptr.cast::<[u8; MAX_FRAMING]>(), 0),
         }
     }
 }
 
 /// IPv4: new source and destination addresses and total length (`+delta`), with the IP checksum
 /// and, when present, the UDP pseudo-header part of the UDP checksum.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "an IPv4 total length grown or shrunk by at most 22 octets stays in 16 bits"
+)]
 #[inline(always)]
 fn rewrite_ipv4(
     ctx: &TcContext,
@@ -447,6 +511,13 @@ fn rewrite_ipv4(
 }
 
 /// IPv6: new source and destination addresses, with the UDP pseudo-header part of the checksum.
+#[expect(
+    clippy::cast_ptr_alignment,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "bpf_csum_diff reads octets through its `*mut u32` and returns a 32-bit sum, which \
+              seeds the next call and the checksum helper as is"
+)]
 #[inline(always)]
 fn rewrite_ipv6_addrs(
     ctx: &TcContext,
@@ -461,16 +532,16 @@ fn rewrite_ipv6_addrs(
     // with the first's sum.
     let diff = unsafe {
         let first = bpf_csum_diff(
-            packet.src.as_ptr() as *mut u32,
+            packet.src.as_ptr().cast_mut().cast::<u32>(),
             16,
-            new_src.as_ptr() as *mut u32,
+            new_src.as_ptr().cast_mut().cast::<u32>(),
             16,
             0,
         );
         bpf_csum_diff(
-            packet.dst.as_ptr() as *mut u32,
+            packet.dst.as_ptr().cast_mut().cast::<u32>(),
             16,
-            new_dst.as_ptr() as *mut u32,
+            new_dst.as_ptr().cast_mut().cast::<u32>(),
             16,
             first as u32,
         )
@@ -499,6 +570,10 @@ fn is_ipv6_extension(next: u8) -> bool {
 /// the gateway's external addresses, whatever its IPv4 options, fragmentation or IPv6 extension
 /// headers. Every fragment carries the protocol (IPv4 header, IPv6 fragment header's next
 /// header), so later fragments are caught too.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the key is lent to the map helper, not copied again onto the 512-byte BPF stack"
+)]
 #[inline(always)]
 fn inside_to_external_udp(ctx: &TcContext) -> bool {
     let Ok(ether_type) = ctx.load::<u16>(12) else {
@@ -547,6 +622,22 @@ fn inside_to_external_udp(ctx: &TcContext) -> bool {
 }
 
 /// Drops inside datagrams to external addresses; relays bound clients' datagrams in the kernel.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "the framing header is at most 22 octets and UDP lengths are bounded by the packet \
+              (64 KiB); the checksum helpers take the 32-bit sum of bpf_csum_diff as a u64, and \
+              bpf_redirect_neigh returns a tc action"
+)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one outbound rewrite in the order the packet is changed, read top to bottom"
+)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the key is lent to the map helper, not copied again onto the 512-byte BPF stack"
+)]
 #[inline(always)]
 fn try_internal(ctx: &TcContext) -> Result<i32, ExitReason> {
     if inside_to_external_udp(ctx) {
@@ -626,6 +717,12 @@ fn try_internal(ctx: &TcContext) -> Result<i32, ExitReason> {
         }
     }
     if checksum_is_partial(ctx, &packet) {
+        events::partial_checksum(
+            &packet.src,
+            packet.src_port_be,
+            &packet.dst,
+            packet.dst_port_be,
+        );
         return Err(ExitReason::PartialChecksumToUserspace);
     }
     let settings = settings();
@@ -639,9 +736,8 @@ fn try_internal(ctx: &TcContext) -> Result<i32, ExitReason> {
 
     // Move the UDP header over the framing, then cut the gap right after the IP header.
     let udp: [u8; UDP_HLEN] = ctx.load(l4).map_err(|_| ExitReason::OutboundToUserspace)?;
-    ctx.store(l4 + shrink, &udp, 0)
-        .map_err(|_| ExitReason::KernelRelayFailed)?;
-    let failed = |_| ExitReason::KernelRelayFailed;
+    let failed = relay_failed;
+    ctx.store(l4 + shrink, &udp, 0).map_err(failed)?;
     ctx.adjust_room(-(shrink as i32), BPF_ADJ_ROOM_NET, 0)
         .map_err(failed)?;
 
@@ -678,7 +774,7 @@ fn try_internal(ctx: &TcContext) -> Result<i32, ExitReason> {
     if has_csum {
         // The framing octets left the checksummed data.
         let removed = sum_of(&header, padded(header_len));
-        ctx.l4_csum_replace(csum_off, 0, (!(removed as u32)) as u64, l4_flags)
+        ctx.l4_csum_replace(csum_off, 0, u64::from(!(removed as u32)), l4_flags)
             .map_err(failed)?;
     }
     touch(

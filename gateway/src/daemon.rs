@@ -196,6 +196,7 @@ async fn serve(
     // whatever was pinned before, which drops too).
     let mut datapath = Datapath::attach(&config)
         .with_context(|| format!("attach the gateway to {}", s.external))?;
+    datapath.start_kernel_log();
     let gate = match datapath.take_gate() {
         Ok(gate) => gate,
         Err(error) => {

@@ -4,6 +4,7 @@
 
 mod bench;
 mod cargo;
+mod clippy;
 mod demo;
 mod setup;
 mod test;
@@ -58,7 +59,8 @@ enum Command {
         #[arg(long)]
         only: Option<String>,
     },
-    /// Run clippy on the host crates (the eBPF crate is built, not linted, by gateway/build.rs).
+    /// Run clippy with `-D warnings` on the host crates, then on the eBPF crate for
+    /// bpfel-unknown-none (nightly, `-Z build-std=core`) with the lints that fit BPF code.
     Clippy,
 }
 
@@ -114,23 +116,13 @@ fn run(cli: Cli) -> Result<()> {
             setup::run()?;
             demo::run()
         }
-        // gateway-ebpf is no_std for bpfel-unknown-none: it cannot be linted for the host.
         Command::Bench { quick, only } => {
             require_root("bench")?;
             setup::run()?;
             let out = setup::workspace_root().join("target/bench");
             bench::run(if quick { "quick" } else { "full" }, only.as_deref(), &out)
         }
-        Command::Clippy => cargo::cargo(&[
-            "clippy",
-            "--workspace",
-            "--exclude",
-            "gateway-ebpf",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]),
+        Command::Clippy => clippy::run(),
     }
 }
 

@@ -9,6 +9,7 @@
 //! Owns no protocol logic.
 
 mod heartbeat;
+mod kernel_log;
 mod links;
 
 use std::{
@@ -32,10 +33,12 @@ use tracing::{info, warn};
 
 use self::{
     heartbeat::Heartbeat,
+    kernel_log::KernelLog,
     links::{LinkSlot, TcAttachment, attach_tc_ingress, attach_xdp, remove_pinned_link},
 };
 pub use self::{
     heartbeat::monotonic_ns,
+    kernel_log::TARGET as KERNEL_LOG_TARGET,
     links::{AttachOutcome, remove_netlink_filters},
 };
 use crate::{
@@ -149,6 +152,8 @@ impl DatapathConfig {
 /// The loaded and attached datapath. Keep it alive for the daemon's lifetime.
 pub struct Datapath {
     ebpf: Ebpf,
+    /// The programs' log until [`Datapath::start_kernel_log`] hands it to its drain.
+    kernel_log: Option<KernelLog>,
     links: Vec<(TcAttachment, LinkSlot)>,
     heartbeat: Heartbeat,
     pin_dir: PathBuf,
@@ -236,6 +241,11 @@ impl Datapath {
                 })
             })?;
         let heartbeat = Heartbeat::start(heartbeat_map);
+        let kernel_log = KernelLog::take(&mut ebpf)
+            .inspect_err(
+                |error| warn!(%error, "the programs' log cannot be read; their events are lost"),
+            )
+            .ok();
 
         let mut links = Vec::new();
         let slot = LinkSlot::new(
@@ -271,11 +281,23 @@ impl Datapath {
         }
         Ok(Self {
             ebpf,
+            kernel_log,
             links,
             heartbeat,
             pin_dir,
             outcome,
         })
+    }
+
+    /// Starts draining the programs' rare events (rate-limited in the kernel) into `tracing`
+    /// under [`KERNEL_LOG_TARGET`], on the tokio runtime this is called from, for the rest of
+    /// the daemon's life. Once; later calls do nothing.
+    pub fn start_kernel_log(&mut self) {
+        if let Some(kernel_log) = self.kernel_log.take()
+            && let Err(error) = kernel_log.spawn_drain()
+        {
+            warn!(%error, "the programs' log cannot be drained; their events are lost");
+        }
     }
 
     pub fn outcome(&self) -> AttachOutcome {
