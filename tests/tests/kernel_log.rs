@@ -13,7 +13,7 @@ use std::{
 
 use common::pinned_packets;
 use gateway_common::ExitReason;
-use integration_tests::{
+use testbed::{
     Netns, Testbed, addr,
     gateway::{GatewayDaemon, InstanceCleanup, start_in_fw},
     iface, run_checked, wait_until,
