@@ -294,6 +294,7 @@ async fn serve(
         Arc::clone(&services),
         s.external.clone(),
         s.internal.clone(),
+        instance.pin_dir(),
     ));
     let control_path = gateway::admin_socket::socket_path(instance);
     let control = tokio::spawn({
@@ -407,7 +408,12 @@ fn reserve_relay_ports(args: &DaemonArgs, instance: &Instance) -> Result<()> {
 /// Keeps the policy's own addresses (the whole host's) current: on every address change the
 /// kernel announces over netlink, they are read again and put in force, for the SOCKS policy and
 /// the enhanced mode's forbidden remotes alike.
-async fn follow_address_changes(services: Arc<Services>, external: String, internal: String) {
+async fn follow_address_changes(
+    services: Arc<Services>,
+    external: String,
+    internal: String,
+    pin_dir: std::path::PathBuf,
+) {
     let socket = match netif::address_changes().and_then(|fd| {
         // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same for
         // the AsyncFd's whole life.
@@ -439,6 +445,16 @@ async fn follow_address_changes(services: Arc<Services>, external: String, inter
         let (Ok(ext), Ok(int)) = (netif::addresses(&external), netif::addresses(&internal)) else {
             continue;
         };
+        // The kernel's "no UDP from inside to an external address" rule follows too.
+        let external_ips: Vec<IpAddr> = ext.iter().map(|a| a.ip).collect();
+        match gateway::datapath::sync_external_addresses(&pin_dir, &external_ips) {
+            Ok((0, 0)) => {}
+            Ok((added, removed)) => info!(
+                added,
+                removed, "external addresses changed; the internal interface's program follows"
+            ),
+            Err(error) => warn!(%error, "cannot update the kernel's external addresses"),
+        }
         let own = access::own_addresses(&ext, &int);
         let mut updated = (*services.access.get()).clone();
         if updated.policy.own_addresses == own {

@@ -853,3 +853,47 @@ fn an_address_added_to_the_host_after_start_is_refused_as_a_connect_target() {
         "the host's new address is refused as a CONNECT target"
     );
 }
+
+#[test]
+fn an_address_added_to_the_external_interface_after_start_is_guarded_from_inside() {
+    let bed = Testbed::new().unwrap();
+    let (gateway, cleanup) = start_in_fw(&bed, &[]).unwrap();
+    testbed::run_checked(bed.fw.command("ip").args([
+        "addr",
+        "add",
+        "203.0.113.9/32",
+        "dev",
+        iface::FW_OUTSIDE,
+    ]))
+    .unwrap();
+    assert!(
+        gateway.wait_for_log("external addresses changed", 1, WAIT),
+        "the kernel's list follows the interface:\n{}",
+        gateway.log_text()
+    );
+    let sink = bed
+        .fw
+        .udp_socket("203.0.113.9:7777", Duration::from_millis(300))
+        .unwrap();
+    let before = pinned_packets(&cleanup, ExitReason::InsideToExternalAddress);
+    let inside = bed
+        .client
+        .udp_socket("198.51.100.2:0", Duration::from_secs(1))
+        .unwrap();
+    for _ in 0..3 {
+        inside
+            .send_to(b"posing as a remote", "203.0.113.9:7777")
+            .unwrap();
+    }
+    assert!(
+        wait_until(WAIT, || {
+            pinned_packets(&cleanup, ExitReason::InsideToExternalAddress) >= before + 3
+        }),
+        "UDP from inside to the new external address is dropped and counted"
+    );
+    let mut buf = [0u8; 64];
+    assert!(
+        sink.recv_from(&mut buf).is_err(),
+        "no socket on the new address hears it"
+    );
+}

@@ -439,6 +439,42 @@ fn clear<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &str) -> Result<usize,
     Ok(keys.len())
 }
 
+/// Makes the pinned `EXTERNAL_ADDRS` of the gateway at `pin_dir` hold exactly `addresses` (the
+/// external interface's now), new ones first, so no inside host can pose as a remote through an
+/// address the interface gained after start. Returns how many were added and removed.
+pub fn sync_external_addresses(
+    pin_dir: &Path,
+    addresses: &[IpAddr],
+) -> Result<(usize, usize), DatapathError> {
+    let path = pin_dir.join(map_names::EXTERNAL_ADDRS);
+    let open = |source| DatapathError::Map {
+        what: format!("open {}", path.display()),
+        source,
+    };
+    let data = MapData::from_pin(&path).map_err(open)?;
+    let map = aya::maps::Map::from_map_data(data).map_err(open)?;
+    let mut external: HashMap<MapData, Addr16, u32> = HashMap::try_from(map).map_err(open)?;
+    let wanted: Vec<Addr16> = addresses.iter().map(|ip| addr16(*ip)).collect();
+    let present: Vec<Addr16> = external.keys().filter_map(Result::ok).collect();
+    let mut added = 0;
+    for key in wanted.iter().filter(|key| !present.contains(key)) {
+        external
+            .insert(key, 0, 0)
+            .map_err(|source| DatapathError::Map {
+                what: "add an external address".to_owned(),
+                source,
+            })?;
+        added += 1;
+    }
+    let mut removed = 0;
+    for key in present.iter().filter(|key| !wanted.contains(key)) {
+        if external.remove(key).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok((added, removed))
+}
+
 /// Replaces the allow-list with exactly the configured flows (before the program runs).
 fn fill_host_allow(ebpf: &mut Ebpf, flows: &[HostFlow]) -> Result<(), DatapathError> {
     clear::<HostAllowKey, HostAllowValue>(ebpf, map_names::HOST_ALLOW)?;
