@@ -576,3 +576,23 @@ async fn a_user_at_their_binding_cap_gets_01_on_every_connection_and_others_bind
     let socket = new_socket(&bob).await;
     within("bob binds", socket.bind()).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_policy_reload_applies_to_live_listen_bindings() {
+    let gateway = start_enhanced(|config| config.allow_listen = true).await;
+    let session = gateway.session().await;
+    let socket = new_socket(&session).await;
+    let relays = within("bind", socket.bind()).await.unwrap();
+    within("listen", socket.listen()).await.unwrap();
+    let remote = udp(REMOTE_HOST).await;
+    send_udp(&remote, b"before", relays.external).await;
+    let mut buf = [0u8; 1500];
+    let (len, _) = within("recv", socket.recv_from(&mut buf)).await.unwrap();
+    assert_eq!(&buf[..len], b"before");
+    // A SIGHUP (or an address change) now forbids the remote's host.
+    gateway
+        .mode()
+        .set_forbidden_remotes(vec!["127.0.0.2/32".parse().unwrap()]);
+    send_udp(&remote, b"after the reload", relays.external).await;
+    assert_silent(socket.socket(), "a remote the policy now forbids").await;
+}

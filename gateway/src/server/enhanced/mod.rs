@@ -198,6 +198,12 @@ impl EnhancedMode {
         self.lock_bindings().set_forbidden_remotes(forbidden);
     }
 
+    /// Whether a datagram from `ip` may reach a Listen binding: the policy in force now (a
+    /// SIGHUP or an address change applies to live Listen bindings too).
+    pub fn remote_allowed_now(&self, ip: std::net::IpAddr) -> bool {
+        self.lock_bindings().config().remote_allowed(ip)
+    }
+
     /// How many bindings (half-bound and confirmed) are live.
     pub fn live_bindings(&self) -> usize {
         self.lock_bindings().len()

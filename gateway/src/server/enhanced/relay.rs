@@ -452,7 +452,7 @@ impl Relay {
                 with_offset(addr, u16::try_from(flow).unwrap_or(0)) == Some(from)
             }
             RemoteMatch::Host(ip) => from.ip() == ip,
-            RemoteMatch::Any => self.mode.config().remote_allowed(from.ip()),
+            RemoteMatch::Any => self.mode.remote_allowed_now(from.ip()),
         };
         if !admitted {
             self.stats.dropped_unknown_remote += 1;
