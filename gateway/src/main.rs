@@ -48,7 +48,7 @@ enum Command {
     },
     /// Remove the gate of a stopped or dead gateway: its XDP and tc links (the gate opens: unsolicited
     /// UDP reaches the host again), its pinned maps, the relay ports it reserved and its run
-    /// directory. The gateway installs no tc filters besides. Refuses while the instance's
+    /// directory (with `--tc-attach netlink`, its tc filters too). Refuses while the instance's
     /// daemon is alive: stop it (SIGTERM) first, then detach.
     Detach {
         /// Instance name of the gateway to remove.
