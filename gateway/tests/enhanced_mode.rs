@@ -536,3 +536,40 @@ async fn a_relay_port_in_use_is_answered_01_and_released() {
     drop(blocker);
     step1(&gateway, &mut stream, RSU, 1, local).await;
 }
+
+#[tokio::test]
+async fn raw_asked_for_is_not_granted_and_delivery_keeps_the_header() {
+    const RAW: u16 = 0x0200;
+    let gateway = start(|_| {}).await;
+    let mut stream = gateway.enter().await;
+    let client = udp(LOCALHOST).await;
+    let local = client.local_addr().unwrap();
+    // Step 1 with RAW: made, but the reply does not echo RAW (not granted).
+    let first = request(
+        &mut stream,
+        &control(BIND, RSU | RAW, 0x0301, 0, local, UNSPECIFIED),
+    )
+    .await;
+    assert_eq!(first.code, 0x00, "{first:?}");
+    assert_eq!(first.flags & RAW, 0, "RAW is not echoed: {first:?}");
+    assert_eq!(first.flags, RSU | REMOTE_PENDING);
+    // Step 2 repeats step 1's flags, RAW included, as a client not yet told no would.
+    let mut remote = UdpEcho::start(udp(REMOTE_HOST).await);
+    let second = request(
+        &mut stream,
+        &control(BIND, RSU | RAW, 0x0301, first.aid, local, remote.addr),
+    )
+    .await;
+    assert_eq!(second.code, 0x00, "{second:?}");
+    assert_eq!(second.flags & RAW, 0, "{second:?}");
+    // Delivery uses the 8-octet header, as for any binding.
+    client
+        .send_to(&datagram(first.aid, b"hello"), first.local)
+        .await
+        .unwrap();
+    assert_eq!(remote.next().await, (first.remote, b"hello".to_vec()));
+    assert_eq!(
+        recv_udp(&client).await,
+        (datagram(first.aid, b"hello"), first.local)
+    );
+}

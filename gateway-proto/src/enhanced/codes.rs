@@ -111,10 +111,13 @@ impl Flags {
     pub const REMOTE_PENDING: Self = Self(0x0080);
     /// `0100` (ours): one binding, two flows (RTP on the even port, RTCP on the next).
     pub const RTP_PAIR: Self = Self(0x0100);
+    /// `0200` (ours): header-less delivery for an Open binding; echoed in the reply only when
+    /// granted (a client not granted it uses the header).
+    pub const RAW: Self = Self(0x0200);
     /// Every flag defined above.
-    pub const KNOWN: Self = Self(0x01FF);
+    pub const KNOWN: Self = Self(0x03FF);
 
-    const NAMES: [(Self, &'static str); 9] = [
+    const NAMES: [(Self, &'static str); 10] = [
         (Self::RECEIVE, "RECEIVE"),
         (Self::SEND, "SEND"),
         (Self::UNICAST, "UNICAST"),
@@ -124,6 +127,7 @@ impl Flags {
         (Self::MULTICAST_TO_MULTICAST, "MULTICAST_TO_MULTICAST"),
         (Self::REMOTE_PENDING, "REMOTE_PENDING"),
         (Self::RTP_PAIR, "RTP_PAIR"),
+        (Self::RAW, "RAW"),
     ];
 
     /// No flag.
@@ -291,6 +295,7 @@ mod tests {
             (Flags::MULTICAST_TO_MULTICAST, 0x0040),
             (Flags::REMOTE_PENDING, 0x0080),
             (Flags::RTP_PAIR, 0x0100),
+            (Flags::RAW, 0x0200),
         ];
         let mut all = Flags::empty();
         for (flag, bits) in values {

@@ -173,12 +173,17 @@ impl Session<'_> {
             Ok(remote) => remote,
             Err(code) => return ControlReply::echo(request, code),
         };
+        // RAW (header-less delivery) is not granted yet: the binding is made without it and the
+        // reply does not echo it, so the client uses the 8-octet header (docs/protocol.md).
+        if request.flags.contains(Flags::RAW) {
+            debug!(peer = %self.peer, tid = request.tid, "RAW asked for, not granted: this gateway delivers with the header");
+        }
         let bind = BindRequest {
             tid: request.tid,
             aid: request.aid,
             local,
             remote,
-            flags: request.flags.bits(),
+            flags: request.flags.bits() & !Flags::RAW.bits(),
         };
         let (decision, info) = {
             let mut bindings = self.mode.lock_bindings();
