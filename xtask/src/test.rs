@@ -21,7 +21,7 @@ pub fn cargo(args: &[&str]) -> Result<()> {
 }
 
 /// Names of the integration test files in `tests/tests/`.
-fn integration_tests() -> Result<Vec<String>> {
+pub fn integration_tests() -> Result<Vec<String>> {
     let dir = workspace_root().join("tests/tests");
     let mut names: Vec<String> = fs::read_dir(&dir)
         .with_context(|| format!("read {}", dir.display()))?
