@@ -47,8 +47,46 @@ pub const DEFAULT_VM_TESTS: &[&str] = &[
 /// Modules the initramfs loads (with their dependencies) to mount the host's root over 9p.
 const INITRAMFS_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p"];
 
-/// Each test file gets at most this long inside the guest (coreutils `timeout`).
-const PER_FILE_TIMEOUT: Duration = Duration::from_secs(900);
+/// How the guest's CPU runs, and what that means for its time limits.
+#[derive(Clone, Copy)]
+enum Accel {
+    Kvm,
+    /// Software emulation: about 15 times slower than the host.
+    Tcg,
+}
+
+impl Accel {
+    /// `GATEWAY_TEST_TIME_SCALE` for the tests: how much longer their waits may take.
+    fn time_scale(self) -> u32 {
+        match self {
+            Self::Kvm => 2,
+            Self::Tcg => 20,
+        }
+    }
+
+    /// The most one test file may take inside the guest (coreutils `timeout`).
+    fn per_file_timeout(self) -> Duration {
+        match self {
+            Self::Kvm => Duration::from_mins(10),
+            Self::Tcg => Duration::from_mins(40),
+        }
+    }
+
+    /// The whole VM's time limit when `--vm-timeout` is not given.
+    fn default_vm_timeout(self) -> Duration {
+        match self {
+            Self::Kvm => Duration::from_mins(30),
+            Self::Tcg => Duration::from_hours(2),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Kvm => "KVM",
+            Self::Tcg => "TCG",
+        }
+    }
+}
 
 /// Mount tags of the two 9p shares.
 const ROOT_TAG: &str = "hostroot";
@@ -65,7 +103,8 @@ pub enum Kernel {
 pub struct Options<'a> {
     pub kernel: Kernel,
     pub filter: Option<&'a str>,
-    pub timeout: Duration,
+    /// The VM's time limit; `None`: a default for the accelerator.
+    pub timeout: Option<Duration>,
 }
 
 /// An unpacked kernel package: the extracted tree, its release (`uname -r`) and its image.
@@ -119,18 +158,33 @@ pub fn run(options: &Options<'_>) -> Result<()> {
     }
     fs::create_dir_all(run_dir.join("status"))
         .with_context(|| format!("create {}", run_dir.display()))?;
-    write_stage2(&run_dir, &kernel, &executables)?;
+    let accel = match kvm_usable() {
+        Ok(()) => Accel::Kvm,
+        Err(why) => {
+            log(&format!(
+                "no KVM ({why}): software emulation (TCG), about 15 times slower; the tests' waits \
+                 are stretched {} times",
+                Accel::Tcg.time_scale()
+            ));
+            Accel::Tcg
+        }
+    };
+    write_stage2(&run_dir, &kernel, &executables, accel)?;
     let initramfs = run_dir.join("initramfs.cpio");
     build_initramfs(&kernel, &run_dir, &initramfs)?;
 
     let booted = Instant::now();
-    let console = boot(&kernel, &initramfs, &run_dir, options.timeout)?;
+    let timeout = options
+        .timeout
+        .unwrap_or_else(|| accel.default_vm_timeout());
+    let console = boot(&kernel, &initramfs, &run_dir, accel, timeout)?;
     let vm_seconds = booted.elapsed().as_secs();
 
     let results = collect_results(&run_dir, &names, &console);
-    let guest_kernel = fs::read_to_string(run_dir.join("kernel"))
-        .map(|text| text.trim().to_owned())
-        .unwrap_or_else(|_| "unknown (the guest did not say)".to_owned());
+    let guest_kernel = fs::read_to_string(run_dir.join("kernel")).map_or_else(
+        |_| "unknown (the guest did not say)".to_owned(),
+        |text| text.trim().to_owned(),
+    );
     let mut summary = format!(
         "kernel-vm: results on {guest_kernel} (Debian package {} {}):\n",
         kernel.package, kernel.version
@@ -182,7 +236,11 @@ pub fn run(options: &Options<'_>) -> Result<()> {
 fn selected_tests(filter: Option<&str>) -> Result<Vec<String>> {
     let all = crate::test::integration_tests()?;
     let names: Vec<String> = match filter {
-        Some(filter) => all.into_iter().filter(|n| n.contains(filter)).collect(),
+        // Comma-separated: a VM boot is dear, so one run can take several files.
+        Some(filter) => all
+            .into_iter()
+            .filter(|name| filter.split(',').any(|part| name.contains(part.trim())))
+            .collect(),
         None => DEFAULT_VM_TESTS
             .iter()
             .map(|&name| name.to_owned())
@@ -219,25 +277,27 @@ fn run_status(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// The package the candidate `linux-image-amd64` depends on (`linux-image-<abi>-amd64`).
+fn linux_image_amd64_target() -> Option<String> {
+    let out = Command::new("apt-cache")
+        .args(["depends", "linux-image-amd64"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| {
+            line.trim()
+                .strip_prefix("Depends: ")
+                .filter(|dep| dep.starts_with("linux-image-"))
+                .map(str::to_owned)
+        })
+}
+
 /// The package `linux-image-amd64` depends on in the host's apt lists, and its version. Updates
 /// the lists once when apt does not know the package.
 fn debian12_package() -> Result<(String, String)> {
-    let depends = |()| -> Option<String> {
-        let out = Command::new("apt-cache")
-            .args(["depends", "linux-image-amd64"])
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|line| {
-                line.trim()
-                    .strip_prefix("Depends: ")
-                    .filter(|dep| dep.starts_with("linux-image-"))
-                    .map(str::to_owned)
-            })
-    };
-    let package = if let Some(package) = depends(()) {
+    let package = if let Some(package) = linux_image_amd64_target() {
         package
     } else {
         log("apt does not know linux-image-amd64 yet: apt-get update");
@@ -246,7 +306,7 @@ fn debian12_package() -> Result<(String, String)> {
                 .args(["-qq", "update"])
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
-        depends(()).context(
+        linux_image_amd64_target().context(
             "apt knows no linux-image-amd64 (is the Debian archive in /etc/apt/sources.list?)",
         )?
     };
@@ -339,7 +399,8 @@ fn unpack(deb: &Path) -> Result<KernelTree> {
         .join(format!("{package}_{version}"));
     let root = dir.join("root");
     let marker = dir.join("unpacked");
-    if fs::read_to_string(&marker).ok().as_deref() == Some(stamp.as_str()) {
+    let fresh = fs::read_to_string(&marker).ok().as_deref() == Some(stamp.as_str());
+    if fresh {
         log(&format!("using the unpacked {}", root.display()));
     } else {
         log(&format!("unpacking {} and running depmod", deb.display()));
@@ -366,7 +427,7 @@ fn unpack(deb: &Path) -> Result<KernelTree> {
     if !vmlinuz.exists() {
         bail!("{} has no boot/vmlinuz-{release}", deb.display());
     }
-    if fs::read_to_string(&marker).ok().as_deref() != Some(stamp.as_str()) {
+    if !fresh {
         run_status(Command::new("depmod").arg("-b").arg(&root).arg(&release))?;
         fs::write(&marker, &stamp).with_context(|| format!("write {}", marker.display()))?;
     }
@@ -435,7 +496,12 @@ fn path_str(path: &Path) -> Result<&str> {
 
 /// The guest's second stage, run by the host's `/bin/sh` once the host's root is `/`, and the
 /// module loader wrapper it installs.
-fn write_stage2(run_dir: &Path, kernel: &KernelTree, tests: &[(String, PathBuf)]) -> Result<()> {
+fn write_stage2(
+    run_dir: &Path,
+    kernel: &KernelTree,
+    tests: &[(String, PathBuf)],
+    accel: Accel,
+) -> Result<()> {
     let run = sh_quote(path_str(run_dir)?);
     let modprobe = run_dir.join("modprobe");
     fs::write(
@@ -454,7 +520,8 @@ fn write_stage2(run_dir: &Path, kernel: &KernelTree, tests: &[(String, PathBuf)]
     let mut script = format!(
         r#"#!/bin/sh
 # Second stage of the kernel VM (written by cargo xtask test --kernel): the host's root is /.
-export PATH={path} HOME=/root GATEWAY_BIN={gateway_bin} RUST_BACKTRACE=1 LANG=C.UTF-8
+export PATH={path} HOME=/root GATEWAY_BIN={gateway_bin} LANG=C.UTF-8
+export GATEWAY_TEST_TIME_SCALE={scale}
 say() {{ echo "gateway-vm: $*"; }}
 die() {{ say "FATAL: $*"; echo o > /proc/sysrq-trigger; sleep 60; }}
 mount -t proc proc /proc || die "mount /proc"
@@ -481,6 +548,7 @@ cd {root} || die "cd {root}"
         path = sh_quote(&path),
         gateway_bin = sh_quote(path_str(&gateway_bin)?),
         root = sh_quote(path_str(workspace_root())?),
+        scale = accel.time_scale(),
     );
     for (name, exe) in tests {
         let _ = write!(
@@ -491,7 +559,7 @@ status=$?
 echo $status > {run}/status/{name}
 say "end {name} status $status"
 "#,
-            secs = PER_FILE_TIMEOUT.as_secs(),
+            secs = accel.per_file_timeout().as_secs(),
             exe = sh_quote(path_str(exe)?),
         );
     }
@@ -571,10 +639,10 @@ fn module_load_order(kernel: &KernelTree, wanted: &[&str]) -> Result<Vec<String>
     let mut order = Vec::new();
     for &name in wanted {
         if !deps.contains_key(name) {
-            let built_in = builtin
+            let compiled_in = builtin
                 .lines()
                 .any(|line| line.ends_with(&format!("/{name}.ko")));
-            if built_in {
+            if compiled_in {
                 continue;
             }
             bail!("kernel {} has no module {name}", kernel.release);
@@ -674,22 +742,15 @@ fn boot(
     kernel: &KernelTree,
     initramfs: &Path,
     run_dir: &Path,
+    accel: Accel,
     timeout: Duration,
 ) -> Result<String> {
-    let kvm = kvm_usable();
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-nodefaults", "-no-reboot", "-display", "none"]);
-    match &kvm {
-        Ok(()) => {
-            qemu.args(["-enable-kvm", "-cpu", "host"]);
-        }
-        Err(why) => {
-            log(&format!(
-                "no KVM ({why}): software emulation (TCG), several times slower"
-            ));
-            qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max"]);
-        }
-    }
+    match accel {
+        Accel::Kvm => qemu.args(["-enable-kvm", "-cpu", "host"]),
+        Accel::Tcg => qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max"]),
+    };
     qemu.args(["-smp", "2", "-m", "2048", "-serial", "stdio"])
         .arg("-kernel")
         .arg(&kernel.vmlinuz)
@@ -714,36 +775,14 @@ fn boot(
     log(&format!(
         "booting {} in qemu ({}; up to {} s)",
         kernel.release,
-        if kvm.is_ok() { "KVM" } else { "TCG" },
+        accel.name(),
         timeout.as_secs()
     ));
     let mut child = qemu.spawn().context("start qemu-system-x86_64")?;
     let pid = child.id();
     let stdout = child.stdout.take().context("qemu's stdout")?;
     let log_path = run_dir.join("console.log");
-    let mut log_file =
-        fs::File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
-    let (lines_tx, lines_rx) = mpsc::channel::<String>();
-    let reader = thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        let mut buf = Vec::new();
-        let mut all = String::new();
-        loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let line = String::from_utf8_lossy(&buf);
-                    let line = line.trim_end_matches(['\r', '\n']);
-                    let _ = writeln!(log_file, "{line}");
-                    let _ = lines_tx.send(line.to_owned());
-                    all.push_str(line);
-                    all.push('\n');
-                }
-            }
-        }
-        all
-    });
+    let (lines_rx, reader) = spawn_console_reader(stdout, &log_path)?;
 
     let deadline = Instant::now() + timeout;
     let exit = loop {
@@ -792,6 +831,38 @@ fn boot(
         );
     }
     Ok(console)
+}
+
+/// Reads qemu's console: each line goes to `log_path` and to the returned channel; the thread
+/// returns the whole text at the end of the output.
+fn spawn_console_reader(
+    stdout: std::process::ChildStdout,
+    log_path: &Path,
+) -> Result<(mpsc::Receiver<String>, thread::JoinHandle<String>)> {
+    let mut log_file =
+        fs::File::create(log_path).with_context(|| format!("create {}", log_path.display()))?;
+    let (lines_tx, lines_rx) = mpsc::channel::<String>();
+    let reader = thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        let mut all = String::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf);
+                    let line = line.trim_end_matches(['\r', '\n']);
+                    let _ = writeln!(log_file, "{line}");
+                    let _ = lines_tx.send(line.to_owned());
+                    all.push_str(line);
+                    all.push('\n');
+                }
+            }
+        }
+        all
+    });
+    Ok((lines_rx, reader))
 }
 
 /// Each file's exit status (from the result share) and libtest summary (from the console).

@@ -34,7 +34,7 @@ enum Command {
     #[command(group(clap::ArgGroup::new("vm").args(["kernel", "kernel_deb"])))]
     Test {
         /// Only run integration test files whose name contains this string (with --kernel: any
-        /// file, not only the default VM set).
+        /// file, not only the default VM set, and a comma-separated list picks several).
         #[arg(long)]
         filter: Option<String>,
         /// Skip the unit tests (integration tests only; a --kernel run has no unit tests).
@@ -43,17 +43,18 @@ enum Command {
         /// Run the integration tests on this kernel, booted in qemu (KVM when /dev/kvm is
         /// usable): `debian12` is Debian 12's linux-image-amd64 (6.1, no tcx: the gateway
         /// attaches tc programs by netlink), downloaded from the Debian archive with apt-get and
-        /// cached under target/kernel-vm. Runs datapath, xdp_gate, kernel_relay, no_way_in and
-        /// enhanced_testbed; installs qemu-system-x86, busybox-static and kmod when missing.
+        /// cached under target/kernel-vm. Runs `datapath`, `xdp_gate`, `kernel_relay`, `no_way_in`
+        /// and `enhanced_testbed`; installs qemu-system-x86, busybox-static and kmod when missing.
         #[arg(long, value_enum)]
         kernel: Option<KernelName>,
         /// Like --kernel, with a Debian linux-image-*.deb on disk (for example one fetched with
         /// `apt-get download linux-image-6.1.0-NN-amd64` on another release).
         #[arg(long, value_name = "PATH")]
         kernel_deb: Option<PathBuf>,
-        /// With --kernel/--kernel-deb: kill the VM (qemu, by pid) after this many seconds.
-        #[arg(long, value_name = "SECONDS", default_value_t = 2400, requires = "vm")]
-        vm_timeout: u64,
+        /// With --kernel/--kernel-deb: kill the VM (qemu, by pid) after this many seconds
+        /// [default: 1800 with KVM, 7200 under software emulation].
+        #[arg(long, value_name = "SECONDS", requires = "vm")]
+        vm_timeout: Option<u64>,
     },
     /// Bring the three-namespace testbed (client -- fw -- server) up or down.
     Testbed {
@@ -125,7 +126,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(kernel) => kernel_vm::run(&kernel_vm::Options {
                     kernel,
                     filter: filter.as_deref(),
-                    timeout: Duration::from_secs(vm_timeout),
+                    timeout: vm_timeout.map(Duration::from_secs),
                 }),
                 None => test::run(filter.as_deref(), skip_unit),
             }
