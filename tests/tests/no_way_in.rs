@@ -228,7 +228,7 @@ impl LiveBinding {
             })
         };
         let external = ready_rx
-            .recv_timeout(WAIT)
+            .recv_timeout(WAIT * time_scale())
             .expect("the binding is confirmed");
         Self {
             external,
