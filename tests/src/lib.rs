@@ -474,7 +474,7 @@ impl ChildGuard {
     ) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
         let _ = kill(Pid::from_raw(i32::try_from(child.id()).ok()?), signal);
-        let deadline = Instant::now() + grace;
+        let deadline = Instant::now() + grace * time_scale();
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 return Some(status);
@@ -495,9 +495,20 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Polls `condition` every 20 ms until it holds or `timeout` passes.
+/// How many times longer waits for something to happen may take than on real hardware:
+/// `GATEWAY_TEST_TIME_SCALE` (a whole number, default 1). `cargo xtask test --kernel` sets it in
+/// a VM without KVM, where everything runs about 15 times slower.
+pub fn time_scale() -> u32 {
+    std::env::var("GATEWAY_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|scale| scale.parse().ok())
+        .filter(|&scale| scale >= 1)
+        .unwrap_or(1)
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` (times [`time_scale`]) passes.
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + timeout * time_scale();
     loop {
         if condition() {
             return true;

@@ -18,7 +18,7 @@ use gateway_common::ExitReason;
 use testbed::{
     Netns, Testbed, addr,
     gateway::{GatewayDaemon, InstanceCleanup, reason_packets, start_in_fw, stats_json},
-    wait_until,
+    time_scale, wait_until,
 };
 
 const PROXY: &str = "198.51.100.1:1080";
@@ -78,7 +78,12 @@ async fn receive(binding: &gateway_client::UdpBinding, count: usize) -> Vec<Vec<
     let mut got = Vec::new();
     let mut buf = vec![0u8; 2048];
     while got.len() < count {
-        match tokio::time::timeout(Duration::from_secs(3), binding.recv(&mut buf)).await {
+        match tokio::time::timeout(
+            Duration::from_secs(3) * time_scale(),
+            binding.recv(&mut buf),
+        )
+        .await
+        {
             Ok(Ok(len)) => got.push(buf[..len].to_vec()),
             _ => break,
         }

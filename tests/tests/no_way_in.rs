@@ -21,7 +21,7 @@ use std::{
 use std::os::unix::fs::OpenOptionsExt as _;
 
 use common::pinned_packets;
-use gateway_client::{Client, EnhancedSession, Family};
+use gateway_client::{Client, EnhancedSession, Family, Timeouts};
 use gateway_common::ExitReason;
 use nix::{
     sched::{CloneFlags, setns},
@@ -33,7 +33,7 @@ use testbed::{
         GatewayDaemon, InstanceCleanup, TESTBED_ARGS, detach, passwd_line, start_expecting_failure,
         start_in_fw, unique_instance,
     },
-    iface,
+    iface, time_scale,
     traffic::{self, drain},
     wait_until,
 };
@@ -158,7 +158,13 @@ fn control_connections_only_from_permitted_client_networks() {
 /// An enhanced-mode session with the gateway in the test bed (run in `client`).
 async fn enhanced_session(credentials: Option<(String, String)>) -> EnhancedSession {
     let proxy = SocketAddr::new(addr::FW_INSIDE_V4.into(), 1080);
-    Client::connect(proxy, credentials)
+    // Password checks are CPU work: stretched with everything else in a slow (emulated) VM.
+    let defaults = Timeouts::default();
+    let timeouts = Timeouts {
+        handshake: defaults.handshake * time_scale(),
+        ..defaults
+    };
+    Client::connect_with(proxy, credentials, timeouts)
         .await
         .unwrap()
         .enhanced()
@@ -222,7 +228,7 @@ impl LiveBinding {
             })
         };
         let external = ready_rx
-            .recv_timeout(WAIT)
+            .recv_timeout(WAIT * time_scale())
             .expect("the binding is confirmed");
         Self {
             external,
@@ -706,7 +712,7 @@ fn user_names_are_logged_with_control_characters_escaped() {
             let proxy = SocketAddr::new(addr::FW_INSIDE_V4.into(), 1080);
             let mut stream = TcpStream::connect_timeout(&proxy, Duration::from_secs(2)).unwrap();
             stream
-                .set_read_timeout(Some(Duration::from_secs(5)))
+                .set_read_timeout(Some(Duration::from_secs(5) * time_scale()))
                 .unwrap();
             stream.write_all(&[5, 1, 2]).unwrap();
             let mut selection = [0u8; 2];

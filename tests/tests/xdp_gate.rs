@@ -375,18 +375,27 @@ fn detach_removes_what_a_dead_daemon_left() {
         "a live daemon is not detached behind its back"
     );
 
+    // Without tcx (before Linux 6.6, e.g. Debian 12's 6.1) the tc programs are netlink filters,
+    // recorded in the run directory, instead of pinned tcx links.
+    let netlink = gateway.log_text().contains("(netlink filter)");
     gateway.kill();
     assert_burst_dropped(&bed, &sinks, &cleanup, "the gate outlives the daemon");
 
     let out = gateway_cli(&bed.fw, &["detach", "--instance", &instance]).unwrap();
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{said}");
-    for what in [
-        "xdp_external_link",
-        "tc_external_link",
-        "tc_internal_link",
-        "BINDINGS",
-    ] {
+    let tc = if netlink {
+        [
+            format!("tc netlink filter on {}", iface::FW_OUTSIDE),
+            format!("tc netlink filter on {}", iface::FW_INSIDE),
+        ]
+    } else {
+        ["tc_external_link".to_owned(), "tc_internal_link".to_owned()]
+    };
+    for what in ["xdp_external_link", "BINDINGS"]
+        .into_iter()
+        .chain(tc.iter().map(String::as_str))
+    {
         assert!(said.contains(what), "detach says it removed {what}: {said}");
     }
     assert!(!cleanup.pin_dir().exists());

@@ -182,7 +182,12 @@ fn package_installed(package: &str) -> bool {
 }
 
 fn ensure_debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    ensure_packages(DEBIAN_PACKAGES, "the project")
+}
+
+/// Installs those of `packages` that are missing (apt-get update first), saying what for.
+pub fn ensure_packages(packages: &[&str], what_for: &str) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|package| !package_installed(package))
@@ -190,7 +195,10 @@ fn ensure_debian_packages() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    println!("setup: installing Debian packages: {}", missing.join(" "));
+    println!(
+        "setup: installing Debian packages for {what_for}: {}",
+        missing.join(" ")
+    );
     status(
         Command::new("apt-get")
             .args(["-qq", "update"])

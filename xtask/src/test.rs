@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cargo::cargo, setup::workspace_root};
 
 /// Names of the integration test files in `tests/tests/`.
-fn testbed() -> Result<Vec<String>> {
+pub fn integration_test_files() -> Result<Vec<String>> {
     let dir = workspace_root().join("tests/tests");
     let mut names: Vec<String> = fs::read_dir(&dir)
         .with_context(|| format!("read {}", dir.display()))?
@@ -54,7 +54,7 @@ pub fn run(filter: Option<&str>, skip_unit: bool) -> Result<()> {
     }
 
     let gateway_bin = workspace_root().join("target/debug/gateway");
-    for name in testbed()? {
+    for name in integration_test_files()? {
         if filter.is_some_and(|filter| !name.contains(filter)) {
             continue;
         }
