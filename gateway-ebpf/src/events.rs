@@ -9,13 +9,14 @@
 //! - a binding hit while the heartbeat is stale (the gate fails closed): once per stale beat (the
 //!   slot holds the beat it was logged for, so a daemon that beats again and stalls again is
 //!   logged again);
-//! - a packet shape a program cannot handle (an IPv6 extension chain too long to walk, UDP in
-//!   fragments or with IPv4 options, a partial checksum or a size the kernel relay leaves to user
-//!   space, a helper failing mid-rewrite): at most once a second per kind.
+//! - a packet shape the gate cannot handle (an IPv6 extension chain too long to walk, UDP in
+//!   fragments or with IPv4 options): at most once a second per kind.
 //!
-//! Stack: `inbound` and `internal` use about 460 of the 512 bytes the verifier allows a call
-//! chain, which leaves 32 (frames are rounded up to 16) for an event function they call; the
-//! macro writes its record straight into the ring buffer, so the ones they call use 18 to 32.
+//! Only the XDP gate logs. The tc relay programs use about 480 of the 512 bytes the verifier
+//! allows a call chain, and Linux before 6.7 rounds every frame of the chain up to 32 bytes, so
+//! an event function's frame pushes them over on Debian 12's 6.1 (`cargo xtask test --kernel
+//! debian12` showed 544). What they leave to user space (a partial checksum, a size the kernel
+//! relay cannot take) and a helper failing mid-rewrite are counted by reason instead.
 //!
 //! Two CPUs meeting the same event in the same instant may both log it (the slot is written
 //! without an atomic): a rare duplicate line, never an unbounded stream.
@@ -24,7 +25,7 @@
 //! never insert), so a full map is the daemon's insert error, logged there.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::Array};
-use aya_log_ebpf::{error, info, warn};
+use aya_log_ebpf::{info, warn};
 use gateway_common::Addr16;
 
 use crate::maps::HEARTBEAT;
@@ -37,12 +38,9 @@ enum Event {
     Ipv6ExtensionChain = 1,
     UdpFragment = 2,
     Ipv4Options = 3,
-    PartialChecksum = 4,
-    TooBigForKernelRelay = 5,
-    KernelRelayFailed = 6,
 }
 
-const EVENTS: u32 = 7;
+const EVENTS: u32 = 4;
 
 /// Shape events are logged at most this often, each kind on its own.
 const SHAPE_INTERVAL_NS: u64 = 1_000_000_000;
@@ -153,48 +151,5 @@ pub fn ipv4_options(src: &Addr16, dst: &Addr16) {
     }
 }
 
-/// The kernel relay left a `CHECKSUM_PARTIAL` datagram to the userspace relay.
-#[inline(never)]
-pub fn partial_checksum(src: &Addr16, src_port_be: u16, dst: &Addr16, dst_port_be: u16) {
-    if once_a_second(Event::PartialChecksum) {
-        info!(
-            &NO_CONTEXT,
-            "UDP from {:i} port {} to {:i} port {} carries a partial checksum (a local or virtual \
-             sender with tx checksum offload): relayed in user space, not in the kernel (at most \
-             one line a second)",
-            *src,
-            u16::from_be(src_port_be),
-            *dst,
-            u16::from_be(dst_port_be)
-        );
-    }
-}
 
-/// The kernel relay left a datagram to user space: with its framing it exceeds the internal MTU.
-#[inline(never)]
-pub fn too_big_for_kernel_relay(src: &Addr16, src_port_be: u16, udp_len: u16, framing: u32) {
-    if once_a_second(Event::TooBigForKernelRelay) {
-        info!(
-            &NO_CONTEXT,
-            "UDP of {} octets from {:i} port {} would exceed the internal interface's MTU with its \
-             {}-octet framing header: relayed in user space (at most one line a second)",
-            udp_len,
-            *src,
-            u16::from_be(src_port_be),
-            framing
-        );
-    }
-}
 
-/// A checksum or rewrite helper failed while the kernel relay rewrote a datagram (it is dropped).
-#[inline(never)]
-pub fn kernel_relay_failed(error: i64) {
-    if once_a_second(Event::KernelRelayFailed) {
-        error!(
-            &NO_CONTEXT,
-            "a helper failed (error {}) while the kernel relay rewrote a datagram: dropped (at \
-             most one line a second)",
-            error
-        );
-    }
-}
