@@ -150,6 +150,3 @@ pub fn ipv4_options(src: &Addr16, dst: &Addr16) {
         );
     }
 }
-
-
-

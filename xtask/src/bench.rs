@@ -24,6 +24,7 @@ pub fn run(mode: &str, only: Option<&str>, out: &Path) -> Result<()> {
         "bench",
     ])?;
     let release = workspace_root().join("target/release");
+    release_daemon_holds_only_the_daemon(&release.join("gateway"))?;
     let mut cmd = Command::new(release.join("bench"));
     cmd.args(["--mode", mode, "--out"])
         .arg(out)
@@ -36,6 +37,34 @@ pub fn run(mode: &str, only: Option<&str>, out: &Path) -> Result<()> {
     if !status.success() {
         bail!("the bench failed ({status})");
     }
+    Ok(())
+}
+
+/// The release `gateway` binary carries none of the RTSP client's code (it lives in
+/// `gateway-rtsp-get`): no symbol of `gateway_rtsp`, `rtsp_types` or `hound`, while symbols of the
+/// crates it does hold (`gateway_proto`) are there, so the check cannot pass on a stripped binary.
+fn release_daemon_holds_only_the_daemon(binary: &Path) -> Result<()> {
+    let bytes = std::fs::read(binary).with_context(|| format!("read {}", binary.display()))?;
+    let count = |needle: &str| {
+        bytes
+            .windows(needle.len())
+            .filter(|window| *window == needle.as_bytes())
+            .count()
+    };
+    if count("gateway_proto") == 0 {
+        bail!("{} has no symbols to check", binary.display());
+    }
+    for foreign in ["gateway_rtsp", "rtsp_types", "hound"] {
+        let found = count(foreign);
+        if found > 0 {
+            bail!(
+                "{} holds {found} symbol(s) of {foreign}: the RTSP client belongs in \
+                 gateway-rtsp-get",
+                binary.display()
+            );
+        }
+    }
+    println!("bench: the release gateway binary holds no RTSP client code");
     Ok(())
 }
 
@@ -144,6 +173,21 @@ pub fn check_document(doc: &Value) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_daemon_binary_with_rtsp_symbols_or_without_symbols_is_refused() {
+        let dir = std::env::temp_dir().join(format!("xtask-binary-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let check = |name: &str, content: &[u8]| {
+            let path = dir.join(name);
+            std::fs::write(&path, content).unwrap();
+            release_daemon_holds_only_the_daemon(&path)
+        };
+        assert!(check("daemon", b"..gateway_proto::codec..").is_ok());
+        assert!(check("with-rtsp", b"gateway_proto gateway_rtsp::client").is_err());
+        assert!(check("stripped", b"no names at all").is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn an_empty_document_lacks_everything() {
