@@ -283,10 +283,6 @@ fn internal(ctx: &TcContext) -> Exit {
     clippy::needless_borrows_for_generic_args,
     reason = "the key is lent to the map helper, not copied again onto the 512-byte BPF stack"
 )]
-#[expect(
-    clippy::too_many_lines,
-    reason = "one inbound rewrite in the order the packet is changed, read top to bottom"
-)]
 #[inline(always)]
 fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
     let packet = parse(ctx).ok_or(ExitReason::InboundToStack)?;
