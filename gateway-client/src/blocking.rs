@@ -47,10 +47,6 @@ use super::{
     exchange::{self, Tids},
 };
 
-/// More buffered octets than this without a whole packet means the gateway is not speaking the
-/// protocol (as in the async session).
-const MAX_BUFFERED: usize = 128 * 1024;
-
 /// An authenticated SOCKS5 control connection, ready for one command.
 #[derive(Debug)]
 pub struct Client {
@@ -335,7 +331,7 @@ impl Session {
                 match Packet::decode(&mut self.buffer)? {
                     Some(Packet::Reply(reply)) if reply.tid == request.tid => break Ok(reply),
                     Some(_) => {}
-                    None if self.buffer.len() > MAX_BUFFERED => {
+                    None if self.buffer.len() > exchange::MAX_BUFFERED => {
                         break Err(ClientError::UnexpectedReply(format!(
                             "{} octets without a whole control packet",
                             self.buffer.len()

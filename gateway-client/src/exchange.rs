@@ -127,6 +127,11 @@ pub(crate) fn entry_address(octets: &[u8]) -> Result<Address, ClientError> {
     }
 }
 
+/// More buffered octets than this on an enhanced-mode control connection without a whole packet
+/// means the gateway is not speaking the protocol (a control packet is at most a few hundred
+/// octets, a TCP-encapsulated datagram 64 KiB).
+pub(crate) const MAX_BUFFERED: usize = 128 * 1024;
+
 /// Flags of every binding this library makes: receive, send, unicast.
 pub(crate) fn unicast_flags() -> Flags {
     Flags::RECEIVE | Flags::SEND | Flags::UNICAST

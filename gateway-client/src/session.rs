@@ -31,9 +31,6 @@ use gateway_proto::enhanced::{ControlReply, ControlRequest, EnhancedReplyCode, P
 
 /// Packets waiting for the writer task; callers wait (bounded) when it is full.
 const WRITE_QUEUE: usize = 64;
-/// More buffered octets than this without a whole packet means the gateway is not speaking the
-/// protocol (a control packet is at most a few hundred octets, a TCP datagram 64 KiB).
-const MAX_BUFFERED: usize = 128 * 1024;
 
 /// One control connection in the enhanced UDP mode. It carries any number of bindings; cloning
 /// the value shares the connection.
@@ -307,7 +304,7 @@ async fn read_packets(mut read: OwnedReadHalf, link: Arc<Link>, frames: mpsc::Se
                 debug!(aid = datagram.aid, "TCP-encapsulated datagram dropped");
             }
             Ok(Some(Packet::Request(_))) => break "the gateway sent a control request".to_owned(),
-            Ok(None) if buffer.len() > MAX_BUFFERED => {
+            Ok(None) if buffer.len() > super::exchange::MAX_BUFFERED => {
                 break "the gateway sent an oversized packet".to_owned();
             }
             Ok(None) => match read.read_buf(&mut buffer).await {
