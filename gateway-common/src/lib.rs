@@ -28,6 +28,9 @@ pub mod map_names {
     /// The SOCKS control listeners: [`super::ControlPortKey`] -> `u32` (value unused). TCP to
     /// them arriving on the external interface is dropped.
     pub const CONTROL_PORTS: &str = "CONTROL_PORTS";
+    /// Client sockets of header-less (RAW) bindings: [`super::ClientSocketKey`] ->
+    /// [`super::RawClientValue`]. Their UDP to anything but a remote or the gateway is dropped.
+    pub const RAW_CLIENTS: &str = "RAW_CLIENTS";
 }
 
 /// Name of the XDP program on the external interface (the gate).
@@ -105,6 +108,10 @@ pub mod framing {
     pub const ENHANCED: u32 = 1;
     /// The RFC 1928 header `RSV(2) FRAG ATYP ADDR PORT` (10 octets for IPv4, 22 for IPv6).
     pub const SOCKS5: u32 = 2;
+    /// No header (the enhanced mode's RAW flag): inbound only the destination is rewritten
+    /// (external relay -> client), outbound only the source (client -> external relay); the
+    /// client's socket talks to the remote's own address.
+    pub const RAW: u32 = 3;
 }
 
 /// Where and how a datagram that matches a binding is delivered.
@@ -127,7 +134,8 @@ pub struct BindingValue {
 const _: () = assert!(size_of::<BindingValue>() == 72);
 
 /// Key of the outbound direction, as seen on a datagram arriving on the internal interface:
-/// source = client, destination = internal relay.
+/// source = client, destination = internal relay (for [`framing::RAW`]: the remote itself, which
+/// is never a gateway address, so the two kinds of key cannot collide).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct OutboundKey {
@@ -156,6 +164,25 @@ pub struct OutboundValue {
     pub counters: EntryCounters,
 }
 const _: () = assert!(size_of::<OutboundValue>() == 72);
+
+/// A client socket (address and UDP port) of a RAW binding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientSocketKey {
+    pub addr: Addr16,
+    pub port_be: u16,
+    pub padding: u16,
+}
+const _: () = assert!(size_of::<ClientSocketKey>() == 20);
+
+/// What a RAW client socket may still send to besides its remotes: the gateway's internal relay
+/// address it was given (header-path traffic), which goes to the userspace relay.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawClientValue {
+    pub internal_relay_addr: Addr16,
+}
+const _: () = assert!(size_of::<RawClientValue>() == 16);
 
 /// Settings of the datapath, written by the daemon at start.
 #[repr(C)]
@@ -223,4 +250,8 @@ mod pod {
     unsafe impl aya::Pod for super::EntryCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ControlPortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ClientSocketKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RawClientValue {}
 }

@@ -55,6 +55,18 @@ pub enum ExitReason {
     /// TCP to a SOCKS control listener that arrived on the external interface (the weak-host
     /// model would deliver it): dropped, so the control port answers only from inside.
     ControlPortFromOutside = 19,
+    /// A header-less (RAW) binding hit relayed to its client in the kernel (tc, inbound): only
+    /// the destination rewritten, the remote kept as source. Redirected.
+    KernelRelayedRawInbound = 20,
+    /// A RAW client's datagram to its remote relayed in the kernel (tc, outbound): only the
+    /// source rewritten to the external relay address. Redirected.
+    KernelRelayedRawOutbound = 21,
+    /// UDP from a RAW binding's client socket to an address that is neither its remote nor the
+    /// gateway: dropped, as the firewall would without the binding.
+    RawToOtherDestination = 22,
+    /// A RAW client's datagram too big for the external link (the kernel relay cannot fragment,
+    /// and user space never sees datagrams addressed to the remote): dropped.
+    RawTooBigForExternalLink = 23,
 }
 
 /// What the program did with a packet of a given reason.
@@ -68,7 +80,7 @@ pub enum Verdict {
 
 impl ExitReason {
     /// Number of reasons; the size of the counter array.
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 24;
 
     /// Every reason, in numeric order.
     pub const ALL: [Self; Self::COUNT as usize] = [
@@ -92,6 +104,10 @@ impl ExitReason {
         Self::BindingToKernelRelay,
         Self::PartialChecksumToUserspace,
         Self::ControlPortFromOutside,
+        Self::KernelRelayedRawInbound,
+        Self::KernelRelayedRawOutbound,
+        Self::RawToOtherDestination,
+        Self::RawTooBigForExternalLink,
     ];
 
     pub const fn verdict(self) -> Verdict {
@@ -113,8 +129,13 @@ impl ExitReason {
             | Self::DaemonGone
             | Self::InsideToExternalAddress
             | Self::KernelRelayFailed
-            | Self::ControlPortFromOutside => Verdict::Drop,
-            Self::KernelRelayedInbound | Self::KernelRelayedOutbound => Verdict::Redirect,
+            | Self::ControlPortFromOutside
+            | Self::RawToOtherDestination
+            | Self::RawTooBigForExternalLink => Verdict::Drop,
+            Self::KernelRelayedInbound
+            | Self::KernelRelayedOutbound
+            | Self::KernelRelayedRawInbound
+            | Self::KernelRelayedRawOutbound => Verdict::Redirect,
         }
     }
 
@@ -141,6 +162,10 @@ impl ExitReason {
             Self::BindingToKernelRelay => "binding_to_kernel_relay",
             Self::PartialChecksumToUserspace => "partial_checksum_to_userspace",
             Self::ControlPortFromOutside => "control_port_from_outside",
+            Self::KernelRelayedRawInbound => "kernel_relayed_raw_inbound",
+            Self::KernelRelayedRawOutbound => "kernel_relayed_raw_outbound",
+            Self::RawToOtherDestination => "raw_to_other_destination",
+            Self::RawTooBigForExternalLink => "raw_too_big_for_external_link",
         }
     }
 

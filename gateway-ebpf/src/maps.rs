@@ -8,9 +8,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use gateway_common::{
-    Addr16, BindingKey, BindingValue, ControlPortKey, Counter, DEFAULT_MAX_BINDINGS,
-    DatapathSettings, EntryCounters, ExitReason, HostAllowKey, HostAllowValue, MAX_CONTROL_PORTS,
-    MAX_HOST_ALLOW, OutboundKey, OutboundValue,
+    Addr16, BindingKey, BindingValue, ClientSocketKey, ControlPortKey, Counter,
+    DEFAULT_MAX_BINDINGS, DatapathSettings, EntryCounters, ExitReason, HostAllowKey,
+    HostAllowValue, MAX_CONTROL_PORTS, MAX_HOST_ALLOW, OutboundKey, OutboundValue, RawClientValue,
 };
 
 #[map(name = "EXIT_COUNTERS")]
@@ -35,6 +35,10 @@ pub static EXTERNAL_ADDRS: HashMap<Addr16, u32> = HashMap::with_max_entries(64, 
 #[map(name = "CONTROL_PORTS")]
 pub static CONTROL_PORTS: HashMap<ControlPortKey, u32> =
     HashMap::with_max_entries(MAX_CONTROL_PORTS, 0);
+
+#[map(name = "RAW_CLIENTS")]
+pub static RAW_CLIENTS: HashMap<ClientSocketKey, RawClientValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_BINDINGS, BPF_F_NO_PREALLOC);
 
 #[map(name = "SETTINGS")]
 pub static SETTINGS: Array<DatapathSettings> = Array::with_max_entries(1, 0);

@@ -18,11 +18,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use gateway_common::{
-    Addr16, BindingKey, BindingValue, ExitReason, OutboundKey, OutboundValue, Verdict, framing,
-    ipv4_mapped, relay_mode,
+    Addr16, BindingKey, BindingValue, ClientSocketKey, ExitReason, OutboundKey, OutboundValue,
+    Verdict, framing, ipv4_mapped, relay_mode,
 };
 
-use crate::maps::{BINDINGS, EXTERNAL_ADDRS, OUTBOUND, count, daemon_alive, settings, touch};
+use crate::maps::{
+    BINDINGS, EXTERNAL_ADDRS, OUTBOUND, RAW_CLIENTS, count, daemon_alive, settings, touch,
+};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IPV4: u16 = 0x0800;
@@ -209,18 +211,38 @@ struct Exit {
     reason: u32,
 }
 
+/// A redirect: the helper's action and the reason it is counted under.
+struct Relayed {
+    action: i32,
+    reason: ExitReason,
+}
+
 impl Exit {
-    /// `Ok` carries the redirect helper's action, counted as `relayed`.
     #[inline(always)]
-    fn from(result: Result<i32, ExitReason>, relayed: ExitReason) -> Self {
+    fn from(result: Result<Relayed, ExitReason>) -> Self {
         let (action, reason) = match result {
-            Ok(action) => (action, relayed),
+            Ok(relayed) => (relayed.action, relayed.reason),
             Err(reason) => (action_of(reason), reason),
         };
         Self {
             action,
             reason: reason as u32,
         }
+    }
+}
+
+/// Redirects the rewritten packet out of `ifindex`, resolving the next hop's MAC address.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "bpf_redirect_neigh returns a tc action"
+)]
+#[inline(always)]
+fn redirect(ifindex: u32, reason: ExitReason) -> Relayed {
+    // SAFETY: no pointers are passed.
+    let action = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) };
+    Relayed {
+        action: action as i32,
+        reason,
     }
 }
 
@@ -258,7 +280,7 @@ fn count_raw(reason: u32, len: usize) {
 /// Out of line to keep each program's stack under the limit.
 #[inline(never)]
 fn inbound(ctx: &TcContext) -> Exit {
-    Exit::from(try_inbound(ctx), ExitReason::KernelRelayedInbound)
+    Exit::from(try_inbound(ctx))
 }
 
 /// Inline, unlike `inbound`: before Linux 6.7 the verifier counts every frame of a call chain
@@ -267,7 +289,7 @@ fn inbound(ctx: &TcContext) -> Exit {
 /// 6.1 (`cargo xtask test --kernel debian12`); in one frame the chain is 480 + 32.
 #[inline(always)]
 fn internal(ctx: &TcContext) -> Exit {
-    Exit::from(try_internal(ctx), ExitReason::KernelRelayedOutbound)
+    Exit::from(try_internal(ctx))
 }
 
 /// Rewrites one kernel-mode binding hit for its client and redirects it.
@@ -284,7 +306,7 @@ fn internal(ctx: &TcContext) -> Exit {
     reason = "the key is lent to the map helper, not copied again onto the 512-byte BPF stack"
 )]
 #[inline(always)]
-fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
+fn try_inbound(ctx: &TcContext) -> Result<Relayed, ExitReason> {
     let packet = parse(ctx).ok_or(ExitReason::InboundToStack)?;
     let key = BindingKey {
         remote_addr: packet.src,
@@ -311,23 +333,15 @@ fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
     {
         return Err(ExitReason::InboundToStack);
     }
+    let settings = settings();
+    if value.framing == framing::RAW {
+        return raw_inbound(ctx, &packet, value_ptr, settings.internal_ifindex);
+    }
     if checksum_is_partial(ctx, &packet) {
         return Err(ExitReason::PartialChecksumToUserspace);
     }
     let (header, header_len) = framing_header(value, &packet.src, packet.src_port_be);
-    let settings = settings();
-    let mut mtu_len: u32 = 0;
-    // SAFETY: the skb pointer is the program's context.
-    let mtu = unsafe {
-        bpf_check_mtu(
-            ctx.skb.skb.cast::<c_void>(),
-            settings.internal_ifindex,
-            &raw mut mtu_len,
-            header_len as i32,
-            0,
-        )
-    };
-    if mtu != 0 {
+    if !fits_link(ctx, settings.internal_ifindex, header_len as i32) {
         return Err(ExitReason::TooBigForKernelRelay);
     }
     let grow = header_len;
@@ -391,10 +405,127 @@ fn try_inbound(ctx: &TcContext) -> Result<i32, ExitReason> {
         unsafe { &raw mut (*value_ptr).counters },
         u64::from(packet.udp_len) - UDP_HLEN as u64,
     );
-    // SAFETY: no pointers are passed.
-    let action =
-        unsafe { bpf_redirect_neigh(settings.internal_ifindex, core::ptr::null_mut(), 0, 0) };
-    Ok(action as i32)
+    Ok(redirect(
+        settings.internal_ifindex,
+        ExitReason::KernelRelayedInbound,
+    ))
+}
+
+/// Header-less (RAW) delivery of a binding hit: only the destination changes (external relay ->
+/// client), the remote stays the source. No length changes, so a `CHECKSUM_PARTIAL` skb stays
+/// right too: the checksum helpers update its pseudo-header sum and leave the ports to whoever
+/// completes it.
+#[inline(always)]
+fn raw_inbound(
+    ctx: &TcContext,
+    packet: &Datagram,
+    value_ptr: *mut BindingValue,
+    internal_ifindex: u32,
+) -> Result<Relayed, ExitReason> {
+    if !fits_link(ctx, internal_ifindex, 0) {
+        return Err(ExitReason::TooBigForKernelRelay);
+    }
+    // SAFETY: a successful lookup by the caller; valid for the program's run (RCU).
+    let value: &BindingValue = unsafe { &*value_ptr };
+    rewrite_endpoint(
+        ctx,
+        packet,
+        Endpoint::Destination,
+        &value.client_addr,
+        value.client_port_be,
+    )
+    .map_err(relay_failed)?;
+    touch(
+        // SAFETY: the entry pointer from the caller's lookup.
+        unsafe { &raw mut (*value_ptr).counters },
+        u64::from(packet.udp_len) - UDP_HLEN as u64,
+    );
+    Ok(redirect(
+        internal_ifindex,
+        ExitReason::KernelRelayedRawInbound,
+    ))
+}
+
+/// Whether the packet, grown by `grow` octets, fits the MTU of the link out of `ifindex`.
+#[inline(always)]
+fn fits_link(ctx: &TcContext, ifindex: u32, grow: i32) -> bool {
+    let mut mtu_len: u32 = 0;
+    let skb = ctx.skb.skb.cast::<c_void>();
+    // SAFETY: the skb pointer is the program's context.
+    unsafe { bpf_check_mtu(skb, ifindex, &raw mut mtu_len, grow, 0) == 0 }
+}
+
+/// Which end of a datagram a RAW rewrite changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Source,
+    Destination,
+}
+
+/// Rewrites one end (address and port) of a datagram in place, with the IPv4 header checksum
+/// and the UDP checksum: the address as pseudo-header data (kept right for complete and for
+/// partial checksums), the port as UDP data (a partial checksum covers it when completed).
+#[expect(
+    clippy::cast_ptr_alignment,
+    clippy::cast_sign_loss,
+    reason = "bpf_csum_diff reads octets through its `*mut u32` and returns a 32-bit sum, which \
+              the checksum helper takes as is"
+)]
+#[inline(always)]
+fn rewrite_endpoint(
+    ctx: &TcContext,
+    packet: &Datagram,
+    end: Endpoint,
+    new_addr: &Addr16,
+    new_port_be: u16,
+) -> Result<(), i64> {
+    const IP_CSUM: usize = ETH_HLEN + 10;
+    let csum_off = packet.l4 + 6;
+    let old_csum: u16 = ctx.load(csum_off)?;
+    // IPv4 UDP may carry no checksum (0); IPv6 UDP always does.
+    let has_csum = packet.v6 || old_csum != 0;
+    let pseudo = u64::from(BPF_F_MARK_MANGLED_0 | BPF_F_PSEUDO_HDR);
+    let source = end == Endpoint::Source;
+    if packet.v6 {
+        let (offset, old) = if source {
+            (ETH_HLEN + 8, &packet.src)
+        } else {
+            (ETH_HLEN + 24, &packet.dst)
+        };
+        ctx.store(offset, new_addr, 0)?;
+        // SAFETY: both pointers are 16 readable octets (stack or map value).
+        let diff = unsafe {
+            bpf_csum_diff(
+                old.as_ptr().cast_mut().cast::<u32>(),
+                16,
+                new_addr.as_ptr().cast_mut().cast::<u32>(),
+                16,
+                0,
+            )
+        };
+        ctx.l4_csum_replace(csum_off, 0, diff as u64, pseudo)?;
+    } else {
+        let offset = ETH_HLEN + if source { 12 } else { 16 };
+        let old: u32 = ctx.load(offset)?;
+        let new = u32::from_ne_bytes([new_addr[12], new_addr[13], new_addr[14], new_addr[15]]);
+        ctx.store(offset, &new, 0)?;
+        ctx.l3_csum_replace(IP_CSUM, u64::from(old), u64::from(new), 4)?;
+        if has_csum {
+            ctx.l4_csum_replace(csum_off, u64::from(old), u64::from(new), pseudo | 4)?;
+        }
+    }
+    let port_off = packet.l4 + if source { 0 } else { 2 };
+    let old_port: u16 = ctx.load(port_off)?;
+    ctx.store(port_off, &new_port_be, 0)?;
+    if has_csum {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old_port),
+            u64::from(new_port_be),
+            u64::from(BPF_F_MARK_MANGLED_0) | 2,
+        )?;
+    }
+    Ok(())
 }
 
 /// A helper failed mid-rewrite: the datagram may be half rewritten, so it is dropped (and
@@ -624,7 +755,7 @@ fn inside_to_external_udp(ctx: &TcContext) -> bool {
     reason = "the key is lent to the map helper, not copied again onto the 512-byte BPF stack"
 )]
 #[inline(always)]
-fn try_internal(ctx: &TcContext) -> Result<i32, ExitReason> {
+fn try_internal(ctx: &TcContext) -> Result<Relayed, ExitReason> {
     if inside_to_external_udp(ctx) {
         return Err(ExitReason::InsideToExternalAddress);
     }
@@ -635,11 +766,14 @@ fn try_internal(ctx: &TcContext) -> Result<i32, ExitReason> {
         client_port_be: packet.src_port_be,
         relay_port_be: packet.dst_port_be,
     };
-    let value_ptr = OUTBOUND
-        .get_ptr_mut(&key)
-        .ok_or(ExitReason::OutboundToUserspace)?;
+    let Some(value_ptr) = OUTBOUND.get_ptr_mut(&key) else {
+        return Err(unrelayed_outbound(&packet));
+    };
     // SAFETY: a successful lookup; the entry stays valid for the program's run (RCU).
     let value: &OutboundValue = unsafe { &*value_ptr };
+    if value.framing == framing::RAW {
+        return raw_outbound(ctx, &packet, value_ptr);
+    }
     if !daemon_alive() {
         return Err(ExitReason::OutboundToUserspace);
     }
@@ -761,8 +895,67 @@ fn try_internal(ctx: &TcContext) -> Result<i32, ExitReason> {
         unsafe { &raw mut (*value_ptr).counters },
         u64::from(packet.udp_len) - (UDP_HLEN + header_len) as u64,
     );
-    // SAFETY: no pointers are passed.
-    let action =
-        unsafe { bpf_redirect_neigh(settings.external_ifindex, core::ptr::null_mut(), 0, 0) };
-    Ok(action as i32)
+    Ok(redirect(
+        settings.external_ifindex,
+        ExitReason::KernelRelayedOutbound,
+    ))
+}
+
+/// An inside datagram with no outbound entry: a RAW client socket may send only to its remotes
+/// (entries) and to the gateway's internal relay address (the userspace relay); anything else
+/// from it is dropped, as the firewall would without the binding. Other sockets' datagrams go to
+/// the stack as before.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the key is lent to the map helper, not copied again onto the 512-byte BPF stack"
+)]
+#[inline(always)]
+fn unrelayed_outbound(packet: &Datagram) -> ExitReason {
+    let key = ClientSocketKey {
+        addr: packet.src,
+        port_be: packet.src_port_be,
+        padding: 0,
+    };
+    // SAFETY: one field is compared, within the program's run.
+    match unsafe { RAW_CLIENTS.get(&key) } {
+        Some(raw) if raw.internal_relay_addr != packet.dst => ExitReason::RawToOtherDestination,
+        _ => ExitReason::OutboundToUserspace,
+    }
+}
+
+/// A RAW client's datagram to its remote: only the source changes (client -> external relay).
+/// With the daemon gone it is dropped (fail closed: the stack would forward it unchanged where
+/// forwarding is on).
+#[inline(always)]
+fn raw_outbound(
+    ctx: &TcContext,
+    packet: &Datagram,
+    value_ptr: *mut OutboundValue,
+) -> Result<Relayed, ExitReason> {
+    if !daemon_alive() {
+        return Err(ExitReason::DaemonGone);
+    }
+    let external_ifindex = settings().external_ifindex;
+    if !fits_link(ctx, external_ifindex, 0) {
+        return Err(ExitReason::RawTooBigForExternalLink);
+    }
+    // SAFETY: a successful lookup by the caller; valid for the program's run (RCU).
+    let value: &OutboundValue = unsafe { &*value_ptr };
+    rewrite_endpoint(
+        ctx,
+        packet,
+        Endpoint::Source,
+        &value.external_relay_addr,
+        value.external_relay_port_be,
+    )
+    .map_err(relay_failed)?;
+    touch(
+        // SAFETY: the entry pointer from the caller's lookup.
+        unsafe { &raw mut (*value_ptr).counters },
+        u64::from(packet.udp_len) - UDP_HLEN as u64,
+    );
+    Ok(redirect(
+        external_ifindex,
+        ExitReason::KernelRelayedRawOutbound,
+    ))
 }

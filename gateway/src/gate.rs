@@ -4,7 +4,7 @@
 //! Owns no policy: callers decide what to admit.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap as StdHashMap, HashSet},
     net::SocketAddr,
     sync::{
         Arc, Mutex, PoisonError,
@@ -14,8 +14,8 @@ use std::{
 
 use aya::maps::{HashMap, MapData, MapError};
 use gateway_common::{
-    BindingKey, BindingValue, EntryCounters, HostAllowKey, HostAllowValue, OutboundKey,
-    OutboundValue, framing, relay_mode,
+    BindingKey, BindingValue, ClientSocketKey, EntryCounters, HostAllowKey, HostAllowValue,
+    OutboundKey, OutboundValue, RawClientValue, framing, relay_mode,
 };
 use thiserror::Error;
 
@@ -46,6 +46,9 @@ pub enum Framing {
     Enhanced,
     /// The RFC 1928 UDP header naming the remote.
     Socks5,
+    /// No header (the enhanced mode's RAW): the client's socket talks to `remote` itself, and
+    /// the kernel rewrites only the client's end of each datagram.
+    Raw { remote: SocketAddr },
 }
 
 /// What the kernel needs to relay an admitted flow itself, both ways.
@@ -62,16 +65,26 @@ impl KernelRelay {
         match self.framing {
             Framing::Enhanced => framing::ENHANCED,
             Framing::Socks5 => framing::SOCKS5,
+            Framing::Raw { .. } => framing::RAW,
         }
     }
 
+    /// The client's datagrams go to the internal relay, or with RAW to the remote itself.
     fn outbound_key(&self) -> OutboundKey {
+        let to = match self.framing {
+            Framing::Raw { remote } => remote,
+            Framing::Enhanced | Framing::Socks5 => self.internal_relay,
+        };
         OutboundKey {
             client_addr: addr16(self.client.ip()),
-            relay_addr: addr16(self.internal_relay.ip()),
+            relay_addr: addr16(to.ip()),
             client_port_be: self.client.port().to_be(),
-            relay_port_be: self.internal_relay.port().to_be(),
+            relay_port_be: to.port().to_be(),
         }
+    }
+
+    fn is_raw(&self) -> bool {
+        matches!(self.framing, Framing::Raw { .. })
     }
 
     /// The kernel relays only within one family (no translation).
@@ -119,6 +132,11 @@ pub trait Gate: Send + Sync + std::fmt::Debug {
         self.install(entry)
     }
     fn remove(&self, entry: GateEntry);
+    /// Whether [`Gate::install_kernel_relay`] relays in the kernel (header-less delivery needs
+    /// it: user space never sees a RAW client's datagrams, which are addressed to the remote).
+    fn relays_in_kernel(&self) -> bool {
+        false
+    }
     /// Removes the outbound entry of a client socket (association or binding end).
     fn remove_outbound(&self, relay: &KernelRelay) {
         let _ = relay;
@@ -152,6 +170,7 @@ pub trait Gate: Send + Sync + std::fmt::Debug {
 pub struct KernelGate {
     map: Mutex<HashMap<MapData, BindingKey, BindingValue>>,
     outbound: Mutex<HashMap<MapData, OutboundKey, OutboundValue>>,
+    raw_clients: Mutex<RawClients>,
     host_allow: Mutex<HashMap<MapData, HostAllowKey, HostAllowValue>>,
     /// Whether confirmed bindings are relayed by the kernel (`--datapath xdp`) or by user space.
     kernel_relay: bool,
@@ -165,15 +184,66 @@ impl std::fmt::Debug for KernelGate {
     }
 }
 
+/// The `RAW_CLIENTS` map with how many RAW flows each client socket has: the entry exists while
+/// at least one does.
+struct RawClients {
+    map: HashMap<MapData, ClientSocketKey, RawClientValue>,
+    flows: StdHashMap<SocketAddr, usize>,
+}
+
+impl RawClients {
+    fn key(client: SocketAddr) -> ClientSocketKey {
+        ClientSocketKey {
+            addr: addr16(client.ip()),
+            port_be: client.port().to_be(),
+            padding: 0,
+        }
+    }
+
+    fn add(&mut self, relay: &KernelRelay) -> Result<(), MapError> {
+        let flows = self.flows.entry(relay.client).or_insert(0);
+        if *flows == 0 {
+            let value = RawClientValue {
+                internal_relay_addr: addr16(relay.internal_relay.ip()),
+            };
+            self.map.insert(Self::key(relay.client), value, 0)?;
+        }
+        *flows += 1;
+        Ok(())
+    }
+
+    fn remove(&mut self, client: SocketAddr) {
+        let Some(flows) = self.flows.get_mut(&client) else {
+            return;
+        };
+        *flows -= 1;
+        if *flows == 0 {
+            self.flows.remove(&client);
+            let _ = self.map.remove(&Self::key(client));
+        }
+    }
+
+    fn clear(&mut self) {
+        for client in std::mem::take(&mut self.flows).into_keys() {
+            let _ = self.map.remove(&Self::key(client));
+        }
+    }
+}
+
 impl KernelGate {
     pub fn new(
         map: HashMap<MapData, BindingKey, BindingValue>,
         outbound: HashMap<MapData, OutboundKey, OutboundValue>,
+        raw_clients: HashMap<MapData, ClientSocketKey, RawClientValue>,
         host_allow: HashMap<MapData, HostAllowKey, HostAllowValue>,
     ) -> Self {
         Self {
             map: Mutex::new(map),
             outbound: Mutex::new(outbound),
+            raw_clients: Mutex::new(RawClients {
+                map: raw_clients,
+                flows: StdHashMap::new(),
+            }),
             host_allow: Mutex::new(host_allow),
             kernel_relay: true,
             closed: AtomicBool::new(false),
@@ -239,6 +309,17 @@ impl Gate for KernelGate {
         outbound_map
             .insert(relay.outbound_key(), outbound, 0)
             .map_err(map_error)?;
+        if relay.is_raw() {
+            let added = self
+                .raw_clients
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .add(&relay);
+            if let Err(error) = added {
+                let _ = outbound_map.remove(&relay.outbound_key());
+                return Err(map_error(error));
+            }
+        }
         let inbound = BindingValue {
             client_addr: addr16(relay.client.ip()),
             internal_relay_addr: addr16(relay.internal_relay.ip()),
@@ -259,9 +340,18 @@ impl Gate for KernelGate {
         let _ = map.remove(&entry.key());
     }
 
+    fn relays_in_kernel(&self) -> bool {
+        self.kernel_relay
+    }
+
     fn remove_outbound(&self, relay: &KernelRelay) {
         let mut map = self.outbound.lock().unwrap_or_else(PoisonError::into_inner);
-        let _ = map.remove(&relay.outbound_key());
+        if map.remove(&relay.outbound_key()).is_ok() && relay.is_raw() {
+            self.raw_clients
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(relay.client);
+        }
     }
 
     fn inbound_counters(&self, entry: GateEntry) -> Option<EntryCounters> {
@@ -298,6 +388,10 @@ impl Gate for KernelGate {
         for key in &out_keys {
             let _ = outbound.remove(key);
         }
+        self.raw_clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         keys.len() + out_keys.len()
     }
 
@@ -395,6 +489,10 @@ impl Gate for MemoryGate {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&entry);
+    }
+
+    fn relays_in_kernel(&self) -> bool {
+        true
     }
 
     fn remove_outbound(&self, relay: &KernelRelay) {

@@ -538,9 +538,69 @@ async fn a_relay_port_in_use_is_answered_01_and_released() {
 }
 
 #[tokio::test]
-async fn raw_asked_for_is_not_granted_and_delivery_keeps_the_header() {
-    const RAW: u16 = 0x0200;
+async fn raw_granted_for_an_open_binding_is_echoed_in_both_steps() {
     let gateway = start(|_| {}).await;
+    let mut stream = gateway.enter().await;
+    let client = udp(LOCALHOST).await;
+    let local = client.local_addr().unwrap();
+    let first = request(
+        &mut stream,
+        &control(BIND, RSU | RAW, 0x0302, 0, local, UNSPECIFIED),
+    )
+    .await;
+    assert_eq!(first.code, 0x00, "{first:?}");
+    assert_eq!(
+        first.flags,
+        RSU | RAW | REMOTE_PENDING,
+        "provisional: {first:?}"
+    );
+    let remote = udp(REMOTE_HOST).await;
+    let second = request(
+        &mut stream,
+        &control(
+            BIND,
+            RSU | RAW,
+            0x0302,
+            first.aid,
+            local,
+            remote.local_addr().unwrap(),
+        ),
+    )
+    .await;
+    assert_eq!(second.code, 0x00, "{second:?}");
+    assert_eq!(second.flags, RSU | RAW, "granted: {second:?}");
+    assert_eq!((second.local, second.remote), (first.local, first.remote));
+    // The kernel is told to relay it without a header, keyed by the remote itself.
+    let remote_addr = remote.local_addr().unwrap();
+    let raw: Vec<_> = gateway
+        .gate
+        .kernel_relays()
+        .into_iter()
+        .filter(|relay| {
+            relay.framing
+                == gateway::gate::Framing::Raw {
+                    remote: remote_addr,
+                }
+        })
+        .collect();
+    assert_eq!(raw.len(), 1, "one RAW kernel relay");
+    assert_eq!(raw[0].client, local);
+}
+
+const RAW: u16 = 0x0200;
+
+#[tokio::test]
+async fn raw_is_not_granted_off_the_internal_networks_and_delivery_keeps_the_header() {
+    // The client (loopback) is not on a directly connected internal network.
+    let gateway = Gateway::start_enhanced(
+        &ENHANCED_MODE_PORTS,
+        |_| {},
+        |services| {
+            default_policy(services);
+            services.access.get_mut().direct_networks.clear();
+        },
+    )
+    .await;
     let mut stream = gateway.enter().await;
     let client = udp(LOCALHOST).await;
     let local = client.local_addr().unwrap();

@@ -12,7 +12,10 @@ use anyhow::{Context as _, Result, bail};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
-use crate::{ChildGuard, Netns, unique_suffix, wait_until};
+use crate::{ChildGuard, Netns, time_scale, unique_suffix, wait_until};
+
+/// `gateway run`'s default `--handshake-timeout` (its `--help` shows it), stretched in slow VMs.
+const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
 
 /// Path of the gateway binary: `$GATEWAY_BIN` (set by `cargo xtask test`) or the debug build.
 pub fn gateway_bin() -> PathBuf {
@@ -105,9 +108,15 @@ impl GatewayDaemon {
             }
             None => ns.command(gateway_bin()),
         };
-        cmd.args(["run", "--instance", instance])
-            .args(args)
-            .env("GATEWAY_LOG", "info")
+        cmd.args(["run", "--instance", instance]).args(args);
+        // Password checks are CPU work, stretched with everything else in a slow (emulated) VM:
+        // the daemon's handshake bound grows with the tests' waits unless a test sets its own.
+        let scale = time_scale();
+        if scale > 1 && !args.contains(&"--handshake-timeout") {
+            cmd.arg("--handshake-timeout")
+                .arg((DEFAULT_HANDSHAKE_TIMEOUT_SECS * u64::from(scale)).to_string());
+        }
+        cmd.env("GATEWAY_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);

@@ -506,6 +506,29 @@ pub fn time_scale() -> u32 {
         .unwrap_or(1)
 }
 
+/// Sends `count` datagrams `payload(0..count)` from `socket` to `to`, pausing briefly after
+/// every 20 so that a receiver in the test bed drains its socket buffer between bursts (the
+/// pause grows with [`time_scale`]: an emulated guest drains slower). Tests that count every
+/// datagram of a stream send it this way.
+///
+/// # Panics
+/// When a send fails: the test bed's own sockets must be able to send.
+pub fn send_paced(
+    socket: &std::net::UdpSocket,
+    to: std::net::SocketAddr,
+    count: usize,
+    payload: impl Fn(usize) -> Vec<u8>,
+) {
+    for i in 0..count {
+        socket
+            .send_to(&payload(i), to)
+            .expect("send a datagram of the stream");
+        if i % 20 == 19 {
+            thread::sleep(Duration::from_millis(2) * time_scale());
+        }
+    }
+}
+
 /// Polls `condition` every 20 ms until it holds or `timeout` (times [`time_scale`]) passes.
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout * time_scale();

@@ -18,7 +18,7 @@ use gateway_common::ExitReason;
 use testbed::{
     Netns, Testbed, addr,
     gateway::{GatewayDaemon, InstanceCleanup, reason_packets, start_in_fw, stats_json},
-    time_scale, wait_until,
+    send_paced, time_scale, wait_until,
 };
 
 const PROXY: &str = "198.51.100.1:1080";
@@ -186,14 +186,9 @@ fn two_step_stream_is_relayed_by_the_kernel(v6: bool, extra: &[&str]) {
             // recv after PLAY: the stream.
             let sender = Arc::clone(&source_sock);
             let send = std::thread::spawn(move || {
-                for i in 0..STREAM {
-                    sender
-                        .send_to(format!("rtp {i:04}").as_bytes(), external)
-                        .unwrap();
-                    if i % 20 == 0 {
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                }
+                send_paced(&sender, external, STREAM, |i| {
+                    format!("rtp {i:04}").into_bytes()
+                });
             });
             let got = receive(&binding, STREAM).await;
             send.join().unwrap();
@@ -515,11 +510,9 @@ fn userspace_datapath_relays_the_same_stream() {
             let external = binding.bind().await.unwrap().external;
             binding.connect(source_addr).await.unwrap();
             let before = stat(&setup, "binding_to_userspace");
-            for i in 0..50 {
-                source_sock
-                    .send_to(format!("rtp {i:04}").as_bytes(), external)
-                    .unwrap();
-            }
+            send_paced(&source_sock, external, 50, |i| {
+                format!("rtp {i:04}").into_bytes()
+            });
             let got = receive(&binding, 50).await;
             assert_eq!(got.len(), 50);
             assert!(

@@ -13,9 +13,9 @@ use aya::{
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use gateway::host_flow::addr16;
 use gateway_common::{
-    BindingKey, BindingValue, Counter, DatapathSettings, EntryCounters, ExitReason, OutboundKey,
-    OutboundValue, TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, framing,
-    map_names, relay_mode,
+    BindingKey, BindingValue, ClientSocketKey, Counter, DatapathSettings, EntryCounters,
+    ExitReason, OutboundKey, OutboundValue, RawClientValue, TC_INBOUND_PROGRAM,
+    TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, framing, map_names, relay_mode,
 };
 use testbed::frames::{ETH, with_ipv4_options, with_ipv6_ext};
 
@@ -643,4 +643,199 @@ fn inside_udp_to_external_addresses_is_dropped_whatever_its_headers() {
         programs.count(ExitReason::InsideToExternalAddress),
         cases.len() as u64
     );
+}
+
+// ---- header-less (RAW) delivery ---------------------------------------------------------------
+
+fn next(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip(), addr.port() + 1)
+}
+
+impl Programs {
+    /// The kernel entries of a RAW binding, as the daemon's gate writes them: inbound keyed by
+    /// (remote, external relay), outbound by (client, remote), and the client socket in
+    /// `RAW_CLIENTS`.
+    fn bind_raw(&mut self, case: &Case) {
+        self.bind(
+            case.remote,
+            case.external_relay,
+            binding_value(case, framing::RAW),
+        );
+        self.bind_outbound(case.client, case.remote, outbound_value(case, framing::RAW));
+        let mut clients: HashMap<&mut MapData, ClientSocketKey, RawClientValue> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::RAW_CLIENTS).unwrap()).unwrap();
+        let key = ClientSocketKey {
+            addr: addr16(case.client.ip()),
+            port_be: case.client.port().to_be(),
+            padding: 0,
+        };
+        let value = RawClientValue {
+            internal_relay_addr: addr16(case.internal_relay.ip()),
+        };
+        clients.insert(key, value, 0).unwrap();
+    }
+}
+
+/// The second flow of an RTP pair: every port one higher.
+fn rtcp_of(case: &Case) -> Case {
+    Case {
+        remote: next(case.remote),
+        external_relay: next(case.external_relay),
+        client: next(case.client),
+        internal_relay: next(case.internal_relay),
+    }
+}
+
+/// A RAW inbound hit: only the destination changes (to the client), the remote stays the
+/// source, the payload and its length are untouched, every checksum is valid.
+fn raw_inbound_is_rewritten(programs: &mut Programs, case: &Case, payload: &[u8]) {
+    let frame = udp_frame(case.remote, case.external_relay, payload);
+    assert_eq!(programs.run(XDP_EXTERNAL_PROGRAM, &frame).0, XDP_PASS);
+    let (action, out) = programs.run(TC_INBOUND_PROGRAM, &frame);
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(out.len(), frame.len(), "no header added");
+    let (src, dst, data) = parse_checked(&out);
+    assert_eq!(src, case.remote, "the remote stays the source");
+    assert_eq!(dst, case.client);
+    assert_eq!(data, payload);
+    // Only the destination address, the destination port and the checksums differ.
+    let (dst_addr, csum) = if case.remote.is_ipv4() {
+        (14 + 16..14 + 20, 14 + 20 + 6)
+    } else {
+        (14 + 24..14 + 40, 14 + 40 + 6)
+    };
+    let udp = csum - 6;
+    for (i, (a, b)) in frame.iter().zip(&out).enumerate() {
+        let expected_change = dst_addr.contains(&i)
+            || (udp + 2..udp + 4).contains(&i)
+            || (csum..csum + 2).contains(&i)
+            || (case.remote.is_ipv4() && (24..26).contains(&i));
+        if !expected_change {
+            assert_eq!(a, b, "octet {i} unchanged");
+        }
+    }
+}
+
+/// A RAW client's datagram to its remote: only the source changes (to the external relay).
+fn raw_outbound_is_rewritten(programs: &Programs, case: &Case, payload: &[u8]) {
+    let frame = udp_frame(case.client, case.remote, payload);
+    let (action, out) = programs.run(TC_INTERNAL_PROGRAM, &frame);
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(out.len(), frame.len());
+    let (src, dst, data) = parse_checked(&out);
+    assert_eq!(src, case.external_relay, "leaves from the external relay");
+    assert_eq!(dst, case.remote);
+    assert_eq!(data, payload);
+}
+
+fn raw_both_ways(case: &Case) {
+    let mut programs = Programs::load();
+    programs.bind_raw(case);
+    let payload: Vec<u8> = (0..=255u8).cycle().take(333).collect();
+    raw_inbound_is_rewritten(&mut programs, case, &payload);
+    raw_outbound_is_rewritten(&programs, case, &payload[..77]);
+    assert_eq!(programs.count(ExitReason::KernelRelayedRawInbound), 1);
+    assert_eq!(programs.count(ExitReason::KernelRelayedRawOutbound), 1);
+    assert_eq!(programs.count(ExitReason::KernelRelayedInbound), 0);
+    let counters = programs.inbound_counters(case.remote, case.external_relay);
+    assert_eq!(counters.packets, 1);
+    assert_eq!(counters.bytes, payload.len() as u64);
+}
+
+#[test]
+fn raw_ipv4_both_ways() {
+    raw_both_ways(&v4_case());
+}
+
+#[test]
+fn raw_ipv6_both_ways() {
+    raw_both_ways(&v6_case());
+}
+
+#[test]
+fn raw_rtp_pair_relays_both_flows() {
+    for case in [v4_case(), v6_case()] {
+        let mut programs = Programs::load();
+        let rtcp = rtcp_of(&case);
+        programs.bind_raw(&case);
+        programs.bind_raw(&rtcp);
+        raw_inbound_is_rewritten(&mut programs, &case, b"rtp from the source");
+        raw_inbound_is_rewritten(&mut programs, &rtcp, b"rtcp sender report");
+        raw_outbound_is_rewritten(&programs, &rtcp, b"rtcp receiver report");
+        raw_outbound_is_rewritten(&programs, &case, b"rtp keepalive");
+        assert_eq!(programs.count(ExitReason::KernelRelayedRawInbound), 2);
+        assert_eq!(programs.count(ExitReason::KernelRelayedRawOutbound), 2);
+    }
+}
+
+#[test]
+fn raw_ipv4_without_udp_checksum_stays_without() {
+    let case = v4_case();
+    let mut programs = Programs::load();
+    programs.bind_raw(&case);
+    let mut frame = udp_frame(case.remote, case.external_relay, b"no checksum");
+    let csum = 14 + 20 + 6;
+    frame[csum..csum + 2].copy_from_slice(&[0, 0]);
+    let (action, out) = programs.run(TC_INBOUND_PROGRAM, &frame);
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(&out[csum..csum + 2], &[0, 0], "0 means none in IPv4");
+    assert_eq!(&out[14 + 16..14 + 20], &[198, 51, 100, 2]);
+}
+
+#[test]
+fn raw_misses_and_other_destinations_are_dropped() {
+    for case in [v4_case(), v6_case()] {
+        let mut programs = Programs::load();
+        programs.bind_raw(&case);
+        // Another port of the remote, another host: not admitted by the gate.
+        for from in [
+            next(case.remote),
+            SocketAddr::new(case.internal_relay.ip(), 6000),
+        ] {
+            let frame = udp_frame(from, case.external_relay, b"unsolicited");
+            assert_eq!(programs.run(XDP_EXTERNAL_PROGRAM, &frame).0, XDP_DROP);
+        }
+        assert_eq!(programs.count(ExitReason::NoBinding), 2);
+        // From the RAW client socket to another outside address or port: dropped, counted.
+        let elsewhere = if case.remote.is_ipv4() {
+            sa("192.0.2.9:6000")
+        } else {
+            sa("[2001:db8:9::9]:6000")
+        };
+        for to in [elsewhere, next(case.remote)] {
+            let frame = udp_frame(case.client, to, b"leak");
+            assert_eq!(programs.run(TC_INTERNAL_PROGRAM, &frame).0, TC_ACT_SHOT);
+        }
+        assert_eq!(programs.count(ExitReason::RawToOtherDestination), 2);
+        // To the gateway's internal relay address (the header path) it goes to user space, and
+        // another socket of the same client is not affected.
+        let to_relay = udp_frame(case.client, case.internal_relay, b"header path");
+        assert_eq!(
+            programs.run(TC_INTERNAL_PROGRAM, &to_relay),
+            (TC_ACT_OK, to_relay)
+        );
+        let other_socket = udp_frame(next(case.client), elsewhere, b"not raw");
+        assert_eq!(
+            programs.run(TC_INTERNAL_PROGRAM, &other_socket).0,
+            TC_ACT_OK
+        );
+        assert_eq!(programs.count(ExitReason::OutboundToUserspace), 2);
+        assert_eq!(programs.count(ExitReason::KernelRelayedRawOutbound), 0);
+    }
+}
+
+#[test]
+fn raw_fails_closed_when_the_heartbeat_stops() {
+    let case = v4_case();
+    let mut programs = Programs::load();
+    programs.bind_raw(&case);
+    programs.stop_heart();
+    let inbound = udp_frame(case.remote, case.external_relay, b"in");
+    assert_eq!(programs.run(XDP_EXTERNAL_PROGRAM, &inbound).0, XDP_DROP);
+    assert_eq!(programs.run(TC_INBOUND_PROGRAM, &inbound).0, TC_ACT_SHOT);
+    // Outbound is dropped too: passed to the stack it would be forwarded unchanged.
+    let outbound = udp_frame(case.client, case.remote, b"out");
+    assert_eq!(programs.run(TC_INTERNAL_PROGRAM, &outbound).0, TC_ACT_SHOT);
+    assert_eq!(programs.count(ExitReason::DaemonGone), 3);
+    assert_eq!(programs.count(ExitReason::KernelRelayedRawOutbound), 0);
 }

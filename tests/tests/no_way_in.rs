@@ -33,7 +33,7 @@ use testbed::{
         GatewayDaemon, InstanceCleanup, TESTBED_ARGS, detach, passwd_line, start_expecting_failure,
         start_in_fw, unique_instance,
     },
-    iface, time_scale,
+    iface, send_paced, time_scale,
     traffic::{self, drain},
     wait_until,
 };
@@ -155,16 +155,20 @@ fn control_connections_only_from_permitted_client_networks() {
     assert_eq!(greeting_reply(&bed.client, proxy), Some([5, 0]));
 }
 
+/// The client library's timeouts with the handshake's stretched like every other wait: password
+/// checks are CPU work, slower with everything else in an emulated VM.
+fn scaled_timeouts() -> Timeouts {
+    let defaults = Timeouts::default();
+    Timeouts {
+        handshake: defaults.handshake * time_scale(),
+        ..defaults
+    }
+}
+
 /// An enhanced-mode session with the gateway in the test bed (run in `client`).
 async fn enhanced_session(credentials: Option<(String, String)>) -> EnhancedSession {
     let proxy = SocketAddr::new(addr::FW_INSIDE_V4.into(), 1080);
-    // Password checks are CPU work: stretched with everything else in a slow (emulated) VM.
-    let defaults = Timeouts::default();
-    let timeouts = Timeouts {
-        handshake: defaults.handshake * time_scale(),
-        ..defaults
-    };
-    Client::connect_with(proxy, credentials, timeouts)
+    Client::connect_with(proxy, credentials, scaled_timeouts())
         .await
         .unwrap()
         .enhanced()
@@ -265,9 +269,7 @@ fn source(bed: &Testbed) -> UdpSocket {
 }
 
 fn send_stream(socket: &UdpSocket, to: SocketAddr, count: usize) {
-    for i in 0..count {
-        socket.send_to(format!("media {i}").as_bytes(), to).unwrap();
-    }
+    send_paced(socket, to, count, |i| format!("media {i}").into_bytes());
 }
 
 /// A gate left pinned by a daemon killed with SIGKILL: its instance name and cleanup guard.
@@ -390,9 +392,10 @@ fn authenticates(bed: &Testbed, user: &str, password: &str) -> bool {
                 .enable_all()
                 .build()
                 .unwrap()
-                .block_on(Client::connect(
+                .block_on(Client::connect_with(
                     SocketAddr::new(addr::FW_INSIDE_V4.into(), 1080),
                     Some((user, password)),
+                    scaled_timeouts(),
                 ))
                 .is_ok()
         })
@@ -451,7 +454,7 @@ fn sighup_reloads_users_and_keeps_live_streams() {
                 source.send_to(format!("media {i}").as_bytes(), to).unwrap();
                 if i % 10 == 0 {
                     // Paced, so the reload falls in the middle of the stream.
-                    std::thread::sleep(Duration::from_millis(2));
+                    std::thread::sleep(Duration::from_millis(2) * time_scale());
                 }
             }
         })

@@ -4,9 +4,9 @@
 //! Owns every binding, tombstone and relay port reservation. It must not do I/O or read a clock:
 //! inputs carry `now`, outputs are [`Decision`]s and [`Expired`] events the caller applies.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -35,6 +35,9 @@ pub struct Bindings {
     /// (traffic only moves `last_activity`); [`Bindings::on_timeout`] reschedules those.
     pub(super) timers: BTreeSet<(Instant, u32)>,
     pub(super) tomb_seq: u64,
+    /// The (client socket, remote) flows of confirmed RAW bindings. The kernel keys a RAW
+    /// client's outbound datagrams by exactly these, so no two bindings may share one.
+    pub(super) raw_flows: HashSet<(SocketAddr, SocketAddr)>,
 }
 
 impl fmt::Debug for Bindings {
@@ -70,6 +73,7 @@ impl Bindings {
             owners: HashMap::new(),
             timers: BTreeSet::new(),
             tomb_seq: 0,
+            raw_flows: HashSet::new(),
         })
     }
 
@@ -289,6 +293,9 @@ impl Bindings {
                 state.tids.remove(&binding.tid);
             }
         }
+        for flow in binding.raw_flows() {
+            self.raw_flows.remove(&flow);
+        }
         let released = self.ports.release(&binding.ports);
         debug_assert!(released, "ports of binding {aid} were not reserved");
         let mut actions: Vec<Action> = binding
@@ -375,5 +382,7 @@ impl Bindings {
             internal += if b.ports.pair { 2 } else { 1 };
         }
         assert_eq!(self.ports.taken(), (internal, internal));
+        let raw: HashSet<_> = self.live.values().flat_map(Binding::raw_flows).collect();
+        assert_eq!(raw, self.raw_flows, "RAW flows");
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::config::Config;
 use super::types::{
-    ConnId, Family, KernelEntry, RelayPorts, Remote, RemoteMatch, Reply, ReplyCode,
+    ConnId, Family, KernelEntry, RelayPorts, Remote, RemoteMatch, Reply, ReplyCode, flags,
 };
 
 /// One live binding (half-bound or confirmed).
@@ -183,6 +183,20 @@ impl Binding {
             ..first
         };
         vec![first, second]
+    }
+
+    /// The (client socket, remote) flows of a confirmed RAW binding: one, or two for an RTP pair.
+    pub(super) fn raw_flows(&self) -> Vec<(SocketAddr, SocketAddr)> {
+        if self.flags & flags::RAW == 0 {
+            return Vec::new();
+        }
+        self.entries(0)
+            .into_iter()
+            .filter_map(|entry| match entry.remote {
+                RemoteMatch::Exact(remote) => Some((entry.client, remote)),
+                RemoteMatch::Host(_) | RemoteMatch::Any => None,
+            })
+            .collect()
     }
 
     pub(super) fn same_remote(&self, wanted: Wanted) -> bool {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::machine::Bindings;
-use super::record::{Binding, Owner, State, Wanted, after, canonical, ok_reply};
+use super::record::{Binding, Owner, State, Wanted, after, canonical, next_port, ok_reply};
 use super::types::{Action, BindError, BindRequest, ConnId, Decision, Family, flags};
 
 /// How many candidate AIDs are drawn before a request fails with `01`.
@@ -89,7 +89,10 @@ impl Bindings {
         flags: u16,
     ) -> Result<Decision, BindError> {
         let binding = self.live.get(&aid).ok_or(BindError::UnknownAid)?;
-        if !binding.same_remote(wanted) || local != binding.local || flags != binding.flags {
+        // RAW asked again but not granted is the same request; dropping a granted RAW is not.
+        let same_flags = flags & !flags::RAW == binding.flags & !flags::RAW
+            && (flags & flags::RAW != 0 || binding.flags & flags::RAW == 0);
+        if !binding.same_remote(wanted) || local != binding.local || !same_flags {
             return Err(BindError::ConfirmedMismatch);
         }
         Ok(Decision {
@@ -115,7 +118,9 @@ impl Bindings {
             return Err(BindError::BadFlags);
         }
         let widened = flags & flags::DIRECTIONS & !binding.flags != 0;
-        let others_changed = flags & !flags::DIRECTIONS != binding.flags & !flags::DIRECTIONS;
+        // RAW is decided anew in step 2: asked there or not, granted or not.
+        let fixed = !(flags::DIRECTIONS | flags::RAW);
+        let others_changed = flags & fixed != binding.flags & fixed;
         if widened || others_changed {
             return Err(BindError::FlagsChanged);
         }
@@ -133,6 +138,7 @@ impl Bindings {
             return Err(BindError::PairPortOverflow);
         }
         let (conn, user) = (binding.conn, binding.user.clone());
+        let flags = self.grant_raw(local, wanted, flags, binding.ports.pair, false);
         self.uncount_half_bound(conn, user.as_deref());
         let deadline = after(now, self.config.idle_timeout);
         let Some(binding) = self.live.get_mut(&aid) else {
@@ -147,6 +153,7 @@ impl Bindings {
         self.timers.remove(&(binding.timer, aid));
         binding.timer = deadline;
         self.timers.insert((deadline, aid));
+        self.raw_flows.extend(binding.raw_flows());
         let actions = binding
             .entries(aid)
             .into_iter()
@@ -205,6 +212,7 @@ impl Bindings {
         if pair && (local.port() == u16::MAX || wanted.port() == u16::MAX) {
             return Err(BindError::PairPortOverflow);
         }
+        let flags = self.grant_raw(local, wanted, flags, pair, step1);
         let owner_user: Option<Arc<str>> = user.map(Arc::from);
         let owner = Owner::of(owner_user.as_ref(), peer);
         self.check_caps(conn, &owner, user, step1)?;
@@ -254,6 +262,7 @@ impl Bindings {
         self.timers.insert((timer, aid));
         // Counted only now: every refusal above leaves nothing behind.
         *self.owners.entry(owner).or_insert(0) += 1;
+        self.raw_flows.extend(binding.raw_flows());
         self.live.insert(aid, binding);
         let reply_flags = if step1 {
             flags | flags::REMOTE_PENDING
@@ -296,6 +305,38 @@ impl Bindings {
             }
         }
         Ok(())
+    }
+
+    /// `flags`, without RAW unless it can be granted (protocol.md section 3): asked for, both
+    /// directions over UDP, a known LOCAL port, one family on both sides, and an exact remote
+    /// whose flows (client socket, remote) no other RAW binding holds; in a step 1, whose remote
+    /// is still to come, it is granted provisionally and decided again in step 2. The caller has
+    /// checked what the machine cannot see (a kernel datapath, a directly connected client).
+    fn grant_raw(
+        &self,
+        local: SocketAddr,
+        wanted: Wanted,
+        flags: u16,
+        pair: bool,
+        step1: bool,
+    ) -> u16 {
+        let possible = flags & flags::DIRECTIONS == flags::DIRECTIONS
+            && flags & flags::TCP_ENCAPSULATED == 0
+            && local.port() != 0
+            && Family::of(local.ip()) == wanted.family()
+            && match wanted {
+                Wanted::Listen(_) => step1,
+                Wanted::Host(_) => false,
+                Wanted::Exact(remote) => {
+                    let taken = |flow| self.raw_flows.contains(&flow);
+                    !taken((local, remote))
+                        && !(pair && taken((next_port(local), next_port(remote))))
+                }
+            };
+        if flags & flags::RAW != 0 && !possible {
+            tracing::debug!(%local, "RAW asked for, not possible for this binding: header delivery");
+        }
+        if possible { flags } else { flags & !flags::RAW }
     }
 
     /// Port 0 and forbidden networks for a specific REMOTE.

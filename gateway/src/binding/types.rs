@@ -27,14 +27,23 @@ pub mod flags {
     pub const REMOTE_PENDING: u16 = 0x0080;
     /// `0100`: one binding, two flows on aligned port pairs (RTP on P, RTCP on P+1).
     pub const RTP_PAIR: u16 = 0x0100;
+    /// `0200`: header-less delivery for an Open binding; kept in a binding's flags (and echoed)
+    /// only when granted.
+    pub const RAW: u16 = 0x0200;
 
     /// The direction bits; a step 2 may only narrow these.
     pub const DIRECTIONS: u16 = RECEIVE | SEND;
     /// Every multicast-related bit.
     pub const MULTICAST_ANY: u16 = MULTICAST | MULTICAST_TO_UNICAST | MULTICAST_TO_MULTICAST;
     /// Every bit this gateway knows; a request with any other bit gets `13`.
-    pub const KNOWN: u16 =
-        RECEIVE | SEND | UNICAST | TCP_ENCAPSULATED | MULTICAST_ANY | REMOTE_PENDING | RTP_PAIR;
+    pub const KNOWN: u16 = RECEIVE
+        | SEND
+        | UNICAST
+        | TCP_ENCAPSULATED
+        | MULTICAST_ANY
+        | REMOTE_PENDING
+        | RTP_PAIR
+        | RAW;
 }
 
 /// Identifies one control connection for the lifetime of the gateway (never reused).

@@ -56,7 +56,7 @@ impl AccessSource {
         // Clients may not reach the protected networks through the proxy.
         deny.extend(internal_networks.iter().copied());
         let clients = if settings.allow_clients.is_empty() {
-            internal_networks
+            internal_networks.clone()
         } else {
             settings.allow_clients
         };
@@ -69,6 +69,7 @@ impl AccessSource {
                 allow_loopback: false,
             },
             clients,
+            direct_networks: internal_networks,
         })
     }
 }

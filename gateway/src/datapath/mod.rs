@@ -24,9 +24,10 @@ use aya::{
     programs::{ProgramError, SchedClassifier, Xdp, links::LinkError},
 };
 use gateway_common::{
-    Addr16, BindingKey, BindingValue, ControlPortKey, DEFAULT_FAIL_CLOSED_AFTER_NS,
-    DEFAULT_MAX_BINDINGS, DatapathSettings, HostAllowKey, HostAllowValue, OutboundKey,
-    OutboundValue, TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, map_names,
+    Addr16, BindingKey, BindingValue, ClientSocketKey, ControlPortKey,
+    DEFAULT_FAIL_CLOSED_AFTER_NS, DEFAULT_MAX_BINDINGS, DatapathSettings, HostAllowKey,
+    HostAllowValue, OutboundKey, OutboundValue, RawClientValue, TC_INBOUND_PROGRAM,
+    TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, map_names,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -57,11 +58,12 @@ const XDP_EXTERNAL_LINK: &str = "xdp_external_link";
 const TC_EXTERNAL_LINK: &str = "tc_external_link";
 const TC_INTERNAL_LINK: &str = "tc_internal_link";
 const LINKS: [&str; 3] = [XDP_EXTERNAL_LINK, TC_EXTERNAL_LINK, TC_INTERNAL_LINK];
-const PINNED_MAPS: [&str; 8] = [
+const PINNED_MAPS: [&str; 9] = [
     map_names::EXIT_COUNTERS,
     map_names::CONTROL_PORTS,
     map_names::BINDINGS,
     map_names::OUTBOUND,
+    map_names::RAW_CLIENTS,
     map_names::HOST_ALLOW,
     map_names::EXTERNAL_ADDRS,
     map_names::SETTINGS,
@@ -198,7 +200,8 @@ impl Datapath {
         };
         // Bindings belong to control connections; a new daemon has none.
         let stale = clear::<BindingKey, BindingValue>(&mut ebpf, map_names::BINDINGS)?
-            + clear::<OutboundKey, OutboundValue>(&mut ebpf, map_names::OUTBOUND)?;
+            + clear::<OutboundKey, OutboundValue>(&mut ebpf, map_names::OUTBOUND)?
+            + clear::<ClientSocketKey, RawClientValue>(&mut ebpf, map_names::RAW_CLIENTS)?;
         if stale > 0 {
             warn!(
                 count = stale,
@@ -309,8 +312,9 @@ impl Datapath {
     pub fn take_gate(&mut self) -> Result<KernelGate, DatapathError> {
         let inbound = take_hash(&mut self.ebpf, map_names::BINDINGS)?;
         let outbound = take_hash(&mut self.ebpf, map_names::OUTBOUND)?;
+        let raw_clients = take_hash(&mut self.ebpf, map_names::RAW_CLIENTS)?;
         let host_allow = take_hash(&mut self.ebpf, map_names::HOST_ALLOW)?;
-        Ok(KernelGate::new(inbound, outbound, host_allow))
+        Ok(KernelGate::new(inbound, outbound, raw_clients, host_allow))
     }
 
     /// A stop that keeps the firewall closed: the heartbeat ends with an expired beat, so no
@@ -351,6 +355,7 @@ fn load(pin_dir: &Path, max_bindings: u32) -> Result<Ebpf, DatapathError> {
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(map_names::BINDINGS, max_bindings);
     loader.map_max_entries(map_names::OUTBOUND, max_bindings);
+    loader.map_max_entries(map_names::RAW_CLIENTS, max_bindings);
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }

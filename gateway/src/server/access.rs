@@ -25,6 +25,9 @@ pub struct Access {
     /// Networks control connections are accepted from; from anywhere else they are closed at
     /// accept. Empty admits nobody.
     pub clients: Vec<IpNet>,
+    /// The internal interface's own networks (directly connected): header-less (RAW) delivery
+    /// is granted only to clients on them, whose next hop to a remote is the gateway.
+    pub direct_networks: Vec<IpNet>,
 }
 
 impl Access {
@@ -32,6 +35,12 @@ impl Access {
     pub fn admits_client(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
         self.clients.iter().any(|net| net.contains(&ip))
+    }
+
+    /// Whether `ip` is on a directly connected internal network (a RAW precondition).
+    pub fn is_directly_connected(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.direct_networks.iter().any(|net| net.contains(&ip))
     }
 
     /// Whether a session authenticated as `user` (`None`: anonymous) may go on.
@@ -114,6 +123,7 @@ mod tests {
             users: Some(Users::parse("alice:$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$1M4bxkqXrNAaXnHGtkOpFZtTMWY3c1qqpGLXpe4PUDE").unwrap()),
             policy: Policy::default(),
             clients: vec!["198.51.100.0/24".parse().unwrap(), "2001:db8:1::/64".parse().unwrap()],
+            direct_networks: vec!["198.51.100.0/24".parse().unwrap()],
         }
     }
 

@@ -51,6 +51,7 @@ pub fn loopback_services(gate: &MemoryGate) -> Services {
                 ..Policy::default()
             },
             clients: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+            direct_networks: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
         }),
         limiter: FailureLimiter::new(5, Duration::from_mins(1)),
         resolver: resolver(&[]),

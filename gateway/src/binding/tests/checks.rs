@@ -305,7 +305,7 @@ fn multicast_and_bad_flags() {
     assert_eq!(code(&send), ReplyCode::MulticastSendNotAllowed);
     let none = gw.bind(A, with(flags::UNICAST), 0);
     assert_eq!(none.reply.error, Some(BindError::BadFlags));
-    let unknown = gw.bind(A, with(RSU | 0x0200), 0);
+    let unknown = gw.bind(A, with(RSU | 0x0400), 0);
     assert_eq!(code(&unknown), ReplyCode::BadAssociationContext);
     let pending = gw.bind(
         A,

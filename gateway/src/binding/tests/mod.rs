@@ -1,11 +1,12 @@
 //! Tests of the binding state machine on a virtual clock: the table of protocol.md section 4 and
 //! rules 1 to 3 (`table`), rule 4 and the per-request checks (`checks`), expiry, tombstones,
-//! release and close (`expiry`), caps, ports, AIDs and config (`resources`), and a property test
-//! (`prop`).
+//! release and close (`expiry`), caps, ports, AIDs and config (`resources`), header-less delivery
+//! (`raw`) and a property test (`prop`).
 
 mod checks;
 mod expiry;
 mod prop;
+mod raw;
 mod resources;
 mod table;
 

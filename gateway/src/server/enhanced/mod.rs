@@ -429,22 +429,27 @@ pub(crate) fn gate_entry(entry: &KernelEntry) -> GateEntry {
     }
 }
 
-/// How the kernel relays an exact, two-way, UDP-framed binding whose client port is known;
-/// `None` keeps the binding in the userspace relay (the gate still admits it).
+/// How the kernel relays an exact, two-way, UDP-framed binding whose client port is known (with
+/// the 8-octet header, or without one where RAW was granted); `None` keeps the binding in the
+/// userspace relay (the gate still admits it).
 pub(crate) fn kernel_relay(entry: &KernelEntry) -> Option<KernelRelay> {
     use crate::binding::flags;
-    let both_ways = entry.flags & (flags::RECEIVE | flags::SEND) == (flags::RECEIVE | flags::SEND);
+    let RemoteMatch::Exact(remote) = entry.remote else {
+        return None;
+    };
+    let both_ways = entry.flags & flags::DIRECTIONS == flags::DIRECTIONS;
     let udp_framed = entry.flags & flags::TCP_ENCAPSULATED == 0;
-    (matches!(entry.remote, RemoteMatch::Exact(_))
-        && both_ways
-        && udp_framed
-        && entry.client.port() != 0)
-        .then_some(KernelRelay {
-            client: entry.client,
-            internal_relay: entry.internal,
-            aid: entry.aid,
-            framing: Framing::Enhanced,
-        })
+    let framing = if entry.flags & flags::RAW != 0 {
+        Framing::Raw { remote }
+    } else {
+        Framing::Enhanced
+    };
+    (both_ways && udp_framed && entry.client.port() != 0).then_some(KernelRelay {
+        client: entry.client,
+        internal_relay: entry.internal,
+        aid: entry.aid,
+        framing,
+    })
 }
 
 /// Polls the kernel's per-entry counters so traffic the kernel relays counts against idling.

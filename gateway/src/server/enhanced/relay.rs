@@ -13,6 +13,13 @@
 //! the port last heard from). TCP-encapsulated bindings get the remote's datagrams on the control
 //! connection (`03 SIZE AID DATA`). Traffic is reported to the machine at most once a second.
 //!
+//! A RAW (header-less) binding is relayed in the kernel; what reaches this relay is what the
+//! kernel hands up (a datagram too big for the internal link, which IP then fragments). It goes
+//! to the client without a header and from the remote's own address and port, as the kernel
+//! would send it: through a transparent socket (`IP_TRANSPARENT`, which needs `CAP_NET_ADMIN`)
+//! bound to that address, opened on the first such datagram. The client's RAW datagrams are
+//! addressed to the remote and never reach a relay socket, so this relay sends none of them.
+//!
 //! Owns the sockets: they close when the task ends (it is aborted on release, expiry and
 //! connection close). It must not change the binding table (beyond reporting traffic) or touch
 //! the kernel gate, and it must never relay for another binding's AID.
@@ -161,6 +168,8 @@ pub(super) struct Spawn {
     pub flows: Vec<Flow>,
     /// Where encoded `03` packets for the client go.
     pub to_client: mpsc::Sender<Bytes>,
+    /// The internal interface, which RAW deliveries leave by (`None`: untied).
+    pub internal_device: Option<String>,
 }
 
 /// Starts the relay task of one binding; its sockets live as long as the task.
@@ -178,6 +187,8 @@ pub(super) fn spawn(spawn: Spawn) -> (RelayControl, AbortHandle) {
         listen_peers: [HashSet::new(), HashSet::new()],
         from_client,
         to_client: spawn.to_client,
+        internal_device: spawn.internal_device,
+        raw_senders: [None, None],
         last_report: None,
         stats: RelayStats::default(),
     };
@@ -224,6 +235,9 @@ struct Relay {
     listen_peers: [HashSet<SocketAddr>; 2],
     from_client: mpsc::Receiver<Bytes>,
     to_client: mpsc::Sender<Bytes>,
+    internal_device: Option<String>,
+    /// RAW: per flow, the transparent socket bound to the remote's address, once opened.
+    raw_senders: [Option<UdpSocket>; 2],
     last_report: Option<tokio::time::Instant>,
     stats: RelayStats,
 }
@@ -477,7 +491,9 @@ impl Relay {
             RemoteMatch::Exact(_) => DatagramHeader::new(self.aid),
         };
         let payload = &buf[..len];
-        if state.flags & flags::TCP_ENCAPSULATED != 0 {
+        if state.flags & flags::RAW != 0 {
+            self.send_raw_to_client(flow, &state, from, payload).await;
+        } else if state.flags & flags::TCP_ENCAPSULATED != 0 {
             self.send_to_client_tcp(header.remote.as_ref(), payload);
         } else {
             self.send_to_client_udp(flow, &state, &header, payload)
@@ -517,6 +533,45 @@ impl Relay {
             Err(error) => {
                 self.stats.send_errors += 1;
                 debug!(aid = self.aid, %client, %error, "send to the client failed");
+            }
+        }
+    }
+
+    /// RAW: `payload` as is, to the client from the remote's address `from`.
+    async fn send_raw_to_client(
+        &mut self,
+        flow: usize,
+        state: &RelayState,
+        from: SocketAddr,
+        payload: &[u8],
+    ) {
+        let Some(port) = self.client_port(flow, state) else {
+            self.stats.dropped_not_latched += 1;
+            return;
+        };
+        let client = SocketAddr::new(state.client.ip(), port);
+        if self.raw_senders[flow].is_none() {
+            match transparent_socket(from, self.internal_device.as_deref()) {
+                Ok(socket) => self.raw_senders[flow] = Some(socket),
+                Err(error) => {
+                    self.stats.send_errors += 1;
+                    warn!(aid = self.aid, %from, %error,
+                        "cannot open a transparent socket for RAW delivery (needs CAP_NET_ADMIN)");
+                    return;
+                }
+            }
+        }
+        let Some(socket) = &self.raw_senders[flow] else {
+            return;
+        };
+        match socket.send_to(payload, client).await {
+            Ok(_) => {
+                self.stats.to_client += 1;
+                self.report_traffic();
+            }
+            Err(error) => {
+                self.stats.send_errors += 1;
+                debug!(aid = self.aid, %client, %error, "RAW send to the client failed");
             }
         }
     }
@@ -577,6 +632,51 @@ enum Event {
 }
 
 /// The largest UDP payload of one datagram to `ip` (IPv4: 65535 - 20 - 8; IPv6: 65535 - 8).
+/// A UDP socket bound to `from`, an address of another host (`IP_TRANSPARENT` /
+/// `IPV6_TRANSPARENT`), tied to the internal interface: what it sends has `from` as source.
+/// `SO_REUSEADDR`, since bindings of several clients may name the same remote.
+fn transparent_socket(from: SocketAddr, device: Option<&str>) -> io::Result<UdpSocket> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, setsockopt, socket,
+        sockopt::{IpTransparent, ReuseAddr},
+    };
+    use std::os::fd::AsRawFd as _;
+    let family = if from.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(
+        family,
+        SockType::Datagram,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    if from.is_ipv4() {
+        setsockopt(&fd, IpTransparent, &true)?;
+    } else {
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket and a c_int option value of the given size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_IPV6,
+                libc::IPV6_TRANSPARENT,
+                (&raw const on).cast(),
+                libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap_or(4),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    setsockopt(&fd, ReuseAddr, &true)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(from))?;
+    let socket = UdpSocket::from_std(std::net::UdpSocket::from(fd))?;
+    crate::netif::tie_to_device(&socket, device)?;
+    Ok(socket)
+}
+
 fn max_udp_payload(ip: IpAddr) -> usize {
     match ip {
         IpAddr::V4(_) => 65_507,

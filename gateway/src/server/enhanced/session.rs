@@ -173,17 +173,21 @@ impl Session<'_> {
             Ok(remote) => remote,
             Err(code) => return ControlReply::echo(request, code),
         };
-        // RAW (header-less delivery) is not granted yet: the binding is made without it and the
-        // reply does not echo it, so the client uses the 8-octet header (docs/protocol.md).
-        if request.flags.contains(Flags::RAW) {
-            debug!(peer = %self.peer, tid = request.tid, "RAW asked for, not granted: this gateway delivers with the header");
+        let mut flags = request.flags.bits();
+        if request.flags.contains(Flags::RAW)
+            && let Some(why) = self.raw_impossible()
+        {
+            // The binding is made without RAW and the reply does not echo it: the client uses
+            // the 8-octet header (docs/protocol.md).
+            info!(peer = %self.peer, tid = request.tid, "RAW not granted: {why}");
+            flags &= !Flags::RAW.bits();
         }
         let bind = BindRequest {
             tid: request.tid,
             aid: request.aid,
             local,
             remote,
-            flags: request.flags.bits() & !Flags::RAW.bits(),
+            flags,
         };
         let (decision, info) = {
             let mut bindings = self.mode.lock_bindings();
@@ -207,6 +211,29 @@ impl Session<'_> {
             return ControlReply::echo(request, EnhancedReplyCode::GeneralFailure);
         }
         wire_reply(request, &decision)
+    }
+
+    /// Why this connection cannot have header-less delivery, if it cannot: the machine checks
+    /// the binding itself; this is what only the daemon can see.
+    fn raw_impossible(&self) -> Option<&'static str> {
+        if !self.services.gate.relays_in_kernel() {
+            return Some(
+                "the userspace data path cannot relay it (a RAW client's datagrams are \
+                 addressed to the remote and never reach a relay socket)",
+            );
+        }
+        if !self
+            .services
+            .access
+            .get()
+            .is_directly_connected(self.peer.ip())
+        {
+            return Some(
+                "the client is not on a directly connected internal network, so its route to \
+                 the remote need not pass the gateway",
+            );
+        }
+        None
     }
 
     /// REMOTE for the machine: an IP as given, or a domain name resolved once, now.
@@ -254,6 +281,7 @@ impl Session<'_> {
                         info,
                         flows,
                         to_client: self.to_client.clone(),
+                        internal_device: self.services.internal_device.clone(),
                     });
                     self.mode
                         .register_relay(self.conn, aid, ports.internal, abort);
