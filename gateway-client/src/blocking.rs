@@ -29,6 +29,31 @@
 //!     Ok(())
 //! }
 //! ```
+//!
+//! Asking for header-less delivery, as the shim does for an unmodified program's socket: the
+//! session only speaks the control protocol and says whether the gateway granted it; the caller
+//! keeps its own socket and uses it plainly (with the remote's address) or with the header.
+//!
+//! ```no_run
+//! use gateway_client::{BindOptions, Family, Timeouts, blocking::Client};
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let proxy = "198.51.100.1:1080".parse()?;
+//!     let mut session = Client::connect(proxy, None, Timeouts::default())?.enhanced()?;
+//!     let app = std::net::UdpSocket::bind("198.51.100.2:0")?;
+//!     let raw = BindOptions { raw: true };
+//!     let mut binding = session.bind_with(app.local_addr()?, Family::V4, raw)?;
+//!     let source: std::net::SocketAddr = "203.0.113.2:6000".parse()?;
+//!     session.connect(&mut binding, source)?;
+//!     if binding.is_raw() {
+//!         // Plain datagrams with the source itself; the gateway is the next hop.
+//!         app.connect(source)?;
+//!     } else {
+//!         // The 8-octet header, to and from binding.relays().internal.
+//!     }
+//!     Ok(())
+//! }
+//! ```
 
 use std::{
     io::{self, Read as _, Write as _},
@@ -43,7 +68,7 @@ use gateway_proto::{
 };
 
 use super::{
-    BindingError, ClientError, RelayAddrs, Timeouts,
+    BindOptions, BindingError, ClientError, RelayAddrs, Timeouts,
     exchange::{self, Tids},
 };
 
@@ -164,8 +189,13 @@ pub struct Binding {
     tid: u16,
     relays: RelayAddrs,
     local: SocketAddr,
+    /// What every UDP BIND of the binding asks for.
     flags: Flags,
+    /// The flags of the gateway's last reply for it.
+    reply_flags: Flags,
     remote: Option<Address>,
+    /// Where plain datagrams go, once a confirming reply granted header-less delivery.
+    raw: Option<SocketAddr>,
 }
 
 impl Binding {
@@ -177,6 +207,21 @@ impl Binding {
     /// The remote step 2 (or a one-step Open) confirmed, if any.
     pub fn remote(&self) -> Option<&Address> {
         self.remote.as_ref()
+    }
+
+    /// The flags of the gateway's last reply for this binding. After a step 1 that asked for
+    /// RAW, [`Flags::RAW`] there says header-less delivery would be possible (provisional: the
+    /// step-2 reply decides); `REMOTE_PENDING` says the binding awaits its remote.
+    pub fn reply_flags(&self) -> Flags {
+        self.reply_flags
+    }
+
+    /// Whether header-less delivery is in effect: the binding asked for it
+    /// ([`BindOptions::raw`]), is confirmed with its remote, and the confirming reply echoed
+    /// RAW. Then the application's socket exchanges plain datagrams with the remote's own
+    /// address; otherwise it uses the 8-octet header with [`RelayAddrs::internal`].
+    pub fn is_raw(&self) -> bool {
+        self.raw.is_some()
     }
 }
 
@@ -197,10 +242,20 @@ pub struct Session {
 impl Session {
     /// Step 1 for the application socket at `local`: relay ports reserved, nothing admitted.
     pub fn bind(&mut self, local: SocketAddr, family: Family) -> Result<Binding, ClientError> {
+        self.bind_with(local, family, BindOptions::default())
+    }
+
+    /// [`Session::bind`] asking for `options`, here and in the step 2 ([`Session::connect`]).
+    pub fn bind_with(
+        &mut self,
+        local: SocketAddr,
+        family: Family,
+        options: BindOptions,
+    ) -> Result<Binding, ClientError> {
         self.first_request(
             local,
             family.unspecified(),
-            exchange::unicast_flags(),
+            exchange::bind_flags(options),
             "UDP BIND step 1",
         )
     }
@@ -211,6 +266,17 @@ impl Session {
         local: SocketAddr,
         remote: impl Into<Address>,
     ) -> Result<Binding, ClientError> {
+        self.open_with(local, remote, BindOptions::default())
+    }
+
+    /// [`Session::open`] asking for `options`; [`Binding::is_raw`] says whether the gateway
+    /// granted header-less delivery.
+    pub fn open_with(
+        &mut self,
+        local: SocketAddr,
+        remote: impl Into<Address>,
+        options: BindOptions,
+    ) -> Result<Binding, ClientError> {
         let remote = remote.into();
         if remote.is_unspecified() {
             return Err(ClientError::UnspecifiedRemote);
@@ -218,12 +284,13 @@ impl Session {
         self.first_request(
             local,
             remote,
-            exchange::unicast_flags(),
+            exchange::bind_flags(options),
             "UDP BIND (one-step Open)",
         )
     }
 
-    /// Step 2 (Open): confirms the exact `remote` with step 1's TID, AID, LOCAL and flags.
+    /// Step 2 (Open): confirms the exact `remote` with step 1's TID, AID, LOCAL and flags (RAW
+    /// included when step 1 asked for it; [`Binding::is_raw`] then says whether it is granted).
     /// Connecting a confirmed binding again to the same remote is a no-op; another remote is
     /// refused here, before the gateway would answer `13`.
     pub fn connect(
@@ -245,6 +312,7 @@ impl Session {
             }
             None => {}
         }
+        exchange::check_raw(binding.flags, binding.local, &remote)?;
         let request = exchange::bind_request(
             binding.flags,
             binding.tid,
@@ -253,14 +321,10 @@ impl Session {
             remote.clone(),
         );
         let reply = self.exchange(&request, "UDP BIND step 2 (Open)")?;
-        let confirmed = exchange::relays_of(&reply, self.proxy.ip())?;
-        if confirmed.aid != binding.relays.aid {
-            return Err(ClientError::UnexpectedReply(format!(
-                "step 2 answered for AID {:#x}, the binding is {:#x}",
-                confirmed.aid, binding.relays.aid
-            )));
-        }
+        let confirmed = exchange::step_two_relays(&reply, self.proxy.ip(), &binding.relays)?;
         binding.relays = confirmed;
+        binding.reply_flags = reply.flags;
+        binding.raw = exchange::raw_remote(binding.flags, &reply, &remote);
         binding.remote = Some(remote);
         Ok(confirmed)
     }
@@ -291,19 +355,30 @@ impl Session {
         flags: Flags,
         operation: &'static str,
     ) -> Result<Binding, ClientError> {
+        exchange::check_raw(flags, local, &remote)?;
         let tid = self.tids.allocate().ok_or(ClientError::TidsExhausted)?;
         let request = exchange::bind_request(flags, tid, 0, local.into(), remote.clone());
-        let result = self
-            .exchange(&request, operation)
-            .and_then(|reply| exchange::relays_of(&reply, self.proxy.ip()));
+        let result = self.exchange(&request, operation).and_then(|reply| {
+            let relays = exchange::relays_of(&reply, self.proxy.ip())?;
+            Ok((reply, relays))
+        });
         match result {
-            Ok(relays) => Ok(Binding {
-                tid,
-                relays,
-                local,
-                flags,
-                remote: (!remote.is_unspecified()).then_some(remote),
-            }),
+            Ok((reply, relays)) => {
+                // Only a confirmed Open can be raw: a step 1's RAW is provisional.
+                let remote = (!remote.is_unspecified()).then_some(remote);
+                let raw = remote
+                    .as_ref()
+                    .and_then(|remote| exchange::raw_remote(flags, &reply, remote));
+                Ok(Binding {
+                    tid,
+                    relays,
+                    local,
+                    flags,
+                    reply_flags: reply.flags,
+                    remote,
+                    raw,
+                })
+            }
             Err(error) => {
                 if matches!(error, ClientError::Binding(_)) {
                     self.tids.free(tid);
@@ -451,4 +526,107 @@ fn is_timeout(error: &io::Error) -> bool {
         error.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket;
+
+    use super::*;
+    use crate::fake_gateway::{FakeGateway, Raw, bindings};
+
+    const RAW: BindOptions = BindOptions { raw: true };
+
+    fn start(raw: Raw) -> (FakeGateway, Session) {
+        let relays = RelayAddrs {
+            aid: 0x2A,
+            internal: "127.0.0.1:40000".parse().unwrap(),
+            external: "192.0.2.1:30000".parse().unwrap(),
+        };
+        let fake = FakeGateway::start(bindings(relays, raw));
+        let session = Client::connect(fake.addr, None, Timeouts::default())
+            .unwrap()
+            .enhanced()
+            .unwrap();
+        (fake, session)
+    }
+
+    /// An application socket's address, as the shim would pass it.
+    fn app() -> (UdpSocket, SocketAddr) {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        (socket, addr)
+    }
+
+    const SOURCE: &str = "127.0.0.2:6000";
+
+    #[test]
+    fn raw_is_asked_in_both_steps_and_the_step_two_reply_grants_it() {
+        let (fake, mut session) = start(Raw::Grant);
+        let (_app, local) = app();
+        let mut binding = session.bind_with(local, Family::V4, RAW).unwrap();
+        let step1 = fake.request();
+        assert!(step1.flags.contains(Flags::RAW), "{step1:?}");
+        assert!(binding.reply_flags().contains(Flags::RAW), "provisional");
+        assert!(!binding.is_raw(), "not before step 2");
+        let source: SocketAddr = SOURCE.parse().unwrap();
+        session.connect(&mut binding, source).unwrap();
+        let step2 = fake.request();
+        assert_eq!((step2.flags, step2.tid), (step1.flags, step1.tid));
+        assert!(binding.is_raw());
+        assert!(binding.reply_flags().contains(Flags::RAW));
+    }
+
+    #[test]
+    fn without_the_echo_the_binding_keeps_the_header() {
+        // Provisional at step 1, not granted at step 2.
+        let (_fake, mut session) = start(Raw::StepOneOnly);
+        let (_app, local) = app();
+        let mut binding = session.bind_with(local, Family::V4, RAW).unwrap();
+        assert!(binding.reply_flags().contains(Flags::RAW));
+        session
+            .connect(&mut binding, SOURCE.parse::<SocketAddr>().unwrap())
+            .unwrap();
+        assert!(!binding.is_raw());
+        assert!(!binding.reply_flags().contains(Flags::RAW));
+        // Not granted in a one-step Open either.
+        let (fake, mut session) = start(Raw::Refuse);
+        let open = session
+            .open_with(local, SOURCE.parse::<SocketAddr>().unwrap(), RAW)
+            .unwrap();
+        assert!(fake.request().flags.contains(Flags::RAW));
+        assert!(!open.is_raw());
+    }
+
+    #[test]
+    fn a_one_step_open_is_raw_when_asked_and_granted_only() {
+        let source = SOURCE.parse::<SocketAddr>().unwrap();
+        let (fake, mut session) = start(Raw::Always);
+        let (_app, local) = app();
+        let asked = session.open_with(local, source, RAW).unwrap();
+        assert!(fake.request().flags.contains(Flags::RAW));
+        assert!(asked.is_raw());
+        // A RAW the client did not ask for changes nothing.
+        let plain = session.open(local, source).unwrap();
+        assert!(!fake.request().flags.contains(Flags::RAW));
+        assert!(plain.reply_flags().contains(Flags::RAW) && !plain.is_raw());
+    }
+
+    #[test]
+    fn raw_is_refused_locally_where_it_cannot_work() {
+        let (fake, mut session) = start(Raw::Grant);
+        let latch = "127.0.0.1:0".parse().unwrap();
+        assert!(matches!(
+            session.bind_with(latch, Family::V4, RAW),
+            Err(ClientError::RawUnavailable(_))
+        ));
+        let (_app, local) = app();
+        assert!(matches!(
+            session.open_with(local, Address::Domain("media.test".into(), 6000), RAW),
+            Err(ClientError::RawUnavailable(_))
+        ));
+        assert!(fake.quiet(Duration::from_millis(200)), "nothing was sent");
+        // The session is still good.
+        session.bind_with(local, Family::V4, RAW).unwrap();
+    }
 }
