@@ -1,23 +1,33 @@
 //! The control plane of one enhanced-mode binding: its state (unbound, half-bound, connected,
-//! listening, released) and the UDP BIND / UDP RELEASE requests that move it, following the
-//! table of protocol.md section 4. [`super::UdpBinding`] and [`super::RtpPair`] wrap it with
-//! their local sockets; [`super::Flow`] does the data plane.
+//! listening, released), the UDP BIND / UDP RELEASE requests that move it, following the table of
+//! protocol.md section 4, and its local sockets, which it connects to the remote when the gateway
+//! grants header-less delivery. [`super::UdpBinding`] and [`super::RtpPair`] wrap it;
+//! [`super::Flow`] does the data plane.
 //!
 //! Rules kept here: a step 1 is sent once and never again (a repeat would be read as a step 2
 //! Listen), each step 1 and one-step Open takes a fresh TID, a step 2 repeats step 1's TID, LOCAL
-//! and flags, and a binding is never widened (another remote on a connected binding is refused
-//! locally, before the gateway would answer `13`).
+//! and flags (RAW included, whatever step 1's reply said), and a binding is never widened
+//! (another remote on a connected binding is refused locally, before the gateway would answer
+//! `13`).
 
 use std::{
     net::SocketAddr,
     sync::{Mutex, MutexGuard, PoisonError},
 };
 
+use tokio::net::UdpSocket;
+
 use super::{
     BindingError, ClientError, EnhancedSession, Family,
-    exchange::{bind_request, refusal, relays_of, release_request},
+    exchange::{
+        bind_request, check_raw, raw_remote, refusal, relays_of, release_request, step_two_relays,
+    },
+    flow::{FlowSocket, shifted},
 };
-use gateway_proto::{Address, enhanced::Flags};
+use gateway_proto::{
+    Address,
+    enhanced::{ControlReply, Flags},
+};
 
 /// A binding's relay addresses, from the gateway's reply to step 1 (or to a one-step Open).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -32,6 +42,16 @@ pub struct RelayAddrs {
     pub external: SocketAddr,
 }
 
+/// How a connected binding's datagrams travel between its local sockets and the remote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Delivery {
+    /// Through the internal relay, with the 8-octet header.
+    Header,
+    /// Header-less (RAW granted): plain datagrams straight to and from this remote (the RTP
+    /// source of a pair; its RTCP flow uses the next port), the local sockets connected to it.
+    Raw(SocketAddr),
+}
+
 /// Where a binding is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Phase {
@@ -44,6 +64,7 @@ pub(super) enum Phase {
         tid: u16,
         relays: RelayAddrs,
         remote: Address,
+        delivery: Delivery,
     },
     /// Confirmed for any remote (step 2 Listen).
     Listen { tid: u16, relays: RelayAddrs },
@@ -90,14 +111,16 @@ pub(super) fn wrong(operation: &'static str, phase: &Phase) -> ClientError {
     }
 }
 
-/// One binding's control state, shared by its flows.
+/// One binding's control state and local sockets, shared by its flows.
 #[derive(Debug)]
 pub(super) struct Core {
     pub(super) session: EnhancedSession,
     family: Family,
     flags: Flags,
-    /// LOCAL: the (first) local socket's address.
+    /// LOCAL: the first local socket's address.
     local: SocketAddr,
+    /// One socket per flow, in offset order: a plain binding's, or a pair's RTP and RTCP.
+    sockets: Vec<FlowSocket>,
     phase: Mutex<Phase>,
     /// Serialises control requests, so two tasks cannot both send a step 1.
     op: tokio::sync::Mutex<()>,
@@ -120,20 +143,35 @@ impl Drop for PendingTid<'_> {
 }
 
 impl Core {
+    /// A binding of the local `socket` (LOCAL; an RTP pair's RTP socket) and, for a pair, the
+    /// RTCP socket on the next port, that will ask for `flags`.
     pub(super) fn new(
         session: EnhancedSession,
         family: Family,
         flags: Flags,
-        local: SocketAddr,
-    ) -> Self {
-        Self {
+        socket: UdpSocket,
+        rtcp: Option<UdpSocket>,
+    ) -> Result<Self, ClientError> {
+        let local = socket.local_addr()?;
+        let sockets = std::iter::once(socket)
+            .chain(rtcp)
+            .zip(0..)
+            .map(|(socket, offset)| FlowSocket { socket, offset })
+            .collect();
+        Ok(Self {
             session,
             family,
             flags,
             local,
+            sockets,
             phase: Mutex::new(Phase::Unbound),
             op: tokio::sync::Mutex::new(()),
-        }
+        })
+    }
+
+    /// The local socket of the flow at `offset` (0, or 1 for a pair's RTCP).
+    pub(super) fn socket(&self, offset: u16) -> &FlowSocket {
+        &self.sockets[usize::from(offset)]
     }
 
     fn lock(&self) -> MutexGuard<'_, Phase> {
@@ -152,6 +190,17 @@ impl Core {
         self.family
     }
 
+    /// Whether the binding is connected with header-less delivery in effect.
+    pub(super) fn is_raw(&self) -> bool {
+        matches!(
+            self.phase(),
+            Phase::Open {
+                delivery: Delivery::Raw(_),
+                ..
+            }
+        )
+    }
+
     /// Step 1: a new TID, REMOTE unspecified of the binding's family.
     pub(super) async fn bind(&self) -> Result<RelayAddrs, ClientError> {
         let _op = self.op.lock().await;
@@ -160,54 +209,82 @@ impl Core {
             return Err(wrong("bind", &phase));
         }
         let remote = self.family.unspecified();
-        let (tid, relays) = self.first_request(remote, "UDP BIND step 1").await?;
+        check_raw(self.flags, self.local, &remote)?;
+        let (tid, reply) = self.first_request(&remote, "UDP BIND step 1").await?;
+        let relays = relays_of(&reply, self.proxy_ip())?;
         self.set(Phase::HalfBound { tid, relays });
         Ok(relays)
     }
 
     /// `connect(remote)`: step 2 Open on a half-bound binding, a one-step Open on an unbound one.
-    /// Connecting again to the same remote is a no-op.
+    /// When the reply grants header-less delivery, the local sockets are connected to the remote
+    /// before the binding counts as connected. Connecting again to the same remote is a no-op
+    /// (it connects the sockets again, should that have failed the first time).
     pub(super) async fn connect(&self, remote: Address) -> Result<RelayAddrs, ClientError> {
         if remote.is_unspecified() {
             return Err(ClientError::UnspecifiedRemote);
         }
         let _op = self.op.lock().await;
-        match self.phase() {
+        let (tid, reply, relays) = match self.phase() {
             Phase::Unbound => {
-                let (tid, relays) = self
-                    .first_request(remote.clone(), "UDP BIND (one-step Open)")
+                check_raw(self.flags, self.local, &remote)?;
+                let (tid, reply) = self
+                    .first_request(&remote, "UDP BIND (one-step Open)")
                     .await?;
-                self.set(Phase::Open {
-                    tid,
-                    relays,
-                    remote,
-                });
-                Ok(relays)
+                let relays = relays_of(&reply, self.proxy_ip())?;
+                (tid, reply, relays)
             }
             Phase::HalfBound { tid, relays } => {
-                let confirmed = self
-                    .step_two(tid, relays, remote.clone(), "UDP BIND step 2 (Open)")
+                check_raw(self.flags, self.local, &remote)?;
+                let reply = self
+                    .bind_request(tid, relays.aid, &remote, "UDP BIND step 2 (Open)")
                     .await?;
-                self.set(Phase::Open {
-                    tid,
-                    relays: confirmed,
-                    remote,
-                });
-                Ok(confirmed)
+                let confirmed = step_two_relays(&reply, self.proxy_ip(), &relays)?;
+                (tid, reply, confirmed)
             }
             Phase::Open {
                 relays,
                 remote: connected,
+                delivery,
                 ..
-            } if connected == remote => Ok(relays),
+            } if connected == remote => {
+                self.connect_sockets(delivery).await?;
+                return Ok(relays);
+            }
             Phase::Open {
                 remote: connected, ..
-            } => Err(ClientError::OtherRemote {
-                connected,
-                requested: remote,
-            }),
-            phase => Err(wrong("connect", &phase)),
+            } => {
+                return Err(ClientError::OtherRemote {
+                    connected,
+                    requested: remote,
+                });
+            }
+            phase => return Err(wrong("connect", &phase)),
+        };
+        let delivery =
+            raw_remote(self.flags, &reply, &remote).map_or(Delivery::Header, Delivery::Raw);
+        // The gateway has confirmed the binding whatever happens to the sockets: record it (so it
+        // is released), then connect them; a failure here is the caller's to see and retry.
+        let connected = self.connect_sockets(delivery).await;
+        self.set(Phase::Open {
+            tid,
+            relays,
+            remote,
+            delivery,
+        });
+        connected.map(|()| relays)
+    }
+
+    /// Connects each local socket to its flow's remote port, for header-less delivery; with the
+    /// header the sockets talk to the internal relay and stay unconnected.
+    async fn connect_sockets(&self, delivery: Delivery) -> Result<(), ClientError> {
+        let Delivery::Raw(remote) = delivery else {
+            return Ok(());
+        };
+        for flow in &self.sockets {
+            flow.socket.connect(shifted(remote, flow.offset)).await?;
         }
+        Ok(())
     }
 
     /// `listen()`: step 2 Listen on a half-bound binding; a no-op on a listening one.
@@ -216,9 +293,11 @@ impl Core {
         match self.phase() {
             Phase::HalfBound { tid, relays } => {
                 let remote = self.family.unspecified();
-                let confirmed = self
-                    .step_two(tid, relays, remote, "UDP BIND step 2 (Listen)")
+                let reply = self
+                    .bind_request(tid, relays.aid, &remote, "UDP BIND step 2 (Listen)")
                     .await?;
+                // A Listen binding is never raw: its datagrams carry the remote's address.
+                let confirmed = step_two_relays(&reply, self.proxy_ip(), &relays)?;
                 self.set(Phase::Listen {
                     tid,
                     relays: confirmed,
@@ -250,12 +329,13 @@ impl Core {
         Ok(result?)
     }
 
-    /// A request with a fresh TID (step 1 or one-step Open); never repeated.
+    /// A request with a fresh TID (step 1 or one-step Open); never repeated. Returns the TID
+    /// and the gateway's successful reply.
     async fn first_request(
         &self,
-        remote: Address,
+        remote: &Address,
         operation: &'static str,
-    ) -> Result<(u16, RelayAddrs), ClientError> {
+    ) -> Result<(u16, ControlReply), ClientError> {
         let tid = self.session.allocate_tid()?;
         let mut pending = PendingTid {
             session: &self.session,
@@ -272,39 +352,25 @@ impl Core {
             }
             _ => pending.settled = true,
         }
-        result.map(|relays| (tid, relays))
+        result.map(|reply| (tid, reply))
     }
 
-    /// Step 2 with step 1's TID, AID, LOCAL and flags.
-    async fn step_two(
-        &self,
-        tid: u16,
-        relays: RelayAddrs,
-        remote: Address,
-        operation: &'static str,
-    ) -> Result<RelayAddrs, ClientError> {
-        let confirmed = self
-            .bind_request(tid, relays.aid, remote, operation)
-            .await?;
-        if confirmed.aid != relays.aid {
-            return Err(ClientError::UnexpectedReply(format!(
-                "step 2 answered for AID {:#x}, the binding is {:#x}",
-                confirmed.aid, relays.aid
-            )));
-        }
-        Ok(confirmed)
-    }
-
+    /// A UDP BIND with the binding's flags and LOCAL; a refusal is [`ClientError::Binding`].
     async fn bind_request(
         &self,
         tid: u16,
         aid: u32,
-        remote: Address,
+        remote: &Address,
         operation: &'static str,
-    ) -> Result<RelayAddrs, ClientError> {
-        let request = bind_request(self.flags, tid, aid, self.local.into(), remote);
+    ) -> Result<ControlReply, ClientError> {
+        let request = bind_request(self.flags, tid, aid, self.local.into(), remote.clone());
         let reply = self.session.request(&request, operation).await?;
-        relays_of(&reply, self.session.proxy_addr().ip())
+        refusal(&reply)?;
+        Ok(reply)
+    }
+
+    fn proxy_ip(&self) -> std::net::IpAddr {
+        self.session.proxy_addr().ip()
     }
 }
 

@@ -29,6 +29,31 @@
 //!     Ok(())
 //! }
 //! ```
+//!
+//! Asking for header-less delivery, as the shim does for an unmodified program's socket: the
+//! session only speaks the control protocol and says whether the gateway granted it; the caller
+//! keeps its own socket and uses it plainly (with the remote's address) or with the header.
+//!
+//! ```no_run
+//! use gateway_client::{BindOptions, Family, Timeouts, blocking::Client};
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let proxy = "198.51.100.1:1080".parse()?;
+//!     let mut session = Client::connect(proxy, None, Timeouts::default())?.enhanced()?;
+//!     let app = std::net::UdpSocket::bind("198.51.100.2:0")?;
+//!     let raw = BindOptions { raw: true };
+//!     let mut binding = session.bind_with(app.local_addr()?, Family::V4, raw)?;
+//!     let source: std::net::SocketAddr = "203.0.113.2:6000".parse()?;
+//!     session.connect(&mut binding, source)?;
+//!     if binding.is_raw() {
+//!         // Plain datagrams with the source itself; the gateway is the next hop.
+//!         app.connect(source)?;
+//!     } else {
+//!         // The 8-octet header, to and from binding.relays().internal.
+//!     }
+//!     Ok(())
+//! }
+//! ```
 
 use std::{
     io::{self, Read as _, Write as _},
@@ -43,7 +68,7 @@ use gateway_proto::{
 };
 
 use super::{
-    BindingError, ClientError, RelayAddrs, Timeouts,
+    BindOptions, BindingError, ClientError, RelayAddrs, Timeouts,
     exchange::{self, Tids},
 };
 
@@ -164,8 +189,13 @@ pub struct Binding {
     tid: u16,
     relays: RelayAddrs,
     local: SocketAddr,
+    /// What every UDP BIND of the binding asks for.
     flags: Flags,
+    /// The flags of the gateway's last reply for it.
+    reply_flags: Flags,
     remote: Option<Address>,
+    /// Whether a confirming reply granted header-less delivery.
+    raw: bool,
 }
 
 impl Binding {
@@ -177,6 +207,21 @@ impl Binding {
     /// The remote step 2 (or a one-step Open) confirmed, if any.
     pub fn remote(&self) -> Option<&Address> {
         self.remote.as_ref()
+    }
+
+    /// The flags of the gateway's last reply for this binding. After a step 1 that asked for
+    /// RAW, [`Flags::RAW`] there says header-less delivery would be possible (provisional: the
+    /// step-2 reply decides); `REMOTE_PENDING` says the binding awaits its remote.
+    pub fn reply_flags(&self) -> Flags {
+        self.reply_flags
+    }
+
+    /// Whether header-less delivery is in effect: the binding asked for it
+    /// ([`BindOptions::raw`]), is confirmed with its remote, and the confirming reply echoed
+    /// RAW. Then the application's socket exchanges plain datagrams with the remote's own
+    /// address; otherwise it uses the 8-octet header with [`RelayAddrs::internal`].
+    pub fn is_raw(&self) -> bool {
+        self.raw
     }
 }
 
@@ -197,10 +242,20 @@ pub struct Session {
 impl Session {
     /// Step 1 for the application socket at `local`: relay ports reserved, nothing admitted.
     pub fn bind(&mut self, local: SocketAddr, family: Family) -> Result<Binding, ClientError> {
+        self.bind_with(local, family, BindOptions::default())
+    }
+
+    /// [`Session::bind`] asking for `options`, here and in the step 2 ([`Session::connect`]).
+    pub fn bind_with(
+        &mut self,
+        local: SocketAddr,
+        family: Family,
+        options: BindOptions,
+    ) -> Result<Binding, ClientError> {
         self.first_request(
             local,
             family.unspecified(),
-            exchange::unicast_flags(),
+            exchange::bind_flags(options),
             "UDP BIND step 1",
         )
     }
@@ -211,6 +266,17 @@ impl Session {
         local: SocketAddr,
         remote: impl Into<Address>,
     ) -> Result<Binding, ClientError> {
+        self.open_with(local, remote, BindOptions::default())
+    }
+
+    /// [`Session::open`] asking for `options`; [`Binding::is_raw`] says whether the gateway
+    /// granted header-less delivery.
+    pub fn open_with(
+        &mut self,
+        local: SocketAddr,
+        remote: impl Into<Address>,
+        options: BindOptions,
+    ) -> Result<Binding, ClientError> {
         let remote = remote.into();
         if remote.is_unspecified() {
             return Err(ClientError::UnspecifiedRemote);
@@ -218,12 +284,13 @@ impl Session {
         self.first_request(
             local,
             remote,
-            exchange::unicast_flags(),
+            exchange::bind_flags(options),
             "UDP BIND (one-step Open)",
         )
     }
 
-    /// Step 2 (Open): confirms the exact `remote` with step 1's TID, AID, LOCAL and flags.
+    /// Step 2 (Open): confirms the exact `remote` with step 1's TID, AID, LOCAL and flags (RAW
+    /// included when step 1 asked for it; [`Binding::is_raw`] then says whether it is granted).
     /// Connecting a confirmed binding again to the same remote is a no-op; another remote is
     /// refused here, before the gateway would answer `13`.
     pub fn connect(
@@ -245,6 +312,7 @@ impl Session {
             }
             None => {}
         }
+        exchange::check_raw(binding.flags, binding.local, &remote)?;
         let request = exchange::bind_request(
             binding.flags,
             binding.tid,
@@ -253,14 +321,10 @@ impl Session {
             remote.clone(),
         );
         let reply = self.exchange(&request, "UDP BIND step 2 (Open)")?;
-        let confirmed = exchange::relays_of(&reply, self.proxy.ip())?;
-        if confirmed.aid != binding.relays.aid {
-            return Err(ClientError::UnexpectedReply(format!(
-                "step 2 answered for AID {:#x}, the binding is {:#x}",
-                confirmed.aid, binding.relays.aid
-            )));
-        }
+        let confirmed = exchange::step_two_relays(&reply, self.proxy.ip(), &binding.relays)?;
         binding.relays = confirmed;
+        binding.reply_flags = reply.flags;
+        binding.raw = exchange::raw_remote(binding.flags, &reply, &remote).is_some();
         binding.remote = Some(remote);
         Ok(confirmed)
     }
@@ -291,19 +355,31 @@ impl Session {
         flags: Flags,
         operation: &'static str,
     ) -> Result<Binding, ClientError> {
+        exchange::check_raw(flags, local, &remote)?;
         let tid = self.tids.allocate().ok_or(ClientError::TidsExhausted)?;
         let request = exchange::bind_request(flags, tid, 0, local.into(), remote.clone());
-        let result = self
-            .exchange(&request, operation)
-            .and_then(|reply| exchange::relays_of(&reply, self.proxy.ip()));
+        let result = self.exchange(&request, operation).and_then(|reply| {
+            let relays = exchange::relays_of(&reply, self.proxy.ip())?;
+            Ok((reply, relays))
+        });
         match result {
-            Ok(relays) => Ok(Binding {
-                tid,
-                relays,
-                local,
-                flags,
-                remote: (!remote.is_unspecified()).then_some(remote),
-            }),
+            Ok((reply, relays)) => {
+                // Only a confirmed Open can be raw: a step 1's RAW is provisional.
+                let remote = (!remote.is_unspecified()).then_some(remote);
+                let raw = remote
+                    .as_ref()
+                    .and_then(|remote| exchange::raw_remote(flags, &reply, remote))
+                    .is_some();
+                Ok(Binding {
+                    tid,
+                    relays,
+                    local,
+                    flags,
+                    reply_flags: reply.flags,
+                    remote,
+                    raw,
+                })
+            }
             Err(error) => {
                 if matches!(error, ClientError::Binding(_)) {
                     self.tids.free(tid);
@@ -452,3 +528,7 @@ fn is_timeout(error: &io::Error) -> bool {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
     )
 }
+
+#[cfg(test)]
+#[path = "blocking_tests.rs"]
+mod tests;

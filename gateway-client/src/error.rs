@@ -79,6 +79,10 @@ pub enum ClientError {
     /// `connect` with an unspecified address; a binding for any remote is made with `listen`.
     #[error("connect needs a specific remote; use listen for any remote")]
     UnspecifiedRemote,
+    /// Header-less delivery was asked for ([`super::BindOptions::raw`]) where it cannot work;
+    /// nothing was sent. Ask without it: the header works everywhere.
+    #[error("header-less (RAW) delivery cannot work here: {0}")]
+    RawUnavailable(&'static str),
     /// Every transaction id of this control connection is taken.
     #[error("no free transaction id on this control connection")]
     TidsExhausted,

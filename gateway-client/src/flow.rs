@@ -1,10 +1,11 @@
 //! The data plane of a binding: datagrams between a local socket and the gateway's internal
 //! relay, with the 8-octet enhanced-mode header (and, for Listen bindings, the remote's address
-//! after it) added on the way out and stripped on the way in.
+//! after it) added on the way out and stripped on the way in; or, when the gateway granted
+//! header-less delivery, plain datagrams between the local socket and the remote itself.
 //!
 //! A plain binding has one flow; an RTP pair has two, RTP on relay port Q and RTCP on Q+1
-//! (protocol.md section 3), told apart by the port offset. Sends and receives take `&self`, so a
-//! task may receive while another sends.
+//! (protocol.md section 3), told apart by the port offset (in raw mode: the remote's ports s and
+//! s+1). Sends and receives take `&self`, so a task may receive while another sends.
 
 use std::{io, net::SocketAddr};
 
@@ -13,7 +14,7 @@ use tokio::net::UdpSocket;
 
 use super::{
     ClientError,
-    binding::{Core, Phase, RelayAddrs, wrong},
+    binding::{Core, Delivery, Phase, RelayAddrs, wrong},
 };
 use gateway_proto::{Address, enhanced::DatagramHeader};
 
@@ -26,6 +27,10 @@ pub(super) struct FlowSocket {
 
 /// One flow of a binding: a local socket and its relay port. [`super::UdpBinding`] has one,
 /// [`super::RtpPair`] two ([`super::RtpPair::rtp`], [`super::RtpPair::rtcp`]).
+///
+/// Its calls hide how datagrams travel: with the header through the internal relay, or, when
+/// the gateway granted header-less delivery ([`Flow::is_raw`]), plain and straight to the
+/// remote's port, the local socket connected to it.
 ///
 /// # Examples
 ///
@@ -46,8 +51,18 @@ pub struct Flow<'a> {
 }
 
 impl<'a> Flow<'a> {
-    pub(super) fn new(core: &'a Core, flow: &'a FlowSocket) -> Self {
-        Self { core, flow }
+    /// The flow at `offset` (0, or 1 for a pair's RTCP) of `core`.
+    pub(super) fn new(core: &'a Core, offset: u16) -> Self {
+        Self {
+            core,
+            flow: core.socket(offset),
+        }
+    }
+
+    /// Whether header-less delivery is in effect: the binding is connected, the gateway granted
+    /// RAW, and the local socket is connected to this flow's remote port.
+    pub fn is_raw(&self) -> bool {
+        self.core.is_raw()
     }
 
     /// The local socket's address (LOCAL, or LOCAL's port + 1 for RTCP).
@@ -55,7 +70,9 @@ impl<'a> Flow<'a> {
         self.flow.socket.local_addr()
     }
 
-    /// The local socket. Reading from it directly bypasses the header stripping.
+    /// The local socket. With the header, reading from it directly bypasses the header
+    /// stripping; with header-less delivery it is connected to this flow's remote port and
+    /// carries the remote's datagrams as they are, like an unproxied connected socket.
     pub fn socket(&self) -> &'a UdpSocket {
         &self.flow.socket
     }
@@ -76,17 +93,21 @@ impl<'a> Flow<'a> {
             .map(|relays| shifted(relays.external, self.flow.offset))
     }
 
-    /// Sends `data` to the connected remote. Only for connected bindings.
+    /// Sends `data` to the connected remote (its next port for a pair's RTCP). Only for
+    /// connected bindings.
     pub async fn send(&self, data: &[u8]) -> Result<usize, ClientError> {
         match self.core.phase() {
-            Phase::Open { relays, .. } => self.send_datagram(relays, None, data).await,
+            Phase::Open {
+                relays, delivery, ..
+            } => self.send_connected(relays, delivery, data).await,
             phase => Err(wrong("send", &phase)),
         }
     }
 
     /// `sendto(remote)`. On an unbound binding this is a one-step Open; on a bound one a step 2
-    /// Open (an implicit `connect`); on a connected one `remote` must be its remote; on a
-    /// listening one the datagram goes to `remote`, which must have sent to the binding.
+    /// Open (an implicit `connect`); on a connected one `remote` must be its remote (else
+    /// [`ClientError::OtherRemote`], in either delivery); on a listening one the datagram goes to
+    /// `remote`, which must have sent to the binding.
     pub async fn send_to(
         &self,
         remote: impl Into<Address>,
@@ -102,6 +123,7 @@ impl<'a> Flow<'a> {
             Phase::Open {
                 relays,
                 remote: connected,
+                delivery,
                 ..
             } => {
                 let expected = shifted_address(&connected, self.flow.offset);
@@ -111,7 +133,7 @@ impl<'a> Flow<'a> {
                         requested: remote,
                     });
                 }
-                self.send_datagram(relays, None, data).await
+                self.send_connected(relays, delivery, data).await
             }
             Phase::Listen { relays, .. } => self.send_datagram(relays, Some(remote), data).await,
             phase => Err(wrong("send_to", &phase)),
@@ -127,9 +149,11 @@ impl<'a> Flow<'a> {
     /// sent it is returned. On a bound, unconnected binding this first confirms it as a Listen
     /// binding (step 2 Listen), as `recv` does for a socksified socket.
     ///
-    /// Datagrams not from this flow's relay port, for another AID, malformed or fragmented are
-    /// skipped. A payload longer than `buf` minus the header is truncated. It waits like a
-    /// socket does; it fails with [`ClientError::SessionClosed`] when the control connection ends.
+    /// With the header, datagrams not from this flow's relay port, for another AID, malformed or
+    /// fragmented are skipped, and a payload longer than `buf` minus the header is truncated.
+    /// With header-less delivery, datagrams from anywhere but this flow's remote port are
+    /// skipped. It waits like a socket does; it fails with [`ClientError::SessionClosed`] when
+    /// the control connection ends.
     pub async fn recv_from(&self, buf: &mut [u8]) -> Result<(usize, Address), ClientError> {
         let mut phase = self.core.phase();
         if matches!(phase, Phase::HalfBound { .. }) {
@@ -137,6 +161,14 @@ impl<'a> Flow<'a> {
             phase = self.core.phase();
         }
         let (relays, connected) = match phase {
+            Phase::Open {
+                delivery: Delivery::Raw(remote),
+                ..
+            } => {
+                return self
+                    .recv_plain(buf, shifted(remote, self.flow.offset))
+                    .await;
+            }
             Phase::Open { relays, remote, .. } => {
                 (relays, Some(shifted_address(&remote, self.flow.offset)))
             }
@@ -145,16 +177,8 @@ impl<'a> Flow<'a> {
         };
         let relay = shifted(relays.internal, self.flow.offset);
         loop {
-            let (len, from) = tokio::select! {
-                received = self.flow.socket.recv_from(buf) => received?,
-                () = self.core.session.closed() => {
-                    return Err(ClientError::SessionClosed(
-                        "the control connection ended".to_owned(),
-                    ));
-                }
-            };
-            if from.ip().to_canonical() != relay.ip().to_canonical() || from.port() != relay.port()
-            {
+            let (len, from) = self.recv_datagram(buf).await?;
+            if !same_endpoint(from, relay) {
                 continue;
             }
             let mut datagram = &buf[..len];
@@ -176,6 +200,52 @@ impl<'a> Flow<'a> {
         }
     }
 
+    /// Header-less delivery: the next datagram from `remote`, as it came. The connected socket
+    /// already admits no other source; the check keeps that true should connecting it have
+    /// failed.
+    async fn recv_plain(
+        &self,
+        buf: &mut [u8],
+        remote: SocketAddr,
+    ) -> Result<(usize, Address), ClientError> {
+        loop {
+            let (len, from) = self.recv_datagram(buf).await?;
+            if same_endpoint(from, remote) {
+                return Ok((len, Address::Ip(remote)));
+            }
+        }
+    }
+
+    /// The next datagram on the local socket, or [`ClientError::SessionClosed`] when the control
+    /// connection ends first (the gateway has then released the binding).
+    async fn recv_datagram(&self, buf: &mut [u8]) -> Result<(usize, SocketAddr), ClientError> {
+        tokio::select! {
+            received = self.flow.socket.recv_from(buf) => Ok(received?),
+            () = self.core.session.closed() => Err(ClientError::SessionClosed(
+                "the control connection ended".to_owned(),
+            )),
+        }
+    }
+
+    /// Sends `data` on a connected binding: plain to the remote's port with header-less
+    /// delivery (to the remote's own address, which the gateway, as the next hop, relays), else
+    /// with the header to the internal relay.
+    async fn send_connected(
+        &self,
+        relays: RelayAddrs,
+        delivery: Delivery,
+        data: &[u8],
+    ) -> Result<usize, ClientError> {
+        match delivery {
+            Delivery::Raw(remote) => {
+                // `send_to` rather than `send`: right even if connecting the socket failed.
+                let remote = shifted(remote, self.flow.offset);
+                Ok(self.flow.socket.send_to(data, remote).await?)
+            }
+            Delivery::Header => self.send_datagram(relays, None, data).await,
+        }
+    }
+
     async fn send_datagram(
         &self,
         relays: RelayAddrs,
@@ -193,6 +263,11 @@ impl<'a> Flow<'a> {
         self.flow.socket.send_to(&out, relay).await?;
         Ok(data.len())
     }
+}
+
+/// Whether `from` is `expected`, an IPv4-mapped IPv6 address counting as its IPv4 address.
+fn same_endpoint(from: SocketAddr, expected: SocketAddr) -> bool {
+    from.ip().to_canonical() == expected.ip().to_canonical() && from.port() == expected.port()
 }
 
 /// `addr` with its port moved up by `offset` (the RTCP port of an RTP pair).

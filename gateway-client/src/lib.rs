@@ -22,6 +22,27 @@
 //!     an unbound binding a one-step Open).
 //!   - [`RtpPair`]: one RTP-PAIR binding with its RTP and RTCP flows.
 //!
+//! # Header-less delivery
+//!
+//! By default a binding's datagrams travel between the local socket and the gateway's internal
+//! relay with the 8-octet enhanced-mode header, which this library adds and strips. A binding
+//! made with [`BindOptions::raw`] ([`EnhancedSession::udp_socket_with`],
+//! [`EnhancedSession::bind_rtp_pair_with`], [`blocking::Session::bind_with`],
+//! [`blocking::Session::open_with`]) asks for RAW (flag `0200`) in step 1 and step 2, or in its
+//! one-step Open. Whether it is in effect is decided by the reply that confirms the binding with
+//! its remote (a step-1 echo is provisional, a Listen binding is never raw):
+//!
+//! - granted ([`UdpBinding::is_raw`], [`RtpPair::is_raw`], [`blocking::Binding::is_raw`]): the
+//!   local socket exchanges plain datagrams with the remote's own address. The async layer
+//!   connects the binding's socket (an RTP pair's two sockets, to the source's ports s and s+1)
+//!   to the remote, so the application may also read and write it like an unproxied connected
+//!   UDP socket. This host must route to the remote through the gateway (its next hop), which
+//!   rewrites the addresses on the way;
+//! - not granted: the header, exactly as without the option.
+//!
+//! Either way the bindings' own `send`, `send_to`, `recv` and `recv_from` do the right thing; in
+//! raw mode `send_to` another address than the remote is [`ClientError::OtherRemote`].
+//!
 //! # Examples
 //!
 //! The RTSP ordering through the gateway: bind and getsockname before SETUP, connect after the
@@ -59,6 +80,8 @@ mod binding;
 pub mod blocking;
 mod error;
 mod exchange;
+#[cfg(test)]
+mod fake_gateway;
 mod flow;
 mod handshake;
 mod session;
@@ -106,6 +129,39 @@ impl Default for Timeouts {
             control: Duration::from_secs(10),
         }
     }
+}
+
+/// What a UDP BIND asks the gateway for beyond receiving, sending and unicast. The default asks
+/// for nothing more: datagrams travel through the internal relay with the 8-octet header.
+///
+/// # Examples
+///
+/// ```no_run
+/// use gateway_client::{BindOptions, Family};
+/// # async fn demo(session: gateway_client::EnhancedSession) -> Result<(), gateway_client::ClientError> {
+/// let socket = session
+///     .udp_socket_with(Family::V4, BindOptions { raw: true })
+///     .await?;
+/// socket.connect("203.0.113.2:6000".parse::<std::net::SocketAddr>().expect("an address")).await?;
+/// if socket.is_raw() {
+///     // Granted: `socket.socket()` is connected to 203.0.113.2:6000 and carries plain datagrams.
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct BindOptions {
+    /// Ask for header-less delivery (RAW, flag `0200`, docs/protocol.md section 4.3), in step 1
+    /// and step 2 or in a one-step Open. Granted only for an Open binding (one exact remote) and
+    /// only when the reply echoes the flag; then the local socket exchanges plain datagrams with
+    /// the remote's own address (the gateway, which must be this host's next hop to the remote,
+    /// rewrites the addresses on the way), exactly as an unproxied socket would. When the gateway
+    /// does not grant it, the binding uses the header as without this option.
+    ///
+    /// It needs an IP remote of LOCAL's address family (the local socket talks to the remote
+    /// itself) and a LOCAL port other than 0; a request that cannot meet that fails with
+    /// [`ClientError::RawUnavailable`] before anything is sent.
+    pub raw: bool,
 }
 
 /// The address family of a binding's remote side. It picks the family of the gateway's external

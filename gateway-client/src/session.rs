@@ -26,7 +26,7 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::{ClientError, Family, RtpPair, Timeouts, UdpBinding, exchange::Tids};
+use super::{BindOptions, ClientError, Family, RtpPair, Timeouts, UdpBinding, exchange::Tids};
 use gateway_proto::enhanced::{ControlReply, ControlRequest, EnhancedReplyCode, Packet};
 
 /// Packets waiting for the writer task; callers wait (bounded) when it is full.
@@ -190,15 +190,36 @@ impl EnhancedSession {
 
     /// A new binding, like `socket(family, SOCK_DGRAM)`: a local UDP socket on
     /// [`EnhancedSession::local_ip`], nothing sent yet. `family` is the family of the remote
-    /// side (and so of the external relay address).
+    /// side (and so of the external relay address). Its datagrams carry the 8-octet header.
     pub async fn udp_socket(&self, family: Family) -> Result<UdpBinding, ClientError> {
-        UdpBinding::new(self.clone(), family).await
+        self.udp_socket_with(family, BindOptions::default()).await
+    }
+
+    /// [`EnhancedSession::udp_socket`] asking for `options` in each of its UDP BINDs; with
+    /// [`BindOptions::raw`], see [`UdpBinding::is_raw`] for whether the gateway granted it.
+    pub async fn udp_socket_with(
+        &self,
+        family: Family,
+        options: BindOptions,
+    ) -> Result<UdpBinding, ClientError> {
+        UdpBinding::new(self.clone(), family, options).await
     }
 
     /// A bound RTP pair: local sockets on an even/odd pair L, L+1 and a step 1 with RTP-PAIR, so
     /// the gateway reserves external relay ports P, P+1 (advertise P in the SETUP request).
     pub async fn bind_rtp_pair(&self, family: Family) -> Result<RtpPair, ClientError> {
-        RtpPair::bind(self.clone(), family).await
+        self.bind_rtp_pair_with(family, BindOptions::default())
+            .await
+    }
+
+    /// [`EnhancedSession::bind_rtp_pair`] asking for `options` in step 1 and step 2; with
+    /// [`BindOptions::raw`], see [`RtpPair::is_raw`] for whether the gateway granted it.
+    pub async fn bind_rtp_pair_with(
+        &self,
+        family: Family,
+        options: BindOptions,
+    ) -> Result<RtpPair, ClientError> {
+        RtpPair::bind(self.clone(), family, options).await
     }
 
     /// A fresh TID for a new binding.

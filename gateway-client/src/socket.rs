@@ -1,7 +1,7 @@
 //! The socket-like binding types of the enhanced mode: [`UdpBinding`] (one local socket, one
 //! flow) and [`RtpPair`] (local sockets on an even/odd port pair, one binding with RTP-PAIR).
 //! Their calls mirror the socket calls of protocol.md section 4; the protocol work is done by
-//! `binding` (control) and `flow` (data).
+//! `binding` (control, and the local sockets) and `flow` (data).
 
 use std::{
     io,
@@ -11,13 +11,12 @@ use std::{
 use tokio::net::UdpSocket;
 
 use super::{
-    ClientError, EnhancedSession, Family,
+    BindOptions, ClientError, EnhancedSession, Family,
     binding::{Core, Phase, RelayAddrs},
-    flow::{Flow, FlowSocket, shifted},
+    exchange::bind_flags,
+    flow::{Flow, shifted},
 };
 use gateway_proto::{Address, enhanced::Flags};
-
-use super::exchange::unicast_flags;
 
 /// How many times to look for a free even/odd pair of local ports.
 const PAIR_ATTEMPTS: usize = 64;
@@ -36,6 +35,13 @@ const PAIR_ATTEMPTS: usize = 64;
 /// The local socket is bound to the control connection's local IP, the only LOCAL the gateway
 /// accepts. Control calls are bounded by [`super::Timeouts::control`]; a failed call leaves the
 /// binding as it was (a timed-out step 2 may be repeated: the gateway answers a repeat `00`).
+///
+/// A binding made with [`BindOptions::raw`] ([`EnhancedSession::udp_socket_with`]) asks for
+/// header-less delivery in every UDP BIND. If the reply that connects it grants it
+/// ([`is_raw`](Self::is_raw)), [`socket`](Self::socket) is connected to the remote and carries
+/// plain datagrams, so the application may read and write it like an unproxied connected UDP
+/// socket; otherwise the header is used as without the option. The calls below do the right
+/// thing in both cases.
 ///
 /// # Examples
 ///
@@ -74,33 +80,32 @@ const PAIR_ATTEMPTS: usize = 64;
 /// ```
 #[derive(Debug)]
 pub struct UdpBinding {
-    // `flow` before `core`: the socket closes before the RELEASE is queued.
-    flow: FlowSocket,
     core: Core,
 }
 
 impl UdpBinding {
-    pub(super) async fn new(session: EnhancedSession, family: Family) -> Result<Self, ClientError> {
+    pub(super) async fn new(
+        session: EnhancedSession,
+        family: Family,
+        options: BindOptions,
+    ) -> Result<Self, ClientError> {
         let socket = UdpSocket::bind(SocketAddr::new(session.local_ip(), 0)).await?;
-        let local = socket.local_addr()?;
-        Ok(Self {
-            flow: FlowSocket { socket, offset: 0 },
-            core: Core::new(session, family, unicast_flags(), local),
-        })
+        let core = Core::new(session, family, bind_flags(options), socket, None)?;
+        Ok(Self { core })
     }
 
     fn flow(&self) -> Flow<'_> {
-        Flow::new(&self.core, &self.flow)
+        Flow::new(&self.core, 0)
     }
 
     /// The local socket's address (LOCAL).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.flow.socket.local_addr()
+        self.flow().local_addr()
     }
 
-    /// The local socket. Reading from it directly bypasses the header stripping.
+    /// The local socket: see [`Flow::socket`] (connected to the remote once raw).
     pub fn socket(&self) -> &UdpSocket {
-        &self.flow.socket
+        self.flow().socket()
     }
 
     /// The family of the remote side.
@@ -131,6 +136,13 @@ impl UdpBinding {
         matches!(self.core.phase(), Phase::Listen { .. })
     }
 
+    /// Whether header-less delivery is in effect: the binding asked for it, is connected, and
+    /// the gateway's reply to the connecting request granted it. Then [`socket`](Self::socket)
+    /// is connected to the remote.
+    pub fn is_raw(&self) -> bool {
+        self.core.is_raw()
+    }
+
     /// `bind()`: step 1. Returns the relay addresses; [`RelayAddrs::external`] is what
     /// `getsockname` returns and what to advertise. Sent once: call it again only after an error
     /// and it makes a new binding with a new TID.
@@ -138,8 +150,11 @@ impl UdpBinding {
         self.core.bind().await
     }
 
-    /// `connect(remote)`: step 2, UDP Open, with the same TID and LOCAL as step 1 (a one-step
-    /// Open if the binding is not bound). From then on only `remote` is relayed.
+    /// `connect(remote)`: step 2, UDP Open, with the same TID, LOCAL and flags as step 1 (a
+    /// one-step Open if the binding is not bound). From then on only `remote` is relayed. If the
+    /// reply grants header-less delivery, the local socket is connected to `remote` before this
+    /// returns (an error connecting it is returned, the binding stays connected, and calling
+    /// `connect` again retries).
     pub async fn connect(&self, remote: impl Into<Address>) -> Result<RelayAddrs, ClientError> {
         self.core.connect(remote.into()).await
     }
@@ -150,7 +165,7 @@ impl UdpBinding {
         self.core.listen().await
     }
 
-    /// Sends to the connected remote.
+    /// Sends to the connected remote: see [`Flow::send`].
     pub async fn send(&self, data: &[u8]) -> Result<usize, ClientError> {
         self.flow().send(data).await
     }
@@ -185,6 +200,10 @@ impl UdpBinding {
 /// Q, Q+1. Step 2 names the RTP source S:s; S:s reaches [`RtpPair::rtp`] and S:s+1 reaches
 /// [`RtpPair::rtcp`], whose sends leave from P+1 to S:s+1.
 ///
+/// Made with [`BindOptions::raw`] ([`EnhancedSession::bind_rtp_pair_with`]) and granted
+/// ([`RtpPair::is_raw`]), both flows are header-less: the RTP socket is connected to S:s, the
+/// RTCP socket to S:s+1, and each carries plain datagrams both ways.
+///
 /// # Examples
 ///
 /// ```no_run
@@ -208,8 +227,6 @@ impl UdpBinding {
 /// ```
 #[derive(Debug)]
 pub struct RtpPair {
-    rtp: FlowSocket,
-    rtcp: FlowSocket,
     core: Core,
     relays: RelayAddrs,
 }
@@ -218,10 +235,11 @@ impl RtpPair {
     pub(super) async fn bind(
         session: EnhancedSession,
         family: Family,
+        options: BindOptions,
     ) -> Result<Self, ClientError> {
         let (even, odd) = local_pair(session.local_ip()).await?;
-        let local = even.local_addr()?;
-        let core = Core::new(session, family, unicast_flags() | Flags::RTP_PAIR, local);
+        let flags = bind_flags(options) | Flags::RTP_PAIR;
+        let core = Core::new(session, family, flags, even, Some(odd))?;
         let relays = core.bind().await?;
         if relays.external.port() % 2 != 0 || relays.internal.port() == u16::MAX {
             // Dropping `core` releases the binding.
@@ -230,18 +248,7 @@ impl RtpPair {
                 relays.internal, relays.external
             )));
         }
-        Ok(Self {
-            rtp: FlowSocket {
-                socket: even,
-                offset: 0,
-            },
-            rtcp: FlowSocket {
-                socket: odd,
-                offset: 1,
-            },
-            core,
-            relays,
-        })
+        Ok(Self { core, relays })
     }
 
     /// The relay addresses of the RTP flow (P and Q); RTCP uses the next ports.
@@ -254,17 +261,24 @@ impl RtpPair {
         (self.relays.external, shifted(self.relays.external, 1))
     }
 
-    /// The RTP flow: local port L, relay ports Q and P.
+    /// The RTP flow: local port L, relay ports Q and P (raw: the source's port s).
     pub fn rtp(&self) -> Flow<'_> {
-        Flow::new(&self.core, &self.rtp)
+        Flow::new(&self.core, 0)
     }
 
-    /// The RTCP flow: local port L+1, relay ports Q+1 and P+1.
+    /// The RTCP flow: local port L+1, relay ports Q+1 and P+1 (raw: the source's port s+1).
     pub fn rtcp(&self) -> Flow<'_> {
-        Flow::new(&self.core, &self.rtcp)
+        Flow::new(&self.core, 1)
     }
 
-    /// Step 2, UDP Open, naming the RTP source S:s (RTCP is then S:s+1).
+    /// Whether header-less delivery is in effect for both flows (see [`UdpBinding::is_raw`]).
+    pub fn is_raw(&self) -> bool {
+        self.core.is_raw()
+    }
+
+    /// Step 2, UDP Open, naming the RTP source S:s (RTCP is then S:s+1). If the reply grants
+    /// header-less delivery, the RTP and RTCP sockets are connected to S:s and S:s+1 before this
+    /// returns.
     pub async fn connect(&self, rtp_source: impl Into<Address>) -> Result<RelayAddrs, ClientError> {
         self.core.connect(rtp_source.into()).await
     }
@@ -303,17 +317,5 @@ async fn local_pair(ip: IpAddr) -> Result<(UdpSocket, UdpSocket), ClientError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn local_pairs_are_even_then_odd() {
-        let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        for _ in 0..8 {
-            let (even, odd) = local_pair(ip).await.unwrap();
-            let l = even.local_addr().unwrap().port();
-            assert_eq!(l % 2, 0);
-            assert_eq!(odd.local_addr().unwrap().port(), l + 1);
-        }
-    }
-}
+#[path = "socket_tests.rs"]
+mod tests;

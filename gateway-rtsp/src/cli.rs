@@ -1,6 +1,6 @@
 //! `gateway rtsp-get`: the command line of [`super::client::play`]. It prints each step as a line
-//! on stdout (the two binding steps with the addresses exchanged, then per-track statistics) and
-//! writes the received audio as WAV.
+//! on stdout (the two binding steps with the addresses exchanged, with `--raw` whether the gateway
+//! granted header-less delivery, then per-track statistics) and writes the received audio as WAV.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -51,6 +51,13 @@ pub struct RtspGetArgs {
     /// Seconds to wait for the first RTP packet after PLAY before giving up.
     #[arg(long, value_name = "N", default_value = "5", value_parser = parse_seconds)]
     pub start_timeout: Duration,
+    /// Ask the gateway for header-less (RAW) delivery of the RTP/RTCP pairs: when granted, RTP
+    /// and RTCP arrive as plain datagrams on sockets connected to the media source, and receiver
+    /// reports go plain to its RTCP port. The gateway must be this host's next hop to the source
+    /// (route to it through the gateway). When not granted, a line says so and the 8-octet header
+    /// is used as without --raw.
+    #[arg(long)]
+    pub raw: bool,
 }
 
 impl RtspGetArgs {
@@ -70,6 +77,7 @@ impl RtspGetArgs {
         options.duration = self.seconds;
         options.tracks.clone_from(&self.tracks);
         options.start_timeout = self.start_timeout;
+        options.raw = self.raw;
         options.progress = Some(Arc::new(|event| println!("{event}")));
         Ok(options)
     }
@@ -143,6 +151,31 @@ mod tests {
                 "-1"
             ])
             .is_err()
+        );
+    }
+
+    #[test]
+    fn raw_is_off_unless_asked_and_its_help_names_the_next_hop() {
+        let base = [
+            "rtsp-get",
+            "rtsp://203.0.113.2:8554/rtsp.wav",
+            "--proxy",
+            "198.51.100.1:1080",
+            "--out",
+            "a.wav",
+        ];
+        let plain = Cli::try_parse_from(base).unwrap();
+        assert!(!plain.args.raw && !plain.args.options().unwrap().raw);
+        let raw = Cli::try_parse_from(base.iter().chain(&["--raw"])).unwrap();
+        assert!(raw.args.raw && raw.args.options().unwrap().raw);
+        let help = <Cli as clap::CommandFactory>::command()
+            .render_help()
+            .to_string();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(help.contains("--raw"), "{help}");
+        assert!(
+            help.contains("The gateway must be this host's next hop to the source"),
+            "{help}"
         );
     }
 

@@ -1,6 +1,8 @@
 //! The media side of one track after PLAY: RTP from the binding's RTP flow into the statistics and
 //! the reassembly buffer, sender reports and BYE from its RTCP flow, and receiver reports sent
 //! back through the RTCP flow (from the relay's P+1 to the source's s+1, protocol.md section 3).
+//! The flows hide whether the datagrams carry the header or come header-less (RAW), so nothing
+//! here depends on it.
 
 use std::time::Duration;
 

@@ -10,6 +10,11 @@
 //! 3. PLAY, receive for the asked time (or until the server's BYE) with RTCP receiver reports
 //!    back through each binding, TEARDOWN, UDP RELEASE.
 //!
+//! With [`PlayOptions::raw`] both binding steps ask for header-less delivery; where the step-2
+//! reply grants it, RTP and RTCP arrive as plain datagrams on sockets connected to the source's
+//! ports and receiver reports go plain to its RTCP port; where not, the header is used. The
+//! library's flows hide the difference, so reception and statistics are the same either way.
+//!
 //! Progress goes to an optional callback ([`PlayOptions::progress`]) as [`Event`]s whose
 //! `Display` is the line a person reads. Every network wait is bounded.
 
@@ -35,7 +40,9 @@ use super::{
     message, sdp,
     transport::{self, SourceHost},
 };
-use gateway_client::{Address, BindingError, Client, ClientError, Family, RtpPair, Timeouts};
+use gateway_client::{
+    Address, BindOptions, BindingError, Client, ClientError, Family, RtpPair, Timeouts,
+};
 
 /// A callback for progress events; the CLI prints each one as a line.
 pub type Progress = Arc<dyn Fn(&Event) + Send + Sync>;
@@ -63,6 +70,12 @@ pub struct PlayOptions {
     pub rtsp_timeout: Duration,
     /// Interval of the RTCP receiver reports.
     pub rtcp_interval: Duration,
+    /// Ask for header-less (RAW) delivery of each track's RTP pair. Granted, RTP and RTCP
+    /// travel as plain datagrams between this host and the media source, which needs the gateway
+    /// as this host's next hop to the source, an IP source address (not a name) and a gateway
+    /// reached over the source's address family; not granted, the header is used (an
+    /// [`Event::Delivery`] says which).
+    pub raw: bool,
     /// Bounds on the gateway's control plane.
     pub gateway_timeouts: Timeouts,
     /// Called for each step.
@@ -78,13 +91,14 @@ impl std::fmt::Debug for PlayOptions {
             .field("duration", &self.duration)
             .field("out", &self.out)
             .field("tracks", &self.tracks)
+            .field("raw", &self.raw)
             .finish_non_exhaustive()
     }
 }
 
 impl PlayOptions {
     /// Options with defaults: anonymous, 5 s of media, no file, every track, 5 s start timeout,
-    /// 10 s per RTSP answer, a receiver report every second.
+    /// 10 s per RTSP answer, a receiver report every second, the 8-octet header.
     pub fn new(url: impl Into<String>, proxy: SocketAddr) -> Self {
         Self {
             url: url.into(),
@@ -96,6 +110,7 @@ impl PlayOptions {
             start_timeout: Duration::from_secs(5),
             rtsp_timeout: Duration::from_secs(10),
             rtcp_interval: Duration::from_secs(1),
+            raw: false,
             gateway_timeouts: Timeouts::default(),
             progress: None,
         }
@@ -183,6 +198,8 @@ struct Active {
     pair: RtpPair,
     source: Address,
     rtcp_port: u16,
+    /// Whether step 2 made the pair header-less (kept: a released pair is no longer raw).
+    raw: bool,
 }
 
 /// Plays `options.url` through the gateway and returns what arrived, per track.
@@ -351,6 +368,7 @@ fn reports(
         }
         tracks.push(TrackReport {
             relays: track.pair.relay_addrs(),
+            raw: track.raw,
             track: track.track,
             codec: track.codec,
             source: track.source,
@@ -400,7 +418,7 @@ async fn setup(
 ) -> Result<Active, RtspError> {
     let index = track.index;
     let pair = session
-        .bind_rtp_pair(family)
+        .bind_rtp_pair_with(family, BindOptions { raw: options.raw })
         .await
         .map_err(gateway(format!(
             "step 1 (UDP BIND, RTP pair) for track {index}"
@@ -468,12 +486,17 @@ async fn setup(
         source: source.clone(),
         rtcp_port,
     });
+    let raw = pair.is_raw();
+    if options.raw {
+        options.emit(&Event::Delivery { track: index, raw });
+    }
     Ok(Active {
         track,
         codec,
         pair,
         source,
         rtcp_port,
+        raw,
     })
 }
 

@@ -59,6 +59,13 @@ pub enum Event {
         /// The source's RTCP port.
         rtcp_port: u16,
     },
+    /// With [`super::PlayOptions::raw`]: whether the step-2 reply granted header-less delivery.
+    Delivery {
+        /// The track's SDP index.
+        track: usize,
+        /// Granted: RTP and RTCP travel plain; not granted: with the 8-octet header.
+        raw: bool,
+    },
     /// PLAY answered; receiving.
     Playing {
         /// For how long at most.
@@ -157,6 +164,16 @@ impl fmt::Display for Event {
                 f,
                 "step 2: confirmed source {source}-{rtcp_port} for track {track}"
             ),
+            Self::Delivery { track, raw: true } => write!(
+                f,
+                "track {track}: header-less (RAW) delivery granted: RTP and RTCP travel as plain \
+                 datagrams on sockets connected to the source"
+            ),
+            Self::Delivery { track, raw: false } => write!(
+                f,
+                "track {track}: the gateway did not grant header-less (RAW) delivery; using the \
+                 8-octet header"
+            ),
             Self::Playing { duration } => {
                 write!(
                     f,
@@ -187,6 +204,8 @@ pub struct TrackReport {
     pub codec: Codec,
     /// The binding's relay addresses (step 1).
     pub relays: RelayAddrs,
+    /// Whether the media came header-less (RAW granted) rather than with the 8-octet header.
+    pub raw: bool,
     /// The RTP source confirmed at step 2.
     pub source: Address,
     /// The source's RTCP port.
@@ -248,4 +267,31 @@ pub struct PlayReport {
     pub teardown: Option<u16>,
     /// Per track, in play order.
     pub tracks: Vec<TrackReport>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_delivery_line_says_whether_raw_was_granted() {
+        assert_eq!(
+            Event::Delivery {
+                track: 1,
+                raw: true
+            }
+            .to_string(),
+            "track 1: header-less (RAW) delivery granted: RTP and RTCP travel as plain datagrams \
+             on sockets connected to the source"
+        );
+        assert_eq!(
+            Event::Delivery {
+                track: 0,
+                raw: false
+            }
+            .to_string(),
+            "track 0: the gateway did not grant header-less (RAW) delivery; using the 8-octet \
+             header"
+        );
+    }
 }
