@@ -86,6 +86,10 @@ fn wait_for_port(setup: &Setup) {
 }
 
 fn rtsp_get(setup: &Setup, out: &Path, seconds: &str) -> Output {
+    rtsp_get_with(setup, out, seconds, &[])
+}
+
+fn rtsp_get_with(setup: &Setup, out: &Path, seconds: &str, extra: &[&str]) -> Output {
     setup
         .bed
         .client
@@ -93,6 +97,7 @@ fn rtsp_get(setup: &Setup, out: &Path, seconds: &str) -> Output {
         .args(["rtsp-get", URL, "--proxy", PROXY, "--out"])
         .arg(out)
         .args(["--seconds", seconds])
+        .args(extra)
         .output()
         .unwrap()
 }
@@ -258,4 +263,110 @@ fn gstreamer_rtsp_server_interop() {
         reason_packets(&stats, "kernel_relayed_inbound") > 10,
         "relayed in the kernel"
     );
+}
+
+// ---- header-less (RAW) delivery -----------------------------------------------------------------
+
+const RAW_GRANTED: &str = "header-less (RAW) delivery granted";
+
+fn ethtool_tx(ns: &testbed::Netns, dev: &str, on: bool) {
+    testbed::run_checked(ns.command("ethtool").args([
+        "-K",
+        dev,
+        "tx",
+        if on { "on" } else { "off" },
+    ]))
+    .unwrap();
+}
+
+/// The stream went through the kernel relay without a header, both ways, and the userspace
+/// relay carried none of it.
+fn assert_raw_in_the_kernel(setup: &Setup, at_least: u64) {
+    let stats = stats_json(&setup.bed.fw, &setup.gateway.instance).unwrap();
+    let inbound = reason_packets(&stats, "kernel_relayed_raw_inbound");
+    let outbound = reason_packets(&stats, "kernel_relayed_raw_outbound");
+    println!("kernel relayed {inbound} RAW datagrams inbound, {outbound} outbound");
+    assert!(
+        inbound >= at_least,
+        "RTP relayed header-less in the kernel ({inbound})"
+    );
+    assert!(
+        outbound > 0,
+        "receiver reports went back header-less in the kernel"
+    );
+    for reason in [
+        "kernel_relayed_inbound",
+        "binding_to_userspace",
+        "partial_checksum_to_userspace",
+        "raw_to_other_destination",
+    ] {
+        assert_eq!(reason_packets(&stats, reason), 0, "{reason}");
+    }
+}
+
+fn raw_demo_flow(offloading_server: bool) {
+    let setup = setup(&[]);
+    if offloading_server {
+        // The server leaves its UDP checksums to the device (CHECKSUM_PARTIAL skbs, as from any
+        // container or VM); fw completes them in software on the way out, so the client's stack
+        // verifies every one.
+        ethtool_tx(&setup.bed.server, testbed::iface::HOST, true);
+        ethtool_tx(&setup.bed.fw, testbed::iface::FW_INSIDE, false);
+    }
+    let (wav, sent) = source_wav(&setup);
+    let _server = demo_server(&setup, &["--wav", wav.to_str().unwrap()]);
+    let out = setup.dir.join("received.wav");
+    let text = assert_played(&rtsp_get_with(&setup, &out, "5", &["--raw"]));
+    println!("{text}");
+    for line in [
+        RAW_GRANTED,
+        "step 2: confirmed source 203.0.113.2:",
+        "lost 0",
+    ] {
+        assert!(text.contains(line), "{line:?} in:\n{text}");
+    }
+    assert_sample_exact(&sent, &out);
+    // 2 s of 8 kHz audio in 20 ms packets.
+    assert_raw_in_the_kernel(&setup, 100);
+}
+
+#[test]
+fn raw_demo_flow_is_sample_exact_in_the_kernel() {
+    raw_demo_flow(false);
+}
+
+#[test]
+fn raw_demo_flow_from_an_offloading_server_stays_in_the_kernel() {
+    raw_demo_flow(true);
+}
+
+#[test]
+fn raw_gstreamer_rtsp_server_is_sample_exact() {
+    let setup = setup(&[]);
+    let (wav, sent) = source_wav(&setup);
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/gst_rtsp_server.py");
+    let mut cmd = setup.bed.server.command("/usr/bin/python3");
+    cmd.arg(&script)
+        .args(["203.0.113.2", "8554"])
+        .arg(&wav)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _gst = ChildGuard::spawn(&mut cmd, "GStreamer RTSP server").unwrap();
+    wait_for_port(&setup);
+    let out = setup.dir.join("gst-raw.wav");
+    let text = assert_played(&rtsp_get_with(&setup, &out, "4", &["--raw"]));
+    println!("{text}");
+    assert!(text.contains(RAW_GRANTED), "{text}");
+    let received = Audio::read_wav(&out).unwrap();
+    let verdict = sent.compare(&received);
+    println!(
+        "GStreamer through RAW: {verdict:?}, {:?}",
+        received.duration()
+    );
+    assert!(
+        verdict.is_sample_exact() && received.duration() >= Duration::from_millis(1500),
+        "GStreamer's stream of the file arrives sample-exact: {verdict:?}"
+    );
+    // GStreamer packs the 2 s into some 25 larger packets.
+    assert_raw_in_the_kernel(&setup, 20);
 }
