@@ -16,8 +16,9 @@ use crate::{
 const KEPT_UP_LOSS: f64 = 0.01;
 
 /// Arms of the media relay in table order, with their labels.
-pub const RELAY_ARMS: [(&str, &str); 4] = [
+pub const RELAY_ARMS: [(&str, &str); 5] = [
     ("kernel", "in-kernel relay"),
+    ("raw", "in-kernel RAW"),
     ("userspace", "userspace relay"),
     ("dante", "Dante sockd"),
     ("plain", "plain forwarding"),
@@ -347,6 +348,14 @@ pub fn table(results: &Results) -> String {
             fmt_ratio(ratio(pps("kernel"), pps("dante"))),
             fmt_ratio(cost_ratio(cpu("kernel"), cpu("userspace"))),
             fmt_ratio(cost_ratio(cpu("kernel"), cpu("dante"))),
+        );
+        let _ = writeln!(
+            out,
+            "RAW: raw/plain pps {}, raw/kernel pps {}; net CPU raw/kernel {}, raw/plain {}",
+            fmt_ratio(ratio(pps("raw"), pps("plain"))),
+            fmt_ratio(ratio(pps("raw"), pps("kernel"))),
+            fmt_ratio(cost_ratio(cpu("raw"), cpu("kernel"))),
+            fmt_ratio(cost_ratio(cpu("raw"), cpu("plain"))),
         );
     }
     if !results.drop.is_empty() {
@@ -684,6 +693,9 @@ pub fn document(results: &Results) -> Value {
                 "kernel_over_dante_pps": finite(ratio(pps("kernel"), pps("dante"))),
                 "kernel_over_userspace_net_cpu": finite(cost_ratio(cpu("kernel"), cpu("userspace"))),
                 "kernel_over_dante_net_cpu": finite(cost_ratio(cpu("kernel"), cpu("dante"))),
+                "raw_over_plain_pps": finite(ratio(pps("raw"), pps("plain"))),
+                "raw_over_kernel_pps": finite(ratio(pps("raw"), pps("kernel"))),
+                "raw_over_kernel_net_cpu": finite(cost_ratio(cpu("raw"), cpu("kernel"))),
             }),
         );
         relay.insert(size.to_string(), Value::Object(per_arm));

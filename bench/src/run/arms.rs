@@ -1,4 +1,5 @@
-//! The arms compared: the gateway's in-kernel relay, its userspace relay, Dante's `sockd` (the
+//! The arms compared: the gateway's in-kernel relay (with the 8-octet header, and header-less:
+//! RAW), its userspace relay, Dante's `sockd` (the
 //! packaged SOCKS server with a UDP relay, standard UDP ASSOCIATE) and plain kernel forwarding
 //! in `fw` (no proxy: the test bed's limit). Each arm is brought up in `fw` and torn down by a
 //! guard; a [`ClientPath`] is the client's side of one media flow through it.
@@ -14,7 +15,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use gateway_client::{Client, EnhancedSession, Family, RelayAddrs, UdpAssociation, UdpBinding};
+use gateway_client::{
+    BindOptions, Client, EnhancedSession, Family, RelayAddrs, UdpAssociation, UdpBinding,
+};
 use nix::sys::signal::{Signal, kill};
 use serde::Serialize;
 use testbed::{
@@ -36,17 +39,26 @@ pub const PLAIN_SINK: SocketAddr = SocketAddr::new(IpAddr::V4(addr::CLIENT_V4), 
 #[serde(rename_all = "lowercase")]
 pub enum Arm {
     Kernel,
+    /// The in-kernel relay of a header-less (RAW) binding.
+    Raw,
     Userspace,
     Dante,
     Plain,
 }
 
 impl Arm {
-    pub const RELAYS: [Arm; 4] = [Arm::Kernel, Arm::Userspace, Arm::Dante, Arm::Plain];
+    pub const RELAYS: [Arm; 5] = [
+        Arm::Kernel,
+        Arm::Raw,
+        Arm::Userspace,
+        Arm::Dante,
+        Arm::Plain,
+    ];
 
     pub fn key(self) -> &'static str {
         match self {
             Arm::Kernel => "kernel",
+            Arm::Raw => "raw",
             Arm::Userspace => "userspace",
             Arm::Dante => "dante",
             Arm::Plain => "plain",
@@ -56,6 +68,7 @@ impl Arm {
     pub fn label(self) -> &'static str {
         match self {
             Arm::Kernel => "in-kernel relay",
+            Arm::Raw => "in-kernel RAW",
             Arm::Userspace => "userspace relay",
             Arm::Dante => "Dante sockd",
             Arm::Plain => "plain forwarding",
@@ -91,7 +104,7 @@ impl ArmGuard {
             forwarding_ns: None,
         };
         match arm {
-            Arm::Kernel | Arm::Userspace => {
+            Arm::Kernel | Arm::Raw | Arm::Userspace => {
                 let instance = format!("bench-{}", unique_suffix());
                 guard.cleanup = Some(InstanceCleanup {
                     instance: instance.clone(),
@@ -103,10 +116,10 @@ impl ArmGuard {
                     iface::FW_INSIDE,
                     "--allow-anonymous",
                     "--datapath",
-                    if arm == Arm::Kernel {
-                        "xdp"
-                    } else {
+                    if arm == Arm::Userspace {
                         "userspace"
+                    } else {
+                        "kernel"
                     },
                 ];
                 args.extend_from_slice(extra);
@@ -275,11 +288,13 @@ fn dante_pids(ns: &str) -> Vec<i32> {
 /// The client's side of one media flow through an arm.
 #[expect(clippy::large_enum_variant, reason = "a handful exist at a time")]
 pub enum ClientPath {
-    /// Two-step binding (bind, then connect to [`SOURCE`]) on the gateway.
+    /// Two-step binding (bind, then connect to [`SOURCE`]) on the gateway; `raw` when granted
+    /// header-less delivery (the socket is then connected to [`SOURCE`] itself).
     Enhanced {
         _session: EnhancedSession,
         binding: UdpBinding,
         relays: RelayAddrs,
+        raw: bool,
     },
     /// RFC 1928 UDP ASSOCIATE (Dante).
     Associate(UdpAssociation),
@@ -292,13 +307,20 @@ impl ClientPath {
     pub fn open(env: &Env, arm: Arm) -> Result<Self> {
         env.client(Duration::from_secs(15), async move {
             Ok(match arm {
-                Arm::Kernel | Arm::Userspace => {
+                Arm::Kernel | Arm::Raw | Arm::Userspace => {
                     let session = Client::connect(PROXY, None).await?.enhanced().await?;
-                    let binding = session.udp_socket(Family::V4).await?;
+                    let options = BindOptions {
+                        raw: arm == Arm::Raw,
+                    };
+                    let binding = session.udp_socket_with(Family::V4, options).await?;
                     binding.bind().await?;
                     let relays = binding.connect(SOURCE).await?;
+                    if options.raw && !binding.is_raw() {
+                        bail!("the gateway did not grant RAW (see its log)");
+                    }
                     Self::Enhanced {
                         _session: session,
+                        raw: binding.is_raw(),
                         binding,
                         relays,
                     }
@@ -342,15 +364,22 @@ impl ClientPath {
     /// Octets of relay header in front of inbound datagrams at the client.
     pub fn inbound_header(&self) -> usize {
         match self {
-            Self::Enhanced { .. } => 8,
+            Self::Enhanced { raw: false, .. } => 8,
             Self::Associate(_) => 10,
-            Self::Plain => 0,
+            Self::Enhanced { raw: true, .. } | Self::Plain => 0,
         }
     }
 
     /// The pinger's socket, destination and request header towards [`SOURCE`].
     pub fn ping_route(&self) -> (SocketSpec, SocketAddr, Vec<u8>) {
         match self {
+            Self::Enhanced {
+                binding, raw: true, ..
+            } => (
+                SocketSpec::Fd(binding.socket().as_raw_fd()),
+                SOURCE,
+                Vec::new(),
+            ),
             Self::Enhanced {
                 binding, relays, ..
             } => {

@@ -329,8 +329,8 @@ impl Bindings {
                 Wanted::Host(_) => false,
                 Wanted::Exact(remote) => {
                     let taken = |flow| self.raw_flows.contains(&flow);
-                    !taken((local, remote))
-                        && !(pair && taken((next_port(local), next_port(remote))))
+                    let rtcp_taken = pair && taken((next_port(local), next_port(remote)));
+                    !taken((local, remote)) && !rtcp_taken
                 }
             };
         if flags & flags::RAW != 0 && !possible {
