@@ -501,3 +501,69 @@ fn ipv4_partial_checksums_are_relayed_in_the_kernel() {
 fn ipv6_partial_checksums_are_relayed_in_the_kernel() {
     partial_checksums_are_relayed_in_the_kernel(&v6());
 }
+
+/// A RAW datagram too big for the internal link (an internal MTU below the external one): the
+/// kernel hands it to the userspace relay, which sends it from the remote's own address through
+/// a transparent socket, fragmented by IP; the client sees it whole, from the remote.
+#[test]
+fn raw_datagrams_too_big_for_the_internal_link_go_through_user_space() {
+    let setup = setup();
+    testbed::run_checked(setup.bed.fw.command("ip").args([
+        "link",
+        "set",
+        testbed::iface::FW_INSIDE,
+        "mtu",
+        "1280",
+    ]))
+    .unwrap();
+    let family = v4();
+    let remote = setup.server_socket(family.remote);
+    let client = setup.client_socket(family.client);
+    let mut control = enter(&setup, family.proxy);
+    let reply = two_step_raw(&mut control, &family, 0x0d01);
+    let big: Vec<u8> = (0..1400u32).map(|i| (i % 251) as u8).collect();
+    remote.send_to(&big, reply.external).unwrap();
+    assert_eq!(
+        recv(&client),
+        (big, family.remote),
+        "whole, from the remote"
+    );
+    remote.send_to(b"small", reply.external).unwrap();
+    assert_eq!(recv(&client), (b"small".to_vec(), family.remote));
+    assert_eq!(setup.counted(ExitReason::TooBigForKernelRelay), 1);
+    assert_eq!(setup.counted(ExitReason::KernelRelayedRawInbound), 1);
+}
+
+/// With `--datapath userspace` a RAW client's datagrams (addressed to the remote) would never
+/// reach a relay socket, so RAW is not granted and the binding uses the header.
+#[test]
+fn the_userspace_datapath_does_not_grant_raw() {
+    let bed = Testbed::new().unwrap();
+    let (gateway, cleanup) = start_in_fw(&bed, &["--datapath", "userspace"]).unwrap();
+    let setup = Setup {
+        gateway,
+        cleanup,
+        bed,
+    };
+    let family = v4();
+    let mut control = enter(&setup, family.proxy);
+    control
+        .write_all(&self::control(
+            BIND,
+            RSU | RAW,
+            0,
+            0,
+            family.client,
+            family.remote,
+        ))
+        .unwrap();
+    let reply = read_reply(&mut control);
+    assert_eq!(reply.code, 0, "bound: {reply:?}");
+    assert_eq!(reply.flags & RAW, 0, "RAW not echoed: {reply:?}");
+    assert!(
+        setup
+            .gateway
+            .wait_for_log("RAW not granted: the userspace data path", 1, WAIT),
+        "the log says why"
+    );
+}
