@@ -84,16 +84,13 @@ pub struct Client {
 impl Client {
     /// Connects to the gateway at `proxy` and authenticates: anonymously without credentials,
     /// with RFC 1929 username/password with them.
-    #[expect(
-        clippy::needless_pass_by_value,
-        reason = "the same signature as the async `Client::connect`"
-    )]
     pub fn connect(
         proxy: SocketAddr,
         credentials: Option<(String, String)>,
         timeouts: Timeouts,
     ) -> Result<Self, ClientError> {
-        let auth = exchange::auth_request(credentials.as_ref())?;
+        // Checked before connecting: credentials that cannot be sent fail without a connection.
+        exchange::auth_request(credentials.as_ref())?;
         let stream = TcpStream::connect_timeout(&proxy, timeouts.connect).map_err(|source| {
             if is_timeout(&source) {
                 ClientError::Timeout {
@@ -104,6 +101,22 @@ impl Client {
                 ClientError::Connect { proxy, source }
             }
         })?;
+        Self::over(stream, credentials, timeouts)
+    }
+
+    /// Greets and authenticates on `stream`, already connected to the gateway (the shim's way:
+    /// the program's own socket becomes the proxied connection).
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "the same signature as the async `Client::connect`"
+    )]
+    pub fn over(
+        stream: TcpStream,
+        credentials: Option<(String, String)>,
+        timeouts: Timeouts,
+    ) -> Result<Self, ClientError> {
+        let auth = exchange::auth_request(credentials.as_ref())?;
+        let proxy = stream.peer_addr()?;
         stream.set_nodelay(true)?;
         let mut wire = Wire::new(
             &stream,
@@ -239,7 +252,20 @@ pub struct Session {
     closed: bool,
 }
 
+impl std::os::fd::AsRawFd for Session {
+    /// The control connection's descriptor (the shim tells it from the program's own).
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.stream)
+    }
+}
+
 impl Session {
+    /// Whether the control connection ended (closed, or timed out and abandoned): its bindings
+    /// are gone on the gateway too.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
     /// Step 1 for the application socket at `local`: relay ports reserved, nothing admitted.
     pub fn bind(&mut self, local: SocketAddr, family: Family) -> Result<Binding, ClientError> {
         self.bind_with(local, family, BindOptions::default())
@@ -261,6 +287,23 @@ impl Session {
     }
 
     /// A one-step Open: bind and confirm `remote` in one request.
+    /// Step 1 of an RTP-PAIR binding: `local` (RTP, even or odd) and its port + 1 (RTCP) on one
+    /// binding, with an aligned external pair P, P+1 (docs/protocol.md section 5.5). A gateway
+    /// without a free aligned pair refuses it ([`BindingError::PortPairUnavailable`]).
+    pub fn bind_pair_with(
+        &mut self,
+        local: SocketAddr,
+        family: Family,
+        options: BindOptions,
+    ) -> Result<Binding, ClientError> {
+        self.first_request(
+            local,
+            family.unspecified(),
+            exchange::bind_flags(options) | Flags::RTP_PAIR,
+            "UDP BIND step 1 (RTP pair)",
+        )
+    }
+
     pub fn open(
         &mut self,
         local: SocketAddr,

@@ -85,6 +85,7 @@ mod fake_gateway;
 mod flow;
 mod handshake;
 mod session;
+pub mod shim;
 mod socket;
 mod udp;
 

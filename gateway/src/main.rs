@@ -77,6 +77,15 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
         args: Vec<OsString>,
     },
+    /// Run an unmodified program (ffmpeg, gst-launch-1.0, curl, ...) with its TCP and UDP
+    /// through a gateway: TCP as SOCKS5 CONNECT, UDP sockets on two-step bindings with
+    /// header-less delivery. Runs `gateway-socksify`, installed beside `gateway` (`gateway
+    /// socksify --help` shows its options).
+    #[command(disable_help_flag = true)]
+    Socksify {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<OsString>,
+    },
     /// Any other `gateway NAME ...` runs the executable `gateway-NAME` beside `gateway` or on
     /// PATH, the way `git NAME` runs `git-NAME`.
     #[command(external_subcommand)]
@@ -138,6 +147,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Passwd { name } => passwd(&name),
         Command::Stats { instance, json } => show_stats(&instance, json),
         Command::RtspGet { args } => sibling::run("rtsp-get", &args),
+        Command::Socksify { args } => sibling::run("socksify", &args),
         Command::External(words) => match words.split_first() {
             Some((name, args)) => sibling::run(&name.to_string_lossy(), args),
             None => Ok(()),

@@ -1,4 +1,4 @@
-//! `gateway NAME ...` runs the sibling executable `gateway-NAME`: the RTSP client and the coming
+//! `gateway NAME ...` runs the sibling executable `gateway-NAME`: the RTSP client and the
 //! `socksify` shim live in their own executables, so the daemon binary holds only the daemon,
 //! while `gateway` stays the one front door (as `git NAME` runs `git-NAME`).
 

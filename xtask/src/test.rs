@@ -28,6 +28,9 @@ pub fn run(filter: Option<&str>, skip_unit: bool) -> Result<()> {
     println!("test: building the workspace (the eBPF object comes from gateway/build.rs)");
     // Default members: everything but gateway-ebpf, which build.rs cross-compiles.
     cargo(&["build", "--locked", "--bins", "--examples"])?;
+    // The preload library is a cdylib, which `--bins` does not build: `gateway socksify` finds
+    // it beside the binaries.
+    cargo(&["build", "--locked", "-p", "gateway-socksify", "--lib"])?;
 
     let mut failures = Vec::new();
     if filter.is_none() && !skip_unit {
