@@ -5,9 +5,12 @@
 //! It runs `ip` (iproute2) and `nsenter`; the gateway and its CLI are started with
 //! `nsenter --net=...` so they keep seeing the host's bpffs. Nothing here loads eBPF.
 
+pub mod capture;
 pub mod frames;
 pub mod gateway;
+pub mod pcap;
 pub mod peers;
+pub mod players;
 pub mod traffic;
 
 use std::{

@@ -1,5 +1,6 @@
 //! Real peers for the test bed: a DNS server for `.test` names (dnsmasq), an HTTP server
-//! (Python's http.server), a UDP echo server. Each stops when dropped.
+//! (Python's http.server), a UDP echo server, two RTSP servers (the project's demo media server
+//! and `GStreamer`'s). Each stops when dropped.
 
 use std::{
     fs,
@@ -164,4 +165,93 @@ impl Drop for UdpEcho {
             let _ = thread.join();
         }
     }
+}
+
+/// The project's demo media server (`demo-media-server`, beside the gateway binary) streaming a
+/// WAV file at `rtsp://203.0.113.2:PORT/rtsp.wav`; its log, which names the `ssrc=` of each
+/// SETUP reply, in a file.
+pub struct DemoMediaServer {
+    _child: ChildGuard,
+    log: PathBuf,
+}
+
+impl DemoMediaServer {
+    /// Starts it in `server` and waits until its port accepts connections.
+    pub fn start(server: &Netns, port: u16, wav: &Path, log: &Path) -> Result<Self> {
+        let log_file =
+            fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        let mut cmd =
+            server.command(crate::gateway::gateway_bin().with_file_name("demo-media-server"));
+        cmd.arg("--listen")
+            .arg(format!("{}:{port}", addr::SERVER_V4))
+            .arg("--wav")
+            .arg(wav)
+            .env("GATEWAY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        let child = ChildGuard::spawn(&mut cmd, "demo-media-server")?;
+        wait_for_tcp(server, SocketAddr::new(addr::SERVER_V4.into(), port))?;
+        Ok(Self {
+            _child: child,
+            log: log.to_owned(),
+        })
+    }
+
+    /// The SSRC its first SETUP reply named.
+    pub fn first_ssrc(&self) -> Result<u32> {
+        let text = fs::read_to_string(&self.log)?;
+        let hex = text
+            .split_once("ssrc=")
+            .and_then(|(_, rest)| rest.get(..8))
+            .with_context(|| format!("no SETUP in the demo server's log:\n{text}"))?;
+        u32::from_str_radix(hex, 16).with_context(|| format!("ssrc={hex}"))
+    }
+}
+
+/// `GStreamer`'s RTSP server (`tests/peers/gst_rtsp_server.py` under Debian's python3 with
+/// python3-gi) streaming a WAV file at `rtsp://203.0.113.2:PORT/rtsp.wav` as L16, payload type
+/// 96; its replies name no `source=`.
+pub struct GstRtspServer {
+    _child: ChildGuard,
+}
+
+impl GstRtspServer {
+    /// Starts it in `server` and waits until its port accepts connections.
+    pub fn start(server: &Netns, port: u16, wav: &Path) -> Result<Self> {
+        crate::players::require(
+            "/usr/bin/python3",
+            &[
+                "-c",
+                "import gi; gi.require_version('GstRtspServer', '1.0'); \
+                 from gi.repository import GstRtspServer",
+            ],
+            "gir1.2-gst-rtsp-server-1.0 (with python3-gi)",
+        )?;
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/gst_rtsp_server.py");
+        let mut cmd = server.command("/usr/bin/python3");
+        cmd.arg(&script)
+            .arg(addr::SERVER_V4.to_string())
+            .arg(port.to_string())
+            .arg(wav)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = ChildGuard::spawn(&mut cmd, "GStreamer RTSP server")?;
+        wait_for_tcp(server, SocketAddr::new(addr::SERVER_V4.into(), port))?;
+        Ok(Self { _child: child })
+    }
+}
+
+/// Waits (bounded) until `target` accepts TCP connections from inside `ns`.
+fn wait_for_tcp(ns: &Netns, target: SocketAddr) -> Result<()> {
+    let ready = ns.run(move || {
+        wait_until(Duration::from_secs(10), || {
+            TcpStream::connect_timeout(&target, Duration::from_millis(100)).is_ok()
+        })
+    })?;
+    if !ready {
+        bail!("nothing listens on {target} in {}", ns.name());
+    }
+    Ok(())
 }

@@ -36,6 +36,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "gstreamer1.0-tools",
     "gstreamer1.0-plugins-base",
     "gstreamer1.0-plugins-good",
+    // Unmodified players of the socksify tests: ffmpeg, and gst-launch-1.0 (gstreamer1.0-tools)
+    // with rtspsrc, rtpL16depay and wavenc (-good) and audioconvert (-base).
+    "ffmpeg",
     // The bench's PNG plots draw text with this font (ab_glyph, no fontconfig).
     "fonts-dejavu-core",
 ];
