@@ -123,10 +123,15 @@ impl Control for Gateway {
         .map_err(|error| error.to_string())?;
         let relays = binding.relays();
         log.line(
-            Level::Debug,
+            Level::Info,
             &format!(
-                "step 1 for {local} (pair {pair}): AID {:#010x}, external {}",
-                relays.aid, relays.external
+                "step 1 for {local}{}: external relay {} (the program is told this address)",
+                if pair {
+                    " and the next port (RTP pair)"
+                } else {
+                    ""
+                },
+                relays.external
             ),
         );
         Ok(Reserved {
@@ -147,7 +152,7 @@ impl Control for Gateway {
         log.line(
             Level::Info,
             &format!(
-                "step 2: {} confirmed with {remote}{}",
+                "step 2: {} confirmed with the source {remote}{}",
                 binding.relays().external,
                 if binding.is_raw() {
                     ", header-less"
