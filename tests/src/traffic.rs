@@ -50,6 +50,11 @@ pub fn send_udp(
             socket
                 .send_to(payload, SocketAddr::new(target, port))
                 .with_context(|| format!("send to {target}:{port}"))?;
+            // Paced like `send_paced`: a slow (emulated) receiver's backlog would otherwise
+            // drop part of the burst before the gate could count it.
+            if i % 20 == 19 {
+                std::thread::sleep(Duration::from_millis(2) * crate::time_scale());
+            }
         }
         Ok(())
     })?
