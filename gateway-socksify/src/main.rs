@@ -179,6 +179,36 @@ fn is_static(path: &Path) -> bool {
 mod tests {
     use super::*;
 
+    /// A minimal little-endian ELF64 executable with one program header of type `p_type`.
+    fn elf_with_segment(p_type: u32) -> Vec<u8> {
+        let mut elf = vec![0u8; 64 + 56];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4] = 2; // 64-bit
+        elf[5] = 1; // little-endian
+        elf[6] = 1; // version
+        elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        elf[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+        elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+        elf[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        elf[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+        elf[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        elf[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        elf[64..68].copy_from_slice(&p_type.to_le_bytes());
+        elf
+    }
+
+    #[test]
+    fn a_program_without_an_interpreter_is_static() {
+        let dir = std::env::temp_dir().join(format!("socksify-elf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (static_one, dynamic_one) = (dir.join("static"), dir.join("dynamic"));
+        std::fs::write(&static_one, elf_with_segment(object::elf::PT_LOAD)).unwrap();
+        std::fs::write(&dynamic_one, elf_with_segment(object::elf::PT_INTERP)).unwrap();
+        let verdicts = (is_static(&static_one), is_static(&dynamic_one));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(verdicts, (true, false));
+    }
+
     #[test]
     fn a_dynamic_program_is_not_static() {
         assert!(!is_static(&which::which("sh").unwrap()));

@@ -614,7 +614,7 @@ fn control_a_second_stream_reaches_the_player_without_the_gateway() {
 
 /// curl fetches a file from Python's http.server in `server`. Through the gateway, with
 /// forwarding off, only CONNECT can carry it: curl alone cannot reach the server.
-fn curl_gets_a_file(route: Route) {
+fn curl_gets_a_file(route: Route, server: IpAddr) {
     require("curl", &["--version"], "curl").unwrap();
     let setup = setup(route);
     let body = (0..2000).fold(String::new(), |mut body, i| {
@@ -622,7 +622,7 @@ fn curl_gets_a_file(route: Route) {
         body
     });
     let _http = HttpServer::start(&setup.bed.server, &body).unwrap();
-    let url = format!("http://{}/index.txt", addr::SERVER_V4);
+    let url = format!("http://{}/index.txt", SocketAddr::new(server, 80));
     if route == Route::Socksify {
         let mut alone = Player::spawn(
             setup.bed.client.command("curl").args([
@@ -657,13 +657,20 @@ fn curl_gets_a_file(route: Route) {
 
 #[test]
 fn curl_gets_a_file_through_connect() {
-    curl_gets_a_file(Route::Socksify);
+    curl_gets_a_file(Route::Socksify, addr::SERVER_V4.into());
+}
+
+/// The same over IPv6: curl's AF_INET6 socket connects to the (IPv4) gateway IPv4-mapped and
+/// CONNECTs to the server's IPv6 address.
+#[test]
+fn curl_gets_a_file_through_connect_over_ipv6() {
+    curl_gets_a_file(Route::Socksify, addr::SERVER_V6.into());
 }
 
 #[test]
 #[ignore = "control without the gateway: --ignored"]
 fn control_curl_gets_a_file() {
-    curl_gets_a_file(Route::Forwarded);
+    curl_gets_a_file(Route::Forwarded, addr::SERVER_V4.into());
 }
 
 /// ffmpeg with `-rtsp_transport tcp`: RTP interleaved on the RTSP connection, which the shim

@@ -42,6 +42,7 @@ pub const DEFAULT_VM_TESTS: &[&str] = &[
     "kernel_relay",
     "no_way_in",
     "enhanced_testbed",
+    "raw_testbed",
 ];
 
 /// Modules the initramfs loads (with their dependencies) to mount the host's root over 9p.

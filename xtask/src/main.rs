@@ -45,8 +45,8 @@ enum Command {
         /// Run the integration tests on this kernel, booted in qemu (KVM when /dev/kvm is
         /// usable): `debian12` is Debian 12's linux-image-amd64 (6.1, no tcx: the gateway
         /// attaches tc programs by netlink), downloaded from the Debian archive with apt-get and
-        /// cached under target/kernel-vm. Runs `datapath`, `xdp_gate`, `kernel_relay`, `no_way_in`
-        /// and `enhanced_testbed`; installs qemu-system-x86, busybox-static and kmod when missing.
+        /// cached under target/kernel-vm. Runs `datapath`, `xdp_gate`, `kernel_relay`, `no_way_in`,
+        /// `enhanced_testbed` and `raw_testbed`; installs qemu-system-x86, busybox-static and kmod when missing.
         #[arg(long, value_enum)]
         kernel: Option<KernelName>,
         /// Like --kernel, with a Debian linux-image-*.deb on disk (for example one fetched with
