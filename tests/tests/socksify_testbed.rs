@@ -660,7 +660,7 @@ fn curl_gets_a_file_through_connect() {
     curl_gets_a_file(Route::Socksify, addr::SERVER_V4.into());
 }
 
-/// The same over IPv6: curl's AF_INET6 socket connects to the (IPv4) gateway IPv4-mapped and
+/// The same over IPv6: curl's `AF_INET6` socket connects to the (IPv4) gateway IPv4-mapped and
 /// CONNECTs to the server's IPv6 address.
 #[test]
 fn curl_gets_a_file_through_connect_over_ipv6() {
