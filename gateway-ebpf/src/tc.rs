@@ -18,8 +18,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use gateway_common::{
-    Addr16, BindingKey, BindingValue, ClientSocketKey, ExitReason, OutboundKey, OutboundValue,
-    Verdict, framing, ipv4_mapped, relay_mode,
+    Addr16, BindingKey, BindingValue, ClientSocketKey, EntryCounters, ExitReason, OutboundKey,
+    OutboundValue, Verdict, framing, ipv4_mapped, relay_mode,
 };
 
 use crate::maps::{
@@ -422,28 +422,43 @@ fn raw_inbound(
     value_ptr: *mut BindingValue,
     internal_ifindex: u32,
 ) -> Result<Relayed, ExitReason> {
-    if !fits_link(ctx, internal_ifindex, 0) {
-        return Err(ExitReason::TooBigForKernelRelay);
-    }
     // SAFETY: a successful lookup by the caller; valid for the program's run (RCU).
     let value: &BindingValue = unsafe { &*value_ptr };
-    rewrite_endpoint(
-        ctx,
-        packet,
-        Endpoint::Destination,
-        &value.client_addr,
-        value.client_port_be,
-    )
-    .map_err(relay_failed)?;
-    touch(
+    let rewrite = RawRewrite {
+        end: Endpoint::Destination,
+        addr: &value.client_addr,
+        port_be: value.client_port_be,
         // SAFETY: the entry pointer from the caller's lookup.
-        unsafe { &raw mut (*value_ptr).counters },
-        u64::from(packet.udp_len) - UDP_HLEN as u64,
-    );
-    Ok(redirect(
-        internal_ifindex,
-        ExitReason::KernelRelayedRawInbound,
-    ))
+        counters: unsafe { &raw mut (*value_ptr).counters },
+        ifindex: internal_ifindex,
+        too_big: ExitReason::TooBigForKernelRelay,
+        relayed: ExitReason::KernelRelayedRawInbound,
+    };
+    rewrite.apply(ctx, packet)
+}
+
+/// One RAW relay: which end of the datagram becomes what, the entry's counters, where it goes
+/// and how its exits are counted.
+struct RawRewrite<'a> {
+    end: Endpoint,
+    addr: &'a Addr16,
+    port_be: u16,
+    counters: *mut EntryCounters,
+    ifindex: u32,
+    too_big: ExitReason,
+    relayed: ExitReason,
+}
+
+impl RawRewrite<'_> {
+    #[inline(always)]
+    fn apply(&self, ctx: &TcContext, packet: &Datagram) -> Result<Relayed, ExitReason> {
+        if !fits_link(ctx, self.ifindex, 0) {
+            return Err(self.too_big);
+        }
+        rewrite_endpoint(ctx, packet, self.end, self.addr, self.port_be).map_err(relay_failed)?;
+        touch(self.counters, u64::from(packet.udp_len) - UDP_HLEN as u64);
+        Ok(redirect(self.ifindex, self.relayed))
+    }
 }
 
 /// Whether the packet, grown by `grow` octets, fits the MTU of the link out of `ifindex`.
@@ -935,27 +950,17 @@ fn raw_outbound(
     if !daemon_alive() {
         return Err(ExitReason::DaemonGone);
     }
-    let external_ifindex = settings().external_ifindex;
-    if !fits_link(ctx, external_ifindex, 0) {
-        return Err(ExitReason::RawTooBigForExternalLink);
-    }
     // SAFETY: a successful lookup by the caller; valid for the program's run (RCU).
     let value: &OutboundValue = unsafe { &*value_ptr };
-    rewrite_endpoint(
-        ctx,
-        packet,
-        Endpoint::Source,
-        &value.external_relay_addr,
-        value.external_relay_port_be,
-    )
-    .map_err(relay_failed)?;
-    touch(
+    let rewrite = RawRewrite {
+        end: Endpoint::Source,
+        addr: &value.external_relay_addr,
+        port_be: value.external_relay_port_be,
         // SAFETY: the entry pointer from the caller's lookup.
-        unsafe { &raw mut (*value_ptr).counters },
-        u64::from(packet.udp_len) - UDP_HLEN as u64,
-    );
-    Ok(redirect(
-        external_ifindex,
-        ExitReason::KernelRelayedRawOutbound,
-    ))
+        counters: unsafe { &raw mut (*value_ptr).counters },
+        ifindex: settings().external_ifindex,
+        too_big: ExitReason::RawTooBigForExternalLink,
+        relayed: ExitReason::KernelRelayedRawOutbound,
+    };
+    rewrite.apply(ctx, packet)
 }
