@@ -212,8 +212,9 @@ impl<B> Shim<B> {
             // Bound already: the real call fails (EINVAL) and changes nothing.
             return requested;
         }
-        if self.direct.contains(requested.ip()) && !requested.ip().is_unspecified() {
-            // Bound to loopback or another direct address: never proxied.
+        let ip = requested.ip().to_canonical();
+        if ip.is_loopback() || ip.is_multicast() {
+            // A loopback socket never meets the firewall; a multicast receiver is not unicast.
             self.udp.insert(fd, Udp::Passthrough);
             return requested;
         }

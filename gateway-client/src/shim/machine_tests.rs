@@ -348,5 +348,9 @@ fn direct_destinations_never_touch_the_gateway() {
     bind(&mut shim, 4, "127.0.0.1:7000", 0);
     assert_eq!(shim.sockname(&mut gw, 4), None);
     assert!(gw.calls.is_empty());
+    // One bound to the host's own address (on a direct network) is: its remotes are outside.
+    bind(&mut shim, 5, "198.51.100.2:7002", 0);
+    assert!(shim.sockname(&mut gw, 5).is_some());
+    assert_eq!(gw.calls, ["reserve 7002 pair=true"]);
     assert!(shim.proxies_tcp(sa("203.0.113.2:80")));
 }
