@@ -286,7 +286,6 @@ impl Session {
         )
     }
 
-    /// A one-step Open: bind and confirm `remote` in one request.
     /// Step 1 of an RTP-PAIR binding: `local` (RTP, even or odd) and its port + 1 (RTCP) on one
     /// binding, with an aligned external pair P, P+1 (docs/protocol.md section 5.5). A gateway
     /// without a free aligned pair refuses it ([`BindingError::PortPairUnavailable`]).
@@ -304,6 +303,7 @@ impl Session {
         )
     }
 
+    /// A one-step Open: bind and confirm `remote` in one request.
     pub fn open(
         &mut self,
         local: SocketAddr,

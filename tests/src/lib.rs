@@ -149,6 +149,17 @@ impl Netns {
         Ok(socket)
     }
 
+    /// Turns `dev`'s tx checksum offload on (the stack hands `CHECKSUM_PARTIAL` skbs to the
+    /// device, as containers and VMs do) or off (complete checksums, as from a wire).
+    pub fn set_tx_checksum_offload(&self, dev: &str, on: bool) -> Result<()> {
+        let state = if on { "on" } else { "off" };
+        run_checked(self.command("ethtool").args(["-K", dev, "tx", state]))
+            .with_context(|| {
+                format!("ethtool -K {dev} tx {state} (is ethtool installed? `cargo xtask setup`)")
+            })
+            .map(drop)
+    }
+
     /// Sets a sysctl inside this namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         run_checked(
@@ -366,8 +377,7 @@ impl Testbed {
         // The hosts send complete UDP checksums, as packets from a wire always carry: veth would
         // otherwise pass CHECKSUM_PARTIAL skbs, which no NIC delivers.
         for ns in [&self.client, &self.server] {
-            run_checked(ns.command("ethtool").args(["-K", iface::HOST, "tx", "off"]))
-                .context("ethtool -K eth0 tx off (is ethtool installed? `cargo xtask setup`)")?;
+            ns.set_tx_checksum_offload(iface::HOST, false)?;
         }
         // Nothing crosses fw except through the gateway.
         self.fw.sysctl("net.ipv4.ip_forward", "0")?;

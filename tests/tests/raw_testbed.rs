@@ -427,26 +427,32 @@ fn checksum_errors(ns: &testbed::Netns) -> u64 {
     .unwrap()
 }
 
-fn ethtool_tx(ns: &testbed::Netns, dev: &str, on: bool) {
-    testbed::run_checked(ns.command("ethtool").args([
-        "-K",
-        dev,
-        "tx",
-        if on { "on" } else { "off" },
-    ]))
-    .unwrap();
-}
-
 /// Senders that leave the UDP checksum to the device (veth, containers and VMs with tx offload:
 /// `CHECKSUM_PARTIAL` skbs) on both sides. RAW changes no length, so the kernel relays them with
 /// the partial checksum kept right; `fw`'s own interfaces complete checksums in software here
 /// (tx offload off), so the receivers verify every one of them.
 fn partial_checksums_are_relayed_in_the_kernel(family: &Family) {
     let setup = setup();
-    ethtool_tx(&setup.bed.server, testbed::iface::HOST, true);
-    ethtool_tx(&setup.bed.client, testbed::iface::HOST, true);
-    ethtool_tx(&setup.bed.fw, testbed::iface::FW_INSIDE, false);
-    ethtool_tx(&setup.bed.fw, testbed::iface::FW_OUTSIDE, false);
+    setup
+        .bed
+        .server
+        .set_tx_checksum_offload(testbed::iface::HOST, true)
+        .unwrap();
+    setup
+        .bed
+        .client
+        .set_tx_checksum_offload(testbed::iface::HOST, true)
+        .unwrap();
+    setup
+        .bed
+        .fw
+        .set_tx_checksum_offload(testbed::iface::FW_INSIDE, false)
+        .unwrap();
+    setup
+        .bed
+        .fw
+        .set_tx_checksum_offload(testbed::iface::FW_OUTSIDE, false)
+        .unwrap();
     let errors_before = checksum_errors(&setup.bed.client) + checksum_errors(&setup.bed.server);
     let remote = setup.server_socket(family.remote);
     let client = setup.client_socket(family.client);

@@ -269,16 +269,6 @@ fn gstreamer_rtsp_server_interop() {
 
 const RAW_GRANTED: &str = "header-less (RAW) delivery granted";
 
-fn ethtool_tx(ns: &testbed::Netns, dev: &str, on: bool) {
-    testbed::run_checked(ns.command("ethtool").args([
-        "-K",
-        dev,
-        "tx",
-        if on { "on" } else { "off" },
-    ]))
-    .unwrap();
-}
-
 /// The stream went through the kernel relay without a header, both ways, and the userspace
 /// relay carried none of it.
 fn assert_raw_in_the_kernel(setup: &Setup, at_least: u64) {
@@ -310,8 +300,16 @@ fn raw_demo_flow(offloading_server: bool) {
         // The server leaves its UDP checksums to the device (CHECKSUM_PARTIAL skbs, as from any
         // container or VM); fw completes them in software on the way out, so the client's stack
         // verifies every one.
-        ethtool_tx(&setup.bed.server, testbed::iface::HOST, true);
-        ethtool_tx(&setup.bed.fw, testbed::iface::FW_INSIDE, false);
+        setup
+            .bed
+            .server
+            .set_tx_checksum_offload(testbed::iface::HOST, true)
+            .unwrap();
+        setup
+            .bed
+            .fw
+            .set_tx_checksum_offload(testbed::iface::FW_INSIDE, false)
+            .unwrap();
     }
     let (wav, sent) = source_wav(&setup);
     let _server = demo_server(&setup, &["--wav", wav.to_str().unwrap()]);

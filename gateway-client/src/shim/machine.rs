@@ -82,10 +82,6 @@ impl Direct {
         Self { proxy, networks }
     }
 
-    pub fn proxy(&self) -> SocketAddr {
-        self.proxy
-    }
-
     /// Whether `ip` is reached directly.
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
@@ -193,10 +189,6 @@ impl<B> Shim<B> {
             next_id: 1,
             told: HashSet::new(),
         }
-    }
-
-    pub fn direct(&self) -> &Direct {
-        &self.direct
     }
 
     fn tell(&mut self, control: &mut impl Control<Binding = B>, key: &'static str, text: &str) {
