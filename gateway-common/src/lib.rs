@@ -37,6 +37,9 @@ pub mod map_names {
 pub const XDP_EXTERNAL_PROGRAM: &str = "gateway_external";
 /// Name of the tc program on the external interface's ingress (kernel relay, inbound).
 pub const TC_INBOUND_PROGRAM: &str = "gateway_inbound";
+/// Name of the tc program that is the gate and the inbound relay in one, on the external
+/// interface's ingress where the gate runs in tc instead of XDP.
+pub const TC_GATE_PROGRAM: &str = "gateway_gate";
 /// Name of the tc program on the internal interface's ingress (kernel relay, outbound, and the
 /// drop of inside datagrams to external addresses).
 pub const TC_INTERNAL_PROGRAM: &str = "gateway_internal";

@@ -2,8 +2,11 @@
 //! bounded walk over extension headers, UDP and TCP ports. Every read goes through [`ptr_at`], the
 //! one bounds-checked accessor. Option and fragment drops apply only to UDP; TCP is parsed only
 //! so far as its destination port (to keep the SOCKS control port unreachable from outside).
+//!
+//! The same parser serves the gate in XDP and in tc: both read the frame directly between its
+//! start and end pointers ([`Frame`]).
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use gateway_common::{Addr16, ExitReason, ipv4_mapped};
 
 use crate::events;
@@ -51,11 +54,40 @@ pub struct Flow {
     pub dst_port_be: u16,
 }
 
+/// A frame the verifier lets a program read directly: an XDP buffer, or the linear part of an
+/// skb in tc (made to hold the headers before parsing, see `tc::gate`).
+pub trait Frame {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
 /// A pointer to `N` bytes at `offset`, or a truncation drop when the frame is shorter.
 #[inline(always)]
-fn ptr_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Result<*const [u8; N], ExitReason> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+fn ptr_at<const N: usize, F: Frame>(ctx: &F, offset: usize) -> Result<*const [u8; N], ExitReason> {
+    let start = ctx.start();
+    let end = ctx.end();
     if start + offset + N > end {
         return Err(ExitReason::TruncatedHeader);
     }
@@ -63,20 +95,20 @@ fn ptr_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Result<*const [u8;
 }
 
 #[inline(always)]
-fn read<const N: usize>(ctx: &XdpContext, offset: usize) -> Result<[u8; N], ExitReason> {
+fn read<const N: usize, F: Frame>(ctx: &F, offset: usize) -> Result<[u8; N], ExitReason> {
     // SAFETY: ptr_at checked that N bytes at offset lie inside the frame.
-    Ok(unsafe { *ptr_at::<N>(ctx, offset)? })
+    Ok(unsafe { *ptr_at::<N, _>(ctx, offset)? })
 }
 
 #[inline(always)]
-fn read_u16(ctx: &XdpContext, offset: usize) -> Result<u16, ExitReason> {
-    Ok(u16::from_be_bytes(read::<2>(ctx, offset)?))
+fn read_u16<F: Frame>(ctx: &F, offset: usize) -> Result<u16, ExitReason> {
+    Ok(u16::from_be_bytes(read::<2, _>(ctx, offset)?))
 }
 
 /// `Ok(None)` for anything that is neither UDP nor a TCP segment with ports (to be passed),
 /// `Ok(Some)` for a flow to look up, `Err` for a counted drop.
 #[inline(always)]
-pub fn parse_flow(ctx: &XdpContext) -> Result<Option<Flow>, ExitReason> {
+pub fn parse_flow<F: Frame>(ctx: &F) -> Result<Option<Flow>, ExitReason> {
     let mut offset = ETH_HLEN;
     let mut ether_type = read_u16(ctx, 12)?;
     // Up to two VLAN tags (802.1Q, 802.1ad QinQ).
@@ -95,16 +127,16 @@ pub fn parse_flow(ctx: &XdpContext) -> Result<Option<Flow>, ExitReason> {
 
 /// The four port octets at the transport header `l4`; a UDP header must be whole.
 #[inline(always)]
-fn read_ports(ctx: &XdpContext, transport: Transport, l4: usize) -> Result<[u8; 4], ExitReason> {
+fn read_ports<F: Frame>(ctx: &F, transport: Transport, l4: usize) -> Result<[u8; 4], ExitReason> {
     if transport == Transport::Udp {
-        read::<UDP_HLEN>(ctx, l4)?;
+        read::<UDP_HLEN, _>(ctx, l4)?;
     }
-    read::<4>(ctx, l4)
+    read::<4, _>(ctx, l4)
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Option<Flow>, ExitReason> {
-    let header = read::<IPV4_MIN_HLEN>(ctx, l3)?;
+fn parse_ipv4<F: Frame>(ctx: &F, l3: usize) -> Result<Option<Flow>, ExitReason> {
+    let header = read::<IPV4_MIN_HLEN, _>(ctx, l3)?;
     let header_len = usize::from(header[0] & 0x0f) * 4;
     if header[0] >> 4 != 4 || header_len < IPV4_MIN_HLEN {
         return Err(ExitReason::MalformedIpHeader);
@@ -159,8 +191,8 @@ fn ipv6_addrs(header: &[u8; IPV6_HLEN]) -> (Addr16, Addr16) {
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Option<Flow>, ExitReason> {
-    let header = read::<IPV6_HLEN>(ctx, l3)?;
+fn parse_ipv6<F: Frame>(ctx: &F, l3: usize) -> Result<Option<Flow>, ExitReason> {
+    let header = read::<IPV6_HLEN, _>(ctx, l3)?;
     if header[0] >> 4 != 6 {
         return Err(ExitReason::MalformedIpHeader);
     }
@@ -172,7 +204,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Option<Flow>, ExitReason> {
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH | IPV6_FRAGMENT => {
-                let ext = read::<4>(ctx, offset)?;
+                let ext = read::<4, _>(ctx, offset)?;
                 let length = match next {
                     IPV6_FRAGMENT => {
                         fragmented = true;

@@ -270,6 +270,49 @@ pub fn gateway_internal(ctx: TcContext) -> i32 {
     exit.action
 }
 
+/// The gate and the inbound relay in one tc program, on the external interface's ingress, for
+/// links where XDP only adds work (veth copies every skb for an attached XDP program; generic
+/// XDP runs on the skb anyway). The gate's decision and its counted reason are the XDP gate's;
+/// a kernel-relayed hit then goes through the same relay as behind the XDP gate.
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the entry point's signature is the classifier macro's"
+)]
+#[classifier]
+pub fn gateway_gate(ctx: TcContext) -> i32 {
+    let len = ctx.len() as usize;
+    let reason = ExitReason::from_u32(gate(&ctx)).unwrap_or(ExitReason::KernelRelayFailed);
+    count(reason, len);
+    match reason.verdict() {
+        Verdict::Drop => TC_ACT_SHOT,
+        Verdict::Pass | Verdict::Redirect if reason == ExitReason::BindingToKernelRelay => {
+            let exit = inbound(&ctx);
+            count_raw(exit.reason, len);
+            exit.action
+        }
+        Verdict::Pass | Verdict::Redirect => TC_ACT_OK,
+    }
+}
+
+/// Headers the gate reads directly: Ethernet, two VLAN tags, IPv6 and a short extension chain,
+/// the ports. A frame whose linear part is shorter is pulled to this length first (a NIC driver
+/// may leave headers in fragments); a chain beyond it is a counted truncation drop.
+const GATE_HEADERS: u32 = 192;
+
+/// The gate's exit reason (as `u32`: this function is out of line, and its return type must be
+/// one the kernel's BTF check accepts). Out of line so that its frame and the relay's are
+/// siblings under the entry point, not stacked.
+#[inline(never)]
+fn gate(ctx: &TcContext) -> u32 {
+    let wanted = ctx.len().min(GATE_HEADERS) as usize;
+    if ctx.data_end() - ctx.data() < wanted && ctx.pull_data(wanted as u32).is_err() {
+        return ExitReason::TruncatedHeader as u32;
+    }
+    match crate::gate::classify(ctx) {
+        Ok(reason) | Err(reason) => reason as u32,
+    }
+}
+
 #[inline(always)]
 fn count_raw(reason: u32, len: usize) {
     if let Some(reason) = ExitReason::from_u32(reason) {

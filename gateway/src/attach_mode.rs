@@ -46,3 +46,28 @@ pub enum XdpAttachMode {
     /// Generic (skb) mode only. On veth this avoids the skb copy native XDP causes.
     Generic,
 }
+
+/// Where the gate runs on the external interface.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum GateHook {
+    /// XDP in driver mode where the driver has native XDP and is not veth; tc everywhere else
+    /// (veth copies every skb for an XDP program, and generic XDP runs on the skb anyway).
+    /// `--xdp-mode generic` asks for XDP in generic mode explicitly.
+    #[default]
+    Auto,
+    /// The XDP gate in front of the tc relay (with `--xdp-mode`).
+    Xdp,
+    /// Gate and relay in one tc program; no XDP.
+    Tc,
+}

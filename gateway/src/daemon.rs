@@ -189,6 +189,7 @@ async fn serve(
     config.max_bindings = s.max_bindings.get();
     config.host_allow = s.allow_host_udp.clone();
     config.external_addresses = external_addrs.iter().map(|a| a.ip).collect();
+    config.gate_hook = s.gate_hook;
     config.xdp_mode = s.xdp_mode;
     config.tc_mode = s.tc_attach;
     config.control_listeners = listen.clone();

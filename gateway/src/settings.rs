@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
-    attach_mode::{TcAttachMode, XdpAttachMode},
+    attach_mode::{GateHook, TcAttachMode, XdpAttachMode},
     binding::{self, PortRange},
     host_flow::HostFlow,
     server::{AssociationLimits, Timeouts, limits},
@@ -144,8 +144,14 @@ settings! {
     /// UDP either way. `xdp` is an old name for `kernel`.
     #[arg(long, value_enum, value_name = "WHO")]
     datapath: DatapathKind = DatapathKind::Kernel;
-    /// XDP attach mode of the gate: `auto` (driver, else generic), `driver` or `generic`.
-    /// On veth, generic mode avoids the skb copy that native XDP causes.
+    /// Where the gate runs on the external interface: `auto` (XDP in driver mode on a NIC
+    /// whose driver has native XDP; tc on veth and where the driver has none, since there XDP
+    /// only adds an skb copy or runs on the skb anyway), `xdp` (the XDP gate in front of the tc
+    /// relay, in `--xdp-mode`) or `tc` (gate and relay in one tc program, no XDP).
+    #[arg(long, value_enum, value_name = "HOOK")]
+    gate_hook: GateHook = GateHook::Auto;
+    /// XDP attach mode of the gate when it runs in XDP: `auto` (driver, else generic), `driver`
+    /// or `generic`. With `--gate-hook auto`, `generic` asks for generic XDP explicitly.
     #[arg(long, value_enum, value_name = "MODE")]
     xdp_mode: XdpAttachMode = XdpAttachMode::Auto;
     /// How the tc relay programs are attached: `auto` (tcx links on Linux 6.6 and later,

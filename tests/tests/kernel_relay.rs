@@ -14,7 +14,7 @@ use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use gateway::host_flow::addr16;
 use gateway_common::{
     BindingKey, BindingValue, ClientSocketKey, Counter, DatapathSettings, EntryCounters,
-    ExitReason, OutboundKey, OutboundValue, RawClientValue, TC_INBOUND_PROGRAM,
+    ExitReason, OutboundKey, OutboundValue, RawClientValue, TC_GATE_PROGRAM, TC_INBOUND_PROGRAM,
     TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, framing, map_names, relay_mode,
 };
 use testbed::frames::{ETH, with_ipv4_options, with_ipv6_ext};
@@ -47,7 +47,7 @@ impl Programs {
             .try_into()
             .unwrap();
         xdp.load().unwrap();
-        for name in [TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM] {
+        for name in [TC_GATE_PROGRAM, TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM] {
             let tc: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
             tc.load()
                 .unwrap_or_else(|e| panic!("verifier rejects {name}: {e:?}"));
@@ -838,4 +838,197 @@ fn raw_fails_closed_when_the_heartbeat_stops() {
     assert_eq!(programs.run(TC_INTERNAL_PROGRAM, &outbound).0, TC_ACT_SHOT);
     assert_eq!(programs.count(ExitReason::DaemonGone), 3);
     assert_eq!(programs.count(ExitReason::KernelRelayedRawOutbound), 0);
+}
+
+// The tc gate (`gateway_gate`): the gate and the inbound relay in one program, attached instead
+// of the XDP gate where XDP only adds a copy. It must decide, count and rewrite exactly as the
+// XDP gate followed by `gateway_inbound` does.
+
+/// Every count the programs made so far, by reason.
+fn all_counts(programs: &Programs) -> Vec<(ExitReason, u64)> {
+    ExitReason::ALL
+        .iter()
+        .map(|&reason| (reason, programs.count(reason)))
+        .collect()
+}
+
+/// Runs `frame` through the XDP gate and then (if it passed) `gateway_inbound` on one fresh
+/// load, and through the tc gate on another with the same binding: the same action, the same
+/// bytes out, the same counts by reason, the same entry counters.
+fn tc_gate_matches_xdp_then_tc(case: &Case, value: &BindingValue, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut pair = Programs::load();
+    pair.bind(case.remote, case.external_relay, *value);
+    let (xdp, _) = pair.run(XDP_EXTERNAL_PROGRAM, frame);
+    let expected = if xdp == XDP_PASS {
+        pair.run(TC_INBOUND_PROGRAM, frame)
+    } else {
+        (TC_ACT_SHOT, frame.to_vec())
+    };
+    let mut single = Programs::load();
+    single.bind(case.remote, case.external_relay, *value);
+    let got = single.run(TC_GATE_PROGRAM, frame);
+    assert_eq!(got.0, expected.0, "the same action");
+    if got.0 != TC_ACT_SHOT {
+        assert_eq!(got.1, expected.1, "the same bytes");
+    }
+    let mut pair_counts = all_counts(&pair);
+    // Behind XDP, tc sees all XDP passed and counts what is no kernel binding's as
+    // InboundToStack; the tc gate hands only kernel binding hits to the relay, so it counts the
+    // gate's reason alone for the others.
+    if xdp == XDP_PASS && pair.count(ExitReason::BindingToKernelRelay) == 0 {
+        for (reason, count) in &mut pair_counts {
+            if *reason == ExitReason::InboundToStack {
+                *count -= 1;
+            }
+        }
+    }
+    assert_eq!(
+        all_counts(&single),
+        pair_counts,
+        "the same counts by reason"
+    );
+    assert_eq!(
+        single
+            .inbound_counters(case.remote, case.external_relay)
+            .packets,
+        pair.inbound_counters(case.remote, case.external_relay)
+            .packets,
+        "the same entry counters"
+    );
+    got
+}
+
+#[test]
+fn tc_gate_relays_every_framing_like_the_xdp_gate_and_tc() {
+    let payload: Vec<u8> = (0..=255u8).cycle().take(301).collect();
+    for case in [v4_case(), v6_case()] {
+        for framing_kind in [framing::ENHANCED, framing::SOCKS5, framing::RAW] {
+            let value = binding_value(&case, framing_kind);
+            let frame = udp_frame(case.remote, case.external_relay, &payload);
+            let (action, out) = tc_gate_matches_xdp_then_tc(&case, &value, &frame);
+            assert_eq!(action, TC_ACT_REDIRECT, "{framing_kind} {}", case.remote);
+            let (src, dst, data) = parse_checked(&out);
+            assert_eq!(dst, case.client);
+            if framing_kind == framing::RAW {
+                assert_eq!((src, data.as_slice()), (case.remote, payload.as_slice()));
+            } else {
+                assert_eq!(src, case.internal_relay);
+                assert!(data.ends_with(&payload));
+            }
+        }
+    }
+}
+
+#[test]
+fn tc_gate_drops_misses_and_leaves_what_the_kernel_cannot_relay_to_the_stack() {
+    for case in [v4_case(), v6_case()] {
+        let kernel = binding_value(&case, framing::ENHANCED);
+        // Misses: another source port, another relay port.
+        for frame in [
+            udp_frame(next(case.remote), case.external_relay, b"x"),
+            udp_frame(case.remote, next(case.external_relay), b"x"),
+        ] {
+            assert_eq!(
+                tc_gate_matches_xdp_then_tc(&case, &kernel, &frame).0,
+                TC_ACT_SHOT
+            );
+        }
+        let frame = udp_frame(case.remote, case.external_relay, b"media");
+        // A userspace-relayed binding: passed to the stack, untouched.
+        let mut userspace = kernel;
+        userspace.mode = relay_mode::USERSPACE;
+        assert_eq!(
+            tc_gate_matches_xdp_then_tc(&case, &userspace, &frame),
+            (TC_ACT_OK, frame.clone())
+        );
+        // A binding whose client is of the other family (no translation in the kernel): to the
+        // stack, whose userspace relay translates.
+        let mut other_family = kernel;
+        other_family.client_addr = if case.remote.is_ipv4() {
+            addr16(v6_case().client.ip())
+        } else {
+            addr16(v4_case().client.ip())
+        };
+        assert_eq!(
+            tc_gate_matches_xdp_then_tc(&case, &other_family, &frame),
+            (TC_ACT_OK, frame.clone())
+        );
+    }
+    // IPv4 options in front of a bound flow: dropped by the gate in both hooks.
+    let case = v4_case();
+    let frame = with_ipv4_options(&udp_frame(case.remote, case.external_relay, b"media"));
+    let value = binding_value(&case, framing::ENHANCED);
+    assert_eq!(
+        tc_gate_matches_xdp_then_tc(&case, &value, &frame).0,
+        TC_ACT_SHOT
+    );
+}
+
+#[test]
+fn tc_gate_hands_a_partial_checksum_to_user_space() {
+    // The UDP checksum field holding only the pseudo-header sum is what a CHECKSUM_PARTIAL skb
+    // carries (a test run cannot set the skb's state; the test bed covers the real thing).
+    for case in [v4_case(), v6_case()] {
+        let mut frame = udp_frame(case.remote, case.external_relay, b"partial");
+        let l4 = if case.remote.is_ipv4() {
+            14 + 20
+        } else {
+            14 + 40
+        };
+        let udp_len = u16::from_be_bytes([frame[l4 + 4], frame[l4 + 5]]);
+        let pseudo = pseudo_header_sum(case.remote.ip(), case.external_relay.ip(), udp_len);
+        frame[l4 + 6..l4 + 8].copy_from_slice(&pseudo.to_be_bytes());
+        let value = binding_value(&case, framing::ENHANCED);
+        assert_eq!(
+            tc_gate_matches_xdp_then_tc(&case, &value, &frame),
+            (TC_ACT_OK, frame.clone())
+        );
+    }
+}
+
+/// The folded (not complemented) UDP pseudo-header sum.
+fn pseudo_header_sum(src: IpAddr, dst: IpAddr, udp_len: u16) -> u16 {
+    let mut words: Vec<u16> = Vec::new();
+    let mut push = |octets: &[u8]| {
+        for pair in octets.chunks(2) {
+            words.push(u16::from_be_bytes([pair[0], pair[1]]));
+        }
+    };
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            push(&s.octets());
+            push(&d.octets());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            push(&s.octets());
+            push(&d.octets());
+        }
+        _ => panic!("mixed families"),
+    }
+    words.push(17);
+    words.push(udp_len);
+    let mut sum: u32 = words.iter().map(|&w| u32::from(w)).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    u16::try_from(sum).unwrap()
+}
+
+#[test]
+fn tc_gate_fails_closed_when_the_heartbeat_stops() {
+    for framing_kind in [framing::ENHANCED, framing::RAW] {
+        let case = v4_case();
+        let mut programs = Programs::load();
+        programs.bind(
+            case.remote,
+            case.external_relay,
+            binding_value(&case, framing_kind),
+        );
+        programs.stop_heart();
+        let frame = udp_frame(case.remote, case.external_relay, b"media");
+        assert_eq!(programs.run(TC_GATE_PROGRAM, &frame).0, TC_ACT_SHOT);
+        assert_eq!(programs.count(ExitReason::DaemonGone), 1);
+        programs.beat();
+        assert_eq!(programs.run(TC_GATE_PROGRAM, &frame).0, TC_ACT_REDIRECT);
+    }
 }

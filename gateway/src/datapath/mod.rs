@@ -8,6 +8,7 @@
 //! [`Datapath::detach`] (`gateway detach`, `--remove-gate-on-exit`) and [`remove_pins`] remove it.
 //! Owns no protocol logic.
 
+mod driver;
 mod heartbeat;
 mod kernel_log;
 mod links;
@@ -26,8 +27,8 @@ use aya::{
 use gateway_common::{
     Addr16, BindingKey, BindingValue, ClientSocketKey, ControlPortKey,
     DEFAULT_FAIL_CLOSED_AFTER_NS, DEFAULT_MAX_BINDINGS, DatapathSettings, HostAllowKey,
-    HostAllowValue, OutboundKey, OutboundValue, RawClientValue, TC_INBOUND_PROGRAM,
-    TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, map_names,
+    HostAllowValue, OutboundKey, OutboundValue, RawClientValue, TC_GATE_PROGRAM,
+    TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, map_names,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -43,7 +44,7 @@ pub use self::{
     links::{AttachOutcome, remove_netlink_filters},
 };
 use crate::{
-    attach_mode::{TcAttachMode, XdpAttachMode},
+    attach_mode::{GateHook, TcAttachMode, XdpAttachMode},
     gate::KernelGate,
     host_flow::{HostFlow, addr16},
     instance::Instance,
@@ -128,6 +129,7 @@ pub struct DatapathConfig {
     /// The gateway's external addresses: inside hosts may not send UDP to them.
     pub external_addresses: Vec<IpAddr>,
     pub fail_closed_after_ns: u64,
+    pub gate_hook: GateHook,
     pub xdp_mode: XdpAttachMode,
     pub tc_mode: TcAttachMode,
     /// The SOCKS control listeners: TCP to them from outside is dropped by the gate.
@@ -144,6 +146,7 @@ impl DatapathConfig {
             host_allow: Vec::new(),
             external_addresses: Vec::new(),
             fail_closed_after_ns: DEFAULT_FAIL_CLOSED_AFTER_NS,
+            gate_hook: GateHook::Auto,
             xdp_mode: XdpAttachMode::Auto,
             tc_mode: TcAttachMode::Auto,
             control_listeners: Vec::new(),
@@ -251,25 +254,47 @@ impl Datapath {
             .ok();
 
         let mut links = Vec::new();
-        let slot = LinkSlot::new(
+        let xdp_slot = LinkSlot::new(
             &pin_dir,
             &run_dir,
             XDP_EXTERNAL_LINK,
             &config.external_interface,
         );
-        let (link, outcome) = attach_xdp(
-            program_mut(&mut ebpf, XDP_EXTERNAL_PROGRAM)?,
-            &slot,
-            config.xdp_mode,
-        )?;
-        info!(interface = %config.external_interface, mode = outcome.describe(), "XDP gate attached: unsolicited inbound UDP is dropped");
-        links.push((TcAttachment::Pinned(link), slot));
+        let external = &config.external_interface;
+        let xdp_outcome = match gate_hook_here(config) {
+            GateHook::Tc => None,
+            GateHook::Xdp | GateHook::Auto => {
+                let auto = config.gate_hook == GateHook::Auto;
+                let mode = if auto && config.xdp_mode == XdpAttachMode::Auto {
+                    // Generic XDP would only add work in front of tc: tc gates instead.
+                    XdpAttachMode::Driver
+                } else {
+                    config.xdp_mode
+                };
+                match attach_xdp(
+                    program_mut(&mut ebpf, XDP_EXTERNAL_PROGRAM)?,
+                    &xdp_slot,
+                    mode,
+                ) {
+                    Ok((link, outcome)) => {
+                        links.push((TcAttachment::Pinned(link), xdp_slot));
+                        Some(outcome)
+                    }
+                    Err(error) if auto => {
+                        info!(interface = %external, %error, "no native XDP here; the gate runs in tc");
+                        None
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+        };
+        let external_program = if xdp_outcome.is_some() {
+            TC_INBOUND_PROGRAM
+        } else {
+            TC_GATE_PROGRAM
+        };
         for (program, link_name, interface) in [
-            (
-                TC_INBOUND_PROGRAM,
-                TC_EXTERNAL_LINK,
-                &config.external_interface,
-            ),
+            (external_program, TC_EXTERNAL_LINK, external),
             (
                 TC_INTERNAL_PROGRAM,
                 TC_INTERNAL_LINK,
@@ -279,9 +304,23 @@ impl Datapath {
             let slot = LinkSlot::new(&pin_dir, &run_dir, link_name, interface);
             let (link, tc_outcome) =
                 attach_tc_ingress(program_mut(&mut ebpf, program)?, &slot, config.tc_mode)?;
-            info!(%interface, program, mode = tc_outcome.describe(), "kernel relay attached");
+            info!(%interface, program, mode = tc_outcome.describe(), "tc program attached");
             links.push((link, slot));
         }
+        let outcome = if let Some(outcome) = xdp_outcome {
+            info!(interface = %external, hook = "xdp", mode = outcome.describe(), "gate attached: unsolicited inbound UDP is dropped");
+            outcome
+        } else {
+            // The tc gate runs now: a previous daemon's XDP link (if any) may go.
+            let xdp_slot = LinkSlot::new(&pin_dir, &run_dir, XDP_EXTERNAL_LINK, external);
+            if xdp_slot.pin.exists() {
+                remove_pinned_link(&xdp_slot.pin);
+                xdp_slot.forget();
+                info!(interface = %external, "the previous daemon's XDP gate removed; tc gates now");
+            }
+            info!(interface = %external, hook = "tc", "gate attached: unsolicited inbound UDP is dropped");
+            AttachOutcome::Tc
+        };
         Ok(Self {
             ebpf,
             kernel_log,
@@ -347,6 +386,20 @@ impl Datapath {
     }
 }
 
+/// The hook `config` asks for, with `auto` resolved as far as the driver tells: tc on veth
+/// (where an XDP program makes veth copy every skb), XDP to be tried elsewhere.
+fn gate_hook_here(config: &DatapathConfig) -> GateHook {
+    match config.gate_hook {
+        GateHook::Auto if config.xdp_mode == XdpAttachMode::Generic => GateHook::Xdp,
+        GateHook::Auto
+            if driver::driver_name(&config.external_interface).as_deref() == Some("veth") =>
+        {
+            GateHook::Tc
+        }
+        hook => hook,
+    }
+}
+
 fn load(pin_dir: &Path, max_bindings: u32) -> Result<Ebpf, DatapathError> {
     let paths: Vec<(&str, PathBuf)> = PINNED_MAPS
         .iter()
@@ -365,7 +418,7 @@ fn load(pin_dir: &Path, max_bindings: u32) -> Result<Ebpf, DatapathError> {
         what: format!("load {XDP_EXTERNAL_PROGRAM} into the kernel (verifier)"),
         source,
     })?;
-    for name in [TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM] {
+    for name in [TC_GATE_PROGRAM, TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM] {
         let program: &mut SchedClassifier = typed_program(&mut ebpf, name)?;
         program.load().map_err(|source| DatapathError::Program {
             what: format!("load {name} into the kernel (verifier)"),
