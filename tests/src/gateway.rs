@@ -109,6 +109,14 @@ impl GatewayDaemon {
             None => ns.command(gateway_bin()),
         };
         cmd.args(["run", "--instance", instance]).args(args);
+        // The gate's hook, forced for a whole test run (`cargo xtask test` runs the relay's
+        // end-to-end files once per hook).
+        if let Ok(hook) = std::env::var(GATE_HOOK_ENV)
+            && !hook.is_empty()
+            && !args.contains(&"--gate-hook")
+        {
+            cmd.arg("--gate-hook").arg(hook);
+        }
         // Password checks are CPU work, stretched with everything else in a slow (emulated) VM:
         // the daemon's handshake bound grows with the tests' waits unless a test sets its own.
         let scale = time_scale();
@@ -227,6 +235,52 @@ pub fn passwd_line(name: &str, password: &str) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Names the gate hook (`xdp`, `tc`) every test-bed daemon of this test run is started with;
+/// unset: the daemon's default (`auto`).
+pub const GATE_HOOK_ENV: &str = "GATEWAY_TEST_GATE_HOOK";
+
+/// Whether the gateway's gate runs on `interface`'s input in `ns`: an XDP program, a tc netlink
+/// filter of ours, or a tcx link to one of the external interface's programs. (A tcx link's
+/// interface is not shown by the tools at hand, so any live link to those programs counts: the
+/// test-bed tests run one gateway at a time.)
+pub fn gate_attached(ns: &Netns, interface: &str) -> Result<bool> {
+    if xdp_attached(ns, interface)? {
+        return Ok(true);
+    }
+    let filters = crate::run_checked(
+        ns.command("tc")
+            .args(["filter", "show", "dev", interface, "ingress"]),
+    )?;
+    if String::from_utf8_lossy(&filters.stdout).contains("gateway_") {
+        return Ok(true);
+    }
+    let bpftool = |args: &[&str]| -> Result<Value> {
+        let out = crate::run_checked(std::process::Command::new("bpftool").arg("-j").args(args))?;
+        serde_json::from_slice(&out.stdout).context("bpftool's JSON")
+    };
+    // The external interface's tc programs, by the names the eBPF object gives them.
+    let external_programs: Vec<u64> = bpftool(&["prog", "show"])?
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|program| {
+            program["name"]
+                .as_str()
+                .is_some_and(|name| ["gateway_gate", "gateway_inbound"].contains(&name))
+        })
+        .filter_map(|program| program["id"].as_u64())
+        .collect();
+    Ok(bpftool(&["link", "show"])?
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|link| {
+            link["prog_id"]
+                .as_u64()
+                .is_some_and(|id| external_programs.contains(&id))
+        }))
 }
 
 /// Whether an XDP program is attached to `interface` in `ns` (`ip link` shows `prog/xdp`).

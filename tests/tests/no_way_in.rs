@@ -352,8 +352,8 @@ fn a_failed_restart_and_a_stop_keep_the_gate_closed_until_detach() {
     detach(&bed.fw, &instance).unwrap();
     assert!(!cleanup.pin_dir().exists(), "no pins left");
     assert!(
-        !testbed::gateway::xdp_attached(&bed.fw, iface::FW_OUTSIDE).unwrap(),
-        "no XDP program left"
+        !testbed::gateway::gate_attached(&bed.fw, iface::FW_OUTSIDE).unwrap(),
+        "no gate program left"
     );
     traffic::send_udp(
         &bed.server,

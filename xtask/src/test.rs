@@ -56,29 +56,24 @@ pub fn run(filter: Option<&str>, skip_unit: bool) -> Result<()> {
         }
     }
 
-    let gateway_bin = workspace_root().join("target/debug/gateway");
     for name in integration_test_files()? {
         if filter.is_some_and(|filter| !name.contains(filter)) {
             continue;
         }
         println!("test: integration test `{name}` (root, network namespaces)");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
-            .args([
-                "test",
-                "--locked",
-                "--package",
-                "testbed",
-                "--test",
-                &name,
-                "--",
-                "--test-threads=1",
-            ])
-            .env("GATEWAY_BIN", &gateway_bin)
-            .current_dir(workspace_root())
-            .status()
-            .with_context(|| format!("run integration test {name}"))?;
-        if !status.success() {
-            failures.push(format!("integration test `{name}` failed ({status})"));
+        if let Err(error) = integration_test(&name, None) {
+            failures.push(format!("integration test `{name}`: {error:#}"));
+        }
+    }
+    // The test bed's links are veth, where the gate's default hook is tc: the relay's
+    // end-to-end files run once more with the gate in XDP, the hook a NIC with native XDP gets.
+    for name in GATE_HOOK_FILES {
+        if filter.is_some_and(|filter| !name.contains(filter)) {
+            continue;
+        }
+        println!("test: integration test `{name}` with the gate in XDP (--gate-hook xdp)");
+        if let Err(error) = integration_test(name, Some("xdp")) {
+            failures.push(format!("integration test `{name}` (gate in XDP): {error:#}"));
         }
     }
 
@@ -99,6 +94,39 @@ pub fn run(filter: Option<&str>, skip_unit: bool) -> Result<()> {
         }
         bail!("{} test group(s) failed after {elapsed} s", failures.len())
     }
+}
+
+/// The integration test files that run a second time with the gate's hook forced to XDP: the
+/// gate, the relay end to end (release, kill -9, takeover), RAW and partial checksums.
+const GATE_HOOK_FILES: [&str; 3] = ["xdp_gate", "enhanced_testbed", "raw_testbed"];
+
+/// Runs one integration test file, one test at a time; `gate_hook` forces every test-bed
+/// daemon's `--gate-hook`.
+fn integration_test(name: &str, gate_hook: Option<&str>) -> Result<()> {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
+    command
+        .args([
+            "test",
+            "--locked",
+            "--package",
+            "testbed",
+            "--test",
+            name,
+            "--",
+            "--test-threads=1",
+        ])
+        .env("GATEWAY_BIN", workspace_root().join("target/debug/gateway"))
+        .current_dir(workspace_root());
+    if let Some(hook) = gate_hook {
+        command.env(testbed::gateway::GATE_HOOK_ENV, hook);
+    }
+    let status = command
+        .status()
+        .with_context(|| format!("run integration test {name}"))?;
+    if !status.success() {
+        bail!("failed ({status})");
+    }
+    Ok(())
 }
 
 /// Builds and tests `gateway-client` as an application embedding it would: the stable
