@@ -27,12 +27,12 @@ struct Cli {
     /// Where results.json and the plots go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
-    /// Only these areas (comma-separated: relay, drop, control, scale, latency).
+    /// Only these areas (comma-separated: relay, drop, control, scale, latency, profile).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
 
-pub const AREAS: [&str; 5] = ["relay", "drop", "control", "scale", "latency"];
+pub const AREAS: [&str; 6] = ["relay", "drop", "control", "scale", "latency", "profile"];
 
 fn main() -> ExitCode {
     match run_main(&Cli::parse()) {
@@ -100,7 +100,7 @@ fn run_main(cli: &Cli) -> Result<()> {
         blast_bin.display()
     );
     {
-        let env = run::env::Env::new(plan, blast_bin, work_dir.clone())?;
+        let env = run::env::Env::new(plan, blast_bin, work_dir.clone(), cli.out.clone())?;
         env.progress(&format!(
             "test bed up: {} -- {} -- {}",
             env.bed.client.name(),

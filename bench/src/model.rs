@@ -96,6 +96,20 @@ pub struct PingRun {
     pub p999_ns: u64,
 }
 
+/// One relay arm profiled: what it delivered meanwhile, where the CPU time went (perf's
+/// samples, heaviest functions by self time) and what the gateway's programs cost per run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProfileRun {
+    pub delivered_pps: f64,
+    pub cpu_ns_per_delivered: f64,
+    /// perf samples over all CPUs in the window.
+    pub samples: u64,
+    /// Function -> share of all samples spent in it (self time), heaviest first.
+    pub top: Vec<(String, f64)>,
+    /// Program name -> nanoseconds per run (`kernel.bpf_stats_enabled`).
+    pub program_ns_per_run: BTreeMap<String, f64>,
+}
+
 /// How and where the bench ran.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Meta {
@@ -128,6 +142,8 @@ pub struct Results {
     pub scale: BTreeMap<u64, Vec<StreamRun>>,
     /// Arm -> `low` / `half` -> runs.
     pub latency: BTreeMap<String, BTreeMap<String, Vec<PingRun>>>,
+    /// Relay arm -> its profile (200-octet payloads).
+    pub profile: BTreeMap<String, ProfileRun>,
     /// Scenarios or runs that failed, with why.
     pub errors: Vec<String>,
     /// Observations the reader needs (limits hit, substitutions).

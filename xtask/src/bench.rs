@@ -118,7 +118,18 @@ pub fn check_document(doc: &Value) -> Vec<String> {
         }
     };
     for size in ["200", "1200"] {
-        for arm in ["kernel", "userspace", "dante", "plain", "local_sink"] {
+        for arm in [
+            "kernel",
+            "kernel_xdp",
+            "raw",
+            "raw_xdp",
+            "userspace",
+            "dante",
+            "plain",
+            "plain_xdp",
+            "nft_nat",
+            "local_sink",
+        ] {
             need(
                 format!("relay {size} {arm}"),
                 &summary["relay"][size][arm]["delivered_pps"]["median"],

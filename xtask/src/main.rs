@@ -68,16 +68,21 @@ enum Command {
     /// binding and the kernel relay, show the bindings, the per-reason counters and what
     /// happened to unsolicited UDP, check the audio is sample-exact; tears everything down.
     Demo,
-    /// Benchmarks (root, about 15 minutes; `--quick` about 5): in-kernel relay vs userspace relay
-    /// vs Dante vs plain forwarding, drop cost, control plane, scale, latency. Prints a table and
-    /// writes target/bench/results.json and plots (SVG, PNG).
+    /// Benchmarks (root, about 25 minutes; `--quick` about 8): the in-kernel relay in each mode
+    /// vs the userspace relay, Dante, plain forwarding (also with a pass-through XDP program) and
+    /// an nftables DNAT hole; drop cost, control plane, scale, latency; and a profile of each
+    /// relay arm (perf flame graphs, the programs' own run time). Prints a table with every
+    /// target met or missed and writes results.json, plots (SVG, PNG) and flame graphs to --out.
     Bench {
         /// Fewer runs and shorter windows.
         #[arg(long)]
         quick: bool,
-        /// Only these areas, comma-separated: relay, drop, control, scale, latency.
+        /// Only these areas, comma-separated: relay, drop, control, scale, latency, profile.
         #[arg(long)]
         only: Option<String>,
+        /// Where results.json, the plots and the flame graphs go (relative to the workspace).
+        #[arg(long, value_name = "DIR", default_value = "target/bench")]
+        out: PathBuf,
     },
     /// Run clippy with `-D warnings` on the host crates, then on the eBPF crate for
     /// bpfel-unknown-none (nightly, `-Z build-std=core`) with the lints that fit BPF code.
@@ -160,10 +165,10 @@ fn run(cli: Cli) -> Result<()> {
             setup::run()?;
             demo::run()
         }
-        Command::Bench { quick, only } => {
+        Command::Bench { quick, only, out } => {
             require_root("bench")?;
             setup::run()?;
-            let out = setup::workspace_root().join("target/bench");
+            let out = setup::workspace_root().join(out);
             bench::run(if quick { "quick" } else { "full" }, only.as_deref(), &out)
         }
         Command::Clippy => clippy::run(),

@@ -27,6 +27,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     "tcpdump",
     "bpftool",
+    // perf record/script for the bench's flame graphs.
+    "linux-perf",
     "iperf3",
     // GStreamer's RTSP server, driven from Python, is the real RTSP peer of the interop test.
     "python3-gi",

@@ -1,8 +1,12 @@
 //! The arms compared: the gateway's in-kernel relay (with the 8-octet header, and header-less:
-//! RAW), its userspace relay, Dante's `sockd` (the
-//! packaged SOCKS server with a UDP relay, standard UDP ASSOCIATE) and plain kernel forwarding
-//! in `fw` (no proxy: the test bed's limit). Each arm is brought up in `fw` and torn down by a
-//! guard; a [`ClientPath`] is the client's side of one media flow through it.
+//! RAW), each with the gate where the daemon puts it by default (tc on veth) and forced into
+//! XDP; its userspace relay; Dante's `sockd` (the packaged SOCKS server with a UDP relay,
+//! standard UDP ASSOCIATE); plain kernel forwarding in `fw` (no proxy: the test bed's limit),
+//! also with a pass-through XDP program attached (what veth charges for any XDP program); and an
+//! nftables exact hole with DNAT and SNAT through conntrack for the same flow (what an operator
+//! would configure instead of the gateway for a flow known in advance). Each arm is brought up
+//! in `fw` and torn down by a guard; a [`ClientPath`] is the client's side of one media flow
+//! through it.
 
 use std::{
     fs,
@@ -26,7 +30,10 @@ use testbed::{
     iface, run_checked, unique_suffix, wait_until,
 };
 
-use super::env::{Env, SocketSpec};
+use super::{
+    env::{Env, SocketSpec},
+    pass_xdp::PassXdp,
+};
 
 /// The SOCKS port in `fw` (the gateway's default and Dante's configured one).
 pub const PROXY: SocketAddr = SocketAddr::new(IpAddr::V4(addr::FW_INSIDE_V4), 1080);
@@ -38,16 +45,41 @@ pub const PLAIN_SINK: SocketAddr = SocketAddr::new(IpAddr::V4(addr::CLIENT_V4), 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arm {
+    /// The in-kernel relay as an operator gets it: the gate's default hook.
     Kernel,
+    /// The in-kernel relay with the gate forced into XDP (`--gate-hook xdp`).
+    KernelXdp,
     /// The in-kernel relay of a header-less (RAW) binding.
     Raw,
+    /// RAW with the gate in XDP.
+    RawXdp,
     Userspace,
     Dante,
     Plain,
+    /// Plain forwarding with a pass-through XDP program on `fw`'s external interface.
+    PlainXdp,
+    /// An nftables DNAT/SNAT exact hole (conntrack) for the flow.
+    Nat,
 }
 
+/// `--gate-hook xdp`, for the arms that force it.
+const GATE_IN_XDP: [&str; 2] = ["--gate-hook", "xdp"];
+
 impl Arm {
-    pub const RELAYS: [Arm; 5] = [
+    /// The media relay's arms.
+    pub const RELAYS: [Arm; 9] = [
+        Arm::Kernel,
+        Arm::KernelXdp,
+        Arm::Raw,
+        Arm::RawXdp,
+        Arm::Userspace,
+        Arm::Dante,
+        Arm::Plain,
+        Arm::PlainXdp,
+        Arm::Nat,
+    ];
+    /// The echo latency's arms.
+    pub const LATENCY: [Arm; 5] = [
         Arm::Kernel,
         Arm::Raw,
         Arm::Userspace,
@@ -58,21 +90,42 @@ impl Arm {
     pub fn key(self) -> &'static str {
         match self {
             Arm::Kernel => "kernel",
+            Arm::KernelXdp => "kernel_xdp",
             Arm::Raw => "raw",
+            Arm::RawXdp => "raw_xdp",
             Arm::Userspace => "userspace",
             Arm::Dante => "dante",
             Arm::Plain => "plain",
+            Arm::PlainXdp => "plain_xdp",
+            Arm::Nat => "nft_nat",
         }
     }
 
     pub fn label(self) -> &'static str {
         match self {
             Arm::Kernel => "in-kernel relay",
+            Arm::KernelXdp => "kernel, XDP gate",
             Arm::Raw => "in-kernel RAW",
+            Arm::RawXdp => "RAW, XDP gate",
             Arm::Userspace => "userspace relay",
             Arm::Dante => "Dante sockd",
             Arm::Plain => "plain forwarding",
+            Arm::PlainXdp => "plain + XDP pass",
+            Arm::Nat => "nft DNAT hole",
         }
+    }
+
+    /// Whether the arm is the gateway daemon.
+    fn is_gateway(self) -> bool {
+        matches!(
+            self,
+            Arm::Kernel | Arm::KernelXdp | Arm::Raw | Arm::RawXdp | Arm::Userspace
+        )
+    }
+
+    /// Whether the client asks for header-less delivery.
+    fn is_raw(self) -> bool {
+        matches!(self, Arm::Raw | Arm::RawXdp)
     }
 }
 
@@ -90,6 +143,8 @@ pub struct ArmGuard {
     /// Where the gateway runs, for `gateway detach` after its stop.
     gateway_ns: Option<PathBuf>,
     dante: Option<Dante>,
+    pass_xdp: Option<PassXdp>,
+    nat: Option<NatHole>,
     forwarding_ns: Option<PathBuf>,
 }
 
@@ -101,10 +156,12 @@ impl ArmGuard {
             cleanup: None,
             gateway_ns: None,
             dante: None,
+            pass_xdp: None,
+            nat: None,
             forwarding_ns: None,
         };
         match arm {
-            Arm::Kernel | Arm::Raw | Arm::Userspace => {
+            _ if arm.is_gateway() => {
                 let instance = format!("bench-{}", unique_suffix());
                 guard.cleanup = Some(InstanceCleanup {
                     instance: instance.clone(),
@@ -122,6 +179,9 @@ impl ArmGuard {
                         "kernel"
                     },
                 ];
+                if matches!(arm, Arm::KernelXdp | Arm::RawXdp) {
+                    args.extend_from_slice(&GATE_IN_XDP);
+                }
                 args.extend_from_slice(extra);
                 // Extra gateway flags for experiments, e.g. BENCH_GATEWAY_ARGS="--xdp-mode generic".
                 let from_env = std::env::var("BENCH_GATEWAY_ARGS").unwrap_or_default();
@@ -130,9 +190,15 @@ impl ArmGuard {
                 guard.gateway = Some(GatewayDaemon::start(&env.bed.fw, &instance, &args)?);
             }
             Arm::Dante => guard.dante = Some(Dante::start(env)?),
-            Arm::Plain => {
+            _ => {
                 env.bed.fw.sysctl("net.ipv4.ip_forward", "1")?;
                 guard.forwarding_ns = Some(env.bed.fw.path());
+                if arm == Arm::PlainXdp {
+                    guard.pass_xdp = Some(PassXdp::attach(&env.bed.fw, iface::FW_OUTSIDE)?);
+                }
+                if arm == Arm::Nat {
+                    guard.nat = Some(NatHole::install(env)?);
+                }
             }
         }
         Ok(guard)
@@ -174,6 +240,8 @@ impl Drop for ArmGuard {
         }
         self.cleanup.take();
         self.dante.take();
+        self.pass_xdp.take();
+        self.nat.take();
         if let Some(ns) = self.forwarding_ns.take() {
             let _ = Command::new("nsenter")
                 .arg(format!("--net={}", ns.display()))
@@ -300,6 +368,8 @@ pub enum ClientPath {
     Associate(UdpAssociation),
     /// No proxy: the client's own socket, reached by forwarding.
     Plain,
+    /// No proxy: the client's own socket, reached through the nftables DNAT hole.
+    Nat,
 }
 
 impl ClientPath {
@@ -307,11 +377,9 @@ impl ClientPath {
     pub fn open(env: &Env, arm: Arm) -> Result<Self> {
         env.client(Duration::from_secs(15), async move {
             Ok(match arm {
-                Arm::Kernel | Arm::Raw | Arm::Userspace => {
+                _ if arm.is_gateway() => {
                     let session = Client::connect(PROXY, None).await?.enhanced().await?;
-                    let options = BindOptions {
-                        raw: arm == Arm::Raw,
-                    };
+                    let options = BindOptions { raw: arm.is_raw() };
                     let binding = session.udp_socket_with(Family::V4, options).await?;
                     binding.bind().await?;
                     let relays = binding.connect(SOURCE).await?;
@@ -328,7 +396,8 @@ impl ClientPath {
                 Arm::Dante => {
                     Self::Associate(Client::connect(PROXY, None).await?.udp_associate().await?)
                 }
-                Arm::Plain => Self::Plain,
+                Arm::Nat => Self::Nat,
+                _ => Self::Plain,
             })
         })
     }
@@ -347,7 +416,7 @@ impl ClientPath {
         match self {
             Self::Enhanced { binding, .. } => SocketSpec::Fd(binding.socket().as_raw_fd()),
             Self::Associate(assoc) => SocketSpec::Fd(assoc.socket().as_raw_fd()),
-            Self::Plain => SocketSpec::Bind(PLAIN_SINK),
+            Self::Plain | Self::Nat => SocketSpec::Bind(PLAIN_SINK),
         }
     }
 
@@ -358,6 +427,7 @@ impl ClientPath {
             Self::Enhanced { relays, .. } => Some(relays.external),
             Self::Associate(_) => None,
             Self::Plain => Some(PLAIN_SINK),
+            Self::Nat => Some(NAT_HOLE),
         }
     }
 
@@ -366,7 +436,7 @@ impl ClientPath {
         match self {
             Self::Enhanced { raw: false, .. } => 8,
             Self::Associate(_) => 10,
-            Self::Enhanced { raw: true, .. } | Self::Plain => 0,
+            Self::Enhanced { raw: true, .. } | Self::Plain | Self::Nat => 0,
         }
     }
 
@@ -396,7 +466,7 @@ impl ClientPath {
                 assoc.relay_addr(),
                 socks_header(SOURCE),
             ),
-            Self::Plain => (
+            Self::Plain | Self::Nat => (
                 SocketSpec::Bind(SocketAddr::new(IpAddr::V4(addr::CLIENT_V4), 0)),
                 SOURCE,
                 Vec::new(),
@@ -423,6 +493,70 @@ impl ClientPath {
                 .context("send the hello through Dante")?;
         }
         Ok(())
+    }
+}
+
+/// Where the media source sends in the nftables arm: `fw`'s external address, DNAT'ed to
+/// [`PLAIN_SINK`]. A port no other arm uses, so the flow's conntrack entry, which outlives the
+/// table for its timeout, never meets another arm's datagrams.
+pub const NAT_HOLE: SocketAddr = SocketAddr::new(IpAddr::V4(addr::FW_OUTSIDE_V4), 5555);
+/// The source the client sees in the nftables arm (SNAT), as the relay's internal address.
+const NAT_INSIDE: SocketAddr = SocketAddr::new(IpAddr::V4(addr::FW_INSIDE_V4), 40000);
+const NAT_TABLE: &str = "gateway_bench_nat";
+
+/// An exact hole in `fw` for the one media flow, as an operator would configure it with
+/// nftables: the flow from [`SOURCE`] to [`NAT_HOLE`] is DNAT'ed to the client and SNAT'ed to
+/// `fw`'s inside address (conntrack keeps the mapping), everything else forwarded is dropped.
+struct NatHole {
+    fw: PathBuf,
+}
+
+impl NatHole {
+    fn install(env: &Env) -> Result<Self> {
+        let script = format!(
+            "table ip {NAT_TABLE} {{
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+    iifname \"{outside}\" ip saddr {src} udp sport {sport} ip daddr {hole} udp dport {hport} dnat to {sink}
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname \"{inside}\" ip saddr {src} udp sport {sport} ip daddr {sink_ip} udp dport {sink_port} snat to {nat_inside}
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy drop;
+    ct state established,related accept
+    ct status dnat ip daddr {sink_ip} udp dport {sink_port} accept
+  }}
+}}
+",
+            outside = iface::FW_OUTSIDE,
+            inside = iface::FW_INSIDE,
+            src = SOURCE.ip(),
+            sport = SOURCE.port(),
+            hole = NAT_HOLE.ip(),
+            hport = NAT_HOLE.port(),
+            sink = PLAIN_SINK,
+            sink_ip = PLAIN_SINK.ip(),
+            sink_port = PLAIN_SINK.port(),
+            nat_inside = NAT_INSIDE,
+        );
+        let path = env.work_dir.join("nat.nft");
+        fs::write(&path, script)?;
+        run_checked(env.bed.fw.command("nft").arg("-f").arg(&path))
+            .context("install the nftables DNAT hole (is nftables installed?)")?;
+        Ok(Self {
+            fw: env.bed.fw.path(),
+        })
+    }
+}
+
+impl Drop for NatHole {
+    fn drop(&mut self) {
+        let _ = Command::new("nsenter")
+            .arg(format!("--net={}", self.fw.display()))
+            .args(["nft", "delete", "table", "ip", NAT_TABLE])
+            .status();
     }
 }
 

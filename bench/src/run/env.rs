@@ -29,11 +29,13 @@ pub struct Env {
     pub blast_bin: PathBuf,
     pub plan: Plan,
     pub work_dir: PathBuf,
+    /// Where results go (the profile area writes its flame graphs there).
+    pub out_dir: PathBuf,
     started: Instant,
 }
 
 impl Env {
-    pub fn new(plan: Plan, blast_bin: PathBuf, work_dir: PathBuf) -> Result<Self> {
+    pub fn new(plan: Plan, blast_bin: PathBuf, work_dir: PathBuf, out_dir: PathBuf) -> Result<Self> {
         let bed = Testbed::new().context("bring up the test bed")?;
         // Many sockets per binding in the memory scenario, on both sides.
         for ns in [&bed.client, &bed.server] {
@@ -56,6 +58,7 @@ impl Env {
             blast_bin,
             plan,
             work_dir,
+            out_dir,
             started: Instant::now(),
         })
     }

@@ -24,7 +24,7 @@ fn hex(octets: &[u8]) -> String {
 
 pub fn run(env: &Env, results: &mut Results) {
     for run in 0..env.plan.runs {
-        for arm in rotated(&Arm::RELAYS, run) {
+        for arm in rotated(&Arm::LATENCY, run) {
             if let Err(error) = arm_run(env, arm, run, results) {
                 let text = format!("latency run {} arm {}: {error:#}", run + 1, arm.key());
                 env.progress(&format!("FAILED {text}"));

@@ -5,7 +5,9 @@ pub mod control;
 pub mod drop;
 pub mod env;
 pub mod latency;
+pub mod pass_xdp;
 pub mod plan;
+pub mod profile;
 pub mod relay;
 pub mod scale;
 pub mod stream;
@@ -37,23 +39,27 @@ pub fn meta(plan: &Plan) -> Meta {
 /// Runs the wanted areas in order; a failing area is recorded and the next one runs.
 pub fn run_areas(env: &Env, results: &mut Results, wanted: &dyn Fn(&str) -> bool) {
     if wanted("relay") {
-        env.progress("area 1/5: inbound media relay");
+        env.progress("area 1/6: inbound media relay");
         relay::run(env, results);
     }
     if wanted("drop") {
-        env.progress("area 2/5: unsolicited drop and collateral damage");
+        env.progress("area 2/6: unsolicited drop and collateral damage");
         drop::run(env, results);
     }
     if wanted("control") {
-        env.progress("area 3/5: control plane");
+        env.progress("area 3/6: control plane");
         control::run(env, results);
     }
     if wanted("scale") {
-        env.progress("area 4/5: kernel relay with many installed entries");
+        env.progress("area 4/6: kernel relay with many installed entries");
         scale::run(env, results);
     }
     if wanted("latency") {
-        env.progress("area 5/5: added latency (UDP echo)");
+        env.progress("area 5/6: added latency (UDP echo)");
         latency::run(env, results);
+    }
+    if wanted("profile") {
+        env.progress("area 6/6: where the time goes (perf flame graphs, program run time)");
+        profile::run(env, results);
     }
 }

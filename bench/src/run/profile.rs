@@ -1,0 +1,257 @@
+//! Area 6, where the time goes: each media relay arm (200-octet payloads, flat out) once more,
+//! with `perf record -a -g -e cpu-clock` over the window (this machine has no hardware
+//! counters) and the kernel's own run-time statistics of the gateway's programs
+//! (`kernel.bpf_stats_enabled`). Writes a flame graph per arm (`flame-ARM.svg`) and records the
+//! heaviest functions (self time) and each program's nanoseconds per run.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::BufReader,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+use bench::model::{ProfileRun, Results};
+use serde_json::Value;
+use testbed::ChildGuard;
+
+use super::{
+    arms::{Arm, ArmGuard, ClientPath, SOURCE},
+    env::Env,
+    plan::Mode,
+    stream::{StreamSpec, run_stream},
+};
+
+/// Payload octets of the profiled streams.
+const SIZE: usize = 200;
+/// Samples per second and CPU: enough for a profile, little enough not to be the load.
+const FREQUENCY: &str = "999";
+/// Functions kept per arm.
+const TOP: usize = 12;
+
+pub fn run(env: &Env, results: &mut Results) {
+    if let Err(error) = check_perf() {
+        results.errors.push(format!("profile: {error:#}"));
+        return;
+    }
+    // The smoke run profiles one arm: the code path, not the figures.
+    let arms: &[Arm] = if env.plan.mode == Mode::Smoke {
+        &[Arm::Kernel]
+    } else {
+        &Arm::RELAYS
+    };
+    for &arm in arms {
+        match profile_arm(env, arm) {
+            Ok(profile) => {
+                env.progress(&format!(
+                    "profile {:<16}: {:>8.0} pps, {} samples, top: {}",
+                    arm.label(),
+                    profile.delivered_pps,
+                    profile.samples,
+                    profile
+                        .top
+                        .first()
+                        .map_or_else(|| "-".to_owned(), |(name, share)| format!(
+                            "{name} {:.1} %",
+                            share * 100.0
+                        ))
+                ));
+                results.profile.insert(arm.key().to_owned(), profile);
+            }
+            Err(error) => {
+                let text = format!("profile {}: {error:#}", arm.key());
+                env.progress(&format!("FAILED {text}"));
+                results.errors.push(text);
+            }
+        }
+    }
+}
+
+fn check_perf() -> Result<()> {
+    let out = Command::new("perf")
+        .arg("version")
+        .output()
+        .context("run perf (linux-perf; `cargo xtask setup` installs it)")?;
+    if !out.status.success() {
+        bail!("perf version failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// `kernel.bpf_stats_enabled` on for as long as it lives, back to what it was after.
+struct BpfStats {
+    before: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> Result<Self> {
+        let before = fs::read_to_string(BPF_STATS)
+            .context("read kernel.bpf_stats_enabled")?
+            .trim()
+            .to_owned();
+        fs::write(BPF_STATS, "1").context("enable kernel.bpf_stats_enabled")?;
+        Ok(Self { before })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = fs::write(BPF_STATS, &self.before);
+    }
+}
+
+/// `(run_cnt, run_time_ns)` of every loaded program whose name starts with `gateway_`.
+fn program_stats() -> Result<BTreeMap<String, (u64, u64)>> {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .context("run bpftool prog show")?;
+    let programs: Value = serde_json::from_slice(&out.stdout).context("bpftool's JSON")?;
+    let mut stats = BTreeMap::new();
+    for program in programs.as_array().into_iter().flatten() {
+        let Some(name) = program["name"].as_str() else {
+            continue;
+        };
+        if !name.starts_with("gateway_") {
+            continue;
+        }
+        let entry = stats.entry(name.to_owned()).or_insert((0, 0));
+        entry.0 += program["run_cnt"].as_u64().unwrap_or(0);
+        entry.1 += program["run_time_ns"].as_u64().unwrap_or(0);
+    }
+    Ok(stats)
+}
+
+fn profile_arm(env: &Env, arm: Arm) -> Result<ProfileRun> {
+    let _guard = ArmGuard::start(env, arm, &[])?;
+    let path = ClientPath::open(env, arm)?;
+    let data = env.work_dir.join(format!("perf-{}.data", arm.key()));
+    let outcome = (|| -> Result<ProfileRun> {
+        let stats = BpfStats::enable()?;
+        let before = program_stats()?;
+        let record_for = env.plan.warmup + env.plan.window;
+        let mut perf = Command::new("perf");
+        perf.args(["record", "-a", "-g", "-e", "cpu-clock", "-F", FREQUENCY, "-q", "-o"])
+            .arg(&data)
+            .args(["--", "sleep", &format!("{:.2}", record_for.as_secs_f64())])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut perf = ChildGuard::spawn(&mut perf, "perf record")?;
+        let kick = || path.kick();
+        let spec = StreamSpec {
+            sender_ns: &env.bed.server,
+            sender_bind: SOURCE,
+            to: path.inbound_to(),
+            size: SIZE,
+            rate: 0,
+            stamps: false,
+            receiver_ns: &env.bed.client,
+            sink: Some(path.sink_socket()),
+            sink_ts_offset: None,
+            kick: Some(&kick),
+        };
+        let (stream, _) = run_stream(env, &spec)?;
+        let after = program_stats()?;
+        drop(stats);
+        if !testbed::wait_until(record_for + std::time::Duration::from_secs(20), || {
+            perf.has_exited()
+        }) {
+            bail!("perf record did not finish");
+        }
+        let (samples, top) = flame_graph(&data, &env.out_dir.join(format!("flame-{}.svg", arm.key())), arm.label())?;
+        let programs = after
+            .iter()
+            .filter_map(|(name, &(runs, ns))| {
+                let (runs_before, ns_before) = before.get(name).copied().unwrap_or((0, 0));
+                let runs = runs.saturating_sub(runs_before);
+                #[expect(clippy::cast_precision_loss, reason = "nanoseconds per run")]
+                (runs > 0).then(|| (name.clone(), ns.saturating_sub(ns_before) as f64 / runs as f64))
+            })
+            .collect();
+        Ok(ProfileRun {
+            delivered_pps: stream.delivered_pps,
+            cpu_ns_per_delivered: stream.cpu_ns_per_delivered,
+            samples,
+            top,
+            program_ns_per_run: programs,
+        })
+    })();
+    path.close(env);
+    let _ = fs::remove_file(&data);
+    outcome
+}
+
+/// Folds the recorded stacks, writes the flame graph to `svg`, and returns the sample count
+/// and the heaviest functions by self time (share of all samples).
+fn flame_graph(data: &Path, svg: &PathBuf, title: &str) -> Result<(u64, Vec<(String, f64)>)> {
+    let script = Command::new("perf")
+        .args(["script", "-F", "comm,pid,tid,cpu,time,event,ip,sym,dso", "-i"])
+        .arg(data)
+        .stderr(Stdio::null())
+        .output()
+        .context("run perf script")?;
+    if !script.status.success() || script.stdout.is_empty() {
+        bail!("perf script gave nothing (was anything recorded?)");
+    }
+    let mut folded = Vec::new();
+    inferno::collapse::Collapse::collapse(&mut inferno::collapse::perf::Folder::default(), BufReader::new(script.stdout.as_slice()), &mut folded)
+        .context("fold the stacks")?;
+    let folded = String::from_utf8_lossy(&folded).into_owned();
+    let (samples, top) = self_time(&folded);
+    let mut options = inferno::flamegraph::Options::default();
+    options.title = format!("{title}: {SIZE}-octet datagrams flat out, all CPUs (perf cpu-clock)");
+    let file = fs::File::create(svg).with_context(|| format!("create {}", svg.display()))?;
+    inferno::flamegraph::from_lines(&mut options, folded.lines(), file)
+        .context("draw the flame graph")?;
+    Ok((samples, top))
+}
+
+/// The sample count and the [`TOP`] functions by self time (the stack's last frame), as shares
+/// of all samples. Folded lines are `frame;frame;...;frame COUNT`.
+pub fn self_time(folded: &str) -> (u64, Vec<(String, f64)>) {
+    let mut by_leaf: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut total = 0;
+    for line in folded.lines() {
+        let Some((stack, count)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(count) = count.parse::<u64>() else {
+            continue;
+        };
+        let leaf = stack.rsplit(';').next().unwrap_or(stack);
+        *by_leaf.entry(leaf).or_default() += count;
+        total += count;
+    }
+    let mut top: Vec<(&str, u64)> = by_leaf.into_iter().collect();
+    top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    #[expect(clippy::cast_precision_loss, reason = "sample shares")]
+    let top = top
+        .into_iter()
+        .take(TOP)
+        .map(|(name, count)| (name.to_owned(), count as f64 / total.max(1) as f64))
+        .collect();
+    (total, top)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_time_counts_the_last_frame_of_each_stack() {
+        let folded = "swapper;do_idle;default_idle 60\n\
+                      udp-blast;sendmmsg;veth_xmit 30\n\
+                      udp-blast;sendmmsg;udp_send_skb;veth_xmit 10\n\
+                      garbage line\n";
+        let (total, top) = self_time(folded);
+        assert_eq!(total, 100);
+        assert_eq!(top[0], ("default_idle".to_owned(), 0.6));
+        assert_eq!(top[1], ("veth_xmit".to_owned(), 0.4));
+        assert_eq!(top.len(), 2);
+    }
+}
