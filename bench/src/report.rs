@@ -877,7 +877,10 @@ mod tests {
         // 950 of 1000 pps: short of plain forwarding, 9.5 times Dante.
         let pps = find("200 B: kernel relay pps / plain forwarding pps >= 1.0");
         assert_eq!((pps.measured, pps.met), (Some(0.95), Some(false)));
-        assert_eq!(find("200 B: kernel relay pps / Dante pps >= 5").met, Some(true));
+        assert_eq!(
+            find("200 B: kernel relay pps / Dante pps >= 5").met,
+            Some(true)
+        );
         // Net CPU: kernel 100, plain 50, Dante 1000, userspace 400.
         let cpu = find("200 B: kernel relay CPU/pkt / plain forwarding CPU/pkt <= 1.0");
         assert_eq!((cpu.measured, cpu.met), (Some(2.0), Some(false)));

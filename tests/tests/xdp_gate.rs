@@ -16,7 +16,7 @@ use testbed::{
     Testbed, addr,
     gateway::{
         GatewayDaemon, InstanceCleanup, TESTBED_ARGS, detach, gate_attached, gateway_cli,
-        reason_packets, start_in_fw, stats_json, unique_instance,
+        reason_packets, start_in_fw, stats_json, unique_instance, xdp_attached,
     },
     iface,
     traffic::{self, drain},
@@ -498,4 +498,62 @@ fn netlink_filters_stay_after_a_stop_and_go_with_detach() {
             "{interface}: detach removed the filter"
         );
     }
+}
+
+/// The daemon's start line for the gate, naming its hook.
+fn gate_hook_logged(gateway: &GatewayDaemon) -> Option<&'static str> {
+    let log = gateway.log_text();
+    let line = log.lines().find(|line| line.contains("gate attached"))?;
+    ["xdp", "tc"]
+        .into_iter()
+        .find(|hook| line.contains(&format!("hook=\"{hook}\"")))
+}
+
+#[test]
+fn the_gate_hook_changes_across_restarts_without_an_open_moment() {
+    let bed = Testbed::new().unwrap();
+    let instance = unique_instance();
+    let cleanup = InstanceCleanup {
+        instance: instance.clone(),
+    };
+    let target: IpAddr = addr::FW_OUTSIDE_V4.into();
+    let sinks = bind_sinks(&bed, target);
+    let start = |hook: &str| {
+        let args: Vec<&str> = TESTBED_ARGS
+            .iter()
+            .copied()
+            .chain(["--gate-hook", hook])
+            .collect();
+        GatewayDaemon::start(&bed.fw, &instance, &args).unwrap()
+    };
+
+    // On veth, `auto` puts the gate in tc: no XDP program.
+    let mut auto = start("auto");
+    assert_eq!(gate_hook_logged(&auto), Some("tc"), "{}", auto.log_text());
+    assert!(!xdp_attached(&bed.fw, iface::FW_OUTSIDE).unwrap());
+    assert_burst_dropped(&bed, &sinks, &cleanup, "tc gate");
+    auto.kill();
+
+    // Forced into XDP after a crash: takes over the tc link, adds the XDP gate.
+    let mut xdp = start("xdp");
+    assert_eq!(gate_hook_logged(&xdp), Some("xdp"), "{}", xdp.log_text());
+    assert!(xdp_attached(&bed.fw, iface::FW_OUTSIDE).unwrap());
+    assert_burst_dropped(&bed, &sinks, &cleanup, "XDP gate after the tc gate");
+    xdp.kill();
+    assert_burst_dropped(&bed, &sinks, &cleanup, "the XDP gate of a killed daemon");
+
+    // Back to tc: the tc program gates before the old XDP gate is removed.
+    let mut tc = start("tc");
+    assert_eq!(gate_hook_logged(&tc), Some("tc"), "{}", tc.log_text());
+    assert!(
+        tc.log_text().contains("XDP gate removed"),
+        "the removal of the old XDP gate is logged:\n{}",
+        tc.log_text()
+    );
+    assert!(!xdp_attached(&bed.fw, iface::FW_OUTSIDE).unwrap());
+    assert_burst_dropped(&bed, &sinks, &cleanup, "tc gate after the XDP gate");
+    assert!(tc.stop());
+    assert_burst_dropped(&bed, &sinks, &cleanup, "after a clean stop of the tc gate");
+    detach(&bed.fw, &instance).unwrap();
+    assert!(!gate_attached(&bed.fw, iface::FW_OUTSIDE).unwrap());
 }

@@ -73,7 +73,9 @@ pub fn run(filter: Option<&str>, skip_unit: bool) -> Result<()> {
         }
         println!("test: integration test `{name}` with the gate in XDP (--gate-hook xdp)");
         if let Err(error) = integration_test(name, Some("xdp")) {
-            failures.push(format!("integration test `{name}` (gate in XDP): {error:#}"));
+            failures.push(format!(
+                "integration test `{name}` (gate in XDP): {error:#}"
+            ));
         }
     }
 

@@ -35,7 +35,12 @@ pub struct Env {
 }
 
 impl Env {
-    pub fn new(plan: Plan, blast_bin: PathBuf, work_dir: PathBuf, out_dir: PathBuf) -> Result<Self> {
+    pub fn new(
+        plan: Plan,
+        blast_bin: PathBuf,
+        work_dir: PathBuf,
+        out_dir: PathBuf,
+    ) -> Result<Self> {
         let bed = Testbed::new().context("bring up the test bed")?;
         // Many sockets per binding in the memory scenario, on both sides.
         for ns in [&bed.client, &bed.server] {

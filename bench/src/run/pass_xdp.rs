@@ -58,7 +58,9 @@ impl PassXdp {
                 .program_mut(PROGRAM)
                 .context("the pass-through program")?
                 .try_into()?;
-            program.load().context("the verifier on the pass-through program")?;
+            program
+                .load()
+                .context("the verifier on the pass-through program")?;
             program
                 .attach(&interface, XdpMode::Driver)
                 .with_context(|| format!("attach the pass-through XDP program to {interface}"))?;

@@ -50,13 +50,10 @@ pub fn run(env: &Env, results: &mut Results) {
                     arm.label(),
                     profile.delivered_pps,
                     profile.samples,
-                    profile
-                        .top
-                        .first()
-                        .map_or_else(|| "-".to_owned(), |(name, share)| format!(
-                            "{name} {:.1} %",
-                            share * 100.0
-                        ))
+                    profile.top.first().map_or_else(
+                        || "-".to_owned(),
+                        |(name, share)| format!("{name} {:.1} %", share * 100.0)
+                    )
                 ));
                 results.profile.insert(arm.key().to_owned(), profile);
             }
@@ -75,7 +72,10 @@ fn check_perf() -> Result<()> {
         .output()
         .context("run perf (linux-perf; `cargo xtask setup` installs it)")?;
     if !out.status.success() {
-        bail!("perf version failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "perf version failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
@@ -135,12 +135,22 @@ fn profile_arm(env: &Env, arm: Arm) -> Result<ProfileRun> {
         let before = program_stats()?;
         let record_for = env.plan.warmup + env.plan.window;
         let mut perf = Command::new("perf");
-        perf.args(["record", "-a", "-g", "-e", "cpu-clock", "-F", FREQUENCY, "-q", "-o"])
-            .arg(&data)
-            .args(["--", "sleep", &format!("{:.2}", record_for.as_secs_f64())])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        perf.args([
+            "record",
+            "-a",
+            "-g",
+            "-e",
+            "cpu-clock",
+            "-F",
+            FREQUENCY,
+            "-q",
+            "-o",
+        ])
+        .arg(&data)
+        .args(["--", "sleep", &format!("{:.2}", record_for.as_secs_f64())])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         let mut perf = ChildGuard::spawn(&mut perf, "perf record")?;
         let kick = || path.kick();
         let spec = StreamSpec {
@@ -163,14 +173,23 @@ fn profile_arm(env: &Env, arm: Arm) -> Result<ProfileRun> {
         }) {
             bail!("perf record did not finish");
         }
-        let (samples, top) = flame_graph(&data, &env.out_dir.join(format!("flame-{}.svg", arm.key())), arm.label())?;
+        let (samples, top) = flame_graph(
+            &data,
+            &env.out_dir.join(format!("flame-{}.svg", arm.key())),
+            arm.label(),
+        )?;
         let programs = after
             .iter()
             .filter_map(|(name, &(runs, ns))| {
                 let (runs_before, ns_before) = before.get(name).copied().unwrap_or((0, 0));
                 let runs = runs.saturating_sub(runs_before);
                 #[expect(clippy::cast_precision_loss, reason = "nanoseconds per run")]
-                (runs > 0).then(|| (name.clone(), ns.saturating_sub(ns_before) as f64 / runs as f64))
+                (runs > 0).then(|| {
+                    (
+                        name.clone(),
+                        ns.saturating_sub(ns_before) as f64 / runs as f64,
+                    )
+                })
             })
             .collect();
         Ok(ProfileRun {
@@ -190,7 +209,12 @@ fn profile_arm(env: &Env, arm: Arm) -> Result<ProfileRun> {
 /// and the heaviest functions by self time (share of all samples).
 fn flame_graph(data: &Path, svg: &PathBuf, title: &str) -> Result<(u64, Vec<(String, f64)>)> {
     let script = Command::new("perf")
-        .args(["script", "-F", "comm,pid,tid,cpu,time,event,ip,sym,dso", "-i"])
+        .args([
+            "script",
+            "-F",
+            "comm,pid,tid,cpu,time,event,ip,sym,dso",
+            "-i",
+        ])
         .arg(data)
         .stderr(Stdio::null())
         .output()
@@ -199,8 +223,12 @@ fn flame_graph(data: &Path, svg: &PathBuf, title: &str) -> Result<(u64, Vec<(Str
         bail!("perf script gave nothing (was anything recorded?)");
     }
     let mut folded = Vec::new();
-    inferno::collapse::Collapse::collapse(&mut inferno::collapse::perf::Folder::default(), BufReader::new(script.stdout.as_slice()), &mut folded)
-        .context("fold the stacks")?;
+    inferno::collapse::Collapse::collapse(
+        &mut inferno::collapse::perf::Folder::default(),
+        BufReader::new(script.stdout.as_slice()),
+        &mut folded,
+    )
+    .context("fold the stacks")?;
     let folded = String::from_utf8_lossy(&folded).into_owned();
     let (samples, top) = self_time(&folded);
     let mut options = inferno::flamegraph::Options::default();
