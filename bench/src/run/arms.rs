@@ -19,9 +19,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use gateway_client::{
-    BindOptions, Client, EnhancedSession, Family, RelayAddrs, UdpAssociation, UdpBinding,
-};
+use gateway_client::{BindOptions, Client, Family, RelayAddrs, UdpAssociation, blocking};
 use nix::sys::signal::{Signal, kill};
 use serde::Serialize;
 use testbed::{
@@ -356,11 +354,15 @@ fn dante_pids(ns: &str) -> Vec<i32> {
 /// The client's side of one media flow through an arm.
 #[expect(clippy::large_enum_variant, reason = "a handful exist at a time")]
 pub enum ClientPath {
-    /// Two-step binding (bind, then connect to [`SOURCE`]) on the gateway; `raw` when granted
-    /// header-less delivery (the socket is then connected to [`SOURCE`] itself).
+    /// Two-step binding (bind, then connect to [`SOURCE`]) on the gateway, for a plain socket
+    /// of the client's own; `raw` when granted header-less delivery (the socket is then
+    /// connected to [`SOURCE`] itself). Made with the blocking client: the socket is in no
+    /// event loop of the bench, so no datagram wakes one (an async runtime's epoll would be woken
+    /// for every datagram the sink reads, and charge that to the arm).
     Enhanced {
-        _session: EnhancedSession,
-        binding: UdpBinding,
+        _session: blocking::Session,
+        _binding: blocking::Binding,
+        socket: UdpSocket,
         relays: RelayAddrs,
         raw: bool,
     },
@@ -373,26 +375,34 @@ pub enum ClientPath {
 }
 
 impl ClientPath {
-    /// Makes the flow for `arm` (on the client runtime).
+    /// Makes the flow for `arm` (in `client`).
     pub fn open(env: &Env, arm: Arm) -> Result<Self> {
+        if arm.is_gateway() {
+            let raw = arm.is_raw();
+            return env.bed.client.run(move || -> Result<Self> {
+                let socket = UdpSocket::bind(SocketAddr::new(IpAddr::V4(addr::CLIENT_V4), 0))?;
+                let timeouts = gateway_client::Timeouts::default();
+                let mut session = blocking::Client::connect(PROXY, None, timeouts)?.enhanced()?;
+                let mut binding =
+                    session.bind_with(socket.local_addr()?, Family::V4, BindOptions { raw })?;
+                let relays = session.connect(&mut binding, SOURCE)?;
+                if raw && !binding.is_raw() {
+                    bail!("the gateway did not grant RAW (see its log)");
+                }
+                if binding.is_raw() {
+                    socket.connect(SOURCE)?;
+                }
+                Ok(Self::Enhanced {
+                    raw: binding.is_raw(),
+                    _session: session,
+                    _binding: binding,
+                    socket,
+                    relays,
+                })
+            })?;
+        }
         env.client(Duration::from_secs(15), async move {
             Ok(match arm {
-                _ if arm.is_gateway() => {
-                    let session = Client::connect(PROXY, None).await?.enhanced().await?;
-                    let options = BindOptions { raw: arm.is_raw() };
-                    let binding = session.udp_socket_with(Family::V4, options).await?;
-                    binding.bind().await?;
-                    let relays = binding.connect(SOURCE).await?;
-                    if options.raw && !binding.is_raw() {
-                        bail!("the gateway did not grant RAW (see its log)");
-                    }
-                    Self::Enhanced {
-                        _session: session,
-                        raw: binding.is_raw(),
-                        binding,
-                        relays,
-                    }
-                }
                 Arm::Dante => {
                     Self::Associate(Client::connect(PROXY, None).await?.udp_associate().await?)
                 }
@@ -414,7 +424,7 @@ impl ClientPath {
     /// Where the receiver of inbound media reads.
     pub fn sink_socket(&self) -> SocketSpec {
         match self {
-            Self::Enhanced { binding, .. } => SocketSpec::Fd(binding.socket().as_raw_fd()),
+            Self::Enhanced { socket, .. } => SocketSpec::Fd(socket.as_raw_fd()),
             Self::Associate(assoc) => SocketSpec::Fd(assoc.socket().as_raw_fd()),
             Self::Plain | Self::Nat => SocketSpec::Bind(PLAIN_SINK),
         }
@@ -444,19 +454,17 @@ impl ClientPath {
     pub fn ping_route(&self) -> (SocketSpec, SocketAddr, Vec<u8>) {
         match self {
             Self::Enhanced {
-                binding, raw: true, ..
+                socket, raw: true, ..
             } => (
-                SocketSpec::Fd(binding.socket().as_raw_fd()),
+                SocketSpec::Fd(socket.as_raw_fd()),
                 SOURCE,
                 Vec::new(),
             ),
-            Self::Enhanced {
-                binding, relays, ..
-            } => {
+            Self::Enhanced { socket, relays, .. } => {
                 let mut header = vec![0u8; 4];
                 header.extend_from_slice(&relays.aid.to_be_bytes());
                 (
-                    SocketSpec::Fd(binding.socket().as_raw_fd()),
+                    SocketSpec::Fd(socket.as_raw_fd()),
                     relays.internal,
                     header,
                 )
