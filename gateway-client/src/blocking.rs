@@ -165,6 +165,18 @@ impl Client {
         Ok((self.stream, bound))
     }
 
+    /// RFC 1928 UDP ASSOCIATE for the application's own UDP socket at `from`. Returns the
+    /// control connection, which the association lives as long as (keep it open), and the
+    /// relay address to send RFC 1928-framed datagrams to (the gateway's address where it
+    /// answers with an unspecified one).
+    pub fn udp_associate(self, from: SocketAddr) -> Result<(TcpStream, SocketAddr), ClientError> {
+        let relay = self.request(Command::UdpAssociate, from.into(), "UDP ASSOCIATE")?;
+        let relay = super::reachable(&relay, self.proxy.ip())?;
+        self.stream.set_read_timeout(None)?;
+        self.stream.set_write_timeout(None)?;
+        Ok((self.stream, relay))
+    }
+
     /// Enters the enhanced UDP mode (CMD `04`).
     pub fn enhanced(self) -> Result<Session, ClientError> {
         let mut wire = Wire::new(

@@ -150,3 +150,39 @@ async fn the_two_step_binding_admits_exactly_the_confirmed_remote() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn udp_associate_relays_for_the_applications_own_socket() {
+    let gateway = Gateway::start(|_| {}).await;
+    let proxy = gateway.addr;
+    blocking(move || {
+        let app = UdpSocket::bind((LOCALHOST, 0)).unwrap();
+        let echo = UdpSocket::bind((LOCALHOST, 0)).unwrap();
+        let echo_addr = echo.local_addr().unwrap();
+        let (control, relay) = Client::connect(proxy, None, timeouts())
+            .unwrap()
+            .udp_associate(app.local_addr().unwrap())
+            .unwrap();
+        assert_eq!(relay.ip(), LOCALHOST, "the relay is reachable");
+        // RFC 1928 framing: RSV RSV FRAG ATYP=1 ADDR PORT, then the payload.
+        let mut framed = vec![0, 0, 0, 1];
+        framed.extend_from_slice(&[127, 0, 0, 1]);
+        framed.extend_from_slice(&echo_addr.port().to_be_bytes());
+        framed.extend_from_slice(b"over udp");
+        app.send_to(&framed, relay).unwrap();
+        echo.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 1500];
+        let (len, relayed_from) = echo.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..len], b"over udp");
+        echo.send_to(b"answer", relayed_from).unwrap();
+        let answer = receive(&app, Duration::from_secs(5)).expect("the answer, relayed back");
+        assert_eq!(
+            &answer[..10],
+            &framed[..10],
+            "framed with the echo's address"
+        );
+        assert_eq!(&answer[10..], b"answer");
+        drop(control);
+    })
+    .await;
+}

@@ -13,7 +13,7 @@ use common::{
     gateway::{Gateway, resolver, users},
     io::{
         IO_TIMEOUT, eventually, eventually_for, read_exact, read_until_closed,
-        read_until_closed_within, recv_udp, send, within,
+        read_until_closed_within, recv_udp, send, within, within_for,
     },
     peers::{LOCALHOST, REMOTE_HOST, fake_nameserver, tcp_counter, tcp_echo, udp_echo},
     socks::{
@@ -289,11 +289,24 @@ async fn password_gateway() -> (Gateway, SocketAddr) {
     )
 }
 
+/// How long a password check may take before its reply counts as lost: argon2id at the
+/// production cost takes seconds in a debug build, several at once (tests run in parallel) on a
+/// loaded machine longer. A bound against a hang, not a timing assertion.
+const PASSWORD_CHECK_BOUND: Duration = Duration::from_secs(60);
+
 async fn try_password(stream: &mut TcpStream, name: &str, password: &str) -> Vec<u8> {
     send(stream, &[0x05, 0x01, 0x02]).await;
     assert_eq!(read_exact(stream, 2).await, [0x05, 0x02]);
     send(stream, &auth_request(name, password)).await;
-    read_exact(stream, 2).await
+    let mut reply = vec![0u8; 2];
+    within_for(
+        "the password check's reply",
+        PASSWORD_CHECK_BOUND,
+        stream.read_exact(&mut reply),
+    )
+    .await
+    .unwrap();
+    reply
 }
 
 async fn assert_authenticated_connect(stream: &mut TcpStream, echo: SocketAddr) {

@@ -11,7 +11,7 @@
 use std::{
     fs,
     net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
-    os::fd::{AsRawFd as _, FromRawFd as _},
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     thread,
@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use gateway_client::{BindOptions, Client, Family, RelayAddrs, UdpAssociation, blocking};
+use gateway_client::{BindOptions, Family, RelayAddrs, blocking};
 use nix::sys::signal::{Signal, kill};
 use serde::Serialize;
 use testbed::{
@@ -366,8 +366,13 @@ pub enum ClientPath {
         relays: RelayAddrs,
         raw: bool,
     },
-    /// RFC 1928 UDP ASSOCIATE (Dante).
-    Associate(UdpAssociation),
+    /// RFC 1928 UDP ASSOCIATE (Dante) for a plain socket of the client's own, made with the
+    /// blocking client for the same reason as [`ClientPath::Enhanced`].
+    Associate {
+        _control: TcpStream,
+        socket: UdpSocket,
+        relay: SocketAddr,
+    },
     /// No proxy: the client's own socket, reached by forwarding.
     Plain,
     /// No proxy: the client's own socket, reached through the nftables DNAT hole.
@@ -401,14 +406,20 @@ impl ClientPath {
                 })
             })?;
         }
-        env.client(Duration::from_secs(15), async move {
-            Ok(match arm {
-                Arm::Dante => {
-                    Self::Associate(Client::connect(PROXY, None).await?.udp_associate().await?)
-                }
-                Arm::Nat => Self::Nat,
-                _ => Self::Plain,
-            })
+        Ok(match arm {
+            Arm::Dante => env.bed.client.run(move || -> Result<Self> {
+                let socket = UdpSocket::bind(SocketAddr::new(IpAddr::V4(addr::CLIENT_V4), 0))?;
+                let timeouts = gateway_client::Timeouts::default();
+                let (control, relay) = blocking::Client::connect(PROXY, None, timeouts)?
+                    .udp_associate(socket.local_addr()?)?;
+                Ok(Self::Associate {
+                    _control: control,
+                    socket,
+                    relay,
+                })
+            })??,
+            Arm::Nat => Self::Nat,
+            _ => Self::Plain,
         })
     }
 
@@ -425,7 +436,7 @@ impl ClientPath {
     pub fn sink_socket(&self) -> SocketSpec {
         match self {
             Self::Enhanced { socket, .. } => SocketSpec::Fd(socket.as_raw_fd()),
-            Self::Associate(assoc) => SocketSpec::Fd(assoc.socket().as_raw_fd()),
+            Self::Associate { socket, .. } => SocketSpec::Fd(socket.as_raw_fd()),
             Self::Plain | Self::Nat => SocketSpec::Bind(PLAIN_SINK),
         }
     }
@@ -435,7 +446,7 @@ impl ClientPath {
     pub fn inbound_to(&self) -> Option<SocketAddr> {
         match self {
             Self::Enhanced { relays, .. } => Some(relays.external),
-            Self::Associate(_) => None,
+            Self::Associate { .. } => None,
             Self::Plain => Some(PLAIN_SINK),
             Self::Nat => Some(NAT_HOLE),
         }
@@ -445,7 +456,7 @@ impl ClientPath {
     pub fn inbound_header(&self) -> usize {
         match self {
             Self::Enhanced { raw: false, .. } => 8,
-            Self::Associate(_) => 10,
+            Self::Associate { .. } => 10,
             Self::Enhanced { raw: true, .. } | Self::Plain | Self::Nat => 0,
         }
     }
@@ -455,23 +466,15 @@ impl ClientPath {
         match self {
             Self::Enhanced {
                 socket, raw: true, ..
-            } => (
-                SocketSpec::Fd(socket.as_raw_fd()),
-                SOURCE,
-                Vec::new(),
-            ),
+            } => (SocketSpec::Fd(socket.as_raw_fd()), SOURCE, Vec::new()),
             Self::Enhanced { socket, relays, .. } => {
                 let mut header = vec![0u8; 4];
                 header.extend_from_slice(&relays.aid.to_be_bytes());
-                (
-                    SocketSpec::Fd(socket.as_raw_fd()),
-                    relays.internal,
-                    header,
-                )
+                (SocketSpec::Fd(socket.as_raw_fd()), relays.internal, header)
             }
-            Self::Associate(assoc) => (
-                SocketSpec::Fd(assoc.socket().as_raw_fd()),
-                assoc.relay_addr(),
+            Self::Associate { socket, relay, .. } => (
+                SocketSpec::Fd(socket.as_raw_fd()),
+                *relay,
                 socks_header(SOURCE),
             ),
             Self::Plain | Self::Nat => (
@@ -485,19 +488,11 @@ impl ClientPath {
     /// Sends one datagram from the client to [`SOURCE`] through the arm, so that Dante opens
     /// its outside port and admits the source's answers. No-op for the other arms.
     pub fn kick(&self) -> Result<()> {
-        if let Self::Associate(assoc) = self {
+        if let Self::Associate { socket, relay, .. } = self {
             let mut datagram = socks_header(SOURCE);
             datagram.extend_from_slice(b"hello");
-            // SAFETY: dup of a descriptor we own; the copy is owned by `socket` and closed on drop.
-            let socket = unsafe {
-                let copy = libc::dup(assoc.socket().as_raw_fd());
-                if copy < 0 {
-                    bail!("dup: {}", std::io::Error::last_os_error());
-                }
-                UdpSocket::from_raw_fd(copy)
-            };
             socket
-                .send_to(&datagram, assoc.relay_addr())
+                .send_to(&datagram, relay)
                 .context("send the hello through Dante")?;
         }
         Ok(())
