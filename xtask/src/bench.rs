@@ -100,6 +100,14 @@ pub fn smoke() -> Result<()> {
             }
         }
     }
+    // The profile area: the smoke run profiles the default kernel relay arm.
+    let flame = out.join("flame-kernel.svg");
+    if !std::fs::read_to_string(&flame).is_ok_and(|svg| svg.contains("<svg")) {
+        bail!(
+            "the bench smoke run wrote no flame graph {}",
+            flame.display()
+        );
+    }
     println!("bench: smoke run OK ({})", out.display());
     Ok(())
 }
@@ -163,6 +171,10 @@ pub fn check_document(doc: &Value) -> Vec<String> {
             );
         }
     }
+    need(
+        "profile kernel".to_owned(),
+        &summary["profile"]["kernel"]["samples"],
+    );
     let scale = summary["scale"].as_object().map_or(0, serde_json::Map::len);
     if scale < 3 {
         missing.push(format!("scale ({scale} entry counts)"));
