@@ -50,25 +50,28 @@ fn is_control_port(flow: &Flow) -> bool {
 )]
 #[inline(always)]
 fn admit(flow: &Flow) -> ExitReason {
-    let allow_key = HostAllowKey {
-        remote_addr: flow.src_addr,
-        local_addr: flow.dst_addr,
-        remote_port_be: flow.src_port_be,
-        local_port_be: flow.dst_port_be,
-    };
-    // SAFETY: the value is only tested for presence.
-    if unsafe { HOST_ALLOW.get(&allow_key) }.is_some() {
-        return ExitReason::HostAllowListed;
-    }
     let mut binding_key = BindingKey {
         remote_addr: flow.src_addr,
         relay_addr: flow.dst_addr,
         remote_port_be: flow.src_port_be,
         relay_port_be: flow.dst_port_be,
     };
+    // The exact binding first: relayed media, the common hit, takes one lookup. (The resolver's
+    // flows never meet a binding, their ports being outside the reserved relay ranges; an
+    // operator's allow-list entry for a relay port's exact flow yields to the binding.)
     // SAFETY: one field is copied out at once (here and in the two lookups below).
     let mut found = unsafe { BINDINGS.get(&binding_key) }.map(|value| value.mode);
     if found.is_none() {
+        let allow_key = HostAllowKey {
+            remote_addr: flow.src_addr,
+            local_addr: flow.dst_addr,
+            remote_port_be: flow.src_port_be,
+            local_port_be: flow.dst_port_be,
+        };
+        // SAFETY: the value is only tested for presence.
+        if unsafe { HOST_ALLOW.get(&allow_key) }.is_some() {
+            return ExitReason::HostAllowListed;
+        }
         // A host-level binding (remote port 0, only where policy allows it).
         binding_key.remote_port_be = 0;
         // SAFETY: as above.

@@ -294,23 +294,31 @@ pub fn gateway_gate(ctx: TcContext) -> i32 {
     }
 }
 
-/// Headers the gate reads directly: Ethernet, two VLAN tags, IPv6 and a short extension chain,
-/// the ports. A frame whose linear part is shorter is pulled to this length first (a NIC driver
-/// may leave headers in fragments); a chain beyond it is a counted truncation drop.
-const GATE_HEADERS: u32 = 192;
+/// How much of a frame the tc gate may pull into the skb's linear part to read its headers
+/// (Ethernet, VLAN tags, IPv6 with its bounded extension chain, the ports): a driver may leave
+/// headers in page fragments, which direct reads cannot see.
+const GATE_MAX_PULL: u32 = 512;
 
 /// The gate's exit reason (as `u32`: this function is out of line, and its return type must be
 /// one the kernel's BTF check accepts). Out of line so that its frame and the relay's are
 /// siblings under the entry point, not stacked.
 #[inline(never)]
 fn gate(ctx: &TcContext) -> u32 {
-    let wanted = ctx.len().min(GATE_HEADERS) as usize;
-    if ctx.data_end() - ctx.data() < wanted && ctx.pull_data(wanted as u32).is_err() {
-        return ExitReason::TruncatedHeader as u32;
+    let reason = match crate::gate::classify(ctx) {
+        Ok(reason) | Err(reason) => reason,
+    };
+    // Cut short only in the linear part: pull the headers in and decide again (rare: most
+    // drivers and veth put the headers in the linear part).
+    if reason == ExitReason::TruncatedHeader && ctx.data_end() - ctx.data() < ctx.len() as usize
+    {
+        if ctx.pull_data(ctx.len().min(GATE_MAX_PULL)).is_err() {
+            return ExitReason::TruncatedHeader as u32;
+        }
+        return match crate::gate::classify(ctx) {
+            Ok(reason) | Err(reason) => reason as u32,
+        };
     }
-    match crate::gate::classify(ctx) {
-        Ok(reason) | Err(reason) => reason as u32,
-    }
+    reason as u32
 }
 
 #[inline(always)]

@@ -87,8 +87,14 @@ fn demo(work: &Path) -> Result<()> {
         instance: instance.clone(),
     };
     let mut gateway = GatewayDaemon::start(&bed.fw, &instance, &TESTBED_ARGS)?;
+    // The daemon says where it put the gate (tc on veth by default).
+    let hook = if gateway.log_text().contains("hook=\"xdp\"") {
+        "XDP"
+    } else {
+        "tc"
+    };
     println!(
-        "demo: gateway running in {} (XDP gate on {}, kernel relay)",
+        "demo: gateway running in {} ({hook} gate on {}, kernel relay)",
         bed.fw.name(),
         iface::FW_OUTSIDE
     );
@@ -195,7 +201,7 @@ fn demo(work: &Path) -> Result<()> {
     let table = gateway_cli(&bed.fw, &["stats", "--instance", &instance])?;
     print!("{}", String::from_utf8_lossy(&table.stdout));
     println!(
-        "unsolicited: {JUNK} datagrams from 203.0.113.2 to the relay ports after the stream: {junk_dropped} dropped by XDP"
+        "unsolicited: {JUNK} datagrams from 203.0.113.2 to the relay ports after the stream: {junk_dropped} dropped by the gate"
     );
 
     println!("\n== 5. the audio ==");
