@@ -309,8 +309,7 @@ fn gate(ctx: &TcContext) -> u32 {
     };
     // Cut short only in the linear part: pull the headers in and decide again (rare: most
     // drivers and veth put the headers in the linear part).
-    if reason == ExitReason::TruncatedHeader && ctx.data_end() - ctx.data() < ctx.len() as usize
-    {
+    if reason == ExitReason::TruncatedHeader && ctx.data_end() - ctx.data() < ctx.len() as usize {
         if ctx.pull_data(ctx.len().min(GATE_MAX_PULL)).is_err() {
             return ExitReason::TruncatedHeader as u32;
         }
