@@ -102,10 +102,12 @@ pub struct PingRun {
 pub struct ProfileRun {
     pub delivered_pps: f64,
     pub cpu_ns_per_delivered: f64,
-    /// perf samples over all CPUs in the window.
+    /// Busy (non-idle) perf samples over all CPUs in the window.
     pub samples: u64,
-    /// Function -> share of all samples spent in it (self time), heaviest first.
+    /// Function -> share of the busy samples spent in it (self time), heaviest first.
     pub top: Vec<(String, f64)>,
+    /// Stage of the path -> share of the busy samples whose stack holds it (inclusive).
+    pub stages: Vec<(String, f64)>,
     /// Program name -> nanoseconds per run (`kernel.bpf_stats_enabled`).
     pub program_ns_per_run: BTreeMap<String, f64>,
 }

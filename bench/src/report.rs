@@ -538,8 +538,9 @@ pub fn table(results: &Results) -> String {
     if !results.profile.is_empty() {
         let _ = writeln!(
             out,
-            "\n[6] where the time goes, 200-octet payloads flat out (perf cpu-clock, all CPUs; \
-             self time of the heaviest functions; the gateway's programs per run; flame-ARM.svg)"
+            "\n[6] where the time goes, 200-octet payloads flat out (perf cpu-clock, all CPUs, idle \
+             left out; stages: inclusive shares of the busy samples; top: self time; the \
+             gateway's programs per run; flame-ARM.svg)"
         );
         for (key, label) in RELAY_ARMS {
             let Some(profile) = results.profile.get(key) else {
@@ -556,10 +557,18 @@ pub fn table(results: &Results) -> String {
                 .iter()
                 .map(|(name, ns)| format!("{name} {ns:.0} ns"))
                 .collect();
+            let stages: Vec<String> = profile
+                .stages
+                .iter()
+                .filter(|(_, share)| *share > 0.0)
+                .map(|(name, share)| format!("{name} {:.0} %", share * 100.0))
+                .collect();
             let _ = writeln!(
                 out,
-                "{label:<22}{:>9.0} pps  {}{}",
+                "{label:<22}{:>9.0} pps  stages: {}\n{:<33}top: {}{}",
                 profile.delivered_pps,
+                stages.join(", "),
+                "",
                 top.join(", "),
                 if programs.is_empty() {
                     String::new()

@@ -173,7 +173,7 @@ fn profile_arm(env: &Env, arm: Arm) -> Result<ProfileRun> {
         }) {
             bail!("perf record did not finish");
         }
-        let (samples, top) = flame_graph(
+        let (samples, top, stages) = flame_graph(
             &data,
             &env.out_dir.join(format!("flame-{}.svg", arm.key())),
             arm.label(),
@@ -197,6 +197,7 @@ fn profile_arm(env: &Env, arm: Arm) -> Result<ProfileRun> {
             cpu_ns_per_delivered: stream.cpu_ns_per_delivered,
             samples,
             top,
+            stages,
             program_ns_per_run: programs,
         })
     })();
@@ -205,9 +206,11 @@ fn profile_arm(env: &Env, arm: Arm) -> Result<ProfileRun> {
     outcome
 }
 
-/// Folds the recorded stacks, writes the flame graph to `svg`, and returns the sample count
-/// and the heaviest functions by self time (share of all samples).
-fn flame_graph(data: &Path, svg: &PathBuf, title: &str) -> Result<(u64, Vec<(String, f64)>)> {
+/// Folds the recorded stacks, writes the flame graph to `svg`, and returns the busy sample
+/// count, the heaviest functions by self time and the stages' shares (of the busy samples).
+type Shares = Vec<(String, f64)>;
+
+fn flame_graph(data: &Path, svg: &PathBuf, title: &str) -> Result<(u64, Shares, Shares)> {
     let script = Command::new("perf")
         .args([
             "script",
@@ -231,26 +234,26 @@ fn flame_graph(data: &Path, svg: &PathBuf, title: &str) -> Result<(u64, Vec<(Str
     .context("fold the stacks")?;
     let folded = String::from_utf8_lossy(&folded).into_owned();
     let (samples, top) = self_time(&folded);
+    let stages = stage_shares(&folded);
     let mut options = inferno::flamegraph::Options::default();
     options.title = format!("{title}: {SIZE}-octet datagrams flat out, all CPUs (perf cpu-clock)");
     let file = fs::File::create(svg).with_context(|| format!("create {}", svg.display()))?;
     inferno::flamegraph::from_lines(&mut options, folded.lines(), file)
         .context("draw the flame graph")?;
-    Ok((samples, top))
+    Ok((samples, top, stages))
 }
 
-/// The sample count and the [`TOP`] functions by self time (the stack's last frame), as shares
-/// of all samples. Folded lines are `frame;frame;...;frame COUNT`.
+/// Whether a folded stack is the idle loop (the kernel's `swapper` threads): not a cost.
+fn is_idle(stack: &str) -> bool {
+    stack.starts_with("swapper")
+}
+
+/// The busy (non-idle) sample count and the [`TOP`] functions by self time (the stack's last
+/// frame), as shares of the busy samples. Folded lines are `frame;frame;...;frame COUNT`.
 pub fn self_time(folded: &str) -> (u64, Vec<(String, f64)>) {
     let mut by_leaf: BTreeMap<&str, u64> = BTreeMap::new();
     let mut total = 0;
-    for line in folded.lines() {
-        let Some((stack, count)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let Ok(count) = count.parse::<u64>() else {
-            continue;
-        };
+    for (stack, count) in stacks(folded) {
         let leaf = stack.rsplit(';').next().unwrap_or(stack);
         *by_leaf.entry(leaf).or_default() += count;
         total += count;
@@ -266,20 +269,87 @@ pub fn self_time(folded: &str) -> (u64, Vec<(String, f64)>) {
     (total, top)
 }
 
+/// The busy stacks of a folded profile with their counts (malformed lines skipped).
+fn stacks(folded: &str) -> impl Iterator<Item = (&str, u64)> {
+    folded.lines().filter_map(|line| {
+        let (stack, count) = line.rsplit_once(' ')?;
+        let count = count.parse::<u64>().ok()?;
+        (!is_idle(stack)).then_some((stack, count))
+    })
+}
+
+/// Where the time goes, by stage of the path: a stage's share is the busy samples whose stack
+/// holds one of its frames (inclusive; stages may overlap, e.g. the programs run inside the
+/// receive path).
+pub const STAGES: [(&str, &[&str]); 8] = [
+    ("sender (sendmmsg)", &["__sys_sendmmsg"]),
+    ("gateway programs", &["_gateway_"]),
+    (
+        "skb copy or head realloc (veth XDP, adjust_room)",
+        &["veth_xdp_rcv_skb", "pskb_expand_head", "skb_copy"],
+    ),
+    ("IP forwarding", &["ip_forward"]),
+    (
+        "netfilter / conntrack",
+        &["nf_hook_slow", "nf_conntrack_in"],
+    ),
+    ("redirect after tc", &["skb_do_redirect"]),
+    (
+        "UDP receive (client socket)",
+        &["__udp4_lib_rcv", "__udp6_lib_rcv"],
+    ),
+    ("receiver (recvmmsg)", &["__sys_recvmmsg"]),
+];
+
+/// Each [`STAGES`] entry's share of the busy samples.
+pub fn stage_shares(folded: &str) -> Vec<(String, f64)> {
+    let mut busy = 0u64;
+    let mut counts = [0u64; STAGES.len()];
+    for (stack, count) in stacks(folded) {
+        busy += count;
+        for (i, (_, frames)) in STAGES.iter().enumerate() {
+            if frames.iter().any(|frame| stack.contains(frame)) {
+                counts[i] += count;
+            }
+        }
+    }
+    #[expect(clippy::cast_precision_loss, reason = "sample shares")]
+    STAGES
+        .iter()
+        .zip(counts)
+        .map(|((name, _), count)| ((*name).to_owned(), count as f64 / busy.max(1) as f64))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const FOLDED: &str = "swapper;do_idle;default_idle 60\n\
+                          udp-blast;__sys_sendmmsg;veth_xmit 30\n\
+                          udp-blast;__sys_sendmmsg;ip_forward;veth_xmit 10\n\
+                          udp-blast;__sys_sendmmsg;bpf_prog_1a2b_gateway_gate 40\n\
+                          udp-blast;__sys_recvmmsg;__udp4_lib_rcv;copy 20\n\
+                          garbage line\n";
+
     #[test]
-    fn self_time_counts_the_last_frame_of_each_stack() {
-        let folded = "swapper;do_idle;default_idle 60\n\
-                      udp-blast;sendmmsg;veth_xmit 30\n\
-                      udp-blast;sendmmsg;udp_send_skb;veth_xmit 10\n\
-                      garbage line\n";
-        let (total, top) = self_time(folded);
-        assert_eq!(total, 100);
-        assert_eq!(top[0], ("default_idle".to_owned(), 0.6));
+    fn self_time_counts_the_last_busy_frame_of_each_stack() {
+        let (busy, top) = self_time(FOLDED);
+        assert_eq!(busy, 100, "the idle loop is not counted");
+        assert_eq!(top[0], ("bpf_prog_1a2b_gateway_gate".to_owned(), 0.4));
         assert_eq!(top[1], ("veth_xmit".to_owned(), 0.4));
-        assert_eq!(top.len(), 2);
+        assert_eq!(top[2], ("copy".to_owned(), 0.2));
+        assert_eq!(top.len(), 3);
+    }
+
+    #[test]
+    fn stages_are_inclusive_shares_of_the_busy_samples() {
+        let shares: BTreeMap<String, f64> = stage_shares(FOLDED).into_iter().collect();
+        assert_eq!(shares["sender (sendmmsg)"], 0.8);
+        assert_eq!(shares["gateway programs"], 0.4);
+        assert_eq!(shares["IP forwarding"], 0.1);
+        assert_eq!(shares["UDP receive (client socket)"], 0.2);
+        assert_eq!(shares["receiver (recvmmsg)"], 0.2);
+        assert_eq!(shares["netfilter / conntrack"], 0.0);
     }
 }
