@@ -435,8 +435,9 @@ impl ClientPath {
     /// Where the receiver of inbound media reads.
     pub fn sink_socket(&self) -> SocketSpec {
         match self {
-            Self::Enhanced { socket, .. } => SocketSpec::Fd(socket.as_raw_fd()),
-            Self::Associate { socket, .. } => SocketSpec::Fd(socket.as_raw_fd()),
+            Self::Enhanced { socket, .. } | Self::Associate { socket, .. } => {
+                SocketSpec::Fd(socket.as_raw_fd())
+            }
             Self::Plain | Self::Nat => SocketSpec::Bind(PLAIN_SINK),
         }
     }

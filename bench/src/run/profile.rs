@@ -344,12 +344,21 @@ mod tests {
 
     #[test]
     fn stages_are_inclusive_shares_of_the_busy_samples() {
-        let shares: BTreeMap<String, f64> = stage_shares(FOLDED).into_iter().collect();
-        assert_eq!(shares["sender (sendmmsg)"], 0.8);
-        assert_eq!(shares["gateway programs"], 0.4);
-        assert_eq!(shares["IP forwarding"], 0.1);
-        assert_eq!(shares["UDP receive (client socket)"], 0.2);
-        assert_eq!(shares["receiver (recvmmsg)"], 0.2);
-        assert_eq!(shares["netfilter / conntrack"], 0.0);
+        // In whole percent: the shares are ratios of sample counts.
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "0..=100"
+        )]
+        let shares: BTreeMap<String, u32> = stage_shares(FOLDED)
+            .into_iter()
+            .map(|(stage, share)| (stage, (share * 100.0).round() as u32))
+            .collect();
+        assert_eq!(shares["sender (sendmmsg)"], 80);
+        assert_eq!(shares["gateway programs"], 40);
+        assert_eq!(shares["IP forwarding"], 10);
+        assert_eq!(shares["UDP receive (client socket)"], 20);
+        assert_eq!(shares["receiver (recvmmsg)"], 20);
+        assert_eq!(shares["netfilter / conntrack"], 0);
     }
 }
