@@ -18,10 +18,11 @@ use serde_json::Value;
 use testbed::ChildGuard;
 
 use super::{
-    arms::{Arm, ArmGuard, ClientPath, SOURCE},
+    arms::{Arm, ArmGuard, ClientPath},
     env::Env,
     plan::Mode,
-    stream::{StreamSpec, run_stream},
+    relay::flat_out,
+    stream::run_stream,
 };
 
 /// Payload octets of the profiled streams.
@@ -153,19 +154,7 @@ fn profile_arm(env: &Env, arm: Arm) -> Result<ProfileRun> {
         .stderr(Stdio::null());
         let mut perf = ChildGuard::spawn(&mut perf, "perf record")?;
         let kick = || path.kick();
-        let spec = StreamSpec {
-            sender_ns: &env.bed.server,
-            sender_bind: SOURCE,
-            to: path.inbound_to(),
-            size: SIZE,
-            rate: 0,
-            stamps: false,
-            receiver_ns: &env.bed.client,
-            sink: Some(path.sink_socket()),
-            sink_ts_offset: None,
-            kick: Some(&kick),
-        };
-        let (stream, _) = run_stream(env, &spec)?;
+        let (stream, _) = run_stream(env, &flat_out(env, &path, SIZE, &kick))?;
         let after = program_stats()?;
         drop(stats);
         if !testbed::wait_until(record_for + std::time::Duration::from_secs(20), || {

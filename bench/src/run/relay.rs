@@ -81,25 +81,35 @@ fn local_sink(env: &Env, size: usize) -> Result<StreamRun> {
     Ok(run_stream(env, &spec)?.0)
 }
 
+/// The media source in `server` flat out at `size` octets through `path` into the client's
+/// socket (`kick` until the sender starts).
+pub fn flat_out<'a>(
+    env: &'a Env,
+    path: &ClientPath,
+    size: usize,
+    kick: &'a dyn Fn() -> Result<()>,
+) -> StreamSpec<'a> {
+    StreamSpec {
+        sender_ns: &env.bed.server,
+        sender_bind: SOURCE,
+        to: path.inbound_to(),
+        size,
+        rate: 0,
+        stamps: false,
+        receiver_ns: &env.bed.client,
+        sink: Some(path.sink_socket()),
+        sink_ts_offset: None,
+        kick: Some(kick),
+    }
+}
+
 fn arm_run(env: &Env, arm: Arm, run: usize, results: &mut Results) -> Result<()> {
     let _guard = ArmGuard::start(env, arm, &[])?;
     let path = ClientPath::open(env, arm)?;
     let outcome = (|| -> Result<()> {
         for &size in &env.plan.sizes {
             let kick = || path.kick();
-            let spec = StreamSpec {
-                sender_ns: &env.bed.server,
-                sender_bind: SOURCE,
-                to: path.inbound_to(),
-                size,
-                rate: 0,
-                stamps: false,
-                receiver_ns: &env.bed.client,
-                sink: Some(path.sink_socket()),
-                sink_ts_offset: None,
-                kick: Some(&kick),
-            };
-            let (stream, _) = run_stream(env, &spec)?;
+            let (stream, _) = run_stream(env, &flat_out(env, &path, size, &kick))?;
             report(env, run, arm.label(), size, &stream);
             push(results, size, arm.key(), stream);
         }
