@@ -31,6 +31,10 @@ pub mod map_names {
     /// Client sockets of header-less (RAW) bindings: [`super::ClientSocketKey`] ->
     /// [`super::RawClientValue`]. Their UDP to anything but a remote or the gateway is dropped.
     pub const RAW_CLIENTS: &str = "RAW_CLIENTS";
+    /// The relay addresses and their port ranges: [`super::Addr16`] -> [`super::RelaySpan`].
+    pub const RELAY_ADDRS: &str = "RELAY_ADDRS";
+    /// The daemon's shared relay sockets (a `SOCKMAP`), at [`super::relay_socket_index`].
+    pub const RELAY_SOCKETS: &str = "RELAY_SOCKETS";
 }
 
 /// Name of the XDP program on the external interface (the gate).
@@ -43,6 +47,10 @@ pub const TC_GATE_PROGRAM: &str = "gateway_gate";
 /// Name of the tc program on the internal interface's ingress (kernel relay, outbound, and the
 /// drop of inside datagrams to external addresses).
 pub const TC_INTERNAL_PROGRAM: &str = "gateway_internal";
+
+/// Name of the `sk_lookup` program in the daemon's network namespace: UDP to a relay port goes
+/// to the daemon's shared relay socket of its family and side.
+pub const SK_LOOKUP_PROGRAM: &str = "gateway_relay_lookup";
 
 /// Without a heartbeat for this long, bindings admit nothing (the daemon is presumed dead).
 pub const DEFAULT_FAIL_CLOSED_AFTER_NS: u64 = 2_000_000_000;
@@ -230,6 +238,64 @@ pub struct ControlPortKey {
 }
 const _: () = assert!(size_of::<ControlPortKey>() == 20);
 
+/// The relay ports of one relay address: internal (client side) and external (remote side),
+/// each inclusive, `first > last` for none. An address may be both (tests on loopback), with
+/// ranges that do not overlap.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelaySpan {
+    pub internal_first: u16,
+    pub internal_last: u16,
+    pub external_first: u16,
+    pub external_last: u16,
+}
+const _: () = assert!(size_of::<RelaySpan>() == 8);
+
+impl RelaySpan {
+    /// No port of either side.
+    pub const NONE: Self = Self {
+        internal_first: 1,
+        internal_last: 0,
+        external_first: 1,
+        external_last: 0,
+    };
+
+    /// The side whose range holds `port`, if one does.
+    pub const fn side_of(&self, port: u16) -> Option<RelaySide> {
+        if self.internal_first <= port && port <= self.internal_last {
+            Some(RelaySide::Inside)
+        } else if self.external_first <= port && port <= self.external_last {
+            Some(RelaySide::Outside)
+        } else {
+            None
+        }
+    }
+}
+
+/// Which side of the gateway a relay socket serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RelaySide {
+    /// Client side: internal relay addresses.
+    Inside,
+    /// Remote side: external relay addresses.
+    Outside,
+}
+
+/// Slots of the relay socket map: one socket per address family and side.
+pub const RELAY_SOCKET_SLOTS: u32 = 4;
+
+/// The slot of the shared relay socket for a family (`ipv6`) and side.
+pub const fn relay_socket_index(ipv6: bool, side: RelaySide) -> u32 {
+    let family = if ipv6 { 2 } else { 0 };
+    match side {
+        RelaySide::Inside => family,
+        RelaySide::Outside => family + 1,
+    }
+}
+
+/// Most relay addresses (internal and external together) one daemon serves.
+pub const MAX_RELAY_ADDRS: u32 = 64;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are repr(C), contain only integers and byte arrays, and have explicit
@@ -237,6 +303,8 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BindingKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RelaySpan {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BindingValue {}
     // SAFETY: as above.
@@ -257,4 +325,41 @@ mod pod {
     unsafe impl aya::Pod for super::ClientSocketKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RawClientValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_span_sorts_ports_into_sides() {
+        let span = RelaySpan {
+            internal_first: 100,
+            internal_last: 199,
+            external_first: 200,
+            external_last: 200,
+        };
+        assert_eq!(span.side_of(99), None);
+        assert_eq!(span.side_of(100), Some(RelaySide::Inside));
+        assert_eq!(span.side_of(199), Some(RelaySide::Inside));
+        assert_eq!(span.side_of(200), Some(RelaySide::Outside));
+        assert_eq!(span.side_of(201), None);
+        for port in [0, 1, 100, 65_535] {
+            assert_eq!(RelaySpan::NONE.side_of(port), None);
+        }
+    }
+
+    #[test]
+    fn every_family_and_side_has_its_own_slot() {
+        let slots = [
+            relay_socket_index(false, RelaySide::Inside),
+            relay_socket_index(false, RelaySide::Outside),
+            relay_socket_index(true, RelaySide::Inside),
+            relay_socket_index(true, RelaySide::Outside),
+        ];
+        for (i, slot) in slots.iter().enumerate() {
+            assert!(*slot < RELAY_SOCKET_SLOTS);
+            assert!(!slots[..i].contains(slot));
+        }
+    }
 }

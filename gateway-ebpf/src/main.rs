@@ -11,6 +11,8 @@
 //!   other two there.
 //! - `gateway_internal` (tc ingress, internal interface): drops UDP from inside to the gateway's
 //!   external addresses, and relays bound clients' datagrams to their remotes in the kernel.
+//! - `gateway_relay_lookup` (`sk_lookup`, the daemon's network namespace): steers what reaches
+//!   the host for a relay port to the daemon's shared relay socket of that family and side.
 //!
 //! Every exit is counted by reason; malformed input is a counted drop or goes to user space. No
 //! logging on the per-packet path: the rare events an operator must see are logged, rate-limited,
@@ -21,6 +23,7 @@ mod events;
 mod gate;
 mod maps;
 mod parse;
+mod steer;
 mod tc;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};

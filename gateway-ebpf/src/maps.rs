@@ -5,12 +5,13 @@ use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, SockMap},
 };
 use gateway_common::{
     Addr16, BindingKey, BindingValue, ClientSocketKey, ControlPortKey, Counter,
     DEFAULT_MAX_BINDINGS, DatapathSettings, EntryCounters, ExitReason, HostAllowKey,
-    HostAllowValue, MAX_CONTROL_PORTS, MAX_HOST_ALLOW, OutboundKey, OutboundValue, RawClientValue,
+    HostAllowValue, MAX_CONTROL_PORTS, MAX_HOST_ALLOW, MAX_RELAY_ADDRS, OutboundKey, OutboundValue,
+    RELAY_SOCKET_SLOTS, RawClientValue, RelaySpan,
 };
 
 #[map(name = "EXIT_COUNTERS")]
@@ -35,6 +36,12 @@ pub static EXTERNAL_ADDRS: HashMap<Addr16, u32> = HashMap::with_max_entries(64, 
 #[map(name = "CONTROL_PORTS")]
 pub static CONTROL_PORTS: HashMap<ControlPortKey, u32> =
     HashMap::with_max_entries(MAX_CONTROL_PORTS, 0);
+
+#[map(name = "RELAY_ADDRS")]
+pub static RELAY_ADDRS: HashMap<Addr16, RelaySpan> = HashMap::with_max_entries(MAX_RELAY_ADDRS, 0);
+
+#[map(name = "RELAY_SOCKETS")]
+pub static RELAY_SOCKETS: SockMap = SockMap::with_max_entries(RELAY_SOCKET_SLOTS, 0);
 
 #[map(name = "RAW_CLIENTS")]
 pub static RAW_CLIENTS: HashMap<ClientSocketKey, RawClientValue> =

@@ -25,7 +25,7 @@ use gateway::{
         self, External, Services,
         access::LiveAccess,
         auth::FailureLimiter,
-        enhanced::EnhancedMode,
+        enhanced::{EnhancedMode, Interfaces, RelaySockets},
         limits::{AuthLimit, ConnectionLimits},
         policy::Policy,
     },
@@ -543,7 +543,17 @@ fn enhanced_mode(
         return Ok(None);
     }
     config.forbidden_remotes = access::forbidden_remotes(policy);
-    let mode = EnhancedMode::new(config).context("configure the enhanced UDP mode")?;
+    let interface = |name: &str| -> Result<(String, u32)> {
+        let index = gateway::datapath::interface_index(name)?;
+        Ok((name.to_owned(), index))
+    };
+    let interfaces = Interfaces {
+        internal: Some(interface(&s.internal)?),
+        external: Some(interface(&s.external)?),
+    };
+    let sockets = RelaySockets::open(&config, &interfaces)
+        .context("open the shared relay sockets of the enhanced UDP mode")?;
+    let mode = EnhancedMode::new(config, sockets).context("configure the enhanced UDP mode")?;
     Ok(Some(Arc::new(mode)))
 }
 
@@ -558,7 +568,7 @@ fn raise_open_file_limit() {
             let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(soft, _)| soft);
             info!(
                 open_files = limit,
-                "open-file limit (each UDP binding holds 2 sockets, an RTP pair 4)"
+                "open-file limit (bindings hold none; control connections and UDP ASSOCIATE do)"
             );
         }
         Err(error) => warn!(%error, "read the open-file limit"),

@@ -33,3 +33,4 @@ pub mod reserved_ports;
 pub mod resolver;
 pub mod server;
 pub mod settings;
+pub mod udp_packet;

@@ -517,24 +517,43 @@ async fn a_failed_command_keeps_the_connection_open() {
     );
 }
 
+/// Relay ports belong to the gateway: a binding holds no socket, and the steering hands every
+/// datagram for a relay port to the gateway's shared socket, so a socket another program binds
+/// to one later hijacks nothing and blocks nothing.
 #[tokio::test]
-async fn a_relay_port_in_use_is_answered_01_and_released() {
+async fn a_foreign_socket_on_a_relay_port_gets_none_of_the_bindings_datagrams() {
     let gateway = start(|config| {
         let only = config.internal_ports.first;
         config.internal_ports = PortRange::new(only, only);
     })
     .await;
-    let blocker = UdpSocket::bind(SocketAddr::new(LOCALHOST, gateway.internal_ports().first))
+    let squatter = UdpSocket::bind(SocketAddr::new(LOCALHOST, gateway.internal_ports().first))
         .await
         .unwrap();
     let mut stream = gateway.enter().await;
-    let local = SocketAddr::new(LOCALHOST, 5000);
-    let refused = request(&mut stream, &control(BIND, RSU, 1, 0, local, UNSPECIFIED)).await;
-    assert_eq!(refused.code, 0x01, "{refused:?}");
+    let client = udp(LOCALHOST).await;
+    let local = client.local_addr().unwrap();
+    let first = step1(&gateway, &mut stream, RSU, 1, local).await;
+    assert_eq!(first.local.port(), gateway.internal_ports().first);
+    let mut remote = UdpEcho::start(udp(REMOTE_HOST).await);
+    let second = request(
+        &mut stream,
+        &control(BIND, RSU, 1, first.aid, local, remote.addr),
+    )
+    .await;
+    assert_eq!(second.code, 0x00, "{second:?}");
+    client
+        .send_to(&datagram(first.aid, b"through"), first.local)
+        .await
+        .unwrap();
+    assert_eq!(remote.next().await, (first.remote, b"through".to_vec()));
+    assert_eq!(
+        recv_udp(&client).await,
+        (datagram(first.aid, b"through"), first.local)
+    );
+    assert_silent(&squatter, "the foreign socket on the relay port").await;
+    drop(stream);
     gateway.all_released().await;
-    // Nothing is left of it: the same TID is a fresh step 1 once the port is free.
-    drop(blocker);
-    step1(&gateway, &mut stream, RSU, 1, local).await;
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ mod driver;
 mod heartbeat;
 mod kernel_log;
 mod links;
+pub mod steering;
 
 use std::{
     fs, io,

@@ -18,7 +18,7 @@ use gateway::{
         self, External, Services, Timeouts,
         access::{Access, LiveAccess},
         auth::{FailureLimiter, Users, hash_line},
-        enhanced::EnhancedMode,
+        enhanced::{EnhancedMode, Interfaces, RelaySockets},
         limits::{AuthLimit, ConnectionLimits},
         policy::Policy,
     },
@@ -195,7 +195,10 @@ impl Gateway {
         let block = ports.next_block();
         let mut config = binding_config(block);
         tweak(&mut config);
-        let mode = Arc::new(EnhancedMode::new(config).unwrap());
+        // The relay's shared sockets, steered to by an sk_lookup program in this (the test's)
+        // network namespace: it goes when the mode is dropped.
+        let sockets = RelaySockets::open(&config, &Interfaces::default()).unwrap();
+        let mode = Arc::new(EnhancedMode::new(config, sockets).unwrap());
         Self::launch(Some((mode, block)), adjust).await
     }
 

@@ -2,12 +2,12 @@
 //! sans-IO binding state machine ([`Bindings`]), the enhanced-mode codec, the kernel gate and the
 //! userspace relay.
 //!
-//! Owns the gateway-wide [`EnhancedMode`]: the one [`Bindings`] behind a mutex, the registry of
-//! running relays (by internal relay address) and of the control connections in the mode, and
-//! the expiry task that sleeps until [`Bindings::next_deadline`] and applies
-//! [`Bindings::on_timeout`]. Files: `session` (one control connection in the mode: control
-//! packets, TCP-encapsulated datagrams, applying decisions in order), `relay` (one binding's
-//! sockets and its relay task).
+//! Owns the gateway-wide [`EnhancedMode`]: the one [`Bindings`] behind a mutex, the userspace
+//! relay (one table of the bindings it serves, on shared sockets), the registry of the control
+//! connections in the mode, and the expiry task that sleeps until [`Bindings::next_deadline`]
+//! and applies [`Bindings::on_timeout`]. Files: `session` (one control connection in the mode:
+//! control packets, TCP-encapsulated datagrams, applying decisions in order), `relay` (the
+//! userspace relay of every binding), `sockets` (the shared relay sockets and their steering).
 //!
 //! It must not decide who may bind what (that is the state machine's, with its `Config`), must
 //! not hold the bindings mutex across an `.await`, and must never let a connection reach a
@@ -16,6 +16,12 @@
 
 mod relay;
 mod session;
+mod sockets;
+
+pub use self::{
+    relay::RelayDrop,
+    sockets::{Interfaces, RelaySockets, SocketsError},
+};
 
 use std::{
     collections::HashMap,
@@ -58,20 +64,15 @@ pub(super) struct ExpiryNotice {
     reason: ExpiryReason,
 }
 
-/// A running relay task, registered under its internal relay address.
-#[derive(Debug)]
-struct RelayTask {
-    conn: ConnId,
-    aid: u32,
-    abort: AbortHandle,
-}
-
 /// The enhanced UDP mode of the whole gateway, shared by every control connection.
 pub struct EnhancedMode {
     bindings: Mutex<Bindings>,
     /// A copy of the machine's configuration, read by relays without taking the mutex.
     config: Config,
-    relays: Mutex<HashMap<SocketAddr, RelayTask>>,
+    /// The userspace relay of every binding.
+    relay: Arc<relay::Relay>,
+    /// The relay's receive tasks, started with the expiry task; aborted when the mode goes.
+    receivers: Mutex<Vec<AbortHandle>>,
     conns: Mutex<HashMap<ConnId, mpsc::UnboundedSender<ExpiryNotice>>>,
     /// Who holds each control connection in the mode: its peer address and user.
     owners: Mutex<HashMap<ConnId, (SocketAddr, Option<String>)>>,
@@ -107,17 +108,27 @@ impl Drop for EnhancedMode {
     fn drop(&mut self) {
         // Lets the expiry task see that the mode is gone.
         self.wake.notify_one();
+        for receiver in self
+            .receivers
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+        {
+            receiver.abort();
+        }
     }
 }
 
 impl EnhancedMode {
-    /// The mode with the binding configuration `config` (validated here) and random AIDs.
-    pub fn new(config: Config) -> Result<Self, ConfigError> {
+    /// The mode with the binding configuration `config` (validated here), random AIDs, and the
+    /// userspace relay on `sockets` (opened for this `config`).
+    pub fn new(config: Config, sockets: RelaySockets) -> Result<Self, ConfigError> {
         let bindings = Bindings::new(config.clone(), HashAids::new())?;
         Ok(Self {
             bindings: Mutex::new(bindings),
             config,
-            relays: Mutex::new(HashMap::new()),
+            relay: Arc::new(relay::Relay::new(sockets)),
+            receivers: Mutex::new(Vec::new()),
             conns: Mutex::new(HashMap::new()),
             owners: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
@@ -214,17 +225,23 @@ impl EnhancedMode {
         self.lock_bindings().ports_in_use()
     }
 
-    /// How many relay tasks are running.
+    /// How many bindings the userspace relay serves.
     pub fn running_relays(&self) -> usize {
-        self.lock_relays().len()
+        self.relay.len()
+    }
+
+    /// Datagrams the userspace relay dropped, by reason.
+    pub fn relay_drops(&self) -> Vec<(RelayDrop, u64)> {
+        self.relay.drops()
+    }
+
+    /// Datagrams the userspace relay relayed (both ways).
+    pub fn relay_relayed(&self) -> u64 {
+        self.relay.relayed()
     }
 
     fn lock_bindings(&self) -> MutexGuard<'_, Bindings> {
         self.bindings.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn lock_relays(&self) -> MutexGuard<'_, HashMap<SocketAddr, RelayTask>> {
-        self.relays.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn lock_conns(&self) -> MutexGuard<'_, HashMap<ConnId, mpsc::UnboundedSender<ExpiryNotice>>> {
@@ -242,6 +259,18 @@ impl EnhancedMode {
             Arc::clone(gate),
         ));
         tokio::spawn(kernel_traffic_loop(Arc::downgrade(self), Arc::clone(gate)));
+        let mut receivers = self
+            .receivers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for index in 0..self.relay.receivers() {
+            let task = tokio::spawn(relay::receive_loop(
+                Arc::clone(&self.relay),
+                Arc::downgrade(self),
+                index,
+            ));
+            receivers.push(task.abort_handle());
+        }
     }
 
     /// A new control connection enters the mode; expiry notices go to `notices`.
@@ -320,17 +349,20 @@ impl EnhancedMode {
             .collect()
     }
 
-    /// Records the relay task of binding `aid` of `conn`, unless the binding is gone already
-    /// (expired while its sockets were being bound); then the task is aborted.
-    fn register_relay(&self, conn: ConnId, aid: u32, internal: SocketAddr, abort: AbortHandle) {
+    /// Has the relay serve binding `info`, unless the binding is gone already (expired or
+    /// released meanwhile) or its ports are served already; false then.
+    fn add_relay(
+        &self,
+        info: &crate::binding::BindingInfo,
+        to_client: mpsc::Sender<bytes::Bytes>,
+    ) -> bool {
         let bindings = self.lock_bindings();
-        if bindings.binding(aid).is_some_and(|b| b.conn == conn) {
-            // Lock order: bindings, then relays (nobody takes bindings while holding relays).
-            self.lock_relays()
-                .insert(internal, RelayTask { conn, aid, abort });
-        } else {
-            abort.abort();
-        }
+        // Lock order: bindings, then the relay's table (the relay never takes bindings while
+        // holding its table).
+        bindings
+            .binding(info.aid)
+            .is_some_and(|b| b.conn == info.conn)
+            && self.relay.add(info, to_client)
     }
 
     /// Reports traffic of binding `aid` (the relay rate-limits these calls).
@@ -359,12 +391,7 @@ impl EnhancedMode {
                         }
                     }
                 }
-                Action::Free(ports) => {
-                    if let Some(task) = self.lock_relays().remove(&ports.internal) {
-                        debug!(conn = ?task.conn, aid = task.aid, "relay sockets closed");
-                        task.abort.abort();
-                    }
-                }
+                Action::Free(ports) => self.relay.remove_ports(ports.internal),
                 Action::Reserve(_) | Action::Install(_) => {
                     debug!(?action, "unexpected action in a teardown; ignored");
                 }
@@ -394,13 +421,7 @@ impl EnhancedMode {
         let actions = self.lock_bindings().on_connection_closed(conn);
         self.apply_teardown(gate, &actions);
         // Nothing of this connection may outlive it, whatever the machine said.
-        self.lock_relays().retain(|_, task| {
-            let keep = task.conn != conn;
-            if !keep {
-                task.abort.abort();
-            }
-            keep
-        });
+        self.relay.remove_conn(conn);
         self.lock_conns().remove(&conn);
         self.owners
             .lock()

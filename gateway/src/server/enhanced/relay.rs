@@ -1,9 +1,9 @@
-//! The userspace relay of one enhanced-mode binding: its sockets and the task that moves
-//! datagrams between the client and the remote (protocol.md sections 3 and 4).
+//! The userspace relay of the enhanced mode: every binding's slow path, on the shared relay
+//! sockets (protocol.md sections 3 and 4). A binding holds no socket and no task: it is an entry
+//! in one table, found by the relay address a datagram was sent to.
 //!
-//! One flow per relay port pair: the internal relay socket (client side, 8-octet header) and the
-//! external relay socket (remote side, an [`OutsideSocket`] that accepts only datagrams that
-//! arrived on the external interface). An RTP-PAIR binding has two flows, RTP on Q/P and RTCP on
+//! Per flow a binding has an internal relay address (client side, 8-octet header) and an
+//! external one (remote side). An RTP-PAIR binding has two flows, RTP on Q/P and RTCP on
 //! Q+1/P+1, talking to S:s and S:s+1 and to the client's L and L+1. Rules: a half-bound binding
 //! relays nothing; datagrams from another client address, with another AID, a non-zero FRAG or a
 //! bad header are dropped; the client's port is latched from its first datagram when LOCAL's port
@@ -11,42 +11,40 @@
 //! only (Open), to any allowed remote (Listen, the remote's address after the header both ways,
 //! and only to remotes that have sent), or to any port of one host (host-level match, answered on
 //! the port last heard from). TCP-encapsulated bindings get the remote's datagrams on the control
-//! connection (`03 SIZE AID DATA`). Traffic is reported to the machine at most once a second.
+//! connection (`03 SIZE AID DATA`). A datagram that arrived on the other side's interface is
+//! dropped. Traffic is reported to the machine at most once a second per binding.
 //!
 //! A RAW (header-less) binding is relayed in the kernel; what reaches this relay is what the
-//! kernel hands up (a datagram too big for the internal link, which IP then fragments). It goes
-//! to the client without a header and from the remote's own address and port, as the kernel
-//! would send it: through a transparent socket (`IP_TRANSPARENT`, which needs `CAP_NET_ADMIN`)
-//! bound to that address, opened on the first such datagram. The client's RAW datagrams are
-//! addressed to the remote and never reach a relay socket, so this relay sends none of them.
+//! kernel hands up (a datagram too big for the internal link). It goes to the client without a
+//! header and from the remote's own address and port, as the kernel would send it. The client's
+//! RAW datagrams are addressed to the remote and never reach a relay port.
 //!
-//! Owns the sockets: they close when the task ends (it is aborted on release, expiry and
-//! connection close). It must not change the binding table (beyond reporting traffic) or touch
-//! the kernel gate, and it must never relay for another binding's AID.
+//! Every drop is counted by reason ([`RelayDrop`]). It must not change the binding table
+//! (beyond reporting traffic) or touch the kernel gate, and it must never relay for another
+//! binding's AID or hand one connection's datagrams to another.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     io,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use bytes::{Bytes, BytesMut};
-use tokio::{
-    net::UdpSocket,
-    sync::{mpsc, watch},
-    task::AbortHandle,
-};
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::EnhancedMode;
+use super::{
+    EnhancedMode,
+    sockets::{Arrival, Interfaces, RelaySockets, Side},
+};
 use crate::{
-    binding::{BindingInfo, BindingState, Family, RelayPorts, RemoteMatch, flags},
-    server::{
-        Services,
-        outside::{OutsideSocket, Received, with_scratch},
-    },
+    binding::{BindingInfo, BindingState, ConnId, RelayPorts, RemoteMatch, flags},
+    server::outside::with_scratch,
 };
 use gateway_proto::{
     Address,
@@ -59,8 +57,74 @@ const REPORT_EVERY: Duration = Duration::from_secs(1);
 const MAX_LISTEN_PEERS: usize = 4096;
 /// Pause after a failed receive.
 const RECV_ERROR_PAUSE: Duration = Duration::from_millis(50);
-/// TCP-encapsulated datagrams from the client waiting for the relay.
-const FROM_CLIENT_BACKLOG: usize = 256;
+
+/// Why the relay dropped a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayDrop {
+    /// To a relay port no binding holds.
+    UnknownPort,
+    /// The binding is half-bound: nothing is relayed yet.
+    HalfBound,
+    /// From another client address or port than the binding's.
+    WrongClient,
+    /// The header names another AID.
+    WrongAid,
+    /// A bad header, or a Listen datagram without a usable remote address.
+    Malformed,
+    /// FRAG is not zero (fragmentation is not supported).
+    Fragment,
+    /// A direction the binding's flags do not allow.
+    Direction,
+    /// From or to a remote the binding does not admit.
+    UnknownRemote,
+    /// Arrived on the other side's interface.
+    WrongInterface,
+    /// For the client before its port was latched.
+    NotLatched,
+    /// Too large for one datagram once framed.
+    TooLarge,
+    /// The control connection's queue is full (TCP-encapsulated).
+    Backlog,
+    /// The kernel refused to send it.
+    SendError,
+}
+
+impl RelayDrop {
+    pub const ALL: [RelayDrop; 13] = [
+        RelayDrop::UnknownPort,
+        RelayDrop::HalfBound,
+        RelayDrop::WrongClient,
+        RelayDrop::WrongAid,
+        RelayDrop::Malformed,
+        RelayDrop::Fragment,
+        RelayDrop::Direction,
+        RelayDrop::UnknownRemote,
+        RelayDrop::WrongInterface,
+        RelayDrop::NotLatched,
+        RelayDrop::TooLarge,
+        RelayDrop::Backlog,
+        RelayDrop::SendError,
+    ];
+
+    /// The name used in logs and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            RelayDrop::UnknownPort => "unknown_port",
+            RelayDrop::HalfBound => "half_bound",
+            RelayDrop::WrongClient => "wrong_client",
+            RelayDrop::WrongAid => "wrong_aid",
+            RelayDrop::Malformed => "malformed",
+            RelayDrop::Fragment => "fragment",
+            RelayDrop::Direction => "direction",
+            RelayDrop::UnknownRemote => "unknown_remote",
+            RelayDrop::WrongInterface => "wrong_interface",
+            RelayDrop::NotLatched => "not_latched",
+            RelayDrop::TooLarge => "too_large",
+            RelayDrop::Backlog => "backlog",
+            RelayDrop::SendError => "send_error",
+        }
+    }
+}
 
 /// What the relay needs to know of its binding; updated by the session on step 2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,81 +143,618 @@ impl RelayState {
                 BindingState::HalfBound { .. } => None,
                 BindingState::Confirmed { remote, .. } => Some(remote),
             },
-            client: SocketAddr::new(info.local.ip().to_canonical(), info.local.port()),
+            client: canonical(info.local),
             flags: info.flags,
         }
     }
 }
 
-/// The session's handle on one relay.
+/// One binding in the relay table.
 #[derive(Debug)]
-pub(super) struct RelayControl {
-    /// The binding's TID (0 if none).
-    pub tid: u16,
-    /// The family of its external relay address.
-    pub family: Family,
-    state: watch::Sender<RelayState>,
-    from_client: mpsc::Sender<Bytes>,
+struct Entry {
+    conn: ConnId,
+    ports: RelayPorts,
+    state: RelayState,
+    /// Client ports latched per flow (LOCAL port 0).
+    latched: [u16; 2],
+    /// Host-level match: the remote port last heard from, per flow.
+    host_peer: [Option<SocketAddr>; 2],
+    /// Listen: remotes that have sent, per flow (allocated for Listen bindings only).
+    listen_peers: Option<Box<[HashSet<SocketAddr>; 2]>>,
+    /// Where encoded `03` packets for the client go (TCP-encapsulated bindings).
+    to_client: mpsc::Sender<Bytes>,
+    last_report: Option<tokio::time::Instant>,
+    sent_to_remote: u64,
+    sent_to_client: u64,
 }
 
-impl RelayControl {
-    /// Tells the relay the binding's current state (after a step 2).
-    pub fn update(&self, info: &BindingInfo) {
-        self.state.send_replace(RelayState::of(info));
-    }
-
-    /// Whether the binding's datagrams travel on the control connection.
-    pub fn tcp_encapsulated(&self) -> bool {
-        self.state.borrow().flags & flags::TCP_ENCAPSULATED != 0
-    }
-
-    /// Hands a TCP-encapsulated datagram's DATA to the relay; false if its backlog is full.
-    pub fn forward(&self, data: Bytes) -> bool {
-        self.from_client.try_send(data).is_ok()
-    }
-}
-
-/// One relay port pair: the internal socket (client side) and the external one (remote side).
-#[derive(Debug)]
-pub(super) struct Flow {
-    inside: UdpSocket,
-    outside: OutsideSocket,
-}
-
-/// Binds the relay sockets of `ports`: Q and P, and Q+1 and P+1 for an RTP pair.
-pub(super) async fn bind_flows(ports: &RelayPorts, services: &Services) -> io::Result<Vec<Flow>> {
-    let mut flows = Vec::with_capacity(2);
-    for offset in 0..if ports.pair { 2 } else { 1 } {
-        let (Some(internal), Some(external)) = (
-            with_offset(ports.internal, offset),
-            with_offset(ports.external, offset),
-        ) else {
-            return Err(io::Error::other("relay port pair past 65535"));
-        };
-        let inside = retry_in_use(|| UdpSocket::bind(internal)).await?;
-        services.tie_inside(&inside)?;
-        let outside =
-            retry_in_use(|| OutsideSocket::bind_port(external, &services.external)).await?;
-        flows.push(Flow { inside, outside });
-    }
-    Ok(flows)
-}
-
-/// Binds, retrying briefly while the port is still in use: a port released a moment ago may
-/// still be held by the aborted relay task of its previous binding until that task is dropped,
-/// which the runtime does on its next turn. Bounded: about 20 ms, then the error stands.
-async fn retry_in_use<T, F: Future<Output = io::Result<T>>>(
-    mut bind: impl FnMut() -> F,
-) -> io::Result<T> {
-    for _ in 0..20 {
-        match bind().await {
-            Err(error) if error.kind() == io::ErrorKind::AddrInUse => {
-                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-            }
-            other => return other,
+impl Entry {
+    /// The client's port on `flow`: LOCAL's (plus the flow number), or the latched one.
+    fn client_port(&self, flow: usize) -> Option<u16> {
+        match self.state.client.port() {
+            0 => Some(self.latched[flow]).filter(|port| *port != 0),
+            port => port.checked_add(u16::try_from(flow).ok()?),
         }
     }
-    bind().await
+
+    /// Whether a traffic report is due now (and records it).
+    fn report_due(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        if self
+            .last_report
+            .is_some_and(|last| now.duration_since(last) < REPORT_EVERY)
+        {
+            return false;
+        }
+        self.last_report = Some(now);
+        true
+    }
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    /// Every flow's internal and external relay address: its binding's AID and flow number.
+    by_port: HashMap<(Side, SocketAddr), (u32, u8)>,
+    bindings: HashMap<u32, Entry>,
+}
+
+impl Table {
+    fn flows(ports: &RelayPorts) -> impl Iterator<Item = (Side, SocketAddr, u8)> {
+        let count: u8 = if ports.pair { 2 } else { 1 };
+        (0..count).flat_map(move |flow| {
+            [
+                with_offset(ports.internal, u16::from(flow)).map(|a| (Side::Inside, a, flow)),
+                with_offset(ports.external, u16::from(flow)).map(|a| (Side::Outside, a, flow)),
+            ]
+            .into_iter()
+            .flatten()
+        })
+    }
+
+    fn remove(&mut self, aid: u32) -> Option<Entry> {
+        let entry = self.bindings.remove(&aid)?;
+        for (side, addr, _) in Self::flows(&entry.ports) {
+            if self
+                .by_port
+                .get(&(side, canonical(addr)))
+                .is_some_and(|(a, _)| *a == aid)
+            {
+                self.by_port.remove(&(side, canonical(addr)));
+            }
+        }
+        Some(entry)
+    }
+}
+
+/// A datagram to send, decided under the table lock and sent after it.
+#[derive(Debug)]
+enum Delivery {
+    /// From `from` to `to`, on the sender of `side`.
+    Udp {
+        side: Side,
+        from: SocketAddr,
+        to: SocketAddr,
+        data: Vec<u8>,
+    },
+    /// An encoded `03` packet for the control connection.
+    Tcp(mpsc::Sender<Bytes>, Bytes),
+}
+
+/// What handling one datagram came to.
+enum Outcome {
+    Drop(RelayDrop),
+    /// A Listen binding's datagram from `from`: the current policy must admit it first.
+    AskPolicy,
+    Deliver {
+        aid: u32,
+        delivery: Delivery,
+        report: bool,
+    },
+}
+
+/// The relay: the shared sockets and the table of bindings they serve.
+#[derive(Debug)]
+pub struct Relay {
+    sockets: RelaySockets,
+    interfaces: Interfaces,
+    table: Mutex<Table>,
+    drops: [AtomicU64; RelayDrop::ALL.len()],
+    relayed: AtomicU64,
+}
+
+impl Relay {
+    pub fn new(sockets: RelaySockets) -> Self {
+        Self {
+            interfaces: sockets.interfaces.clone(),
+            sockets,
+            table: Mutex::new(Table::default()),
+            drops: Default::default(),
+            relayed: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn count(&self, drop: RelayDrop) {
+        let index = RelayDrop::ALL.iter().position(|d| *d == drop).unwrap_or(0);
+        self.drops[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Datagrams dropped so far, by reason.
+    pub fn drops(&self) -> Vec<(RelayDrop, u64)> {
+        RelayDrop::ALL
+            .iter()
+            .zip(&self.drops)
+            .map(|(drop, count)| (*drop, count.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Datagrams relayed so far (both ways).
+    pub fn relayed(&self) -> u64 {
+        self.relayed.load(Ordering::Relaxed)
+    }
+
+    /// How many receive tasks the relay needs (one per shared receiving socket).
+    pub fn receivers(&self) -> usize {
+        self.sockets.receivers.len()
+    }
+
+    /// How many bindings the relay serves.
+    pub fn len(&self) -> usize {
+        self.lock().bindings.len()
+    }
+
+    /// Starts serving binding `info` of `conn`. False (nothing added) if its AID or one of its
+    /// relay ports is already served.
+    pub fn add(&self, info: &BindingInfo, to_client: mpsc::Sender<Bytes>) -> bool {
+        let mut table = self.lock();
+        let flows: Vec<_> = Table::flows(&info.ports).collect();
+        if table.bindings.contains_key(&info.aid)
+            || flows
+                .iter()
+                .any(|(side, addr, _)| table.by_port.contains_key(&(*side, canonical(*addr))))
+        {
+            return false;
+        }
+        for (side, addr, flow) in flows {
+            table
+                .by_port
+                .insert((side, canonical(addr)), (info.aid, flow));
+        }
+        let state = RelayState::of(info);
+        table.bindings.insert(
+            info.aid,
+            Entry {
+                conn: info.conn,
+                ports: info.ports,
+                state,
+                latched: [0; 2],
+                host_peer: [None; 2],
+                listen_peers: None,
+                to_client,
+                last_report: None,
+                sent_to_remote: 0,
+                sent_to_client: 0,
+            },
+        );
+        true
+    }
+
+    /// The binding's current state (after a step 2).
+    pub fn update(&self, info: &BindingInfo) {
+        if let Some(entry) = self.lock().bindings.get_mut(&info.aid) {
+            entry.state = RelayState::of(info);
+            if entry.state.remote == Some(RemoteMatch::Any) && entry.listen_peers.is_none() {
+                entry.listen_peers = Some(Box::default());
+            }
+        }
+    }
+
+    /// Stops serving the binding whose first internal relay address is `internal`.
+    pub fn remove_ports(&self, internal: SocketAddr) {
+        let mut table = self.lock();
+        let Some((aid, _)) = table
+            .by_port
+            .get(&(Side::Inside, canonical(internal)))
+            .copied()
+        else {
+            return;
+        };
+        if let Some(entry) = table.remove(aid) {
+            debug!(aid, conn = ?entry.conn, to_remote = entry.sent_to_remote,
+                to_client = entry.sent_to_client, "relay entry removed");
+        }
+    }
+
+    /// Stops serving every binding of `conn`.
+    pub fn remove_conn(&self, conn: ConnId) {
+        let mut table = self.lock();
+        let aids: Vec<u32> = table
+            .bindings
+            .iter()
+            .filter(|(_, entry)| entry.conn == conn)
+            .map(|(aid, _)| *aid)
+            .collect();
+        for aid in aids {
+            table.remove(aid);
+        }
+    }
+
+    /// Whether binding `aid` of `conn` has its datagrams on the control connection.
+    pub fn tcp_encapsulated(&self, conn: ConnId, aid: u32) -> Option<bool> {
+        let table = self.lock();
+        let entry = table.bindings.get(&aid).filter(|e| e.conn == conn)?;
+        Some(entry.state.flags & flags::TCP_ENCAPSULATED != 0)
+    }
+
+    /// DATA of a `03` packet from the control connection `conn` for its binding `aid`.
+    pub async fn from_tcp(&self, mode: &EnhancedMode, conn: ConnId, aid: u32, data: &[u8]) {
+        let outcome = {
+            let mut table = self.lock();
+            match table.bindings.get_mut(&aid).filter(|e| e.conn == conn) {
+                Some(entry) => tcp_to_remote(entry, aid, data),
+                None => Outcome::Drop(RelayDrop::UnknownPort),
+            }
+        };
+        self.finish(mode, outcome).await;
+    }
+
+    /// One datagram that reached a relay port on `side`.
+    async fn on_arrival(&self, mode: &EnhancedMode, side: Side, arrival: Arrival, data: &[u8]) {
+        if let Some((_, expected)) = match side {
+            Side::Inside => &self.interfaces.internal,
+            Side::Outside => &self.interfaces.external,
+        } && arrival.ifindex != Some(*expected)
+        {
+            debug!(from = %arrival.from, ifindex = ?arrival.ifindex, ?side,
+                "datagram from the wrong interface");
+            self.count(RelayDrop::WrongInterface);
+            return;
+        }
+        let key = (side, canonical(arrival.to));
+        let from = canonical(arrival.from);
+        let handle = |table: &mut Table, allowed: bool| {
+            let Some(&(aid, flow)) = table.by_port.get(&key) else {
+                return Outcome::Drop(RelayDrop::UnknownPort);
+            };
+            let Some(entry) = table.bindings.get_mut(&aid) else {
+                return Outcome::Drop(RelayDrop::UnknownPort);
+            };
+            match side {
+                Side::Inside => client_datagram(entry, aid, usize::from(flow), from, data),
+                Side::Outside => {
+                    remote_datagram(entry, aid, usize::from(flow), from, data, allowed)
+                }
+            }
+        };
+        let outcome = handle(&mut self.lock(), false);
+        let outcome = match outcome {
+            Outcome::AskPolicy if mode.remote_allowed_now(from.ip()) => {
+                handle(&mut self.lock(), true)
+            }
+            Outcome::AskPolicy => Outcome::Drop(RelayDrop::UnknownRemote),
+            other => other,
+        };
+        self.finish(mode, outcome).await;
+    }
+
+    /// Counts a drop, or sends and reports traffic.
+    async fn finish(&self, mode: &EnhancedMode, outcome: Outcome) {
+        let (aid, delivery, report) = match outcome {
+            Outcome::Drop(drop) => {
+                self.count(drop);
+                return;
+            }
+            Outcome::AskPolicy => {
+                self.count(RelayDrop::UnknownRemote);
+                return;
+            }
+            Outcome::Deliver {
+                aid,
+                delivery,
+                report,
+            } => (aid, delivery, report),
+        };
+        let sent = match delivery {
+            Delivery::Udp {
+                side,
+                from,
+                to,
+                data,
+            } => {
+                let Some(sender) = self.sockets.sender(to.is_ipv6(), side) else {
+                    self.count(RelayDrop::SendError);
+                    return;
+                };
+                match sender.send(from, to, &data).await {
+                    Ok(()) => true,
+                    Err(error) => {
+                        debug!(aid, %from, %to, %error, "relay send failed");
+                        self.count(RelayDrop::SendError);
+                        false
+                    }
+                }
+            }
+            Delivery::Tcp(channel, packet) => {
+                if channel.try_send(packet).is_ok() {
+                    true
+                } else {
+                    self.count(RelayDrop::Backlog);
+                    false
+                }
+            }
+        };
+        if sent {
+            self.relayed.fetch_add(1, Ordering::Relaxed);
+            if report {
+                mode.traffic(aid, tokio::time::Instant::now().into_std());
+            }
+        }
+    }
+}
+
+fn deliver(entry: &mut Entry, aid: u32, delivery: Delivery, to_remote: bool) -> Outcome {
+    if to_remote {
+        entry.sent_to_remote += 1;
+    } else {
+        entry.sent_to_client += 1;
+    }
+    Outcome::Deliver {
+        aid,
+        delivery,
+        report: entry.report_due(),
+    }
+}
+
+/// A UDP datagram from inside on `flow`'s internal relay address.
+fn client_datagram(
+    entry: &mut Entry,
+    aid: u32,
+    flow: usize,
+    from: SocketAddr,
+    datagram: &[u8],
+) -> Outcome {
+    let state = entry.state;
+    let Some(remote) = state.remote else {
+        return Outcome::Drop(RelayDrop::HalfBound);
+    };
+    if from.ip() != state.client.ip() {
+        return Outcome::Drop(RelayDrop::WrongClient);
+    }
+    if DatagramHeader::peek_aid(datagram) != Some(aid) {
+        return Outcome::Drop(RelayDrop::WrongAid);
+    }
+    let mut payload = datagram;
+    let header = if remote == RemoteMatch::Any {
+        DatagramHeader::decode_with_remote(&mut payload)
+    } else {
+        DatagramHeader::decode(&mut payload)
+    };
+    let Ok(header) = header else {
+        return Outcome::Drop(RelayDrop::Malformed);
+    };
+    if !header.is_whole() {
+        return Outcome::Drop(RelayDrop::Fragment);
+    }
+    match entry.client_port(flow) {
+        Some(port) if port != from.port() => return Outcome::Drop(RelayDrop::WrongClient),
+        Some(_) => {}
+        None => entry.latched[flow] = from.port(),
+    }
+    to_remote(entry, aid, flow, remote, header.remote.as_ref(), payload)
+}
+
+/// DATA of a `03` packet (flow 0).
+fn tcp_to_remote(entry: &mut Entry, aid: u32, data: &[u8]) -> Outcome {
+    let Some(remote) = entry.state.remote else {
+        return Outcome::Drop(RelayDrop::HalfBound);
+    };
+    if entry.state.flags & flags::TCP_ENCAPSULATED == 0 {
+        return Outcome::Drop(RelayDrop::Direction);
+    }
+    let mut payload = data;
+    let target = if remote == RemoteMatch::Any {
+        let Ok(Some(address)) = Address::decode(&mut payload) else {
+            return Outcome::Drop(RelayDrop::Malformed);
+        };
+        Some(address)
+    } else {
+        None
+    };
+    to_remote(entry, aid, 0, remote, target.as_ref(), payload)
+}
+
+/// `payload` to the remote of `flow`, from the flow's external relay address.
+fn to_remote(
+    entry: &mut Entry,
+    aid: u32,
+    flow: usize,
+    remote: RemoteMatch,
+    named: Option<&Address>,
+    payload: &[u8],
+) -> Outcome {
+    if entry.state.flags & flags::SEND == 0 {
+        return Outcome::Drop(RelayDrop::Direction);
+    }
+    let flow_offset = u16::try_from(flow).unwrap_or(0);
+    let target = match remote {
+        RemoteMatch::Exact(addr) => with_offset(canonical(addr), flow_offset),
+        RemoteMatch::Host(_) => entry.host_peer[flow],
+        RemoteMatch::Any => match named {
+            Some(Address::Ip(addr)) => Some(canonical(*addr)).filter(|a| {
+                entry
+                    .listen_peers
+                    .as_ref()
+                    .is_some_and(|peers| peers[flow].contains(a))
+            }),
+            _ => None,
+        },
+    };
+    let (Some(target), Some(from)) = (target, with_offset(entry.ports.external, flow_offset))
+    else {
+        return Outcome::Drop(RelayDrop::UnknownRemote);
+    };
+    let delivery = Delivery::Udp {
+        side: Side::Outside,
+        from: canonical(from),
+        to: target,
+        data: payload.to_vec(),
+    };
+    deliver(entry, aid, delivery, true)
+}
+
+/// A datagram from outside on `flow`'s external relay address. `allowed`: the policy in force
+/// admits `from` (asked for only when a Listen binding needs it).
+fn remote_datagram(
+    entry: &mut Entry,
+    aid: u32,
+    flow: usize,
+    from: SocketAddr,
+    payload: &[u8],
+    allowed: bool,
+) -> Outcome {
+    let state = entry.state;
+    let Some(remote) = state.remote else {
+        return Outcome::Drop(RelayDrop::HalfBound);
+    };
+    let flow_offset = u16::try_from(flow).unwrap_or(0);
+    let admitted = match remote {
+        RemoteMatch::Exact(addr) => with_offset(canonical(addr), flow_offset) == Some(from),
+        RemoteMatch::Host(ip) => from.ip() == ip.to_canonical(),
+        RemoteMatch::Any if !allowed => return Outcome::AskPolicy,
+        RemoteMatch::Any => true,
+    };
+    if !admitted {
+        return Outcome::Drop(RelayDrop::UnknownRemote);
+    }
+    if state.flags & flags::RECEIVE == 0 {
+        return Outcome::Drop(RelayDrop::Direction);
+    }
+    let header = match remote {
+        RemoteMatch::Any => {
+            if let Some(peers) = entry.listen_peers.as_mut()
+                && peers[flow].len() < MAX_LISTEN_PEERS
+            {
+                peers[flow].insert(from);
+            }
+            DatagramHeader::with_remote(aid, Address::Ip(from))
+        }
+        RemoteMatch::Host(_) => {
+            entry.host_peer[flow] = Some(from);
+            DatagramHeader::new(aid)
+        }
+        RemoteMatch::Exact(_) => DatagramHeader::new(aid),
+    };
+    if state.flags & flags::RAW == 0 && state.flags & flags::TCP_ENCAPSULATED != 0 {
+        let channel = entry.to_client.clone();
+        return to_client_tcp(entry, aid, channel, header.remote.as_ref(), payload);
+    }
+    let Some(port) = entry.client_port(flow) else {
+        // Nothing is admitted inbound before the client's port is latched.
+        return Outcome::Drop(RelayDrop::NotLatched);
+    };
+    let client = SocketAddr::new(state.client.ip(), port);
+    if state.flags & flags::RAW != 0 {
+        // As the kernel would deliver it: no header, from the remote itself.
+        let delivery = Delivery::Udp {
+            side: Side::Inside,
+            from,
+            to: client,
+            data: payload.to_vec(),
+        };
+        return deliver(entry, aid, delivery, false);
+    }
+    let mut out = BytesMut::with_capacity(header.encoded_len() + payload.len());
+    if header.encode(&mut out).is_err() {
+        return Outcome::Drop(RelayDrop::Malformed);
+    }
+    out.extend_from_slice(payload);
+    if out.len() > max_udp_payload(client.ip()) {
+        // The header would push it past what one datagram carries.
+        return Outcome::Drop(RelayDrop::TooLarge);
+    }
+    let Some(relay) = with_offset(entry.ports.internal, flow_offset) else {
+        return Outcome::Drop(RelayDrop::UnknownPort);
+    };
+    let delivery = Delivery::Udp {
+        side: Side::Inside,
+        from: canonical(relay),
+        to: client,
+        data: out.to_vec(),
+    };
+    deliver(entry, aid, delivery, false)
+}
+
+fn to_client_tcp(
+    entry: &mut Entry,
+    aid: u32,
+    channel: mpsc::Sender<Bytes>,
+    remote: Option<&Address>,
+    payload: &[u8],
+) -> Outcome {
+    let mut data = BytesMut::new();
+    if let Some(remote) = remote
+        && remote.encode(&mut data).is_err()
+    {
+        return Outcome::Drop(RelayDrop::Malformed);
+    }
+    data.extend_from_slice(payload);
+    if data.len() > TcpDatagram::MAX_DATA_LEN {
+        return Outcome::Drop(RelayDrop::TooLarge);
+    }
+    let packet = TcpDatagram {
+        aid,
+        data: data.freeze(),
+    };
+    let mut out = BytesMut::with_capacity(packet.encoded_len());
+    if packet.encode(&mut out).is_err() {
+        return Outcome::Drop(RelayDrop::TooLarge);
+    }
+    deliver(entry, aid, Delivery::Tcp(channel, out.freeze()), false)
+}
+
+/// Serves receiver `index` until the relay's mode is gone: receive, look up, relay.
+pub(super) async fn receive_loop(relay: Arc<Relay>, mode: Weak<EnhancedMode>, index: usize) {
+    let Some(receiver) = relay.sockets.receivers.get(index) else {
+        return;
+    };
+    let mut errors: u64 = 0;
+    loop {
+        if let Err(error) = receiver.readable().await {
+            warn!(%error, "shared relay socket failed");
+            tokio::time::sleep(RECV_ERROR_PAUSE).await;
+            continue;
+        }
+        // No buffer per binding: read into the thread's scratch buffer, copy out the datagram.
+        let received = with_scratch(|buf| {
+            receiver
+                .try_recv(buf)
+                .map(|arrival| (arrival, buf[..arrival.len].to_vec()))
+        });
+        let (arrival, data) = match received {
+            Ok(received) => received,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(error) => {
+                // Not expected on an unconnected UDP socket; never spin on a persistent one.
+                errors += 1;
+                if errors.is_power_of_two() {
+                    warn!(%error, count = errors, "shared relay socket receive failed");
+                }
+                tokio::time::sleep(RECV_ERROR_PAUSE).await;
+                continue;
+            }
+        };
+        let Some(mode) = mode.upgrade() else {
+            return;
+        };
+        relay.on_arrival(&mode, receiver.side, arrival, &data).await;
+    }
+}
+
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// `addr` with its port moved up by `offset` (the flow number).
@@ -161,522 +762,7 @@ fn with_offset(addr: SocketAddr, offset: u16) -> Option<SocketAddr> {
     Some(SocketAddr::new(addr.ip(), addr.port().checked_add(offset)?))
 }
 
-/// What [`spawn`] needs.
-pub(super) struct Spawn {
-    pub mode: Arc<EnhancedMode>,
-    pub info: BindingInfo,
-    pub flows: Vec<Flow>,
-    /// Where encoded `03` packets for the client go.
-    pub to_client: mpsc::Sender<Bytes>,
-    /// The internal interface, which RAW deliveries leave by (`None`: untied).
-    pub internal_device: Option<String>,
-}
-
-/// Starts the relay task of one binding; its sockets live as long as the task.
-pub(super) fn spawn(spawn: Spawn) -> (RelayControl, AbortHandle) {
-    let initial = RelayState::of(&spawn.info);
-    let (state_tx, state) = watch::channel(initial);
-    let (from_client_tx, from_client) = mpsc::channel(FROM_CLIENT_BACKLOG);
-    let relay = Relay {
-        mode: spawn.mode,
-        aid: spawn.info.aid,
-        flows: spawn.flows,
-        state,
-        latched: [0; 2],
-        host_peer: [None; 2],
-        listen_peers: [HashSet::new(), HashSet::new()],
-        from_client,
-        to_client: spawn.to_client,
-        internal_device: spawn.internal_device,
-        raw_senders: [None, None],
-        last_report: None,
-        stats: RelayStats::default(),
-    };
-    let task = tokio::spawn(relay.run());
-    let control = RelayControl {
-        tid: spawn.info.tid,
-        family: Family::of(spawn.info.ports.external.ip()),
-        state: state_tx,
-        from_client: from_client_tx,
-    };
-    (control, task.abort_handle())
-}
-
-/// Counters of one relay, logged when it ends.
-#[derive(Debug, Default)]
-struct RelayStats {
-    to_remote: u64,
-    to_client: u64,
-    dropped_half_bound: u64,
-    dropped_wrong_client: u64,
-    dropped_wrong_aid: u64,
-    dropped_malformed: u64,
-    dropped_fragment: u64,
-    dropped_direction: u64,
-    dropped_unknown_remote: u64,
-    dropped_wrong_interface: u64,
-    dropped_not_latched: u64,
-    dropped_too_large: u64,
-    dropped_backlog: u64,
-    send_errors: u64,
-    recv_errors: u64,
-}
-
-struct Relay {
-    mode: Arc<EnhancedMode>,
-    aid: u32,
-    flows: Vec<Flow>,
-    state: watch::Receiver<RelayState>,
-    /// Client ports latched per flow (LOCAL port 0).
-    latched: [u16; 2],
-    /// Host-level match: the remote port last heard from, per flow.
-    host_peer: [Option<SocketAddr>; 2],
-    /// Listen: remotes that have sent, per flow.
-    listen_peers: [HashSet<SocketAddr>; 2],
-    from_client: mpsc::Receiver<Bytes>,
-    to_client: mpsc::Sender<Bytes>,
-    internal_device: Option<String>,
-    /// RAW: per flow, the transparent socket bound to the remote's address, once opened.
-    raw_senders: [Option<UdpSocket>; 2],
-    last_report: Option<tokio::time::Instant>,
-    stats: RelayStats,
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        debug!(aid = self.aid, stats = ?self.stats, "relay closed");
-    }
-}
-
-async fn inside_readable(flow: Option<&Flow>) -> io::Result<()> {
-    match flow {
-        Some(flow) => flow.inside.readable().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn outside_readable(flow: Option<&Flow>) -> io::Result<()> {
-    match flow {
-        Some(flow) => flow.outside.readable().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Which socket is ready.
-enum Ready {
-    Inside(usize),
-    Outside(usize),
-    Tcp(Bytes),
-}
-
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
-
-impl Relay {
-    async fn run(mut self) {
-        // No buffer per binding: wait for readiness, then read into the thread's scratch buffer
-        // and copy out exactly the datagram (the slow path; the kernel relays the fast one).
-        loop {
-            let ready = tokio::select! {
-                r = inside_readable(self.flows.first()) => r.map(|()| Ready::Inside(0)),
-                r = inside_readable(self.flows.get(1)) => r.map(|()| Ready::Inside(1)),
-                r = outside_readable(self.flows.first()) => r.map(|()| Ready::Outside(0)),
-                r = outside_readable(self.flows.get(1)) => r.map(|()| Ready::Outside(1)),
-                Some(data) = self.from_client.recv() => Ok(Ready::Tcp(data)),
-            };
-            let result = match ready {
-                Ok(Ready::Inside(flow)) => with_scratch(|buf| {
-                    self.flows[flow]
-                        .inside
-                        .try_recv_from(buf)
-                        .map(|(len, from)| {
-                            (
-                                flow,
-                                Event::Client {
-                                    data: buf[..len].to_vec(),
-                                    from,
-                                },
-                            )
-                        })
-                }),
-                Ok(Ready::Outside(flow)) => with_scratch(|buf| {
-                    self.flows[flow].outside.try_recv(buf).map(|received| {
-                        let data = match received {
-                            Received::Datagram { len, .. } => buf[..len].to_vec(),
-                            Received::WrongInterface { .. } => Vec::new(),
-                        };
-                        (flow, Event::Remote(received, data))
-                    })
-                }),
-                Ok(Ready::Tcp(data)) => Ok((0, Event::Tcp(data))),
-                Err(error) => Err(error),
-            };
-            let (flow, event) = match result {
-                Ok(event) => event,
-                // Readiness was spurious: wait again.
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(error) => {
-                    // Not expected on unconnected UDP sockets; never spin on a persistent one.
-                    self.stats.recv_errors += 1;
-                    if self.stats.recv_errors.is_power_of_two() {
-                        warn!(aid = self.aid, %error, count = self.stats.recv_errors,
-                            "relay socket receive failed");
-                    }
-                    tokio::time::sleep(RECV_ERROR_PAUSE).await;
-                    continue;
-                }
-            };
-            match event {
-                Event::Client { data, from } => self.on_client_datagram(flow, &data, from).await,
-                Event::Remote(received, data) => {
-                    self.on_remote_datagram(flow, received, &data).await;
-                }
-                Event::Tcp(data) => self.on_tcp_datagram(data).await,
-            }
-        }
-    }
-
-    /// The client's port on `flow`: LOCAL's (plus the flow number), or the latched one.
-    fn client_port(&self, flow: usize, state: &RelayState) -> Option<u16> {
-        match state.client.port() {
-            0 => Some(self.latched[flow]).filter(|port| *port != 0),
-            port => port.checked_add(u16::try_from(flow).ok()?),
-        }
-    }
-
-    /// A UDP datagram from inside on `flow`'s internal relay socket.
-    async fn on_client_datagram(&mut self, flow: usize, datagram: &[u8], from: SocketAddr) {
-        let state = *self.state.borrow();
-        let Some(remote) = state.remote else {
-            self.stats.dropped_half_bound += 1;
-            return;
-        };
-        if from.ip().to_canonical() != state.client.ip() {
-            self.stats.dropped_wrong_client += 1;
-            return;
-        }
-        if DatagramHeader::peek_aid(datagram) != Some(self.aid) {
-            self.stats.dropped_wrong_aid += 1;
-            return;
-        }
-        let mut payload = datagram;
-        let header = if remote == RemoteMatch::Any {
-            DatagramHeader::decode_with_remote(&mut payload)
-        } else {
-            DatagramHeader::decode(&mut payload)
-        };
-        let Ok(header) = header else {
-            self.stats.dropped_malformed += 1;
-            return;
-        };
-        if !header.is_whole() {
-            self.stats.dropped_fragment += 1;
-            return;
-        }
-        match self.client_port(flow, &state) {
-            Some(port) if port != from.port() => {
-                self.stats.dropped_wrong_client += 1;
-                return;
-            }
-            Some(_) => {}
-            None => self.latched[flow] = from.port(),
-        }
-        self.send_to_remote(flow, &state, remote, header.remote.as_ref(), payload)
-            .await;
-    }
-
-    /// DATA of a `03` packet from the control connection (flow 0).
-    async fn on_tcp_datagram(&mut self, data: Bytes) {
-        let state = *self.state.borrow();
-        let Some(remote) = state.remote else {
-            self.stats.dropped_half_bound += 1;
-            return;
-        };
-        let mut payload = &data[..];
-        let target = if remote == RemoteMatch::Any {
-            let Ok(Some(address)) = Address::decode(&mut payload) else {
-                self.stats.dropped_malformed += 1;
-                return;
-            };
-            Some(address)
-        } else {
-            None
-        };
-        self.send_to_remote(0, &state, remote, target.as_ref(), payload)
-            .await;
-    }
-
-    /// Sends `payload` to the remote of `flow`.
-    async fn send_to_remote(
-        &mut self,
-        flow: usize,
-        state: &RelayState,
-        remote: RemoteMatch,
-        named: Option<&Address>,
-        payload: &[u8],
-    ) {
-        if state.flags & flags::SEND == 0 {
-            self.stats.dropped_direction += 1;
-            return;
-        }
-        let target = match remote {
-            RemoteMatch::Exact(addr) => with_offset(addr, u16::try_from(flow).unwrap_or(0)),
-            RemoteMatch::Host(_) => self.host_peer[flow],
-            RemoteMatch::Any => match named {
-                Some(Address::Ip(addr)) => {
-                    Some(canonical(*addr)).filter(|a| self.listen_peers[flow].contains(a))
-                }
-                _ => None,
-            },
-        };
-        let Some(target) = target else {
-            self.stats.dropped_unknown_remote += 1;
-            return;
-        };
-        match self.flows[flow].outside.send_to(payload, target).await {
-            Ok(_) => {
-                self.stats.to_remote += 1;
-                self.report_traffic();
-            }
-            Err(error) => {
-                self.stats.send_errors += 1;
-                debug!(aid = self.aid, %target, %error, "send to the remote failed");
-            }
-        }
-    }
-
-    /// A datagram on `flow`'s external relay socket.
-    async fn on_remote_datagram(&mut self, flow: usize, received: Received, buf: &[u8]) {
-        let (len, from) = match received {
-            Received::Datagram { len, from } => (len, canonical(from)),
-            Received::WrongInterface { from, ifindex } => {
-                debug!(aid = self.aid, %from, ifindex, "datagram from the wrong interface");
-                self.stats.dropped_wrong_interface += 1;
-                return;
-            }
-        };
-        let state = *self.state.borrow();
-        let Some(remote) = state.remote else {
-            self.stats.dropped_half_bound += 1;
-            return;
-        };
-        let admitted = match remote {
-            RemoteMatch::Exact(addr) => {
-                with_offset(addr, u16::try_from(flow).unwrap_or(0)) == Some(from)
-            }
-            RemoteMatch::Host(ip) => from.ip() == ip,
-            RemoteMatch::Any => self.mode.remote_allowed_now(from.ip()),
-        };
-        if !admitted {
-            self.stats.dropped_unknown_remote += 1;
-            return;
-        }
-        if state.flags & flags::RECEIVE == 0 {
-            self.stats.dropped_direction += 1;
-            return;
-        }
-        let header = match remote {
-            RemoteMatch::Any => {
-                let peers = &mut self.listen_peers[flow];
-                if peers.len() < MAX_LISTEN_PEERS {
-                    peers.insert(from);
-                }
-                DatagramHeader::with_remote(self.aid, Address::Ip(from))
-            }
-            RemoteMatch::Host(_) => {
-                self.host_peer[flow] = Some(from);
-                DatagramHeader::new(self.aid)
-            }
-            RemoteMatch::Exact(_) => DatagramHeader::new(self.aid),
-        };
-        let payload = &buf[..len];
-        if state.flags & flags::RAW != 0 {
-            self.send_raw_to_client(flow, &state, from, payload).await;
-        } else if state.flags & flags::TCP_ENCAPSULATED != 0 {
-            self.send_to_client_tcp(header.remote.as_ref(), payload);
-        } else {
-            self.send_to_client_udp(flow, &state, &header, payload)
-                .await;
-        }
-    }
-
-    async fn send_to_client_udp(
-        &mut self,
-        flow: usize,
-        state: &RelayState,
-        header: &DatagramHeader,
-        payload: &[u8],
-    ) {
-        let Some(port) = self.client_port(flow, state) else {
-            // Nothing is admitted inbound before the client's port is latched.
-            self.stats.dropped_not_latched += 1;
-            return;
-        };
-        let client = SocketAddr::new(state.client.ip(), port);
-        let mut out = BytesMut::with_capacity(header.encoded_len() + payload.len());
-        if header.encode(&mut out).is_err() {
-            self.stats.dropped_malformed += 1;
-            return;
-        }
-        out.extend_from_slice(payload);
-        if out.len() > max_udp_payload(client.ip()) {
-            // The header would push it past what one datagram carries: a counted drop.
-            self.stats.dropped_too_large += 1;
-            return;
-        }
-        match self.flows[flow].inside.send_to(&out, client).await {
-            Ok(_) => {
-                self.stats.to_client += 1;
-                self.report_traffic();
-            }
-            Err(error) => {
-                self.stats.send_errors += 1;
-                debug!(aid = self.aid, %client, %error, "send to the client failed");
-            }
-        }
-    }
-
-    /// RAW: `payload` as is, to the client from the remote's address `from`.
-    async fn send_raw_to_client(
-        &mut self,
-        flow: usize,
-        state: &RelayState,
-        from: SocketAddr,
-        payload: &[u8],
-    ) {
-        let Some(port) = self.client_port(flow, state) else {
-            self.stats.dropped_not_latched += 1;
-            return;
-        };
-        let client = SocketAddr::new(state.client.ip(), port);
-        if self.raw_senders[flow].is_none() {
-            match transparent_socket(from, self.internal_device.as_deref()) {
-                Ok(socket) => self.raw_senders[flow] = Some(socket),
-                Err(error) => {
-                    self.stats.send_errors += 1;
-                    warn!(aid = self.aid, %from, %error,
-                        "cannot open a transparent socket for RAW delivery (needs CAP_NET_ADMIN)");
-                    return;
-                }
-            }
-        }
-        let Some(socket) = &self.raw_senders[flow] else {
-            return;
-        };
-        match socket.send_to(payload, client).await {
-            Ok(_) => {
-                self.stats.to_client += 1;
-                self.report_traffic();
-            }
-            Err(error) => {
-                self.stats.send_errors += 1;
-                debug!(aid = self.aid, %client, %error, "RAW send to the client failed");
-            }
-        }
-    }
-
-    fn send_to_client_tcp(&mut self, remote: Option<&Address>, payload: &[u8]) {
-        let mut data = BytesMut::new();
-        if let Some(remote) = remote
-            && remote.encode(&mut data).is_err()
-        {
-            self.stats.dropped_malformed += 1;
-            return;
-        }
-        data.extend_from_slice(payload);
-        if data.len() > TcpDatagram::MAX_DATA_LEN {
-            self.stats.dropped_too_large += 1;
-            return;
-        }
-        let packet = TcpDatagram {
-            aid: self.aid,
-            data: data.freeze(),
-        };
-        let mut out = BytesMut::with_capacity(packet.encoded_len());
-        if packet.encode(&mut out).is_err() {
-            self.stats.dropped_too_large += 1;
-            return;
-        }
-        if self.to_client.try_send(out.freeze()).is_ok() {
-            self.stats.to_client += 1;
-            self.report_traffic();
-        } else {
-            self.stats.dropped_backlog += 1;
-        }
-    }
-
-    /// Tells the machine the binding is in use, at most once per [`REPORT_EVERY`].
-    fn report_traffic(&mut self) {
-        let now = tokio::time::Instant::now();
-        if self
-            .last_report
-            .is_some_and(|last| now.duration_since(last) < REPORT_EVERY)
-        {
-            return;
-        }
-        self.last_report = Some(now);
-        self.mode.traffic(self.aid, now.into_std());
-    }
-}
-
-/// What woke the relay.
-enum Event {
-    Client {
-        data: Vec<u8>,
-        from: SocketAddr,
-    },
-    /// The datagram's bytes follow the receive result (empty when it is dropped unread).
-    Remote(Received, Vec<u8>),
-    Tcp(Bytes),
-}
-
 /// The largest UDP payload of one datagram to `ip` (IPv4: 65535 - 20 - 8; IPv6: 65535 - 8).
-/// A UDP socket bound to `from`, an address of another host (`IP_TRANSPARENT` /
-/// `IPV6_TRANSPARENT`), tied to the internal interface: what it sends has `from` as source.
-/// `SO_REUSEADDR`, since bindings of several clients may name the same remote.
-fn transparent_socket(from: SocketAddr, device: Option<&str>) -> io::Result<UdpSocket> {
-    use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, setsockopt, socket,
-        sockopt::{IpTransparent, ReuseAddr},
-    };
-    use std::os::fd::AsRawFd as _;
-    let family = if from.is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    };
-    let fd = socket(
-        family,
-        SockType::Datagram,
-        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    if from.is_ipv4() {
-        setsockopt(&fd, IpTransparent, &true)?;
-    } else {
-        let on: libc::c_int = 1;
-        // SAFETY: a valid socket and a c_int option value of the given size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_IPV6,
-                libc::IPV6_TRANSPARENT,
-                (&raw const on).cast(),
-                libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap_or(4),
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    setsockopt(&fd, ReuseAddr, &true)?;
-    bind(fd.as_raw_fd(), &SockaddrStorage::from(from))?;
-    let socket = UdpSocket::from_std(std::net::UdpSocket::from(fd))?;
-    crate::netif::tie_to_device(&socket, device)?;
-    Ok(socket)
-}
-
 fn max_udp_payload(ip: IpAddr) -> usize {
     match ip {
         IpAddr::V4(_) => 65_507,
@@ -686,8 +772,6 @@ fn max_udp_payload(ip: IpAddr) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Buf as _;
-
     use super::*;
 
     #[test]
@@ -701,16 +785,29 @@ mod tests {
     }
 
     #[test]
-    fn bytes_is_buf() {
-        // TCP-encapsulated DATA of a Listen binding starts with the remote's address.
-        let mut data = BytesMut::new();
-        Address::Ip("203.0.113.2:6000".parse().unwrap())
-            .encode(&mut data)
-            .unwrap();
-        data.extend_from_slice(b"hi");
-        let mut payload = &data[..];
-        let address = Address::decode(&mut payload).unwrap().unwrap();
-        assert_eq!(address, Address::Ip("203.0.113.2:6000".parse().unwrap()));
-        assert_eq!(payload.remaining(), 2);
+    fn a_pair_has_four_relay_addresses_and_a_single_two() {
+        let ports = RelayPorts {
+            internal: "192.0.2.1:24576".parse().unwrap(),
+            external: "203.0.113.1:16384".parse().unwrap(),
+            pair: true,
+        };
+        let flows: Vec<_> = Table::flows(&ports).collect();
+        assert_eq!(flows.len(), 4);
+        assert!(flows.contains(&(Side::Inside, "192.0.2.1:24577".parse().unwrap(), 1)));
+        assert!(flows.contains(&(Side::Outside, "203.0.113.1:16385".parse().unwrap(), 1)));
+        let single = RelayPorts {
+            pair: false,
+            ..ports
+        };
+        assert_eq!(Table::flows(&single).count(), 2);
+    }
+
+    #[test]
+    fn drop_names_are_unique() {
+        for (i, drop) in RelayDrop::ALL.iter().enumerate() {
+            for other in &RelayDrop::ALL[i + 1..] {
+                assert_ne!(drop.name(), other.name());
+            }
+        }
     }
 }

@@ -19,10 +19,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{
-    EnhancedMode, ExpiryNotice, gate_entry, kernel_relay, now,
-    relay::{self, RelayControl, Spawn},
-};
+use super::{EnhancedMode, ExpiryNotice, gate_entry, kernel_relay, now};
 use crate::{
     binding::{Action, BindRequest, BindingInfo, ConnId, Decision, Family, Remote, ReplyCode},
     gate::Gate,
@@ -65,7 +62,14 @@ struct SessionStats {
     tcp_datagrams_in: u64,
     tcp_dropped_unknown_aid: u64,
     tcp_dropped_not_encapsulated: u64,
-    tcp_dropped_backlog: u64,
+}
+
+/// What a session remembers of a binding it made (the relay holds the rest).
+#[derive(Debug, Clone, Copy)]
+struct Own {
+    tid: u16,
+    /// The family of its external relay address.
+    family: Family,
 }
 
 struct Session<'a> {
@@ -74,8 +78,9 @@ struct Session<'a> {
     conn: ConnId,
     peer: SocketAddr,
     user: Option<&'a str>,
-    /// This connection's relays, by AID. Nothing else is reachable from here.
-    relays: HashMap<u32, RelayControl>,
+    /// This connection's bindings with a relay entry, by AID. Nothing else is reachable from
+    /// here.
+    relays: HashMap<u32, Own>,
     /// Handed to relays of TCP-encapsulated bindings: encoded `03` packets for the client.
     to_client: mpsc::Sender<Bytes>,
     stats: SessionStats,
@@ -135,7 +140,7 @@ impl Session<'_> {
                         reply.encode(&mut out)?;
                         conn.write_all(&out).await?;
                     }
-                    Ok(Packet::Datagram(datagram)) => self.on_tcp_datagram(datagram),
+                    Ok(Packet::Datagram(datagram)) => self.on_tcp_datagram(datagram).await,
                     Ok(Packet::Reply(reply)) => {
                         // A reply from the client is malformed: close.
                         debug!(peer = %self.peer, ?reply, "control reply from the client");
@@ -275,17 +280,18 @@ impl Session<'_> {
             match action {
                 Action::Reserve(ports) => {
                     let info = info.ok_or_else(|| std::io::Error::other("binding vanished"))?;
-                    let flows = relay::bind_flows(ports, self.services).await?;
-                    let (control, abort) = relay::spawn(Spawn {
-                        mode: Arc::clone(&self.mode),
-                        info,
-                        flows,
-                        to_client: self.to_client.clone(),
-                        internal_device: self.services.internal_device.clone(),
-                    });
-                    self.mode
-                        .register_relay(self.conn, aid, ports.internal, abort);
-                    self.relays.insert(aid, control);
+                    if !self.mode.add_relay(&info, self.to_client.clone()) {
+                        return Err(std::io::Error::other(
+                            "the binding is gone or its relay ports are served already",
+                        ));
+                    }
+                    self.relays.insert(
+                        aid,
+                        Own {
+                            tid: info.tid,
+                            family: Family::of(ports.external.ip()),
+                        },
+                    );
                 }
                 Action::Install(entry) => {
                     let gate_entry = gate_entry(entry);
@@ -303,8 +309,10 @@ impl Session<'_> {
                     .apply_teardown(self.services.gate.as_ref(), std::slice::from_ref(action)),
             }
         }
-        if let (Some(info), Some(control)) = (info, self.relays.get(&aid)) {
-            control.update(&info);
+        if let Some(info) = info
+            && self.relays.contains_key(&aid)
+        {
+            self.mode.relay.update(&info);
         }
         Ok(())
     }
@@ -331,20 +339,19 @@ impl Session<'_> {
         ControlReply::echo(request, wire_code(decision.reply.code))
     }
 
-    /// `03 SIZE AID DATA` from the client: handed to this connection's relay of that AID, if it
-    /// is a TCP-encapsulated binding.
-    fn on_tcp_datagram(&mut self, datagram: TcpDatagram) {
+    /// `03 SIZE AID DATA` from the client: relayed for this connection's binding of that AID,
+    /// if it is a TCP-encapsulated binding.
+    async fn on_tcp_datagram(&mut self, datagram: TcpDatagram) {
         self.stats.tcp_datagrams_in += 1;
-        let Some(control) = self.relays.get(&datagram.aid) else {
-            self.stats.tcp_dropped_unknown_aid += 1;
-            return;
-        };
-        if !control.tcp_encapsulated() {
-            self.stats.tcp_dropped_not_encapsulated += 1;
-            return;
-        }
-        if !control.forward(datagram.data) {
-            self.stats.tcp_dropped_backlog += 1;
+        match self.mode.relay.tcp_encapsulated(self.conn, datagram.aid) {
+            None => self.stats.tcp_dropped_unknown_aid += 1,
+            Some(false) => self.stats.tcp_dropped_not_encapsulated += 1,
+            Some(true) => {
+                self.mode
+                    .relay
+                    .from_tcp(&self.mode, self.conn, datagram.aid, &datagram.data)
+                    .await;
+            }
         }
     }
 
