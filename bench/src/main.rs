@@ -27,12 +27,14 @@ struct Cli {
     /// Where results.json and the plots go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
-    /// Only these areas (comma-separated: relay, drop, control, scale, latency, profile).
+    /// Only these areas (comma-separated: relay, drop, control, scale, churn, latency, profile).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
 
-pub const AREAS: [&str; 6] = ["relay", "drop", "control", "scale", "latency", "profile"];
+pub const AREAS: [&str; 7] = [
+    "relay", "drop", "control", "scale", "churn", "latency", "profile",
+];
 
 fn main() -> ExitCode {
     match run_main(&Cli::parse()) {

@@ -73,6 +73,13 @@ pub struct MemoryResult {
     pub rss_before: u64,
     pub rss_after: u64,
     pub bytes_per_binding: f64,
+    /// The daemon's open descriptors with the control connections open, before and after the
+    /// bindings were made, and the growth per live binding.
+    pub fds_before: usize,
+    pub fds_after: usize,
+    pub fds_per_binding: f64,
+    /// Client host addresses the bindings came from.
+    pub client_addresses: usize,
     /// Kernel memory of the BINDINGS and OUTBOUND maps (bpftool's `bytes_memlock`).
     pub kernel_map_bytes: Option<u64>,
     /// External relay addresses the daemon handed out.
@@ -82,6 +89,56 @@ pub struct MemoryResult {
     pub setup_seconds: f64,
     /// Warnings and errors the daemon logged while bindings were made (first few, distinct).
     pub daemon_log: Vec<String>,
+}
+
+/// The churn area: bindings made and ended, and what was left afterwards.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChurnResult {
+    pub target: usize,
+    /// Bindings made (and ended), by how they ended.
+    pub done: usize,
+    pub by_kind: BTreeMap<String, usize>,
+    pub seconds: f64,
+    pub per_second: f64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub bindings_left: usize,
+    pub relay_entries_left: usize,
+    pub internal_ports_left: usize,
+    pub external_ports_left: usize,
+    /// Entries left in each kernel map (bpftool).
+    pub map_entries_left: BTreeMap<String, usize>,
+    pub fds_before: usize,
+    pub fds_after: usize,
+    /// The daemon's RSS after a warm-up (1 % of the bindings) and after the churn.
+    pub rss_before: u64,
+    pub rss_after: u64,
+}
+
+impl ChurnResult {
+    /// Everything left that should not be: bindings, relay entries, ports, map entries and
+    /// descriptors beyond the start.
+    pub fn leaked(&self) -> usize {
+        [
+            self.bindings_left,
+            self.relay_entries_left,
+            self.internal_ports_left,
+            self.external_ports_left,
+            self.map_entries_left.values().sum(),
+            self.fds_after.saturating_sub(self.fds_before),
+        ]
+        .iter()
+        .fold(0usize, |sum, n| sum.saturating_add(*n))
+    }
+
+    /// RSS growth over the churn, in percent of the baseline.
+    pub fn rss_growth_percent(&self) -> f64 {
+        #[expect(clippy::cast_precision_loss, reason = "memory sizes")]
+        let growth = (self.rss_after as f64 - self.rss_before as f64)
+            / (self.rss_before as f64).max(1.0)
+            * 100.0;
+        growth
+    }
 }
 
 /// One latency run: a paced echo through an arm.
@@ -140,6 +197,7 @@ pub struct Results {
     /// `enhanced`, `gateway_associate`, `dante_associate` -> runs.
     pub control: BTreeMap<String, Vec<ControlRun>>,
     pub memory: Option<MemoryResult>,
+    pub churn: Option<ChurnResult>,
     /// Installed entries -> runs of the in-kernel relay (200-octet payloads).
     pub scale: BTreeMap<u64, Vec<StreamRun>>,
     /// Arm -> `low` / `half` -> runs.

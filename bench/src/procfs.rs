@@ -161,6 +161,14 @@ pub fn read_rss(pid: i32) -> Result<u64> {
     parse_vm_rss(&fs::read_to_string(Path::new(&path)).with_context(|| format!("read {path}"))?)
 }
 
+/// Open file descriptors of process `pid`.
+pub fn fd_count(pid: i32) -> Result<usize> {
+    let path = format!("/proc/{pid}/fd");
+    Ok(fs::read_dir(&path)
+        .with_context(|| format!("read {path}"))?
+        .count())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 
 use crate::{
     instance::Instance,
-    report::{Bindings, KernelEntry, Limits, SCHEMA_VERSION},
+    report::{Bindings, KernelEntry, Limits, RelayReport, SCHEMA_VERSION},
     server::Services,
 };
 
@@ -71,10 +71,25 @@ pub fn bindings_document(services: &Services) -> Bindings {
         .enhanced
         .as_ref()
         .map_or([0; 3], |mode| mode.caps_hit());
+    let relay = services.enhanced.as_ref().map(|mode| {
+        let (internal_ports_in_use, external_ports_in_use) = mode.ports_in_use();
+        RelayReport {
+            bindings_served: mode.running_relays(),
+            internal_ports_in_use,
+            external_ports_in_use,
+            datagrams_relayed: mode.relay_relayed(),
+            dropped: mode
+                .relay_drops()
+                .into_iter()
+                .map(|(drop, count)| (drop.name().to_owned(), count))
+                .collect(),
+        }
+    });
     Bindings {
         version: SCHEMA_VERSION,
         enhanced_bindings,
         kernel_entries,
+        relay,
         limits: Limits {
             connections: services.connections.held(),
             max_connections: services.connections.max_total(),

@@ -497,10 +497,11 @@ fn reload(source: &AccessSource, services: &Services) {
     services.access.replace(access);
 }
 
-/// The enhanced UDP mode's binding table: relay addresses are the primary address of each family
-/// on the internal (client side) and external (remote side) interfaces, and a REMOTE may not name
-/// what the SOCKS policy denies (its networks, the gateway's own addresses, link-local, besides
-/// the machine's defaults). `None` (CMD 04 refused) when an interface has no usable address.
+/// The enhanced UDP mode's binding table: relay addresses are every usable (not link-local)
+/// address of the internal (client side) and external (remote side) interfaces, and a REMOTE may
+/// not name what the SOCKS policy denies (its networks, the gateway's own addresses, link-local,
+/// besides the machine's defaults). `None` (CMD 04 refused) when an interface has no usable
+/// address.
 fn enhanced_mode(
     args: &DaemonArgs,
     external: &[InterfaceAddress],
@@ -508,25 +509,22 @@ fn enhanced_mode(
     policy: &Policy,
 ) -> Result<Option<Arc<EnhancedMode>>> {
     let s = &args.settings;
-    let primaries = |addrs: &[InterfaceAddress]| -> Vec<IpAddr> {
-        let (v4, v6) = netif::primary(addrs);
-        v4.map(IpAddr::V4)
-            .into_iter()
-            .chain(v6.map(IpAddr::V6))
-            .collect()
-    };
-    let mut config = binding::Config {
-        internal_ips: primaries(internal),
-        // Every usable external address: one address has fewer than 64 k ports, and a client's
-        // relays and CONNECTs share the one chosen for it.
-        external_ips: external
+    let usable = |addrs: &[InterfaceAddress]| -> Vec<IpAddr> {
+        addrs
             .iter()
             .map(|a| a.ip)
             .filter(|ip| match ip {
                 IpAddr::V4(v4) => !v4.is_link_local(),
                 IpAddr::V6(v6) => !v6.is_unicast_link_local(),
             })
-            .collect(),
+            .collect()
+    };
+    let mut config = binding::Config {
+        // Every usable address of both interfaces: one address has fewer than 64 k ports. A
+        // client's relays and CONNECTs share the one external address chosen for it; internal
+        // relay ports come from any internal address of the family.
+        internal_ips: usable(internal),
+        external_ips: usable(external),
         allow_listen: s.allow_listen,
         // A confirmed RTP pair takes two kernel entries; UDP ASSOCIATE shares the map.
         max_bindings: usize::try_from(s.max_bindings.get() / 2).unwrap_or(usize::MAX),

@@ -108,6 +108,22 @@ pub struct Bindings {
     /// Every entry of the kernel's binding map (enhanced mode and UDP ASSOCIATE alike).
     pub kernel_entries: Vec<KernelEntry>,
     pub limits: Limits,
+    /// The enhanced mode's userspace relay and relay ports (absent without the mode).
+    #[serde(default)]
+    pub relay: Option<RelayReport>,
+}
+
+/// What the enhanced mode's userspace relay serves and did, and the relay ports in use.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayReport {
+    /// Bindings in the relay's table (each holds no socket).
+    pub bindings_served: usize,
+    pub internal_ports_in_use: usize,
+    pub external_ports_in_use: usize,
+    /// Datagrams the userspace relay sent on, both ways.
+    pub datagrams_relayed: u64,
+    /// Datagrams it dropped, by reason.
+    pub dropped: BTreeMap<String, u64>,
 }
 
 /// One enhanced-mode binding.
@@ -197,6 +213,18 @@ impl Bindings {
                 or_dash(b.remote.clone()),
             );
         }
+        if let Some(relay) = &self.relay {
+            let _ = writeln!(
+                out,
+                "relay ports in use: {} internal, {} external; userspace relay: {} bindings, {} \
+                 datagrams relayed, {} dropped",
+                relay.internal_ports_in_use,
+                relay.external_ports_in_use,
+                relay.bindings_served,
+                relay.datagrams_relayed,
+                relay.dropped.values().sum::<u64>(),
+            );
+        }
         let _ = writeln!(out, "kernel entries: {}", self.kernel_entries.len());
         for e in &self.kernel_entries {
             let _ = writeln!(
@@ -264,6 +292,13 @@ mod tests {
                 max_connections: 4096,
                 ..Limits::default()
             },
+            relay: Some(RelayReport {
+                bindings_served: 1,
+                internal_ports_in_use: 2,
+                external_ports_in_use: 2,
+                datagrams_relayed: 5,
+                dropped: BTreeMap::from([("unknown_port".to_owned(), 3)]),
+            }),
         }
     }
 
@@ -274,10 +309,18 @@ mod tests {
         let value: serde_json::Value = serde_json::from_str(&json).unwrap();
         // The keys scripts read.
         assert!(value["kernel_entries"].is_array() && value["enhanced_bindings"].is_array());
+        assert_eq!(value["relay"]["internal_ports_in_use"], 2);
+        assert_eq!(value["relay"]["dropped"]["unknown_port"], 3);
         assert_eq!(value["version"], SCHEMA_VERSION);
         assert_eq!(parse::<Bindings>(&json).unwrap(), document);
         let table = document.to_table();
         assert!(table.contains("enhanced-mode bindings: 1"), "{table}");
+        assert!(
+            table.contains(
+                "relay ports in use: 2 internal, 2 external; userspace relay: 1 bindings"
+            ),
+            "{table}"
+        );
         assert!(
             table.contains("aid 0xe59207ab tid 1 confirmed user - peer 198.51.100.2:37066"),
             "{table}"

@@ -6,10 +6,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
     time::Duration,
 };
 
@@ -19,7 +15,7 @@ use bench::{
     procfs,
     stats::Percentiles,
 };
-use gateway_client::{Client, Family, UdpBinding};
+use gateway_client::{Client, Family, Timeouts, blocking};
 use testbed::{addr, iface, run_checked};
 use tokio::{task::JoinSet, time::Instant};
 
@@ -171,45 +167,68 @@ fn combine(conns: usize, elapsed: Duration, outcomes: Vec<TaskOutcome>) -> Contr
     run
 }
 
-/// `conns` enhanced-mode sessions, each doing bind, connect, release in a loop for `time`.
+/// `conns` enhanced-mode sessions, each doing bind, connect, release in a loop for `time`: one
+/// thread per session on the blocking client, LOCAL without a socket behind it (the gateway only
+/// reserves and installs), so the load generator spends its share of the 2 CPUs on the protocol.
 async fn enhanced_load(conns: usize, time: Duration) -> Result<ControlRun> {
+    tokio::task::spawn_blocking(move || enhanced_threads(conns, time))
+        .await
+        .context("load threads")?
+}
+
+fn enhanced_threads(conns: usize, time: Duration) -> Result<ControlRun> {
     let mut sessions = Vec::with_capacity(conns);
     for _ in 0..conns {
-        sessions.push(Client::connect(PROXY, None).await?.enhanced().await?);
+        sessions.push(blocking::Client::connect(PROXY, None, Timeouts::default())?.enhanced()?);
     }
-    let start = Instant::now();
+    let start = std::time::Instant::now();
     let deadline = start + time;
-    let mut tasks = JoinSet::new();
-    for (i, session) in sessions.into_iter().enumerate() {
-        let remote = SocketAddr::new(
-            IpAddr::V4(addr::SERVER_V4),
-            20_000 + u16::try_from(i % 20_000).unwrap_or(0),
-        );
-        tasks.spawn(async move {
-            let mut outcome = TaskOutcome::default();
-            while Instant::now() < deadline && outcome.errors < MAX_ERRORS {
-                let t0 = Instant::now();
-                let step = async {
-                    let binding = session.udp_socket(Family::V4).await?;
-                    binding.bind().await?;
-                    binding.connect(remote).await?;
-                    let setup = t0.elapsed();
-                    binding.release().await?;
-                    Ok::<_, gateway_client::ClientError>(setup)
-                };
-                match step.await {
-                    Ok(setup) => {
-                        outcome.completed += 1;
-                        outcome.latencies_ns.push(nanos(setup));
+    let outcomes = std::thread::scope(|scope| {
+        let handles: Vec<_> = sessions
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut session)| {
+                let local = SocketAddr::new(
+                    IpAddr::V4(addr::CLIENT_V4),
+                    10_000 + u16::try_from(i % 20_000).unwrap_or(0),
+                );
+                let remote = SocketAddr::new(
+                    IpAddr::V4(addr::SERVER_V4),
+                    20_000 + u16::try_from(i % 20_000).unwrap_or(0),
+                );
+                scope.spawn(move || {
+                    let mut outcome = TaskOutcome::default();
+                    while std::time::Instant::now() < deadline && outcome.errors < MAX_ERRORS {
+                        let t0 = std::time::Instant::now();
+                        let result = (|| {
+                            let mut binding = session.bind(local, Family::V4)?;
+                            session.connect(&mut binding, remote)?;
+                            let setup = t0.elapsed();
+                            session.release(binding)?;
+                            Ok::<_, gateway_client::ClientError>(setup)
+                        })();
+                        match result {
+                            Ok(setup) => {
+                                outcome.completed += 1;
+                                outcome.latencies_ns.push(nanos(setup));
+                            }
+                            Err(error) => {
+                                outcome.error(error);
+                                if session.is_closed() {
+                                    break;
+                                }
+                            }
+                        }
                     }
-                    Err(error) => outcome.error(error),
-                }
-            }
-            drop(session);
-            outcome
-        });
-    }
-    let outcomes = tasks.join_all().await;
+                    outcome
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().unwrap_or_default())
+            .collect::<Vec<_>>()
+    });
     Ok(combine(conns, start.elapsed(), outcomes))
 }
 
@@ -241,128 +260,223 @@ async fn associate_load(conns: usize, time: Duration) -> Result<ControlRun> {
     Ok(combine(conns, start.elapsed(), outcomes))
 }
 
-/// Extra external addresses put on fw's outside interface for the memory scenario.
-fn extra_external() -> Vec<(IpAddr, u8)> {
-    let mut extra: Vec<(IpAddr, u8)> = (10..14)
-        .map(|i| (IpAddr::from([203, 0, 113, i]), 24))
-        .collect();
-    extra.extend((0x10..0x14).map(|i| (IpAddr::from([0x2001, 0xdb8, 2, 0, 0, 0, 0, i]), 64)));
-    extra
+/// Extra addresses for the memory scenario: on fw's outside interface (external relay
+/// addresses), on fw's inside interface (internal relay addresses) and on the client (client
+/// hosts, each of which keeps one external address).
+struct ExtraAddresses {
+    external: Vec<(IpAddr, u8)>,
+    internal: Vec<(IpAddr, u8)>,
+    clients: Vec<(IpAddr, u8)>,
 }
 
+fn extra_addresses() -> ExtraAddresses {
+    let v4 = |net: [u8; 3], range: std::ops::Range<u8>| -> Vec<(IpAddr, u8)> {
+        range
+            .map(|i| (IpAddr::from([net[0], net[1], net[2], i]), 24))
+            .collect()
+    };
+    let v6 = |net: u16, range: std::ops::Range<u16>| -> Vec<(IpAddr, u8)> {
+        range
+            .map(|i| (IpAddr::from([0x2001, 0xdb8, net, 0, 0, 0, 0, i]), 64))
+            .collect()
+    };
+    let mut external = v4([203, 0, 113], 10..14);
+    external.extend(v6(2, 0x10..0x14));
+    let mut internal = v4([198, 51, 100], 10..14);
+    internal.extend(v6(1, 0x10..0x14));
+    let mut clients = v4([198, 51, 100], 20..28);
+    clients.extend(v6(1, 0x20..0x28));
+    ExtraAddresses {
+        external,
+        internal,
+        clients,
+    }
+}
+
+/// Relay ports per address in the memory scenario: internal and external addresses differ, so
+/// both sides take the same wide range below the ephemeral ports.
+const MEMORY_PORTS: &str = "8192-32767";
+
 /// Holds as many confirmed two-step bindings as the daemon gives (up to the plan's target),
-/// half IPv4 and half IPv6, and reads the daemon's resident memory.
+/// half IPv4 and half IPv6, from several client hosts over several internal and external
+/// addresses, and reads the daemon's resident memory and descriptors.
 fn memory(env: &Env) -> Result<MemoryResult> {
-    let extra = extra_external();
-    for (ip, prefix) in &extra {
-        add_address(&env.bed.fw, *ip, *prefix, iface::FW_OUTSIDE)?;
+    let extra = extra_addresses();
+    let places = [
+        (&env.bed.fw, &extra.external, iface::FW_OUTSIDE),
+        (&env.bed.fw, &extra.internal, iface::FW_INSIDE),
+        (&env.bed.client, &extra.clients, iface::HOST),
+    ];
+    for (ns, addrs, dev) in places {
+        for (ip, prefix) in addrs {
+            add_address(ns, *ip, *prefix, dev)?;
+        }
     }
     let outcome = (|| {
         let target = env.plan.memory_target;
-        let max = (target * 4).max(65_536).to_string();
-        let guard = ArmGuard::start(env, Arm::Kernel, &["--max-bindings", &max])?;
+        let kernel_entries = (target * 2).max(65_536).to_string();
+        let per_client = target.max(1024).to_string();
+        let guard = ArmGuard::start(
+            env,
+            Arm::Kernel,
+            &[
+                "--max-bindings",
+                &kernel_entries,
+                "--internal-ports",
+                MEMORY_PORTS,
+                "--external-ports",
+                MEMORY_PORTS,
+                "--max-bindings-per-connection",
+                &per_client,
+                "--max-bindings-per-user",
+                &per_client,
+            ],
+        )?;
         let pid = guard.daemon_pid().context("daemon pid")?;
         let pin_dir = guard.cleanup.as_ref().context("pins")?.pin_dir();
-        std::thread::sleep(Duration::from_millis(300));
         let mut configured = vec![
             addr::FW_OUTSIDE_V4.to_string(),
             addr::FW_OUTSIDE_V6.to_string(),
         ];
-        configured.extend(extra.iter().map(|(ip, _)| ip.to_string()));
+        configured.extend(extra.external.iter().map(|(ip, _)| ip.to_string()));
+        let mut clients: Vec<IpAddr> = vec![addr::CLIENT_V4.into(), addr::CLIENT_V6.into()];
+        clients.extend(extra.clients.iter().map(|(ip, _)| *ip));
         let memory = env.client(Duration::from_mins(5), async move {
-            hold_bindings(target, pid, pin_dir, configured).await
+            tokio::task::spawn_blocking(move || {
+                hold_bindings(target, pid, &pin_dir, configured, &clients)
+            })
+            .await
+            .context("holding threads")?
         });
         memory.map(|mut memory| {
             memory.daemon_log = daemon_warnings(&guard);
             memory
         })
     })();
-    for (ip, prefix) in &extra {
-        let _ = run_checked(env.bed.fw.command("ip").args([
-            "addr",
-            "del",
-            &format!("{ip}/{prefix}"),
-            "dev",
-            iface::FW_OUTSIDE,
-        ]));
+    for (ns, addrs, dev) in places {
+        for (ip, prefix) in addrs {
+            let _ = run_checked(ns.command("ip").args([
+                "addr",
+                "del",
+                &format!("{ip}/{prefix}"),
+                "dev",
+                dev,
+            ]));
+        }
     }
     outcome.map(|mut memory| {
-        memory.bytes_per_binding = if memory.live == 0 {
-            f64::NAN
+        #[expect(clippy::cast_precision_loss, reason = "memory sizes and counts")]
+        if memory.live > 0 {
+            let live = memory.live as f64;
+            memory.bytes_per_binding =
+                memory.rss_after.saturating_sub(memory.rss_before) as f64 / live;
+            memory.fds_per_binding =
+                memory.fds_after.saturating_sub(memory.fds_before) as f64 / live;
         } else {
-            #[expect(clippy::cast_precision_loss, reason = "memory sizes")]
-            let per =
-                memory.rss_after.saturating_sub(memory.rss_before) as f64 / memory.live as f64;
-            per
-        };
+            memory.bytes_per_binding = f64::NAN;
+            memory.fds_per_binding = f64::NAN;
+        }
         memory
     })
 }
 
-async fn hold_bindings(
+/// A control connection from `source` (one of the client's addresses), in the enhanced mode.
+fn session_from(source: IpAddr) -> Result<blocking::Session> {
+    let proxy = match source {
+        IpAddr::V4(_) => PROXY,
+        IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(addr::FW_INSIDE_V6), 1080),
+    };
+    let stream = bound_stream(source, proxy)?;
+    Ok(blocking::Client::over(stream, None, Timeouts::default())?.enhanced()?)
+}
+
+/// A TCP connection from `source` to `to`.
+fn bound_stream(source: IpAddr, to: SocketAddr) -> Result<std::net::TcpStream> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket,
+    };
+    use std::os::fd::AsRawFd as _;
+    let family = if source.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrStorage::from(SocketAddr::new(source, 0)),
+    )?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(to))?;
+    Ok(std::net::TcpStream::from(fd))
+}
+
+fn hold_bindings(
     target: usize,
     pid: i32,
-    pin_dir: std::path::PathBuf,
+    pin_dir: &std::path::Path,
     configured: Vec<String>,
+    clients: &[IpAddr],
 ) -> Result<MemoryResult> {
-    let rss_before = procfs::read_rss(pid)?;
-    let started = Instant::now();
-    let sessions_per_family = 32;
-    let mut tasks = JoinSet::new();
-    for (family, proxy, remote_ip) in [
-        (Family::V4, PROXY, IpAddr::V4(addr::SERVER_V4)),
-        (
-            Family::V6,
-            SocketAddr::new(IpAddr::V6(addr::FW_INSIDE_V6), 1080),
-            IpAddr::V6(addr::SERVER_V6),
-        ),
-    ] {
-        let count = Arc::new(AtomicUsize::new(0));
-        let quota = target / 2;
-        for i in 0..sessions_per_family {
-            let count = Arc::clone(&count);
-            let remote = SocketAddr::new(remote_ip, 6000 + i);
-            tasks.spawn(async move {
-                let mut held: Vec<UdpBinding> = Vec::new();
-                let mut refusal = None;
-                let mut externals = BTreeSet::new();
-                match Client::connect(proxy, None).await {
-                    Ok(client) => match client.enhanced().await {
-                        Ok(session) => {
-                            while count.fetch_add(1, Ordering::Relaxed) < quota {
-                                let made = async {
-                                    let binding = session.udp_socket(family).await?;
-                                    let relays = binding.bind().await?;
-                                    binding.connect(remote).await?;
-                                    Ok::<_, gateway_client::ClientError>((binding, relays))
-                                };
-                                match made.await {
-                                    Ok((binding, relays)) => {
-                                        externals.insert(relays.external.ip());
-                                        held.push(binding);
-                                    }
-                                    Err(error) => {
-                                        refusal = Some(error.to_string());
-                                        break;
-                                    }
-                                }
-                            }
-                            // The session must outlive its bindings' use: keep it with them.
-                            (family, held, refusal, externals, Some(session))
-                        }
-                        Err(error) => (family, held, Some(error.to_string()), externals, None),
-                    },
-                    Err(error) => (family, held, Some(error.to_string()), externals, None),
-                }
-            });
-        }
+    // Sessions first: their descriptors are the daemon's, not the bindings'.
+    let mut sessions = Vec::new();
+    for client in clients {
+        sessions.push((*client, session_from(*client)?));
     }
-    let outcomes = tasks.join_all().await;
+    std::thread::sleep(Duration::from_millis(300));
+    let rss_before = procfs::read_rss(pid)?;
+    let fds_before = procfs::fd_count(pid)?;
+    let started = std::time::Instant::now();
+    let quota = target.div_ceil(clients.len());
+    let outcomes = std::thread::scope(|scope| {
+        let handles: Vec<_> = sessions
+            .into_iter()
+            .enumerate()
+            .map(|(i, (client, mut session))| {
+                let (family, remote_ip) = match client {
+                    IpAddr::V4(_) => (Family::V4, IpAddr::V4(addr::SERVER_V4)),
+                    IpAddr::V6(_) => (Family::V6, IpAddr::V6(addr::SERVER_V6)),
+                };
+                let remote = SocketAddr::new(remote_ip, 6000 + u16::try_from(i).unwrap_or(0));
+                scope.spawn(move || {
+                    let mut held = Vec::with_capacity(quota);
+                    let mut refusal = None;
+                    let mut externals = BTreeSet::new();
+                    for n in 0..quota {
+                        let local =
+                            SocketAddr::new(client, 1024 + u16::try_from(n % 60_000).unwrap_or(0));
+                        let made = (|| {
+                            let mut binding = session.bind(local, family)?;
+                            let relays = session.connect(&mut binding, remote)?;
+                            Ok::<_, gateway_client::ClientError>((binding, relays))
+                        })();
+                        match made {
+                            Ok((binding, relays)) => {
+                                externals.insert(relays.external.ip());
+                                held.push(binding);
+                            }
+                            Err(error) => {
+                                refusal = Some(error.to_string());
+                                break;
+                            }
+                        }
+                    }
+                    // The session must outlive the reading: return it with its bindings.
+                    (family, held, refusal, externals, session)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|handle| handle.join().ok())
+            .collect::<Vec<_>>()
+    });
     let setup_seconds = started.elapsed().as_secs_f64();
     let mut memory = MemoryResult {
         target,
         rss_before,
+        fds_before,
         external_ips_configured: configured,
+        client_addresses: clients.len(),
         setup_seconds,
         ..MemoryResult::default()
     };
@@ -378,12 +492,12 @@ async fn hold_bindings(
     }
     memory.refusals = refusals;
     memory.external_ips_used = externals.into_iter().collect();
-    // Let the daemon settle (allocator, relay tasks) before reading.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let the daemon settle (allocator) before reading.
+    std::thread::sleep(Duration::from_millis(500));
     memory.rss_after = procfs::read_rss(pid)?;
-    memory.kernel_map_bytes = kernel_map_bytes(&pin_dir);
+    memory.fds_after = procfs::fd_count(pid)?;
+    memory.kernel_map_bytes = kernel_map_bytes(pin_dir);
     drop(outcomes);
-    tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(memory)
 }
 

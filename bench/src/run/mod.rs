@@ -1,6 +1,7 @@
 //! The scenarios of the bench, one module per area, over a shared environment.
 
 pub mod arms;
+pub mod churn;
 pub mod control;
 pub mod drop;
 pub mod env;
@@ -39,27 +40,31 @@ pub fn meta(plan: &Plan) -> Meta {
 /// Runs the wanted areas in order; a failing area is recorded and the next one runs.
 pub fn run_areas(env: &Env, results: &mut Results, wanted: &dyn Fn(&str) -> bool) {
     if wanted("relay") {
-        env.progress("area 1/6: inbound media relay");
+        env.progress("area 1/7: inbound media relay");
         relay::run(env, results);
     }
     if wanted("drop") {
-        env.progress("area 2/6: unsolicited drop and collateral damage");
+        env.progress("area 2/7: unsolicited drop and collateral damage");
         drop::run(env, results);
     }
     if wanted("control") {
-        env.progress("area 3/6: control plane");
+        env.progress("area 3/7: control plane");
         control::run(env, results);
     }
     if wanted("scale") {
-        env.progress("area 4/6: kernel relay with many installed entries");
+        env.progress("area 4/7: kernel relay with many installed entries");
         scale::run(env, results);
     }
+    if wanted("churn") {
+        env.progress("area 5/7: churn (a million bindings made and ended, then what is left)");
+        churn::run(env, results);
+    }
     if wanted("latency") {
-        env.progress("area 5/6: added latency (UDP echo)");
+        env.progress("area 6/7: added latency (UDP echo)");
         latency::run(env, results);
     }
     if wanted("profile") {
-        env.progress("area 6/6: where the time goes (perf flame graphs, program run time)");
+        env.progress("area 7/7: where the time goes (perf flame graphs, program run time)");
         profile::run(env, results);
     }
 }

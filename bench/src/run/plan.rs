@@ -34,6 +34,8 @@ pub struct Plan {
     pub memory_target: usize,
     /// Installed entries of the scale scenario.
     pub scale_entries: Vec<u64>,
+    /// Bindings the churn scenario makes and ends.
+    pub churn_bindings: usize,
 }
 
 impl Plan {
@@ -51,6 +53,7 @@ impl Plan {
             control_time: Duration::from_secs(2),
             memory_target: 100_000,
             scale_entries: vec![1, 10_000, 1_000_000],
+            churn_bindings: 1_000_000,
         };
         match mode {
             Mode::Full => full,
@@ -59,6 +62,7 @@ impl Plan {
                 warmup: Duration::from_millis(300),
                 window: Duration::from_secs(1),
                 control_time: Duration::from_secs(1),
+                churn_bindings: 100_000,
                 ..full
             },
             Mode::Smoke => Self {
@@ -72,6 +76,7 @@ impl Plan {
                 control_time: Duration::from_millis(300),
                 memory_target: 200,
                 scale_entries: vec![1, 100, 1_000],
+                churn_bindings: 2_000,
                 ..full
             },
         }

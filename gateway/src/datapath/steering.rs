@@ -9,9 +9,9 @@
 use std::{collections::HashMap, fs::File, net::IpAddr, os::fd::AsRawFd};
 
 use aya::{
-    Ebpf, EbpfLoader,
+    EbpfLoader,
     maps::{HashMap as BpfHashMap, SockMap},
-    programs::SkLookup,
+    programs::{SkLookup, sk_lookup::SkLookupLink},
 };
 use gateway_common::{
     Addr16, MAX_RELAY_ADDRS, RelaySide, RelaySpan, SK_LOOKUP_PROGRAM, map_names, relay_socket_index,
@@ -29,9 +29,11 @@ pub struct RelayPortRange {
     pub last: u16,
 }
 
-/// The attached steering program and its maps; detached when dropped.
+/// The attached steering program; detached when dropped. Only its link is kept (one
+/// descriptor): the link holds the program, and the program its two maps, which nothing writes
+/// after start.
 pub struct Steering {
-    _ebpf: Ebpf,
+    _link: SkLookupLink,
 }
 
 impl std::fmt::Debug for Steering {
@@ -126,13 +128,21 @@ impl Steering {
             path: netns_path.into(),
             source,
         })?;
-        program
+        let attached = program
             .attach(&netns)
             .map_err(|source| DatapathError::Program {
                 what: format!("attach {SK_LOOKUP_PROGRAM} to this network namespace"),
                 source,
             })?;
-        Ok(Self { _ebpf: ebpf })
+        let link = program
+            .take_link(attached)
+            .map_err(|source| DatapathError::Program {
+                what: format!("keep the link of {SK_LOOKUP_PROGRAM}"),
+                source,
+            })?;
+        // The object's other maps and programs go now; the link keeps what steering needs.
+        drop(ebpf);
+        Ok(Self { _link: link })
     }
 }
 

@@ -365,13 +365,26 @@ impl EnhancedMode {
             && self.relay.add(info, to_client)
     }
 
+    /// Releases binding `aid` of `conn`: the machine's decision, applied before the bindings
+    /// lock is let go.
+    fn release(&self, gate: &dyn Gate, conn: ConnId, aid: u32) -> crate::binding::Decision {
+        let mut bindings = self.lock_bindings();
+        let decision = bindings.on_release(conn, aid, now());
+        self.apply_teardown(gate, &decision.actions);
+        drop(bindings);
+        decision
+    }
+
     /// Reports traffic of binding `aid` (the relay rate-limits these calls).
     fn traffic(&self, aid: u32, at: Instant) {
         self.lock_bindings().on_traffic(aid, at);
     }
 
     /// Applies the teardown actions of a release, an expiry or a connection close, in order:
-    /// kernel entries first, then the relay sockets.
+    /// kernel entries first, then the relay entry. Called with the bindings lock held (lock
+    /// order: bindings, then kernel flows and the relay's table): a port the machine frees is
+    /// handed out again only after its old kernel entries and relay entry are gone, so a new
+    /// binding on it never has its entries removed by the old one's teardown.
     fn apply_teardown(&self, gate: &dyn Gate, actions: &[Action]) {
         for action in actions {
             match action {
@@ -401,9 +414,16 @@ impl EnhancedMode {
 
     /// Expires what is due at `now`: kernel entries go, relays stop, owners are told.
     fn expire(&self, gate: &dyn Gate, now: Instant) {
-        let expired = self.lock_bindings().on_timeout(now);
+        let expired = {
+            let mut bindings = self.lock_bindings();
+            let expired = bindings.on_timeout(now);
+            for gone in &expired {
+                self.apply_teardown(gate, &gone.actions);
+            }
+            drop(bindings);
+            expired
+        };
         for gone in expired {
-            self.apply_teardown(gate, &gone.actions);
             info!(conn = ?gone.conn, aid = gone.aid, tid = gone.tid, reason = ?gone.reason,
                 "binding expired");
             if let Some(notices) = self.lock_conns().get(&gone.conn) {
@@ -418,10 +438,15 @@ impl EnhancedMode {
 
     /// Connection `conn` closed: every binding it made goes, with its kernel entries and relays.
     fn connection_closed(&self, gate: &dyn Gate, conn: ConnId) {
-        let actions = self.lock_bindings().on_connection_closed(conn);
-        self.apply_teardown(gate, &actions);
-        // Nothing of this connection may outlive it, whatever the machine said.
-        self.relay.remove_conn(conn);
+        let actions = {
+            let mut bindings = self.lock_bindings();
+            let actions = bindings.on_connection_closed(conn);
+            self.apply_teardown(gate, &actions);
+            // Nothing of this connection may outlive it, whatever the machine said.
+            self.relay.remove_conn(conn);
+            drop(bindings);
+            actions
+        };
         self.lock_conns().remove(&conn);
         self.owners
             .lock()

@@ -319,9 +319,8 @@ impl Session<'_> {
 
     /// Releases `aid` after a failed setup: what was reserved or installed goes again.
     fn release_quietly(&mut self, aid: u32) {
-        let decision = self.mode.lock_bindings().on_release(self.conn, aid, now());
         self.mode
-            .apply_teardown(self.services.gate.as_ref(), &decision.actions);
+            .release(self.services.gate.as_ref(), self.conn, aid);
         self.relays.remove(&aid);
     }
 
@@ -329,10 +328,7 @@ impl Session<'_> {
         self.stats.releases += 1;
         let decision = self
             .mode
-            .lock_bindings()
-            .on_release(self.conn, request.aid, now());
-        self.mode
-            .apply_teardown(self.services.gate.as_ref(), &decision.actions);
+            .release(self.services.gate.as_ref(), self.conn, request.aid);
         if decision.reply.code == ReplyCode::Ok {
             self.relays.remove(&request.aid);
         }
