@@ -150,11 +150,12 @@ pub trait Gate: Send + Sync + std::fmt::Debug {
     fn list(&self) -> Vec<(BindingKey, BindingValue)> {
         Vec::new()
     }
-    /// When the kernel last relayed a datagram of this flow in either direction (`CLOCK_MONOTONIC`
-    /// ns), if it relays it.
-    fn kernel_last_seen(&self, entry: GateEntry, relay: &KernelRelay) -> Option<u64> {
-        let _ = (entry, relay);
-        None
+    /// The AIDs of the bindings whose kernel-relayed flows carried a datagram, either way,
+    /// after `since_ns` (`CLOCK_MONOTONIC`): one pass over the kernel's maps, however many
+    /// bindings there are, and no per-binding state in user space.
+    fn kernel_active_since(&self, since_ns: u64) -> Vec<u32> {
+        let _ = since_ns;
+        Vec::new()
     }
     /// Stops admitting for good: removes every entry and refuses every later install (a
     /// stopping daemon's connections may still be confirming). Returns how many entries went.
@@ -364,16 +365,28 @@ impl Gate for KernelGate {
         map.iter().filter_map(Result::ok).collect()
     }
 
-    fn kernel_last_seen(&self, entry: GateEntry, relay: &KernelRelay) -> Option<u64> {
-        let inbound = self.inbound_counters(entry).map(|c| c.last_seen_ns);
-        let outbound = self
-            .outbound
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&relay.outbound_key(), 0)
-            .ok()
-            .map(|value| value.counters.last_seen_ns);
-        inbound.max(outbound)
+    fn kernel_active_since(&self, since_ns: u64) -> Vec<u32> {
+        let mut active = Vec::new();
+        {
+            let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+            active.extend(map.iter().filter_map(Result::ok).filter_map(|(_, value)| {
+                (value.mode == gateway_common::relay_mode::KERNEL
+                    && value.counters.last_seen_ns > since_ns)
+                    .then(|| u32::from_be(value.aid_be))
+            }));
+        }
+        let outbound = self.outbound.lock().unwrap_or_else(PoisonError::into_inner);
+        active.extend(
+            outbound
+                .iter()
+                .filter_map(Result::ok)
+                .filter_map(|(_, value)| {
+                    (value.counters.last_seen_ns > since_ns).then(|| u32::from_be(value.aid_be))
+                }),
+        );
+        active.sort_unstable();
+        active.dedup();
+        active
     }
 
     fn close(&self) -> usize {

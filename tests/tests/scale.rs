@@ -309,3 +309,67 @@ fn a_churn_of_every_kind_of_binding_leaves_no_port_entry_or_descriptor() {
         "the daemon's descriptors at start and after the churn"
     );
 }
+
+/// The daemon learns of kernel-relayed traffic by one pass over the kernel's counters per poll
+/// (no per-binding state): a binding whose datagrams only the kernel relays, in either
+/// direction alone, outlives its idle timeout for as long as they flow, and idles out once
+/// they stop.
+#[test]
+fn kernel_relayed_traffic_either_way_keeps_a_binding_past_its_idle_timeout() {
+    const IDLE: Duration = Duration::from_secs(2);
+    let bed = Testbed::new().unwrap();
+    let (gateway, _cleanup) = start_in_fw(&bed, &["--idle-timeout", "2"]).unwrap();
+    let client = bed
+        .client
+        .run(|| UdpSocket::bind((addr::CLIENT_V4, 0)).unwrap())
+        .unwrap();
+    let server = bed
+        .server
+        .run(|| UdpSocket::bind((addr::SERVER_V4, 0)).unwrap())
+        .unwrap();
+    let (client_addr, server_addr) = (client.local_addr().unwrap(), server.local_addr().unwrap());
+    let mut session = bed.client.run(session).unwrap();
+    let mut binding = session.bind(client_addr, Family::V4).unwrap();
+    let relays = session.connect(&mut binding, server_addr).unwrap();
+    for socket in [&client, &server] {
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+    }
+    let live = |bed: &Testbed| {
+        bindings_doc(bed, &gateway.instance)["enhanced_bindings"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    let mut buf = [0u8; 256];
+    // Three idle timeouts of inbound datagrams only, then three of outbound only.
+    let paced = Duration::from_millis(100);
+    let rounds = u32::try_from((IDLE * 3).as_millis() / paced.as_millis()).unwrap();
+    for round in 0..rounds {
+        server.send_to(b"in", relays.external).unwrap();
+        let (len, _) = client
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("inbound datagram {round}: {e}"));
+        assert_eq!(&buf[..len], framed(relays.aid, b"in").as_slice());
+        std::thread::sleep(paced);
+    }
+    assert_eq!(live(&bed), 1, "inbound kernel traffic keeps the binding");
+    for round in 0..rounds {
+        client
+            .send_to(&framed(relays.aid, b"out"), relays.internal)
+            .unwrap();
+        let (len, _) = server
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("outbound datagram {round}: {e}"));
+        assert_eq!(&buf[..len], b"out");
+        std::thread::sleep(paced);
+    }
+    assert_eq!(live(&bed), 1, "outbound kernel traffic keeps the binding");
+    // Silence: it idles out (idle timeout plus a poll, with margin).
+    let left = poll(IDLE * 5, || {
+        let n = live(&bed);
+        (n == 0, n)
+    });
+    assert_eq!(left, 0, "the binding idles out once its traffic stops");
+    drop(session);
+}

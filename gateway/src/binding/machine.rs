@@ -204,6 +204,14 @@ impl Bindings {
     }
 
     /// A view of the live binding `aid`.
+    /// The kernel entries a live binding `aid` has installed (none while half-bound).
+    pub fn kernel_entries(&self, aid: u32) -> Vec<super::KernelEntry> {
+        self.live
+            .get(&aid)
+            .map(|binding| binding.entries(aid))
+            .unwrap_or_default()
+    }
+
     pub fn binding(&self, aid: u32) -> Option<BindingInfo> {
         let b = self.live.get(&aid)?;
         Some(BindingInfo {

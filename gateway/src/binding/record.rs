@@ -220,3 +220,15 @@ pub(super) fn ok_reply(aid: u32, flags: u16, ports: &RelayPorts) -> Reply {
         error: None,
     }
 }
+#[cfg(test)]
+mod tests {
+    /// A live binding's share of the 1 KiB budget (bench: daemon RSS per live binding).
+    #[test]
+    fn a_binding_record_stays_small() {
+        assert!(
+            size_of::<super::Binding>() <= 200,
+            "{} octets",
+            size_of::<super::Binding>()
+        );
+    }
+}

@@ -80,21 +80,27 @@ pub struct EnhancedMode {
     /// Bindings refused by a cap: per connection, per user, gateway-wide.
     caps_hit: [AtomicU64; 3],
     wake: Arc<Notify>,
+    /// The deadline the expiry task sleeps towards (nanoseconds after `epoch`; `u64::MAX`:
+    /// none), read and written under the bindings lock: a bind wakes the task only when it
+    /// brings an earlier one.
+    expiry_target: AtomicU64,
+    epoch: Instant,
     expiry_started: AtomicBool,
-    /// Flows the kernel relays, by AID, with the last-seen time read at the last poll: kernel
-    /// traffic keeps their bindings from idling out.
-    kernel_flows: Mutex<HashMap<u32, Vec<KernelFlow>>>,
+    /// `CLOCK_MONOTONIC` ns of the last poll of the kernel's counters: flows seen after it
+    /// keep their bindings from idling out.
+    last_kernel_poll_ns: AtomicU64,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct KernelFlow {
-    entry: GateEntry,
-    relay: KernelRelay,
-    last_seen_ns: u64,
+/// How often kernel counters are polled for activity: a quarter of the idle timeout (a binding
+/// with kernel traffic is seen active well before it could idle out), within these bounds. Each
+/// poll reads every kernel flow's counters, so it must not run every second at 100,000 bindings
+/// with a long idle timeout.
+fn kernel_traffic_poll(idle_timeout: std::time::Duration) -> std::time::Duration {
+    (idle_timeout / 4).clamp(
+        std::time::Duration::from_millis(250),
+        std::time::Duration::from_secs(30),
+    )
 }
-
-/// How often kernel counters are polled for activity.
-const KERNEL_TRAFFIC_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl fmt::Debug for EnhancedMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -134,44 +140,18 @@ impl EnhancedMode {
             next_conn: AtomicU64::new(1),
             caps_hit: Default::default(),
             wake: Arc::new(Notify::new()),
+            expiry_target: AtomicU64::new(u64::MAX),
+            epoch: now(),
             expiry_started: AtomicBool::new(false),
-            kernel_flows: Mutex::new(HashMap::new()),
+            last_kernel_poll_ns: AtomicU64::new(crate::datapath::monotonic_ns()),
         })
-    }
-
-    /// Records a flow installed for the kernel relay.
-    fn kernel_flow_installed(&self, aid: u32, entry: GateEntry, relay: KernelRelay) {
-        self.kernel_flows
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(aid)
-            .or_default()
-            .push(KernelFlow {
-                entry,
-                relay,
-                last_seen_ns: 0,
-            });
     }
 
     /// Reports to the machine every binding whose kernel flows moved since the last poll.
     fn poll_kernel_traffic(&self, gate: &dyn Gate) {
-        let mut active = Vec::new();
-        {
-            let mut flows = self
-                .kernel_flows
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            for (aid, flows) in flows.iter_mut() {
-                for flow in flows.iter_mut() {
-                    if let Some(seen) = gate.kernel_last_seen(flow.entry, &flow.relay)
-                        && seen > flow.last_seen_ns
-                    {
-                        flow.last_seen_ns = seen;
-                        active.push(*aid);
-                    }
-                }
-            }
-        }
+        let now_ns = crate::datapath::monotonic_ns();
+        let since = self.last_kernel_poll_ns.swap(now_ns, Ordering::AcqRel);
+        let active = gate.kernel_active_since(since);
         if !active.is_empty() {
             let at = now();
             let mut bindings = self.lock_bindings();
@@ -296,36 +276,40 @@ impl EnhancedMode {
             binding::BindingState,
             report::{EnhancedBinding, KernelFlow},
         };
-        let list = self.lock_bindings().list();
+        let list: Vec<_> = {
+            let bindings = self.lock_bindings();
+            bindings
+                .list()
+                .into_iter()
+                .map(|(info, user)| {
+                    let entries = bindings.kernel_entries(info.aid);
+                    (info, user, entries)
+                })
+                .collect()
+        };
         let owners = self
             .owners
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let flows = self
-            .kernel_flows
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
         list.into_iter()
-            .map(|(info, user)| {
+            .map(|(info, user, entries)| {
                 let (state, remote) = match info.state {
                     BindingState::HalfBound { .. } => ("half-bound", None),
                     BindingState::Confirmed { remote, .. } => {
                         ("confirmed", Some(format!("{remote:?}")))
                     }
                 };
-                let kernel_flows = flows
-                    .get(&info.aid)
-                    .into_iter()
-                    .flatten()
-                    .map(|flow| {
-                        let counters = gate.inbound_counters(flow.entry);
+                let kernel_flows = entries
+                    .iter()
+                    .filter_map(|entry| Some((gate_entry(entry), kernel_relay(entry)?)))
+                    .map(|(entry, relay)| {
+                        let counters = gate.inbound_counters(entry);
                         KernelFlow {
-                            remote: flow.entry.remote,
-                            external_relay: flow.entry.relay,
-                            client: flow.relay.client,
-                            internal_relay: flow.relay.internal_relay,
+                            remote: entry.remote,
+                            external_relay: entry.relay,
+                            client: relay.client,
+                            internal_relay: relay.internal_relay,
                             inbound_packets: counters.map_or(0, |c| c.packets),
                             inbound_bytes: counters.map_or(0, |c| c.bytes),
                         }
@@ -365,6 +349,20 @@ impl EnhancedMode {
             && self.relay.add(info, to_client)
     }
 
+    /// `at` as the expiry task's target.
+    fn deadline_key(&self, at: Option<Instant>) -> u64 {
+        at.map_or(u64::MAX, |at| {
+            u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+        })
+    }
+
+    /// After a decision that may have scheduled a deadline (with the bindings lock held):
+    /// whether the expiry task must wake, because the earliest deadline is now earlier than
+    /// the one it sleeps towards.
+    fn expiry_due_earlier(&self, bindings: &Bindings) -> bool {
+        self.deadline_key(bindings.next_deadline()) < self.expiry_target.load(Ordering::Acquire)
+    }
+
     /// Releases binding `aid` of `conn`: the machine's decision, applied before the bindings
     /// lock is let go.
     fn release(&self, gate: &dyn Gate, conn: ConnId, aid: u32) -> crate::binding::Decision {
@@ -382,7 +380,7 @@ impl EnhancedMode {
 
     /// Applies the teardown actions of a release, an expiry or a connection close, in order:
     /// kernel entries first, then the relay entry. Called with the bindings lock held (lock
-    /// order: bindings, then kernel flows and the relay's table): a port the machine frees is
+    /// order: bindings, then the relay's table): a port the machine frees is
     /// handed out again only after its old kernel entries and relay entry are gone, so a new
     /// binding on it never has its entries removed by the old one's teardown.
     fn apply_teardown(&self, gate: &dyn Gate, actions: &[Action]) {
@@ -392,16 +390,6 @@ impl EnhancedMode {
                     gate.remove(gate_entry(entry));
                     if let Some(relay) = kernel_relay(entry) {
                         gate.remove_outbound(&relay);
-                        let mut flows = self
-                            .kernel_flows
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner);
-                        if let Some(list) = flows.get_mut(&entry.aid) {
-                            list.retain(|flow| flow.relay != relay);
-                            if list.is_empty() {
-                                flows.remove(&entry.aid);
-                            }
-                        }
                     }
                 }
                 Action::Free(ports) => self.relay.remove_ports(ports.internal),
@@ -501,8 +489,12 @@ pub(crate) fn kernel_relay(entry: &KernelEntry) -> Option<KernelRelay> {
 /// Polls the kernel's per-entry counters so traffic the kernel relays counts against idling.
 /// Ends when the mode is dropped.
 async fn kernel_traffic_loop(mode: Weak<EnhancedMode>, gate: Arc<dyn Gate>) {
+    let every = match mode.upgrade() {
+        Some(mode) => kernel_traffic_poll(mode.config.idle_timeout),
+        None => return,
+    };
     loop {
-        tokio::time::sleep(KERNEL_TRAFFIC_POLL).await;
+        tokio::time::sleep(every).await;
         let Some(mode) = mode.upgrade() else {
             return;
         };
@@ -519,7 +511,11 @@ async fn expiry_loop(mode: Weak<EnhancedMode>, wake: Arc<Notify>, gate: Arc<dyn 
                 return;
             };
             mode.expire(gate.as_ref(), now());
-            mode.lock_bindings().next_deadline()
+            let bindings = mode.lock_bindings();
+            let next = bindings.next_deadline();
+            mode.expiry_target
+                .store(mode.deadline_key(next), Ordering::Release);
+            next
         };
         match next {
             Some(at) => {

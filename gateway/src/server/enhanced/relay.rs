@@ -157,10 +157,8 @@ struct Entry {
     state: RelayState,
     /// Client ports latched per flow (LOCAL port 0).
     latched: [u16; 2],
-    /// Host-level match: the remote port last heard from, per flow.
-    host_peer: [Option<SocketAddr>; 2],
-    /// Listen: remotes that have sent, per flow (allocated for Listen bindings only).
-    listen_peers: Option<Box<[HashSet<SocketAddr>; 2]>>,
+    /// What only host-level and Listen bindings need (most bindings are Opens: none).
+    peers: Option<Box<Peers>>,
     /// Where encoded `03` packets for the client go (TCP-encapsulated bindings).
     to_client: mpsc::Sender<Bytes>,
     last_report: Option<tokio::time::Instant>,
@@ -168,7 +166,20 @@ struct Entry {
     sent_to_client: u64,
 }
 
+/// The remotes a host-level or Listen binding has heard from.
+#[derive(Debug, Default)]
+struct Peers {
+    /// Host-level match: the remote port last heard from, per flow.
+    host: [Option<SocketAddr>; 2],
+    /// Listen: remotes that have sent, per flow.
+    listen: [HashSet<SocketAddr>; 2],
+}
+
 impl Entry {
+    fn peers(&mut self) -> &mut Peers {
+        self.peers.get_or_insert_with(Box::default)
+    }
+
     /// The client's port on `flow`: LOCAL's (plus the flow number), or the latched one.
     fn client_port(&self, flow: usize) -> Option<u16> {
         match self.state.client.port() {
@@ -331,8 +342,7 @@ impl Relay {
                 ports: info.ports,
                 state,
                 latched: [0; 2],
-                host_peer: [None; 2],
-                listen_peers: None,
+                peers: None,
                 to_client,
                 last_report: None,
                 sent_to_remote: 0,
@@ -346,9 +356,6 @@ impl Relay {
     pub fn update(&self, info: &BindingInfo) {
         if let Some(entry) = self.lock().bindings.get_mut(&info.aid) {
             entry.state = RelayState::of(info);
-            if entry.state.remote == Some(RemoteMatch::Any) && entry.listen_peers.is_none() {
-                entry.listen_peers = Some(Box::default());
-            }
         }
     }
 
@@ -581,13 +588,13 @@ fn to_remote(
     let flow_offset = u16::try_from(flow).unwrap_or(0);
     let target = match remote {
         RemoteMatch::Exact(addr) => with_offset(canonical(addr), flow_offset),
-        RemoteMatch::Host(_) => entry.host_peer[flow],
+        RemoteMatch::Host(_) => entry.peers.as_ref().and_then(|peers| peers.host[flow]),
         RemoteMatch::Any => match named {
             Some(Address::Ip(addr)) => Some(canonical(*addr)).filter(|a| {
                 entry
-                    .listen_peers
+                    .peers
                     .as_ref()
-                    .is_some_and(|peers| peers[flow].contains(a))
+                    .is_some_and(|peers| peers.listen[flow].contains(a))
             }),
             _ => None,
         },
@@ -634,15 +641,14 @@ fn remote_datagram(
     }
     let header = match remote {
         RemoteMatch::Any => {
-            if let Some(peers) = entry.listen_peers.as_mut()
-                && peers[flow].len() < MAX_LISTEN_PEERS
-            {
-                peers[flow].insert(from);
+            let listen = &mut entry.peers().listen[flow];
+            if listen.len() < MAX_LISTEN_PEERS {
+                listen.insert(from);
             }
             DatagramHeader::with_remote(aid, Address::Ip(from))
         }
         RemoteMatch::Host(_) => {
-            entry.host_peer[flow] = Some(from);
+            entry.peers().host[flow] = Some(from);
             DatagramHeader::new(aid)
         }
         RemoteMatch::Exact(_) => DatagramHeader::new(aid),
@@ -800,6 +806,12 @@ mod tests {
             ..ports
         };
         assert_eq!(Table::flows(&single).count(), 2);
+    }
+
+    /// A live binding's share of the 1 KiB budget (bench: daemon RSS per live binding).
+    #[test]
+    fn a_relay_entry_stays_small() {
+        assert!(size_of::<Entry>() <= 200, "{} octets", size_of::<Entry>());
     }
 
     #[test]

@@ -194,7 +194,7 @@ impl Session<'_> {
             remote,
             flags,
         };
-        let (decision, info) = {
+        let (decision, info, wake_expiry) = {
             let mut bindings = self.mode.lock_bindings();
             let decision = bindings.on_bind(self.conn, self.peer.ip(), self.user, bind, now());
             if let Some(error) = decision.reply.error {
@@ -205,10 +205,12 @@ impl Session<'_> {
             } else {
                 None
             };
-            (decision, info)
+            let wake_expiry = self.mode.expiry_due_earlier(&bindings);
+            (decision, info, wake_expiry)
         };
-        // The binding's deadline may be earlier than the one the expiry task sleeps towards.
-        self.mode.wake.notify_one();
+        if wake_expiry {
+            self.mode.wake.notify_one();
+        }
         if let Err(error) = self.apply(&decision, info).await {
             warn!(peer = %self.peer, aid = decision.reply.aid, %error,
                 "cannot set up the binding; released");
@@ -296,10 +298,7 @@ impl Session<'_> {
                 Action::Install(entry) => {
                     let gate_entry = gate_entry(entry);
                     let installed = match kernel_relay(entry) {
-                        Some(relay) => {
-                            self.mode.kernel_flow_installed(aid, gate_entry, relay);
-                            self.services.gate.install_kernel_relay(gate_entry, relay)
-                        }
+                        Some(relay) => self.services.gate.install_kernel_relay(gate_entry, relay),
                         None => self.services.gate.install(gate_entry),
                     };
                     installed.map_err(std::io::Error::other)?;
