@@ -232,6 +232,7 @@ fn charts(results: &Results) -> Vec<Bars> {
     });
     let loads = [
         ("enhanced", "two-step binding"),
+        ("enhanced_pipelined", "two-step, pipelined"),
         ("gateway_associate", "gateway UDP ASSOCIATE"),
         ("dante_associate", "Dante UDP ASSOCIATE"),
     ];

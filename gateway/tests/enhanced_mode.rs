@@ -149,6 +149,43 @@ async fn two_step_open_relays_both_ways_and_only_the_bound_remote() {
     gateway.all_released().await;
 }
 
+/// Requests sent back to back in one segment are all answered, in order (the gateway answers
+/// what it has buffered in one write).
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let gateway = start(|_| {}).await;
+    let mut stream = gateway.enter().await;
+    let locals: Vec<SocketAddr> = (0..8u16)
+        .map(|i| SocketAddr::new(LOCALHOST, 7000 + 2 * i))
+        .collect();
+    let mut batch = Vec::new();
+    for (tid, local) in (1u16..).zip(&locals) {
+        batch.extend(control(BIND, RSU, tid, 0, *local, UNSPECIFIED));
+    }
+    // A release of an AID nobody has, in the middle: its refusal comes in its place.
+    batch.extend(control(
+        RELEASE,
+        0,
+        99,
+        0x0bad_0bad,
+        UNSPECIFIED,
+        UNSPECIFIED,
+    ));
+    send(&mut stream, &batch).await;
+    let mut aids = HashSet::new();
+    for tid in 1..=8u16 {
+        let reply = read_control_reply(&mut stream).await;
+        assert_eq!((reply.code, reply.tid), (0x00, tid), "{reply:?}");
+        assert!(aids.insert(reply.aid), "a fresh AID per binding");
+    }
+    let refused = read_control_reply(&mut stream).await;
+    assert_eq!(refused.tid, 99);
+    assert_ne!(refused.code, 0x00, "{refused:?}");
+    assert_eq!(gateway.mode().live_bindings(), 8);
+    drop(stream);
+    gateway.all_released().await;
+}
+
 #[tokio::test]
 async fn one_step_open_and_connection_close_removes_everything() {
     let gateway = start(|_| {}).await;

@@ -373,3 +373,31 @@ fn kernel_relayed_traffic_either_way_keeps_a_binding_past_its_idle_timeout() {
     assert_eq!(left, 0, "the binding idles out once its traffic stops");
     drop(session);
 }
+
+/// The kernel maps are sized from `--max-bindings`; a size the kernel cannot give stops the
+/// start with an error that names the setting (and no gate is left half made).
+#[test]
+fn a_map_size_the_kernel_cannot_give_is_a_clear_error_at_start() {
+    let bed = Testbed::new().unwrap();
+    let instance = testbed::gateway::unique_instance();
+    let cleanup = InstanceCleanup {
+        instance: instance.clone(),
+    };
+    let args: Vec<&str> = testbed::gateway::TESTBED_ARGS
+        .iter()
+        .copied()
+        .chain(["--max-bindings", "4000000000"])
+        .collect();
+    let (status, log) =
+        testbed::gateway::start_expecting_failure(&bed.fw, &instance, &args).unwrap();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("entries (--max-bindings)") && log.contains("choose a smaller --max-bindings"),
+        "{log}"
+    );
+    assert!(
+        !testbed::gateway::gate_attached(&bed.fw, testbed::iface::FW_OUTSIDE).unwrap(),
+        "nothing attached"
+    );
+    drop(cleanup);
+}

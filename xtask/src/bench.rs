@@ -156,13 +156,19 @@ pub fn check_document(doc: &Value) -> Vec<String> {
             &summary["collateral"][key]["legit_pps"]["median"],
         );
     }
-    for key in ["enhanced", "gateway_associate", "dante_associate"] {
+    for key in [
+        "enhanced",
+        "enhanced_pipelined",
+        "gateway_associate",
+        "dante_associate",
+    ] {
         need(
             format!("control {key}"),
             &summary["control"][key]["per_second"]["median"],
         );
     }
     need("memory".to_owned(), &summary["memory"]["live"]);
+    need("churn".to_owned(), &summary["churn"]["done"]);
     for arm in ["kernel", "userspace", "dante", "plain"] {
         for rate in ["low", "half"] {
             need(
@@ -178,6 +184,28 @@ pub fn check_document(doc: &Value) -> Vec<String> {
     let scale = summary["scale"].as_object().map_or(0, serde_json::Map::len);
     if scale < 3 {
         missing.push(format!("scale ({scale} entry counts)"));
+    }
+    // The smoke churn must leave nothing behind, like the full one.
+    let churn = &summary["churn"];
+    let count = |value: &Value| value.as_u64().unwrap_or(u64::MAX);
+    let left = [
+        "bindings_left",
+        "relay_entries_left",
+        "internal_ports_left",
+        "external_ports_left",
+    ]
+    .iter()
+    .map(|key| count(&churn[*key]))
+    .chain(
+        churn["map_entries_left"]
+            .as_object()
+            .map_or(vec![u64::MAX], |maps| maps.values().map(count).collect()),
+    )
+    .fold(0u64, u64::saturating_add);
+    if left > 0 {
+        missing.push(format!(
+            "churn left {left} bindings, relay entries, ports or map entries"
+        ));
     }
     if doc["targets"].as_array().is_none_or(Vec::is_empty) {
         missing.push("targets".to_owned());
@@ -218,5 +246,22 @@ mod tests {
         assert!(missing.iter().any(|m| m == "relay 200 kernel"));
         assert!(missing.iter().any(|m| m == "memory"));
         assert!(missing.iter().any(|m| m == "targets"));
+        assert!(missing.iter().any(|m| m == "churn"));
+    }
+
+    #[test]
+    fn a_churn_that_left_something_is_reported() {
+        let with = |left: u64| {
+            check_document(&serde_json::json!({"summary": {"churn": {
+                "done": 100,
+                "bindings_left": 0,
+                "relay_entries_left": 0,
+                "internal_ports_left": left,
+                "external_ports_left": 0,
+                "map_entries_left": {"BINDINGS": 0, "OUTBOUND": 0},
+            }}}))
+        };
+        assert!(!with(0).iter().any(|m| m.starts_with("churn")));
+        assert!(with(2).iter().any(|m| m.starts_with("churn left 2")));
     }
 }

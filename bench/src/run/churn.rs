@@ -30,8 +30,8 @@ use super::{
 const THREADS: usize = 8;
 /// Per thread: a connection closes (with two bindings live) after this many bindings.
 const RECONNECT_EVERY: usize = 500;
-/// Per thread: a lingering connection is left with expiring bindings after this many.
-const LINGER_EVERY: usize = 20_000;
+/// A lingering connection is left with expiring bindings this many times per thread.
+const LINGERS_PER_THREAD: usize = 5;
 /// Bindings a lingering connection leaves to expire (half of them half-bound).
 const LINGERING: usize = 20;
 /// The daemon's timeouts in this area, so expiries happen within the run.
@@ -121,6 +121,7 @@ fn load(thread: usize, quota: usize, made_so_far: &AtomicUsize) -> Made {
     };
     let mut n = 0usize;
     let mut since_linger = 0usize;
+    let linger_every = (quota / THREADS / LINGERS_PER_THREAD).max(30);
     while made_so_far.load(Ordering::Relaxed) < quota && made.errors < 100 {
         let cycle = (|| -> Result<()> {
             let mut two = session.bind(local(n), Family::V4)?;
@@ -161,7 +162,7 @@ fn load(thread: usize, quota: usize, made_so_far: &AtomicUsize) -> Made {
                 }
             }
         }
-        if since_linger >= LINGER_EVERY {
+        if since_linger >= linger_every {
             since_linger = 0;
             let expiring = (|| -> Result<()> {
                 for i in 0..LINGERING / 2 {

@@ -29,17 +29,29 @@ const MAX_ERRORS: u64 = 1000;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Load {
+    /// One request at a time per connection (the client library's way).
     Enhanced,
+    /// [`PIPELINE`] bindings in flight per connection: requests written back to back.
+    EnhancedPipelined,
     GatewayAssociate,
     DanteAssociate,
 }
 
+/// Bindings a pipelining connection has in flight (each step for all of them in one write).
+pub const PIPELINE: usize = 8;
+
 impl Load {
-    const ALL: [Load; 3] = [Load::Enhanced, Load::GatewayAssociate, Load::DanteAssociate];
+    const ALL: [Load; 4] = [
+        Load::Enhanced,
+        Load::EnhancedPipelined,
+        Load::GatewayAssociate,
+        Load::DanteAssociate,
+    ];
 
     fn key(self) -> &'static str {
         match self {
             Load::Enhanced => "enhanced",
+            Load::EnhancedPipelined => "enhanced_pipelined",
             Load::GatewayAssociate => "gateway_associate",
             Load::DanteAssociate => "dante_associate",
         }
@@ -106,11 +118,22 @@ fn control_run(env: &Env, load: Load) -> Result<ControlRun> {
         Arm::Kernel
     };
     let guard = ArmGuard::start(env, arm, &[])?;
-    let conns = env.plan.control_conns;
+    // A pipelining connection keeps PIPELINE bindings in flight: a quarter of the connections
+    // keeps about as many setups outstanding as the lock-step load.
+    let conns = if load == Load::EnhancedPipelined {
+        env.plan.control_conns.div_ceil(4)
+    } else {
+        env.plan.control_conns
+    };
     let time = env.plan.control_time;
     let mut run = env.client(time + Duration::from_mins(1), async move {
         match load {
             Load::Enhanced => enhanced_load(conns, time).await,
+            Load::EnhancedPipelined => {
+                tokio::task::spawn_blocking(move || pipelined_threads(conns, time))
+                    .await
+                    .context("load threads")?
+            }
             Load::GatewayAssociate | Load::DanteAssociate => associate_load(conns, time).await,
         }
     })?;
@@ -232,6 +255,161 @@ fn enhanced_threads(conns: usize, time: Duration) -> Result<ControlRun> {
     Ok(combine(conns, start.elapsed(), outcomes))
 }
 
+/// A control connection in the enhanced mode, entered by hand (no client library): anonymous
+/// greeting, CMD 04, the 10-octet entry reply.
+fn raw_session() -> Result<std::net::TcpStream> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&PROXY, Duration::from_secs(5))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(&[5, 1, 0])?;
+    let mut method = [0u8; 2];
+    stream.read_exact(&mut method)?;
+    anyhow::ensure!(method == [5, 0], "greeting refused: {method:02x?}");
+    stream.write_all(&[5, 4, 0, 1, 0, 0, 0, 0, 0, 0])?;
+    let mut entry = [0u8; 10];
+    stream.read_exact(&mut entry)?;
+    anyhow::ensure!(entry[1] == 0, "enhanced mode refused: {entry:02x?}");
+    Ok(stream)
+}
+
+/// Reads `count` control replies; their AIDs, or the first refusal.
+fn read_replies(
+    stream: &mut std::net::TcpStream,
+    buf: &mut bytes::BytesMut,
+    count: usize,
+) -> Result<Vec<u32>> {
+    use gateway_proto::enhanced::Packet;
+    use std::io::Read as _;
+    let mut aids = Vec::with_capacity(count);
+    let mut chunk = [0u8; 4096];
+    while aids.len() < count {
+        if let Some(packet) = Packet::decode(buf)? {
+            let Packet::Reply(reply) = packet else {
+                anyhow::bail!("not a control reply: {packet:?}");
+            };
+            anyhow::ensure!(
+                reply.code == gateway_proto::enhanced::EnhancedReplyCode::Succeeded,
+                "refused: {:?}",
+                reply.code
+            );
+            aids.push(reply.aid);
+            continue;
+        }
+        let n = stream.read(&mut chunk)?;
+        anyhow::ensure!(n > 0, "the gateway closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(aids)
+}
+
+/// `conns` connections, each with [`PIPELINE`] bindings in flight: step 1 for all of them in one
+/// write, then step 2, then release, in a loop for `time`. A binding's setup time runs from the
+/// write of its step 1 to the arrival of its step-2 reply.
+fn pipelined_threads(conns: usize, time: Duration) -> Result<ControlRun> {
+    use gateway_proto::{
+        Address,
+        enhanced::{ControlRequest, Flags, UdpCommand},
+    };
+    use std::io::Write as _;
+    let mut streams = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        streams.push(raw_session()?);
+    }
+    let start = std::time::Instant::now();
+    let deadline = start + time;
+    let outcomes = std::thread::scope(|scope| {
+        let handles: Vec<_> = streams
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut stream)| {
+                scope.spawn(move || {
+                    let mut outcome = TaskOutcome::default();
+                    let base = 10_000 + u16::try_from(i * PIPELINE * 2 % 40_000).unwrap_or(0);
+                    let local = |k: usize| {
+                        Address::Ip(SocketAddr::new(
+                            IpAddr::V4(addr::CLIENT_V4),
+                            base + u16::try_from(k * 2).unwrap_or(0),
+                        ))
+                    };
+                    let remote = Address::Ip(SocketAddr::new(
+                        IpAddr::V4(addr::SERVER_V4),
+                        20_000 + u16::try_from(i % 20_000).unwrap_or(0),
+                    ));
+                    let flags = Flags::RECEIVE | Flags::SEND | Flags::UNICAST;
+                    let request = |command, tid: usize, aid, local, remote| ControlRequest {
+                        command,
+                        flags: if command == UdpCommand::Bind {
+                            flags
+                        } else {
+                            Flags::empty()
+                        },
+                        ttl: 0,
+                        tid: u16::try_from(tid + 1).unwrap_or(1),
+                        aid,
+                        local,
+                        remote,
+                    };
+                    let mut buf = bytes::BytesMut::new();
+                    let mut out = bytes::BytesMut::new();
+                    while std::time::Instant::now() < deadline && outcome.errors < MAX_ERRORS {
+                        let round = (|| -> Result<u64> {
+                            let t0 = std::time::Instant::now();
+                            out.clear();
+                            for k in 0..PIPELINE {
+                                request(UdpCommand::Bind, k, 0, local(k), Address::UNSPECIFIED_V4)
+                                    .encode(&mut out)?;
+                            }
+                            stream.write_all(&out)?;
+                            let aids = read_replies(&mut stream, &mut buf, PIPELINE)?;
+                            out.clear();
+                            for (k, aid) in aids.iter().enumerate() {
+                                request(UdpCommand::Bind, k, *aid, local(k), remote.clone())
+                                    .encode(&mut out)?;
+                            }
+                            stream.write_all(&out)?;
+                            read_replies(&mut stream, &mut buf, PIPELINE)?;
+                            let setup = nanos(t0.elapsed());
+                            out.clear();
+                            for (k, aid) in aids.iter().enumerate() {
+                                request(
+                                    UdpCommand::Release,
+                                    k,
+                                    *aid,
+                                    Address::UNSPECIFIED_V4,
+                                    Address::UNSPECIFIED_V4,
+                                )
+                                .encode(&mut out)?;
+                            }
+                            stream.write_all(&out)?;
+                            read_replies(&mut stream, &mut buf, PIPELINE)?;
+                            Ok(setup)
+                        })();
+                        match round {
+                            Ok(setup) => {
+                                outcome.completed += PIPELINE as u64;
+                                outcome
+                                    .latencies_ns
+                                    .extend(std::iter::repeat_n(setup, PIPELINE));
+                            }
+                            Err(error) => {
+                                outcome.error(format!("{error:#}"));
+                                break;
+                            }
+                        }
+                    }
+                    outcome
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().unwrap_or_default())
+            .collect::<Vec<_>>()
+    });
+    Ok(combine(conns, start.elapsed(), outcomes))
+}
+
 /// `conns` tasks, each opening a control connection, asking UDP ASSOCIATE and closing, in a loop.
 async fn associate_load(conns: usize, time: Duration) -> Result<ControlRun> {
     let start = Instant::now();
@@ -295,7 +473,7 @@ fn extra_addresses() -> ExtraAddresses {
 
 /// Relay ports per address in the memory scenario: internal and external addresses differ, so
 /// both sides take the same wide range below the ephemeral ports.
-const MEMORY_PORTS: &str = "8192-32767";
+const MEMORY_PORTS: &str = "2048-32767";
 
 /// Holds as many confirmed two-step bindings as the daemon gives (up to the plan's target),
 /// half IPv4 and half IPv6, from several client hosts over several internal and external

@@ -49,7 +49,7 @@ impl Plan {
             sizes: vec![200, 1200],
             legit_rate: 10_000,
             low_rate: 2_000,
-            control_conns: 64,
+            control_conns: 16,
             control_time: Duration::from_secs(2),
             memory_target: 100_000,
             scale_entries: vec![1, 10_000, 1_000_000],

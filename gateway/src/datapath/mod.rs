@@ -99,6 +99,15 @@ pub enum DatapathError {
     },
     #[error("{0}")]
     Pin(String),
+    #[error(
+        "the kernel cannot create the {map} map with {entries} entries (--max-bindings); \
+         choose a smaller --max-bindings"
+    )]
+    MapCapacity {
+        map: String,
+        entries: u32,
+        source: io::Error,
+    },
 }
 
 /// The interface index of `name` in the current network namespace.
@@ -401,19 +410,37 @@ fn gate_hook_here(config: &DatapathConfig) -> GateHook {
     }
 }
 
+/// The maps sized from `--max-bindings`.
+const SIZED_MAPS: [&str; 3] = [
+    map_names::BINDINGS,
+    map_names::OUTBOUND,
+    map_names::RAW_CLIENTS,
+];
+
 fn load(pin_dir: &Path, max_bindings: u32) -> Result<Ebpf, DatapathError> {
     let paths: Vec<(&str, PathBuf)> = PINNED_MAPS
         .iter()
         .map(|name| (*name, pin_dir.join(name)))
         .collect();
     let mut loader = EbpfLoader::new();
-    loader.map_max_entries(map_names::BINDINGS, max_bindings);
-    loader.map_max_entries(map_names::OUTBOUND, max_bindings);
-    loader.map_max_entries(map_names::RAW_CLIENTS, max_bindings);
+    for map in SIZED_MAPS {
+        loader.map_max_entries(map, max_bindings);
+    }
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut ebpf = loader.load(EBPF_OBJECT)?;
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(|error| match error {
+        aya::EbpfError::MapError(MapError::CreateError { name, io_error })
+            if SIZED_MAPS.contains(&name.as_str()) =>
+        {
+            DatapathError::MapCapacity {
+                map: name,
+                entries: max_bindings,
+                source: io_error,
+            }
+        }
+        other => DatapathError::Load(other),
+    })?;
     let xdp: &mut Xdp = typed_program(&mut ebpf, XDP_EXTERNAL_PROGRAM)?;
     xdp.load().map_err(|source| DatapathError::Program {
         what: format!("load {XDP_EXTERNAL_PROGRAM} into the kernel (verifier)"),

@@ -59,6 +59,14 @@ impl Connection {
         }
     }
 
+    /// A whole message already buffered, without reading; `Ok(None)` when none is.
+    pub fn buffered_message<T>(
+        &mut self,
+        decode: impl FnOnce(&mut BytesMut) -> Result<Option<T>, ProtocolError>,
+    ) -> Result<Option<T>, ConnectionError> {
+        Ok(decode(&mut self.buffer)?)
+    }
+
     /// Waits until the peer closes the connection (EOF or error), discarding anything it sends.
     pub async fn wait_closed(&mut self) {
         loop {

@@ -133,22 +133,44 @@ impl Session<'_> {
     ) -> Result<(), ConnectionError> {
         loop {
             tokio::select! {
-                packet = conn.read_message(Packet::decode) => match packet {
-                    Ok(Packet::Request(request)) => {
-                        let reply = self.on_request(&request).await;
-                        let mut out = BytesMut::with_capacity(reply.encoded_len());
-                        reply.encode(&mut out)?;
+                packet = conn.read_message(Packet::decode) => {
+                    let mut packet = match packet {
+                        Ok(packet) => packet,
+                        Err(ConnectionError::Closed) => return Ok(()),
+                        Err(error) => return Err(error),
+                    };
+                    // Every packet already buffered is handled before the replies go out in
+                    // one write: a client that pipelines its requests costs one system call
+                    // per batch, not per reply. Replies keep the order of the requests.
+                    let mut out = BytesMut::new();
+                    loop {
+                        match packet {
+                            Packet::Request(request) => {
+                                let reply = self.on_request(&request).await;
+                                reply.encode(&mut out)?;
+                            }
+                            Packet::Datagram(datagram) => self.on_tcp_datagram(datagram).await,
+                            Packet::Reply(reply) => {
+                                // A reply from the client is malformed: close (after the replies
+                                // it is owed).
+                                debug!(peer = %self.peer, ?reply, "control reply from the client");
+                                conn.write_all(&out).await?;
+                                return Ok(());
+                            }
+                        }
+                        match conn.buffered_message(Packet::decode) {
+                            Ok(Some(next)) => packet = next,
+                            Ok(None) => break,
+                            Err(error) => {
+                                conn.write_all(&out).await?;
+                                return Err(error);
+                            }
+                        }
+                    }
+                    if !out.is_empty() {
                         conn.write_all(&out).await?;
                     }
-                    Ok(Packet::Datagram(datagram)) => self.on_tcp_datagram(datagram).await,
-                    Ok(Packet::Reply(reply)) => {
-                        // A reply from the client is malformed: close.
-                        debug!(peer = %self.peer, ?reply, "control reply from the client");
-                        return Ok(());
-                    }
-                    Err(ConnectionError::Closed) => return Ok(()),
-                    Err(error) => return Err(error),
-                },
+                }
                 Some(notice) = notices.recv() => self.on_expired(notice),
                 Some(packet) = outgoing.recv() => conn.write_all(&packet).await?,
             }
