@@ -35,7 +35,7 @@ pub fn gateway_relay_lookup(ctx: SkLookupContext) -> u32 {
     // compiler would make of loads in two arms).
     // SAFETY: the kernel hands every sk_lookup program a valid, readable context; these are
     // field addresses within it.
-    let (protocol, family, ip4, ip6, local_port) = unsafe {
+    let (protocol, family, local_v4, local_v6, local_port) = unsafe {
         (
             read_volatile(&raw const (*lookup).protocol),
             read_volatile(&raw const (*lookup).family),
@@ -52,20 +52,20 @@ pub fn gateway_relay_lookup(ctx: SkLookupContext) -> u32 {
     if protocol != IPPROTO_UDP {
         return sk_action::SK_PASS;
     }
-    let (key, ipv6) = match family {
-        AF_INET => (ipv4_mapped(ip4.to_ne_bytes()), false),
+    let (key, is_v6) = match family {
+        AF_INET => (ipv4_mapped(local_v4.to_ne_bytes()), false),
         AF_INET6 => {
             let mut key = [0u8; 16];
-            key[..4].copy_from_slice(&ip6[0].to_ne_bytes());
-            key[4..8].copy_from_slice(&ip6[1].to_ne_bytes());
-            key[8..12].copy_from_slice(&ip6[2].to_ne_bytes());
-            key[12..].copy_from_slice(&ip6[3].to_ne_bytes());
+            key[..4].copy_from_slice(&local_v6[0].to_ne_bytes());
+            key[4..8].copy_from_slice(&local_v6[1].to_ne_bytes());
+            key[8..12].copy_from_slice(&local_v6[2].to_ne_bytes());
+            key[12..].copy_from_slice(&local_v6[3].to_ne_bytes());
             (key, true)
         }
         _ => return sk_action::SK_PASS,
     };
     // SAFETY: a lookup in a map of plain values.
-    let Some(span) = (unsafe { RELAY_ADDRS.get(&key) }) else {
+    let Some(span) = (unsafe { RELAY_ADDRS.get(key) }) else {
         return sk_action::SK_PASS;
     };
     let Ok(port) = u16::try_from(local_port) else {
@@ -74,7 +74,7 @@ pub fn gateway_relay_lookup(ctx: SkLookupContext) -> u32 {
     let Some(side) = span.side_of(port) else {
         return sk_action::SK_PASS;
     };
-    let slot = relay_socket_index(ipv6, side);
+    let slot = relay_socket_index(is_v6, side);
     // No socket in the slot (the daemon has none of that family): normal lookup.
     let _ = RELAY_SOCKETS.redirect_sk_lookup(&ctx, slot, 0);
     sk_action::SK_PASS

@@ -369,20 +369,23 @@ impl Gate for KernelGate {
         let mut active = Vec::new();
         {
             let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-            active.extend(map.iter().filter_map(Result::ok).filter_map(|(_, value)| {
-                (value.mode == gateway_common::relay_mode::KERNEL
-                    && value.counters.last_seen_ns > since_ns)
-                    .then(|| u32::from_be(value.aid_be))
-            }));
+            active.extend(
+                map.iter()
+                    .filter_map(Result::ok)
+                    .filter(|(_, value)| {
+                        value.mode == gateway_common::relay_mode::KERNEL
+                            && value.counters.last_seen_ns > since_ns
+                    })
+                    .map(|(_, value)| u32::from_be(value.aid_be)),
+            );
         }
         let outbound = self.outbound.lock().unwrap_or_else(PoisonError::into_inner);
         active.extend(
             outbound
                 .iter()
                 .filter_map(Result::ok)
-                .filter_map(|(_, value)| {
-                    (value.counters.last_seen_ns > since_ns).then(|| u32::from_be(value.aid_be))
-                }),
+                .filter(|(_, value)| value.counters.last_seen_ns > since_ns)
+                .map(|(_, value)| u32::from_be(value.aid_be)),
         );
         active.sort_unstable();
         active.dedup();

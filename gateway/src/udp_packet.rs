@@ -216,7 +216,7 @@ mod tests {
                 v6.header().source_addr().into(),
                 v6.header().destination_addr().into(),
             ),
-            other => panic!("unexpected {other:?}"),
+            other @ NetSlice::Arp(_) => panic!("unexpected {other:?}"),
         }
     }
 

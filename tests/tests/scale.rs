@@ -14,7 +14,7 @@ use std::{
 
 use bytes::BytesMut;
 use gateway_client::{
-    Family, Timeouts,
+    BindOptions, Family, Timeouts,
     blocking::{Binding, Client, Session},
 };
 use gateway_proto::enhanced::DatagramHeader;
@@ -29,9 +29,7 @@ const PROXY: SocketAddr = SocketAddr::new(IpAddr::V4(addr::FW_INSIDE_V4), 1080);
 
 /// Open file descriptors of process `pid`.
 fn fd_count(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(Iterator::count)
-        .unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }
 
 /// `gateway bindings --json` of the instance.
@@ -243,7 +241,7 @@ fn a_churn_of_every_kind_of_binding_leaves_no_port_entry_or_descriptor() {
                     let one = session.open(local(n + 1), remote(n + 1)).unwrap();
                     session.release(one).unwrap();
                     let mut pair = session
-                        .bind_pair_with(local(n + 2), Family::V4, Default::default())
+                        .bind_pair_with(local(n + 2), Family::V4, BindOptions::default())
                         .unwrap();
                     session.connect(&mut pair, remote(n + 2)).unwrap();
                     session.release(pair).unwrap();

@@ -214,6 +214,65 @@ fn map_entries(pin_dir: &Path, map: &str) -> Result<usize> {
         .context("bpftool's dump is not a list")
 }
 
+/// Runs the load threads until they made `quota` bindings together.
+fn run_load(env: &Env, quota: usize) -> Result<Vec<Made>> {
+    env.client(Duration::from_mins(30), async move {
+        tokio::task::spawn_blocking(move || {
+            let made = AtomicUsize::new(0);
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..THREADS)
+                    .map(|thread| {
+                        let made = &made;
+                        scope.spawn(move || load(thread, quota, made))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .filter_map(|handle| handle.join().ok())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .await
+        .context("load threads")
+    })
+}
+
+/// The daemon's bindings document once no binding is left (or after 30 s).
+fn settled(env: &Env, instance: &str) -> Result<serde_json::Value> {
+    let start = Instant::now();
+    loop {
+        let doc = bindings_doc(env, instance)?;
+        let empty = doc["enhanced_bindings"]
+            .as_array()
+            .is_some_and(Vec::is_empty);
+        if empty || start.elapsed() > Duration::from_secs(30) {
+            return Ok(doc);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// What the churn left, from the daemon's report and bpftool.
+fn leftovers(result: &mut ChurnResult, doc: &serde_json::Value, pin_dir: &Path) -> Result<()> {
+    let count = |value: &serde_json::Value| {
+        value
+            .as_u64()
+            .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX))
+    };
+    result.bindings_left = doc["enhanced_bindings"]
+        .as_array()
+        .map_or(usize::MAX, Vec::len);
+    result.relay_entries_left = count(&doc["relay"]["bindings_served"]);
+    result.internal_ports_left = count(&doc["relay"]["internal_ports_in_use"]);
+    result.external_ports_left = count(&doc["relay"]["external_ports_in_use"]);
+    for map in ["BINDINGS", "OUTBOUND", "RAW_CLIENTS"] {
+        result
+            .map_entries_left
+            .insert(map.to_owned(), map_entries(pin_dir, map)?);
+    }
+    Ok(())
+}
+
 fn churn(env: &Env) -> Result<ChurnResult> {
     let target = env.plan.churn_bindings;
     let guard = ArmGuard::start(
@@ -233,53 +292,14 @@ fn churn(env: &Env) -> Result<ChurnResult> {
     let instance = guard.gateway.as_ref().context("gateway")?.instance.clone();
     let fds_before = procfs::fd_count(pid)?;
     // Warm-up (1 %): one-time allocations go into the baseline.
-    let warm = (target / 100).max(THREADS * 3);
-    let run_load = |quota: usize| {
-        env.client(Duration::from_mins(30), async move {
-            tokio::task::spawn_blocking(move || {
-                let made = AtomicUsize::new(0);
-                std::thread::scope(|scope| {
-                    let handles: Vec<_> = (0..THREADS)
-                        .map(|thread| {
-                            let made = &made;
-                            scope.spawn(move || load(thread, quota, made))
-                        })
-                        .collect();
-                    handles
-                        .into_iter()
-                        .filter_map(|handle| handle.join().ok())
-                        .collect::<Vec<_>>()
-                })
-            })
-            .await
-            .context("load threads")
-        })
-    };
-    let warmed = run_load(warm)?;
-    drop(warmed);
-    let settled = |what: &str| -> Result<serde_json::Value> {
-        let start = Instant::now();
-        loop {
-            let doc = bindings_doc(env, &instance)?;
-            let empty = doc["enhanced_bindings"]
-                .as_array()
-                .is_some_and(Vec::is_empty);
-            if empty || start.elapsed() > Duration::from_secs(30) {
-                return Ok(doc);
-            }
-            if start.elapsed() > Duration::from_secs(29) {
-                env.progress(&format!("churn: bindings still live {what}"));
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    };
-    settled("after the warm-up")?;
+    drop(run_load(env, (target / 100).max(THREADS * 3))?);
+    settled(env, &instance)?;
     std::thread::sleep(Duration::from_millis(300));
     let rss_before = procfs::read_rss(pid)?;
     let started = Instant::now();
-    let outcomes = run_load(target)?;
+    let outcomes = run_load(env, target)?;
     let seconds = started.elapsed().as_secs_f64();
-    let doc = settled("after the churn")?;
+    let doc = settled(env, &instance)?;
     let mut result = ChurnResult {
         target,
         seconds,
@@ -303,22 +323,7 @@ fn churn(env: &Env) -> Result<ChurnResult> {
     {
         result.per_second = result.done as f64 / seconds.max(f64::EPSILON);
     }
-    let count = |value: &serde_json::Value| {
-        value
-            .as_u64()
-            .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX))
-    };
-    result.bindings_left = doc["enhanced_bindings"]
-        .as_array()
-        .map_or(usize::MAX, Vec::len);
-    result.relay_entries_left = count(&doc["relay"]["bindings_served"]);
-    result.internal_ports_left = count(&doc["relay"]["internal_ports_in_use"]);
-    result.external_ports_left = count(&doc["relay"]["external_ports_in_use"]);
-    for map in ["BINDINGS", "OUTBOUND", "RAW_CLIENTS"] {
-        result
-            .map_entries_left
-            .insert(map.to_owned(), map_entries(&pin_dir, map)?);
-    }
+    leftovers(&mut result, &doc, &pin_dir)?;
     // The lingering connections close last; then the descriptors are counted.
     drop(lingering);
     let start = Instant::now();

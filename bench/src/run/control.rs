@@ -307,11 +307,6 @@ fn read_replies(
 /// write, then step 2, then release, in a loop for `time`. A binding's setup time runs from the
 /// write of its step 1 to the arrival of its step-2 reply.
 fn pipelined_threads(conns: usize, time: Duration) -> Result<ControlRun> {
-    use gateway_proto::{
-        Address,
-        enhanced::{ControlRequest, Flags, UdpCommand},
-    };
-    use std::io::Write as _;
     let mut streams = Vec::with_capacity(conns);
     for _ in 0..conns {
         streams.push(raw_session()?);
@@ -322,85 +317,7 @@ fn pipelined_threads(conns: usize, time: Duration) -> Result<ControlRun> {
         let handles: Vec<_> = streams
             .into_iter()
             .enumerate()
-            .map(|(i, mut stream)| {
-                scope.spawn(move || {
-                    let mut outcome = TaskOutcome::default();
-                    let base = 10_000 + u16::try_from(i * PIPELINE * 2 % 40_000).unwrap_or(0);
-                    let local = |k: usize| {
-                        Address::Ip(SocketAddr::new(
-                            IpAddr::V4(addr::CLIENT_V4),
-                            base + u16::try_from(k * 2).unwrap_or(0),
-                        ))
-                    };
-                    let remote = Address::Ip(SocketAddr::new(
-                        IpAddr::V4(addr::SERVER_V4),
-                        20_000 + u16::try_from(i % 20_000).unwrap_or(0),
-                    ));
-                    let flags = Flags::RECEIVE | Flags::SEND | Flags::UNICAST;
-                    let request = |command, tid: usize, aid, local, remote| ControlRequest {
-                        command,
-                        flags: if command == UdpCommand::Bind {
-                            flags
-                        } else {
-                            Flags::empty()
-                        },
-                        ttl: 0,
-                        tid: u16::try_from(tid + 1).unwrap_or(1),
-                        aid,
-                        local,
-                        remote,
-                    };
-                    let mut buf = bytes::BytesMut::new();
-                    let mut out = bytes::BytesMut::new();
-                    while std::time::Instant::now() < deadline && outcome.errors < MAX_ERRORS {
-                        let round = (|| -> Result<u64> {
-                            let t0 = std::time::Instant::now();
-                            out.clear();
-                            for k in 0..PIPELINE {
-                                request(UdpCommand::Bind, k, 0, local(k), Address::UNSPECIFIED_V4)
-                                    .encode(&mut out)?;
-                            }
-                            stream.write_all(&out)?;
-                            let aids = read_replies(&mut stream, &mut buf, PIPELINE)?;
-                            out.clear();
-                            for (k, aid) in aids.iter().enumerate() {
-                                request(UdpCommand::Bind, k, *aid, local(k), remote.clone())
-                                    .encode(&mut out)?;
-                            }
-                            stream.write_all(&out)?;
-                            read_replies(&mut stream, &mut buf, PIPELINE)?;
-                            let setup = nanos(t0.elapsed());
-                            out.clear();
-                            for (k, aid) in aids.iter().enumerate() {
-                                request(
-                                    UdpCommand::Release,
-                                    k,
-                                    *aid,
-                                    Address::UNSPECIFIED_V4,
-                                    Address::UNSPECIFIED_V4,
-                                )
-                                .encode(&mut out)?;
-                            }
-                            stream.write_all(&out)?;
-                            read_replies(&mut stream, &mut buf, PIPELINE)?;
-                            Ok(setup)
-                        })();
-                        match round {
-                            Ok(setup) => {
-                                outcome.completed += PIPELINE as u64;
-                                outcome
-                                    .latencies_ns
-                                    .extend(std::iter::repeat_n(setup, PIPELINE));
-                            }
-                            Err(error) => {
-                                outcome.error(format!("{error:#}"));
-                                break;
-                            }
-                        }
-                    }
-                    outcome
-                })
-            })
+            .map(|(i, stream)| scope.spawn(move || pipelined_connection(i, stream, deadline)))
             .collect();
         handles
             .into_iter()
@@ -408,6 +325,86 @@ fn pipelined_threads(conns: usize, time: Duration) -> Result<ControlRun> {
             .collect::<Vec<_>>()
     });
     Ok(combine(conns, start.elapsed(), outcomes))
+}
+
+/// Connection `i` of the pipelined load, until `deadline`.
+fn pipelined_connection(
+    i: usize,
+    mut stream: std::net::TcpStream,
+    deadline: std::time::Instant,
+) -> TaskOutcome {
+    use gateway_proto::{
+        Address,
+        enhanced::{ControlRequest, Flags, UdpCommand},
+    };
+    use std::io::Write as _;
+    let mut outcome = TaskOutcome::default();
+    let base = 10_000 + u16::try_from(i * PIPELINE * 2 % 40_000).unwrap_or(0);
+    let local = |k: usize| {
+        Address::Ip(SocketAddr::new(
+            IpAddr::V4(addr::CLIENT_V4),
+            base + u16::try_from(k * 2).unwrap_or(0),
+        ))
+    };
+    let remote = Address::Ip(SocketAddr::new(
+        IpAddr::V4(addr::SERVER_V4),
+        20_000 + u16::try_from(i % 20_000).unwrap_or(0),
+    ));
+    let request = |command, k: usize, aid, local, remote| ControlRequest {
+        command,
+        flags: if command == UdpCommand::Bind {
+            Flags::RECEIVE | Flags::SEND | Flags::UNICAST
+        } else {
+            Flags::empty()
+        },
+        ttl: 0,
+        tid: u16::try_from(k + 1).unwrap_or(1),
+        aid,
+        local,
+        remote,
+    };
+    let unspecified = || Address::UNSPECIFIED_V4;
+    let mut buf = bytes::BytesMut::new();
+    let mut out = bytes::BytesMut::new();
+    while std::time::Instant::now() < deadline && outcome.errors < MAX_ERRORS {
+        let mut round = || -> Result<u64> {
+            let t0 = std::time::Instant::now();
+            out.clear();
+            for k in 0..PIPELINE {
+                request(UdpCommand::Bind, k, 0, local(k), unspecified()).encode(&mut out)?;
+            }
+            stream.write_all(&out)?;
+            let aids = read_replies(&mut stream, &mut buf, PIPELINE)?;
+            out.clear();
+            for (k, aid) in aids.iter().enumerate() {
+                request(UdpCommand::Bind, k, *aid, local(k), remote.clone()).encode(&mut out)?;
+            }
+            stream.write_all(&out)?;
+            read_replies(&mut stream, &mut buf, PIPELINE)?;
+            let setup = nanos(t0.elapsed());
+            out.clear();
+            for (k, aid) in aids.iter().enumerate() {
+                request(UdpCommand::Release, k, *aid, unspecified(), unspecified())
+                    .encode(&mut out)?;
+            }
+            stream.write_all(&out)?;
+            read_replies(&mut stream, &mut buf, PIPELINE)?;
+            Ok(setup)
+        };
+        match round() {
+            Ok(setup) => {
+                outcome.completed += PIPELINE as u64;
+                outcome
+                    .latencies_ns
+                    .extend(std::iter::repeat_n(setup, PIPELINE));
+            }
+            Err(error) => {
+                outcome.error(format!("{error:#}"));
+                break;
+            }
+        }
+    }
+    outcome
 }
 
 /// `conns` tasks, each opening a control connection, asking UDP ASSOCIATE and closing, in a loop.

@@ -397,7 +397,13 @@ impl Relay {
     }
 
     /// DATA of a `03` packet from the control connection `conn` for its binding `aid`.
-    pub async fn from_tcp(&self, mode: &EnhancedMode, conn: ConnId, aid: u32, data: &[u8]) {
+    pub async fn relay_tcp_datagram(
+        &self,
+        mode: &EnhancedMode,
+        conn: ConnId,
+        aid: u32,
+        data: &[u8],
+    ) {
         let outcome = {
             let mut table = self.lock();
             match table.bindings.get_mut(&aid).filter(|e| e.conn == conn) {
@@ -734,13 +740,13 @@ pub(super) async fn receive_loop(relay: Arc<Relay>, mode: Weak<EnhancedMode>, in
             continue;
         }
         // No buffer per binding: read into the thread's scratch buffer, copy out the datagram.
-        let received = with_scratch(|buf| {
+        let datagram = with_scratch(|buf| {
             receiver
                 .try_recv(buf)
                 .map(|arrival| (arrival, buf[..arrival.len].to_vec()))
         });
-        let (arrival, data) = match received {
-            Ok(received) => received,
+        let (arrival, data) = match datagram {
+            Ok(datagram) => datagram,
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
             Err(error) => {
                 // Not expected on an unconnected UDP socket; never spin on a persistent one.

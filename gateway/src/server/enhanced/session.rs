@@ -233,7 +233,7 @@ impl Session<'_> {
         if wake_expiry {
             self.mode.wake.notify_one();
         }
-        if let Err(error) = self.apply(&decision, info).await {
+        if let Err(error) = self.apply(&decision, info) {
             warn!(peer = %self.peer, aid = decision.reply.aid, %error,
                 "cannot set up the binding; released");
             self.release_quietly(decision.reply.aid);
@@ -294,7 +294,7 @@ impl Session<'_> {
     }
 
     /// Applies a bind decision's actions in order; the first failure stops it.
-    async fn apply(
+    fn apply(
         &mut self,
         decision: &Decision,
         info: Option<BindingInfo>,
@@ -366,7 +366,7 @@ impl Session<'_> {
             Some(true) => {
                 self.mode
                     .relay
-                    .from_tcp(&self.mode, self.conn, datagram.aid, &datagram.data)
+                    .relay_tcp_datagram(&self.mode, self.conn, datagram.aid, &datagram.data)
                     .await;
             }
         }
