@@ -104,6 +104,8 @@ pub struct ChurnResult {
     pub first_error: Option<String>,
     pub bindings_left: usize,
     pub relay_entries_left: usize,
+    /// Deadline checks (timers) still scheduled.
+    pub timers_left: usize,
     pub internal_ports_left: usize,
     pub external_ports_left: usize,
     /// Entries left in each kernel map (bpftool).
@@ -122,6 +124,7 @@ impl ChurnResult {
         [
             self.bindings_left,
             self.relay_entries_left,
+            self.timers_left,
             self.internal_ports_left,
             self.external_ports_left,
             self.map_entries_left.values().sum(),

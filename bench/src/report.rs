@@ -543,7 +543,7 @@ pub fn table(results: &Results) -> String {
         let _ = writeln!(
             out,
             "\n[5] churn: {} bindings made and ended in {:.1} s ({:.0}/s, {} errors{}), by end: {:?}\n\
-             left afterwards: {} bindings, {} relay entries, {} internal + {} external ports in use, \
+             left afterwards: {} bindings, {} relay entries, {} timers, {} internal + {} external ports in use, \
              map entries {:?}, descriptors {} -> {}; RSS {:.1} -> {:.1} MiB ({:+.1} %)",
             churn.done,
             churn.seconds,
@@ -556,6 +556,7 @@ pub fn table(results: &Results) -> String {
             churn.by_kind,
             churn.bindings_left,
             churn.relay_entries_left,
+            churn.timers_left,
             churn.internal_ports_left,
             churn.external_ports_left,
             churn.map_entries_left,

@@ -70,11 +70,12 @@ pub fn bindings_document(services: &Services) -> Bindings {
     let caps_hit = services
         .enhanced
         .as_ref()
-        .map_or([0; 3], |mode| mode.caps_hit());
+        .map_or([0; 4], |mode| mode.caps_hit());
     let relay = services.enhanced.as_ref().map(|mode| {
         let (internal_ports_in_use, external_ports_in_use) = mode.ports_in_use();
         RelayReport {
             bindings_served: mode.running_relays(),
+            scheduled_checks: mode.scheduled_checks(),
             internal_ports_in_use,
             external_ports_in_use,
             datagrams_relayed: mode.relay_relayed(),
@@ -99,6 +100,7 @@ pub fn bindings_document(services: &Services) -> Bindings {
             bindings_refused_connection_cap: caps_hit[0],
             bindings_refused_user_cap: caps_hit[1],
             bindings_refused_total_cap: caps_hit[2],
+            bindings_refused_no_relay_port: caps_hit[3],
         },
     }
 }

@@ -118,6 +118,8 @@ pub struct Bindings {
 pub struct RelayReport {
     /// Bindings in the relay's table (each holds no socket).
     pub bindings_served: usize,
+    /// Deadline checks the binding table has scheduled (none once every binding is gone).
+    pub scheduled_checks: usize,
     pub internal_ports_in_use: usize,
     pub external_ports_in_use: usize,
     /// Datagrams the userspace relay sent on, both ways.
@@ -186,6 +188,9 @@ pub struct Limits {
     pub bindings_refused_connection_cap: u64,
     pub bindings_refused_user_cap: u64,
     pub bindings_refused_total_cap: u64,
+    /// Refused because no relay port (`01`) or aligned pair (`16`) was free.
+    #[serde(default)]
+    pub bindings_refused_no_relay_port: u64,
 }
 
 impl Bindings {
@@ -242,7 +247,8 @@ impl Bindings {
         let _ = writeln!(
             out,
             "control connections: {} of {} ({} per client); refused: {} at the total cap, {} at \
-             the per-client cap; bindings refused: {} connection cap, {} user cap, {} total cap",
+             the per-client cap; bindings refused: {} connection cap, {} user cap, {} total cap, \
+             {} no relay port",
             l.connections,
             l.max_connections,
             l.max_connections_per_client,
@@ -251,6 +257,7 @@ impl Bindings {
             l.bindings_refused_connection_cap,
             l.bindings_refused_user_cap,
             l.bindings_refused_total_cap,
+            l.bindings_refused_no_relay_port,
         );
         out
     }
@@ -294,6 +301,7 @@ mod tests {
             },
             relay: Some(RelayReport {
                 bindings_served: 1,
+                scheduled_checks: 1,
                 internal_ports_in_use: 2,
                 external_ports_in_use: 2,
                 datagrams_relayed: 5,

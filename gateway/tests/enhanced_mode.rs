@@ -554,6 +554,44 @@ async fn a_failed_command_keeps_the_connection_open() {
     );
 }
 
+/// When the port space is exhausted a request gets the documented reply at once (`01`, `16`
+/// for a pair) and is counted; a freed port is given out again.
+#[tokio::test]
+async fn exhausted_relay_ports_are_refused_at_once_and_counted() {
+    let gateway = start(|config| {
+        let first = config.internal_ports.first & !1;
+        config.internal_ports = PortRange::new(first, first + 1);
+    })
+    .await;
+    let mut stream = gateway.enter().await;
+    let local = |port| SocketAddr::new(LOCALHOST, port);
+    let one = step1(&gateway, &mut stream, RSU, 1, local(6000)).await;
+    step1(&gateway, &mut stream, RSU, 2, local(6002)).await;
+    let refused = request(
+        &mut stream,
+        &control(BIND, RSU, 3, 0, local(6004), UNSPECIFIED),
+    )
+    .await;
+    assert_eq!(refused.code, 0x01, "{refused:?}");
+    let pair = request(
+        &mut stream,
+        &control(BIND, RSU | RTP_PAIR, 4, 0, local(6006), UNSPECIFIED),
+    )
+    .await;
+    assert_eq!(pair.code, 0x16, "{pair:?}");
+    assert_eq!(gateway.mode().caps_hit()[3], 2, "both refusals counted");
+    let release = request(
+        &mut stream,
+        &control(RELEASE, 0, 1, one.aid, UNSPECIFIED, UNSPECIFIED),
+    )
+    .await;
+    assert_eq!(release.code, 0x00);
+    step1(&gateway, &mut stream, RSU, 5, local(6008)).await;
+    assert_eq!(gateway.mode().caps_hit()[3], 2);
+    drop(stream);
+    gateway.all_released().await;
+}
+
 /// Relay ports belong to the gateway: a binding holds no socket, and the steering hands every
 /// datagram for a relay port to the gateway's shared socket, so a socket another program binds
 /// to one later hijacks nothing and blocks nothing.

@@ -285,6 +285,7 @@ fn a_churn_of_every_kind_of_binding_leaves_no_port_entry_or_descriptor() {
         "bindings left after the churn ({made:?})"
     );
     assert_eq!(doc["relay"]["bindings_served"], 0);
+    assert_eq!(doc["relay"]["scheduled_checks"], 0, "no timer left");
     assert_eq!(doc["relay"]["internal_ports_in_use"], 0);
     assert_eq!(doc["relay"]["external_ports_in_use"], 0);
     assert_eq!(doc["kernel_entries"].as_array().map(Vec::len), Some(0));

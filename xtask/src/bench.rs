@@ -191,6 +191,7 @@ pub fn check_document(doc: &Value) -> Vec<String> {
     let left = [
         "bindings_left",
         "relay_entries_left",
+        "timers_left",
         "internal_ports_left",
         "external_ports_left",
     ]
@@ -204,7 +205,7 @@ pub fn check_document(doc: &Value) -> Vec<String> {
     .fold(0u64, u64::saturating_add);
     if left > 0 {
         missing.push(format!(
-            "churn left {left} bindings, relay entries, ports or map entries"
+            "churn left {left} bindings, relay entries, timers, ports or map entries"
         ));
     }
     if doc["targets"].as_array().is_none_or(Vec::is_empty) {
@@ -256,6 +257,7 @@ mod tests {
                 "done": 100,
                 "bindings_left": 0,
                 "relay_entries_left": 0,
+                "timers_left": 0,
                 "internal_ports_left": left,
                 "external_ports_left": 0,
                 "map_entries_left": {"BINDINGS": 0, "OUTBOUND": 0},

@@ -43,13 +43,15 @@ pub fn run(env: &Env, results: &mut Results) {
         Ok(churn) => {
             env.progress(&format!(
                 "churn: {} bindings in {:.1} s ({:.0}/s), {} errors; left: {} bindings, {} relay \
-                 entries, ports {}+{}, map entries {:?}, descriptors {} -> {}, RSS {} -> {} KiB",
+                 entries, {} timers, ports {}+{}, map entries {:?}, descriptors {} -> {}, RSS {} \
+                 -> {} KiB",
                 churn.done,
                 churn.seconds,
                 churn.per_second,
                 churn.errors,
                 churn.bindings_left,
                 churn.relay_entries_left,
+                churn.timers_left,
                 churn.internal_ports_left,
                 churn.external_ports_left,
                 churn.map_entries_left,
@@ -263,6 +265,7 @@ fn leftovers(result: &mut ChurnResult, doc: &serde_json::Value, pin_dir: &Path) 
         .as_array()
         .map_or(usize::MAX, Vec::len);
     result.relay_entries_left = count(&doc["relay"]["bindings_served"]);
+    result.timers_left = count(&doc["relay"]["scheduled_checks"]);
     result.internal_ports_left = count(&doc["relay"]["internal_ports_in_use"]);
     result.external_ports_left = count(&doc["relay"]["external_ports_in_use"]);
     for map in ["BINDINGS", "OUTBOUND", "RAW_CLIENTS"] {

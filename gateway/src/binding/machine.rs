@@ -264,6 +264,11 @@ impl Bindings {
         self.ports.taken()
     }
 
+    /// How many deadline checks are scheduled (each live binding has one).
+    pub fn scheduled_checks(&self) -> usize {
+        self.timers.len()
+    }
+
     pub(super) fn uncount_half_bound(&mut self, conn: ConnId, user: Option<&str>) {
         if let Some(state) = self.conns.get_mut(&conn) {
             state.half_bound = state.half_bound.saturating_sub(1);

@@ -77,8 +77,9 @@ pub struct EnhancedMode {
     /// Who holds each control connection in the mode: its peer address and user.
     owners: Mutex<HashMap<ConnId, (SocketAddr, Option<String>)>>,
     next_conn: AtomicU64,
-    /// Bindings refused by a cap: per connection, per user, gateway-wide.
-    caps_hit: [AtomicU64; 3],
+    /// Bindings refused by a cap (per connection, per user, gateway-wide) and for want of a
+    /// relay port (or an aligned pair).
+    caps_hit: [AtomicU64; 4],
     wake: Arc<Notify>,
     /// The deadline the expiry task sleeps towards (nanoseconds after `epoch`; `u64::MAX`:
     /// none), read and written under the bindings lock: a bind wakes the task only when it
@@ -167,21 +168,28 @@ impl EnhancedMode {
         &self.config
     }
 
-    /// Counts a refused binding against its cap, if a cap refused it.
+    /// Counts a refused binding against its cap, if a cap (or the port space) refused it.
     fn count_refusal(&self, error: crate::binding::BindError) {
         use crate::binding::BindError;
         let slot = match error {
             BindError::ConnectionCap => 0,
             BindError::UserCap => 1,
             BindError::TotalCap => 2,
+            BindError::PortsExhausted | BindError::PairUnavailable => 3,
             _ => return,
         };
         self.caps_hit[slot].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Bindings refused so far by the cap per connection, per user and in total.
-    pub fn caps_hit(&self) -> [u64; 3] {
-        [0, 1, 2].map(|i| self.caps_hit[i].load(Ordering::Relaxed))
+    /// Bindings refused so far by the cap per connection, per user and in total, and for want
+    /// of a relay port.
+    pub fn caps_hit(&self) -> [u64; 4] {
+        [0, 1, 2, 3].map(|i| self.caps_hit[i].load(Ordering::Relaxed))
+    }
+
+    /// Deadlines the machine has scheduled (one or two per live binding; none when idle).
+    pub fn scheduled_checks(&self) -> usize {
+        self.lock_bindings().scheduled_checks()
     }
 
     /// Replaces the networks a REMOTE may not name, for every later request (SIGHUP).
