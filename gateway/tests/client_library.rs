@@ -502,7 +502,7 @@ async fn a_connection_at_its_binding_cap_gets_01_and_others_bind_meanwhile() {
     ));
     assert_eq!(
         gateway.mode().caps_hit(),
-        [1, 0, 0],
+        [1, 0, 0, 0],
         "counted as the connection cap"
     );
     // Another connection binds normally at the same time.
@@ -568,7 +568,7 @@ async fn a_user_at_their_binding_cap_gets_01_on_every_connection_and_others_bind
     }
     assert_eq!(
         gateway.mode().caps_hit(),
-        [0, 3, 0],
+        [0, 3, 0, 0],
         "counted as the user cap"
     );
     // Bob binds normally meanwhile.

@@ -116,6 +116,27 @@ fn positive(value: &Value) -> bool {
     value.as_f64().is_some_and(|v| v.is_finite() && v > 0.0)
 }
 
+/// What a churn run left behind (anything unreadable counts as left): the smoke churn must leave
+/// nothing, like the full one.
+fn churn_left(churn: &Value) -> u64 {
+    let count = |value: &Value| value.as_u64().unwrap_or(u64::MAX);
+    [
+        "bindings_left",
+        "relay_entries_left",
+        "timers_left",
+        "internal_ports_left",
+        "external_ports_left",
+    ]
+    .iter()
+    .map(|key| count(&churn[*key]))
+    .chain(
+        churn["map_entries_left"]
+            .as_object()
+            .map_or(vec![u64::MAX], |maps| maps.values().map(count).collect()),
+    )
+    .fold(0u64, u64::saturating_add)
+}
+
 /// Every scenario of the document that has no (positive) figure.
 pub fn check_document(doc: &Value) -> Vec<String> {
     let summary = &doc["summary"];
@@ -185,24 +206,7 @@ pub fn check_document(doc: &Value) -> Vec<String> {
     if scale < 3 {
         missing.push(format!("scale ({scale} entry counts)"));
     }
-    // The smoke churn must leave nothing behind, like the full one.
-    let churn = &summary["churn"];
-    let count = |value: &Value| value.as_u64().unwrap_or(u64::MAX);
-    let left = [
-        "bindings_left",
-        "relay_entries_left",
-        "timers_left",
-        "internal_ports_left",
-        "external_ports_left",
-    ]
-    .iter()
-    .map(|key| count(&churn[*key]))
-    .chain(
-        churn["map_entries_left"]
-            .as_object()
-            .map_or(vec![u64::MAX], |maps| maps.values().map(count).collect()),
-    )
-    .fold(0u64, u64::saturating_add);
+    let left = churn_left(&summary["churn"]);
     if left > 0 {
         missing.push(format!(
             "churn left {left} bindings, relay entries, timers, ports or map entries"
