@@ -202,10 +202,18 @@ impl Entry {
     }
 }
 
+/// A relay address in the table: side, address (canonical) and port, 20 octets (a
+/// `SocketAddr` takes 32).
+type PortKey = (Side, IpAddr, u16);
+
+fn port_key(side: Side, addr: SocketAddr) -> PortKey {
+    (side, addr.ip().to_canonical(), addr.port())
+}
+
 #[derive(Debug, Default)]
 struct Table {
     /// Every flow's internal and external relay address: its binding's AID and flow number.
-    by_port: HashMap<(Side, SocketAddr), (u32, u8)>,
+    by_port: HashMap<PortKey, (u32, u8)>,
     bindings: HashMap<u32, Entry>,
 }
 
@@ -225,12 +233,9 @@ impl Table {
     fn remove(&mut self, aid: u32) -> Option<Entry> {
         let entry = self.bindings.remove(&aid)?;
         for (side, addr, _) in Self::flows(&entry.ports) {
-            if self
-                .by_port
-                .get(&(side, canonical(addr)))
-                .is_some_and(|(a, _)| *a == aid)
-            {
-                self.by_port.remove(&(side, canonical(addr)));
+            let key = port_key(side, addr);
+            if self.by_port.get(&key).is_some_and(|(a, _)| *a == aid) {
+                self.by_port.remove(&key);
             }
         }
         Some(entry)
@@ -325,14 +330,12 @@ impl Relay {
         if table.bindings.contains_key(&info.aid)
             || flows
                 .iter()
-                .any(|(side, addr, _)| table.by_port.contains_key(&(*side, canonical(*addr))))
+                .any(|(side, addr, _)| table.by_port.contains_key(&port_key(*side, *addr)))
         {
             return false;
         }
         for (side, addr, flow) in flows {
-            table
-                .by_port
-                .insert((side, canonical(addr)), (info.aid, flow));
+            table.by_port.insert(port_key(side, addr), (info.aid, flow));
         }
         let state = RelayState::of(info);
         table.bindings.insert(
@@ -364,7 +367,7 @@ impl Relay {
         let mut table = self.lock();
         let Some((aid, _)) = table
             .by_port
-            .get(&(Side::Inside, canonical(internal)))
+            .get(&port_key(Side::Inside, internal))
             .copied()
         else {
             return;
@@ -426,7 +429,7 @@ impl Relay {
             self.count(RelayDrop::WrongInterface);
             return;
         }
-        let key = (side, canonical(arrival.to));
+        let key = port_key(side, arrival.to);
         let from = canonical(arrival.from);
         let handle = |table: &mut Table, allowed: bool| {
             let Some(&(aid, flow)) = table.by_port.get(&key) else {
