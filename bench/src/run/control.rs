@@ -489,7 +489,8 @@ fn memory(env: &Env) -> Result<MemoryResult> {
     }
     let outcome = (|| {
         let target = env.plan.memory_target;
-        let kernel_entries = (target * 2).max(65_536).to_string();
+        // Room above the target, so the gateway-wide cap (half the kernel entries) is not what stops it.
+        let kernel_entries = (target * 2 + 4096).max(65_536).to_string();
         let per_client = target.max(1024).to_string();
         let guard = ArmGuard::start(
             env,
