@@ -134,6 +134,22 @@ impl ChurnResult {
         .fold(0usize, |sum, n| sum.saturating_add(*n))
     }
 
+    /// What was left, as the progress line and the report print it.
+    pub fn leftovers_text(&self) -> String {
+        format!(
+            "{} bindings, {} relay entries, {} timers, {} internal + {} external ports in use, \
+             map entries {:?}, descriptors {} -> {}",
+            self.bindings_left,
+            self.relay_entries_left,
+            self.timers_left,
+            self.internal_ports_left,
+            self.external_ports_left,
+            self.map_entries_left,
+            self.fds_before,
+            self.fds_after,
+        )
+    }
+
     /// RSS growth over the churn, in percent of the baseline.
     pub fn rss_growth_percent(&self) -> f64 {
         #[expect(clippy::cast_precision_loss, reason = "memory sizes")]

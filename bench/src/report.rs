@@ -543,8 +543,7 @@ pub fn table(results: &Results) -> String {
         let _ = writeln!(
             out,
             "\n[5] churn: {} bindings made and ended in {:.1} s ({:.0}/s, {} errors{}), by end: {:?}\n\
-             left afterwards: {} bindings, {} relay entries, {} timers, {} internal + {} external ports in use, \
-             map entries {:?}, descriptors {} -> {}; RSS {:.1} -> {:.1} MiB ({:+.1} %)",
+             left afterwards: {}; RSS {:.1} -> {:.1} MiB ({:+.1} %)",
             churn.done,
             churn.seconds,
             churn.per_second,
@@ -554,14 +553,7 @@ pub fn table(results: &Results) -> String {
                 .as_ref()
                 .map_or_else(String::new, |e| format!(", first: {e}")),
             churn.by_kind,
-            churn.bindings_left,
-            churn.relay_entries_left,
-            churn.timers_left,
-            churn.internal_ports_left,
-            churn.external_ports_left,
-            churn.map_entries_left,
-            churn.fds_before,
-            churn.fds_after,
+            churn.leftovers_text(),
             mib(churn.rss_before),
             mib(churn.rss_after),
             churn.rss_growth_percent(),

@@ -35,12 +35,14 @@ fn ip_of(addr: &[u8; 16]) -> IpAddr {
 
 /// The `bindings` document.
 pub fn bindings_document(services: &Services) -> Bindings {
-    let enhanced_bindings = services
+    let mut document = summary_document(services);
+    document.summary = false;
+    document.enhanced_bindings = services
         .enhanced
         .as_ref()
         .map(|mode| mode.describe(services.gate.as_ref()))
         .unwrap_or_default();
-    let kernel_entries = services
+    document.kernel_entries = services
         .gate
         .list()
         .into_iter()
@@ -66,6 +68,12 @@ pub fn bindings_document(services: &Services) -> Bindings {
             }
         })
         .collect();
+    document
+}
+
+/// The counts of `gateway bindings` without the lists (`--summary`): cheap at any number of
+/// bindings.
+pub fn summary_document(services: &Services) -> Bindings {
     let (refused_total, refused_per_client) = services.connections.refused();
     let caps_hit = services
         .enhanced
@@ -88,9 +96,10 @@ pub fn bindings_document(services: &Services) -> Bindings {
     });
     Bindings {
         version: SCHEMA_VERSION,
-        enhanced_bindings,
-        kernel_entries,
+        enhanced_bindings: Vec::new(),
+        kernel_entries: Vec::new(),
         relay,
+        summary: true,
         limits: Limits {
             connections: services.connections.held(),
             max_connections: services.connections.max_total(),
@@ -130,6 +139,8 @@ pub async fn serve(path: PathBuf, services: Arc<Services>) -> io::Result<()> {
             let reply = match (read, line.trim()) {
                 (Ok(Ok(_)), "bindings") => serde_json::to_string(&bindings_document(&services))
                     .unwrap_or_else(|error| json!({ "error": error.to_string() }).to_string()),
+                (Ok(Ok(_)), "summary") => serde_json::to_string(&summary_document(&services))
+                    .unwrap_or_else(|error| json!({ "error": error.to_string() }).to_string()),
                 (Ok(Ok(_)), other) => {
                     json!({ "error": format!("unknown command {other:?}") }).to_string()
                 }
@@ -145,7 +156,9 @@ pub async fn serve(path: PathBuf, services: Arc<Services>) -> io::Result<()> {
 /// Sends one command to a running daemon and returns its one-line answer.
 pub fn query(path: &Path, command: &str) -> io::Result<String> {
     let mut stream = UnixStream::connect(path)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // The daemon answers once the whole document is built: a listing of 100,000 bindings takes
+    // a while.
+    stream.set_read_timeout(Some(Duration::from_mins(1)))?;
     stream.write_all(format!("{command}\n").as_bytes())?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line)?;

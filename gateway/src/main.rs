@@ -45,6 +45,10 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Only the counts (relay ports in use, bindings served, drops, caps hit), not one line
+        /// per binding and kernel entry: cheap however many bindings there are.
+        #[arg(long)]
+        summary: bool,
     },
     /// Remove the gate of a stopped or dead gateway: its XDP and tc links (the gate opens: unsolicited
     /// UDP reaches the host again), its pinned maps, the relay ports it reserved and its run
@@ -142,7 +146,11 @@ fn run(cli: Cli) -> Result<()> {
                 daemon::run(daemon_args)
             }
         }
-        Command::Bindings { instance, json } => show_bindings(&instance, json),
+        Command::Bindings {
+            instance,
+            json,
+            summary,
+        } => show_bindings(&instance, json, summary),
         Command::Detach { instance } => detach(&instance),
         Command::Passwd { name } => passwd(&name),
         Command::Stats { instance, json } => show_stats(&instance, json),
@@ -173,11 +181,12 @@ fn daemon_args(args: RunArgs) -> Result<daemon::DaemonArgs> {
 }
 
 /// `gateway bindings`: ask the running daemon for its bindings and print them.
-fn show_bindings(instance: &str, json: bool) -> Result<()> {
+fn show_bindings(instance: &str, json: bool, summary: bool) -> Result<()> {
     let instance = Instance::new(instance)?;
     instance.require_running()?;
+    let command = if summary { "summary" } else { "bindings" };
     let answer =
-        gateway::admin_socket::query(&gateway::admin_socket::socket_path(&instance), "bindings")
+        gateway::admin_socket::query(&gateway::admin_socket::socket_path(&instance), command)
             .context("ask the daemon over its control socket")?;
     let document: gateway::report::Bindings =
         gateway::report::parse(&answer).context("read the daemon's answer")?;

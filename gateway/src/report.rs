@@ -111,6 +111,9 @@ pub struct Bindings {
     /// The enhanced mode's userspace relay and relay ports (absent without the mode).
     #[serde(default)]
     pub relay: Option<RelayReport>,
+    /// `gateway bindings --summary`: the lists are left out (empty), the counts are whole.
+    #[serde(default)]
+    pub summary: bool,
 }
 
 /// What the enhanced mode's userspace relay serves and did, and the relay ports in use.
@@ -197,11 +200,13 @@ impl Bindings {
     /// The table `gateway bindings` prints.
     pub fn to_table(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "enhanced-mode bindings: {}",
-            self.enhanced_bindings.len()
-        );
+        if !self.summary {
+            let _ = writeln!(
+                out,
+                "enhanced-mode bindings: {}",
+                self.enhanced_bindings.len()
+            );
+        }
         let or_dash = |value: Option<String>| value.unwrap_or_else(|| "-".to_owned());
         for b in &self.enhanced_bindings {
             let _ = writeln!(
@@ -230,7 +235,9 @@ impl Bindings {
                 relay.dropped.values().sum::<u64>(),
             );
         }
-        let _ = writeln!(out, "kernel entries: {}", self.kernel_entries.len());
+        if !self.summary {
+            let _ = writeln!(out, "kernel entries: {}", self.kernel_entries.len());
+        }
         for e in &self.kernel_entries {
             let _ = writeln!(
                 out,
@@ -307,6 +314,7 @@ mod tests {
                 datagrams_relayed: 5,
                 dropped: BTreeMap::from([("unknown_port".to_owned(), 3)]),
             }),
+            summary: false,
         }
     }
 
@@ -341,6 +349,22 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("control connections: 0 of 4096"), "{table}");
+    }
+
+    #[test]
+    fn a_summary_prints_the_counts_and_no_list_lengths() {
+        let document = Bindings {
+            enhanced_bindings: Vec::new(),
+            kernel_entries: Vec::new(),
+            summary: true,
+            ..bindings()
+        };
+        let table = document.to_table();
+        assert!(!table.contains("enhanced-mode bindings:"), "{table}");
+        assert!(!table.contains("kernel entries:"), "{table}");
+        assert!(table.contains("userspace relay: 1 bindings"), "{table}");
+        let json = serde_json::to_string(&document).unwrap();
+        assert_eq!(parse::<Bindings>(&json).unwrap(), document);
     }
 
     #[test]

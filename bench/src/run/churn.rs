@@ -42,21 +42,12 @@ pub fn run(env: &Env, results: &mut Results) {
     match churn(env) {
         Ok(churn) => {
             env.progress(&format!(
-                "churn: {} bindings in {:.1} s ({:.0}/s), {} errors; left: {} bindings, {} relay \
-                 entries, {} timers, ports {}+{}, map entries {:?}, descriptors {} -> {}, RSS {} \
-                 -> {} KiB",
+                "churn: {} bindings in {:.1} s ({:.0}/s), {} errors; left: {}; RSS {} -> {} KiB",
                 churn.done,
                 churn.seconds,
                 churn.per_second,
                 churn.errors,
-                churn.bindings_left,
-                churn.relay_entries_left,
-                churn.timers_left,
-                churn.internal_ports_left,
-                churn.external_ports_left,
-                churn.map_entries_left,
-                churn.fds_before,
-                churn.fds_after,
+                churn.leftovers_text(),
                 churn.rss_before / 1024,
                 churn.rss_after / 1024,
             ));

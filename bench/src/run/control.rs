@@ -206,53 +206,63 @@ fn enhanced_threads(conns: usize, time: Duration) -> Result<ControlRun> {
     }
     let start = std::time::Instant::now();
     let deadline = start + time;
-    let outcomes = std::thread::scope(|scope| {
-        let handles: Vec<_> = sessions
+    let outcomes = on_threads(sessions, |i, mut session: blocking::Session| {
+        let local = SocketAddr::new(
+            IpAddr::V4(addr::CLIENT_V4),
+            10_000 + u16::try_from(i % 20_000).unwrap_or(0),
+        );
+        let remote = SocketAddr::new(
+            IpAddr::V4(addr::SERVER_V4),
+            20_000 + u16::try_from(i % 20_000).unwrap_or(0),
+        );
+        let mut outcome = TaskOutcome::default();
+        while std::time::Instant::now() < deadline && outcome.errors < MAX_ERRORS {
+            let t0 = std::time::Instant::now();
+            let result = (|| {
+                let mut binding = session.bind(local, Family::V4)?;
+                session.connect(&mut binding, remote)?;
+                let setup = t0.elapsed();
+                session.release(binding)?;
+                Ok::<_, gateway_client::ClientError>(setup)
+            })();
+            match result {
+                Ok(setup) => {
+                    outcome.completed += 1;
+                    outcome.latencies_ns.push(nanos(setup));
+                }
+                Err(error) => {
+                    outcome.error(error);
+                    if session.is_closed() {
+                        break;
+                    }
+                }
+            }
+        }
+        outcome
+    });
+    Ok(combine(conns, start.elapsed(), outcomes))
+}
+
+/// Runs `work` for each item on a thread of its own; what each returned (the default for one
+/// that panicked).
+fn on_threads<I: Send, T: Default + Send>(
+    items: Vec<I>,
+    work: impl Fn(usize, I) -> T + Sync,
+) -> Vec<T> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
             .into_iter()
             .enumerate()
-            .map(|(i, mut session)| {
-                let local = SocketAddr::new(
-                    IpAddr::V4(addr::CLIENT_V4),
-                    10_000 + u16::try_from(i % 20_000).unwrap_or(0),
-                );
-                let remote = SocketAddr::new(
-                    IpAddr::V4(addr::SERVER_V4),
-                    20_000 + u16::try_from(i % 20_000).unwrap_or(0),
-                );
-                scope.spawn(move || {
-                    let mut outcome = TaskOutcome::default();
-                    while std::time::Instant::now() < deadline && outcome.errors < MAX_ERRORS {
-                        let t0 = std::time::Instant::now();
-                        let result = (|| {
-                            let mut binding = session.bind(local, Family::V4)?;
-                            session.connect(&mut binding, remote)?;
-                            let setup = t0.elapsed();
-                            session.release(binding)?;
-                            Ok::<_, gateway_client::ClientError>(setup)
-                        })();
-                        match result {
-                            Ok(setup) => {
-                                outcome.completed += 1;
-                                outcome.latencies_ns.push(nanos(setup));
-                            }
-                            Err(error) => {
-                                outcome.error(error);
-                                if session.is_closed() {
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    outcome
-                })
+            .map(|(i, item)| {
+                let work = &work;
+                scope.spawn(move || work(i, item))
             })
             .collect();
         handles
             .into_iter()
             .map(|handle| handle.join().unwrap_or_default())
-            .collect::<Vec<_>>()
-    });
-    Ok(combine(conns, start.elapsed(), outcomes))
+            .collect()
+    })
 }
 
 /// A control connection in the enhanced mode, entered by hand (no client library): anonymous
@@ -313,16 +323,8 @@ fn pipelined_threads(conns: usize, time: Duration) -> Result<ControlRun> {
     }
     let start = std::time::Instant::now();
     let deadline = start + time;
-    let outcomes = std::thread::scope(|scope| {
-        let handles: Vec<_> = streams
-            .into_iter()
-            .enumerate()
-            .map(|(i, stream)| scope.spawn(move || pipelined_connection(i, stream, deadline)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|handle| handle.join().unwrap_or_default())
-            .collect::<Vec<_>>()
+    let outcomes = on_threads(streams, |i, stream| {
+        pipelined_connection(i, stream, deadline)
     });
     Ok(combine(conns, start.elapsed(), outcomes))
 }

@@ -71,9 +71,9 @@ impl OutsideSocket {
     /// Receives one datagram now, or fails with `WouldBlock`.
     pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<Received> {
         let received = self.socket.try_io(Interest::READABLE, || {
-            recv_with_pktinfo(self.socket.as_raw_fd(), buf)
+            recv_datagram(self.socket.as_raw_fd(), buf)
         })?;
-        Ok(self.classify(received))
+        Ok(self.classify((received.len, received.from, received.ifindex)))
     }
 
     fn classify(&self, (len, from, arrived_on): (usize, SocketAddr, Option<u32>)) -> Received {
@@ -88,20 +88,46 @@ impl OutsideSocket {
     }
 }
 
-/// One non-blocking `recvmsg` with the arrival interface from the packet-info control message.
-fn recv_with_pktinfo(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Option<u32>)> {
+/// What one `recvmsg` on a relay socket gave: the datagram's length and source, its original
+/// destination (with `IP_RECVORIGDSTADDR` on) and the interface it arrived on (with
+/// `IP_PKTINFO` on), when the kernel said.
+#[derive(Debug, Clone, Copy)]
+pub struct RecvInfo {
+    pub len: usize,
+    pub from: SocketAddr,
+    pub to: Option<SocketAddr>,
+    pub ifindex: Option<u32>,
+}
+
+/// One non-blocking `recvmsg` with the control messages a relay socket asks for.
+pub fn recv_datagram(fd: RawFd, buf: &mut [u8]) -> io::Result<RecvInfo> {
     let mut iov = [IoSliceMut::new(buf)];
-    let mut cmsg = nix::cmsg_space!(libc::in6_pktinfo);
+    let mut cmsg = nix::cmsg_space!(libc::in6_pktinfo, libc::sockaddr_in6);
     let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT)
         .map_err(io::Error::from)?;
-    let mut arrived_on = None;
+    let mut ifindex = None;
+    let mut to = None;
     if let Ok(cmsgs) = msg.cmsgs() {
         for cmsg in cmsgs {
             match cmsg {
                 ControlMessageOwned::Ipv4PacketInfo(info) => {
-                    arrived_on = u32::try_from(info.ipi_ifindex).ok();
+                    ifindex = u32::try_from(info.ipi_ifindex).ok();
                 }
-                ControlMessageOwned::Ipv6PacketInfo(info) => arrived_on = Some(info.ipi6_ifindex),
+                ControlMessageOwned::Ipv6PacketInfo(info) => ifindex = Some(info.ipi6_ifindex),
+                ControlMessageOwned::Ipv4OrigDstAddr(addr) => {
+                    to = Some(SocketAddr::from(std::net::SocketAddrV4::new(
+                        u32::from_be(addr.sin_addr.s_addr).into(),
+                        u16::from_be(addr.sin_port),
+                    )));
+                }
+                ControlMessageOwned::Ipv6OrigDstAddr(addr) => {
+                    to = Some(SocketAddr::from(std::net::SocketAddrV6::new(
+                        addr.sin6_addr.s6_addr.into(),
+                        u16::from_be(addr.sin6_port),
+                        0,
+                        0,
+                    )));
+                }
                 _ => {}
             }
         }
@@ -117,7 +143,12 @@ fn recv_with_pktinfo(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddr
                 })
         })
         .ok_or_else(|| io::Error::other("datagram without a source address"))?;
-    Ok((msg.bytes, from, arrived_on))
+    Ok(RecvInfo {
+        len: msg.bytes,
+        from,
+        to,
+        ifindex,
+    })
 }
 
 /// Runs `f` on this worker thread's receive buffer (64 KiB, shared by every relay on the thread):

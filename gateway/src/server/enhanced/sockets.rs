@@ -13,15 +13,15 @@
 //! Owns the sockets and the steering program; knows nothing of bindings.
 
 use std::{
-    io::{self, IoSliceMut},
-    net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
-    os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     sync::atomic::{AtomicU32, AtomicUsize, Ordering},
 };
 
 use nix::sys::socket::{
-    AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockProtocol, SockType,
-    SockaddrStorage, recvmsg, sendto, setsockopt, socket,
+    AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrStorage, sendto, setsockopt,
+    socket,
     sockopt::{Ipv4OrigDstAddr, Ipv4PacketInfo, Ipv6OrigDstAddr, Ipv6RecvPacketInfo},
 };
 use tokio::{
@@ -33,9 +33,13 @@ use crate::{
     binding::Config,
     datapath::steering::{RelayPortRange, Steering},
     netif::tie_to_device,
+    server::outside::recv_datagram,
     udp_packet::{self, PacketError},
 };
 pub use gateway_common::RelaySide as Side;
+
+/// Receive queue of a shared relay socket (the kernel doubles it for its bookkeeping).
+const RECEIVE_QUEUE: usize = 4 << 20;
 
 /// What the relay sockets need to know of the interfaces.
 #[derive(Debug, Clone, Default)]
@@ -110,8 +114,10 @@ impl Receiver {
         options
             .map_err(|e| io_error("ask for packet info and the original destination")(e.into()))?;
         // A burst for the slow path of every binding lands here: a larger queue than one
-        // socket's default (capped by net.core.rmem_max).
-        let _ = nix::sys::socket::setsockopt(&std, nix::sys::socket::sockopt::RcvBuf, &(4 << 20));
+        // socket's default, past net.core.rmem_max where CAP_NET_ADMIN allows it.
+        if setsockopt(&std, nix::sys::socket::sockopt::RcvBufForce, &RECEIVE_QUEUE).is_err() {
+            let _ = setsockopt(&std, nix::sys::socket::sockopt::RcvBuf, &RECEIVE_QUEUE);
+        }
         let socket = UdpSocket::from_std(std).map_err(io_error("register with the runtime"))?;
         Ok(Self { socket, side })
     }
@@ -123,66 +129,19 @@ impl Receiver {
 
     /// Receives one datagram now into `buf`, or fails with `WouldBlock`.
     pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<Arrival> {
-        self.socket.try_io(Interest::READABLE, || {
-            recv_arrival(self.socket.as_raw_fd(), buf)
+        let received = self.socket.try_io(Interest::READABLE, || {
+            recv_datagram(self.socket.as_raw_fd(), buf)
+        })?;
+        let to = received
+            .to
+            .ok_or_else(|| io::Error::other("datagram without its original destination"))?;
+        Ok(Arrival {
+            len: received.len,
+            from: received.from,
+            to,
+            ifindex: received.ifindex,
         })
     }
-}
-
-fn std_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
-    addr.as_sockaddr_in()
-        .map(|v4| SocketAddr::from(SocketAddrV4::from(*v4)))
-        .or_else(|| {
-            addr.as_sockaddr_in6()
-                .map(|v6| SocketAddr::from(SocketAddrV6::from(*v6)))
-        })
-}
-
-/// One non-blocking `recvmsg` with the original destination and the arrival interface.
-fn recv_arrival(fd: RawFd, buf: &mut [u8]) -> io::Result<Arrival> {
-    let mut iov = [IoSliceMut::new(buf)];
-    let mut cmsg = nix::cmsg_space!(libc::in6_pktinfo, libc::sockaddr_in6);
-    let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT)
-        .map_err(io::Error::from)?;
-    let mut ifindex = None;
-    let mut to = None;
-    if let Ok(cmsgs) = msg.cmsgs() {
-        for cmsg in cmsgs {
-            match cmsg {
-                ControlMessageOwned::Ipv4PacketInfo(info) => {
-                    ifindex = u32::try_from(info.ipi_ifindex).ok();
-                }
-                ControlMessageOwned::Ipv6PacketInfo(info) => ifindex = Some(info.ipi6_ifindex),
-                ControlMessageOwned::Ipv4OrigDstAddr(addr) => {
-                    to = Some(SocketAddr::from(SocketAddrV4::new(
-                        u32::from_be(addr.sin_addr.s_addr).into(),
-                        u16::from_be(addr.sin_port),
-                    )));
-                }
-                ControlMessageOwned::Ipv6OrigDstAddr(addr) => {
-                    to = Some(SocketAddr::from(SocketAddrV6::new(
-                        addr.sin6_addr.s6_addr.into(),
-                        u16::from_be(addr.sin6_port),
-                        0,
-                        0,
-                    )));
-                }
-                _ => {}
-            }
-        }
-    }
-    let from = msg
-        .address
-        .as_ref()
-        .and_then(std_addr)
-        .ok_or_else(|| io::Error::other("datagram without a source address"))?;
-    let to = to.ok_or_else(|| io::Error::other("datagram without its original destination"))?;
-    Ok(Arrival {
-        len: msg.bytes,
-        from,
-        to,
-        ifindex,
-    })
 }
 
 /// Device MTU when the interface cannot say (an untied socket: loopback tests).
