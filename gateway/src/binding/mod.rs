@@ -5,8 +5,8 @@
 //! relay ports, whether it is half-bound or confirmed, tombstones of expired ones, caps and
 //! expiry. The caller (the enhanced-mode connection task and the relay) feeds it requests,
 //! releases, connection closes, traffic and timeouts, each with `now`, and applies the
-//! [`Decision`]s it returns: relay sockets to open or close, kernel entries to install or remove,
-//! replies to send.
+//! [`Decision`]s it returns: relay ports to serve or stop serving, kernel entries to install or
+//! remove, replies to send.
 //!
 //! It must not do I/O, read a clock, spawn tasks or depend on the SOCKS codec; it knows nothing
 //! of sockets or eBPF maps beyond the data it hands back. Domain names are resolved by the caller.

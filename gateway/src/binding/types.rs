@@ -262,13 +262,13 @@ pub struct KernelEntry {
 /// One effect for the caller to apply, in order, before it sends the reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
-    /// Relay ports were reserved: open (or claim) the relay sockets.
+    /// Relay ports were reserved: the relay starts serving them.
     Reserve(RelayPorts),
     /// Install this kernel entry.
     Install(KernelEntry),
     /// Remove this kernel entry (it was installed by an earlier [`Action::Install`]).
     Remove(KernelEntry),
-    /// Relay ports went back to the pool: close the relay sockets.
+    /// Relay ports went back to the pool: the relay stops serving them.
     Free(RelayPorts),
 }
 

@@ -71,7 +71,7 @@ impl Default for Timeouts {
 pub struct External {
     pub v4: Option<Ipv4Addr>,
     pub v6: Option<Ipv6Addr>,
-    /// Index of the external interface: relay sockets accept only datagrams that arrived there.
+    /// Index of the external interface: outside sockets accept only datagrams that arrived there.
     /// `None` accepts any interface (in-process tests on loopback).
     pub ifindex: Option<u32>,
     /// The external interface's name: outside sockets are tied to it (`SO_BINDTODEVICE`), so

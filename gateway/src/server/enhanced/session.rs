@@ -1,8 +1,9 @@
 //! One control connection in the enhanced mode: the entry reply, then control packets (UDP BIND,
 //! UDP RELEASE, SET TTL) and TCP-encapsulated datagrams until the connection closes.
 //!
-//! Owns the connection's relays (by AID) and the order in which a [`Decision`] is applied:
-//! relay sockets bound (`Reserve`), kernel entries installed (`Install`), then the reply. A
+//! Owns the list of the connection's bindings (by AID) and the order in which a [`Decision`] is
+//! applied: the relay entry made (`Reserve`), kernel entries installed (`Install`), then the
+//! reply; requests already buffered are answered together in one write. A
 //! malformed packet closes the connection; a failed command gets its reply code and the
 //! connection stays open. Closing (also by cancellation) releases everything it made.
 //!
