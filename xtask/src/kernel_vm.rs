@@ -542,6 +542,8 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 {OUT_TAG} {run} || die
 echo {run}/modprobe > /proc/sys/kernel/modprobe
 hostname gateway-vm
 ip link set lo up
+# The open-file limit of a host under systemd (the kernel's own default hard limit is 4096).
+ulimit -n 524288 2>/dev/null || say "cannot raise the open-file limit"
 uname -r > {run}/kernel
 say "running on Linux $(uname -r): $(cat /proc/version)"
 cd {root} || die "cd {root}"
