@@ -40,7 +40,7 @@ use tracing::{debug, warn};
 
 use super::{
     EnhancedMode,
-    sockets::{Arrival, Interfaces, RelaySockets, Side},
+    sockets::{Arrival, RelaySockets, Side},
 };
 use crate::{
     binding::{BindingInfo, BindingState, ConnId, RelayPorts, RemoteMatch, flags},
@@ -272,7 +272,6 @@ enum Outcome {
 #[derive(Debug)]
 pub struct Relay {
     sockets: RelaySockets,
-    interfaces: Interfaces,
     table: Mutex<Table>,
     drops: [AtomicU64; RelayDrop::ALL.len()],
     relayed: AtomicU64,
@@ -281,7 +280,6 @@ pub struct Relay {
 impl Relay {
     pub fn new(sockets: RelaySockets) -> Self {
         Self {
-            interfaces: sockets.interfaces.clone(),
             sockets,
             table: Mutex::new(Table::default()),
             drops: Default::default(),
@@ -419,10 +417,8 @@ impl Relay {
 
     /// One datagram that reached a relay port on `side`.
     async fn on_arrival(&self, mode: &EnhancedMode, side: Side, arrival: Arrival, data: &[u8]) {
-        if let Some((_, expected)) = match side {
-            Side::Inside => &self.interfaces.internal,
-            Side::Outside => &self.interfaces.external,
-        } && arrival.ifindex != Some(*expected)
+        if let Some((_, expected)) = self.sockets.interfaces.of(side)
+            && arrival.ifindex != Some(*expected)
         {
             debug!(from = %arrival.from, ifindex = ?arrival.ifindex, ?side,
                 "datagram from the wrong interface");

@@ -51,7 +51,8 @@ pub struct Interfaces {
 }
 
 impl Interfaces {
-    fn of(&self, side: Side) -> Option<&(String, u32)> {
+    /// The interface of `side`, if the sockets are tied to one.
+    pub fn of(&self, side: Side) -> Option<&(String, u32)> {
         match side {
             Side::Inside => self.internal.as_ref(),
             Side::Outside => self.external.as_ref(),
