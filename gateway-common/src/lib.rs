@@ -35,6 +35,11 @@ pub mod map_names {
     pub const RELAY_ADDRS: &str = "RELAY_ADDRS";
     /// The daemon's shared relay sockets (a `SOCKMAP`), at [`super::relay_socket_index`].
     pub const RELAY_SOCKETS: &str = "RELAY_SOCKETS";
+    /// Multicast groups the gateway receives: [`super::GroupKey`] -> [`super::GroupValue`].
+    pub const GROUPS: &str = "GROUPS";
+    /// The allowed sources of groups with a source list: [`super::GroupSourceKey`] -> `u32`
+    /// (value unused).
+    pub const GROUP_SOURCES: &str = "GROUP_SOURCES";
 }
 
 /// Name of the XDP program on the external interface (the gate).
@@ -296,6 +301,110 @@ pub const fn relay_socket_index(ipv6: bool, side: RelaySide) -> u32 {
 /// Most relay addresses (internal and external together) one daemon serves.
 pub const MAX_RELAY_ADDRS: u32 = 64;
 
+/// Most multicast groups (address and port) the gateway receives at once.
+pub const MAX_GROUPS: u32 = 256;
+/// Capacity of the per-group source lists, all groups together.
+pub const MAX_GROUP_SOURCES: u32 = 1024;
+/// Most subscribers of one group the kernel delivers to (multicast-to-unicast); the userspace
+/// relay serves the rest.
+pub const MAX_KERNEL_SUBSCRIBERS: usize = 64;
+
+/// `skb->mark` of the copy of a group datagram the fan-out hands back to the external
+/// interface's input for the userspace relay: the programs pass a packet with this mark
+/// untouched. A mark never comes from the wire (a NIC starts it at 0, and crossing network
+/// namespaces clears it).
+pub const FANOUT_TO_STACK_MARK: u32 = 0x6777_6d63;
+
+/// Key of a multicast group the gateway receives, as seen on a datagram arriving on the external
+/// interface: destination = group and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GroupKey {
+    pub group: Addr16,
+    pub port_be: u16,
+    pub padding: u16,
+}
+const _: () = assert!(size_of::<GroupKey>() == 20);
+
+/// Key of one allowed source of a group with a source list.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GroupSourceKey {
+    pub group: Addr16,
+    pub source: Addr16,
+    pub port_be: u16,
+    pub padding: u16,
+}
+const _: () = assert!(size_of::<GroupSourceKey>() == 36);
+
+/// Bits of [`GroupValue::flags`].
+pub mod group_flags {
+    /// Multicast-to-multicast: re-send each datagram on the internal interface to the group,
+    /// TTL (hop limit) 1, from [`super::GroupValue::inside_source`], no header.
+    pub const INSIDE_MULTICAST: u32 = 1;
+    /// The userspace relay needs the datagram too (subscribers beyond the kernel's table): a
+    /// copy marked [`super::FANOUT_TO_STACK_MARK`] goes back to the input for the stack.
+    pub const TO_USERSPACE: u32 = 2;
+    /// Only sources in `GROUP_SOURCES` are admitted (checked by the gate).
+    pub const SOURCE_LIST: u32 = 4;
+}
+
+/// One subscriber the kernel delivers a group's datagrams to (multicast-to-unicast), with the
+/// enhanced mode's 8-octet header carrying its AID.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupSubscriber {
+    pub client_addr: Addr16,
+    pub internal_relay_addr: Addr16,
+    /// The next hop's MAC address towards the client (from the daemon's neighbour table).
+    pub client_mac: [u8; 6],
+    pub client_port_be: u16,
+    pub internal_relay_port_be: u16,
+    pub padding: u16,
+    /// The association id in network order (as it goes into the header).
+    pub aid_be: u32,
+    /// What the kernel delivered to this subscriber.
+    pub counters: EntryCounters,
+}
+const _: () = assert!(size_of::<GroupSubscriber>() == 72);
+
+/// A group the gateway receives: how its datagrams are delivered inside.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupValue {
+    /// [`group_flags`] bits.
+    pub flags: u32,
+    /// How many of `subscribers` (from the front) are in use.
+    pub kernel_subscribers: u32,
+    /// The internal interface's MAC address (the source of every frame sent inside).
+    pub internal_mac: [u8; 6],
+    pub padding: [u8; 2],
+    /// Source address of multicast-to-multicast re-sends (the gateway's internal address of
+    /// the group's family).
+    pub inside_source: Addr16,
+    /// Every datagram of the group the gate admitted.
+    pub received: EntryCounters,
+    /// Multicast-to-multicast re-sends.
+    pub inside_sent: EntryCounters,
+    pub subscribers: [GroupSubscriber; MAX_KERNEL_SUBSCRIBERS],
+}
+const _: () = assert!(size_of::<GroupValue>() == 80 + 72 * MAX_KERNEL_SUBSCRIBERS);
+
+impl Default for GroupValue {
+    fn default() -> Self {
+        Self {
+            flags: 0,
+            kernel_subscribers: 0,
+            internal_mac: [0; 6],
+            padding: [0; 2],
+            inside_source: [0; 16],
+            received: EntryCounters::default(),
+            inside_sent: EntryCounters::default(),
+            subscribers: [GroupSubscriber::default(); MAX_KERNEL_SUBSCRIBERS],
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are repr(C), contain only integers and byte arrays, and have explicit
@@ -325,6 +434,12 @@ mod pod {
     unsafe impl aya::Pod for super::ClientSocketKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RawClientValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GroupKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GroupSourceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GroupValue {}
 }
 
 #[cfg(test)]

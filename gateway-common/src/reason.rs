@@ -67,6 +67,21 @@ pub enum ExitReason {
     /// A RAW client's datagram too big for the external link (the kernel relay cannot fragment,
     /// and user space never sees datagrams addressed to the remote): dropped.
     RawTooBigForExternalLink = 23,
+    /// A datagram to a multicast group the gateway receives, from an allowed source, handed by
+    /// the gate to the tc fan-out: passed.
+    MulticastToFanOut = 24,
+    /// A datagram to a received group from a source not on the group's source list (another
+    /// sender, or another gateway on the border injecting duplicates): dropped.
+    MulticastSourceNotAllowed = 25,
+    /// One copy of a group datagram delivered by the kernel to one subscriber as unicast with
+    /// its AID in the 8-octet header (multicast-to-unicast): redirected.
+    KernelRelayedMulticast = 26,
+    /// A group datagram re-sent by the kernel on the internal interface to the group, TTL 1
+    /// (multicast-to-multicast): redirected.
+    KernelRelayedMulticastInside = 27,
+    /// A group datagram left to the stack for the userspace relay (subscribers beyond the
+    /// kernel's table, a `CHECKSUM_PARTIAL` datagram, the userspace data path): passed.
+    MulticastToUserspace = 28,
 }
 
 /// What the program did with a packet of a given reason.
@@ -80,7 +95,7 @@ pub enum Verdict {
 
 impl ExitReason {
     /// Number of reasons; the size of the counter array.
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 29;
 
     /// Every reason, in numeric order.
     pub const ALL: [Self; Self::COUNT as usize] = [
@@ -108,6 +123,11 @@ impl ExitReason {
         Self::KernelRelayedRawOutbound,
         Self::RawToOtherDestination,
         Self::RawTooBigForExternalLink,
+        Self::MulticastToFanOut,
+        Self::MulticastSourceNotAllowed,
+        Self::KernelRelayedMulticast,
+        Self::KernelRelayedMulticastInside,
+        Self::MulticastToUserspace,
     ];
 
     pub const fn verdict(self) -> Verdict {
@@ -119,7 +139,9 @@ impl ExitReason {
             | Self::OutboundToUserspace
             | Self::InboundToStack
             | Self::BindingToKernelRelay
-            | Self::PartialChecksumToUserspace => Verdict::Pass,
+            | Self::PartialChecksumToUserspace
+            | Self::MulticastToFanOut
+            | Self::MulticastToUserspace => Verdict::Pass,
             Self::NoBinding
             | Self::TruncatedHeader
             | Self::IpFragment
@@ -131,11 +153,14 @@ impl ExitReason {
             | Self::KernelRelayFailed
             | Self::ControlPortFromOutside
             | Self::RawToOtherDestination
-            | Self::RawTooBigForExternalLink => Verdict::Drop,
+            | Self::RawTooBigForExternalLink
+            | Self::MulticastSourceNotAllowed => Verdict::Drop,
             Self::KernelRelayedInbound
             | Self::KernelRelayedOutbound
             | Self::KernelRelayedRawInbound
-            | Self::KernelRelayedRawOutbound => Verdict::Redirect,
+            | Self::KernelRelayedRawOutbound
+            | Self::KernelRelayedMulticast
+            | Self::KernelRelayedMulticastInside => Verdict::Redirect,
         }
     }
 
@@ -166,6 +191,11 @@ impl ExitReason {
             Self::KernelRelayedRawOutbound => "kernel_relayed_raw_outbound",
             Self::RawToOtherDestination => "raw_to_other_destination",
             Self::RawTooBigForExternalLink => "raw_too_big_for_external_link",
+            Self::MulticastToFanOut => "multicast_to_fan_out",
+            Self::MulticastSourceNotAllowed => "multicast_source_not_allowed",
+            Self::KernelRelayedMulticast => "kernel_relayed_multicast",
+            Self::KernelRelayedMulticastInside => "kernel_relayed_multicast_inside",
+            Self::MulticastToUserspace => "multicast_to_userspace",
         }
     }
 

@@ -5,7 +5,7 @@
 
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
@@ -14,8 +14,8 @@ use std::{
 
 use aya::maps::{HashMap, MapData, MapError};
 use gateway_common::{
-    BindingKey, BindingValue, ClientSocketKey, EntryCounters, HostAllowKey, HostAllowValue,
-    OutboundKey, OutboundValue, RawClientValue, framing, relay_mode,
+    BindingKey, BindingValue, ClientSocketKey, EntryCounters, GroupValue, HostAllowKey,
+    HostAllowValue, OutboundKey, OutboundValue, RawClientValue, framing, relay_mode,
 };
 use thiserror::Error;
 
@@ -113,6 +113,13 @@ pub enum GateError {
         remote: SocketAddr,
         relay: SocketAddr,
     },
+    #[error("write the kernel entry of group {group}: {source}")]
+    Group {
+        group: SocketAddr,
+        source: Box<MapError>,
+    },
+    #[error("the gate is closed (the daemon is stopping): group {group} not admitted")]
+    GroupClosed { group: SocketAddr },
     #[error("allow host flow {remote} -> {local}: {source}")]
     HostFlow {
         remote: SocketAddr,
@@ -156,6 +163,27 @@ pub trait Gate: Send + Sync + std::fmt::Debug {
     fn kernel_active_since(&self, since_ns: u64) -> Vec<u32> {
         let _ = since_ns;
         Vec::new()
+    }
+    /// Writes a received group's kernel entry (created or replaced) and its source list (empty:
+    /// any source). The kernel's counters of the group and of subscribers that stay (same AID)
+    /// are kept. `group` is the group address and port.
+    fn set_group(
+        &self,
+        group: SocketAddr,
+        value: &GroupValue,
+        sources: &[IpAddr],
+    ) -> Result<(), GateError> {
+        let _ = (group, value, sources);
+        Ok(())
+    }
+    /// Removes a group's kernel entry and its source list: the gate drops its datagrams again.
+    fn remove_group(&self, group: SocketAddr) {
+        let _ = group;
+    }
+    /// The kernel's entry of a group, with its counters.
+    fn group(&self, group: SocketAddr) -> Option<Box<GroupValue>> {
+        let _ = group;
+        None
     }
     /// Stops admitting for good: removes every entry and refuses every later install (a
     /// stopping daemon's connections may still be confirming). Returns how many entries went.
