@@ -20,7 +20,9 @@ use tracing::{debug, warn};
 
 use crate::{
     instance::Instance,
-    report::{Bindings, KernelEntry, Limits, RelayReport, SCHEMA_VERSION},
+    report::{
+        Bindings, KernelEntry, Limits, MulticastGroup, MulticastMember, RelayReport, SCHEMA_VERSION,
+    },
     server::Services,
 };
 
@@ -94,12 +96,42 @@ pub fn summary_document(services: &Services) -> Bindings {
                 .collect(),
         }
     });
+    let multicast_groups = services
+        .enhanced
+        .as_ref()
+        .map(|mode| mode.multicast_groups(services.gate.as_ref()))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|g| MulticastGroup {
+            group: g.group,
+            sources: g.sources,
+            received_kernel: g.received_kernel,
+            received_userspace: g.received_userspace,
+            inside_sent_kernel: g.inside_sent_kernel,
+            inside_sent_userspace: g.inside_sent_userspace,
+            dropped_source_userspace: g.dropped_source_userspace,
+            members: g
+                .members
+                .into_iter()
+                .map(|m| MulticastMember {
+                    aid: m.aid,
+                    client: m.client,
+                    receive: m.receive.map(str::to_owned),
+                    send_ttl: m.send_ttl,
+                    in_kernel: m.in_kernel,
+                    kernel_packets: m.kernel_packets,
+                    userspace_packets: m.userspace_packets,
+                })
+                .collect(),
+        })
+        .collect();
     Bindings {
         version: SCHEMA_VERSION,
         enhanced_bindings: Vec::new(),
         kernel_entries: Vec::new(),
         relay,
         summary: true,
+        multicast_groups,
         limits: Limits {
             connections: services.connections.held(),
             max_connections: services.connections.max_total(),

@@ -25,7 +25,7 @@ use gateway::{
         self, External, Services,
         access::LiveAccess,
         auth::FailureLimiter,
-        enhanced::{EnhancedMode, Interfaces, RelaySockets},
+        enhanced::{EnhancedMode, Interfaces, MulticastSetup, RelaySockets},
         limits::{AuthLimit, ConnectionLimits},
         policy::Policy,
     },
@@ -534,6 +534,13 @@ fn enhanced_mode(
         max_bindings_per_user: s.max_bindings_per_user.get(),
         pending_timeout: Duration::from_secs(s.pending_timeout),
         idle_timeout: Duration::from_secs(s.idle_timeout),
+        multicast: binding::MulticastPolicy {
+            receive: s.allow_multicast_receive.clone(),
+            send: s.allow_multicast_send.clone(),
+            max_ttl: s.multicast_max_ttl.get(),
+            modes: s.multicast_modes.modes(),
+            default_mode: s.multicast_default_mode.mode(),
+        },
         ..binding::Config::default()
     };
     if config.internal_ips.is_empty() || config.external_ips.is_empty() {
@@ -551,7 +558,30 @@ fn enhanced_mode(
     };
     let sockets = RelaySockets::open(&config, &interfaces)
         .context("open the shared relay sockets of the enhanced UDP mode")?;
-    let mode = EnhancedMode::new(config, sockets).context("configure the enhanced UDP mode")?;
+    let internal_mac = match gateway::neighbour::mac_of_interface(&s.internal) {
+        Ok(mac) => Some(mac),
+        Err(error) => {
+            warn!(interface = %s.internal, %error,
+                "no MAC address: multicast is fanned out by the userspace relay only");
+            None
+        }
+    };
+    let setup = MulticastSetup {
+        external: interfaces.external.clone(),
+        internal: interfaces.internal.clone(),
+        internal_mac,
+        internal_ips: config.internal_ips.clone(),
+        kernel: s.datapath != DatapathKind::Userspace,
+        kernel_subscribers: s.multicast_kernel_subscribers.get(),
+        max_groups: s.multicast_max_groups.get(),
+        sources: s
+            .multicast_sources
+            .iter()
+            .map(|g| (g.group, g.sources.clone()))
+            .collect(),
+    };
+    let mode = EnhancedMode::with_multicast(config, sockets, setup)
+        .context("configure the enhanced UDP mode")?;
     Ok(Some(Arc::new(mode)))
 }
 

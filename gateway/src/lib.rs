@@ -27,6 +27,7 @@ pub mod exit_counters;
 pub mod gate;
 pub mod host_flow;
 pub mod instance;
+pub mod neighbour;
 pub mod netif;
 pub mod report;
 pub mod reserved_ports;

@@ -7,7 +7,11 @@
 //! Keys scripts already read stay: `kernel_relayed.packets` and `.bytes` in stats,
 //! `kernel_entries` and `enhanced_bindings` in bindings.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+};
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use thiserror::Error;
@@ -114,6 +118,44 @@ pub struct Bindings {
     /// `gateway bindings --summary`: the lists are left out (empty), the counts are whole.
     #[serde(default)]
     pub summary: bool,
+    /// Multicast groups with bindings (in the summary too: there are few).
+    #[serde(default)]
+    pub multicast_groups: Vec<MulticastGroup>,
+}
+
+/// One multicast group (address and port) with bindings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MulticastGroup {
+    pub group: SocketAddr,
+    /// The allowed sources (empty: any source).
+    pub sources: Vec<IpAddr>,
+    /// Datagrams of the group the kernel's gate admitted.
+    pub received_kernel: u64,
+    /// Datagrams of the group the userspace relay received.
+    pub received_userspace: u64,
+    /// Multicast-to-multicast re-sends inside, by the kernel and by user space.
+    pub inside_sent_kernel: u64,
+    pub inside_sent_userspace: u64,
+    /// Datagrams user space dropped for a source not on the list (the gate drops the rest
+    /// as `multicast_source_not_allowed`).
+    pub dropped_source_userspace: u64,
+    pub members: Vec<MulticastMember>,
+}
+
+/// One binding on a multicast group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MulticastMember {
+    pub aid: u32,
+    pub client: SocketAddr,
+    /// `mu` or `mm` for a receiving binding.
+    pub receive: Option<String>,
+    /// The TTL of a sending binding.
+    pub send_ttl: Option<u8>,
+    /// Whether the kernel delivers to it (else the userspace relay).
+    pub in_kernel: bool,
+    /// Datagrams delivered to it by the kernel and by user space.
+    pub kernel_packets: u64,
+    pub userspace_packets: u64,
 }
 
 /// What the enhanced mode's userspace relay serves and did, and the relay ports in use.
@@ -235,6 +277,44 @@ impl Bindings {
                 relay.dropped.values().sum::<u64>(),
             );
         }
+        for g in &self.multicast_groups {
+            let sources = if g.sources.is_empty() {
+                "any".to_owned()
+            } else {
+                g.sources
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let _ = writeln!(
+                out,
+                "multicast group {} sources {} members {}: received {} (kernel) {} (userspace), \
+                 re-sent inside {} (kernel) {} (userspace), source drops {}",
+                g.group,
+                sources,
+                g.members.len(),
+                g.received_kernel,
+                g.received_userspace,
+                g.inside_sent_kernel,
+                g.inside_sent_userspace,
+                g.dropped_source_userspace,
+            );
+            for m in &g.members {
+                let _ = writeln!(
+                    out,
+                    "  aid {:#010x} client {} receive {} send-ttl {} by {} delivered {} \
+                     (kernel) {} (userspace)",
+                    m.aid,
+                    m.client,
+                    m.receive.clone().unwrap_or_else(|| "-".to_owned()),
+                    m.send_ttl.map_or_else(|| "-".to_owned(), |t| t.to_string()),
+                    if m.in_kernel { "kernel" } else { "userspace" },
+                    m.kernel_packets,
+                    m.userspace_packets,
+                );
+            }
+        }
         if !self.summary {
             let _ = writeln!(out, "kernel entries: {}", self.kernel_entries.len());
         }
@@ -315,6 +395,7 @@ mod tests {
                 dropped: BTreeMap::from([("unknown_port".to_owned(), 3)]),
             }),
             summary: false,
+            multicast_groups: Vec::new(),
         }
     }
 

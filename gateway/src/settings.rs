@@ -19,7 +19,7 @@
 use std::{
     fmt,
     net::{IpAddr, SocketAddr},
-    num::{NonZeroU32, NonZeroU64, NonZeroUsize},
+    num::{NonZeroU8, NonZeroU32, NonZeroU64, NonZeroUsize},
     path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
@@ -221,6 +221,42 @@ settings! {
     /// Seconds a CONNECT or BIND relay lives with no byte in either direction.
     #[arg(long, value_name = "SECONDS")]
     tcp_idle_timeout: NonZeroU64 = seconds(Timeouts::default().tcp_idle);
+    /// A multicast group prefix clients may receive (repeat for more), e.g. 233.252.0.0/24.
+    /// None by default: every multicast receive bind gets `11`; a group outside every prefix
+    /// gets `14`.
+    #[arg(long, value_name = "CIDR")]
+    allow_multicast_receive: Vec<IpNet> = Vec::new();
+    /// A multicast group prefix clients may send to (repeat for more). None by default: every
+    /// multicast send bind gets `12`; a group outside every prefix gets `14`.
+    #[arg(long, value_name = "CIDR")]
+    allow_multicast_send: Vec<IpNet> = Vec::new();
+    /// Highest TTL (hop limit) a multicast send binding may ask for; more gets `15`.
+    #[arg(long, value_name = "N")]
+    multicast_max_ttl: NonZeroU8 = NonZeroU8::new(binding::MulticastPolicy::default().max_ttl)
+        .unwrap_or(NonZeroU8::MIN);
+    /// Multicast receive modes allowed: `mu` (multicast-to-unicast: each client gets the
+    /// group as unicast with its AID), `mm` (multicast-to-multicast: re-sent on the internal
+    /// interface, TTL 1) or `both`. A bind asking for another mode gets `11`.
+    #[arg(long, value_enum, value_name = "MODES")]
+    multicast_modes: MulticastModesSetting = MulticastModesSetting::Mu;
+    /// Mode of a multicast receive bind that asks for none (or both): `mu` or `mm`; the other
+    /// allowed one when this one is not allowed.
+    #[arg(long, value_enum, value_name = "MODE")]
+    multicast_default_mode: MulticastModeSetting = MulticastModeSetting::Mu;
+    /// Allowed sources of one group: `GROUP=SOURCE[,SOURCE...]` (repeat for more groups). The
+    /// gateway joins such a group source-specifically, and the gate drops (and counts) its
+    /// datagrams from any other source, such as another gateway on the border. A group
+    /// without a list accepts any source.
+    #[arg(long, value_name = "GROUP=SOURCES")]
+    multicast_sources: Vec<GroupSources> = Vec::new();
+    /// Most subscribers of one group the kernel delivers to (at most 64); the userspace relay
+    /// serves the rest.
+    #[arg(long, value_name = "N")]
+    multicast_kernel_subscribers: NonZeroUsize = non_zero(gateway_common::MAX_KERNEL_SUBSCRIBERS);
+    /// Most multicast groups (address and port) with bindings at once; a bind for one more
+    /// gets `01`. The kernel's group map holds 256.
+    #[arg(long, value_name = "N")]
+    multicast_max_groups: NonZeroUsize = non_zero(64);
     /// After a clean stop (SIGINT/SIGTERM), detach and unpin the gate, which opens the
     /// firewall. Off: the gate stays attached and dropping until `gateway detach`.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
@@ -254,6 +290,96 @@ impl DatapathKind {
             Self::Kernel | Self::Xdp => "the kernel (tc programs)",
             Self::Userspace => "the userspace relay",
         }
+    }
+}
+
+/// Which multicast receive modes are allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MulticastModesSetting {
+    /// Multicast-to-unicast only.
+    Mu,
+    /// Multicast-to-multicast only.
+    Mm,
+    /// Both.
+    Both,
+}
+
+impl MulticastModesSetting {
+    pub fn modes(self) -> binding::MulticastModes {
+        binding::MulticastModes {
+            to_unicast: self != Self::Mm,
+            to_multicast: self != Self::Mu,
+        }
+    }
+}
+
+/// One multicast receive mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MulticastModeSetting {
+    /// Multicast-to-unicast.
+    Mu,
+    /// Multicast-to-multicast.
+    Mm,
+}
+
+impl MulticastModeSetting {
+    pub fn mode(self) -> binding::MulticastMode {
+        match self {
+            Self::Mu => binding::MulticastMode::ToUnicast,
+            Self::Mm => binding::MulticastMode::ToMulticast,
+        }
+    }
+}
+
+/// The allowed sources of one group: `GROUP=SOURCE[,SOURCE...]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSources {
+    pub group: IpAddr,
+    pub sources: Vec<IpAddr>,
+}
+
+impl FromStr for GroupSources {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (group, sources) = text
+            .split_once('=')
+            .ok_or_else(|| format!("{text:?} is not GROUP=SOURCE[,SOURCE...]"))?;
+        let group: IpAddr = group
+            .trim()
+            .parse()
+            .map_err(|_| format!("{group:?} is not an IP address"))?;
+        if !group.is_multicast() {
+            return Err(format!("{group} is not a multicast group"));
+        }
+        let sources = sources
+            .split(',')
+            .map(|source| {
+                let ip: IpAddr = source
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("{source:?} is not an IP address"))?;
+                if ip.is_multicast() || ip.is_unspecified() || ip.is_ipv6() != group.is_ipv6() {
+                    return Err(format!("{ip} cannot be a source of {group}"));
+                }
+                Ok(ip)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { group, sources })
+    }
+}
+
+impl fmt::Display for GroupSources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}=", self.group)?;
+        for (i, source) in self.sources.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{source}")?;
+        }
+        Ok(())
     }
 }
 
@@ -293,7 +419,7 @@ macro_rules! serde_as_text {
         }
     )*};
 }
-serde_as_text!(Nameserver, PortRange, HostFlow);
+serde_as_text!(Nameserver, PortRange, HostFlow, GroupSources);
 
 impl Settings {
     /// The checks no single value's type makes: what a start needs, and the timeouts' ranges.
@@ -313,6 +439,24 @@ impl Settings {
         let pending = Duration::from_secs(self.pending_timeout);
         if !(binding::PENDING_TIMEOUT_MIN..=binding::PENDING_TIMEOUT_MAX).contains(&pending) {
             return invalid("pending_timeout", "must be 5 to 300 seconds");
+        }
+        if self.multicast_kernel_subscribers.get() > gateway_common::MAX_KERNEL_SUBSCRIBERS {
+            return invalid("multicast_kernel_subscribers", "must be 1 to 64");
+        }
+        if self.multicast_max_groups.get() > gateway_common::MAX_GROUPS as usize {
+            return invalid("multicast_max_groups", "must be 1 to 256");
+        }
+        for prefix in self
+            .allow_multicast_receive
+            .iter()
+            .chain(&self.allow_multicast_send)
+        {
+            if !prefix.network().is_multicast() || !prefix.broadcast().is_multicast() {
+                return invalid(
+                    "allow_multicast_receive",
+                    &format!("{prefix} is not inside 224.0.0.0/4 or ff00::/8"),
+                );
+            }
         }
         let idle = Duration::from_secs(self.idle_timeout);
         if !(Duration::from_secs(1)..=binding::IDLE_TIMEOUT_MAX).contains(&idle) {

@@ -38,6 +38,18 @@ pub fn packets(
     mtu: usize,
     id: u32,
 ) -> Result<Vec<Vec<u8>>, PacketError> {
+    packets_with_hop_limit(from, to, payload, mtu, id, HOP_LIMIT)
+}
+
+/// [`packets`] with TTL (IPv4) or hop limit (IPv6) `hop_limit` (a multicast send binding's).
+pub fn packets_with_hop_limit(
+    from: SocketAddr,
+    to: SocketAddr,
+    payload: &[u8],
+    mtu: usize,
+    id: u32,
+    hop_limit: u8,
+) -> Result<Vec<Vec<u8>>, PacketError> {
     match (from.ip().to_canonical(), to.ip().to_canonical()) {
         (IpAddr::V4(source), IpAddr::V4(destination)) => {
             if mtu < MIN_MTU_V4 {
@@ -45,7 +57,7 @@ pub fn packets(
             }
             let mut ip = Ipv4Header::new(
                 0,
-                HOP_LIMIT,
+                hop_limit,
                 IpNumber::UDP,
                 source.octets(),
                 destination.octets(),
@@ -83,7 +95,7 @@ pub fn packets(
                 flow_label: Ipv6FlowLabel::ZERO,
                 payload_length: 0,
                 next_header: IpNumber::UDP,
-                hop_limit: HOP_LIMIT,
+                hop_limit,
                 source: source.octets(),
                 destination: destination.octets(),
             };

@@ -36,6 +36,56 @@ pub fn default_forbidden_remotes() -> Vec<IpNet> {
     .collect()
 }
 
+/// Which multicast-receive modes the policy allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MulticastModes {
+    /// Multicast-to-unicast (per-client delivery with the header).
+    pub to_unicast: bool,
+    /// Multicast-to-multicast (re-sent inside to the group).
+    pub to_multicast: bool,
+}
+
+/// What multicast binds may do (protocol.md section 3). Nothing by default: no group may be
+/// received or sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MulticastPolicy {
+    /// Groups that may be received (none: every receive bind gets `11`).
+    pub receive: Vec<IpNet>,
+    /// Groups that may be sent to (none: every send bind gets `12`).
+    pub send: Vec<IpNet>,
+    /// Highest TTL a send binding may ask for (`15` above it).
+    pub max_ttl: u8,
+    /// The receive modes allowed.
+    pub modes: MulticastModes,
+    /// The mode of a receive bind that asks for none (or both).
+    pub default_mode: super::types::MulticastMode,
+}
+
+impl Default for MulticastPolicy {
+    fn default() -> Self {
+        Self {
+            receive: Vec::new(),
+            send: Vec::new(),
+            max_ttl: 8,
+            modes: MulticastModes {
+                to_unicast: true,
+                to_multicast: false,
+            },
+            default_mode: super::types::MulticastMode::ToUnicast,
+        }
+    }
+}
+
+impl MulticastPolicy {
+    /// Whether `mode` is allowed.
+    pub fn allows(&self, mode: super::types::MulticastMode) -> bool {
+        match mode {
+            super::types::MulticastMode::ToUnicast => self.modes.to_unicast,
+            super::types::MulticastMode::ToMulticast => self.modes.to_multicast,
+        }
+    }
+}
+
 /// Everything the binding state machine needs to know about policy and resources.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -81,6 +131,8 @@ pub struct Config {
     /// internal networks and the gateway's other addresses. The relay addresses above are
     /// always forbidden.
     pub forbidden_remotes: Vec<IpNet>,
+    /// What multicast binds may do.
+    pub multicast: MulticastPolicy,
 }
 
 impl Default for Config {
@@ -104,6 +156,7 @@ impl Default for Config {
             external_ips: Vec::new(),
             spill_to_other_external_ips: false,
             forbidden_remotes: default_forbidden_remotes(),
+            multicast: MulticastPolicy::default(),
         }
     }
 }

@@ -221,6 +221,7 @@ impl Bindings {
             local: b.local,
             flags: b.flags,
             ports: b.ports,
+            ttl: b.ttl,
             state: match b.state {
                 State::HalfBound { expires } => BindingState::HalfBound { expires },
                 State::Confirmed {
@@ -316,6 +317,7 @@ impl Bindings {
             .into_iter()
             .map(Action::Remove)
             .collect();
+        actions.extend(binding.membership(aid).map(Action::Unsubscribe));
         actions.push(Action::Free(binding.ports));
         actions
     }
@@ -362,7 +364,12 @@ impl Bindings {
     pub(crate) fn check_invariants(&self) {
         let mut half = 0;
         for (aid, b) in &self.live {
-            assert!(self.timers.contains(&(b.timer, *aid)), "timer of {aid}");
+            // Multicast bindings do not idle out: no timer.
+            assert_eq!(
+                self.timers.contains(&(b.timer, *aid)),
+                !b.is_multicast(),
+                "timer of {aid}"
+            );
             let c = &self.conns[&b.conn];
             assert!(c.live.contains(aid));
             if b.tid != 0 {
@@ -373,7 +380,8 @@ impl Bindings {
             }
             assert!(!self.tombstones.contains_key(aid));
         }
-        assert_eq!(self.timers.len(), self.live.len());
+        let timed = self.live.values().filter(|b| !b.is_multicast()).count();
+        assert_eq!(self.timers.len(), timed);
         let conn_half: usize = self.conns.values().map(|c| c.half_bound).sum();
         assert_eq!(conn_half, half);
         let mut owned: HashMap<Owner, usize> = HashMap::new();

@@ -13,11 +13,13 @@
 //!
 //! Files: `types` (requests, codes, decisions), `config` (policy, caps, addresses), `ports`
 //! (relay port pools), `aid` (association id sources), `record` (one binding's data), `rules`
-//! (the first-match rules for one UDP BIND), `machine` ([`Bindings`]: inputs, expiry, teardown).
+//! (the first-match rules for one UDP BIND), `multicast` (multicast binds and SET TTL),
+//! `machine` ([`Bindings`]: inputs, expiry, teardown).
 
 mod aid;
 mod config;
 mod machine;
+mod multicast;
 mod ports;
 mod record;
 mod rules;
@@ -28,12 +30,13 @@ mod tests;
 
 pub use aid::{AidSource, HashAids};
 pub use config::{
-    Config, ConfigError, IDLE_TIMEOUT_MAX, IpNet, PENDING_TIMEOUT_MAX, PENDING_TIMEOUT_MIN,
-    default_forbidden_remotes,
+    Config, ConfigError, IDLE_TIMEOUT_MAX, IpNet, MulticastModes, MulticastPolicy,
+    PENDING_TIMEOUT_MAX, PENDING_TIMEOUT_MIN, default_forbidden_remotes,
 };
 pub use machine::Bindings;
 pub use ports::{PortPool, PortRange};
 pub use types::{
     Action, BindError, BindRequest, BindingInfo, BindingState, ConnId, Decision, Expired,
-    ExpiryReason, Family, KernelEntry, RelayPorts, Remote, RemoteMatch, Reply, ReplyCode, flags,
+    ExpiryReason, Family, KernelEntry, Membership, MulticastMode, RelayPorts, Remote, RemoteMatch,
+    Reply, ReplyCode, flags,
 };

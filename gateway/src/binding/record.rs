@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use super::config::Config;
 use super::types::{
-    ConnId, Family, KernelEntry, RelayPorts, Remote, RemoteMatch, Reply, ReplyCode, flags,
+    ConnId, Family, KernelEntry, Membership, MulticastMode, RelayPorts, Remote, RemoteMatch, Reply,
+    ReplyCode, flags,
 };
 
 /// One live binding (half-bound or confirmed).
@@ -26,8 +27,11 @@ pub(super) struct Binding {
     /// Family of the external relay, picked by step 1's (or the one-step) REMOTE.
     pub(super) family: Family,
     pub(super) state: State,
-    /// This binding's key in `timers`.
+    /// This binding's key in `timers` (multicast bindings have none: they live until
+    /// released or their connection closes).
     pub(super) timer: Instant,
+    /// The TTL of a multicast send binding (0 otherwise).
+    pub(super) ttl: u8,
 }
 
 /// Who a binding counts against for the per-user cap: its user, or for an anonymous client its
@@ -156,11 +160,49 @@ impl Binding {
         }
     }
 
-    /// The kernel entries of a confirmed binding (none while half-bound).
+    pub(super) fn is_multicast(&self) -> bool {
+        self.flags & flags::MULTICAST != 0
+    }
+
+    /// What the relay serves of a multicast binding (none for any other).
+    pub(super) fn membership(&self, aid: u32) -> Option<Membership> {
+        let State::Confirmed {
+            remote: RemoteMatch::Exact(group),
+            ..
+        } = self.state
+        else {
+            return None;
+        };
+        if !self.is_multicast() {
+            return None;
+        }
+        let receive = if self.flags & flags::RECEIVE == 0 {
+            None
+        } else if self.flags & flags::MULTICAST_TO_MULTICAST != 0 {
+            Some(MulticastMode::ToMulticast)
+        } else {
+            Some(MulticastMode::ToUnicast)
+        };
+        Some(Membership {
+            aid,
+            group,
+            client: self.local,
+            internal: self.ports.internal,
+            external: self.ports.external,
+            receive,
+            send_ttl: (self.flags & flags::SEND != 0).then_some(self.ttl),
+        })
+    }
+
+    /// The kernel entries of a confirmed binding (none while half-bound, none for multicast:
+    /// groups have their own kernel entry, made by the relay).
     pub(super) fn entries(&self, aid: u32) -> Vec<KernelEntry> {
         let State::Confirmed { remote, .. } = self.state else {
             return Vec::new();
         };
+        if self.is_multicast() {
+            return Vec::new();
+        }
         let first = KernelEntry {
             remote,
             external: self.ports.external,

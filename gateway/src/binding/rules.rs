@@ -56,7 +56,9 @@ impl Bindings {
         };
         let Some(aid) = target else {
             // 5. A new TID (or TID 0).
-            return self.create(conn, peer, user, req.tid, local, wanted, flags, now);
+            return self.create(
+                conn, peer, user, req.tid, local, wanted, flags, req.ttl, now,
+            );
         };
         let confirmed = self
             .live
@@ -178,6 +180,7 @@ impl Bindings {
         local: SocketAddr,
         wanted: Wanted,
         flags: u16,
+        ttl: u8,
         now: Instant,
     ) -> Result<Decision, BindError> {
         let step1 = matches!(wanted, Wanted::Listen(_));
@@ -188,11 +191,7 @@ impl Bindings {
             return Err(BindError::BadFlags);
         }
         if flags & flags::MULTICAST_ANY != 0 {
-            return Err(if flags & flags::RECEIVE != 0 {
-                BindError::MulticastReceive
-            } else {
-                BindError::MulticastSend
-            });
+            return self.create_multicast(conn, peer, user, tid, local, wanted, flags, ttl, now);
         }
         if flags & flags::DIRECTIONS == 0 {
             return Err(BindError::BadFlags);
@@ -245,6 +244,7 @@ impl Bindings {
             family,
             state,
             timer,
+            ttl: 0,
         };
         let mut actions = vec![Action::Reserve(ports)];
         actions.extend(binding.entries(aid).into_iter().map(Action::Install));
@@ -277,7 +277,7 @@ impl Bindings {
 
     /// The caps a new binding must fit: the gateway's, its connection's and its owner's, and for
     /// a half-bound one the half-bound caps.
-    fn check_caps(
+    pub(super) fn check_caps(
         &self,
         conn: ConnId,
         owner: &Owner,
@@ -359,7 +359,7 @@ impl Bindings {
     }
 
     /// A random, non-zero AID not used by a live binding or a tombstone; bounded draws.
-    fn draw_aid(&mut self) -> Result<u32, BindError> {
+    pub(super) fn draw_aid(&mut self) -> Result<u32, BindError> {
         for _ in 0..AID_DRAWS {
             let aid = self.aids.next_aid();
             if aid != 0 && !self.live.contains_key(&aid) && !self.tombstones.contains_key(&aid) {

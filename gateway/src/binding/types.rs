@@ -17,12 +17,15 @@ pub mod flags {
     pub const UNICAST: u16 = 0x0004;
     /// `0008`: datagrams travel TCP-encapsulated on the control connection.
     pub const TCP_ENCAPSULATED: u16 = 0x0008;
-    /// `0010`: multicast (not built yet: refused with `11` or `12`).
+    /// `0010`: multicast: REMOTE is a group and port.
     pub const MULTICAST: u16 = 0x0010;
-    /// `0020`: multicast-to-unicast mode (not built yet).
+    /// `0020`: multicast-to-unicast mode (each subscriber gets the group's datagrams as unicast
+    /// with its AID in the header).
     pub const MULTICAST_TO_UNICAST: u16 = 0x0020;
-    /// `0040`: multicast-to-multicast mode (not built yet).
+    /// `0040`: multicast-to-multicast mode (the group is re-sent inside, TTL 1, no header).
     pub const MULTICAST_TO_MULTICAST: u16 = 0x0040;
+    /// Both mode bits.
+    pub const MULTICAST_MODES: u16 = MULTICAST_TO_UNICAST | MULTICAST_TO_MULTICAST;
     /// `0080`: set by the server in a step-1 reply; ignored in requests.
     pub const REMOTE_PENDING: u16 = 0x0080;
     /// `0100`: one binding, two flows on aligned port pairs (RTP on P, RTCP on P+1).
@@ -75,6 +78,8 @@ pub struct BindRequest {
     pub remote: Remote,
     /// Request flags, see [`flags`].
     pub flags: u16,
+    /// RSVD: the TTL of a multicast send binding (ignored otherwise).
+    pub ttl: u8,
 }
 
 /// The reply codes a UDP BIND or UDP RELEASE can get (protocol.md sections 1 and 3).
@@ -97,6 +102,10 @@ pub enum ReplyCode {
     MulticastSendNotAllowed = 0x12,
     /// `13`: bad association context.
     BadAssociationContext = 0x13,
+    /// `14`: not a multicast address, or a group outside every allowed prefix.
+    BadMulticastAddress = 0x14,
+    /// `15`: TTL not allowed (0, or over the configured maximum).
+    TtlNotAllowed = 0x15,
     /// `16`: no aligned port pair free.
     PortPairUnavailable = 0x16,
     /// `17`: the two-step binding expired.
@@ -152,12 +161,22 @@ pub enum BindError {
     /// The AID and the TID name different bindings.
     #[error("AID and TID name different bindings")]
     AidTidMismatch,
-    /// A multicast receive binding (not built yet).
+    /// A multicast receive the policy does not allow (none allowed, or not in this mode).
     #[error("multicast receive not allowed")]
     MulticastReceive,
-    /// A multicast send binding (not built yet).
+    /// A multicast send the policy does not allow.
     #[error("multicast send not allowed")]
     MulticastSend,
+    /// A multicast REMOTE that is not a group and port, or a group outside every allowed
+    /// prefix.
+    #[error("not a multicast group, or a group outside the allowed prefixes")]
+    BadMulticastAddress,
+    /// A multicast send TTL of 0 or over the configured maximum.
+    #[error("multicast TTL not allowed")]
+    TtlNotAllowed,
+    /// SET TTL on a binding that is not a multicast send binding.
+    #[error("not a multicast send binding")]
+    NotMulticastSend,
     /// TID 0 with an unspecified REMOTE: a step 1 needs a TID.
     #[error("TID 0 with an unspecified REMOTE")]
     TidZeroUnspecified,
@@ -206,12 +225,15 @@ impl BindError {
             BindError::UnknownAid | BindError::AidTidMismatch => ReplyCode::BadAssociationId,
             BindError::MulticastReceive => ReplyCode::MulticastReceiveNotAllowed,
             BindError::MulticastSend => ReplyCode::MulticastSendNotAllowed,
+            BindError::BadMulticastAddress => ReplyCode::BadMulticastAddress,
+            BindError::TtlNotAllowed => ReplyCode::TtlNotAllowed,
             BindError::TidZeroUnspecified
             | BindError::ConfirmedMismatch
             | BindError::LocalChanged
             | BindError::FlagsChanged
             | BindError::BadFlags
-            | BindError::PairPortOverflow => ReplyCode::BadAssociationContext,
+            | BindError::PairPortOverflow
+            | BindError::NotMulticastSend => ReplyCode::BadAssociationContext,
             BindError::PairUnavailable => ReplyCode::PortPairUnavailable,
             BindError::Expired { .. } => ReplyCode::TwoStepBindingExpired,
         }
@@ -259,6 +281,53 @@ pub struct KernelEntry {
     pub flags: u16,
 }
 
+/// How a group's datagrams reach a receiving client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MulticastMode {
+    /// Multicast-to-unicast: to the client's LOCAL with its AID in the header.
+    ToUnicast,
+    /// Multicast-to-multicast: re-sent inside to the group, TTL 1, no header.
+    ToMulticast,
+}
+
+impl MulticastMode {
+    /// The mode's flag bit.
+    pub fn flag(self) -> u16 {
+        match self {
+            MulticastMode::ToUnicast => flags::MULTICAST_TO_UNICAST,
+            MulticastMode::ToMulticast => flags::MULTICAST_TO_MULTICAST,
+        }
+    }
+
+    /// Short name for logs and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            MulticastMode::ToUnicast => "mu",
+            MulticastMode::ToMulticast => "mm",
+        }
+    }
+}
+
+/// One multicast binding as the relay serves it: a subscription to `group` (receive), a
+/// sender to it (send), or both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Membership {
+    /// The binding's association id.
+    pub aid: u32,
+    /// The group address and port.
+    pub group: SocketAddr,
+    /// The client's LOCAL: where multicast-to-unicast delivers, where sends come from.
+    pub client: SocketAddr,
+    /// The internal relay address: the source of deliveries, where the client sends to.
+    pub internal: SocketAddr,
+    /// The external relay address: the source of the client's datagrams to the group.
+    pub external: SocketAddr,
+    /// How received datagrams are delivered (`None`: a send-only binding).
+    pub receive: Option<MulticastMode>,
+    /// The TTL of the client's datagrams to the group (`None`: a receive-only binding).
+    pub send_ttl: Option<u8>,
+}
+
 /// One effect for the caller to apply, in order, before it sends the reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
@@ -270,6 +339,10 @@ pub enum Action {
     Remove(KernelEntry),
     /// Relay ports went back to the pool: the relay stops serving them.
     Free(RelayPorts),
+    /// A multicast binding starts, or its TTL changed: the relay joins or updates the group.
+    Subscribe(Membership),
+    /// A multicast binding ends: the relay drops it (and leaves the group after the last).
+    Unsubscribe(Membership),
 }
 
 /// The reply to one UDP BIND or UDP RELEASE. The caller echoes the request's TID.
@@ -376,4 +449,6 @@ pub struct BindingInfo {
     pub ports: RelayPorts,
     /// Half-bound or confirmed.
     pub state: BindingState,
+    /// The TTL of a multicast send binding (0 otherwise).
+    pub ttl: u8,
 }

@@ -5,6 +5,7 @@
 
 mod checks;
 mod expiry;
+mod multicast;
 mod prop;
 mod raw;
 mod resources;
@@ -140,6 +141,7 @@ pub(super) fn req(
         local,
         remote,
         flags,
+        ttl: 0,
     }
 }
 

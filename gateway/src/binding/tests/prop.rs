@@ -13,6 +13,7 @@ use super::*;
 struct Applied {
     reserved: HashSet<RelayPorts>,
     installed: HashSet<KernelEntry>,
+    members: std::collections::HashMap<u32, crate::binding::Membership>,
 }
 
 impl Applied {
@@ -32,6 +33,14 @@ impl Applied {
                     assert!(self.installed.insert(*entry), "installed twice");
                 }
                 Action::Remove(entry) => assert!(self.installed.remove(entry), "removed unknown"),
+                Action::Subscribe(membership) => {
+                    self.members.insert(membership.aid, *membership);
+                }
+                Action::Unsubscribe(membership) => assert_eq!(
+                    self.members.remove(&membership.aid).as_ref(),
+                    Some(membership),
+                    "unsubscribed unknown"
+                ),
             }
         }
     }
@@ -114,6 +123,7 @@ fn run(ops: &[Op], allow_listen: bool, allow_port_zero: bool) {
                     local: local_of(peer, w),
                     remote: remote_of((w / 6) ^ z),
                     flags: flags_of(y / 5, raw),
+                    ttl: w % 4,
                 };
                 let user = ["alice", "bob"].get(usize::from(w % 3)).copied();
                 let d = b.on_bind(id, peer, user, request, now);

@@ -14,11 +14,13 @@
 //! binding it did not create: a session only ever touches relays it started itself, and every
 //! request goes through the machine, which checks ownership.
 
+mod multicast;
 mod relay;
 mod session;
 mod sockets;
 
 pub use self::{
+    multicast::{GroupReport, MemberReport, MulticastSetup},
     relay::RelayDrop,
     sockets::{Interfaces, RelaySockets, SocketsError},
 };
@@ -71,6 +73,8 @@ pub struct EnhancedMode {
     config: Config,
     /// The userspace relay of every binding.
     relay: Arc<relay::Relay>,
+    /// Every multicast group with a binding.
+    multicast: Arc<multicast::Multicast>,
     /// The relay's receive tasks, started with the expiry task; aborted when the mode goes.
     receivers: Mutex<Vec<AbortHandle>>,
     conns: Mutex<HashMap<ConnId, mpsc::UnboundedSender<ExpiryNotice>>>,
@@ -130,11 +134,27 @@ impl EnhancedMode {
     /// The mode with the binding configuration `config` (validated here), random AIDs, and the
     /// userspace relay on `sockets` (opened for this `config`).
     pub fn new(config: Config, sockets: RelaySockets) -> Result<Self, ConfigError> {
+        let setup = MulticastSetup {
+            max_groups: 64,
+            kernel_subscribers: gateway_common::MAX_KERNEL_SUBSCRIBERS,
+            ..MulticastSetup::default()
+        };
+        Self::with_multicast(config, sockets, setup)
+    }
+
+    /// [`EnhancedMode::new`] with the multicast groups served as `setup` says.
+    pub fn with_multicast(
+        config: Config,
+        sockets: RelaySockets,
+        setup: MulticastSetup,
+    ) -> Result<Self, ConfigError> {
         let bindings = Bindings::new(config.clone(), HashAids::new())?;
+        let relay = Arc::new(relay::Relay::new(sockets));
         Ok(Self {
             bindings: Mutex::new(bindings),
             config,
-            relay: Arc::new(relay::Relay::new(sockets)),
+            multicast: Arc::new(multicast::Multicast::new(setup, Arc::clone(&relay))),
+            relay,
             receivers: Mutex::new(Vec::new()),
             conns: Mutex::new(HashMap::new()),
             owners: Mutex::new(HashMap::new()),
@@ -357,6 +377,24 @@ impl EnhancedMode {
             && self.relay.add(info, to_client)
     }
 
+    /// Has the multicast relay serve `membership` of `conn`'s binding, unless the binding is
+    /// gone already (lock order as for [`EnhancedMode::add_relay`]).
+    fn subscribe(
+        &self,
+        gate: &dyn Gate,
+        conn: ConnId,
+        membership: crate::binding::Membership,
+    ) -> Result<(), multicast::MulticastError> {
+        let bindings = self.lock_bindings();
+        if !bindings
+            .binding(membership.aid)
+            .is_some_and(|b| b.conn == conn)
+        {
+            return Ok(());
+        }
+        self.multicast.subscribe(gate, membership)
+    }
+
     /// `at` as the expiry task's target.
     fn deadline_key(&self, at: Option<Instant>) -> u64 {
         at.map_or(u64::MAX, |at| {
@@ -381,6 +419,41 @@ impl EnhancedMode {
         decision
     }
 
+    /// SET TTL of binding `aid` of `conn`: the machine's decision, applied (the relay's group
+    /// member updated) before the bindings lock is let go.
+    fn set_ttl(
+        &self,
+        gate: &dyn Gate,
+        conn: ConnId,
+        aid: u32,
+        ttl: u8,
+    ) -> crate::binding::Decision {
+        let mut bindings = self.lock_bindings();
+        let decision = bindings.on_set_ttl(conn, aid, ttl);
+        for action in &decision.actions {
+            if let Action::Subscribe(membership) = action
+                && let Err(error) = self.multicast.subscribe(gate, *membership)
+            {
+                tracing::warn!(aid, %error, "cannot update the multicast member");
+            }
+        }
+        drop(bindings);
+        if decision.reply.code == crate::binding::ReplyCode::Ok {
+            self.relay.set_ttl(aid, ttl);
+        }
+        decision
+    }
+
+    /// Multicast groups with their members and counters (for `gateway bindings`).
+    pub fn multicast_groups(&self, gate: &dyn Gate) -> Vec<GroupReport> {
+        self.multicast.report(gate)
+    }
+
+    /// Datagrams of groups the userspace relay delivered.
+    pub fn multicast_delivered(&self) -> u64 {
+        self.multicast.delivered()
+    }
+
     /// Reports traffic of binding `aid` (the relay rate-limits these calls).
     fn traffic(&self, aid: u32, at: Instant) {
         self.lock_bindings().on_traffic(aid, at);
@@ -401,7 +474,8 @@ impl EnhancedMode {
                     }
                 }
                 Action::Free(ports) => self.relay.remove_ports(ports.internal),
-                Action::Reserve(_) | Action::Install(_) => {
+                Action::Unsubscribe(membership) => self.multicast.unsubscribe(gate, membership),
+                Action::Reserve(_) | Action::Install(_) | Action::Subscribe(_) => {
                     debug!(?action, "unexpected action in a teardown; ignored");
                 }
             }

@@ -134,6 +134,8 @@ struct RelayState {
     /// The client's LOCAL; port 0 until latched.
     client: SocketAddr,
     flags: u16,
+    /// TTL of a multicast send binding's datagrams (0: the default).
+    ttl: u8,
 }
 
 impl RelayState {
@@ -145,6 +147,7 @@ impl RelayState {
             },
             client: canonical(info.local),
             flags: info.flags,
+            ttl: info.ttl,
         }
     }
 }
@@ -251,6 +254,8 @@ enum Delivery {
         from: SocketAddr,
         to: SocketAddr,
         data: Vec<u8>,
+        /// TTL (hop limit); 0: the default.
+        ttl: u8,
     },
     /// An encoded `03` packet for the control connection.
     Tcp(mpsc::Sender<Bytes>, Bytes),
@@ -284,6 +289,18 @@ impl Relay {
             table: Mutex::new(Table::default()),
             drops: Default::default(),
             relayed: AtomicU64::new(0),
+        }
+    }
+
+    /// The sender for datagrams from a relay address of `side`.
+    pub fn sender(&self, ipv6: bool, side: Side) -> Option<&super::sockets::Sender> {
+        self.sockets.sender(ipv6, side)
+    }
+
+    /// A multicast send binding's new TTL.
+    pub fn set_ttl(&self, aid: u32, ttl: u8) {
+        if let Some(entry) = self.lock().bindings.get_mut(&aid) {
+            entry.state.ttl = ttl;
         }
     }
 
@@ -475,12 +492,24 @@ impl Relay {
                 from,
                 to,
                 data,
+                ttl,
             } => {
                 let Some(sender) = self.sockets.sender(to.is_ipv6(), side) else {
                     self.count(RelayDrop::SendError);
                     return;
                 };
-                match sender.send(from, to, &data).await {
+                let ttl = if ttl == 0 {
+                    crate::udp_packet::HOP_LIMIT
+                } else {
+                    ttl
+                };
+                match sender.send_with_ttl(from, to, &data, ttl).await {
+                    Ok(()) if to.ip().is_multicast() && side == Side::Outside => {
+                        // A member's datagram to its group: the group's other subscribers
+                        // get it too.
+                        mode.multicast.sent_by_member(aid, to, &data).await;
+                        true
+                    }
                     Ok(()) => true,
                     Err(error) => {
                         debug!(aid, %from, %to, %error, "relay send failed");
@@ -613,6 +642,7 @@ fn to_remote(
         from: canonical(from),
         to: target,
         data: payload.to_vec(),
+        ttl: entry.state.ttl,
     };
     deliver(entry, aid, delivery, true)
 }
@@ -674,6 +704,7 @@ fn remote_datagram(
             from,
             to: client,
             data: payload.to_vec(),
+            ttl: 0,
         };
         return deliver(entry, aid, delivery, false);
     }
@@ -694,6 +725,7 @@ fn remote_datagram(
         from: canonical(relay),
         to: client,
         data: out.to_vec(),
+        ttl: 0,
     };
     deliver(entry, aid, delivery, false)
 }

@@ -182,8 +182,7 @@ impl Session<'_> {
         let reply = match request.command {
             UdpCommand::Bind => self.on_bind(request).await,
             UdpCommand::Release => self.on_release(request),
-            // No multicast yet, so no TTL to set.
-            UdpCommand::SetTtl => ControlReply::echo(request, EnhancedReplyCode::TtlNotAllowed),
+            UdpCommand::SetTtl => self.on_set_ttl(request),
         };
         if reply.code != EnhancedReplyCode::Succeeded {
             self.stats.refused += 1;
@@ -216,6 +215,7 @@ impl Session<'_> {
             local,
             remote,
             flags,
+            ttl: request.ttl,
         };
         let (decision, info, wake_expiry) = {
             let mut bindings = self.mode.lock_bindings();
@@ -326,7 +326,11 @@ impl Session<'_> {
                     };
                     installed.map_err(std::io::Error::other)?;
                 }
-                Action::Remove(_) | Action::Free(_) => self
+                Action::Subscribe(membership) => self
+                    .mode
+                    .subscribe(self.services.gate.as_ref(), self.conn, *membership)
+                    .map_err(std::io::Error::other)?,
+                Action::Remove(_) | Action::Free(_) | Action::Unsubscribe(_) => self
                     .mode
                     .apply_teardown(self.services.gate.as_ref(), std::slice::from_ref(action)),
             }
@@ -337,6 +341,16 @@ impl Session<'_> {
             self.mode.relay.update(&info);
         }
         Ok(())
+    }
+
+    fn on_set_ttl(&mut self, request: &ControlRequest) -> ControlReply {
+        let decision = self.mode.set_ttl(
+            self.services.gate.as_ref(),
+            self.conn,
+            request.aid,
+            request.ttl,
+        );
+        ControlReply::echo(request, wire_code(decision.reply.code))
     }
 
     /// Releases `aid` after a failed setup: what was reserved or installed goes again.

@@ -174,6 +174,14 @@ impl Sender {
         .map_err(|e| io_error("open a raw socket for the relay (needs CAP_NET_RAW)")(e.into()))?;
         tie_to_device(&fd, device)
             .map_err(io_error("tie the raw relay socket to its interface"))?;
+        // What the relay sends to a group must not loop back to this host: the gateway's own
+        // group sockets would fan its clients' datagrams out a second time.
+        let (level, name) = if ipv6 {
+            (libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_LOOP)
+        } else {
+            (libc::IPPROTO_IP, libc::IP_MULTICAST_LOOP)
+        };
+        set_int_option(&fd, level, name, 0).map_err(io_error("turn multicast loopback off"))?;
         let mtu = device.map_or(Ok(UNTIED_MTU), |name| device_mtu(&fd, name));
         let mtu = mtu.map_err(io_error("read the interface MTU"))?;
         // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same for
@@ -195,17 +203,31 @@ impl Sender {
 
     /// Sends `payload` from `from` to `to` as one UDP datagram (fragmented to the MTU).
     pub async fn send(&self, from: SocketAddr, to: SocketAddr, payload: &[u8]) -> io::Result<()> {
+        self.send_with_ttl(from, to, payload, udp_packet::HOP_LIMIT)
+            .await
+    }
+
+    /// [`Sender::send`] with TTL (hop limit) `ttl`: a multicast send binding's, or 1 for a
+    /// multicast-to-multicast re-send inside.
+    pub async fn send_with_ttl(
+        &self,
+        from: SocketAddr,
+        to: SocketAddr,
+        payload: &[u8],
+        ttl: u8,
+    ) -> io::Result<()> {
         let mut refreshed = false;
         loop {
             let mtu = self.mtu.load(Ordering::Relaxed);
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let packets = udp_packet::packets(from, to, payload, mtu, id).map_err(|error| {
-                let kind = match error {
-                    PacketError::TooLarge(_) => io::ErrorKind::InvalidInput,
-                    _ => io::ErrorKind::Other,
-                };
-                io::Error::new(kind, error)
-            })?;
+            let packets = udp_packet::packets_with_hop_limit(from, to, payload, mtu, id, ttl)
+                .map_err(|error| {
+                    let kind = match error {
+                        PacketError::TooLarge(_) => io::ErrorKind::InvalidInput,
+                        _ => io::ErrorKind::Other,
+                    };
+                    io::Error::new(kind, error)
+                })?;
             match self.send_packets(to.ip().to_canonical(), &packets).await {
                 Err(error) if error.raw_os_error() == Some(libc::EMSGSIZE) && !refreshed => {
                     // The MTU went down since it was read: read it again and fragment anew.
@@ -239,6 +261,30 @@ impl Sender {
             }
         }
         Ok(())
+    }
+}
+
+/// `setsockopt` of an `int` option nix has no type for.
+pub(super) fn set_int_option(
+    socket: &impl AsFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: a valid socket, and a pointer to an int that outlives the call with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap_or(4),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
