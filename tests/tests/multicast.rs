@@ -283,8 +283,15 @@ fn memberships(bed: &Testbed, group: IpAddr) -> usize {
         .count()
 }
 
-/// Three clients subscribe (multicast-to-unicast) and get one stream with their own AIDs.
-fn three_subscribers(setup: &Setup, group: SocketAddr, client_ip: IpAddr, source: IpAddr) {
+/// Three clients subscribe (multicast-to-unicast) and get one stream with their own AIDs; the
+/// kernel delivers to the first `in_kernel`, the userspace relay to the rest.
+fn three_subscribers(
+    setup: &Setup,
+    group: SocketAddr,
+    client_ip: IpAddr,
+    source: IpAddr,
+    in_kernel: usize,
+) {
     let bed = &setup.bed;
     let proxy = if client_ip.is_ipv6() { PROXY_V6 } else { PROXY };
     let mut controls: Vec<Control> = (0..3)
@@ -323,12 +330,13 @@ fn three_subscribers(setup: &Setup, group: SocketAddr, client_ip: IpAddr, source
         assert_eq!(drain(socket, Duration::from_millis(300)), 0, "no duplicate");
     }
     let kernel = stat(setup, "kernel_relayed_multicast") - kernel_before;
-    assert_eq!(kernel, 3 * STREAM as u64, "the kernel carried every copy");
-    assert_eq!(
-        stat(setup, "multicast_to_userspace"),
-        to_userspace_before,
-        "nothing went up to the userspace relay"
-    );
+    assert_eq!(kernel, (in_kernel * STREAM) as u64, "the kernel's copies");
+    let to_userspace = stat(setup, "multicast_to_userspace") - to_userspace_before;
+    if in_kernel == 3 {
+        assert_eq!(to_userspace, 0, "nothing went up to the userspace relay");
+    } else {
+        assert_eq!(to_userspace, STREAM as u64, "one copy up for the rest, per datagram");
+    }
     let doc = bindings_json(setup);
     let groups = doc["multicast_groups"].as_array().unwrap();
     let entry = groups
@@ -337,10 +345,16 @@ fn three_subscribers(setup: &Setup, group: SocketAddr, client_ip: IpAddr, source
         .expect("the group is listed");
     let members = entry["members"].as_array().unwrap();
     assert_eq!(members.len(), 3);
+    let kernel_members = members.iter().filter(|m| m["in_kernel"] == true).count();
+    assert_eq!(kernel_members, in_kernel, "{members:?}");
     for member in members {
-        assert_eq!(member["in_kernel"], true, "{member}");
-        assert_eq!(member["kernel_packets"], STREAM as u64, "{member}");
-        assert_eq!(member["userspace_packets"], 0, "{member}");
+        let (kernel, userspace) = if member["in_kernel"] == true {
+            (STREAM as u64, 0)
+        } else {
+            (0, STREAM as u64)
+        };
+        assert_eq!(member["kernel_packets"], kernel, "{member}");
+        assert_eq!(member["userspace_packets"], userspace, "{member}");
     }
     // Release one, close the others: the membership goes with the last.
     assert_eq!(
@@ -371,6 +385,7 @@ fn three_subscribers_get_every_datagram_once_with_their_own_aid_fanned_out_by_th
         group_v4(),
         IpAddr::V4(addr::CLIENT_V4),
         IpAddr::V4(addr::SERVER_V4),
+        3,
     );
 }
 
@@ -382,6 +397,19 @@ fn an_ipv6_group_is_fanned_out_by_the_kernel_too() {
         group_v6(),
         IpAddr::V6(addr::CLIENT_V6),
         IpAddr::V6(addr::SERVER_V6),
+        3,
+    );
+}
+
+#[test]
+fn subscribers_beyond_the_kernels_table_are_served_by_the_userspace_relay_once() {
+    let setup = setup(&["--multicast-kernel-subscribers", "1"]);
+    three_subscribers(
+        &setup,
+        group_v4(),
+        IpAddr::V4(addr::CLIENT_V4),
+        IpAddr::V4(addr::SERVER_V4),
+        1,
     );
 }
 
