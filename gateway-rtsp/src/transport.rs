@@ -241,63 +241,74 @@ fn spec(text: &str, value: &str) -> Result<Option<TransportSpec>, ParseError> {
                 format!("bad parameter {parameter:?}"),
             ));
         }
-        let bad = || ParseError::header(NAME, value, format!("bad {name}"));
-        match (name.to_ascii_lowercase().as_str(), argument) {
-            ("unicast", _) => spec.unicast = true,
-            ("multicast", _) => spec.multicast = true,
-            ("interleaved", _) => spec.interleaved = true,
-            ("client_port", Some(text)) => {
-                spec.client_port = Some(port_range(text).ok_or_else(bad)?);
-            }
-            ("server_port", Some(text)) => {
-                spec.server_port = Some(port_range(text).ok_or_else(bad)?);
-            }
-            ("source", Some(text)) => spec.source = Some(unquote(text).to_owned()),
-            ("destination", Some(text)) => spec.destination = Some(unquote(text).to_owned()),
-            ("port", Some(text)) => spec.port = Some(port_range(text).ok_or_else(bad)?),
-            ("ttl", Some(text)) => {
-                let digits =
-                    !text.is_empty() && text.len() <= 3 && text.bytes().all(|b| b.is_ascii_digit());
-                spec.ttl = Some(
-                    digits
-                        .then(|| text.parse::<u8>().ok())
-                        .flatten()
-                        .ok_or_else(bad)?,
-                );
-            }
-            ("src_addr" | "dest_addr", Some(text)) => {
-                let items = split_outside_quotes(text, b'/').ok_or_else(bad)?;
-                let items = items
-                    .into_iter()
-                    .map(|item| unquote(item).to_owned())
-                    .collect();
-                if name.eq_ignore_ascii_case("src_addr") {
-                    spec.src_addr = items;
-                } else {
-                    spec.dest_addr = items;
-                }
-            }
-            ("ssrc", Some(text)) => {
-                let first = text.split('/').next().unwrap_or_default().trim();
-                let valid = !first.is_empty() && first.len() <= 8;
-                spec.ssrc = Some(
-                    valid
-                        .then(|| u32::from_str_radix(first, 16).ok())
-                        .flatten()
-                        .ok_or_else(bad)?,
-                );
-            }
-            (
-                "client_port" | "server_port" | "source" | "src_addr" | "ssrc" | "destination"
-                | "port" | "ttl" | "dest_addr",
-                None,
-            ) => {
-                return Err(bad());
-            }
-            _ => {}
-        }
+        set_parameter(&mut spec, name, argument, value)?;
     }
     Ok(Some(spec))
+}
+
+/// Records one `name[=argument]` parameter of a transport spec in `spec`.
+fn set_parameter(
+    spec: &mut TransportSpec,
+    name: &str,
+    argument: Option<&str>,
+    value: &str,
+) -> Result<(), ParseError> {
+    let bad = || ParseError::header(NAME, value, format!("bad {name}"));
+    match (name.to_ascii_lowercase().as_str(), argument) {
+        ("unicast", _) => spec.unicast = true,
+        ("multicast", _) => spec.multicast = true,
+        ("interleaved", _) => spec.interleaved = true,
+        ("client_port", Some(text)) => {
+            spec.client_port = Some(port_range(text).ok_or_else(bad)?);
+        }
+        ("server_port", Some(text)) => {
+            spec.server_port = Some(port_range(text).ok_or_else(bad)?);
+        }
+        ("source", Some(text)) => spec.source = Some(unquote(text).to_owned()),
+        ("destination", Some(text)) => spec.destination = Some(unquote(text).to_owned()),
+        ("port", Some(text)) => spec.port = Some(port_range(text).ok_or_else(bad)?),
+        ("ttl", Some(text)) => {
+            let digits =
+                !text.is_empty() && text.len() <= 3 && text.bytes().all(|b| b.is_ascii_digit());
+            spec.ttl = Some(
+                digits
+                    .then(|| text.parse::<u8>().ok())
+                    .flatten()
+                    .ok_or_else(bad)?,
+            );
+        }
+        ("src_addr" | "dest_addr", Some(text)) => {
+            let items = split_outside_quotes(text, b'/').ok_or_else(bad)?;
+            let items = items
+                .into_iter()
+                .map(|item| unquote(item).to_owned())
+                .collect();
+            if name.eq_ignore_ascii_case("src_addr") {
+                spec.src_addr = items;
+            } else {
+                spec.dest_addr = items;
+            }
+        }
+        ("ssrc", Some(text)) => {
+            let first = text.split('/').next().unwrap_or_default().trim();
+            let valid = !first.is_empty() && first.len() <= 8;
+            spec.ssrc = Some(
+                valid
+                    .then(|| u32::from_str_radix(first, 16).ok())
+                    .flatten()
+                    .ok_or_else(bad)?,
+            );
+        }
+        (
+            "client_port" | "server_port" | "source" | "src_addr" | "ssrc" | "destination" | "port"
+            | "ttl" | "dest_addr",
+            None,
+        ) => {
+            return Err(bad());
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Parses a Transport header into its RTP transport specs, in the order given (others are

@@ -363,7 +363,7 @@ proptest::proptest! {
         rtp in 1u16..65535,
         ttl in proptest::option::of(0u8..=255),
     ) {
-        let ip = std::net::Ipv4Addr::new(224 | (octets[0] & 0x0F), octets[1], octets[2], octets[3]);
+        let ip = std::net::Ipv4Addr::new(0xE0 | (octets[0] & 0x0F), octets[1], octets[2], octets[3]);
         let ttl_text = ttl.map(|t| format!(";ttl={t}")).unwrap_or_default();
         let reply = multicast(&format!("RTP/AVP;multicast;destination={ip};port={rtp}{ttl_text}"));
         proptest::prop_assert_eq!(reply.group, IpAddr::V4(ip));
