@@ -3,6 +3,10 @@
 //! code that cannot run tokio: the `LD_PRELOAD` shim, which answers an application's `bind`,
 //! `getsockname`, `sendto` and `close` on the spot.
 //!
+//! Multicast: [`Session::subscribe`], [`Session::multicast_send`], [`Session::set_ttl`],
+//! [`Session::release_multicast`], with the application's socket read by [`recv_multicast`]
+//! and written by [`send_multicast`].
+//!
 //! Every network wait is bounded by [`Timeouts`], as in the async layer. An enhanced-mode
 //! [`Session`] serves one caller at a time (`&mut self`); its requests are answered in order.
 //!
@@ -583,6 +587,10 @@ fn is_timeout(error: &io::Error) -> bool {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
     )
 }
+
+#[path = "blocking_multicast.rs"]
+mod multicast;
+pub use self::multicast::{recv_multicast, send_multicast};
 
 #[cfg(test)]
 #[path = "blocking_tests.rs"]

@@ -83,6 +83,10 @@ pub enum ClientError {
     /// nothing was sent. Ask without it: the header works everywhere.
     #[error("header-less (RAW) delivery cannot work here: {0}")]
     RawUnavailable(&'static str),
+    /// A multicast binding named a group that is not a multicast address with a port; nothing
+    /// was sent (the gateway would answer `14`).
+    #[error("{0} is not a multicast group address with a port")]
+    NotMulticast(SocketAddr),
     /// Every transaction id of this control connection is taken.
     #[error("no free transaction id on this control connection")]
     TidsExhausted,
@@ -96,8 +100,8 @@ pub enum ClientError {
 
 macro_rules! binding_errors {
     ($($(#[$doc:meta])* $variant:ident = $code:ident, $text:literal;)*) => {
-        /// The gateway's refusal of an enhanced-mode command (UDP BIND, UDP RELEASE), one variant
-        /// per non-zero reply code of protocol.md section 3.
+        /// The gateway's refusal of an enhanced-mode command (UDP BIND, UDP RELEASE, SET TTL), one
+        /// variant per non-zero reply code of protocol.md section 3.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Error)]
         pub enum BindingError {
             $($(#[$doc])* #[error($text)] $variant,)*
@@ -142,16 +146,18 @@ binding_errors! {
     AddressTypeNotSupported = AddressTypeNotSupported, "address type not supported (08)";
     /// `10`: the AID names no live binding of this control connection.
     BadAssociationId = BadAssociationId, "bad association id (10)";
-    /// `11`: multicast receive not allowed.
+    /// `11`: multicast receive not allowed (the gateway's policy does not let this client
+    /// receive the group, or the gateway has no multicast support).
     MulticastReceiveNotAllowed = MulticastReceiveNotAllowed, "multicast receive not allowed (11)";
-    /// `12`: multicast send not allowed.
+    /// `12`: multicast send not allowed by the gateway's policy.
     MulticastSendNotAllowed = MulticastSendNotAllowed, "multicast send not allowed (12)";
     /// `13`: bad association context (another remote on a confirmed binding, a step 2 that
-    /// changes LOCAL or widens the flags, TID 0 with an unspecified remote).
+    /// changes LOCAL or widens the flags, TID 0 with an unspecified remote, SET TTL on a binding
+    /// that is not a multicast send binding).
     BadAssociationContext = BadAssociationContext, "bad association context (13)";
-    /// `14`: bad multicast address.
+    /// `14`: bad multicast address (not a multicast group, or a group outside the policy).
     BadMulticastAddress = BadMulticastAddress, "bad multicast address (14)";
-    /// `15`: TTL not allowed.
+    /// `15`: TTL not allowed (over the gateway's configured maximum).
     TtlNotAllowed = TtlNotAllowed, "TTL not allowed (15)";
     /// `16`: no aligned RTP/RTCP relay port pair is free.
     PortPairUnavailable = PortPairUnavailable, "no aligned RTP/RTCP port pair free (16)";

@@ -148,3 +148,37 @@ pub(crate) fn bindings(
         }
     }
 }
+
+/// The answer of a gateway with multicast: a receive bind gets `aid` with the mode asked for (MU
+/// when none), LOCAL = `relay`; a send bind gets `aid + 1`; SET TTL and RELEASE succeed unless
+/// `refuse` names the command and the code to answer it with.
+pub(crate) fn multicast(
+    relay: std::net::SocketAddr,
+    aid: u32,
+    refuse: Option<(UdpCommand, EnhancedReplyCode)>,
+) -> impl FnMut(&ControlRequest) -> ControlReply + Send + 'static {
+    move |request| {
+        if let Some((command, code)) = refuse
+            && command == request.command
+        {
+            return ControlReply::echo(request, code);
+        }
+        if request.command != UdpCommand::Bind {
+            return ControlReply::echo(request, EnhancedReplyCode::Succeeded);
+        }
+        let mut flags = request.flags;
+        let send = flags.contains(Flags::SEND);
+        if !send && !flags.intersects(Flags::MULTICAST_TO_UNICAST | Flags::MULTICAST_TO_MULTICAST) {
+            flags.insert(Flags::MULTICAST_TO_UNICAST);
+        }
+        ControlReply {
+            code: EnhancedReplyCode::Succeeded,
+            flags,
+            ttl: request.ttl,
+            tid: request.tid,
+            aid: if send { aid + 1 } else { aid },
+            local: relay.into(),
+            remote: request.remote.clone(),
+        }
+    }
+}

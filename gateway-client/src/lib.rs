@@ -21,6 +21,10 @@
 //!     (`bind` is step 1, `connect` step 2 Open, `listen` or `recv` step 2 Listen, `send_to` on
 //!     an unbound binding a one-step Open).
 //!   - [`RtpPair`]: one RTP-PAIR binding with its RTP and RTCP flows.
+//!   - [`MulticastReceiver`] ([`EnhancedSession::subscribe`]): a subscription to a multicast
+//!     group, delivered multicast-to-unicast with the header or multicast-to-multicast;
+//!     [`MulticastSender`] ([`EnhancedSession::multicast_sender`]): datagrams to a group with a
+//!     TTL, changed by SET TTL.
 //!
 //! # Header-less delivery
 //!
@@ -84,6 +88,8 @@ mod exchange;
 mod fake_gateway;
 mod flow;
 mod handshake;
+mod multicast;
+mod multicast_socket;
 mod session;
 pub mod shim;
 mod socket;
@@ -101,6 +107,8 @@ use tokio::net::{TcpStream, UdpSocket};
 pub use self::binding::RelayAddrs;
 pub use self::error::{BindingError, ClientError};
 pub use self::flow::Flow;
+pub use self::multicast::{MulticastBinding, MulticastMode, MulticastRole, mu_payload};
+pub use self::multicast_socket::{MulticastReceiver, MulticastSender};
 pub use self::session::EnhancedSession;
 pub use self::socket::{RtpPair, UdpBinding};
 pub use self::udp::UdpAssociation;

@@ -1,6 +1,7 @@
 //! `gateway rtsp-get`: the command line of [`super::client::play`]. It prints each step as a line
 //! on stdout (the two binding steps with the addresses exchanged, with `--raw` whether the gateway
-//! granted header-less delivery, then per-track statistics) and writes the received audio as WAV.
+//! granted header-less delivery, with `--multicast` the group and the subscriptions instead, then
+//! per-track statistics) and writes the received audio as WAV.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -56,8 +57,17 @@ pub struct RtspGetArgs {
     /// reports go plain to its RTCP port. The gateway must be this host's next hop to the source
     /// (route to it through the gateway). When not granted, a line says so and the 8-octet header
     /// is used as without --raw.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "multicast")]
     pub raw: bool,
+    /// Ask the RTSP server for multicast delivery (SETUP with `Transport: RTP/AVP;multicast`).
+    /// When the reply names a group (destination=G;port=P-Q), subscribe to G:P and G:Q through
+    /// the gateway in multicast-to-unicast (MU) mode, so the group's datagrams arrive here as
+    /// unicast; then PLAY and write the audio as without it. Fails with a clear message when the
+    /// server answers unicast, or when the gateway refuses the subscription (its reply code and
+    /// meaning, e.g. 11: multicast receive not allowed by the gateway's policy). No RTCP
+    /// receiver reports are sent.
+    #[arg(long)]
+    pub multicast: bool,
 }
 
 impl RtspGetArgs {
@@ -78,6 +88,7 @@ impl RtspGetArgs {
         options.tracks.clone_from(&self.tracks);
         options.start_timeout = self.start_timeout;
         options.raw = self.raw;
+        options.multicast = self.multicast;
         options.progress = Some(Arc::new(|event| println!("{event}")));
         Ok(options)
     }
@@ -177,6 +188,35 @@ mod tests {
             help.contains("The gateway must be this host's next hop to the source"),
             "{help}"
         );
+    }
+
+    #[test]
+    fn multicast_is_off_unless_asked_excludes_raw_and_is_in_the_help() {
+        let base = [
+            "rtsp-get",
+            "rtsp://203.0.113.2:8554/rtsp.wav",
+            "--proxy",
+            "198.51.100.1:1080",
+            "--out",
+            "a.wav",
+        ];
+        let plain = Cli::try_parse_from(base).unwrap();
+        assert!(!plain.args.multicast && !plain.args.options().unwrap().multicast);
+        let multicast = Cli::try_parse_from(base.iter().chain(&["--multicast"])).unwrap();
+        assert!(multicast.args.multicast && multicast.args.options().unwrap().multicast);
+        assert!(Cli::try_parse_from(base.iter().chain(&["--multicast", "--raw"])).is_err());
+        let help = <Cli as clap::CommandFactory>::command()
+            .render_help()
+            .to_string();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        for says in [
+            "--multicast",
+            "Transport: RTP/AVP;multicast",
+            "multicast-to-unicast (MU) mode",
+            "11: multicast receive not allowed",
+        ] {
+            assert!(help.contains(says), "{says}: {help}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::{io, path::PathBuf, time::Duration};
 use thiserror::Error;
 
 use super::audio::AudioError;
-use gateway_client::ClientError;
+use gateway_client::{BindingError, ClientError};
 
 /// A message, header, description or packet that does not parse. Never a panic: hostile input
 /// ends here.
@@ -46,6 +46,24 @@ pub enum ParseError {
         /// What is wrong.
         reason: String,
     },
+}
+
+/// What an operator can do about a refused multicast subscription.
+fn multicast_hint(refusal: BindingError) -> &'static str {
+    match refusal {
+        BindingError::MulticastReceiveNotAllowed => {
+            "; the gateway's policy does not allow receiving this group (or it has no multicast \
+             support): allow it with --allow-multicast-receive PREFIX"
+        }
+        BindingError::BadMulticastAddress => {
+            "; the group is not a multicast address or lies outside the gateway's policy"
+        }
+        BindingError::NotAllowed => {
+            "; multicast-to-unicast may be disabled (--multicast-modes), or this client is not \
+             allowed"
+        }
+        _ => "",
+    }
 }
 
 impl ParseError {
@@ -108,6 +126,33 @@ pub enum RtspError {
         /// The reply's Transport header (empty if there was none).
         transport: String,
     },
+    /// Multicast was asked for (`--multicast`), and the SETUP reply is not a multicast
+    /// transport.
+    #[error(
+        "track {track}: multicast was asked for, but the RTSP server answered with a unicast \
+         transport (Transport {transport:?}); play without --multicast, or configure the server \
+         for multicast"
+    )]
+    UnicastAnswer {
+        /// The track's index in the SDP.
+        track: usize,
+        /// The reply's Transport header (empty if there was none).
+        transport: String,
+    },
+    /// The gateway refused to subscribe to the group the SETUP reply named.
+    #[error(
+        "track {track}: the gateway refused the multicast subscription to {group} \
+         (multicast-to-unicast): {refusal}{hint}",
+        hint = multicast_hint(*.refusal)
+    )]
+    MulticastRefused {
+        /// The track's index in the SDP.
+        track: usize,
+        /// The group and port.
+        group: std::net::SocketAddr,
+        /// The gateway's reply code.
+        refusal: BindingError,
+    },
     /// PLAY succeeded but no RTP packet came.
     #[error(
         "track {track}: no RTP packet within {after:?} after PLAY: the stream never started (the \
@@ -149,4 +194,51 @@ pub enum RtspError {
     /// A socket error on the control connection, or no runtime could be started.
     #[error("i/o: {0}")]
     Io(#[from] io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multicast_errors_say_what_happened_and_what_to_do() {
+        let unicast = RtspError::UnicastAnswer {
+            track: 0,
+            transport: "RTP/AVP;unicast;server_port=6000-6001".to_owned(),
+        }
+        .to_string();
+        assert!(
+            unicast.contains("answered with a unicast transport"),
+            "{unicast}"
+        );
+        assert!(unicast.contains("server_port=6000-6001"), "{unicast}");
+        let group = "233.252.0.10:5000".parse().unwrap();
+        let refused = RtspError::MulticastRefused {
+            track: 1,
+            group,
+            refusal: BindingError::MulticastReceiveNotAllowed,
+        }
+        .to_string();
+        assert_eq!(
+            refused,
+            "track 1: the gateway refused the multicast subscription to 233.252.0.10:5000 \
+             (multicast-to-unicast): multicast receive not allowed (11); the gateway's policy \
+             does not allow receiving this group (or it has no multicast support): allow it \
+             with --allow-multicast-receive PREFIX"
+        );
+        let bad = RtspError::MulticastRefused {
+            track: 1,
+            group,
+            refusal: BindingError::BadMulticastAddress,
+        }
+        .to_string();
+        assert!(bad.contains("bad multicast address (14)"), "{bad}");
+        let other = RtspError::MulticastRefused {
+            track: 1,
+            group,
+            refusal: BindingError::GeneralFailure,
+        }
+        .to_string();
+        assert!(other.ends_with("(01)"), "{other}");
+    }
 }

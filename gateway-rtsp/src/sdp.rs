@@ -234,6 +234,25 @@ mod tests {
     }
 
     #[test]
+    fn gstreamer_multicast_description() {
+        // GStreamer's server with an address pool (UDP_MCAST only): c= names the group/TTL.
+        let body = "v=0\r\no=- 6273596659437435735 1 IN IP4 203.0.113.2\r\n\
+            s=Session streamed with GStreamer\r\ni=rtsp-server\r\nt=0 0\r\na=tool:GStreamer\r\n\
+            a=type:broadcast\r\na=control:*\r\na=range:npt=0-2\r\nm=audio 0 RTP/AVP 96\r\n\
+            c=IN IP4 233.252.0.10/16\r\nb=AS:128\r\na=rtpmap:96 L16/8000/1\r\n\
+            a=control:stream=0\r\na=ts-refclk:local\r\na=mediaclk:sender\r\n\
+            a=ssrc:31285020 cname:user2600056500@host-a10d339d\r\n";
+        let base = url("rtsp://203.0.113.2:8554/rtsp.wav/");
+        let description = parse_description(body.as_bytes(), &base).unwrap();
+        assert_eq!(description.tracks.len(), 1);
+        assert_eq!(description.tracks[0].codec, Some(Codec::L16));
+        assert_eq!(
+            description.tracks[0].control,
+            url("rtsp://203.0.113.2:8554/rtsp.wav/stream=0")
+        );
+    }
+
+    #[test]
     fn base_without_slash_and_absolute_controls() {
         let base = url("rtsp://h:554/a.wav");
         assert_eq!(

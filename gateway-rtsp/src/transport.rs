@@ -1,6 +1,9 @@
 //! The RTSP `Transport` header (RFC 2326 section 12.39; RTSP 2.0's `src_addr`, RFC 7826 18.54)
 //! as protocol.md section 5 uses it: the client's request with `client_port` (the external relay
 //! pair), the server's reply with `server_port` and `source`, and the demo server's side of both.
+//! Multicast too: the client's `RTP/AVP;multicast` and the server's
+//! `RTP/AVP;multicast;destination=G;port=P-Q;ttl=N` (or RTSP 2.0's `dest_addr="G:P"/"G:Q"`),
+//! which [`parse_setup_reply`] tells from a unicast answer.
 //!
 //! Pure, and parsed here rather than with `rtsp-types` 0.1: its Transport parser panics on some
 //! `src_addr` lists (`src_addr="/"` slices past a lone quote; found by the property tests in
@@ -22,6 +25,11 @@ pub fn client_request(rtp_port: u16) -> String {
         "RTP/AVP;unicast;client_port={rtp_port}-{}",
         rtp_port.wrapping_add(1)
     )
+}
+
+/// The client's request for multicast delivery: the server picks the group and ports.
+pub fn client_request_multicast() -> String {
+    "RTP/AVP;multicast".to_owned()
 }
 
 /// A host named in a Transport header.
@@ -55,6 +63,31 @@ pub struct ReplyTransport {
     pub ssrc: Option<u32>,
     /// `client_port` as echoed by the server.
     pub client_port: Option<(u16, u16)>,
+}
+
+/// What a SETUP reply's multicast Transport header tells the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MulticastTransport {
+    /// The group (`destination=`, or the host of `dest_addr`): an IPv4 or IPv6 multicast
+    /// address.
+    pub group: IpAddr,
+    /// The RTP and RTCP ports on the group (`port=`, or the ports of `dest_addr`).
+    pub ports: (u16, u16),
+    /// `ttl=`, if given.
+    pub ttl: Option<u8>,
+    /// `source=` (a source-specific group's sender), if given.
+    pub source: Option<SourceHost>,
+    /// `ssrc=`, if given.
+    pub ssrc: Option<u32>,
+}
+
+/// A SETUP reply's first transport: unicast or multicast.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetupTransport {
+    /// Unicast (`unicast`, or neither flag and no multicast destination).
+    Unicast(ReplyTransport),
+    /// Multicast (`multicast`, or neither flag and a multicast destination).
+    Multicast(MulticastTransport),
 }
 
 /// The demo server's view of a SETUP request.
@@ -94,6 +127,14 @@ pub struct TransportSpec {
     pub server_port: Option<(u16, Option<u16>)>,
     /// `source=` (quotes removed).
     pub source: Option<String>,
+    /// `destination=` (quotes removed).
+    pub destination: Option<String>,
+    /// `port=a[-b]` (multicast).
+    pub port: Option<(u16, Option<u16>)>,
+    /// `ttl=` (multicast).
+    pub ttl: Option<u8>,
+    /// `dest_addr=` items (quotes removed).
+    pub dest_addr: Vec<String>,
     /// `src_addr=` items (quotes removed).
     pub src_addr: Vec<String>,
     /// The first SSRC of `ssrc=`.
@@ -177,6 +218,10 @@ fn spec(text: &str, value: &str) -> Result<Option<TransportSpec>, ParseError> {
         client_port: None,
         server_port: None,
         source: None,
+        destination: None,
+        port: None,
+        ttl: None,
+        dest_addr: Vec::new(),
         src_addr: Vec::new(),
         ssrc: None,
     };
@@ -196,42 +241,74 @@ fn spec(text: &str, value: &str) -> Result<Option<TransportSpec>, ParseError> {
                 format!("bad parameter {parameter:?}"),
             ));
         }
-        let bad = || ParseError::header(NAME, value, format!("bad {name}"));
-        match (name.to_ascii_lowercase().as_str(), argument) {
-            ("unicast", _) => spec.unicast = true,
-            ("multicast", _) => spec.multicast = true,
-            ("interleaved", _) => spec.interleaved = true,
-            ("client_port", Some(text)) => {
-                spec.client_port = Some(port_range(text).ok_or_else(bad)?);
-            }
-            ("server_port", Some(text)) => {
-                spec.server_port = Some(port_range(text).ok_or_else(bad)?);
-            }
-            ("source", Some(text)) => spec.source = Some(unquote(text).to_owned()),
-            ("src_addr", Some(text)) => {
-                let items = split_outside_quotes(text, b'/').ok_or_else(bad)?;
-                spec.src_addr = items
-                    .into_iter()
-                    .map(|item| unquote(item).to_owned())
-                    .collect();
-            }
-            ("ssrc", Some(text)) => {
-                let first = text.split('/').next().unwrap_or_default().trim();
-                let valid = !first.is_empty() && first.len() <= 8;
-                spec.ssrc = Some(
-                    valid
-                        .then(|| u32::from_str_radix(first, 16).ok())
-                        .flatten()
-                        .ok_or_else(bad)?,
-                );
-            }
-            ("client_port" | "server_port" | "source" | "src_addr" | "ssrc", None) => {
-                return Err(bad());
-            }
-            _ => {}
-        }
+        set_parameter(&mut spec, name, argument, value)?;
     }
     Ok(Some(spec))
+}
+
+/// Records one `name[=argument]` parameter of a transport spec in `spec`.
+fn set_parameter(
+    spec: &mut TransportSpec,
+    name: &str,
+    argument: Option<&str>,
+    value: &str,
+) -> Result<(), ParseError> {
+    let bad = || ParseError::header(NAME, value, format!("bad {name}"));
+    match (name.to_ascii_lowercase().as_str(), argument) {
+        ("unicast", _) => spec.unicast = true,
+        ("multicast", _) => spec.multicast = true,
+        ("interleaved", _) => spec.interleaved = true,
+        ("client_port", Some(text)) => {
+            spec.client_port = Some(port_range(text).ok_or_else(bad)?);
+        }
+        ("server_port", Some(text)) => {
+            spec.server_port = Some(port_range(text).ok_or_else(bad)?);
+        }
+        ("source", Some(text)) => spec.source = Some(unquote(text).to_owned()),
+        ("destination", Some(text)) => spec.destination = Some(unquote(text).to_owned()),
+        ("port", Some(text)) => spec.port = Some(port_range(text).ok_or_else(bad)?),
+        ("ttl", Some(text)) => {
+            let digits =
+                !text.is_empty() && text.len() <= 3 && text.bytes().all(|b| b.is_ascii_digit());
+            spec.ttl = Some(
+                digits
+                    .then(|| text.parse::<u8>().ok())
+                    .flatten()
+                    .ok_or_else(bad)?,
+            );
+        }
+        ("src_addr" | "dest_addr", Some(text)) => {
+            let items = split_outside_quotes(text, b'/').ok_or_else(bad)?;
+            let items = items
+                .into_iter()
+                .map(|item| unquote(item).to_owned())
+                .collect();
+            if name.eq_ignore_ascii_case("src_addr") {
+                spec.src_addr = items;
+            } else {
+                spec.dest_addr = items;
+            }
+        }
+        ("ssrc", Some(text)) => {
+            let first = text.split('/').next().unwrap_or_default().trim();
+            let valid = !first.is_empty() && first.len() <= 8;
+            spec.ssrc = Some(
+                valid
+                    .then(|| u32::from_str_radix(first, 16).ok())
+                    .flatten()
+                    .ok_or_else(bad)?,
+            );
+        }
+        (
+            "client_port" | "server_port" | "source" | "src_addr" | "ssrc" | "destination" | "port"
+            | "ttl" | "dest_addr",
+            None,
+        ) => {
+            return Err(bad());
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Parses a Transport header into its RTP transport specs, in the order given (others are
@@ -266,6 +343,19 @@ pub fn parse(value: &str) -> Result<Vec<TransportSpec>, ParseError> {
 
 /// RTP over UDP (`RTP/AVP` or `RTP/AVP/UDP`), unicast, not interleaved.
 fn check_udp_unicast(spec: &TransportSpec, value: &str) -> Result<(), ParseError> {
+    check_udp(spec, value)?;
+    if spec.multicast {
+        return Err(ParseError::header(
+            NAME,
+            value,
+            "multicast; only unicast is supported",
+        ));
+    }
+    Ok(())
+}
+
+/// RTP over UDP (`RTP/AVP` or `RTP/AVP/UDP`), not interleaved.
+fn check_udp(spec: &TransportSpec, value: &str) -> Result<(), ParseError> {
     if spec.profile != "AVP" {
         return Err(ParseError::header(
             NAME,
@@ -285,13 +375,6 @@ fn check_udp_unicast(spec: &TransportSpec, value: &str) -> Result<(), ParseError
             NAME,
             value,
             format!("lower transport {other}; only UDP"),
-        ));
-    }
-    if spec.multicast {
-        return Err(ParseError::header(
-            NAME,
-            value,
-            "multicast; only unicast is supported",
         ));
     }
     Ok(())
@@ -396,6 +479,107 @@ pub fn parse_reply(value: &str) -> Result<ReplyTransport, ParseError> {
         ports,
         ssrc: params.ssrc,
         client_port,
+    })
+}
+
+/// Parses a SETUP reply's Transport header when either delivery may come back (the client asked
+/// for multicast): the first RTP transport, which must be UDP. It is multicast when it says
+/// `multicast`, or says neither and names a multicast destination (RFC 2326's default is
+/// multicast); it is unicast otherwise, parsed as [`parse_reply`] does.
+pub fn parse_setup_reply(value: &str) -> Result<SetupTransport, ParseError> {
+    let transports = parse(value)?;
+    let params = &transports[0];
+    check_udp(params, value)?;
+    if params.unicast && params.multicast {
+        return Err(ParseError::header(
+            NAME,
+            value,
+            "both unicast and multicast",
+        ));
+    }
+    let destination = params
+        .destination
+        .as_deref()
+        .or_else(|| params.dest_addr.first().map(String::as_str));
+    let names_group = destination.is_some_and(|text| {
+        let host = text.rsplit_once(':').map_or(text, |(host, _)| host);
+        [text, host].iter().any(|candidate| {
+            candidate
+                .trim_matches(|c| c == '[' || c == ']')
+                .parse::<IpAddr>()
+                .is_ok_and(|ip| ip.to_canonical().is_multicast())
+        })
+    });
+    if params.multicast || (!params.unicast && names_group) {
+        multicast_spec(params, value).map(SetupTransport::Multicast)
+    } else {
+        parse_reply(value).map(SetupTransport::Unicast)
+    }
+}
+
+/// The group, ports, TTL and source of a multicast transport spec.
+#[expect(
+    clippy::similar_names,
+    reason = "RTP and RTCP are the protocol's names"
+)]
+fn multicast_spec(spec: &TransportSpec, value: &str) -> Result<MulticastTransport, ParseError> {
+    let bad = |reason: String| ParseError::header(NAME, value, reason);
+    let group_of = |text: &str| {
+        let bare = text.trim_matches(|c| c == '[' || c == ']');
+        let ip = bare.parse::<IpAddr>().map_err(|_| {
+            bad(format!(
+                "multicast destination {text:?} is not an IP address"
+            ))
+        })?;
+        if ip.to_canonical().is_multicast() {
+            Ok(ip.to_canonical())
+        } else {
+            Err(bad(format!(
+                "multicast destination {ip} is not a multicast group address"
+            )))
+        }
+    };
+    let mut group = spec.destination.as_deref().map(group_of).transpose()?;
+    let mut ports = spec
+        .port
+        .map(|range| pair(range, "port", value))
+        .transpose()?;
+    if let Some(first) = spec.dest_addr.first() {
+        let bad_dest = || bad(format!("bad dest_addr {first:?}"));
+        let (host_text, port_text) = first.rsplit_once(':').ok_or_else(bad_dest)?;
+        if group.is_none() {
+            group = Some(group_of(host_text)?);
+        }
+        let rtp_port = port_text
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(bad_dest)?;
+        if ports.is_none() {
+            let rtcp_port = match spec.dest_addr.get(1) {
+                Some(second) => host_port(second, value)?.1,
+                None => rtp_port.checked_add(1).ok_or_else(bad_dest)?,
+            };
+            ports = Some((rtp_port, rtcp_port));
+        }
+    }
+    let group = group.ok_or_else(|| {
+        bad("a multicast transport without destination (no group to receive)".to_owned())
+    })?;
+    let ports = ports.ok_or_else(|| {
+        bad("a multicast transport without port (no port on the group)".to_owned())
+    })?;
+    let source = spec
+        .source
+        .as_deref()
+        .map(|text| host(text, value))
+        .transpose()?;
+    Ok(MulticastTransport {
+        group,
+        ports,
+        ttl: spec.ttl,
+        source,
+        ssrc: spec.ssrc,
     })
 }
 

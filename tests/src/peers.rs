@@ -1,6 +1,6 @@
 //! Real peers for the test bed: a DNS server for `.test` names (dnsmasq), an HTTP server
 //! (Python's http.server), a UDP echo server, two RTSP servers (the project's demo media server
-//! and `GStreamer`'s). Each stops when dropped.
+//! and `GStreamer`'s, unicast or multicast). Each stops when dropped.
 
 use std::{
     fs,
@@ -238,6 +238,77 @@ impl GstRtspServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let child = ChildGuard::spawn(&mut cmd, "GStreamer RTSP server")?;
+        wait_for_tcp(server, SocketAddr::new(addr::SERVER_V4.into(), port))?;
+        Ok(Self { _child: child })
+    }
+}
+
+/// The multicast address pool of [`GstRtspMulticastServer`]: groups `first..=last` (from
+/// 233.252.0.0/24), ports `min_port..=max_port`, sent with `ttl`.
+#[derive(Debug, Clone, Copy)]
+pub struct MulticastPool {
+    pub first: std::net::Ipv4Addr,
+    pub last: std::net::Ipv4Addr,
+    pub min_port: u16,
+    pub max_port: u16,
+    pub ttl: u8,
+}
+
+/// `GStreamer`'s RTSP server offering multicast only (`tests/peers/gst_rtsp_multicast_server.py`:
+/// `UDP_MCAST` and an address pool), streaming a WAV file at `rtsp://203.0.113.2:PORT/rtsp.wav`
+/// as L16, payload type 96. Its SETUP replies are `RTP/AVP;multicast;destination=G;ttl=N;
+/// port=P-P+1`; it sends the stream to the group on `server`'s interface, so `server` gets a
+/// multicast route there first (dropped with the namespace).
+pub struct GstRtspMulticastServer {
+    _child: ChildGuard,
+}
+
+impl GstRtspMulticastServer {
+    /// Adds the multicast route in `server`, starts the server there and waits until its port
+    /// accepts connections. Its output goes to `log`.
+    pub fn start(
+        server: &Netns,
+        port: u16,
+        wav: &Path,
+        pool: MulticastPool,
+        log: &Path,
+    ) -> Result<Self> {
+        crate::players::require(
+            "/usr/bin/python3",
+            &[
+                "-c",
+                "import gi; gi.require_version('GstRtsp', '1.0'); \
+                 gi.require_version('GstRtspServer', '1.0'); \
+                 from gi.repository import GstRtsp, GstRtspServer",
+            ],
+            "gir1.2-gst-rtsp-server-1.0 (with python3-gi)",
+        )?;
+        // The sender's route for the groups (testbed.md: "Multicast in namespaces").
+        run_checked(server.command("ip").args([
+            "route",
+            "replace",
+            "224.0.0.0/4",
+            "dev",
+            iface::HOST,
+        ]))?;
+        let log_file =
+            fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        let script =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/gst_rtsp_multicast_server.py");
+        let mut cmd = server.command("/usr/bin/python3");
+        cmd.arg(&script)
+            .arg(addr::SERVER_V4.to_string())
+            .arg(port.to_string())
+            .arg(wav)
+            .arg(pool.first.to_string())
+            .arg(pool.last.to_string())
+            .arg(pool.min_port.to_string())
+            .arg(pool.max_port.to_string())
+            .arg(pool.ttl.to_string())
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        let child = ChildGuard::spawn(&mut cmd, "GStreamer multicast RTSP server")?;
         wait_for_tcp(server, SocketAddr::new(addr::SERVER_V4.into(), port))?;
         Ok(Self { _child: child })
     }

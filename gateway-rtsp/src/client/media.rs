@@ -2,14 +2,18 @@
 //! the reassembly buffer, sender reports and BYE from its RTCP flow, and receiver reports sent
 //! back through the RTCP flow (from the relay's P+1 to the source's s+1, protocol.md section 3).
 //! The flows hide whether the datagrams carry the header or come header-less (RAW), so nothing
-//! here depends on it.
+//! here depends on it. A multicast track ([`Media::Multicast`]) receives RTP (and RTCP, when its
+//! port was subscribed too) multicast-to-unicast through the gateway and sends no receiver
+//! reports: they would go to the group, which needs a send binding this client does not make.
 
 use std::time::Duration;
 
 use tokio::time::{Instant, sleep_until};
 
 use super::{Event, Progress};
-use gateway_client::{Address, ClientError, RtpPair};
+use gateway_client::{
+    Address, ClientError, MulticastBinding, MulticastReceiver, RelayAddrs, RtpPair,
+};
 
 use crate::{
     RtspError,
@@ -23,6 +27,92 @@ use crate::{
 const BYE_GRACE: Duration = Duration::from_millis(200);
 /// Receive buffer: the largest UDP payload.
 const BUFFER: usize = 65_536;
+
+/// How one track's media comes through the gateway.
+#[derive(Debug)]
+pub(super) enum Media {
+    /// A unicast RTP pair (two-step binding).
+    Pair(RtpPair),
+    /// Multicast-to-unicast subscriptions to the group's RTP port and, if made, its RTCP port.
+    Multicast {
+        rtp: MulticastReceiver,
+        rtcp: Option<MulticastReceiver>,
+    },
+}
+
+impl Media {
+    /// The next RTP datagram's payload.
+    async fn recv_rtp(&self, buf: &mut [u8]) -> Result<usize, ClientError> {
+        match self {
+            Self::Pair(pair) => pair.rtp().recv(buf).await,
+            Self::Multicast { rtp, .. } => rtp.recv(buf).await,
+        }
+    }
+
+    /// The next RTCP datagram's payload; never resolves for a multicast track without RTCP.
+    async fn recv_rtcp(&self, buf: &mut [u8]) -> Result<usize, ClientError> {
+        match self {
+            Self::Pair(pair) => pair.rtcp().recv(buf).await,
+            Self::Multicast {
+                rtcp: Some(rtcp), ..
+            } => rtcp.recv(buf).await,
+            Self::Multicast { rtcp: None, .. } => std::future::pending().await,
+        }
+    }
+
+    /// Sends an RTCP packet back to the source; `None` where this track sends none (multicast).
+    async fn send_rtcp(&self, packet: &[u8]) -> Option<Result<usize, ClientError>> {
+        match self {
+            Self::Pair(pair) => Some(pair.rtcp().send(packet).await),
+            Self::Multicast { .. } => None,
+        }
+    }
+
+    /// The relay addresses: a pair's; for a multicast track the RTP subscription's AID, internal
+    /// relay and, as `external`, the group and port.
+    pub(super) fn relay_addrs(&self) -> RelayAddrs {
+        match self {
+            Self::Pair(pair) => pair.relay_addrs(),
+            Self::Multicast { rtp, .. } => {
+                let binding = rtp.binding();
+                RelayAddrs {
+                    aid: binding.aid,
+                    internal: binding.relay,
+                    external: binding.group,
+                }
+            }
+        }
+    }
+
+    /// The RTP subscription of a multicast track.
+    pub(super) fn multicast(&self) -> Option<MulticastBinding> {
+        match self {
+            Self::Pair(_) => None,
+            Self::Multicast { rtp, .. } => Some(rtp.binding()),
+        }
+    }
+
+    /// UDP RELEASE of every binding; returns how many were released and the failures.
+    pub(super) async fn release(&self) -> (usize, Vec<(u32, ClientError)>) {
+        let mut released = 0;
+        let mut failed = Vec::new();
+        match self {
+            Self::Pair(pair) => match pair.release().await {
+                Ok(()) => released += 1,
+                Err(error) => failed.push((pair.relay_addrs().aid, error)),
+            },
+            Self::Multicast { rtp, rtcp } => {
+                for receiver in std::iter::once(rtp).chain(rtcp) {
+                    match receiver.release().await {
+                        Ok(()) => released += 1,
+                        Err(error) => failed.push((receiver.binding().aid, error)),
+                    }
+                }
+            }
+        }
+        (released, failed)
+    }
+}
 
 /// How one track is received.
 #[derive(Clone)]
@@ -83,7 +173,7 @@ impl Receive {
         clippy::similar_names,
         reason = "RTP and RTCP are the protocol's names"
     )]
-    pub(super) async fn run(&self, pair: &RtpPair) -> Result<Received, RtspError> {
+    pub(super) async fn run(&self, media: &Media) -> Result<Received, RtspError> {
         let mut state = State {
             reception: Reception::new(self.track.clock_rate),
             audio: Reassembly::new(self.track.channels, self.max_frames()),
@@ -96,7 +186,6 @@ impl Receive {
         };
         let mut rtp_buffer = vec![0u8; BUFFER];
         let mut rtcp_buffer = vec![0u8; BUFFER];
-        let (rtp_flow, rtcp_flow) = (pair.rtp(), pair.rtcp());
         loop {
             let deadline = match (state.received.ssrc, state.bye_deadline) {
                 (None, _) => (self.start + self.start_timeout).min(self.until),
@@ -105,16 +194,16 @@ impl Receive {
             };
             let report_at = state.next_report.unwrap_or(deadline);
             tokio::select! {
-                result = rtp_flow.recv(&mut rtp_buffer) => {
+                result = media.recv_rtp(&mut rtp_buffer) => {
                     let len = result.map_err(|error| self.lost(&error))?;
                     state.on_rtp(self, &rtp_buffer[..len]);
                 }
-                result = rtcp_flow.recv(&mut rtcp_buffer) => {
+                result = media.recv_rtcp(&mut rtcp_buffer) => {
                     let len = result.map_err(|error| self.lost(&error))?;
                     state.on_rtcp(self, &rtcp_buffer[..len]);
                 }
                 () = sleep_until(report_at), if state.next_report.is_some() => {
-                    state.report(self, pair).await;
+                    state.report(self, media).await;
                     state.next_report = Some(Instant::now() + self.rtcp_interval);
                 }
                 () = sleep_until(deadline) => {
@@ -130,7 +219,7 @@ impl Receive {
             }
         }
         // A last report, so the server sees the final loss figures.
-        state.report(self, pair).await;
+        state.report(self, media).await;
         let mut received = state.received;
         received.stats = state.reception.stats();
         received.samples = state.audio.into_samples();
@@ -211,7 +300,7 @@ impl State {
 
     /// Sends one receiver report (RR + SDES CNAME) on the source. A failed send is not fatal:
     /// reports are advisory.
-    async fn report(&mut self, receive: &Receive, pair: &RtpPair) {
+    async fn report(&mut self, receive: &Receive, media: &Media) {
         let Some(ssrc) = self.received.ssrc else {
             return;
         };
@@ -220,9 +309,10 @@ impl State {
             .map_or((0, 0), |(lsr, at)| (lsr, dlsr_units(at.elapsed())));
         let block = self.reception.report_block(ssrc, lsr, dlsr);
         let packet = rtp::receiver_report(self.reporter, &[block], &receive.cname);
-        match pair.rtcp().send(&packet).await {
-            Ok(_) => self.received.receiver_reports += 1,
-            Err(error) => {
+        match media.send_rtcp(&packet).await {
+            None => {}
+            Some(Ok(_)) => self.received.receiver_reports += 1,
+            Some(Err(error)) => {
                 tracing::debug!(%error, track = receive.track.index, "RTCP receiver report not sent");
             }
         }

@@ -10,6 +10,13 @@
 //! 3. PLAY, receive for the asked time (or until the server's BYE) with RTCP receiver reports
 //!    back through each binding, TEARDOWN, UDP RELEASE.
 //!
+//! With [`PlayOptions::multicast`] SETUP asks for `Transport: RTP/AVP;multicast` instead, and
+//! step 1 and step 2 give way to subscriptions: when the reply names a multicast destination
+//! G and ports P-Q, the client subscribes to G:P (and G:Q for RTCP) through the gateway in
+//! multicast-to-unicast mode ([`gateway_client::EnhancedSession::subscribe`]) before PLAY; the
+//! audio is received, counted and written exactly as in the unicast path. A unicast answer
+//! is [`RtspError::UnicastAnswer`], a refused subscription [`RtspError::MulticastRefused`].
+//!
 //! With [`PlayOptions::raw`] both binding steps ask for header-less delivery; where the step-2
 //! reply grants it, RTP and RTCP arrive as plain datagrams on sockets connected to the source's
 //! ports and receiver reports go plain to its RTCP port; where not, the header is used. The
@@ -33,15 +40,19 @@ use rtsp_types::{Method, Url, headers};
 use tokio::time::Instant;
 
 pub use self::report::{Event, PlayReport, TrackReport};
-use self::{connection::Control, media::Receive};
+use self::{
+    connection::Control,
+    media::{Media, Receive},
+};
 use super::{
     ParseError, RtspError,
     audio::{Audio, Codec},
     message, sdp,
-    transport::{self, SourceHost},
+    transport::{self, SetupTransport, SourceHost},
 };
 use gateway_client::{
-    Address, BindOptions, BindingError, Client, ClientError, Family, RtpPair, Timeouts,
+    Address, BindOptions, BindingError, Client, ClientError, EnhancedSession, Family,
+    MulticastMode, Timeouts,
 };
 
 /// A callback for progress events; the CLI prints each one as a line.
@@ -76,6 +87,11 @@ pub struct PlayOptions {
     /// reached over the source's address family; not granted, the header is used (an
     /// [`Event::Delivery`] says which).
     pub raw: bool,
+    /// Ask the RTSP server for multicast (`Transport: RTP/AVP;multicast`) and receive the group
+    /// it names through the gateway in multicast-to-unicast mode. The server must answer with a
+    /// multicast transport ([`RtspError::UnicastAnswer`] otherwise); no RTCP receiver reports
+    /// are sent. `raw` does not apply.
+    pub multicast: bool,
     /// Bounds on the gateway's control plane.
     pub gateway_timeouts: Timeouts,
     /// Called for each step.
@@ -92,6 +108,7 @@ impl std::fmt::Debug for PlayOptions {
             .field("out", &self.out)
             .field("tracks", &self.tracks)
             .field("raw", &self.raw)
+            .field("multicast", &self.multicast)
             .finish_non_exhaustive()
     }
 }
@@ -111,6 +128,7 @@ impl PlayOptions {
             rtsp_timeout: Duration::from_secs(10),
             rtcp_interval: Duration::from_secs(1),
             raw: false,
+            multicast: false,
             gateway_timeouts: Timeouts::default(),
             progress: None,
         }
@@ -195,7 +213,7 @@ fn choose(
 struct Active {
     track: sdp::SdpTrack,
     codec: Codec,
-    pair: RtpPair,
+    media: Media,
     source: Address,
     rtcp_port: u16,
     /// Whether step 2 made the pair header-less (kept: a released pair is no longer raw).
@@ -258,16 +276,21 @@ pub async fn play(options: PlayOptions) -> Result<PlayReport, RtspError> {
     let mut active = Vec::new();
     let mut outcome = async {
         for (track, codec) in chosen {
-            let track = setup(
-                &options,
-                &mut control,
-                &session,
-                family,
-                &server,
-                track,
-                codec,
-            );
-            active.push(track.await?);
+            let track = if options.multicast {
+                setup_multicast(&options, &mut control, &session, track, codec).await
+            } else {
+                setup(
+                    &options,
+                    &mut control,
+                    &session,
+                    family,
+                    &server,
+                    track,
+                    codec,
+                )
+                .await
+            };
+            active.push(track?);
         }
         let range = vec![(headers::RANGE, "npt=0-".to_owned())];
         control
@@ -337,12 +360,12 @@ async fn finish(
     options.emit(&Event::TornDown { status: teardown });
     let mut released = 0;
     for track in active {
-        match track.pair.release().await {
-            Ok(()) => released += 1,
-            Err(error) => options.emit(&Event::Warning(format!(
-                "release of AID {:#010x}: {error}",
-                track.pair.relay_addrs().aid
-            ))),
+        let (count, failed) = track.media.release().await;
+        released += count;
+        for (aid, error) in failed {
+            options.emit(&Event::Warning(format!(
+                "release of AID {aid:#010x}: {error}"
+            )));
         }
     }
     options.emit(&Event::Released { bindings: released });
@@ -367,7 +390,8 @@ fn reports(
             audio.write_wav(path)?;
         }
         tracks.push(TrackReport {
-            relays: track.pair.relay_addrs(),
+            relays: track.media.relay_addrs(),
+            multicast: track.media.multicast(),
             raw: track.raw,
             track: track.track,
             codec: track.codec,
@@ -493,10 +517,104 @@ async fn setup(
     Ok(Active {
         track,
         codec,
-        pair,
+        media: Media::Pair(pair),
         source,
         rtcp_port,
         raw,
+    })
+}
+
+/// SETUP asking for multicast, then the subscriptions to the group the reply names (RTP on P,
+/// RTCP on Q if the gateway lets it), multicast-to-unicast, for one track.
+#[expect(
+    clippy::similar_names,
+    reason = "RTP and RTCP are the protocol's names"
+)]
+async fn setup_multicast(
+    options: &PlayOptions,
+    control: &mut Control,
+    session: &EnhancedSession,
+    track: sdp::SdpTrack,
+    codec: Codec,
+) -> Result<Active, RtspError> {
+    let index = track.index;
+    let reply = control
+        .expect_success(
+            Method::Setup,
+            &track.control,
+            vec![(headers::TRANSPORT, transport::client_request_multicast())],
+        )
+        .await?;
+    if control.session.is_none() {
+        control.session = message::session(&reply)?.map(|(id, _)| id);
+    }
+    let header = reply
+        .header(&headers::TRANSPORT)
+        .map(|value| value.as_str().to_owned())
+        .unwrap_or_default();
+    let unicast = || RtspError::UnicastAnswer {
+        track: index,
+        transport: header.clone(),
+    };
+    if header.is_empty() {
+        return Err(unicast());
+    }
+    let SetupTransport::Multicast(parsed) = transport::parse_setup_reply(&header)? else {
+        return Err(unicast());
+    };
+    options.emit(&Event::MulticastSetupReply {
+        track: index,
+        session: control.session.clone(),
+        transport: parsed.clone(),
+    });
+    let (rtp_port, rtcp_port) = parsed.ports;
+    let group = SocketAddr::new(parsed.group, rtp_port);
+    let refused = |group: SocketAddr| {
+        move |error| match error {
+            ClientError::Binding(refusal) => RtspError::MulticastRefused {
+                track: index,
+                group,
+                refusal,
+            },
+            error => gateway(format!(
+                "subscribe to {group} (multicast-to-unicast) for track {index}"
+            ))(error),
+        }
+    };
+    let rtp = session
+        .subscribe(group, Some(MulticastMode::ToUnicast))
+        .await
+        .map_err(refused(group))?;
+    options.emit(&Event::Subscribed {
+        track: index,
+        binding: rtp.binding(),
+    });
+    let rtcp_group = SocketAddr::new(parsed.group, rtcp_port);
+    let rtcp = match session
+        .subscribe(rtcp_group, Some(MulticastMode::ToUnicast))
+        .await
+    {
+        Ok(rtcp) => {
+            options.emit(&Event::Subscribed {
+                track: index,
+                binding: rtcp.binding(),
+            });
+            Some(rtcp)
+        }
+        Err(error) => {
+            options.emit(&Event::Warning(format!(
+                "track {index}: no RTCP: subscribing to {rtcp_group}: {error}"
+            )));
+            None
+        }
+    };
+    Ok(Active {
+        track,
+        codec,
+        media: Media::Multicast { rtp, rtcp },
+        source: Address::Ip(group),
+        rtcp_port,
+        raw: false,
     })
 }
 
@@ -522,7 +640,7 @@ async fn receive(
             progress: options.progress.clone(),
         };
         tasks.spawn(async move {
-            let result = receive.run(&track.pair).await;
+            let result = receive.run(&track.media).await;
             (position, track, result)
         });
     }

@@ -6,13 +6,13 @@ use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
 use rtsp_types::Url;
 
-use gateway_client::{Address, RelayAddrs};
+use gateway_client::{Address, MulticastBinding, RelayAddrs};
 
 use crate::{
     audio::{Audio, Codec},
     rtp_stats::StreamStats,
     sdp::SdpTrack,
-    transport::ReplyTransport,
+    transport::{MulticastTransport, ReplyTransport},
 };
 
 /// One step of a session, in order.
@@ -49,6 +49,22 @@ pub enum Event {
         session: Option<String>,
         /// The parsed Transport header.
         transport: ReplyTransport,
+    },
+    /// SETUP (asking for multicast) answered with this multicast Transport.
+    MulticastSetupReply {
+        /// The track's SDP index.
+        track: usize,
+        /// The RTSP session id.
+        session: Option<String>,
+        /// The parsed Transport header.
+        transport: MulticastTransport,
+    },
+    /// The gateway subscribed this client to a group port (multicast-to-unicast).
+    Subscribed {
+        /// The track's SDP index.
+        track: usize,
+        /// The subscription: AID, group, internal relay, mode.
+        binding: MulticastBinding,
     },
     /// Step 2 confirmed the binding with the exact source.
     Step2 {
@@ -156,6 +172,7 @@ impl fmt::Display for Event {
                 }
                 Ok(())
             }
+            Self::MulticastSetupReply { .. } | Self::Subscribed { .. } => self.fmt_multicast(f),
             Self::Step2 {
                 track,
                 source,
@@ -195,6 +212,48 @@ impl fmt::Display for Event {
     }
 }
 
+impl Event {
+    /// The lines of the multicast steps.
+    fn fmt_multicast(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::MulticastSetupReply {
+                track,
+                session,
+                transport,
+            } => {
+                write!(
+                    f,
+                    "SETUP track {track}: 200 OK, multicast destination={} port={}-{}",
+                    transport.group, transport.ports.0, transport.ports.1
+                )?;
+                if let Some(ttl) = transport.ttl {
+                    write!(f, " ttl={ttl}")?;
+                }
+                if let Some(source) = &transport.source {
+                    write!(f, " source={source}")?;
+                }
+                if let Some(session) = session {
+                    write!(f, ", session {session}")?;
+                }
+                Ok(())
+            }
+            Self::Subscribed { track, binding } => write!(
+                f,
+                "subscribed: AID {:#010x} group {} {} from internal relay {} to {} for track \
+             {track}",
+                binding.aid,
+                binding.group,
+                binding
+                    .mode()
+                    .map_or_else(|| "send".to_owned(), |mode| mode.to_string()),
+                binding.relay,
+                binding.local
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// What one track received.
 #[derive(Debug, Clone)]
 pub struct TrackReport {
@@ -202,8 +261,11 @@ pub struct TrackReport {
     pub track: SdpTrack,
     /// Its codec.
     pub codec: Codec,
-    /// The binding's relay addresses (step 1).
+    /// The binding's relay addresses (step 1). For a multicast track: the RTP subscription's
+    /// AID and internal relay, and the group and port as `external`.
     pub relays: RelayAddrs,
+    /// The RTP subscription of a multicast track (`--multicast`).
+    pub multicast: Option<MulticastBinding>,
     /// Whether the media came header-less (RAW granted) rather than with the 8-octet header.
     pub raw: bool,
     /// The RTP source confirmed at step 2.
@@ -272,6 +334,27 @@ pub struct PlayReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_multicast_lines_name_the_group_and_the_subscription() {
+        let transport = MulticastTransport {
+            group: "233.252.0.10".parse().unwrap(),
+            ports: (5000, 5001),
+            ttl: Some(16),
+            source: None,
+            ssrc: None,
+        };
+        assert_eq!(
+            Event::MulticastSetupReply {
+                track: 0,
+                session: Some("abc".to_owned()),
+                transport,
+            }
+            .to_string(),
+            "SETUP track 0: 200 OK, multicast destination=233.252.0.10 port=5000-5001 ttl=16, \
+             session abc"
+        );
+    }
 
     #[test]
     fn the_delivery_line_says_whether_raw_was_granted() {
