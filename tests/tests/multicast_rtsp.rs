@@ -9,15 +9,20 @@
 //! Root only.
 
 use std::{
-    net::Ipv4Addr,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
     time::Duration,
 };
 
-use gateway_rtsp::audio::Audio;
+use gateway_rtsp::{
+    audio::Audio,
+    rtp::RtpPacket,
+    transport::{SetupTransport, parse_setup_reply},
+};
 use testbed::{
-    ChildGuard, Testbed,
+    ChildGuard, Testbed, addr,
     gateway::{GatewayDaemon, InstanceCleanup, gateway_bin, start_in_fw},
     iface,
     peers::{GstRtspMulticastServer, MulticastPool},
@@ -95,22 +100,15 @@ fn require_multicast_policy_flags() {
 }
 
 /// A 2-second 8 kHz tone the server streams and the client must reproduce.
-fn source_wav(setup: &Setup) -> (PathBuf, Audio) {
-    let path = setup.dir.join("source.wav");
+fn source_wav(dir: &Path) -> (PathBuf, Audio) {
+    let path = dir.join("source.wav");
     let audio = Audio::tone(8000, 2.0, 523.25);
     audio.write_wav(&path).unwrap();
     (path, audio)
 }
 
-fn gst_server(setup: &Setup, wav: &Path) -> GstRtspMulticastServer {
-    GstRtspMulticastServer::start(
-        &setup.bed.server,
-        RTSP_PORT,
-        wav,
-        POOL,
-        &setup.dir.join("gst.log"),
-    )
-    .unwrap()
+fn gst_server(bed: &Testbed, dir: &Path, wav: &Path) -> GstRtspMulticastServer {
+    GstRtspMulticastServer::start(&bed.server, RTSP_PORT, wav, POOL, &dir.join("gst.log")).unwrap()
 }
 
 /// Runs `gateway rtsp-get URL --multicast` in `client`, bounded; returns its exit status (`None`
@@ -160,8 +158,8 @@ fn joined_groups(setup: &Setup) -> String {
 fn gstreamer_multicast_stream_plays_through_mu() {
     require_multicast_policy_flags();
     let mut setup = setup(&MULTICAST_POLICY);
-    let (wav, sent) = source_wav(&setup);
-    let _gst = gst_server(&setup, &wav);
+    let (wav, sent) = source_wav(&setup.dir);
+    let _gst = gst_server(&setup.bed, &setup.dir, &wav);
     let out = setup.dir.join("multicast.wav");
     let (status, text) = rtsp_get_multicast(&setup, &out, "4");
     println!("{text}");
@@ -204,8 +202,8 @@ fn gstreamer_multicast_stream_plays_through_mu() {
 fn without_a_receive_policy_the_subscription_is_refused_with_reply_11() {
     // No --allow-multicast-receive: no group may be received.
     let mut setup = setup(&[]);
-    let (wav, _) = source_wav(&setup);
-    let _gst = gst_server(&setup, &wav);
+    let (wav, _) = source_wav(&setup.dir);
+    let _gst = gst_server(&setup.bed, &setup.dir, &wav);
     let out = setup.dir.join("refused.wav");
     let (status, text) = rtsp_get_multicast(&setup, &out, "2");
     println!("{text}");
@@ -227,4 +225,97 @@ fn without_a_receive_policy_the_subscription_is_refused_with_reply_11() {
     );
     assert!(joined_groups(&setup).is_empty(), "fw joined nothing");
     assert!(setup.gateway.is_running(), "the gateway still runs");
+}
+
+/// One RTSP request on `stream` and its answer's header block (these answers have no body).
+fn rtsp_exchange(stream: &mut TcpStream, request: &str) -> String {
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 2048];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut chunk).expect("an RTSP answer in time");
+        assert!(n > 0, "the RTSP server closed the connection");
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn header<'a>(answer: &'a str, name: &str) -> &'a str {
+    answer
+        .lines()
+        .find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name).then_some(value.trim())
+        })
+        .unwrap_or_else(|| panic!("no {name} in {answer}"))
+}
+
+/// Removes a directory on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The bed itself, without a gateway (whose gate would drop the group's datagrams it has not
+/// subscribed to): a socket in `fw` that joins the group on the external interface receives the
+/// server's RTP. So the played test can fail only for the gateway.
+#[test]
+fn the_servers_group_reaches_fws_external_interface() {
+    let bed = Testbed::new().unwrap();
+    let dir = TempDir(std::env::temp_dir().join(format!("gateway-mcast-bed-{}", unique_suffix())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let (wav, _) = source_wav(&dir.0);
+    let _gst = gst_server(&bed, &dir.0, &wav);
+    let outside = addr::FW_OUTSIDE_V4;
+    let (setup_reply, first) = bed
+        .fw
+        .run(move || {
+            let server = SocketAddr::new(addr::SERVER_V4.into(), RTSP_PORT);
+            let mut rtsp = TcpStream::connect_timeout(&server, Duration::from_secs(5)).unwrap();
+            rtsp.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let answer = rtsp_exchange(
+                &mut rtsp,
+                &format!(
+                    "SETUP {URL}/stream=0 RTSP/1.0\r\nCSeq: 1\r\n\
+                     Transport: RTP/AVP;multicast\r\n\r\n"
+                ),
+            );
+            let transport = header(&answer, "Transport").to_owned();
+            let SetupTransport::Multicast(multicast) = parse_setup_reply(&transport).unwrap()
+            else {
+                panic!("a multicast answer: {answer}")
+            };
+            let std::net::IpAddr::V4(group) = multicast.group else {
+                panic!("an IPv4 group: {transport}")
+            };
+            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, multicast.ports.0)).unwrap();
+            socket.join_multicast_v4(&group, &outside).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let session = header(&answer, "Session")
+                .split(';')
+                .next()
+                .unwrap()
+                .to_owned();
+            let played = rtsp_exchange(
+                &mut rtsp,
+                &format!("PLAY {URL} RTSP/1.0\r\nCSeq: 2\r\nSession: {session}\r\n\r\n"),
+            );
+            assert!(played.starts_with("RTSP/1.0 200"), "{played}");
+            let mut buf = vec![0u8; 65_536];
+            let (len, from) = socket.recv_from(&mut buf).expect("the group's RTP in fw");
+            let packet = RtpPacket::parse(&buf[..len]).unwrap();
+            (transport, (from, packet.payload_type, group))
+        })
+        .unwrap();
+    println!("{setup_reply}: first RTP from {} (PT {})", first.0, first.1);
+    assert!(setup_reply.contains("ttl=16"), "{setup_reply}");
+    assert_eq!(first.0.ip(), std::net::IpAddr::from(addr::SERVER_V4));
+    assert_eq!(first.1, 96);
+    assert!(POOL.first <= first.2 && first.2 <= POOL.last, "{}", first.2);
 }
