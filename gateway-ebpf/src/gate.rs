@@ -110,7 +110,7 @@ fn admit(flow: &Flow) -> ExitReason {
     }
 }
 
-/// Whether an address (IPv4-mapped for IPv4) is multicast: 224.0.0.0/4 or ff00::/8.
+/// Whether an address (IPv4-mapped for IPv4) is multicast: `224.0.0.0/4` or `ff00::/8`.
 #[inline(always)]
 pub fn is_multicast(addr: &Addr16) -> bool {
     if addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff {
