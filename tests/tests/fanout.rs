@@ -931,3 +931,89 @@ fn neighbour_macs_come_from_the_kernel_table() {
         );
     });
 }
+
+/// The daemon's gate handle on the same maps: what `set_group` writes the fan-out serves, the
+/// kernel's counters survive a rewrite for the subscribers that stay, and a closed gate has no
+/// group left and takes none.
+#[test]
+fn the_gate_handle_writes_what_the_fan_out_serves() {
+    use gateway::gate::{Gate, GateError, GroupMaps, KernelGate};
+    let bed = Bed::new();
+    let tap = bed.inside_tap();
+    bed.in_fw(|| {
+        let mut loaded = Loaded::new(&bed);
+        let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).unwrap();
+        let gate = KernelGate::new(
+            HashMap::try_from(take(&mut loaded.ebpf, map_names::BINDINGS)).unwrap(),
+            HashMap::try_from(take(&mut loaded.ebpf, map_names::OUTBOUND)).unwrap(),
+            HashMap::try_from(take(&mut loaded.ebpf, map_names::RAW_CLIENTS)).unwrap(),
+            HashMap::try_from(take(&mut loaded.ebpf, map_names::HOST_ALLOW)).unwrap(),
+            GroupMaps {
+                groups: HashMap::try_from(take(&mut loaded.ebpf, map_names::GROUPS)).unwrap(),
+                sources: HashMap::try_from(take(&mut loaded.ebpf, map_names::GROUP_SOURCES))
+                    .unwrap(),
+            },
+        );
+        let group: std::net::SocketAddr = format!("233.252.0.7:{GROUP_PORT}").parse().unwrap();
+        let server = std::net::IpAddr::from(SERVER);
+        gate.set_group(group, &group_value(0, 2, false), &[server])
+            .unwrap();
+        let written = gate.group(group).unwrap();
+        assert_eq!(
+            written.flags,
+            group_flags::SOURCE_LIST,
+            "a source list sets its flag"
+        );
+        let frame = datagram4(SERVER, PAYLOAD);
+        let (action, _) = loaded.run(TC_GATE_PROGRAM, &frame, 0);
+        assert_eq!(action, TC_ACT_REDIRECT);
+        assert_eq!(tap.frames_from(INTERNAL_MAC).len(), 1);
+        let (action, _) = loaded.run(TC_GATE_PROGRAM, &datagram4(SERVER2, PAYLOAD), 0);
+        assert_eq!(action, TC_ACT_SHOT, "a source off the list");
+
+        // Subscriber 1 leaves, 0 stays, 2 joins; the list now allows only SERVER2.
+        let mut next = group_value(0, 2, false);
+        next.subscribers[1] = subscriber(2, false);
+        gate.set_group(group, &next, &[std::net::IpAddr::from(SERVER2)])
+            .unwrap();
+        let kept = gate.group(group).unwrap();
+        assert_eq!(kept.received.packets, 1, "the group's counters are kept");
+        assert_eq!(
+            kept.subscribers[0].counters.packets, 1,
+            "a staying subscriber's too"
+        );
+        assert_eq!(
+            kept.subscribers[1].counters.packets, 0,
+            "a new one starts at 0"
+        );
+        let (action, _) = loaded.run(TC_GATE_PROGRAM, &frame, 0);
+        assert_eq!(action, TC_ACT_SHOT, "the old source left the list");
+        let (action, _) = loaded.run(TC_GATE_PROGRAM, &datagram4(SERVER2, PAYLOAD), 0);
+        assert_eq!(action, TC_ACT_REDIRECT);
+        assert_eq!(tap.frames_from(INTERNAL_MAC).len(), 1);
+
+        // No sources: any source, no flag.
+        gate.set_group(group, &next, &[]).unwrap();
+        assert_eq!(gate.group(group).unwrap().flags, 0);
+        assert_eq!(loaded.run(TC_GATE_PROGRAM, &frame, 0).0, TC_ACT_REDIRECT);
+        let _ = tap.frames_from(INTERNAL_MAC);
+
+        gate.remove_group(group);
+        assert!(gate.group(group).is_none());
+        assert_eq!(loaded.run(TC_GATE_PROGRAM, &frame, 0).0, TC_ACT_SHOT);
+
+        gate.set_group(group, &next, &[server]).unwrap();
+        let v6_group: std::net::SocketAddr =
+            format!("[ff0e::db8:0:7]:{GROUP_PORT}").parse().unwrap();
+        gate.set_group(v6_group, &group_value(0, 1, true), &[])
+            .unwrap();
+        assert_eq!(gate.close(), 2, "both groups went with the gate");
+        assert!(gate.group(group).is_none() && gate.group(v6_group).is_none());
+        assert_eq!(loaded.run(TC_GATE_PROGRAM, &frame, 0).0, TC_ACT_SHOT);
+        assert!(matches!(
+            gate.set_group(group, &next, &[]),
+            Err(GateError::GroupClosed { .. })
+        ));
+        assert!(gate.group(group).is_none());
+    });
+}
