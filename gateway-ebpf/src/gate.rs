@@ -1,11 +1,14 @@
 //! The gate's decision for one frame on the external interface, the same in XDP and in tc:
 //! which exact binding, host allow-list entry or control listener it meets, and so its exit.
 
-use gateway_common::{BindingKey, ControlPortKey, ExitReason, HostAllowKey, relay_mode};
+use gateway_common::{
+    Addr16, BindingKey, ControlPortKey, ExitReason, GroupKey, GroupSourceKey, HostAllowKey,
+    group_flags, relay_mode,
+};
 
 use crate::{
     events,
-    maps::{BINDINGS, CONTROL_PORTS, HOST_ALLOW, daemon_alive},
+    maps::{BINDINGS, CONTROL_PORTS, GROUP_SOURCES, GROUPS, HOST_ALLOW, daemon_alive},
     parse::{Flow, Frame, Transport, parse_flow},
 };
 
@@ -50,6 +53,11 @@ fn is_control_port(flow: &Flow) -> bool {
 )]
 #[inline(always)]
 fn admit(flow: &Flow) -> ExitReason {
+    if is_multicast(&flow.dst_addr)
+        && let Some(reason) = admit_group(flow)
+    {
+        return reason;
+    }
     let mut binding_key = BindingKey {
         remote_addr: flow.src_addr,
         relay_addr: flow.dst_addr,
@@ -100,4 +108,48 @@ fn admit(flow: &Flow) -> ExitReason {
     } else {
         ExitReason::BindingToUserspace
     }
+}
+
+/// Whether an address (IPv4-mapped for IPv4) is multicast: `224.0.0.0/4` or `ff00::/8`.
+#[inline(always)]
+pub fn is_multicast(addr: &Addr16) -> bool {
+    if addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff {
+        addr[12] & 0xf0 == 0xe0
+    } else {
+        addr[0] == 0xff
+    }
+}
+
+/// A datagram to a multicast group: `None` when the group (address and port) is not received,
+/// so the datagram meets the host allow-list like any other; otherwise the gate's exit: a
+/// source not on the group's list, the daemon gone, or the tc fan-out.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the key is lent to the map helper, not copied again onto the 512-byte BPF stack"
+)]
+#[inline(always)]
+fn admit_group(flow: &Flow) -> Option<ExitReason> {
+    let key = GroupKey {
+        group: flow.dst_addr,
+        port_be: flow.dst_port_be,
+        padding: 0,
+    };
+    // SAFETY: one field is copied out at once.
+    let flags = unsafe { GROUPS.get(&key) }.map(|value| value.flags)?;
+    if flags & group_flags::SOURCE_LIST != 0 {
+        let source = GroupSourceKey {
+            group: flow.dst_addr,
+            source: flow.src_addr,
+            port_be: flow.dst_port_be,
+            padding: 0,
+        };
+        // SAFETY: presence only.
+        if unsafe { GROUP_SOURCES.get(&source) }.is_none() {
+            return Some(ExitReason::MulticastSourceNotAllowed);
+        }
+    }
+    if !daemon_alive() {
+        return Some(ExitReason::DaemonGone);
+    }
+    Some(ExitReason::MulticastToFanOut)
 }

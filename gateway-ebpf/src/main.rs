@@ -9,6 +9,9 @@
 //! - `gateway_gate` (tc ingress, external interface): the gate and `gateway_inbound` in one
 //!   program, for links where XDP only adds a copy (veth, generic XDP); attached instead of the
 //!   other two there.
+//! - The multicast fan-out (`fanout`, run by both tc programs on the external interface): a
+//!   datagram to a received group is copied to the userspace relay, re-sent inside to the group
+//!   and delivered as unicast with the 8-octet header to each subscriber the kernel serves.
 //! - `gateway_internal` (tc ingress, internal interface): drops UDP from inside to the gateway's
 //!   external addresses, and relays bound clients' datagrams to their remotes in the kernel.
 //! - `gateway_relay_lookup` (`sk_lookup`, the daemon's network namespace): steers what reaches
@@ -20,6 +23,7 @@
 #![no_std]
 #![no_main]
 mod events;
+mod fanout;
 mod gate;
 mod maps;
 mod parse;

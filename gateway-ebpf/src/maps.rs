@@ -9,9 +9,10 @@ use aya_ebpf::{
 };
 use gateway_common::{
     Addr16, BindingKey, BindingValue, ClientSocketKey, ControlPortKey, Counter,
-    DEFAULT_MAX_BINDINGS, DatapathSettings, EntryCounters, ExitReason, HostAllowKey,
-    HostAllowValue, MAX_CONTROL_PORTS, MAX_HOST_ALLOW, MAX_RELAY_ADDRS, OutboundKey, OutboundValue,
-    RELAY_SOCKET_SLOTS, RawClientValue, RelaySpan,
+    DEFAULT_MAX_BINDINGS, DatapathSettings, EntryCounters, ExitReason, GroupKey, GroupSourceKey,
+    GroupValue, HostAllowKey, HostAllowValue, MAX_CONTROL_PORTS, MAX_GROUP_SOURCES, MAX_GROUPS,
+    MAX_HOST_ALLOW, MAX_RELAY_ADDRS, OutboundKey, OutboundValue, RELAY_SOCKET_SLOTS,
+    RawClientValue, RelaySpan,
 };
 
 #[map(name = "EXIT_COUNTERS")]
@@ -46,6 +47,16 @@ pub static RELAY_SOCKETS: SockMap = SockMap::with_max_entries(RELAY_SOCKET_SLOTS
 #[map(name = "RAW_CLIENTS")]
 pub static RAW_CLIENTS: HashMap<ClientSocketKey, RawClientValue> =
     HashMap::with_max_entries(DEFAULT_MAX_BINDINGS, BPF_F_NO_PREALLOC);
+
+/// Received multicast groups. Not preallocated: a replaced entry is freed after an RCU grace
+/// period, so a fan-out still reading the old one never sees it reused.
+#[map(name = "GROUPS")]
+pub static GROUPS: HashMap<GroupKey, GroupValue> =
+    HashMap::with_max_entries(MAX_GROUPS, BPF_F_NO_PREALLOC);
+
+#[map(name = "GROUP_SOURCES")]
+pub static GROUP_SOURCES: HashMap<GroupSourceKey, u32> =
+    HashMap::with_max_entries(MAX_GROUP_SOURCES, BPF_F_NO_PREALLOC);
 
 #[map(name = "SETTINGS")]
 pub static SETTINGS: Array<DatapathSettings> = Array::with_max_entries(1, 0);

@@ -22,34 +22,35 @@ use gateway_common::{
     OutboundValue, Verdict, framing, ipv4_mapped, relay_mode,
 };
 
-use crate::maps::{
-    BINDINGS, EXTERNAL_ADDRS, OUTBOUND, RAW_CLIENTS, count, daemon_alive, settings, touch,
+use crate::{
+    fanout,
+    maps::{BINDINGS, EXTERNAL_ADDRS, OUTBOUND, RAW_CLIENTS, count, daemon_alive, settings, touch},
 };
 
-const ETH_HLEN: usize = 14;
+pub(crate) const ETH_HLEN: usize = 14;
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_UDP: u8 = 17;
 const IPV4_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
-const UDP_HLEN: usize = 8;
+pub(crate) const UDP_HLEN: usize = 8;
 /// Longest framing header (RFC 1928 with an IPv6 address).
 const MAX_FRAMING: usize = 22;
 
 /// A UDP datagram in a plain IPv4 or IPv6 packet.
-struct Datagram {
-    v6: bool,
+pub(crate) struct Datagram {
+    pub(crate) v6: bool,
     /// Offset of the UDP header.
-    l4: usize,
-    src: Addr16,
-    dst: Addr16,
-    src_port_be: u16,
-    dst_port_be: u16,
-    udp_len: u16,
+    pub(crate) l4: usize,
+    pub(crate) src: Addr16,
+    pub(crate) dst: Addr16,
+    pub(crate) src_port_be: u16,
+    pub(crate) dst_port_be: u16,
+    pub(crate) udp_len: u16,
 }
 
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Option<Datagram> {
+pub(crate) fn parse(ctx: &TcContext) -> Option<Datagram> {
     let ether_type = u16::from_be(ctx.load::<u16>(12).ok()?);
     let (v6, l4, src, dst) = match ether_type {
         ETH_P_IPV4 => {
@@ -84,7 +85,7 @@ fn parse(ctx: &TcContext) -> Option<Datagram> {
     })
 }
 
-fn is_ipv4_mapped(addr: &Addr16) -> bool {
+pub(crate) fn is_ipv4_mapped(addr: &Addr16) -> bool {
     addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff
 }
 
@@ -143,7 +144,7 @@ fn sum_of(bytes: &[u8; 24], len: usize) -> i64 {
               folded to 16 bits before the last cast"
 )]
 #[inline(always)]
-fn checksum_is_partial(ctx: &TcContext, packet: &Datagram) -> bool {
+pub(crate) fn checksum_is_partial(ctx: &TcContext, packet: &Datagram) -> bool {
     let Ok(check) = ctx.load::<u16>(packet.l4 + 6) else {
         return false;
     };
@@ -194,7 +195,7 @@ fn checksum_is_partial(ctx: &TcContext, packet: &Datagram) -> bool {
     check == folded as u16
 }
 
-fn action_of(reason: ExitReason) -> i32 {
+pub(crate) fn action_of(reason: ExitReason) -> i32 {
     match reason.verdict() {
         Verdict::Pass => TC_ACT_OK,
         Verdict::Drop => TC_ACT_SHOT,
@@ -212,9 +213,9 @@ struct Exit {
 }
 
 /// A redirect: the helper's action and the reason it is counted under.
-struct Relayed {
-    action: i32,
-    reason: ExitReason,
+pub(crate) struct Relayed {
+    pub(crate) action: i32,
+    pub(crate) reason: ExitReason,
 }
 
 impl Exit {
@@ -253,6 +254,15 @@ fn redirect(ifindex: u32, reason: ExitReason) -> Relayed {
 #[classifier]
 pub fn gateway_inbound(ctx: TcContext) -> i32 {
     let len = ctx.len() as usize;
+    if fanout::is_stack_copy(&ctx) {
+        count(ExitReason::MulticastToUserspace, len);
+        return TC_ACT_OK;
+    }
+    // A datagram to a received group (the XDP gate admitted it): the fan-out, a sibling frame.
+    let action = fanout::fanout(&ctx);
+    if action != fanout::NOT_A_GROUP {
+        return action;
+    }
     let exit = inbound(&ctx);
     count_raw(exit.reason, len);
     exit.action
@@ -281,6 +291,10 @@ pub fn gateway_internal(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn gateway_gate(ctx: TcContext) -> i32 {
     let len = ctx.len() as usize;
+    if fanout::is_stack_copy(&ctx) {
+        count(ExitReason::MulticastToUserspace, len);
+        return TC_ACT_OK;
+    }
     let reason = ExitReason::from_u32(gate(&ctx)).unwrap_or(ExitReason::KernelRelayFailed);
     count(reason, len);
     match reason.verdict() {
@@ -289,6 +303,16 @@ pub fn gateway_gate(ctx: TcContext) -> i32 {
             let exit = inbound(&ctx);
             count_raw(exit.reason, len);
             exit.action
+        }
+        Verdict::Pass | Verdict::Redirect if reason == ExitReason::MulticastToFanOut => {
+            let action = fanout::fanout(&ctx);
+            if action == fanout::NOT_A_GROUP {
+                // The gate admitted a group datagram the fan-out cannot parse (IPv6 extension
+                // headers): the userspace relay serves it.
+                count(ExitReason::MulticastToUserspace, len);
+                return TC_ACT_OK;
+            }
+            action
         }
         Verdict::Pass | Verdict::Redirect => TC_ACT_OK,
     }
@@ -513,7 +537,7 @@ impl RawRewrite<'_> {
 
 /// Whether the packet, grown by `grow` octets, fits the MTU of the link out of `ifindex`.
 #[inline(always)]
-fn fits_link(ctx: &TcContext, ifindex: u32, grow: i32) -> bool {
+pub(crate) fn fits_link(ctx: &TcContext, ifindex: u32, grow: i32) -> bool {
     let mut mtu_len: u32 = 0;
     let skb = ctx.skb.skb.cast::<c_void>();
     // SAFETY: the skb pointer is the program's context.
@@ -597,7 +621,7 @@ fn rewrite_endpoint(
 /// counted). Not logged through aya-log: the tc programs are at 6.1's 512-octet stack limit
 /// (frames rounded to 32), and a log call's frame would push them over.
 #[inline(always)]
-fn relay_failed(_error: i64) -> ExitReason {
+pub(crate) fn relay_failed(_error: i64) -> ExitReason {
     ExitReason::KernelRelayFailed
 }
 

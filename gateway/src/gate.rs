@@ -14,8 +14,9 @@ use std::{
 
 use aya::maps::{HashMap, MapData, MapError};
 use gateway_common::{
-    BindingKey, BindingValue, ClientSocketKey, EntryCounters, GroupValue, HostAllowKey,
-    HostAllowValue, OutboundKey, OutboundValue, RawClientValue, framing, relay_mode,
+    BindingKey, BindingValue, ClientSocketKey, EntryCounters, GroupKey, GroupSourceKey, GroupValue,
+    HostAllowKey, HostAllowValue, MAX_KERNEL_SUBSCRIBERS, OutboundKey, OutboundValue,
+    RawClientValue, framing, group_flags, relay_mode,
 };
 use thiserror::Error;
 
@@ -201,6 +202,7 @@ pub struct KernelGate {
     outbound: Mutex<HashMap<MapData, OutboundKey, OutboundValue>>,
     raw_clients: Mutex<RawClients>,
     host_allow: Mutex<HashMap<MapData, HostAllowKey, HostAllowValue>>,
+    groups: Mutex<Groups>,
     /// Whether confirmed bindings are relayed by the kernel (`--datapath xdp`) or by user space.
     kernel_relay: bool,
     /// Set by [`Gate::close`] while holding the map locks, so no install slips in after it.
@@ -259,12 +261,122 @@ impl RawClients {
     }
 }
 
+/// The `GROUPS` and `GROUP_SOURCES` maps: a group's entry and its allowed sources.
+pub struct GroupMaps {
+    pub groups: HashMap<MapData, GroupKey, GroupValue>,
+    pub sources: HashMap<MapData, GroupSourceKey, u32>,
+}
+
+/// The group maps, behind one lock.
+struct Groups {
+    maps: GroupMaps,
+}
+
+fn group_key(group: SocketAddr) -> GroupKey {
+    GroupKey {
+        group: addr16(group.ip()),
+        port_be: group.port().to_be(),
+        padding: 0,
+    }
+}
+
+/// `value` with the kernel's counters of `old` carried over: the group's, and each subscriber's
+/// whose AID was there before. The source-list flag follows `has_sources`.
+fn merged_group(
+    value: &GroupValue,
+    old: Option<&GroupValue>,
+    has_sources: bool,
+) -> Box<GroupValue> {
+    let mut new = Box::new(*value);
+    new.flags &= !group_flags::SOURCE_LIST;
+    if has_sources {
+        new.flags |= group_flags::SOURCE_LIST;
+    }
+    let Some(old) = old else {
+        return new;
+    };
+    new.received = old.received;
+    new.inside_sent = old.inside_sent;
+    let old_in_use = old
+        .subscribers
+        .get(..old.kernel_subscribers as usize)
+        .unwrap_or(&old.subscribers);
+    let in_use = (new.kernel_subscribers as usize).min(MAX_KERNEL_SUBSCRIBERS);
+    for subscriber in &mut new.subscribers[..in_use] {
+        if let Some(staying) = old_in_use.iter().find(|o| o.aid_be == subscriber.aid_be) {
+            subscriber.counters = staying.counters;
+        }
+    }
+    new
+}
+
+impl Groups {
+    /// The source keys of one group now in the kernel.
+    fn sources_of(&self, key: &GroupKey) -> Vec<GroupSourceKey> {
+        self.maps
+            .sources
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|source| source.group == key.group && source.port_be == key.port_be)
+            .collect()
+    }
+
+    fn set(
+        &mut self,
+        key: GroupKey,
+        value: &GroupValue,
+        sources: &[IpAddr],
+    ) -> Result<(), MapError> {
+        let old_sources = self.sources_of(&key);
+        let new_sources: Vec<GroupSourceKey> = sources
+            .iter()
+            .map(|source| GroupSourceKey {
+                group: key.group,
+                source: addr16(*source),
+                port_be: key.port_be,
+                padding: 0,
+            })
+            .collect();
+        // New sources first, then the entry, then the sources that left: a moment of both
+        // lists, never one of neither with the flag set.
+        for source in &new_sources {
+            self.maps.sources.insert(source, 0, 0)?;
+        }
+        let old = self.maps.groups.get(&key, 0).ok();
+        let merged = merged_group(value, old.as_ref(), !new_sources.is_empty());
+        self.maps.groups.insert(key, merged.as_ref(), 0)?;
+        for source in old_sources.iter().filter(|s| !new_sources.contains(s)) {
+            let _ = self.maps.sources.remove(source);
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &GroupKey) -> bool {
+        let removed = self.maps.groups.remove(key).is_ok();
+        for source in self.sources_of(key) {
+            let _ = self.maps.sources.remove(&source);
+        }
+        removed
+    }
+
+    fn clear(&mut self) -> usize {
+        let keys: Vec<GroupKey> = self.maps.groups.keys().filter_map(Result::ok).collect();
+        let removed = keys.iter().filter(|key| self.remove(key)).count();
+        let stray: Vec<GroupSourceKey> = self.maps.sources.keys().filter_map(Result::ok).collect();
+        for source in &stray {
+            let _ = self.maps.sources.remove(source);
+        }
+        removed
+    }
+}
+
 impl KernelGate {
     pub fn new(
         map: HashMap<MapData, BindingKey, BindingValue>,
         outbound: HashMap<MapData, OutboundKey, OutboundValue>,
         raw_clients: HashMap<MapData, ClientSocketKey, RawClientValue>,
         host_allow: HashMap<MapData, HostAllowKey, HostAllowValue>,
+        groups: GroupMaps,
     ) -> Self {
         Self {
             map: Mutex::new(map),
@@ -274,6 +386,7 @@ impl KernelGate {
                 flows: StdHashMap::new(),
             }),
             host_allow: Mutex::new(host_allow),
+            groups: Mutex::new(Groups { maps: groups }),
             kernel_relay: true,
             closed: AtomicBool::new(false),
         }
@@ -420,10 +533,45 @@ impl Gate for KernelGate {
         active
     }
 
+    fn set_group(
+        &self,
+        group: SocketAddr,
+        value: &GroupValue,
+        sources: &[IpAddr],
+    ) -> Result<(), GateError> {
+        let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.closed.load(Ordering::Acquire) {
+            return Err(GateError::GroupClosed { group });
+        }
+        groups
+            .set(group_key(group), value, sources)
+            .map_err(|source| GateError::Group {
+                group,
+                source: Box::new(source),
+            })
+    }
+
+    fn remove_group(&self, group: SocketAddr) {
+        let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
+        groups.remove(&group_key(group));
+    }
+
+    fn group(&self, group: SocketAddr) -> Option<Box<GroupValue>> {
+        let groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
+        groups
+            .maps
+            .groups
+            .get(&group_key(group), 0)
+            .ok()
+            .map(Box::new)
+    }
+
     fn close(&self) -> usize {
         let mut inbound = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         let mut outbound = self.outbound.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
         self.closed.store(true, Ordering::Release);
+        let groups_removed = groups.clear();
         let keys: Vec<BindingKey> = inbound.keys().filter_map(Result::ok).collect();
         for key in &keys {
             let _ = inbound.remove(key);
@@ -436,7 +584,7 @@ impl Gate for KernelGate {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
-        keys.len() + out_keys.len()
+        keys.len() + out_keys.len() + groups_removed
     }
 
     fn allow_host_flow(&self, flow: HostFlow) -> Result<(), GateError> {

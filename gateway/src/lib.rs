@@ -6,6 +6,7 @@
 //! - [`attach_mode`] and [`host_flow`]: what the loader, the settings and the resolver share.
 //! - [`binding`]: the sans-IO binding state machine of the enhanced mode.
 //! - [`netif`]: interface addresses and their changes (netlink).
+//! - [`neighbour`]: MAC addresses of an interface and of its neighbours (the kernel fan-out's).
 //! - [`instance`]: names a running gateway and guards it with a lock file.
 //!
 //! Above them:

@@ -27,9 +27,9 @@ use aya::{
 };
 use gateway_common::{
     Addr16, BindingKey, BindingValue, ClientSocketKey, ControlPortKey,
-    DEFAULT_FAIL_CLOSED_AFTER_NS, DEFAULT_MAX_BINDINGS, DatapathSettings, HostAllowKey,
-    HostAllowValue, OutboundKey, OutboundValue, RawClientValue, TC_GATE_PROGRAM,
-    TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, map_names,
+    DEFAULT_FAIL_CLOSED_AFTER_NS, DEFAULT_MAX_BINDINGS, DatapathSettings, GroupKey, GroupSourceKey,
+    GroupValue, HostAllowKey, HostAllowValue, OutboundKey, OutboundValue, RawClientValue,
+    TC_GATE_PROGRAM, TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, map_names,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -46,7 +46,7 @@ pub use self::{
 };
 use crate::{
     attach_mode::{GateHook, TcAttachMode, XdpAttachMode},
-    gate::KernelGate,
+    gate::{GroupMaps, KernelGate},
     host_flow::{HostFlow, addr16},
     instance::Instance,
 };
@@ -60,7 +60,7 @@ const XDP_EXTERNAL_LINK: &str = "xdp_external_link";
 const TC_EXTERNAL_LINK: &str = "tc_external_link";
 const TC_INTERNAL_LINK: &str = "tc_internal_link";
 const LINKS: [&str; 3] = [XDP_EXTERNAL_LINK, TC_EXTERNAL_LINK, TC_INTERNAL_LINK];
-const PINNED_MAPS: [&str; 9] = [
+const PINNED_MAPS: [&str; 11] = [
     map_names::EXIT_COUNTERS,
     map_names::CONTROL_PORTS,
     map_names::BINDINGS,
@@ -70,6 +70,8 @@ const PINNED_MAPS: [&str; 9] = [
     map_names::EXTERNAL_ADDRS,
     map_names::SETTINGS,
     map_names::HEARTBEAT,
+    map_names::GROUPS,
+    map_names::GROUP_SOURCES,
 ];
 
 #[derive(Debug, Error)]
@@ -214,7 +216,10 @@ impl Datapath {
         // Bindings belong to control connections; a new daemon has none.
         let stale = clear::<BindingKey, BindingValue>(&mut ebpf, map_names::BINDINGS)?
             + clear::<OutboundKey, OutboundValue>(&mut ebpf, map_names::OUTBOUND)?
-            + clear::<ClientSocketKey, RawClientValue>(&mut ebpf, map_names::RAW_CLIENTS)?;
+            + clear::<ClientSocketKey, RawClientValue>(&mut ebpf, map_names::RAW_CLIENTS)?
+            // Groups belong to subscribers' control connections too.
+            + clear::<GroupKey, GroupValue>(&mut ebpf, map_names::GROUPS)?
+            + clear::<GroupSourceKey, u32>(&mut ebpf, map_names::GROUP_SOURCES)?;
         if stale > 0 {
             warn!(
                 count = stale,
@@ -363,7 +368,17 @@ impl Datapath {
         let outbound = take_hash(&mut self.ebpf, map_names::OUTBOUND)?;
         let raw_clients = take_hash(&mut self.ebpf, map_names::RAW_CLIENTS)?;
         let host_allow = take_hash(&mut self.ebpf, map_names::HOST_ALLOW)?;
-        Ok(KernelGate::new(inbound, outbound, raw_clients, host_allow))
+        let groups = GroupMaps {
+            groups: take_hash(&mut self.ebpf, map_names::GROUPS)?,
+            sources: take_hash(&mut self.ebpf, map_names::GROUP_SOURCES)?,
+        };
+        Ok(KernelGate::new(
+            inbound,
+            outbound,
+            raw_clients,
+            host_allow,
+            groups,
+        ))
     }
 
     /// A stop that keeps the firewall closed: the heartbeat ends with an expired beat, so no
