@@ -239,44 +239,8 @@ pub struct Limits {
 }
 
 impl Bindings {
-    /// The table `gateway bindings` prints.
-    pub fn to_table(&self) -> String {
-        let mut out = String::new();
-        if !self.summary {
-            let _ = writeln!(
-                out,
-                "enhanced-mode bindings: {}",
-                self.enhanced_bindings.len()
-            );
-        }
-        let or_dash = |value: Option<String>| value.unwrap_or_else(|| "-".to_owned());
-        for b in &self.enhanced_bindings {
-            let _ = writeln!(
-                out,
-                "  aid {:#010x} tid {} {} user {} peer {} client {} relay {} / {} remote {}",
-                b.aid,
-                b.tid,
-                b.state,
-                or_dash(b.user.clone()),
-                or_dash(b.control_peer.map(|p| p.to_string())),
-                b.client,
-                b.internal_relay,
-                b.external_relay,
-                or_dash(b.remote.clone()),
-            );
-        }
-        if let Some(relay) = &self.relay {
-            let _ = writeln!(
-                out,
-                "relay ports in use: {} internal, {} external; userspace relay: {} bindings, {} \
-                 datagrams relayed, {} dropped",
-                relay.internal_ports_in_use,
-                relay.external_ports_in_use,
-                relay.bindings_served,
-                relay.datagrams_relayed,
-                relay.dropped.values().sum::<u64>(),
-            );
-        }
+    /// The multicast groups' lines of [`Bindings::to_table`].
+    fn multicast_table(&self, out: &mut String) {
         for g in &self.multicast_groups {
             let sources = if g.sources.is_empty() {
                 "any".to_owned()
@@ -315,6 +279,47 @@ impl Bindings {
                 );
             }
         }
+    }
+
+    /// The table `gateway bindings` prints.
+    pub fn to_table(&self) -> String {
+        let mut out = String::new();
+        if !self.summary {
+            let _ = writeln!(
+                out,
+                "enhanced-mode bindings: {}",
+                self.enhanced_bindings.len()
+            );
+        }
+        let or_dash = |value: Option<String>| value.unwrap_or_else(|| "-".to_owned());
+        for b in &self.enhanced_bindings {
+            let _ = writeln!(
+                out,
+                "  aid {:#010x} tid {} {} user {} peer {} client {} relay {} / {} remote {}",
+                b.aid,
+                b.tid,
+                b.state,
+                or_dash(b.user.clone()),
+                or_dash(b.control_peer.map(|p| p.to_string())),
+                b.client,
+                b.internal_relay,
+                b.external_relay,
+                or_dash(b.remote.clone()),
+            );
+        }
+        if let Some(relay) = &self.relay {
+            let _ = writeln!(
+                out,
+                "relay ports in use: {} internal, {} external; userspace relay: {} bindings, {} \
+                 datagrams relayed, {} dropped",
+                relay.internal_ports_in_use,
+                relay.external_ports_in_use,
+                relay.bindings_served,
+                relay.datagrams_relayed,
+                relay.dropped.values().sum::<u64>(),
+            );
+        }
+        self.multicast_table(&mut out);
         if !self.summary {
             let _ = writeln!(out, "kernel entries: {}", self.kernel_entries.len());
         }
@@ -395,7 +400,24 @@ mod tests {
                 dropped: BTreeMap::from([("unknown_port".to_owned(), 3)]),
             }),
             summary: false,
-            multicast_groups: Vec::new(),
+            multicast_groups: vec![MulticastGroup {
+                group: sa("233.252.0.7:5004"),
+                sources: vec!["203.0.113.2".parse().unwrap()],
+                received_kernel: 40,
+                received_userspace: 0,
+                inside_sent_kernel: 0,
+                inside_sent_userspace: 0,
+                dropped_source_userspace: 0,
+                members: vec![MulticastMember {
+                    aid: 0x0102_0304,
+                    client: sa("198.51.100.2:5000"),
+                    receive: Some("mu".into()),
+                    send_ttl: None,
+                    in_kernel: true,
+                    kernel_packets: 40,
+                    userspace_packets: 0,
+                }],
+            }],
         }
     }
 
@@ -430,6 +452,24 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("control connections: 0 of 4096"), "{table}");
+        assert_eq!(
+            value["multicast_groups"][0]["members"][0]["in_kernel"],
+            true
+        );
+        assert!(
+            table.contains(
+                "multicast group 233.252.0.7:5004 sources 203.0.113.2 members 1: received 40 \
+                 (kernel) 0 (userspace)"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains(
+                "aid 0x01020304 client 198.51.100.2:5000 receive mu send-ttl - by kernel \
+                 delivered 40 (kernel) 0 (userspace)"
+            ),
+            "{table}"
+        );
     }
 
     #[test]

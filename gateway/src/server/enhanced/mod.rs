@@ -386,9 +386,9 @@ impl EnhancedMode {
         membership: crate::binding::Membership,
     ) -> Result<(), multicast::MulticastError> {
         let bindings = self.lock_bindings();
-        if !bindings
+        if bindings
             .binding(membership.aid)
-            .is_some_and(|b| b.conn == conn)
+            .is_none_or(|b| b.conn != conn)
         {
             return Ok(());
         }

@@ -352,7 +352,7 @@ impl Multicast {
                         internal_relay_port_be: m.internal.port().to_be(),
                         padding: 0,
                         aid_be: aid.to_be(),
-                        counters: Default::default(),
+                        counters: gateway_common::EntryCounters::default(),
                     };
                     kernel_aids.push(*aid);
                 }
