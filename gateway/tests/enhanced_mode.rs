@@ -408,7 +408,8 @@ async fn tcp_encapsulated_datagrams_travel_on_the_control_connection() {
         &control(SET_TTL, 0, 0, open.aid, UNSPECIFIED, UNSPECIFIED),
     )
     .await;
-    assert_eq!(ttl.code, 0x15);
+    // Not a multicast send binding.
+    assert_eq!(ttl.code, 0x13);
 }
 
 #[tokio::test]
@@ -528,18 +529,19 @@ async fn a_failed_command_keeps_the_connection_open() {
     // Its own TID 0x0101 is a new step 1 there, with another AID.
     let own = step1(&gateway, &mut other, RSU, 0x0101, local).await;
     assert_ne!(own.aid, first.aid);
-    // A LOCAL that is not the control peer's address gets 02; multicast 11; SET TTL 15.
+    // A LOCAL that is not the control peer's address gets 02; a multicast bind whose REMOTE is
+    // no group 14; SET TTL of no binding 10.
     let elsewhere = SocketAddr::new(REMOTE_HOST, 5000);
     let not_peer = request(&mut other, &control(BIND, RSU, 2, 0, elsewhere, remote)).await;
     assert_eq!(not_peer.code, 0x02);
     let multicast = request(&mut other, &control(BIND, 0x0011, 3, 0, local, UNSPECIFIED)).await;
-    assert_eq!(multicast.code, 0x11);
+    assert_eq!(multicast.code, 0x14);
     let ttl = request(
         &mut other,
         &control(SET_TTL, 0, 4, 0, UNSPECIFIED, UNSPECIFIED),
     )
     .await;
-    assert_eq!(ttl.code, 0x15);
+    assert_eq!(ttl.code, 0x10);
 
     // The owner confirms its binding normally.
     let second = request(
