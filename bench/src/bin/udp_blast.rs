@@ -1,4 +1,4 @@
-//! `udp-blast`: the benchmark's UDP sender, sink, echo server and pinger (sendmmsg/recvmmsg,
+//! `udp-blast`: the benchmark's UDP sender, sink (one socket or several), echo server and pinger (sendmmsg/recvmmsg,
 //! large buffers, bounded by time and count, stopped early by SIGTERM). It prints JSON lines on
 //! stdout: `{"event":"ready"}` once it receives, `{"event":"started",...}` once it sends, and
 //! `{"event":"report",...}` at the end. Run it in a namespace with `nsenter --net=...`, or hand
@@ -91,6 +91,17 @@ enum Command {
         /// Offset of the stamp in received datagrams.
         #[arg(long)]
         ts_offset: Option<usize>,
+    },
+    /// Count datagrams on several inherited sockets (one thread) until --duration or SIGTERM.
+    Sinks {
+        /// An inherited UDP socket (repeat for more).
+        #[arg(long = "fd", value_name = "FD", required = true)]
+        fds: Vec<i32>,
+        #[arg(long, default_value_t = 30.0)]
+        duration: f64,
+        /// Receive buffer of each socket, in octets.
+        #[arg(long, default_value_t = 4 << 20)]
+        buffer: i32,
     },
     /// Send every datagram back to its source until --duration or SIGTERM.
     Echo {
@@ -213,6 +224,32 @@ fn run(cli: Cli) -> Result<()> {
             let result = blast::sink(socket.as_raw_fd(), &config, || {
                 emit(&json!({"event": "ready"}));
             });
+            report(result)
+        }
+        Command::Sinks {
+            fds,
+            duration,
+            buffer,
+        } => {
+            let sockets = fds
+                .iter()
+                .map(|&fd| {
+                    Socket {
+                        bind: None,
+                        fd: Some(fd),
+                    }
+                    .open()
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let raw: Vec<i32> = sockets.iter().map(|s| s.as_raw_fd()).collect();
+            let config = blast::SinksConfig {
+                duration: seconds(duration)?,
+                buffer,
+            };
+            let result = blast::sinks(&raw, &config, || {
+                emit(&json!({"event": "ready"}));
+            });
+            drop(sockets);
             report(result)
         }
         Command::Echo { socket, duration } => {
