@@ -699,7 +699,7 @@ fn multicast_table(out: &mut String, results: &Results) {
     let _ = writeln!(out, "reading: {}", multicast_reading(results));
 }
 
-fn multicast_runs<'a>(results: &'a Results, subscribers: usize) -> &'a [MulticastRun] {
+fn multicast_runs(results: &Results, subscribers: usize) -> &[MulticastRun] {
     results
         .multicast
         .get(&subscribers)
@@ -718,7 +718,8 @@ pub fn multicast_reading(results: &Results) -> String {
     let pps = |n| median_of(multicast_runs(results, n), |r| r.delivered_pps);
     let cpu = |n| median_of(multicast_runs(results, n), |r| r.cpu_ns_per_delivered);
     let share = |n| median_of(multicast_runs(results, n), |r| r.kernel_share);
-    if !(pps(many) > 0.0) {
+    let delivered = pps(many);
+    if delivered.is_nan() || delivered <= 0.0 {
         return format!(
             "nothing was delivered to {many} subscribers: the group's datagrams did not get past \
              the gateway (a build without the kernel fan-out drops them at the gate)"

@@ -140,6 +140,28 @@ fn churn_left(churn: &Value) -> u64 {
 /// Subscriber counts of the multicast area (`summary.multicast.subscribers_N`).
 const MULTICAST_SUBSCRIBERS: [usize; 3] = [1, 8, 64];
 
+/// What the multicast area lacks: delivered rate and CPU per delivered datagram (positive) and
+/// the kernel's share of the copies (0 to 1) for every subscriber count.
+fn multicast_missing(summary: &Value) -> Vec<String> {
+    let mut missing = Vec::new();
+    for subscribers in MULTICAST_SUBSCRIBERS {
+        let figures = &summary["multicast"][format!("subscribers_{subscribers}")];
+        for figure in ["delivered_pps", "cpu_ns_per_delivered"] {
+            if !positive(&figures[figure]["median"]) {
+                missing.push(format!("multicast {subscribers} subscribers {figure}"));
+            }
+        }
+        // Who carried it must be known (0 is a figure here: all copies by the userspace relay).
+        if !figures["kernel_share"]["median"]
+            .as_f64()
+            .is_some_and(|share| (0.0..=1.0).contains(&share))
+        {
+            missing.push(format!("multicast {subscribers} subscribers kernel_share"));
+        }
+    }
+    missing
+}
+
 /// Every scenario of the document that has no (positive) figure.
 pub fn check_document(doc: &Value) -> Vec<String> {
     let summary = &doc["summary"];
@@ -205,29 +227,11 @@ pub fn check_document(doc: &Value) -> Vec<String> {
         "profile kernel".to_owned(),
         &summary["profile"]["kernel"]["samples"],
     );
-    for subscribers in MULTICAST_SUBSCRIBERS {
-        let figures = &summary["multicast"][format!("subscribers_{subscribers}")];
-        for figure in ["delivered_pps", "cpu_ns_per_delivered"] {
-            need(
-                format!("multicast {subscribers} subscribers {figure}"),
-                &figures[figure]["median"],
-            );
-        }
-    }
-    for subscribers in MULTICAST_SUBSCRIBERS {
-        // Who carried it must be known (0 is a figure here: all copies by the userspace relay).
-        let share = &summary["multicast"][format!("subscribers_{subscribers}")]["kernel_share"];
-        if !share["median"]
-            .as_f64()
-            .is_some_and(|share| (0.0..=1.0).contains(&share))
-        {
-            missing.push(format!("multicast {subscribers} subscribers kernel_share"));
-        }
-    }
     let scale = summary["scale"].as_object().map_or(0, serde_json::Map::len);
     if scale < 3 {
         missing.push(format!("scale ({scale} entry counts)"));
     }
+    missing.extend(multicast_missing(summary));
     let left = churn_left(&summary["churn"]);
     if left > 0 {
         missing.push(format!(

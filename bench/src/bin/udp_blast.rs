@@ -230,28 +230,7 @@ fn run(cli: Cli) -> Result<()> {
             fds,
             duration,
             buffer,
-        } => {
-            let sockets = fds
-                .iter()
-                .map(|&fd| {
-                    Socket {
-                        bind: None,
-                        fd: Some(fd),
-                    }
-                    .open()
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let raw: Vec<i32> = sockets.iter().map(|s| s.as_raw_fd()).collect();
-            let config = blast::SinksConfig {
-                duration: seconds(duration)?,
-                buffer,
-            };
-            let result = blast::sinks(&raw, &config, || {
-                emit(&json!({"event": "ready"}));
-            });
-            drop(sockets);
-            report(result)
-        }
+        } => run_sinks(&fds, duration, buffer),
         Command::Echo { socket, duration } => {
             let socket = socket.open()?;
             let result = blast::echo(&socket, seconds(duration)?, || {
@@ -282,4 +261,31 @@ fn run(cli: Cli) -> Result<()> {
             report(result)
         }
     }
+}
+
+/// `udp-blast sinks`: every inherited socket read by one thread.
+fn run_sinks(fds: &[i32], duration: f64, buffer: i32) -> Result<()> {
+    let sockets = fds
+        .iter()
+        .map(|&fd| {
+            Socket {
+                bind: None,
+                fd: Some(fd),
+            }
+            .open()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let raw: Vec<i32> = sockets
+        .iter()
+        .map(std::os::fd::AsRawFd::as_raw_fd)
+        .collect();
+    let config = blast::SinksConfig {
+        duration: seconds(duration)?,
+        buffer,
+    };
+    let result = blast::sinks(&raw, &config, || {
+        emit(&json!({"event": "ready"}));
+    });
+    drop(sockets);
+    report(result)
 }

@@ -275,10 +275,6 @@ fn sender_socket(env: &Env) -> Result<UdpSocket> {
 }
 
 /// One measured stream to `count` subscribers.
-#[expect(
-    clippy::too_many_lines,
-    reason = "subscribe, measure, collect, close, in order"
-)]
 fn fan_out(env: &Env, instance: &str, count: usize) -> Result<MulticastRun> {
     let plan = &env.plan;
     let subscribers = subscribe(env, count)?;
