@@ -27,13 +27,21 @@ struct Cli {
     /// Where results.json and the plots go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
-    /// Only these areas (comma-separated: relay, drop, control, scale, churn, latency, profile).
+    /// Only these areas (comma-separated: relay, drop, control, scale, churn, latency, profile,
+    /// multicast).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
 
-pub const AREAS: [&str; 7] = [
-    "relay", "drop", "control", "scale", "churn", "latency", "profile",
+pub const AREAS: [&str; 8] = [
+    "relay",
+    "drop",
+    "control",
+    "scale",
+    "churn",
+    "latency",
+    "profile",
+    "multicast",
 ];
 
 fn main() -> ExitCode {

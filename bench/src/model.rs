@@ -188,6 +188,57 @@ pub struct ProfileRun {
     pub program_ns_per_run: BTreeMap<String, f64>,
 }
 
+/// One multicast run: a group stream from `server` fanned out to `subscribers` bindings
+/// (multicast-to-unicast, each its own control connection and socket in `client`).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct MulticastRun {
+    pub subscribers: usize,
+    /// Datagrams per second the sender sent to the group (UDP `OutDatagrams` of `server`).
+    pub offered_pps: f64,
+    /// Datagrams per second delivered, summed over the subscribers (UDP `InDatagrams` of
+    /// `client`).
+    pub delivered_pps: f64,
+    /// `delivered_pps / subscribers`.
+    pub per_subscriber_pps: f64,
+    /// `1 - delivered / (offered * subscribers)` (0 when nothing was offered).
+    pub loss: f64,
+    /// System-wide busy CPU time per delivered datagram (ns).
+    pub cpu_ns_per_delivered: f64,
+    /// System-wide busy CPU time per offered (group) datagram (ns).
+    pub cpu_ns_per_offered: f64,
+    pub busy_cores: f64,
+    /// Datagrams the subscribers' sockets had no room for.
+    pub rcvbuf_errors: u64,
+    /// The fewest and the most datagrams one subscriber's socket read in the whole run.
+    pub sink_min: u64,
+    pub sink_max: u64,
+    /// Over the whole sender run (not only the window), from `gateway stats` and `gateway
+    /// bindings`: unicast copies the kernel made (`kernel_relayed_multicast`), group datagrams
+    /// handed to the userspace relay (`multicast_to_userspace`), and copies the userspace
+    /// relay delivered (the members' `userspace_packets`).
+    pub kernel_copies: u64,
+    pub to_userspace: u64,
+    pub userspace_copies: u64,
+    /// `kernel_copies / (kernel_copies + userspace_copies)`; NaN when neither delivered.
+    pub kernel_share: f64,
+    /// Members the daemon reported as served by the kernel.
+    pub members_in_kernel: usize,
+    /// Datagrams the sender sent in its whole run.
+    pub sender_sent: u64,
+}
+
+/// `kernel / (kernel + userspace)` copies: the kernel's share of a fan-out; NaN when neither
+/// delivered anything.
+#[expect(clippy::cast_precision_loss, reason = "packet counts")]
+pub fn kernel_share(kernel: u64, userspace: u64) -> f64 {
+    let total = kernel.saturating_add(userspace);
+    if total == 0 {
+        f64::NAN
+    } else {
+        kernel as f64 / total as f64
+    }
+}
+
 /// How and where the bench ran.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Meta {
@@ -223,6 +274,8 @@ pub struct Results {
     pub latency: BTreeMap<String, BTreeMap<String, Vec<PingRun>>>,
     /// Relay arm -> its profile (200-octet payloads).
     pub profile: BTreeMap<String, ProfileRun>,
+    /// Subscribers -> runs of the multicast fan-out.
+    pub multicast: BTreeMap<usize, Vec<MulticastRun>>,
     /// Scenarios or runs that failed, with why.
     pub errors: Vec<String>,
     /// Observations the reader needs (limits hit, substitutions).

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::{
-    model::{Results, StreamRun, median_of, summary},
+    model::{MulticastRun, Results, StreamRun, median_of, summary},
     stats::{Summary, ratio},
 };
 
@@ -628,6 +628,9 @@ pub fn table(results: &Results) -> String {
             );
         }
     }
+    if !results.multicast.is_empty() {
+        multicast_table(&mut out, results);
+    }
     let targets = targets(results);
     if !targets.is_empty() {
         let _ = writeln!(out, "\ntargets against the measured medians:");
@@ -658,6 +661,124 @@ pub fn table(results: &Results) -> String {
         );
     }
     out
+}
+
+/// Section 8 of the table: the multicast fan-out per subscriber count, and its reading.
+fn multicast_table(out: &mut String, results: &Results) {
+    let _ = writeln!(
+        out,
+        "\n[8] multicast fan-out: one group stream from server flat out, multicast-to-unicast \
+         to N subscribers (each its own control connection and socket); delivered = summed over \
+         the subscribers; CPU = all CPUs' busy time per delivered datagram"
+    );
+    let _ = writeln!(
+        out,
+        "{:<13}{:>16}{:>18}{:>18}{:>12}{:>18}{:>14}{:>18}",
+        "subscribers",
+        "offered pps",
+        "delivered pps",
+        "per subscriber",
+        "loss %",
+        "CPU ns/delivered",
+        "kernel share",
+        "userspace copies"
+    );
+    for (subscribers, runs) in &results.multicast {
+        let _ = writeln!(
+            out,
+            "{subscribers:<13}{:>16}{:>18}{:>18}{:>12}{:>18}{:>14}{:>18}",
+            fmt_summary(summary(runs, |r| r.offered_pps), 1.0, 0),
+            fmt_summary(summary(runs, |r| r.delivered_pps), 1.0, 0),
+            fmt_summary(summary(runs, |r| r.per_subscriber_pps), 1.0, 0),
+            fmt_summary(summary(runs, |r| r.loss), 100.0, 2),
+            fmt_summary(summary(runs, |r| r.cpu_ns_per_delivered), 1.0, 0),
+            fmt_summary(summary(runs, |r| r.kernel_share), 100.0, 1),
+            runs.iter().map(|r| r.userspace_copies).sum::<u64>(),
+        );
+    }
+    let _ = writeln!(out, "reading: {}", multicast_reading(results));
+}
+
+fn multicast_runs(results: &Results, subscribers: usize) -> &[MulticastRun] {
+    results
+        .multicast
+        .get(&subscribers)
+        .map_or(&[], Vec::as_slice)
+}
+
+/// One line saying what the multicast figures mean: the most subscribers against the fewest
+/// (total rate and CPU per delivered datagram) and who made the copies.
+pub fn multicast_reading(results: &Results) -> String {
+    let (Some(&few), Some(&many)) = (
+        results.multicast.keys().next(),
+        results.multicast.keys().next_back(),
+    ) else {
+        return "not measured".to_owned();
+    };
+    let pps = |n| median_of(multicast_runs(results, n), |r| r.delivered_pps);
+    let cpu = |n| median_of(multicast_runs(results, n), |r| r.cpu_ns_per_delivered);
+    let share = |n| median_of(multicast_runs(results, n), |r| r.kernel_share);
+    let delivered = pps(many);
+    if delivered.is_nan() || delivered <= 0.0 {
+        return format!(
+            "nothing was delivered to {many} subscribers: the group's datagrams did not get past \
+             the gateway (a build without the kernel fan-out drops them at the gate)"
+        );
+    }
+    let carried = if share(many).is_finite() {
+        format!(
+            "the kernel made {:.0} % of the copies at {many}",
+            share(many) * 100.0
+        )
+    } else {
+        "the daemon counted no copies".to_owned()
+    };
+    if few == many {
+        return format!(
+            "{many} subscriber(s) got {:.0} pps in total at {:.0} ns CPU per delivered datagram; \
+             {carried}",
+            pps(many),
+            cpu(many)
+        );
+    }
+    format!(
+        "{many} subscribers got {:.0} pps in total, {} times what {few} got, at {} times the CPU \
+         per delivered datagram ({:.0} ns against {:.0} ns); {carried}",
+        pps(many),
+        fmt_ratio(ratio(pps(many), pps(few))),
+        fmt_ratio(cost_ratio(cpu(many), cpu(few))),
+        cpu(many),
+        cpu(few)
+    )
+}
+
+fn multicast_summary(results: &Results) -> Value {
+    let mut per_count = serde_json::Map::new();
+    for (subscribers, runs) in &results.multicast {
+        per_count.insert(
+            format!("subscribers_{subscribers}"),
+            json!({
+                "subscribers": subscribers,
+                "offered_pps": summary(runs, |r| r.offered_pps),
+                "delivered_pps": summary(runs, |r| r.delivered_pps),
+                "per_subscriber_pps": summary(runs, |r| r.per_subscriber_pps),
+                "loss": summary(runs, |r| r.loss),
+                "cpu_ns_per_delivered": summary(runs, |r| r.cpu_ns_per_delivered),
+                "cpu_ns_per_offered": summary(runs, |r| r.cpu_ns_per_offered),
+                "busy_cores": summary(runs, |r| r.busy_cores),
+                "kernel_share": summary(runs, |r| r.kernel_share),
+                "kernel_copies": runs.iter().map(|r| r.kernel_copies).sum::<u64>(),
+                "to_userspace": runs.iter().map(|r| r.to_userspace).sum::<u64>(),
+                "userspace_copies": runs.iter().map(|r| r.userspace_copies).sum::<u64>(),
+                "members_in_kernel": runs.iter().map(|r| r.members_in_kernel).min(),
+                "rcvbuf_errors": runs.iter().map(|r| r.rcvbuf_errors).sum::<u64>(),
+            }),
+        );
+    }
+    if !per_count.is_empty() {
+        per_count.insert("reading".to_owned(), json!(multicast_reading(results)));
+    }
+    Value::Object(per_count)
 }
 
 /// What the reader needs to know to read the table right, derived from the results.
@@ -872,6 +993,7 @@ pub fn document(results: &Results) -> Value {
             "scale": scale,
             "latency": latency,
             "profile": results.profile,
+            "multicast": multicast_summary(results),
         },
         "targets": targets(results),
         "notes": results.notes,
@@ -906,6 +1028,64 @@ mod tests {
         sink.rcvbuf_errors = 40;
         assert_eq!(bottleneck(&[sink]), "sink");
         assert_eq!(bottleneck(&[]), "n/a");
+    }
+
+    fn fan_out(
+        subscribers: usize,
+        delivered: f64,
+        cpu: f64,
+        kernel: u64,
+        user: u64,
+    ) -> MulticastRun {
+        MulticastRun {
+            subscribers,
+            offered_pps: 1000.0,
+            delivered_pps: delivered,
+            cpu_ns_per_delivered: cpu,
+            kernel_copies: kernel,
+            userspace_copies: user,
+            kernel_share: crate::model::kernel_share(kernel, user),
+            ..MulticastRun::default()
+        }
+    }
+
+    #[test]
+    fn multicast_lands_in_the_summary_and_the_table_with_a_reading() {
+        let mut results = Results::default();
+        results
+            .multicast
+            .insert(1, vec![fan_out(1, 1000.0, 2000.0, 1000, 0)]);
+        results
+            .multicast
+            .insert(64, vec![fan_out(64, 32_000.0, 500.0, 48_000, 16_000)]);
+        let doc = document(&results);
+        let many = &doc["summary"]["multicast"]["subscribers_64"];
+        assert_eq!(many["delivered_pps"]["median"], 32_000.0);
+        assert_eq!(many["cpu_ns_per_delivered"]["median"], 500.0);
+        assert_eq!(many["kernel_share"]["median"], 0.75);
+        assert_eq!(many["userspace_copies"], 16_000);
+        let reading = multicast_reading(&results);
+        assert!(reading.contains("32.00 times what 1 got"), "{reading}");
+        assert!(reading.contains("0.25 times the CPU"), "{reading}");
+        assert!(reading.contains("75 % of the copies"), "{reading}");
+        assert_eq!(doc["summary"]["multicast"]["reading"], reading.as_str());
+        let text = table(&results);
+        assert!(text.contains("[8] multicast fan-out"), "{text}");
+        assert!(text.contains("reading: 64 subscribers"), "{text}");
+        // Nothing delivered (a gateway without the kernel fan-out) says so.
+        let mut dropped = Results::default();
+        dropped
+            .multicast
+            .insert(8, vec![fan_out(8, 0.0, f64::NAN, 0, 0)]);
+        assert!(multicast_reading(&dropped).starts_with("nothing was delivered"));
+        assert!(
+            document(&dropped)["summary"]["multicast"]["subscribers_8"]["kernel_share"].is_null()
+        );
+        assert!(
+            document(&Results::default())["summary"]["multicast"]
+                .as_object()
+                .is_some_and(serde_json::Map::is_empty)
+        );
     }
 
     #[test]

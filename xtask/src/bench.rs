@@ -137,6 +137,31 @@ fn churn_left(churn: &Value) -> u64 {
     .fold(0u64, u64::saturating_add)
 }
 
+/// Subscriber counts of the multicast area (`summary.multicast.subscribers_N`).
+const MULTICAST_SUBSCRIBERS: [usize; 3] = [1, 8, 64];
+
+/// What the multicast area lacks: delivered rate and CPU per delivered datagram (positive) and
+/// the kernel's share of the copies (0 to 1) for every subscriber count.
+fn multicast_missing(summary: &Value) -> Vec<String> {
+    let mut missing = Vec::new();
+    for subscribers in MULTICAST_SUBSCRIBERS {
+        let figures = &summary["multicast"][format!("subscribers_{subscribers}")];
+        for figure in ["delivered_pps", "cpu_ns_per_delivered"] {
+            if !positive(&figures[figure]["median"]) {
+                missing.push(format!("multicast {subscribers} subscribers {figure}"));
+            }
+        }
+        // Who carried it must be known (0 is a figure here: all copies by the userspace relay).
+        if !figures["kernel_share"]["median"]
+            .as_f64()
+            .is_some_and(|share| (0.0..=1.0).contains(&share))
+        {
+            missing.push(format!("multicast {subscribers} subscribers kernel_share"));
+        }
+    }
+    missing
+}
+
 /// Every scenario of the document that has no (positive) figure.
 pub fn check_document(doc: &Value) -> Vec<String> {
     let summary = &doc["summary"];
@@ -206,6 +231,7 @@ pub fn check_document(doc: &Value) -> Vec<String> {
     if scale < 3 {
         missing.push(format!("scale ({scale} entry counts)"));
     }
+    missing.extend(multicast_missing(summary));
     let left = churn_left(&summary["churn"]);
     if left > 0 {
         missing.push(format!(
@@ -252,6 +278,41 @@ mod tests {
         assert!(missing.iter().any(|m| m == "memory"));
         assert!(missing.iter().any(|m| m == "targets"));
         assert!(missing.iter().any(|m| m == "churn"));
+    }
+
+    #[test]
+    fn multicast_needs_rate_cpu_and_kernel_share_for_every_subscriber_count() {
+        let figures = |pps: f64, share: Option<f64>| {
+            serde_json::json!({
+                "delivered_pps": {"median": pps},
+                "cpu_ns_per_delivered": {"median": 900.0},
+                "kernel_share": {"median": share},
+            })
+        };
+        let multicast = |n64: serde_json::Value| {
+            check_document(&serde_json::json!({"summary": {"multicast": {
+                "subscribers_1": figures(1000.0, Some(1.0)),
+                "subscribers_8": figures(8000.0, Some(0.0)),
+                "subscribers_64": n64,
+            }}}))
+            .into_iter()
+            .filter(|m| m.starts_with("multicast"))
+            .collect::<Vec<_>>()
+        };
+        assert!(multicast(figures(64_000.0, Some(0.9))).is_empty());
+        assert_eq!(
+            multicast(figures(0.0, None)),
+            vec![
+                "multicast 64 subscribers delivered_pps",
+                "multicast 64 subscribers kernel_share"
+            ]
+        );
+        let empty = check_document(&serde_json::json!({}));
+        assert!(
+            empty
+                .iter()
+                .any(|m| m == "multicast 1 subscribers delivered_pps")
+        );
     }
 
     #[test]

@@ -70,14 +70,16 @@ enum Command {
     Demo,
     /// Benchmarks (root, about 25 minutes; `--quick` about 8): the in-kernel relay in each mode
     /// vs the userspace relay, Dante, plain forwarding (also with a pass-through XDP program) and
-    /// an nftables DNAT hole; drop cost, control plane, scale, latency; and a profile of each
-    /// relay arm (perf flame graphs, the programs' own run time). Prints a table with every
+    /// an nftables DNAT hole; drop cost, control plane, scale, latency; a profile of each
+    /// relay arm (perf flame graphs, the programs' own run time); and the multicast fan-out to
+    /// 1, 8 and 64 subscribers. Prints a table with every
     /// target met or missed and writes results.json, plots (SVG, PNG) and flame graphs to --out.
     Bench {
         /// Fewer runs and shorter windows.
         #[arg(long)]
         quick: bool,
-        /// Only these areas, comma-separated: relay, drop, control, scale, latency, profile.
+        /// Only these areas, comma-separated: relay, drop, control, scale, churn, latency,
+        /// profile, multicast.
         #[arg(long)]
         only: Option<String>,
         /// Where results.json, the plots and the flame graphs go (relative to the workspace).

@@ -1,4 +1,4 @@
-//! `udp-blast`: the benchmark's UDP sender, sink, echo server and pinger (sendmmsg/recvmmsg,
+//! `udp-blast`: the benchmark's UDP sender, sink (one socket or several), echo server and pinger (sendmmsg/recvmmsg,
 //! large buffers, bounded by time and count, stopped early by SIGTERM). It prints JSON lines on
 //! stdout: `{"event":"ready"}` once it receives, `{"event":"started",...}` once it sends, and
 //! `{"event":"report",...}` at the end. Run it in a namespace with `nsenter --net=...`, or hand
@@ -91,6 +91,17 @@ enum Command {
         /// Offset of the stamp in received datagrams.
         #[arg(long)]
         ts_offset: Option<usize>,
+    },
+    /// Count datagrams on several inherited sockets (one thread) until --duration or SIGTERM.
+    Sinks {
+        /// An inherited UDP socket (repeat for more).
+        #[arg(long = "fd", value_name = "FD", required = true)]
+        fds: Vec<i32>,
+        #[arg(long, default_value_t = 30.0)]
+        duration: f64,
+        /// Receive buffer of each socket, in octets.
+        #[arg(long, default_value_t = 4 << 20)]
+        buffer: i32,
     },
     /// Send every datagram back to its source until --duration or SIGTERM.
     Echo {
@@ -215,6 +226,11 @@ fn run(cli: Cli) -> Result<()> {
             });
             report(result)
         }
+        Command::Sinks {
+            fds,
+            duration,
+            buffer,
+        } => run_sinks(&fds, duration, buffer),
         Command::Echo { socket, duration } => {
             let socket = socket.open()?;
             let result = blast::echo(&socket, seconds(duration)?, || {
@@ -245,4 +261,31 @@ fn run(cli: Cli) -> Result<()> {
             report(result)
         }
     }
+}
+
+/// `udp-blast sinks`: every inherited socket read by one thread.
+fn run_sinks(fds: &[i32], duration: f64, buffer: i32) -> Result<()> {
+    let sockets = fds
+        .iter()
+        .map(|&fd| {
+            Socket {
+                bind: None,
+                fd: Some(fd),
+            }
+            .open()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let raw: Vec<i32> = sockets
+        .iter()
+        .map(std::os::fd::AsRawFd::as_raw_fd)
+        .collect();
+    let config = blast::SinksConfig {
+        duration: seconds(duration)?,
+        buffer,
+    };
+    let result = blast::sinks(&raw, &config, || {
+        emit(&json!({"event": "ready"}));
+    });
+    drop(sockets);
+    report(result)
 }

@@ -91,6 +91,22 @@ pub fn wait_readable(fd: RawFd, timeout: Duration) {
     unsafe { libc::poll(&raw mut pfd, 1, ms) };
 }
 
+/// Waits until any of `fds` is readable or `timeout` passed.
+pub fn wait_any_readable(fds: &[RawFd], timeout: Duration) {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    let count = libc::nfds_t::try_from(pfds.len()).unwrap_or(0);
+    // SAFETY: `count` valid pollfds owned by `pfds`.
+    unsafe { libc::poll(pfds.as_mut_ptr(), count, ms) };
+}
+
 /// A socket address in C form.
 #[derive(Clone, Copy)]
 pub struct RawAddr {

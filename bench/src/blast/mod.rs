@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
-use self::mmsg::{Batch, now_ns, stop_requested, wait_readable};
+use self::mmsg::{Batch, now_ns, stop_requested, wait_any_readable, wait_readable};
 use crate::stats::Percentiles;
 
 /// Octets a stamp takes.
@@ -246,6 +246,70 @@ pub fn sink(fd: RawFd, config: &SinkConfig, ready: impl FnOnce()) -> SinkReport 
         elapsed_s: start.elapsed().as_secs_f64(),
         delay: Percentiles::of(&mut delays),
         seq_span,
+    }
+}
+
+/// What a sink over several sockets does.
+#[derive(Debug, Clone)]
+pub struct SinksConfig {
+    /// Longest run; a stop ends it earlier.
+    pub duration: Duration,
+    /// Receive buffer of each socket (many sockets: less than [`SOCKET_BUFFER`] each).
+    pub buffer: i32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SinksReport {
+    pub sockets: usize,
+    /// Datagrams read from all sockets together.
+    pub received: u64,
+    pub bytes: u64,
+    /// The fewest and the most datagrams one socket got.
+    pub per_socket_min: u64,
+    pub per_socket_max: u64,
+    /// Failed `recvmmsg` calls.
+    pub errors: u64,
+    pub elapsed_s: f64,
+}
+
+/// Receives on every socket of `fds` (one thread, each socket in turn, a `poll` over all of
+/// them when none had anything) until the deadline or a stop. `ready` is called before the
+/// first receive.
+pub fn sinks(fds: &[RawFd], config: &SinksConfig, ready: impl FnOnce()) -> SinksReport {
+    for &fd in fds {
+        mmsg::set_buffers(fd, config.buffer);
+    }
+    let mut batch = Batch::new(64, 2048);
+    let mut counts = vec![0u64; fds.len()];
+    let (mut bytes, mut errors) = (0u64, 0u64);
+    ready();
+    let start = Instant::now();
+    let deadline = start + config.duration;
+    while !stop_requested() && Instant::now() < deadline {
+        let mut got = 0usize;
+        for (count, &fd) in counts.iter_mut().zip(fds) {
+            let n = batch.recv(fd, false).unwrap_or_else(|_| {
+                errors += 1;
+                0
+            });
+            for i in 0..n {
+                bytes += batch.received_len(i) as u64;
+            }
+            *count += n as u64;
+            got += n;
+        }
+        if got == 0 {
+            wait_any_readable(fds, Duration::from_millis(100));
+        }
+    }
+    SinksReport {
+        sockets: fds.len(),
+        received: counts.iter().sum(),
+        bytes,
+        per_socket_min: counts.iter().copied().min().unwrap_or(0),
+        per_socket_max: counts.iter().copied().max().unwrap_or(0),
+        errors,
+        elapsed_s: start.elapsed().as_secs_f64(),
     }
 }
 

@@ -267,7 +267,7 @@ fn on_threads<I: Send, T: Default + Send>(
 
 /// A control connection in the enhanced mode, entered by hand (no client library): anonymous
 /// greeting, CMD 04, the 10-octet entry reply.
-fn raw_session() -> Result<std::net::TcpStream> {
+pub(super) fn raw_session() -> Result<std::net::TcpStream> {
     use std::io::{Read as _, Write as _};
     let mut stream = std::net::TcpStream::connect_timeout(&PROXY, Duration::from_secs(5))?;
     stream.set_nodelay(true)?;

@@ -123,35 +123,46 @@ impl Blast {
         socket: SocketSpec,
         what: &str,
     ) -> Result<Self> {
+        match socket {
+            SocketSpec::Bind(addr) => {
+                let mut args = args.to_vec();
+                args.extend(["--bind".to_owned(), addr.to_string()]);
+                Self::spawn_with_fds(env, ns, &args, &[], what)
+            }
+            SocketSpec::Fd(fd) => Self::spawn_with_fds(env, ns, args, &[fd], what),
+        }
+    }
+
+    /// Starts `udp-blast ARGS --fd N...` in `ns`, the child inheriting a duplicate of each of
+    /// `fds` (descriptors of this process).
+    pub fn spawn_with_fds(
+        env: &Env,
+        ns: &Netns,
+        args: &[String],
+        fds: &[RawFd],
+        what: &str,
+    ) -> Result<Self> {
         let mut cmd = ns.command(&env.blast_bin);
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        let mut dup_fd = None;
-        match socket {
-            SocketSpec::Bind(addr) => {
-                cmd.args(["--bind", &addr.to_string()]);
+        let mut copies = Vec::with_capacity(fds.len());
+        for &fd in fds {
+            // SAFETY: fd is a descriptor this process owns; dup gives a new one without
+            // FD_CLOEXEC, which the child inherits (closed here right after the spawn).
+            let copy = unsafe { libc::dup(fd) };
+            if copy < 0 {
+                let error = std::io::Error::last_os_error();
+                close_all(&copies);
+                bail!("dup a socket for {what}: {error}");
             }
-            SocketSpec::Fd(fd) => {
-                // SAFETY: fd is a descriptor this process owns; dup gives a new one without
-                // FD_CLOEXEC, which the child inherits (closed here right after the spawn).
-                let copy = unsafe { libc::dup(fd) };
-                if copy < 0 {
-                    bail!(
-                        "dup the socket for {what}: {}",
-                        std::io::Error::last_os_error()
-                    );
-                }
-                cmd.args(["--fd", &copy.to_string()]);
-                dup_fd = Some(copy);
-            }
+            cmd.args(["--fd", &copy.to_string()]);
+            copies.push(copy);
         }
         let spawned = ChildGuard::spawn(&mut cmd, what);
-        if let Some(copy) = dup_fd {
-            // SAFETY: our copy; the child has its own now.
-            unsafe { libc::close(copy) };
-        }
+        // Our copies; the child has its own now.
+        close_all(&copies);
         let mut guard = spawned?;
         let stdout = guard
             .child_mut()
@@ -209,6 +220,13 @@ impl Blast {
         self.guard
             .stop_with(Signal::SIGKILL, Duration::from_secs(2));
         report
+    }
+}
+
+fn close_all(fds: &[RawFd]) {
+    for &fd in fds {
+        // SAFETY: a duplicate this process made and owns.
+        unsafe { libc::close(fd) };
     }
 }
 

@@ -6,6 +6,7 @@ pub mod control;
 pub mod drop;
 pub mod env;
 pub mod latency;
+pub mod multicast;
 pub mod pass_xdp;
 pub mod plan;
 pub mod profile;
@@ -40,31 +41,35 @@ pub fn meta(plan: &Plan) -> Meta {
 /// Runs the wanted areas in order; a failing area is recorded and the next one runs.
 pub fn run_areas(env: &Env, results: &mut Results, wanted: &dyn Fn(&str) -> bool) {
     if wanted("relay") {
-        env.progress("area 1/7: inbound media relay");
+        env.progress("area 1/8: inbound media relay");
         relay::run(env, results);
     }
     if wanted("drop") {
-        env.progress("area 2/7: unsolicited drop and collateral damage");
+        env.progress("area 2/8: unsolicited drop and collateral damage");
         drop::run(env, results);
     }
     if wanted("control") {
-        env.progress("area 3/7: control plane");
+        env.progress("area 3/8: control plane");
         control::run(env, results);
     }
     if wanted("scale") {
-        env.progress("area 4/7: kernel relay with many installed entries");
+        env.progress("area 4/8: kernel relay with many installed entries");
         scale::run(env, results);
     }
     if wanted("churn") {
-        env.progress("area 5/7: churn (a million bindings made and ended, then what is left)");
+        env.progress("area 5/8: churn (a million bindings made and ended, then what is left)");
         churn::run(env, results);
     }
     if wanted("latency") {
-        env.progress("area 6/7: added latency (UDP echo)");
+        env.progress("area 6/8: added latency (UDP echo)");
         latency::run(env, results);
     }
     if wanted("profile") {
-        env.progress("area 7/7: where the time goes (perf flame graphs, program run time)");
+        env.progress("area 7/8: where the time goes (perf flame graphs, program run time)");
         profile::run(env, results);
+    }
+    if wanted("multicast") {
+        env.progress("area 8/8: multicast fan-out (1, 8, 64 subscribers)");
+        multicast::run(env, results);
     }
 }

@@ -36,6 +36,10 @@ pub struct Plan {
     pub scale_entries: Vec<u64>,
     /// Bindings the churn scenario makes and ends.
     pub churn_bindings: usize,
+    /// Subscriber counts of the multicast scenario (each its own control connection).
+    pub multicast_subscribers: Vec<usize>,
+    /// Payload octets of the multicast scenario's group stream.
+    pub multicast_size: usize,
 }
 
 impl Plan {
@@ -54,6 +58,8 @@ impl Plan {
             memory_target: 100_000,
             scale_entries: vec![1, 10_000, 1_000_000],
             churn_bindings: 1_000_000,
+            multicast_subscribers: vec![1, 8, 64],
+            multicast_size: 200,
         };
         match mode {
             Mode::Full => full,
