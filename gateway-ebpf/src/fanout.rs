@@ -19,7 +19,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_INGRESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
+        BPF_F_INGRESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
     },
     helpers::{bpf_csum_diff, bpf_redirect},
     programs::TcContext,
@@ -157,9 +158,10 @@ fn try_fanout(ctx: &TcContext) -> Result<Option<Relayed>, ExitReason> {
         // Nothing delivered yet: the userspace relay serves every subscriber.
         return Err(ExitReason::MulticastToUserspace);
     }
-    let csum: u16 = ctx.load(packet.l4 + 6).map_err(relay_failed)?;
-    // IPv4 UDP may carry no checksum (0), and then keeps none; IPv6 UDP always does.
-    let has_csum = packet.v6 || csum != 0;
+    // IPv4 UDP may carry no checksum (0), and then keeps none: every UDP checksum update below
+    // passes `BPF_F_MARK_MANGLED_0`, with which the helper leaves a zero checksum alone. No
+    // branch on it: one would double the verifier's walk of the subscriber loop.
+    let has_csum = true;
 
     if to_userspace {
         // SAFETY: a plain read of the program's context.
@@ -249,18 +251,25 @@ fn send_copy(ctx: &TcContext, ifindex: u32, flags: u64, reason: ExitReason) -> b
     sent
 }
 
-/// The skb itself out of `ifindex` (its MAC addresses are already the next hop's).
-#[expect(
-    clippy::cast_possible_truncation,
-    reason = "bpf_redirect returns a tc action"
-)]
+/// The skb itself out of `ifindex` (its MAC addresses are already the next hop's). Returns a
+/// constant action, not the helper's value: `gateway_inbound` goes on to the binding relay
+/// when the fan-out returns [`NOT_A_GROUP`], and an action the verifier cannot tell from it
+/// would have it walk that relay again after every exit of the fan-out.
 #[inline(always)]
 fn send(ifindex: u32, reason: ExitReason) -> Relayed {
     // SAFETY: no pointers are passed.
     let action = unsafe { bpf_redirect(ifindex, 0) };
-    Relayed {
-        action: action as i32,
-        reason,
+    if action == i64::from(TC_ACT_REDIRECT) {
+        Relayed {
+            action: TC_ACT_REDIRECT,
+            reason,
+        }
+    } else {
+        // Only for flags the helper does not know (none are passed).
+        Relayed {
+            action: TC_ACT_SHOT,
+            reason: ExitReason::KernelRelayFailed,
+        }
     }
 }
 
