@@ -100,7 +100,7 @@ pub fn run(filter: Option<&str>, skip_unit: bool) -> Result<()> {
 
 /// The integration test files that run a second time with the gate's hook forced to XDP: the
 /// gate, the relay end to end (release, kill -9, takeover), RAW and partial checksums.
-const GATE_HOOK_FILES: [&str; 3] = ["xdp_gate", "enhanced_testbed", "raw_testbed"];
+const GATE_HOOK_FILES: [&str; 4] = ["xdp_gate", "enhanced_testbed", "raw_testbed", "multicast"];
 
 /// Runs one integration test file, one test at a time; `gate_hook` forces every test-bed
 /// daemon's `--gate-hook`.
