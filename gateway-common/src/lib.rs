@@ -40,6 +40,8 @@ pub mod map_names {
     /// The allowed sources of groups with a source list: [`super::GroupSourceKey`] -> `u32`
     /// (value unused).
     pub const GROUP_SOURCES: &str = "GROUP_SOURCES";
+    /// The fan-out program (a `PROG_ARRAY` of one slot, 0): empty when it could not load.
+    pub const FANOUT_PROGRAMS: &str = "FANOUT_PROGRAMS";
 }
 
 /// Name of the XDP program on the external interface (the gate).
@@ -52,6 +54,11 @@ pub const TC_GATE_PROGRAM: &str = "gateway_gate";
 /// Name of the tc program on the internal interface's ingress (kernel relay, outbound, and the
 /// drop of inside datagrams to external addresses).
 pub const TC_INTERNAL_PROGRAM: &str = "gateway_internal";
+/// Name of the tc program that fans a received group's datagrams out, tail-called from the
+/// external interface's tc program through [`map_names::FANOUT_PROGRAMS`]. Loaded apart, so a
+/// kernel whose verifier refuses it (Linux 6.1 runs out of its instruction budget) still runs
+/// the gate and the relay; group datagrams then go to the userspace relay.
+pub const TC_FANOUT_PROGRAM: &str = "gateway_fanout";
 
 /// Name of the `sk_lookup` program in the daemon's network namespace: UDP to a relay port goes
 /// to the daemon's shared relay socket of its family and side.

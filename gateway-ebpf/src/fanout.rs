@@ -75,9 +75,35 @@ pub fn fanout(ctx: &TcContext) -> i32 {
     action
 }
 
+/// Jumps to the fan-out program (slot 0 of `FANOUT_PROGRAMS`); returns only when the slot is
+/// empty (the program did not load on this kernel). Called from an entry function's own frame:
+/// a tail call from a subprogram is refused behind frames of 256 octets or more.
+#[inline(always)]
+pub fn tail_call(ctx: &TcContext) {
+    // SAFETY: `ctx` is the program's own context; a failed tail call returns and changes nothing.
+    unsafe { crate::maps::FANOUT_PROGRAMS.tail_call(ctx, 0) };
+}
+
+/// The fan-out program: every group datagram the tc program on the external interface hands
+/// over. What it cannot deliver goes to the stack whole for the userspace relay.
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the entry point's signature is the classifier macro's"
+)]
+#[aya_ebpf::macros::classifier]
+pub fn gateway_fanout(ctx: TcContext) -> i32 {
+    let action = fanout(&ctx);
+    if action == NOT_A_GROUP {
+        // Not a group the gateway receives, or not parsable here (IPv6 extension headers).
+        count(ExitReason::MulticastToUserspace, ctx.len() as usize);
+        return aya_ebpf::bindings::TC_ACT_OK;
+    }
+    action
+}
+
 /// A quick look at the destination before the full parse: most datagrams here are unicast.
 #[inline(always)]
-fn to_multicast(ctx: &TcContext) -> bool {
+pub fn to_multicast(ctx: &TcContext) -> bool {
     let Ok(ether_type) = ctx.load::<u16>(12) else {
         return false;
     };

@@ -5,7 +5,7 @@ use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, SockMap},
+    maps::{Array, HashMap, PerCpuArray, ProgramArray, SockMap},
 };
 use gateway_common::{
     Addr16, BindingKey, BindingValue, ClientSocketKey, ControlPortKey, Counter,
@@ -57,6 +57,9 @@ pub static GROUPS: HashMap<GroupKey, GroupValue> =
 #[map(name = "GROUP_SOURCES")]
 pub static GROUP_SOURCES: HashMap<GroupSourceKey, u32> =
     HashMap::with_max_entries(MAX_GROUP_SOURCES, BPF_F_NO_PREALLOC);
+
+#[map(name = "FANOUT_PROGRAMS")]
+pub static FANOUT_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 #[map(name = "SETTINGS")]
 pub static SETTINGS: Array<DatapathSettings> = Array::with_max_entries(1, 0);

@@ -258,10 +258,12 @@ pub fn gateway_inbound(ctx: TcContext) -> i32 {
         count(ExitReason::MulticastToUserspace, len);
         return TC_ACT_OK;
     }
-    // A datagram to a received group (the XDP gate admitted it): the fan-out, a sibling frame.
-    let action = fanout::fanout(&ctx);
-    if action != fanout::NOT_A_GROUP {
-        return action;
+    // A datagram to a group (the XDP gate admitted it): the fan-out program, or, when it is not
+    // loaded, the userspace relay.
+    if fanout::to_multicast(&ctx) {
+        fanout::tail_call(&ctx);
+        count(ExitReason::MulticastToUserspace, len);
+        return TC_ACT_OK;
     }
     let exit = inbound(&ctx);
     count_raw(exit.reason, len);
@@ -305,14 +307,11 @@ pub fn gateway_gate(ctx: TcContext) -> i32 {
             exit.action
         }
         Verdict::Pass | Verdict::Redirect if reason == ExitReason::MulticastToFanOut => {
-            let action = fanout::fanout(&ctx);
-            if action == fanout::NOT_A_GROUP {
-                // The gate admitted a group datagram the fan-out cannot parse (IPv6 extension
-                // headers): the userspace relay serves it.
-                count(ExitReason::MulticastToUserspace, len);
-                return TC_ACT_OK;
-            }
-            action
+            // The fan-out program does not return here; without it, the userspace relay
+            // serves the group.
+            fanout::tail_call(&ctx);
+            count(ExitReason::MulticastToUserspace, len);
+            TC_ACT_OK
         }
         Verdict::Pass | Verdict::Redirect => TC_ACT_OK,
     }

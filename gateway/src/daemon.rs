@@ -241,7 +241,14 @@ async fn serve(
         return Ok(());
     }
 
-    let enhanced = match enhanced_mode(&args, &external_addrs, &internal_addrs, &access.policy) {
+    let fanout_in_kernel = s.datapath != DatapathKind::Userspace && datapath.fanout_in_kernel();
+    let enhanced = match enhanced_mode(
+        &args,
+        &external_addrs,
+        &internal_addrs,
+        &access.policy,
+        fanout_in_kernel,
+    ) {
         Ok(enhanced) => enhanced,
         Err(error) => {
             datapath.stop();
@@ -507,6 +514,7 @@ fn enhanced_mode(
     external: &[InterfaceAddress],
     internal: &[InterfaceAddress],
     policy: &Policy,
+    fanout_in_kernel: bool,
 ) -> Result<Option<Arc<EnhancedMode>>> {
     let s = &args.settings;
     let usable = |addrs: &[InterfaceAddress]| -> Vec<IpAddr> {
@@ -571,7 +579,7 @@ fn enhanced_mode(
         internal: interfaces.internal.clone(),
         internal_mac,
         internal_ips: config.internal_ips.clone(),
-        kernel: s.datapath != DatapathKind::Userspace,
+        kernel: fanout_in_kernel,
         kernel_subscribers: s.multicast_kernel_subscribers.get(),
         max_groups: s.multicast_max_groups.get(),
         sources: s

@@ -14,15 +14,16 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use etherparse::PacketBuilder;
 use gateway::datapath::EBPF_OBJECT;
 use gateway_common::{
     Addr16, Counter, DatapathSettings, ExitReason, FANOUT_TO_STACK_MARK, GroupKey, GroupSourceKey,
-    GroupSubscriber, GroupValue, MAX_KERNEL_SUBSCRIBERS, TC_GATE_PROGRAM, TC_INBOUND_PROGRAM,
-    TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, group_flags, ipv4_mapped, map_names,
+    GroupSubscriber, GroupValue, MAX_KERNEL_SUBSCRIBERS, TC_FANOUT_PROGRAM, TC_GATE_PROGRAM,
+    TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, group_flags, ipv4_mapped,
+    map_names,
 };
 use nix::{
     sched::{CloneFlags, setns},
@@ -231,12 +232,23 @@ impl Loaded {
             .try_into()
             .unwrap();
         xdp.load().expect("verifier accepts the XDP gate");
-        for name in [TC_GATE_PROGRAM, TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM] {
+        for name in [
+            TC_GATE_PROGRAM,
+            TC_INBOUND_PROGRAM,
+            TC_INTERNAL_PROGRAM,
+            TC_FANOUT_PROGRAM,
+        ] {
             let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
             program
                 .load()
                 .unwrap_or_else(|e| panic!("verifier accepts {name}: {e:?}"));
         }
+        // The external programs tail-call the fan-out through its slot.
+        let fanout: &SchedClassifier = ebpf.program(TC_FANOUT_PROGRAM).unwrap().try_into().unwrap();
+        let fd = fanout.fd().unwrap().try_clone().unwrap();
+        let mut slot =
+            ProgramArray::try_from(ebpf.map_mut(map_names::FANOUT_PROGRAMS).unwrap()).unwrap();
+        slot.set(0, &fd, 0).unwrap();
         let mut loaded = Self {
             ebpf,
             inside: bed.inside,
@@ -1038,14 +1050,19 @@ fn the_gate_handle_writes_what_the_fan_out_serves() {
 fn the_verifier_walks_below_its_limit() {
     let bed = Bed::new();
     let loaded = Loaded::new(&bed);
-    let counts: Vec<(&str, u32)> = [TC_GATE_PROGRAM, TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM]
-        .into_iter()
-        .map(|name| {
-            let program: &SchedClassifier = loaded.ebpf.program(name).unwrap().try_into().unwrap();
-            let info = program.info().unwrap();
-            (name, info.verified_instruction_count().unwrap_or(0))
-        })
-        .collect();
+    let counts: Vec<(&str, u32)> = [
+        TC_GATE_PROGRAM,
+        TC_INBOUND_PROGRAM,
+        TC_INTERNAL_PROGRAM,
+        TC_FANOUT_PROGRAM,
+    ]
+    .into_iter()
+    .map(|name| {
+        let program: &SchedClassifier = loaded.ebpf.program(name).unwrap().try_into().unwrap();
+        let info = program.info().unwrap();
+        (name, info.verified_instruction_count().unwrap_or(0))
+    })
+    .collect();
     println!("instructions verified: {counts:?}");
     for (name, verified) in counts {
         assert!(

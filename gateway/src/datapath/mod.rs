@@ -22,14 +22,15 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError},
+    maps::{Array, HashMap, MapData, MapError, ProgramArray},
     programs::{ProgramError, SchedClassifier, Xdp, links::LinkError},
 };
 use gateway_common::{
     Addr16, BindingKey, BindingValue, ClientSocketKey, ControlPortKey,
     DEFAULT_FAIL_CLOSED_AFTER_NS, DEFAULT_MAX_BINDINGS, DatapathSettings, GroupKey, GroupSourceKey,
     GroupValue, HostAllowKey, HostAllowValue, OutboundKey, OutboundValue, RawClientValue,
-    TC_GATE_PROGRAM, TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, map_names,
+    TC_FANOUT_PROGRAM, TC_GATE_PROGRAM, TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM,
+    XDP_EXTERNAL_PROGRAM, map_names,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -175,6 +176,7 @@ pub struct Datapath {
     heartbeat: Heartbeat,
     pin_dir: PathBuf,
     outcome: AttachOutcome,
+    fanout_in_kernel: bool,
 }
 
 impl Datapath {
@@ -226,6 +228,7 @@ impl Datapath {
                 "removed kernel entries left by a previous daemon"
             );
         }
+        let fanout_in_kernel = load_fanout(&mut ebpf);
         fill_host_allow(&mut ebpf, &config.host_allow)?;
         clear::<Addr16, u32>(&mut ebpf, map_names::EXTERNAL_ADDRS)?;
         {
@@ -343,7 +346,14 @@ impl Datapath {
             heartbeat,
             pin_dir,
             outcome,
+            fanout_in_kernel,
         })
+    }
+
+    /// Whether the kernel fans group datagrams out (the fan-out program loaded); otherwise the
+    /// userspace relay serves every subscriber.
+    pub fn fanout_in_kernel(&self) -> bool {
+        self.fanout_in_kernel
     }
 
     /// Starts draining the programs' rare events (rate-limited in the kernel) into `tracing`
@@ -469,6 +479,50 @@ fn load(pin_dir: &Path, max_bindings: u32) -> Result<Ebpf, DatapathError> {
         })?;
     }
     Ok(ebpf)
+}
+
+/// Loads the multicast fan-out and puts it in the slot the external tc program tail-calls. A
+/// kernel whose verifier refuses it keeps the gate and the relay: the slot stays empty and the
+/// userspace relay fans groups out. The slot's map is not pinned, so when the daemon's
+/// descriptors close (a stop, a crash) the kernel empties it and group datagrams stop at once.
+fn load_fanout(ebpf: &mut Ebpf) -> bool {
+    let loaded = typed_program::<SchedClassifier>(ebpf, TC_FANOUT_PROGRAM).and_then(|program| {
+        program.load().map_err(|source| DatapathError::Program {
+            what: format!("load {TC_FANOUT_PROGRAM} into the kernel (verifier)"),
+            source,
+        })?;
+        let fd = program.fd().map_err(|source| DatapathError::Program {
+            what: format!("take the descriptor of {TC_FANOUT_PROGRAM}"),
+            source,
+        })?;
+        fd.try_clone().map_err(|source| DatapathError::Io {
+            what: "duplicate the descriptor of",
+            path: TC_FANOUT_PROGRAM.into(),
+            source,
+        })
+    });
+    let fd = match loaded {
+        Ok(fd) => fd,
+        Err(error) => {
+            warn!(%error, "no multicast fan-out in the kernel on this kernel: the userspace relay \
+                fans groups out");
+            return false;
+        }
+    };
+    let slot = ebpf
+        .map_mut(map_names::FANOUT_PROGRAMS)
+        .ok_or_else(|| MapError::InvalidName {
+            name: map_names::FANOUT_PROGRAMS.to_owned(),
+        })
+        .and_then(ProgramArray::try_from)
+        .and_then(|mut array| array.set(0, &fd, 0));
+    match slot {
+        Ok(()) => true,
+        Err(error) => {
+            warn!(%error, "cannot install the multicast fan-out: the userspace relay fans groups out");
+            false
+        }
+    }
 }
 
 fn typed_program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, DatapathError>
