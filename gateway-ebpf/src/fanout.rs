@@ -50,6 +50,7 @@ const HEADER_GROWTH: i32 = 8;
 /// Offset of the IPv4 header checksum.
 const IP_CSUM: usize = ETH_HLEN + 10;
 const ETH_P_IPV4: u16 = 0x0800;
+const IPPROTO_UDP: u8 = 17;
 const ETH_P_IPV6: u16 = 0x86dd;
 /// TTL (hop limit) of the unicast copies.
 const UNICAST_TTL: u8 = 64;
@@ -101,19 +102,26 @@ pub fn gateway_fanout(ctx: TcContext) -> i32 {
     action
 }
 
-/// A quick look at the destination before the full parse: most datagrams here are unicast.
+/// A quick look before the full parse: UDP to a multicast destination (most datagrams here are
+/// unicast).
 #[inline(always)]
 pub fn to_multicast(ctx: &TcContext) -> bool {
     let Ok(ether_type) = ctx.load::<u16>(12) else {
         return false;
     };
     match u16::from_be(ether_type) {
-        ETH_P_IPV4 => ctx
-            .load::<u8>(ETH_HLEN + 16)
-            .is_ok_and(|first| first & 0xf0 == 0xe0),
-        ETH_P_IPV6 => ctx
-            .load::<u8>(ETH_HLEN + 24)
-            .is_ok_and(|first| first == 0xff),
+        ETH_P_IPV4 => {
+            ctx.load::<u8>(ETH_HLEN + 16)
+                .is_ok_and(|first| first & 0xf0 == 0xe0)
+                && ctx.load::<u8>(ETH_HLEN + 9).is_ok_and(|p| p == IPPROTO_UDP)
+        }
+        // Only UDP right after the fixed header: MLD and the rest of ICMPv6 to groups (behind
+        // a hop-by-hop header) are not the fan-out's.
+        ETH_P_IPV6 => {
+            ctx.load::<u8>(ETH_HLEN + 24)
+                .is_ok_and(|first| first == 0xff)
+                && ctx.load::<u8>(ETH_HLEN + 6).is_ok_and(|p| p == IPPROTO_UDP)
+        }
         _ => false,
     }
 }

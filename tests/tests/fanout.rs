@@ -900,6 +900,35 @@ fn what_the_kernel_cannot_deliver_goes_to_the_stack_whole() {
 }
 
 #[test]
+fn without_the_fan_out_program_group_datagrams_go_to_the_stack_whole() {
+    let bed = Bed::new();
+    let tap = bed.inside_tap();
+    bed.in_fw(|| {
+        let mut loaded = Loaded::new(&bed);
+        loaded.set_group(v4_key(), &group_value(0, 3, false));
+        // A kernel whose verifier refused the fan-out: its slot stays empty.
+        let mut slot =
+            ProgramArray::try_from(loaded.ebpf.map_mut(map_names::FANOUT_PROGRAMS).unwrap())
+                .unwrap();
+        slot.clear_index(&0).unwrap();
+        let frame = datagram4(SERVER, PAYLOAD);
+        for (program, gate_reason) in [
+            (TC_GATE_PROGRAM, Some(ExitReason::MulticastToFanOut)),
+            (TC_INBOUND_PROGRAM, None),
+        ] {
+            let before = loaded.counts();
+            let (action, out) = loaded.run(program, &frame, 0);
+            assert_eq!((action, out), (TC_ACT_OK, frame.clone()), "{program}");
+            let mut expected: Vec<(ExitReason, u64)> =
+                gate_reason.into_iter().map(|r| (r, 1)).collect();
+            expected.push((ExitReason::MulticastToUserspace, 1));
+            assert_eq!(moved(&before, &loaded.counts()), expected, "{program}");
+        }
+        assert!(tap.frames_from(INTERNAL_MAC).is_empty(), "no copy leaves");
+    });
+}
+
+#[test]
 fn neighbour_macs_come_from_the_kernel_table() {
     let bed = Bed::new();
     let fw = bed.fw.name();
