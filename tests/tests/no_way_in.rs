@@ -770,12 +770,14 @@ fn out_of_file_descriptors_the_daemon_answers_and_recovers() {
     let _cleanup = InstanceCleanup {
         instance: instance.clone(),
     };
-    // A hard limit the daemon cannot raise: about 40 descriptors at rest (8 of them the shared
-    // relay sockets), 64 allowed, so a start-up that loads the steering program still fits.
+    // A hard limit the daemon cannot raise: about 45 descriptors at rest (8 of them the shared
+    // relay sockets), 80 allowed, so a start-up that loads the object twice (the data path and
+    // the steering program, each with every map of the object, the multicast ones included)
+    // still fits.
     let mut gateway = GatewayDaemon::start_with_prefix(
         &bed.fw,
         &instance,
-        &["prlimit", "--nofile=64:64", "--"],
+        &["prlimit", "--nofile=80:80", "--"],
         &TESTBED_ARGS,
     )
     .unwrap();
