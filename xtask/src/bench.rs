@@ -140,16 +140,23 @@ fn churn_left(churn: &Value) -> u64 {
 /// Subscriber counts of the multicast area (`summary.multicast.subscribers_N`).
 const MULTICAST_SUBSCRIBERS: [usize; 3] = [1, 8, 64];
 
-/// What the multicast area lacks: delivered rate and CPU per delivered datagram (positive) and
+/// What the multicast area lacks: a delivered rate (positive), the CPU per delivered datagram
+/// (a number: a smoke window at 2,000 pps can fall inside one `/proc/stat` tick and read 0) and
 /// the kernel's share of the copies (0 to 1) for every subscriber count.
 fn multicast_missing(summary: &Value) -> Vec<String> {
     let mut missing = Vec::new();
     for subscribers in MULTICAST_SUBSCRIBERS {
         let figures = &summary["multicast"][format!("subscribers_{subscribers}")];
-        for figure in ["delivered_pps", "cpu_ns_per_delivered"] {
-            if !positive(&figures[figure]["median"]) {
-                missing.push(format!("multicast {subscribers} subscribers {figure}"));
-            }
+        if !positive(&figures["delivered_pps"]["median"]) {
+            missing.push(format!("multicast {subscribers} subscribers delivered_pps"));
+        }
+        if !figures["cpu_ns_per_delivered"]["median"]
+            .as_f64()
+            .is_some_and(|cpu| cpu.is_finite() && cpu >= 0.0)
+        {
+            missing.push(format!(
+                "multicast {subscribers} subscribers cpu_ns_per_delivered"
+            ));
         }
         // Who carried it must be known (0 is a figure here: all copies by the userspace relay).
         if !figures["kernel_share"]["median"]
@@ -300,6 +307,20 @@ mod tests {
             .collect::<Vec<_>>()
         };
         assert!(multicast(figures(64_000.0, Some(0.9))).is_empty());
+        let no_cpu_tick = serde_json::json!({
+            "delivered_pps": {"median": 2000.0},
+            "cpu_ns_per_delivered": {"median": 0.0},
+            "kernel_share": {"median": 1.0},
+        });
+        assert!(multicast(no_cpu_tick).is_empty(), "0 CPU is a reading");
+        let no_cpu = serde_json::json!({
+            "delivered_pps": {"median": 2000.0},
+            "kernel_share": {"median": 1.0},
+        });
+        assert_eq!(
+            multicast(no_cpu),
+            vec!["multicast 64 subscribers cpu_ns_per_delivered"]
+        );
         assert_eq!(
             multicast(figures(0.0, None)),
             vec![
