@@ -195,7 +195,6 @@ fn try_fanout(ctx: &TcContext) -> Result<Option<Relayed>, ExitReason> {
     // IPv4 UDP may carry no checksum (0), and then keeps none: every UDP checksum update below
     // passes `BPF_F_MARK_MANGLED_0`, with which the helper leaves a zero checksum alone. No
     // branch on it: one would double the verifier's walk of the subscriber loop.
-    let has_csum = true;
 
     if to_userspace {
         // SAFETY: a plain read of the program's context.
@@ -212,7 +211,7 @@ fn try_fanout(ctx: &TcContext) -> Result<Option<Relayed>, ExitReason> {
     if inside {
         // SAFETY: the entry pointer from the lookup above.
         let (source, mac) = unsafe { (&(*value_ptr).inside_source, &(*value_ptr).internal_mac) };
-        to_group(ctx, &packet, source, mac, has_csum).map_err(relay_failed)?;
+        to_group(ctx, &packet, source, mac).map_err(relay_failed)?;
         let reason = ExitReason::KernelRelayedMulticastInside;
         // SAFETY: the entry pointer from the lookup above.
         let inside_sent = unsafe { &raw mut (*value_ptr).inside_sent };
@@ -225,7 +224,7 @@ fn try_fanout(ctx: &TcContext) -> Result<Option<Relayed>, ExitReason> {
         }
     }
 
-    open_header(ctx, &packet, has_csum).map_err(relay_failed)?;
+    open_header(ctx, &packet).map_err(relay_failed)?;
     let last = subscribers - 1;
     for i in 0..MAX_KERNEL_SUBSCRIBERS {
         if i >= subscribers {
@@ -245,7 +244,7 @@ fn try_fanout(ctx: &TcContext) -> Result<Option<Relayed>, ExitReason> {
         }
         // SAFETY: the entry pointer from the lookup above.
         let mac = unsafe { &(*value_ptr).internal_mac };
-        to_subscriber(ctx, &packet, subscriber, mac, has_csum).map_err(relay_failed)?;
+        to_subscriber(ctx, &packet, subscriber, mac).map_err(relay_failed)?;
         // SAFETY: a pointer into the entry, valid for the program's run.
         let counters: *mut EntryCounters = unsafe { &raw mut (*subscriber_ptr).counters };
         if i == last {
@@ -315,7 +314,6 @@ fn to_group(
     packet: &Datagram,
     source: &Addr16,
     internal_mac: &[u8; 6],
-    has_csum: bool,
 ) -> Result<(), i64> {
     let group = &packet.dst;
     let mac = if packet.v6 {
@@ -324,7 +322,7 @@ fn to_group(
         [0x01, 0x00, 0x5e, group[13] & 0x7f, group[14], group[15]]
     };
     set_macs(ctx, &mac, internal_mac)?;
-    set_addresses(ctx, packet, source, group, has_csum)?;
+    set_addresses(ctx, packet, source, group)?;
     set_hop_limit(ctx, packet.v6, 1)
 }
 
@@ -336,7 +334,7 @@ fn to_group(
     reason = "the header is 8 octets; UDP lengths are bounded by the packet"
 )]
 #[inline(always)]
-fn open_header(ctx: &TcContext, packet: &Datagram, has_csum: bool) -> Result<(), i64> {
+fn open_header(ctx: &TcContext, packet: &Datagram) -> Result<(), i64> {
     let l4 = packet.l4;
     ctx.adjust_room(HEADER_LEN as i32, BPF_ADJ_ROOM_NET, 0)?;
     let udp: [u8; UDP_HLEN] = ctx.load(l4 + HEADER_LEN)?;
@@ -355,18 +353,16 @@ fn open_header(ctx: &TcContext, packet: &Datagram, has_csum: bool) -> Result<(),
     let old_len = packet.udp_len.to_be();
     let new_len = (packet.udp_len + HEADER_LEN as u16).to_be();
     ctx.store(l4 + 4, &new_len, 0)?;
-    if has_csum {
-        let csum_off = l4 + 6;
-        let flags = u64::from(BPF_F_MARK_MANGLED_0) | 2;
-        // The length is in the UDP header and in the pseudo-header.
-        ctx.l4_csum_replace(csum_off, u64::from(old_len), u64::from(new_len), flags)?;
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(old_len),
-            u64::from(new_len),
-            flags | u64::from(BPF_F_PSEUDO_HDR),
-        )?;
-    }
+    let csum_off = l4 + 6;
+    let flags = u64::from(BPF_F_MARK_MANGLED_0) | 2;
+    // The length is in the UDP header and in the pseudo-header.
+    ctx.l4_csum_replace(csum_off, u64::from(old_len), u64::from(new_len), flags)?;
+    ctx.l4_csum_replace(
+        csum_off,
+        u64::from(old_len),
+        u64::from(new_len),
+        flags | u64::from(BPF_F_PSEUDO_HDR),
+    )?;
     Ok(())
 }
 
@@ -377,7 +373,6 @@ fn to_subscriber(
     packet: &Datagram,
     subscriber: &GroupSubscriber,
     internal_mac: &[u8; 6],
-    has_csum: bool,
 ) -> Result<(), i64> {
     let l4 = packet.l4;
     set_macs(ctx, &subscriber.client_mac, internal_mac)?;
@@ -386,23 +381,20 @@ fn to_subscriber(
         packet,
         &subscriber.internal_relay_addr,
         &subscriber.client_addr,
-        has_csum,
     )?;
     set_hop_limit(ctx, packet.v6, UNICAST_TTL)?;
-    set_field(ctx, l4, l4 + 6, subscriber.internal_relay_port_be, has_csum)?;
-    set_field(ctx, l4 + 2, l4 + 6, subscriber.client_port_be, has_csum)?;
+    set_field(ctx, l4, l4 + 6, subscriber.internal_relay_port_be)?;
+    set_field(ctx, l4 + 2, l4 + 6, subscriber.client_port_be)?;
     // The AID: the last four octets of the header.
     let aid_off = l4 + UDP_HLEN + 4;
     let old: u32 = ctx.load(aid_off)?;
     ctx.store(aid_off, &subscriber.aid_be, 0)?;
-    if has_csum {
-        ctx.l4_csum_replace(
-            l4 + 6,
-            u64::from(old),
-            u64::from(subscriber.aid_be),
-            u64::from(BPF_F_MARK_MANGLED_0) | 4,
-        )?;
-    }
+    ctx.l4_csum_replace(
+        l4 + 6,
+        u64::from(old),
+        u64::from(subscriber.aid_be),
+        u64::from(BPF_F_MARK_MANGLED_0) | 4,
+    )?;
     Ok(())
 }
 
@@ -415,23 +407,15 @@ fn set_macs(ctx: &TcContext, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), i64> {
 
 /// A 16-bit UDP header field (a port) covered by the UDP checksum.
 #[inline(always)]
-fn set_field(
-    ctx: &TcContext,
-    offset: usize,
-    csum_off: usize,
-    new_be: u16,
-    has_csum: bool,
-) -> Result<(), i64> {
+fn set_field(ctx: &TcContext, offset: usize, csum_off: usize, new_be: u16) -> Result<(), i64> {
     let old: u16 = ctx.load(offset)?;
     ctx.store(offset, &new_be, 0)?;
-    if has_csum {
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(old),
-            u64::from(new_be),
-            u64::from(BPF_F_MARK_MANGLED_0) | 2,
-        )?;
-    }
+    ctx.l4_csum_replace(
+        csum_off,
+        u64::from(old),
+        u64::from(new_be),
+        u64::from(BPF_F_MARK_MANGLED_0) | 2,
+    )?;
     Ok(())
 }
 
@@ -468,7 +452,6 @@ fn set_addresses(
     packet: &Datagram,
     new_src: &Addr16,
     new_dst: &Addr16,
-    has_csum: bool,
 ) -> Result<(), i64> {
     let csum_off = packet.l4 + 6;
     let pseudo = u64::from(BPF_F_MARK_MANGLED_0 | BPF_F_PSEUDO_HDR);
@@ -502,9 +485,7 @@ fn set_addresses(
         let new = u32::from_ne_bytes([new[12], new[13], new[14], new[15]]);
         ctx.store(offset, &new, 0)?;
         ctx.l3_csum_replace(IP_CSUM, u64::from(old), u64::from(new), 4)?;
-        if has_csum {
-            ctx.l4_csum_replace(csum_off, u64::from(old), u64::from(new), pseudo | 4)?;
-        }
+        ctx.l4_csum_replace(csum_off, u64::from(old), u64::from(new), pseudo | 4)?;
     }
     Ok(())
 }
