@@ -4,7 +4,7 @@
 
 use std::{
     io,
-    net::{SocketAddr, UdpSocket},
+    net::{IpAddr, SocketAddr, UdpSocket},
     num::NonZeroU8,
 };
 
@@ -14,8 +14,8 @@ use super::Session;
 use crate::{
     BindingError, ClientError, MulticastBinding, MulticastMode, exchange,
     multicast::{
-        after_set_ttl, binding_of, check_group, mu_payload, receive_request, send_request,
-        set_ttl_request,
+        after_set_ttl, binding_of, check_group, check_source, mu_payload, receive_request,
+        send_request, set_ttl_request, source_request,
     },
 };
 
@@ -34,6 +34,25 @@ impl Session {
         self.multicast_request("UDP BIND (multicast receive)", |tid| {
             receive_request(tid, local, group, mode)
         })
+    }
+
+    /// Makes the multicast-to-unicast receive `binding` source-specific: from now on it gets
+    /// only the group's datagrams from `source` (the gateway joins the group for that source
+    /// where no other receiver takes every source). Once per binding: another source is
+    /// [`BindingError::BadAssociationContext`], a source off the gateway's list for the group
+    /// [`BindingError::MulticastReceiveNotAllowed`]; `binding` stays as it was then.
+    pub fn receive_only_from(
+        &mut self,
+        binding: &MulticastBinding,
+        source: IpAddr,
+    ) -> Result<(), ClientError> {
+        check_source(binding, source)?;
+        let reply = self.exchange(
+            &source_request(binding, source),
+            "UDP BIND (multicast source)",
+        )?;
+        exchange::refusal(&reply)?;
+        Ok(())
     }
 
     /// A send binding from the application socket at `local` to `group` with `ttl`: send with

@@ -87,6 +87,10 @@ pub enum ClientError {
     /// was sent (the gateway would answer `14`).
     #[error("{0} is not a multicast group address with a port")]
     NotMulticast(SocketAddr),
+    /// A multicast source that is not a unicast address of the group's family; nothing was
+    /// sent (the gateway would answer `14`).
+    #[error("{0} cannot be a multicast source (a unicast address of the group's family)")]
+    BadSource(std::net::IpAddr),
     /// Every transaction id of this control connection is taken.
     #[error("no free transaction id on this control connection")]
     TidsExhausted,

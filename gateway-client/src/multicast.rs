@@ -160,6 +160,43 @@ pub(crate) fn receive_request(
     }
 }
 
+/// The bind that makes the multicast-to-unicast receive `binding` source-specific: its TID,
+/// LOCAL and FLAGS again, REMOTE = `source` with port 0 (protocol.md section 6.7).
+pub(crate) fn source_request(binding: &MulticastBinding, source: IpAddr) -> ControlRequest {
+    let mut flags = Flags::RECEIVE | Flags::MULTICAST;
+    if let Some(mode) = binding.mode() {
+        flags.insert(mode.flag());
+    }
+    ControlRequest {
+        command: UdpCommand::Bind,
+        flags,
+        ttl: 0,
+        tid: binding.tid,
+        aid: 0,
+        local: binding.local.into(),
+        remote: SocketAddr::new(source, 0).into(),
+    }
+}
+
+/// The source must be a unicast address of the group's family: checked before anything is
+/// sent (the gateway would answer `14`), and the binding a multicast-to-unicast receive (`13`).
+pub(crate) fn check_source(binding: &MulticastBinding, source: IpAddr) -> Result<(), ClientError> {
+    if binding.mode() != Some(MulticastMode::ToUnicast) {
+        return Err(ClientError::WrongState {
+            operation: "only_from",
+            state: "not a multicast-to-unicast receive binding",
+        });
+    }
+    let source = source.to_canonical();
+    if is_multicast(source)
+        || source.is_unspecified()
+        || source.is_ipv6() != binding.group.ip().to_canonical().is_ipv6()
+    {
+        return Err(ClientError::BadSource(source));
+    }
+    Ok(())
+}
+
 /// A send bind to `group` with `ttl` (in RSVD) and a fresh `tid`, sending from `local`.
 pub(crate) fn send_request(
     tid: u16,

@@ -7,7 +7,7 @@
 
 use std::{
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     num::NonZeroU8,
     sync::{Mutex, MutexGuard, PoisonError},
 };
@@ -19,8 +19,8 @@ use super::{
     BindingError, ClientError, EnhancedSession,
     exchange::{refusal, release_request},
     multicast::{
-        MulticastBinding, MulticastMode, after_set_ttl, binding_of, check_group, mu_payload,
-        receive_request, send_request, set_ttl_request,
+        MulticastBinding, MulticastMode, after_set_ttl, binding_of, check_group, check_source,
+        mu_payload, receive_request, send_request, set_ttl_request, source_request,
     },
 };
 use gateway_proto::enhanced::{ControlRequest, DatagramHeader, EnhancedReplyCode};
@@ -144,6 +144,27 @@ impl MulticastReceiver {
             buf.copy_within(len - payload_len..len, 0);
             return Ok(payload_len);
         }
+    }
+
+    /// Makes this multicast-to-unicast subscription source-specific: from now on it gets only
+    /// the group's datagrams from `source` (the gateway joins the group for that source where
+    /// no other receiver takes every source). Once per subscription: another source is
+    /// [`BindingError::BadAssociationContext`], a source off the gateway's list for the group
+    /// [`BindingError::MulticastReceiveNotAllowed`]; the subscription stays as it was then.
+    pub async fn only_from(&self, source: IpAddr) -> Result<(), ClientError> {
+        let _op = self.member.op.lock().await;
+        let binding = self.member.live("only_from")?;
+        check_source(&binding, source)?;
+        let reply = self
+            .member
+            .session
+            .request(
+                &source_request(&binding, source),
+                "UDP BIND (multicast source)",
+            )
+            .await?;
+        refusal(&reply)?;
+        Ok(())
     }
 
     /// UDP RELEASE: the gateway ends the subscription (and leaves the group when no other

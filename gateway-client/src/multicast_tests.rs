@@ -5,7 +5,7 @@
 
 use std::{future::Future, time::Duration};
 
-use gateway_proto::enhanced::{EnhancedReplyCode, Flags, UdpCommand};
+use gateway_proto::enhanced::{ControlReply, EnhancedReplyCode, Flags, UdpCommand};
 
 use super::*;
 use crate::{
@@ -365,4 +365,70 @@ fn blocking_subscribe_receive_set_ttl_and_release() {
     session.release_multicast(binding).unwrap();
     assert_eq!(fake.request().aid, AID + 1);
     assert_eq!(fake.request().aid, AID);
+}
+
+#[tokio::test]
+async fn only_from_repeats_the_tid_local_and_flags_with_the_source_port_0() {
+    let (fake, session, _relay) = session(None).await;
+    let receiver = within(session.subscribe(group(), None)).await.unwrap();
+    let subscribe = fake.request();
+    let source: std::net::IpAddr = "203.0.113.2".parse().unwrap();
+    within(receiver.only_from(source)).await.unwrap();
+    let named = fake.request();
+    let local = receiver.local_addr().unwrap();
+    // 01 SIZE 05 FLAGS=0031 (the chosen mode spelt out) RSVD 00 TID (the subscription's) AID 0,
+    // LOCAL again, REMOTE = the source, port 0.
+    let mut expected = vec![0x01, 0x00, 0x1B, 0x05, 0x00, 0x31, 0x00];
+    expected.extend_from_slice(&subscribe.tid.to_be_bytes());
+    expected.extend_from_slice(&[0; 4]);
+    expected.extend_from_slice(&v4(local));
+    expected.extend_from_slice(&v4(SocketAddr::new(source, 0)));
+    assert_eq!(octets(&named), expected);
+    // Bad sources are not sent.
+    for bad in ["233.252.0.1", "0.0.0.0", "2001:db8::2"] {
+        assert!(
+            matches!(
+                within(receiver.only_from(bad.parse().unwrap())).await,
+                Err(ClientError::BadSource(_))
+            ),
+            "{bad}"
+        );
+    }
+    assert!(fake.quiet(Duration::from_millis(200)));
+    within(receiver.release()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_source_is_a_typed_error() {
+    let (_fake, session, _relay) = session_refusing_second_bind().await;
+    let receiver = within(session.subscribe(group(), None)).await.unwrap();
+    assert!(matches!(
+        within(receiver.only_from("203.0.113.3".parse().unwrap())).await,
+        Err(ClientError::Binding(
+            BindingError::MulticastReceiveNotAllowed
+        ))
+    ));
+}
+
+/// A gateway that grants the first UDP BIND and answers `11` to the next.
+async fn session_refusing_second_bind() -> (FakeGateway, EnhancedSession, tokio::net::UdpSocket) {
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut grant = multicast(relay.local_addr().unwrap(), AID, None);
+    let mut binds = 0;
+    let fake = FakeGateway::start(move |request: &ControlRequest| {
+        if request.command == UdpCommand::Bind {
+            binds += 1;
+            if binds > 1 {
+                return ControlReply::echo(request, EnhancedReplyCode::MulticastReceiveNotAllowed);
+            }
+        }
+        grant(request)
+    });
+    let session = Client::connect(fake.addr, None)
+        .await
+        .unwrap()
+        .enhanced()
+        .await
+        .unwrap();
+    (fake, session, relay)
 }

@@ -136,6 +136,13 @@ async fn connection(
                 };
                 record.lock().unwrap().push(request.clone());
                 let reply = match (request.command, policy) {
+                    // A source named for a subscription (its TID again): granted.
+                    (UdpCommand::Bind, Policy::Subscribe)
+                        if matches!(&request.remote, Address::Ip(source)
+                            if !source.ip().is_multicast()) =>
+                    {
+                        ControlReply::echo(&request, EnhancedReplyCode::Succeeded)
+                    }
                     (UdpCommand::Bind, Policy::Subscribe) => subscribe(&request, &groups).await,
                     (UdpCommand::Bind, Policy::Refuse(code)) => ControlReply::echo(&request, code),
                     _ => ControlReply::echo(&request, EnhancedReplyCode::Succeeded),
@@ -455,4 +462,29 @@ async fn a_refused_subscription_names_the_reply_code() {
     );
     assert!(!events.iter().any(|e| matches!(e, Event::Playing { .. })));
     assert!(events.iter().any(|e| matches!(e, Event::TornDown { .. })));
+}
+
+#[tokio::test]
+async fn a_source_specific_group_narrows_both_subscriptions_to_its_source() {
+    let transport = "RTP/AVP;multicast;destination=233.252.0.10;source=203.0.113.2;ttl=16;\
+                     port=5000-5001;mode=\"PLAY\"";
+    let (result, _, requests) = play_multicast(transport, Policy::Subscribe).await;
+    let report = result.unwrap();
+    assert_eq!(report.tracks[0].stats.received, 50);
+    let binds: Vec<_> = requests
+        .iter()
+        .filter(|r| r.command == UdpCommand::Bind)
+        .collect();
+    let source = Address::Ip("203.0.113.2:0".parse().unwrap());
+    // Each subscription, then its source with the subscription's TID and LOCAL.
+    assert_eq!(binds.len(), 4, "{binds:#?}");
+    for (group, named) in [(binds[0], binds[1]), (binds[2], binds[3])] {
+        assert_eq!(named.remote, source, "{named:?}");
+        assert_eq!((named.tid, &named.local), (group.tid, &group.local));
+        assert!(
+            named
+                .flags
+                .contains(Flags::RECEIVE | Flags::MULTICAST_TO_UNICAST)
+        );
+    }
 }

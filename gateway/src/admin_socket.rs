@@ -118,6 +118,7 @@ pub fn summary_document(services: &Services) -> Bindings {
                     client: m.client,
                     receive: m.receive.map(str::to_owned),
                     send_ttl: m.send_ttl,
+                    source: m.source,
                     in_kernel: m.in_kernel,
                     kernel_packets: m.kernel_packets,
                     userspace_packets: m.userspace_packets,

@@ -548,6 +548,11 @@ fn enhanced_mode(
             max_ttl: s.multicast_max_ttl.get(),
             modes: s.multicast_modes.modes(),
             default_mode: s.multicast_default_mode.mode(),
+            sources: s
+                .multicast_sources
+                .iter()
+                .map(|g| (g.group, g.sources.clone()))
+                .collect(),
         },
         ..binding::Config::default()
     };
@@ -582,11 +587,6 @@ fn enhanced_mode(
         kernel: fanout_in_kernel,
         kernel_subscribers: s.multicast_kernel_subscribers.get(),
         max_groups: s.multicast_max_groups.get(),
-        sources: s
-            .multicast_sources
-            .iter()
-            .map(|g| (g.group, g.sources.clone()))
-            .collect(),
     };
     let mode = EnhancedMode::with_multicast(config, sockets, setup)
         .context("configure the enhanced UDP mode")?;

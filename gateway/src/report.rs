@@ -151,6 +151,9 @@ pub struct MulticastMember {
     pub receive: Option<String>,
     /// The TTL of a sending binding.
     pub send_ttl: Option<u8>,
+    /// The one source a source-specific receive takes (none: every admitted source).
+    #[serde(default)]
+    pub source: Option<IpAddr>,
     /// Whether the kernel delivers to it (else the userspace relay).
     pub in_kernel: bool,
     /// Datagrams delivered to it by the kernel and by user space.
@@ -267,11 +270,12 @@ impl Bindings {
             for m in &g.members {
                 let _ = writeln!(
                     out,
-                    "  aid {:#010x} client {} receive {} send-ttl {} by {} delivered {} \
+                    "  aid {:#010x} client {} receive {} source {} send-ttl {} by {} delivered {} \
                      (kernel) {} (userspace)",
                     m.aid,
                     m.client,
                     m.receive.clone().unwrap_or_else(|| "-".to_owned()),
+                    m.source.map_or_else(|| "any".to_owned(), |s| s.to_string()),
                     m.send_ttl.map_or_else(|| "-".to_owned(), |t| t.to_string()),
                     if m.in_kernel { "kernel" } else { "userspace" },
                     m.kernel_packets,
@@ -413,6 +417,7 @@ mod tests {
                     client: sa("198.51.100.2:5000"),
                     receive: Some("mu".into()),
                     send_ttl: None,
+                    source: Some("203.0.113.2".parse().unwrap()),
                     in_kernel: true,
                     kernel_packets: 40,
                     userspace_packets: 0,
@@ -465,7 +470,8 @@ mod tests {
         );
         assert!(
             table.contains(
-                "aid 0x01020304 client 198.51.100.2:5000 receive mu send-ttl - by kernel \
+                "aid 0x01020304 client 198.51.100.2:5000 receive mu source 203.0.113.2 send-ttl - \
+                 by kernel \
                  delivered 40 (kernel) 0 (userspace)"
             ),
             "{table}"

@@ -742,3 +742,153 @@ fn kill_9_stops_every_groups_delivery_within_3_seconds() {
         "dropped as daemon gone"
     );
 }
+
+/// The group's source filter on the external interface (`/proc/net/mcfilter`): the sources
+/// included (INCLUDE mode, `IGMPv3` source-specific); empty for an any-source join.
+fn included_sources(bed: &Testbed, group: Ipv4Addr) -> Vec<Ipv4Addr> {
+    let out = run_checked(bed.fw.command("cat").arg("/proc/net/mcfilter")).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let hex = |field: &str| u32::from_str_radix(field.trim_start_matches("0x"), 16).ok();
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // Idx Device MCA SRC INC EXC; the device name is cut to 6 characters.
+            (fields.len() == 6
+                && iface::FW_OUTSIDE.starts_with(fields[1])
+                && hex(fields[2]) == Some(u32::from(group))
+                && fields[4] != "0")
+                .then(|| hex(fields[3]).map(Ipv4Addr::from))
+                .flatten()
+        })
+        .collect()
+}
+
+/// Both servers send `STREAM` datagrams each to the group, interleaved: `tag` from the first,
+/// `tag + 1` from the second.
+fn two_sources_send(first: &UdpSocket, second: &UdpSocket, tag: u8) {
+    for i in 0..STREAM {
+        first.send_to(&payload(tag, i), group_v4()).unwrap();
+        second.send_to(&payload(tag + 1, i), group_v4()).unwrap();
+        if i % 20 == 19 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+fn member_of(setup: &Setup, aid: u32) -> Value {
+    let doc = bindings_json(setup);
+    doc["multicast_groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["members"].as_array().unwrap().clone())
+        .find(|m| m["aid"] == aid)
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn a_receive_narrowed_to_one_source_gets_only_it_and_the_join_follows() {
+    let setup = setup(&[]);
+    let bed = &setup.bed;
+    let (first, second) = (addr::SERVER_V4, addr::SERVER2_V4);
+    let mut any_control = Control::enter(&bed.client);
+    let mut one_control = Control::enter(&bed.client);
+    let any_socket = client_socket(bed, IpAddr::V4(addr::CLIENT_V4));
+    let one_socket = client_socket(bed, IpAddr::V4(addr::CLIENT_V4));
+    let any = any_control.bind(any_socket.local_addr().unwrap(), group_v4(), RECV | MU, 0);
+    assert_eq!(any.code, EnhancedReplyCode::Succeeded, "{any:?}");
+    let one_local = one_socket.local_addr().unwrap();
+    let one = one_control.bind(one_local, group_v4(), RECV | MU, 0);
+    assert_eq!(one.code, EnhancedReplyCode::Succeeded, "{one:?}");
+    // The second bind with the subscription's TID names its source (port 0).
+    let named = one_control.request(&ControlRequest {
+        command: UdpCommand::Bind,
+        flags: Flags::from_bits_retain(RECV | MU),
+        ttl: 0,
+        tid: one.tid,
+        aid: 0,
+        local: one_local.into(),
+        remote: SocketAddr::new(IpAddr::V4(first), 0).into(),
+    });
+    assert_eq!(named.code, EnhancedReplyCode::Succeeded, "{named:?}");
+    assert_eq!(named.aid, one.aid, "the same binding");
+    assert!(
+        wait_until(WAIT, || memberships(bed, IpAddr::V4(GROUP_V4)) == 1),
+        "joined"
+    );
+    assert_eq!(
+        included_sources(bed, GROUP_V4),
+        Vec::<Ipv4Addr>::new(),
+        "an any-source receiver keeps the join any-source"
+    );
+
+    let first_sender = sender(bed, IpAddr::V4(first));
+    let second_sender = sender(bed, IpAddr::V4(second));
+    two_sources_send(&first_sender, &second_sender, 1);
+    let got = receive_framed(&any_socket, 2 * STREAM);
+    assert_eq!(got.len(), 2 * STREAM, "the any-source receiver gets both");
+    let got = receive_framed(&one_socket, STREAM);
+    assert_eq!(got.len(), STREAM);
+    assert!(
+        got.iter().all(|(aid, tag, _)| *aid == one.aid && *tag == 1),
+        "only its source"
+    );
+    assert_eq!(
+        drain(&one_socket, Duration::from_millis(300)),
+        0,
+        "nothing else"
+    );
+    let member = member_of(&setup, one.aid);
+    assert_eq!(member["source"], first.to_string(), "{member}");
+    assert_eq!(
+        member["in_kernel"], false,
+        "the kernel hands every admitted source to its table: user space filters"
+    );
+    assert_eq!(member_of(&setup, any.aid)["in_kernel"], true);
+
+    // The last any-source receiver goes: the group is received from the named source only,
+    // joined for it, and fanned out by the kernel.
+    assert_eq!(
+        any_control.command(UdpCommand::Release, any.aid, 0),
+        EnhancedReplyCode::Succeeded
+    );
+    assert!(
+        wait_until(WAIT, || included_sources(bed, GROUP_V4) == vec![first]),
+        "a source-specific join: {:?}",
+        included_sources(bed, GROUP_V4)
+    );
+    assert!(
+        wait_until(WAIT, || member_of(&setup, one.aid)["in_kernel"] == true),
+        "the kernel delivers to it now"
+    );
+    let dropped_before = stat(&setup, "multicast_source_not_allowed");
+    two_sources_send(&first_sender, &second_sender, 3);
+    let got = receive_framed(&one_socket, STREAM);
+    assert_eq!(got.len(), STREAM);
+    assert!(got.iter().all(|(_, tag, _)| *tag == 3), "only its source");
+    assert_eq!(drain(&one_socket, Duration::from_millis(300)), 0);
+    assert!(
+        wait_until(WAIT, || stat(&setup, "multicast_source_not_allowed")
+            - dropped_before
+            == STREAM as u64),
+        "the other source is dropped by the gate and counted"
+    );
+    assert!(
+        wait_until(WAIT, || member_of(&setup, one.aid)["kernel_packets"]
+            == STREAM),
+        "{}",
+        member_of(&setup, one.aid)
+    );
+    // Another source once one is named: 13, and the binding keeps its source.
+    let other = one_control.request(&ControlRequest {
+        command: UdpCommand::Bind,
+        flags: Flags::from_bits_retain(RECV | MU),
+        ttl: 0,
+        tid: one.tid,
+        aid: 0,
+        local: one_local.into(),
+        remote: SocketAddr::new(IpAddr::V4(second), 0).into(),
+    });
+    assert_eq!(other.code, EnhancedReplyCode::BadAssociationContext);
+    assert_eq!(member_of(&setup, one.aid)["source"], first.to_string());
+}

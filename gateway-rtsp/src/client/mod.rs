@@ -524,6 +524,25 @@ async fn setup(
     })
 }
 
+/// The one sender of a source-specific group (`source=` of the reply), which the subscriptions
+/// are narrowed to; a name cannot be (the gateway takes addresses), so it is said and ignored.
+fn multicast_source(
+    options: &PlayOptions,
+    index: usize,
+    source: Option<&transport::SourceHost>,
+) -> Option<std::net::IpAddr> {
+    match source? {
+        transport::SourceHost::Ip(ip) => Some(*ip),
+        transport::SourceHost::Name(name) => {
+            options.emit(&Event::Warning(format!(
+                "track {index}: source={name} is a name, not an address: any source of the \
+                 group is received"
+            )));
+            None
+        }
+    }
+}
+
 /// SETUP asking for multicast, then the subscriptions to the group the reply names (RTP on P,
 /// RTCP on Q if the gateway lets it), multicast-to-unicast, for one track.
 #[expect(
@@ -585,6 +604,10 @@ async fn setup_multicast(
         .subscribe(group, Some(MulticastMode::ToUnicast))
         .await
         .map_err(refused(group))?;
+    let source = multicast_source(options, index, parsed.source.as_ref());
+    if let Some(source) = source {
+        rtp.only_from(source).await.map_err(refused(group))?;
+    }
     options.emit(&Event::Subscribed {
         track: index,
         binding: rtp.binding(),
@@ -595,6 +618,14 @@ async fn setup_multicast(
         .await
     {
         Ok(rtcp) => {
+            if let Some(source) = source
+                && let Err(error) = rtcp.only_from(source).await
+            {
+                options.emit(&Event::Warning(format!(
+                    "track {index}: RTCP of {rtcp_group} from any source: naming {source}: \
+                     {error}"
+                )));
+            }
             options.emit(&Event::Subscribed {
                 track: index,
                 binding: rtcp.binding(),

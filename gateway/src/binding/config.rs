@@ -59,6 +59,9 @@ pub struct MulticastPolicy {
     pub modes: MulticastModes,
     /// The mode of a receive bind that asks for none (or both).
     pub default_mode: super::types::MulticastMode,
+    /// The allowed sources of groups that have a list (group address, sources): a group
+    /// without one accepts any source.
+    pub sources: Vec<(IpAddr, Vec<IpAddr>)>,
 }
 
 impl Default for MulticastPolicy {
@@ -72,6 +75,7 @@ impl Default for MulticastPolicy {
                 to_multicast: false,
             },
             default_mode: super::types::MulticastMode::ToUnicast,
+            sources: Vec::new(),
         }
     }
 }
@@ -83,6 +87,15 @@ impl MulticastPolicy {
             super::types::MulticastMode::ToUnicast => self.modes.to_unicast,
             super::types::MulticastMode::ToMulticast => self.modes.to_multicast,
         }
+    }
+
+    /// The allowed sources of `group` (empty: any).
+    pub fn sources_of(&self, group: IpAddr) -> Vec<IpAddr> {
+        self.sources
+            .iter()
+            .filter(|(g, _)| *g == group)
+            .flat_map(|(_, sources)| sources.iter().copied())
+            .collect()
     }
 }
 

@@ -68,6 +68,7 @@ impl Bindings {
             },
             timer: now,
             ttl: if flags & flags::SEND != 0 { ttl } else { 0 },
+            source: None,
         };
         let mut actions = vec![Action::Reserve(ports)];
         actions.extend(binding.membership(aid).map(Action::Subscribe));
@@ -90,6 +91,85 @@ impl Bindings {
             },
             actions,
         })
+    }
+
+    /// A bind naming live multicast binding `aid` again (by its TID): the same group repeats
+    /// the reply; a source address (port 0) makes a multicast-to-unicast receive
+    /// source-specific, once (the same source again repeats the reply, another one is `13`).
+    pub(super) fn multicast_again(
+        &mut self,
+        aid: u32,
+        local: SocketAddr,
+        wanted: Wanted,
+        flags: u16,
+    ) -> Result<Decision, BindError> {
+        let binding = self.live.get(&aid).ok_or(BindError::UnknownAid)?;
+        let State::Confirmed {
+            remote: RemoteMatch::Exact(group),
+            ..
+        } = binding.state
+        else {
+            return Err(BindError::ConfirmedMismatch);
+        };
+        // The mode bits may be left to the gateway again (neither or both).
+        let modes = flags & flags::MULTICAST_MODES;
+        let same_mode = modes == 0
+            || modes == flags::MULTICAST_MODES
+            || modes == binding.flags & flags::MULTICAST_MODES;
+        let same_flags = flags & !flags::MULTICAST_MODES == binding.flags & !flags::MULTICAST_MODES;
+        if local != binding.local || !same_flags || !same_mode {
+            return Err(BindError::ConfirmedMismatch);
+        }
+        let repeat = |binding: &Binding| {
+            Ok(Decision {
+                reply: Reply {
+                    code: ReplyCode::Ok,
+                    aid,
+                    flags: binding.flags,
+                    internal: Some(binding.ports.internal),
+                    external: Some(group),
+                    error: None,
+                },
+                actions: Vec::new(),
+            })
+        };
+        let source = match wanted {
+            Wanted::Exact(named) if named == group => return repeat(binding),
+            Wanted::Host(source) => source,
+            Wanted::Exact(_) | Wanted::Listen(_) => return Err(BindError::BadMulticastSource),
+        };
+        if binding.flags & flags::RECEIVE == 0 || binding.flags & flags::MULTICAST_TO_MULTICAST != 0
+        {
+            // Only a multicast-to-unicast receive is delivered per client, so only it can be
+            // narrowed to one source.
+            return Err(BindError::BadFlags);
+        }
+        match binding.source {
+            Some(named) if named == source => return repeat(binding),
+            Some(_) => return Err(BindError::ConfirmedMismatch),
+            None => {}
+        }
+        if source.is_multicast()
+            || source.is_unspecified()
+            || source.is_loopback()
+            || source.is_ipv6() != group.is_ipv6()
+        {
+            return Err(BindError::BadMulticastSource);
+        }
+        let listed = self.config.multicast.sources_of(group.ip());
+        if !listed.is_empty() && !listed.contains(&source) {
+            return Err(BindError::MulticastSourceNotAllowed);
+        }
+        if !self.config.remote_allowed(source) {
+            return Err(BindError::RemoteForbidden);
+        }
+        let binding = self.live.get_mut(&aid).ok_or(BindError::UnknownAid)?;
+        binding.source = Some(source);
+        let mut decision = repeat(binding)?;
+        decision
+            .actions
+            .extend(binding.membership(aid).map(Action::Subscribe));
+        Ok(decision)
     }
 
     /// The checks of protocol.md section 3, in the order the reply codes rank them: flags,

@@ -64,7 +64,10 @@ impl Bindings {
             .live
             .get(&aid)
             .is_some_and(|b| matches!(b.state, State::Confirmed { .. }));
-        if confirmed {
+        if confirmed && self.live.get(&aid).is_some_and(Binding::is_multicast) {
+            // 3m. A multicast binding: a repeat, or the source of a source-specific receive.
+            self.multicast_again(aid, local, wanted, flags)
+        } else if confirmed {
             // 3. A confirmed binding: an exact repeat is answered again, anything else is `13`.
             self.repeat(aid, local, wanted, flags)
         } else {
@@ -245,6 +248,7 @@ impl Bindings {
             state,
             timer,
             ttl: 0,
+            source: None,
         };
         let mut actions = vec![Action::Reserve(ports)];
         actions.extend(binding.entries(aid).into_iter().map(Action::Install));

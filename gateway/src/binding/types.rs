@@ -167,6 +167,13 @@ pub enum BindError {
     /// A multicast send the policy does not allow.
     #[error("multicast send not allowed")]
     MulticastSend,
+    /// The source named for a multicast receive is not a unicast address of the group's
+    /// family with port 0.
+    #[error("a multicast source must be a unicast address of the group's family, port 0")]
+    BadMulticastSource,
+    /// The source named for a multicast receive is not on the group's source list.
+    #[error("the source is not on the group's source list")]
+    MulticastSourceNotAllowed,
     /// A multicast REMOTE that is not a group and port, or a group outside every allowed
     /// prefix.
     #[error("not a multicast group, or a group outside the allowed prefixes")]
@@ -223,9 +230,13 @@ impl BindError {
                 ReplyCode::AddressTypeNotSupported
             }
             BindError::UnknownAid | BindError::AidTidMismatch => ReplyCode::BadAssociationId,
-            BindError::MulticastReceive => ReplyCode::MulticastReceiveNotAllowed,
+            BindError::MulticastReceive | BindError::MulticastSourceNotAllowed => {
+                ReplyCode::MulticastReceiveNotAllowed
+            }
             BindError::MulticastSend => ReplyCode::MulticastSendNotAllowed,
-            BindError::BadMulticastAddress => ReplyCode::BadMulticastAddress,
+            BindError::BadMulticastAddress | BindError::BadMulticastSource => {
+                ReplyCode::BadMulticastAddress
+            }
             BindError::TtlNotAllowed => ReplyCode::TtlNotAllowed,
             BindError::TidZeroUnspecified
             | BindError::ConfirmedMismatch
@@ -326,6 +337,9 @@ pub struct Membership {
     pub receive: Option<MulticastMode>,
     /// The TTL of the client's datagrams to the group (`None`: a receive-only binding).
     pub send_ttl: Option<u8>,
+    /// The one source a source-specific receive takes the group's datagrams from (`None`:
+    /// any source the policy admits).
+    pub source: Option<IpAddr>,
 }
 
 /// One effect for the caller to apply, in order, before it sends the reply.

@@ -20,6 +20,10 @@ fn policy(modes: MulticastModes, default_mode: MulticastMode) -> MulticastPolicy
         max_ttl: 16,
         modes,
         default_mode,
+        sources: vec![(
+            IpAddr::V4(Ipv4Addr::new(233, 252, 0, 9)),
+            vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, 2))],
+        )],
     }
 }
 
@@ -85,6 +89,7 @@ fn a_receive_bind_subscribes_in_the_default_mode_and_replies_with_the_group() {
             external: memberships(&d)[0].external,
             receive: Some(MulticastMode::ToUnicast),
             send_ttl: None,
+            source: None,
         }]
     );
     assert!(
@@ -277,4 +282,159 @@ fn a_multicast_binding_does_not_idle_out_and_goes_with_release_or_its_connection
     );
     g.b.check_invariants();
     assert!(g.b.is_empty());
+}
+
+const SOURCE: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 2));
+
+/// The bind that names the source of a receive binding made with `tid`.
+fn sreq(tid: u16, source: IpAddr, flags: u16) -> BindRequest {
+    req(
+        tid,
+        0,
+        sa(CLIENT, 5000),
+        Remote::Exact(sa(source, 0)),
+        flags,
+    )
+}
+
+#[test]
+fn a_second_bind_with_the_tid_names_the_one_source_of_a_receive() {
+    let mut g = gw(policy(BOTH, MulticastMode::ToUnicast));
+    let group = sa(GROUP, 5004);
+    let first = g.bind(A, mreq(1, group, RECV, 0), 0);
+    assert_eq!(memberships(&first)[0].source, None, "any source at first");
+    let named = g.bind(A, sreq(1, SOURCE, RECV), 0);
+    assert_eq!(code(&named), ReplyCode::Ok);
+    assert_eq!(named.reply.aid, first.reply.aid, "the same binding");
+    assert_eq!(
+        named.reply.external,
+        Some(group),
+        "REMOTE is still the group"
+    );
+    assert_eq!(named.reply.internal, first.reply.internal);
+    let member = memberships(&named);
+    assert_eq!(member.len(), 1, "the relay is told the narrowed membership");
+    assert_eq!(member[0].source, Some(SOURCE));
+    assert_eq!(member[0].aid, first.reply.aid);
+    // The same source again (the mode bit now spelt out) repeats the reply and changes nothing.
+    let again = g.bind(A, sreq(1, SOURCE, RECV | flags::MULTICAST_TO_UNICAST), 0);
+    assert_eq!(code(&again), ReplyCode::Ok);
+    assert!(again.actions.is_empty());
+    // The group again repeats too.
+    let group_again = g.bind(A, mreq(1, group, RECV, 0), 0);
+    assert_eq!(code(&group_again), ReplyCode::Ok);
+    assert!(group_again.actions.is_empty());
+    // Another source once one is named: 13.
+    let other = g.bind(
+        A,
+        sreq(1, IpAddr::V4(Ipv4Addr::new(203, 0, 113, 3)), RECV),
+        0,
+    );
+    assert_eq!(code(&other), ReplyCode::BadAssociationContext);
+    g.b.check_invariants();
+}
+
+#[test]
+fn a_named_source_is_checked_against_the_policy_and_the_binding() {
+    let group = sa(GROUP, 5004);
+    let listed_group = sa(IpAddr::V4(Ipv4Addr::new(233, 252, 0, 9)), 5004);
+    let cases: &[(&str, SocketAddr, BindRequest, ReplyCode)] = &[
+        (
+            "a multicast source",
+            group,
+            sreq(1, IpAddr::V4(Ipv4Addr::new(233, 252, 0, 8)), RECV),
+            ReplyCode::BadMulticastAddress,
+        ),
+        (
+            "a source with a port",
+            group,
+            req(
+                1,
+                0,
+                sa(CLIENT, 5000),
+                Remote::Exact(sa(SOURCE, 6000)),
+                RECV,
+            ),
+            ReplyCode::BadMulticastAddress,
+        ),
+        (
+            "another family",
+            group,
+            sreq(
+                1,
+                IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2)),
+                RECV,
+            ),
+            ReplyCode::BadMulticastAddress,
+        ),
+        (
+            "loopback",
+            group,
+            sreq(1, IpAddr::V4(Ipv4Addr::LOCALHOST), RECV),
+            ReplyCode::BadMulticastAddress,
+        ),
+        (
+            "not on the group's source list",
+            listed_group,
+            sreq(1, IpAddr::V4(Ipv4Addr::new(203, 0, 113, 3)), RECV),
+            ReplyCode::MulticastReceiveNotAllowed,
+        ),
+        (
+            "the gateway's own external address",
+            group,
+            sreq(1, EXTERNAL_V4, RECV),
+            ReplyCode::NotAllowed,
+        ),
+        (
+            "other flags",
+            group,
+            sreq(1, SOURCE, RECV | flags::SEND),
+            ReplyCode::BadAssociationContext,
+        ),
+        (
+            "another LOCAL",
+            group,
+            req(1, 0, sa(CLIENT, 5002), Remote::Exact(sa(SOURCE, 0)), RECV),
+            ReplyCode::BadAssociationContext,
+        ),
+    ];
+    for (what, group, request, expected) in cases {
+        let mut g = gw(policy(BOTH, MulticastMode::ToUnicast));
+        let first = g.bind(A, mreq(1, *group, RECV, 0), 0);
+        assert_eq!(code(&first), ReplyCode::Ok, "{what}");
+        let d = g.bind(A, *request, 0);
+        assert_eq!(code(&d), *expected, "{what}");
+        assert!(d.actions.is_empty(), "{what}: a refusal changes nothing");
+        // The binding still takes any source: naming the listed one now works.
+        let ok = g.bind(A, sreq(1, SOURCE, RECV), 0);
+        assert_eq!(code(&ok), ReplyCode::Ok, "{what}: the binding is intact");
+        g.b.check_invariants();
+    }
+    // The listed source of a listed group is accepted.
+    let mut g = gw(policy(BOTH, MulticastMode::ToUnicast));
+    g.bind(A, mreq(1, listed_group, RECV, 0), 0);
+    assert_eq!(code(&g.bind(A, sreq(1, SOURCE, RECV), 0)), ReplyCode::Ok);
+}
+
+#[test]
+fn only_a_multicast_to_unicast_receive_takes_a_source() {
+    let group = sa(GROUP, 5004);
+    let mut g = gw(policy(BOTH, MulticastMode::ToUnicast));
+    let mm = RECV | flags::MULTICAST_TO_MULTICAST;
+    assert_eq!(code(&g.bind(A, mreq(1, group, mm, 0), 0)), ReplyCode::Ok);
+    assert_eq!(
+        code(&g.bind(A, sreq(1, SOURCE, mm), 0)),
+        ReplyCode::BadAssociationContext,
+        "MM re-sends the group inside for everyone"
+    );
+    assert_eq!(code(&g.bind(A, mreq(2, group, SEND, 4), 0)), ReplyCode::Ok);
+    assert_eq!(
+        code(&g.bind(A, sreq(2, SOURCE, SEND), 0)),
+        ReplyCode::BadAssociationContext,
+        "a send binding receives nothing"
+    );
+    // Another connection cannot name the source of A's binding by its TID: it is a new bind.
+    let d = g.bind(B, sreq(1, SOURCE, RECV), 0);
+    assert_ne!(code(&d), ReplyCode::Ok);
+    g.b.check_invariants();
 }

@@ -150,10 +150,15 @@ impl EnhancedMode {
     ) -> Result<Self, ConfigError> {
         let bindings = Bindings::new(config.clone(), HashAids::new())?;
         let relay = Arc::new(relay::Relay::new(sockets));
+        let multicast = Arc::new(multicast::Multicast::new(
+            setup,
+            config.multicast.sources.clone(),
+            Arc::clone(&relay),
+        ));
         Ok(Self {
             bindings: Mutex::new(bindings),
             config,
-            multicast: Arc::new(multicast::Multicast::new(setup, Arc::clone(&relay))),
+            multicast,
             relay,
             receivers: Mutex::new(Vec::new()),
             conns: Mutex::new(HashMap::new()),

@@ -64,8 +64,6 @@ pub struct MulticastSetup {
     pub kernel_subscribers: usize,
     /// Most groups at once.
     pub max_groups: usize,
-    /// The allowed sources of groups that have a list (group address, sources).
-    pub sources: Vec<(IpAddr, Vec<IpAddr>)>,
 }
 
 /// One member of a group, with what user space delivered to it.
@@ -85,7 +83,11 @@ struct Group {
     /// The socket that holds the membership on the external interface, and its receive task;
     /// only while a member receives.
     receiver: Option<(Arc<UdpSocket>, AbortHandle)>,
+    /// The sources the group is received from ([`admitted_sources`]; empty: any), as the
+    /// kernel's entry and the socket's filter have them.
     sources: Vec<IpAddr>,
+    /// The source filter the socket holds (empty: any source).
+    joined: Vec<IpAddr>,
     /// The members the kernel delivers to, as last written to its entry.
     kernel_aids: Vec<u32>,
     /// Whether the kernel re-sends inside (MM), as last written.
@@ -112,6 +114,30 @@ impl Group {
     }
 }
 
+/// The sources a group is received from: the policy's list (empty: any) while any receiver
+/// takes every source; else only the sources its source-specific receivers named (each of them
+/// on the policy's list: the machine checked).
+fn admitted_sources(listed: &[IpAddr], members: &BTreeMap<u32, Member>) -> Vec<IpAddr> {
+    let mut named = Vec::new();
+    for member in members.values().filter(|m| m.membership.receive.is_some()) {
+        match member.membership.source {
+            None => return listed.to_vec(),
+            Some(source) => named.push(source),
+        }
+    }
+    if named.is_empty() {
+        return listed.to_vec();
+    }
+    named.sort_unstable();
+    named.dedup();
+    named
+}
+
+/// Whether `member` takes a datagram from `source`.
+fn takes_from(member: &Member, source: IpAddr) -> bool {
+    member.membership.source.is_none_or(|named| named == source)
+}
+
 /// What one group datagram comes to, decided under the lock and sent after it.
 struct Fanout {
     /// (relay address, client, AID) of every MU subscriber user space delivers to.
@@ -124,6 +150,7 @@ struct Fanout {
 #[derive(Debug, Clone)]
 pub struct GroupReport {
     pub group: SocketAddr,
+    /// The sources the group is received from (empty: any).
     pub sources: Vec<IpAddr>,
     /// (AID, client, mode name, kernel-delivered packets, userspace-delivered, sends).
     pub members: Vec<MemberReport>,
@@ -141,6 +168,8 @@ pub struct MemberReport {
     pub client: SocketAddr,
     pub receive: Option<&'static str>,
     pub send_ttl: Option<u8>,
+    /// The one source of a source-specific receive.
+    pub source: Option<IpAddr>,
     pub in_kernel: bool,
     pub kernel_packets: u64,
     pub userspace_packets: u64,
@@ -165,6 +194,8 @@ pub enum MulticastError {
 #[derive(Debug)]
 pub struct Multicast {
     setup: MulticastSetup,
+    /// The policy's source lists (group address, sources).
+    listed_sources: Vec<(IpAddr, Vec<IpAddr>)>,
     relay: Arc<Relay>,
     groups: Mutex<HashMap<SocketAddr, Group>>,
     /// Datagrams user space delivered to subscribers (MU) or re-sent inside (MM).
@@ -175,9 +206,14 @@ pub struct Multicast {
 }
 
 impl Multicast {
-    pub fn new(setup: MulticastSetup, relay: Arc<Relay>) -> Self {
+    pub fn new(
+        setup: MulticastSetup,
+        listed_sources: Vec<(IpAddr, Vec<IpAddr>)>,
+        relay: Arc<Relay>,
+    ) -> Self {
         Self {
             setup,
+            listed_sources,
             relay,
             groups: Mutex::new(HashMap::new()),
             delivered: AtomicU64::new(0),
@@ -192,8 +228,7 @@ impl Multicast {
 
     /// The allowed sources of `group` (empty: any).
     fn sources_of(&self, group: IpAddr) -> Vec<IpAddr> {
-        self.setup
-            .sources
+        self.listed_sources
             .iter()
             .filter(|(g, _)| *g == group)
             .flat_map(|(_, sources)| sources.iter().copied())
@@ -214,7 +249,8 @@ impl Multicast {
         let group = groups.entry(key).or_insert_with(|| Group {
             members: BTreeMap::new(),
             receiver: None,
-            sources: self.sources_of(key.ip()),
+            sources: Vec::new(),
+            joined: Vec::new(),
             kernel_aids: Vec::new(),
             kernel_inside: false,
             received: 0,
@@ -236,7 +272,7 @@ impl Multicast {
             .members
             .get(&membership.aid)
             .map_or(0, |m| m.delivered);
-        group.members.insert(
+        let before = group.members.insert(
             membership.aid,
             Member {
                 membership,
@@ -244,6 +280,8 @@ impl Multicast {
                 delivered,
             },
         );
+        let listed = self.sources_of(key.ip());
+        group.sources = admitted_sources(&listed, &group.members);
         let result = self.start_receiving(group, key).and_then(|()| {
             if group.receives() {
                 self.write_kernel_entry(gate, key, group)?;
@@ -251,7 +289,15 @@ impl Multicast {
             Ok(())
         });
         if let Err(error) = result {
-            group.members.remove(&membership.aid);
+            // An update (SET TTL, a source named) goes back to what it was.
+            match before {
+                Some(before) => group.members.insert(membership.aid, before),
+                None => group.members.remove(&membership.aid),
+            };
+            group.sources = admitted_sources(&listed, &group.members);
+            if let Err(error) = self.start_receiving(group, key) {
+                warn!(%key, %error, "cannot restore the group's source filter");
+            }
             if !group.receives() {
                 gate.remove_group(key);
                 if let Some((_, task)) = group.receiver.take() {
@@ -277,8 +323,14 @@ impl Multicast {
         };
         group.members.remove(&membership.aid);
         if group.receives() {
+            group.sources = admitted_sources(&self.sources_of(key.ip()), &group.members);
+            // The kernel entry first: it admits the wider set of the two before the socket's
+            // filter widens and after it narrows.
             if let Err(error) = self.write_kernel_entry(gate, key, group) {
                 warn!(%key, %error, "cannot update the group's kernel entry");
+            }
+            if let Err(error) = self.refilter(group, key) {
+                warn!(%key, %error, "cannot update the group's source filter");
             }
             return;
         }
@@ -287,6 +339,7 @@ impl Multicast {
         gate.remove_group(key);
         group.kernel_aids.clear();
         group.kernel_inside = false;
+        group.joined.clear();
         if let Some((_, task)) = group.receiver.take() {
             task.abort();
             info!(group = %key, "left the multicast group");
@@ -301,8 +354,11 @@ impl Multicast {
         group: &mut Group,
         key: SocketAddr,
     ) -> Result<(), MulticastError> {
-        if group.receiver.is_some() || !group.receives() {
+        if !group.receives() {
             return Ok(());
+        }
+        if group.receiver.is_some() {
+            return self.refilter(group, key);
         }
         let (_, ifindex) = self
             .setup
@@ -315,6 +371,25 @@ impl Multicast {
         let task = tokio::spawn(receive_loop(Arc::downgrade(self), Arc::clone(&socket), key));
         info!(group = %key, ifindex, sources = ?group.sources, "joined the multicast group");
         group.receiver = Some((socket, task.abort_handle()));
+        group.joined.clone_from(&group.sources);
+        Ok(())
+    }
+
+    /// Sets the group socket's source filter to the group's sources, when they changed.
+    fn refilter(&self, group: &mut Group, key: SocketAddr) -> Result<(), MulticastError> {
+        if let Some((socket, _)) = &group.receiver
+            && group.joined != group.sources
+        {
+            set_source_filter(
+                socket.as_ref(),
+                key,
+                self.setup.external.as_ref(),
+                &group.sources,
+            )
+            .map_err(|source| MulticastError::Join { group: key, source })?;
+            info!(group = %key, sources = ?group.sources, "changed the group's source filter");
+            group.joined.clone_from(&group.sources);
+        }
         Ok(())
     }
 
@@ -338,7 +413,11 @@ impl Multicast {
                 continue;
             }
             let m = &member.membership;
+            // The kernel hands every admitted source to its subscribers: a source-specific
+            // one fits only while its source is the only one admitted.
+            let takes_all = m.source.is_none_or(|source| group.sources == [source]);
             let fits = internal_mac.is_some()
+                && takes_all
                 && kernel_aids.len() < limit
                 && m.client.is_ipv6() == ipv6
                 && m.internal.is_ipv6() == ipv6;
@@ -405,6 +484,7 @@ impl Multicast {
         for (aid, member) in &mut group.members {
             if member.membership.receive != Some(MulticastMode::ToUnicast)
                 || (marked && group.kernel_aids.contains(aid))
+                || !takes_from(member, from.ip())
             {
                 continue;
             }
@@ -471,7 +551,10 @@ impl Multicast {
                 .members
                 .iter_mut()
                 .filter(|(other, m)| {
-                    **other != aid && m.membership.receive == Some(MulticastMode::ToUnicast)
+                    // A source-specific receiver takes only its outside source.
+                    **other != aid
+                        && m.membership.receive == Some(MulticastMode::ToUnicast)
+                        && m.membership.source.is_none()
                 })
                 .map(|(other, m)| {
                     m.delivered += 1;
@@ -525,6 +608,7 @@ impl Multicast {
                             client: m.membership.client,
                             receive: m.membership.receive.map(MulticastMode::name),
                             send_ttl: m.membership.send_ttl,
+                            source: m.membership.source,
                             in_kernel: group.kernel_aids.contains(aid),
                             kernel_packets: kernel_packets(*aid),
                             userspace_packets: m.delivered,
@@ -590,6 +674,71 @@ fn open_group_socket(
     }
     let std = std::net::UdpSocket::from(fd);
     UdpSocket::from_std(std)
+}
+
+/// `struct group_filter` (RFC 3678 full-state API) with room for every source of a filter.
+#[repr(C)]
+struct GroupFilter<const N: usize> {
+    interface: u32,
+    group: libc::sockaddr_storage,
+    mode: u32,
+    count: u32,
+    sources: [libc::sockaddr_storage; N],
+}
+
+/// Most sources one group's filter holds (the machine allows one per binding).
+const MAX_FILTER_SOURCES: usize = 64;
+
+/// Replaces the socket's source filter of `group` at once (`MCAST_MSFILTER`): include exactly
+/// `sources`, or exclude none (any source) when it is empty. The socket holds the membership
+/// throughout, so the interface never leaves the group in between.
+fn set_source_filter(
+    socket: &impl AsFd,
+    group: SocketAddr,
+    external: Option<&(String, u32)>,
+    sources: &[IpAddr],
+) -> io::Result<()> {
+    let (_, ifindex) = external.ok_or_else(|| io::Error::other("no external interface"))?;
+    if sources.len() > MAX_FILTER_SOURCES {
+        return Err(io::Error::other(format!(
+            "more than {MAX_FILTER_SOURCES} sources of one group"
+        )));
+    }
+    // SAFETY: plain data; zeroes are valid.
+    let mut filter: Box<GroupFilter<MAX_FILTER_SOURCES>> = Box::new(unsafe { std::mem::zeroed() });
+    filter.interface = *ifindex;
+    filter.group = storage_of(SocketAddr::new(group.ip(), 0));
+    filter.mode = if sources.is_empty() {
+        libc::MCAST_EXCLUDE as u32
+    } else {
+        libc::MCAST_INCLUDE as u32
+    };
+    filter.count = u32::try_from(sources.len()).unwrap_or(0);
+    for (slot, source) in filter.sources.iter_mut().zip(sources) {
+        *slot = storage_of(SocketAddr::new(*source, 0));
+    }
+    let len = std::mem::offset_of!(GroupFilter<MAX_FILTER_SOURCES>, sources)
+        + sources.len() * size_of::<libc::sockaddr_storage>();
+    let level = if group.is_ipv6() {
+        libc::IPPROTO_IPV6
+    } else {
+        libc::IPPROTO_IP
+    };
+    // SAFETY: a valid socket and a filter that outlives the call, `len` octets of it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            level,
+            libc::MCAST_MSFILTER,
+            (&raw const *filter).cast(),
+            libc::socklen_t::try_from(len).unwrap_or(0),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// `struct group_req` / `struct group_source_req` (RFC 3678), as Linux lays them out.
@@ -726,5 +875,75 @@ async fn receive_loop(multicast: Weak<Multicast>, socket: Arc<UdpSocket>, key: S
         if let Some(fanout) = multicast.plan(key, from, marked) {
             multicast.deliver(key, fanout, &payload).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(aid: u32, receive: Option<MulticastMode>, source: Option<&str>) -> (u32, Member) {
+        let addr = |text: &str| text.parse::<SocketAddr>().unwrap();
+        (
+            aid,
+            Member {
+                membership: Membership {
+                    aid,
+                    group: addr("233.252.0.7:5004"),
+                    client: addr("198.51.100.2:5000"),
+                    internal: addr("198.51.100.1:24600"),
+                    external: addr("203.0.113.1:16400"),
+                    receive,
+                    send_ttl: receive.is_none().then_some(4),
+                    source: source.map(|s| s.parse().unwrap()),
+                },
+                mac: None,
+                delivered: 0,
+            },
+        )
+    }
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|ip| ip.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_group_is_received_from_what_its_receivers_named_or_from_the_policys_list() {
+        let mu = Some(MulticastMode::ToUnicast);
+        let listed = ips(&["203.0.113.2", "203.0.113.3"]);
+        let members = |list: Vec<(u32, Member)>| list.into_iter().collect::<BTreeMap<_, _>>();
+        // Any receiver without a source: the policy's list (empty: any source).
+        let any = members(vec![
+            member(1, mu, None),
+            member(2, mu, Some("203.0.113.2")),
+        ]);
+        assert_eq!(admitted_sources(&listed, &any), listed);
+        assert_eq!(admitted_sources(&[], &any), Vec::<IpAddr>::new());
+        // Only source-specific receivers: their sources, once each, in order.
+        let named = members(vec![
+            member(1, mu, Some("203.0.113.3")),
+            member(2, mu, Some("203.0.113.2")),
+            member(3, mu, Some("203.0.113.3")),
+            // A sender receives nothing, so it does not widen the set.
+            member(4, None, None),
+        ]);
+        assert_eq!(
+            admitted_sources(&[], &named),
+            ips(&["203.0.113.2", "203.0.113.3"])
+        );
+        // No receiver: the policy's list.
+        let senders = members(vec![member(4, None, None)]);
+        assert_eq!(admitted_sources(&listed, &senders), listed);
+    }
+
+    #[test]
+    fn a_source_specific_receiver_takes_only_its_source() {
+        let (_, specific) = member(1, Some(MulticastMode::ToUnicast), Some("203.0.113.2"));
+        let (_, any) = member(2, Some(MulticastMode::ToUnicast), None);
+        let source: IpAddr = "203.0.113.2".parse().unwrap();
+        let other: IpAddr = "203.0.113.3".parse().unwrap();
+        assert!(takes_from(&specific, source));
+        assert!(!takes_from(&specific, other));
+        assert!(takes_from(&any, other));
     }
 }
