@@ -59,6 +59,14 @@ enum Command {
         #[arg(long, value_name = "NAME", default_value = DEFAULT_INSTANCE)]
         instance: String,
     },
+    /// Check a configuration file without starting anything: every unknown key (with the
+    /// nearest known one) and every bad value is named, then the checks a start makes across
+    /// keys, and that the users file it names loads. Interfaces are not looked up (the file
+    /// may be meant for another host). Exits 0 when the file is good.
+    CheckConfig {
+        /// The TOML file, as `gateway run --config FILE` reads it.
+        file: PathBuf,
+    },
     /// Read a password from stdin and print a users-file line `NAME:$argon2id$...`.
     Passwd {
         /// The user name (1 to 255 octets, no ':').
@@ -112,14 +120,28 @@ struct RunArgs {
     settings: settings::Layer,
 }
 
+/// Logs to stderr, filtered by `GATEWAY_LOG` (default `info`), as `format` says.
+fn init_logging(format: settings::LogFormat) {
+    let filter = EnvFilter::try_from_env("GATEWAY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        settings::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // The event's fields at the top level; the current span (the control connection's)
+        // and the whole span list beside them.
+        settings::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("GATEWAY_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let command = Cli::command().mut_subcommand("run", settings::document_defaults);
     let cli = match Cli::from_arg_matches(&command.get_matches()) {
         Ok(cli) => cli,
@@ -135,10 +157,18 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if !matches!(cli.command, Command::Run(_)) {
+        init_logging(settings::LogFormat::Text);
+    }
     match cli.command {
         Command::Run(args) => {
             let print = args.print_config;
-            let daemon_args = daemon_args(*args)?;
+            let (daemon_args, old_datapath_name) = daemon_args(*args)?;
+            // The format is a setting: logging starts once the settings are read.
+            init_logging(daemon_args.settings.log_format);
+            if old_datapath_name {
+                tracing::warn!("`datapath = xdp` is the old name of `kernel`; write `kernel`");
+            }
             if print {
                 print!("{}", daemon_args.settings.to_toml());
                 Ok(())
@@ -152,6 +182,7 @@ fn run(cli: Cli) -> Result<()> {
             summary,
         } => show_bindings(&instance, json, summary),
         Command::Detach { instance } => detach(&instance),
+        Command::CheckConfig { file } => check_config(&file),
         Command::Passwd { name } => passwd(&name),
         Command::Stats { instance, json } => show_stats(&instance, json),
         Command::RtspGet { args } => sibling::run("rtsp-get", &args),
@@ -163,21 +194,22 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// `gateway run`'s flags over its configuration file over the defaults, checked.
-fn daemon_args(args: RunArgs) -> Result<daemon::DaemonArgs> {
+/// `gateway run`'s flags over its configuration file over the defaults, checked; and whether
+/// the old name `xdp` of the kernel data path was used.
+fn daemon_args(args: RunArgs) -> Result<(daemon::DaemonArgs, bool)> {
     let mut access = daemon::AccessSource {
         config: args.config,
         flags: args.settings,
     };
     let mut settings = access.settings()?;
-    if settings.datapath == settings::DatapathKind::Xdp {
-        tracing::warn!("`datapath = xdp` is the old name of `kernel`; write `kernel`");
+    let old_datapath_name = settings.datapath == settings::DatapathKind::Xdp;
+    if old_datapath_name {
         settings.datapath = settings::DatapathKind::Kernel;
     }
     // SIGHUP re-reads users and policy, never which interfaces the gateway is attached to.
     access.flags.external = Some(settings.external.clone());
     access.flags.internal = Some(settings.internal.clone());
-    Ok(daemon::DaemonArgs { settings, access })
+    Ok((daemon::DaemonArgs { settings, access }, old_datapath_name))
 }
 
 /// `gateway bindings`: ask the running daemon for its bindings and print them.
@@ -232,6 +264,32 @@ fn detach(instance: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `gateway check-config`: every problem of a configuration file, on stderr.
+fn check_config(file: &std::path::Path) -> Result<()> {
+    let origin = file.display().to_string();
+    let text = std::fs::read_to_string(file).with_context(|| format!("read {origin}"))?;
+    let mut problems: Vec<String> = settings::check_text(&text, &origin)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    if problems.is_empty() {
+        let settings = settings::parse(&text, &origin)?.resolve();
+        if let Some(users) = settings.users_file()
+            && let Err(error) = gateway::server::auth::Users::load(users)
+        {
+            problems.push(format!("config file {origin}: key `users`: {error}"));
+        }
+    }
+    if problems.is_empty() {
+        println!("{origin}: good");
+        return Ok(());
+    }
+    for problem in &problems {
+        eprintln!("gateway: {problem}");
+    }
+    anyhow::bail!("{} problem(s) in {origin}", problems.len())
 }
 
 /// `gateway passwd`: read a password from stdin and print a users-file line.

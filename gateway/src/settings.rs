@@ -144,6 +144,12 @@ settings! {
     /// UDP either way. `xdp` is an old name for `kernel`.
     #[arg(long, value_enum, value_name = "WHO")]
     datapath: DatapathKind = DatapathKind::Kernel;
+    /// How the daemon's log lines (on stderr) are written: `text` for people, `json` for
+    /// journald and log collectors (one object per line: `timestamp`, `level`, `target`,
+    /// `message` and the event's fields, `span` and `spans` with the control connection's
+    /// `conn`, `peer` and `user`). Not changed by SIGHUP.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    log_format: LogFormat = LogFormat::Text;
     /// Where the gate runs on the external interface: `auto` (XDP in driver mode on a NIC
     /// whose driver has native XDP; tc on veth and where the driver has none, since there XDP
     /// only adds an skb copy or runs on the skb anyway), `xdp` (the XDP gate in front of the tc
@@ -291,6 +297,16 @@ impl DatapathKind {
             Self::Userspace => "the userspace relay",
         }
     }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Which multicast receive modes are allowed.
@@ -511,6 +527,58 @@ pub fn parse(text: &str, origin: &str) -> Result<Layer, SettingsError> {
             },
         }
     })
+}
+
+/// Every problem of configuration text, one per bad key (not only the first, as a start
+/// reports): a syntax error, an unknown key (with the nearest known one), a bad value, then,
+/// when every value is good, what [`Settings::check`] finds. Empty: the file is good.
+pub fn check_text(text: &str, origin: &str) -> Vec<SettingsError> {
+    let table: toml::Table = match text.parse() {
+        Ok(table) => table,
+        Err(error) => {
+            return vec![SettingsError::Parse {
+                path: origin.to_owned(),
+                message: error.to_string().trim().replace('\n', " "),
+            }];
+        }
+    };
+    let known = toml::Table::try_from(Settings::defaults()).unwrap_or_default();
+    let mut problems = Vec::new();
+    let mut good = toml::Table::new();
+    for (key, value) in &table {
+        let error = |message: String| SettingsError::Value {
+            path: origin.to_owned(),
+            key: key.clone(),
+            message,
+        };
+        if !known.contains_key(key) {
+            let nearest = known
+                .keys()
+                .map(|k| (strsim::levenshtein(k, key), k))
+                .min()
+                .filter(|(distance, _)| *distance <= 3)
+                .map_or_else(String::new, |(_, k)| format!(" (did you mean `{k}`?)"));
+            problems.push(error(format!("unknown key{nearest}")));
+            continue;
+        }
+        // Each key alone, so one bad value does not hide the next.
+        let single = toml::Table::from_iter([(key.clone(), value.clone())]);
+        match toml::Value::Table(single).try_into::<Layer>() {
+            Ok(_) => {
+                good.insert(key.clone(), value.clone());
+            }
+            Err(e) => problems.push(error(e.message().trim().replace('\n', " "))),
+        }
+    }
+    // The checks across keys, on the good values (a bad one is named above already).
+    match toml::Value::Table(good).try_into::<Layer>() {
+        Ok(layer) => problems.extend(layer.resolve().check().err()),
+        Err(e) => problems.push(SettingsError::Parse {
+            path: origin.to_owned(),
+            message: e.message().trim().replace('\n', " "),
+        }),
+    }
+    problems
 }
 
 /// The key of the `key = value` line holding byte `offset` of `text`.

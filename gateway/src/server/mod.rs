@@ -30,7 +30,10 @@ use tokio::{
     sync::watch,
     task::JoinSet,
 };
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, field::Empty, info, info_span, warn};
+
+/// The number of the next control connection (of every listener), for the log's spans.
+static NEXT_CONN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 use self::{
     access::LiveAccess,
@@ -182,13 +185,16 @@ pub async fn run(
                 };
                 let services = Arc::clone(&services);
                 let mut stop = stop_rx.clone();
+                // Every line of this connection carries its number, peer and (once known) user.
+                let conn = NEXT_CONN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let span = info_span!("conn", conn, %peer, user = Empty);
                 tasks.spawn(async move {
                     tokio::select! {
                         () = serve(services, stream, peer) => {}
                         _ = stop.wait_for(|stop| *stop) => debug!(%peer, "closed by shutdown"),
                     }
                     drop(permit);
-                });
+                }.instrument(span));
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
@@ -232,6 +238,7 @@ async fn serve(services: Arc<Services>, stream: TcpStream, peer: SocketAddr) {
         }
     };
     let who = printable_user(user.as_deref());
+    tracing::Span::current().record("user", who.as_str());
     info!(%peer, user = %who, command = ?request.command, target = %request.address, "request");
     let command = async {
         match request.command {
