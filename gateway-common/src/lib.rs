@@ -59,6 +59,10 @@ pub const TC_INTERNAL_PROGRAM: &str = "gateway_internal";
 /// kernel whose verifier refuses it (Linux 6.1 runs out of its instruction budget) still runs
 /// the gate and the relay; group datagrams then go to the userspace relay.
 pub const TC_FANOUT_PROGRAM: &str = "gateway_fanout";
+/// The same fan-out for at most [`SMALL_FANOUT_SUBSCRIBERS`] kernel subscribers: loaded where
+/// the verifier refuses [`TC_FANOUT_PROGRAM`] (its walk of 64 subscribers is 963,837
+/// instructions on Linux 6.1, near the 1,000,000 limit; 425,000 on 6.18).
+pub const TC_FANOUT_SMALL_PROGRAM: &str = "gateway_fanout_small";
 
 /// Name of the `sk_lookup` program in the daemon's network namespace: UDP to a relay port goes
 /// to the daemon's shared relay socket of its family and side.
@@ -315,6 +319,8 @@ pub const MAX_GROUP_SOURCES: u32 = 1024;
 /// Most subscribers of one group the kernel delivers to (multicast-to-unicast); the userspace
 /// relay serves the rest.
 pub const MAX_KERNEL_SUBSCRIBERS: usize = 64;
+/// Kernel subscribers per group of [`TC_FANOUT_SMALL_PROGRAM`].
+pub const SMALL_FANOUT_SUBSCRIBERS: usize = 16;
 
 /// `skb->mark` of the copy of a group datagram the fan-out hands back to the external
 /// interface's input for the userspace relay: the programs pass a packet with this mark

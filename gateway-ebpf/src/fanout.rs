@@ -27,7 +27,7 @@ use aya_ebpf::{
 };
 use gateway_common::{
     Addr16, EntryCounters, ExitReason, FANOUT_TO_STACK_MARK, GroupKey, GroupSubscriber,
-    MAX_KERNEL_SUBSCRIBERS, group_flags,
+    MAX_KERNEL_SUBSCRIBERS, SMALL_FANOUT_SUBSCRIBERS, group_flags,
 };
 
 use crate::{
@@ -65,9 +65,10 @@ pub fn is_stack_copy(ctx: &TcContext) -> bool {
 /// Fans a group datagram out and counts every copy and the skb's own exit; returns the tc
 /// action, or [`NOT_A_GROUP`] (nothing counted) for anything else. Out of line, so its frame is
 /// a sibling of the relay's under the entry point.
+/// `N` is how many subscribers of a group it delivers to at most (the verifier walks each).
 #[inline(never)]
-pub fn fanout(ctx: &TcContext) -> i32 {
-    let (action, reason) = match try_fanout(ctx) {
+pub fn fanout<const N: usize>(ctx: &TcContext) -> i32 {
+    let (action, reason) = match try_fanout::<N>(ctx) {
         Ok(Some(relayed)) => (relayed.action, relayed.reason),
         Ok(None) => return NOT_A_GROUP,
         Err(reason) => (action_of(reason), reason),
@@ -93,7 +94,23 @@ pub fn tail_call(ctx: &TcContext) {
 )]
 #[aya_ebpf::macros::classifier]
 pub fn gateway_fanout(ctx: TcContext) -> i32 {
-    let action = fanout(&ctx);
+    fanout_program::<MAX_KERNEL_SUBSCRIBERS>(&ctx)
+}
+
+/// [`gateway_fanout`] for at most `SMALL_FANOUT_SUBSCRIBERS` kernel subscribers, for kernels
+/// whose verifier refuses the full one (the daemon then writes no more into a group's entry).
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the entry point's signature is the classifier macro's"
+)]
+#[aya_ebpf::macros::classifier]
+pub fn gateway_fanout_small(ctx: TcContext) -> i32 {
+    fanout_program::<SMALL_FANOUT_SUBSCRIBERS>(&ctx)
+}
+
+#[inline(always)]
+fn fanout_program<const N: usize>(ctx: &TcContext) -> i32 {
+    let action = fanout::<N>(ctx);
     if action == NOT_A_GROUP {
         // Not a group the gateway receives, or not parsable here (IPv6 extension headers).
         count(ExitReason::MulticastToUserspace, ctx.len() as usize);
@@ -137,7 +154,7 @@ pub fn to_multicast(ctx: &TcContext) -> bool {
               every tc program fail to load; not analysed further)"
 )]
 #[inline(always)]
-fn try_fanout(ctx: &TcContext) -> Result<Option<Relayed>, ExitReason> {
+fn try_fanout<const N: usize>(ctx: &TcContext) -> Result<Option<Relayed>, ExitReason> {
     if !to_multicast(ctx) {
         return Ok(None);
     }
@@ -175,7 +192,8 @@ fn try_fanout(ctx: &TcContext) -> Result<Option<Relayed>, ExitReason> {
     }
     let inside = flags & group_flags::INSIDE_MULTICAST != 0 && inside_ok;
     let to_userspace = flags & group_flags::TO_USERSPACE != 0;
-    let subscribers = (subscribers as usize).min(MAX_KERNEL_SUBSCRIBERS);
+    // The daemon writes at most N (it knows which of the programs loaded).
+    let subscribers = (subscribers as usize).min(N).min(MAX_KERNEL_SUBSCRIBERS);
     if subscribers == 0 && !inside {
         return Err(if to_userspace {
             // The stack gets the datagram itself: no copy needed.
@@ -226,7 +244,7 @@ fn try_fanout(ctx: &TcContext) -> Result<Option<Relayed>, ExitReason> {
 
     open_header(ctx, &packet).map_err(relay_failed)?;
     let last = subscribers - 1;
-    for i in 0..MAX_KERNEL_SUBSCRIBERS {
+    for i in 0..N {
         if i >= subscribers {
             break;
         }

@@ -241,13 +241,17 @@ async fn serve(
         return Ok(());
     }
 
-    let fanout_in_kernel = s.datapath != DatapathKind::Userspace && datapath.fanout_in_kernel();
+    let fanout_capacity = if s.datapath == DatapathKind::Userspace {
+        0
+    } else {
+        datapath.fanout_capacity()
+    };
     let enhanced = match enhanced_mode(
         &args,
         &external_addrs,
         &internal_addrs,
         &access.policy,
-        fanout_in_kernel,
+        fanout_capacity,
     ) {
         Ok(enhanced) => enhanced,
         Err(error) => {
@@ -514,7 +518,7 @@ fn enhanced_mode(
     external: &[InterfaceAddress],
     internal: &[InterfaceAddress],
     policy: &Policy,
-    fanout_in_kernel: bool,
+    fanout_capacity: usize,
 ) -> Result<Option<Arc<EnhancedMode>>> {
     let s = &args.settings;
     let usable = |addrs: &[InterfaceAddress]| -> Vec<IpAddr> {
@@ -584,8 +588,8 @@ fn enhanced_mode(
         internal: interfaces.internal.clone(),
         internal_mac,
         internal_ips: config.internal_ips.clone(),
-        kernel: fanout_in_kernel,
-        kernel_subscribers: s.multicast_kernel_subscribers.get(),
+        kernel: fanout_capacity > 0,
+        kernel_subscribers: s.multicast_kernel_subscribers.get().min(fanout_capacity),
         max_groups: s.multicast_max_groups.get(),
     };
     let mode = EnhancedMode::with_multicast(config, sockets, setup)

@@ -21,9 +21,9 @@ use etherparse::PacketBuilder;
 use gateway::datapath::EBPF_OBJECT;
 use gateway_common::{
     Addr16, Counter, DatapathSettings, ExitReason, FANOUT_TO_STACK_MARK, GroupKey, GroupSourceKey,
-    GroupSubscriber, GroupValue, MAX_KERNEL_SUBSCRIBERS, TC_FANOUT_PROGRAM, TC_GATE_PROGRAM,
-    TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, group_flags, ipv4_mapped,
-    map_names,
+    GroupSubscriber, GroupValue, MAX_KERNEL_SUBSCRIBERS, SMALL_FANOUT_SUBSCRIBERS,
+    TC_FANOUT_PROGRAM, TC_FANOUT_SMALL_PROGRAM, TC_GATE_PROGRAM, TC_INBOUND_PROGRAM,
+    TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, group_flags, ipv4_mapped, map_names,
 };
 use nix::{
     sched::{CloneFlags, setns},
@@ -224,6 +224,11 @@ struct Loaded {
 
 impl Loaded {
     fn new(bed: &Bed) -> Self {
+        Self::with_fanout(bed, TC_FANOUT_PROGRAM)
+    }
+
+    /// Every program loaded, `fanout` (the full or the small fan-out) in the tail-call slot.
+    fn with_fanout(bed: &Bed, fanout: &str) -> Self {
         assert!(!EBPF_OBJECT.is_empty(), "the eBPF object was not built");
         let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).expect("load object");
         let xdp: &mut Xdp = ebpf
@@ -236,7 +241,7 @@ impl Loaded {
             TC_GATE_PROGRAM,
             TC_INBOUND_PROGRAM,
             TC_INTERNAL_PROGRAM,
-            TC_FANOUT_PROGRAM,
+            fanout,
         ] {
             let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
             program
@@ -244,7 +249,7 @@ impl Loaded {
                 .unwrap_or_else(|e| panic!("verifier accepts {name}: {e:?}"));
         }
         // The external programs tail-call the fan-out through its slot.
-        let fanout: &SchedClassifier = ebpf.program(TC_FANOUT_PROGRAM).unwrap().try_into().unwrap();
+        let fanout: &SchedClassifier = ebpf.program(fanout).unwrap().try_into().unwrap();
         let fd = fanout.fd().unwrap().try_clone().unwrap();
         let mut slot =
             ProgramArray::try_from(ebpf.map_mut(map_names::FANOUT_PROGRAMS).unwrap()).unwrap();
@@ -769,6 +774,46 @@ fn a_full_table_and_the_userspace_copy() {
     });
 }
 
+/// The small fan-out (for kernels whose verifier refuses the full one) delivers to the 16
+/// subscribers the daemon writes for it, and the stack's copy serves the rest.
+#[test]
+fn the_small_fan_out_delivers_to_its_subscribers() {
+    let bed = Bed::new();
+    let tap = bed.inside_tap();
+    let stack = bed.outside_tap();
+    bed.in_fw(|| {
+        let mut loaded = Loaded::with_fanout(&bed, TC_FANOUT_SMALL_PROGRAM);
+        let value = group_value(group_flags::TO_USERSPACE, SMALL_FANOUT_SUBSCRIBERS, false);
+        loaded.set_group(v4_key(), &value);
+        let frame = datagram4(SERVER, PAYLOAD);
+        let before = loaded.counts();
+        let (action, out) = loaded.run(TC_GATE_PROGRAM, &frame, 0);
+        assert_eq!(action, TC_ACT_REDIRECT);
+        let mut frames = tap.frames_from(INTERNAL_MAC);
+        assert_eq!(frames.len(), SMALL_FANOUT_SUBSCRIBERS - 1);
+        frames.push(out);
+        for (i, frame) in frames.iter().enumerate() {
+            assert_eq!(
+                parse(frame),
+                unicast_copy(&value.subscribers[i], PAYLOAD, false),
+                "copy {i}"
+            );
+        }
+        assert_eq!(stack.frames_from(SERVER_MAC), std::slice::from_ref(&frame));
+        assert_eq!(
+            moved(&before, &loaded.counts()),
+            [
+                (ExitReason::MulticastToFanOut, 1),
+                (
+                    ExitReason::KernelRelayedMulticast,
+                    SMALL_FANOUT_SUBSCRIBERS as u64
+                ),
+                (ExitReason::MulticastToUserspace, 1)
+            ]
+        );
+    });
+}
+
 #[test]
 fn the_stack_copy_passes_both_tc_programs_untouched() {
     let bed = Bed::new();
@@ -1072,18 +1117,28 @@ fn the_gate_handle_writes_what_the_fan_out_serves() {
 }
 
 /// How much the verifier walks for each program (`verified_insns`, Linux 5.16+), printed for
-/// the record and bounded below the 1,000,000 limit. The fan-out's 64-iteration loop is walked
-/// iteration by iteration, and older kernels may prune less, so this bound is a regression guard
-/// on this kernel, not a promise for older ones (`cargo xtask test --kernel debian12`).
+/// the record and bounded. The fan-out's subscriber loop is walked iteration by iteration, and
+/// older kernels prune less: the full fan-out (64 subscribers) is 963,837 instructions on
+/// Debian 12's 6.1, near the 1,000,000 limit, which is why the daemon falls back to the small
+/// one (16 subscribers) where the full one is refused. So: every other program stays far below
+/// the limit on every kernel, and the full fan-out must keep its margin on 6.6 and later.
 #[test]
 fn the_verifier_walks_below_its_limit() {
     let bed = Bed::new();
-    let loaded = Loaded::new(&bed);
+    let mut loaded = Loaded::new(&bed);
+    let small: &mut SchedClassifier = loaded
+        .ebpf
+        .program_mut(TC_FANOUT_SMALL_PROGRAM)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    small.load().expect("verifier accepts the small fan-out");
     let counts: Vec<(&str, u32)> = [
         TC_GATE_PROGRAM,
         TC_INBOUND_PROGRAM,
         TC_INTERNAL_PROGRAM,
         TC_FANOUT_PROGRAM,
+        TC_FANOUT_SMALL_PROGRAM,
     ]
     .into_iter()
     .map(|name| {
@@ -1093,10 +1148,21 @@ fn the_verifier_walks_below_its_limit() {
     })
     .collect();
     println!("instructions verified: {counts:?}");
+    let release = nix::sys::utsname::uname().unwrap();
+    let release = release.release().to_string_lossy().into_owned();
+    let mut version = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|part| part.parse::<u32>().ok());
+    let (major, minor) = (version.next().unwrap_or(0), version.next().unwrap_or(0));
     for (name, verified) in counts {
+        let bound = match name {
+            TC_FANOUT_PROGRAM if (major, minor) < (6, 6) => 1_000_000,
+            TC_FANOUT_PROGRAM => 600_000,
+            _ => 500_000,
+        };
         assert!(
-            verified < 900_000,
-            "{name}: {verified} instructions verified"
+            verified < bound,
+            "{name}: {verified} instructions verified on {release} (bound {bound})"
         );
     }
 }

@@ -28,9 +28,9 @@ use aya::{
 use gateway_common::{
     Addr16, BindingKey, BindingValue, ClientSocketKey, ControlPortKey,
     DEFAULT_FAIL_CLOSED_AFTER_NS, DEFAULT_MAX_BINDINGS, DatapathSettings, GroupKey, GroupSourceKey,
-    GroupValue, HostAllowKey, HostAllowValue, OutboundKey, OutboundValue, RawClientValue,
-    TC_FANOUT_PROGRAM, TC_GATE_PROGRAM, TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM,
-    XDP_EXTERNAL_PROGRAM, map_names,
+    GroupValue, HostAllowKey, HostAllowValue, MAX_KERNEL_SUBSCRIBERS, OutboundKey, OutboundValue,
+    RawClientValue, SMALL_FANOUT_SUBSCRIBERS, TC_FANOUT_PROGRAM, TC_FANOUT_SMALL_PROGRAM,
+    TC_GATE_PROGRAM, TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM, map_names,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -176,7 +176,8 @@ pub struct Datapath {
     heartbeat: Heartbeat,
     pin_dir: PathBuf,
     outcome: AttachOutcome,
-    fanout_in_kernel: bool,
+    /// Most subscribers of a group the kernel delivers to (0: no fan-out program loaded).
+    fanout_capacity: usize,
 }
 
 impl Datapath {
@@ -228,7 +229,7 @@ impl Datapath {
                 "removed kernel entries left by a previous daemon"
             );
         }
-        let fanout_in_kernel = load_fanout(&mut ebpf);
+        let fanout_capacity = load_fanout(&mut ebpf);
         fill_host_allow(&mut ebpf, &config.host_allow)?;
         clear::<Addr16, u32>(&mut ebpf, map_names::EXTERNAL_ADDRS)?;
         {
@@ -346,14 +347,15 @@ impl Datapath {
             heartbeat,
             pin_dir,
             outcome,
-            fanout_in_kernel,
+            fanout_capacity,
         })
     }
 
-    /// Whether the kernel fans group datagrams out (the fan-out program loaded); otherwise the
-    /// userspace relay serves every subscriber.
-    pub fn fanout_in_kernel(&self) -> bool {
-        self.fanout_in_kernel
+    /// Most subscribers of a group the kernel delivers to: 64, fewer where the verifier
+    /// refused the full fan-out, 0 where no fan-out program loaded (the userspace relay then
+    /// serves every subscriber).
+    pub fn fanout_capacity(&self) -> usize {
+        self.fanout_capacity
     }
 
     /// Starts draining the programs' rare events (rate-limited in the kernel) into `tracing`
@@ -485,44 +487,60 @@ fn load(pin_dir: &Path, max_bindings: u32) -> Result<Ebpf, DatapathError> {
 /// kernel whose verifier refuses it keeps the gate and the relay: the slot stays empty and the
 /// userspace relay fans groups out. The slot's map is not pinned, so when the daemon's
 /// descriptors close (a stop, a crash) the kernel empties it and group datagrams stop at once.
-fn load_fanout(ebpf: &mut Ebpf) -> bool {
-    let loaded = typed_program::<SchedClassifier>(ebpf, TC_FANOUT_PROGRAM).and_then(|program| {
-        program.load().map_err(|source| DatapathError::Program {
-            what: format!("load {TC_FANOUT_PROGRAM} into the kernel (verifier)"),
-            source,
-        })?;
-        let fd = program.fd().map_err(|source| DatapathError::Program {
-            what: format!("take the descriptor of {TC_FANOUT_PROGRAM}"),
-            source,
-        })?;
-        fd.try_clone().map_err(|source| DatapathError::Io {
-            what: "duplicate the descriptor of",
-            path: TC_FANOUT_PROGRAM.into(),
-            source,
-        })
-    });
-    let fd = match loaded {
-        Ok(fd) => fd,
-        Err(error) => {
-            warn!(%error, "no multicast fan-out in the kernel on this kernel: the userspace relay \
-                fans groups out");
-            return false;
+fn load_fanout(ebpf: &mut Ebpf) -> usize {
+    let mut refusals = Vec::new();
+    for (name, capacity) in [
+        (TC_FANOUT_PROGRAM, MAX_KERNEL_SUBSCRIBERS),
+        (TC_FANOUT_SMALL_PROGRAM, SMALL_FANOUT_SUBSCRIBERS),
+    ] {
+        match load_fanout_program(ebpf, name) {
+            Ok(()) => {
+                if refusals.is_empty() {
+                    info!(program = name, capacity, "multicast fan-out in the kernel");
+                } else {
+                    warn!(refused = ?refusals, program = name, capacity,
+                        "the kernel fans groups out to fewer subscribers on this kernel; the \
+                         userspace relay serves the rest");
+                }
+                return capacity;
+            }
+            Err(error) => refusals.push(format!("{name}: {error}")),
         }
-    };
-    let slot = ebpf
-        .map_mut(map_names::FANOUT_PROGRAMS)
+    }
+    warn!(refused = ?refusals,
+        "no multicast fan-out in the kernel on this kernel: the userspace relay fans groups out");
+    0
+}
+
+/// Loads fan-out program `name` and puts it in slot 0 of `FANOUT_PROGRAMS`.
+fn load_fanout_program(ebpf: &mut Ebpf, name: &str) -> Result<(), DatapathError> {
+    let program = typed_program::<SchedClassifier>(ebpf, name)?;
+    program.load().map_err(|source| DatapathError::Program {
+        what: format!("load {name} into the kernel (verifier)"),
+        source,
+    })?;
+    let fd = program
+        .fd()
+        .map_err(|source| DatapathError::Program {
+            what: format!("take the descriptor of {name}"),
+            source,
+        })?
+        .try_clone()
+        .map_err(|source| DatapathError::Io {
+            what: "duplicate the descriptor of",
+            path: name.into(),
+            source,
+        })?;
+    ebpf.map_mut(map_names::FANOUT_PROGRAMS)
         .ok_or_else(|| MapError::InvalidName {
             name: map_names::FANOUT_PROGRAMS.to_owned(),
         })
         .and_then(ProgramArray::try_from)
-        .and_then(|mut array| array.set(0, &fd, 0));
-    match slot {
-        Ok(()) => true,
-        Err(error) => {
-            warn!(%error, "cannot install the multicast fan-out: the userspace relay fans groups out");
-            false
-        }
-    }
+        .and_then(|mut array| array.set(0, &fd, 0))
+        .map_err(|source| DatapathError::Map {
+            what: format!("install {name} in {}", map_names::FANOUT_PROGRAMS),
+            source,
+        })
 }
 
 fn typed_program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, DatapathError>
