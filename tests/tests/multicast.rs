@@ -295,6 +295,20 @@ fn three_subscribers(
     source: IpAddr,
     in_kernel: usize,
 ) {
+    three_subscribers_in_table(setup, group, client_ip, source, in_kernel, true);
+}
+
+/// [`three_subscribers`] where the first `in_kernel` are in the kernel's table, and the kernel
+/// delivers to them only if `kernel_delivers` (else it hands every datagram up whole).
+fn three_subscribers_in_table(
+    setup: &Setup,
+    group: SocketAddr,
+    client_ip: IpAddr,
+    source: IpAddr,
+    in_table: usize,
+    kernel_delivers: bool,
+) {
+    let in_kernel = if kernel_delivers { in_table } else { 0 };
     let bed = &setup.bed;
     let proxy = if client_ip.is_ipv6() { PROXY_V6 } else { PROXY };
     let mut controls: Vec<Control> = (0..3)
@@ -337,6 +351,9 @@ fn three_subscribers(
     let to_userspace = stat(setup, "multicast_to_userspace") - to_userspace_before;
     if in_kernel == 3 {
         assert_eq!(to_userspace, 0, "nothing went up to the userspace relay");
+    } else if in_kernel == 0 {
+        // The datagram itself goes up: no copy.
+        assert_eq!(to_userspace, STREAM as u64, "every datagram went up once");
     } else {
         // Counted when the fan-out hands the copy up and again when it passes the program on
         // its way to the stack.
@@ -355,9 +372,9 @@ fn three_subscribers(
     let members = entry["members"].as_array().unwrap();
     assert_eq!(members.len(), 3);
     let kernel_members = members.iter().filter(|m| m["in_kernel"] == true).count();
-    assert_eq!(kernel_members, in_kernel, "{members:?}");
+    assert_eq!(kernel_members, in_table, "{members:?}");
     for member in members {
-        let (kernel, userspace) = if member["in_kernel"] == true {
+        let (kernel, userspace) = if member["in_kernel"] == true && kernel_delivers {
             (STREAM as u64, 0)
         } else {
             (0, STREAM as u64)
@@ -395,6 +412,39 @@ fn three_subscribers_get_every_datagram_once_with_their_own_aid_fanned_out_by_th
         IpAddr::V4(addr::CLIENT_V4),
         IpAddr::V4(addr::SERVER_V4),
         3,
+    );
+}
+
+#[test]
+fn with_the_userspace_data_path_the_relay_serves_every_subscriber_once() {
+    let setup = setup(&["--datapath", "userspace"]);
+    three_subscribers(
+        &setup,
+        group_v4(),
+        IpAddr::V4(addr::CLIENT_V4),
+        IpAddr::V4(addr::SERVER_V4),
+        0,
+    );
+}
+
+/// A sender whose stack leaves the UDP checksum to the NIC (a container or VM host hands the
+/// gateway `CHECKSUM_PARTIAL` skbs): the kernel cannot fan those out with right checksums, so the
+/// userspace relay serves every subscriber, each datagram once and intact.
+#[test]
+fn a_container_senders_partial_checksums_reach_every_subscriber_from_user_space() {
+    let setup = setup(&[]);
+    setup
+        .bed
+        .server
+        .set_tx_checksum_offload(iface::HOST, true)
+        .unwrap();
+    three_subscribers_in_table(
+        &setup,
+        group_v4(),
+        IpAddr::V4(addr::CLIENT_V4),
+        IpAddr::V4(addr::SERVER_V4),
+        3,
+        false,
     );
 }
 
