@@ -28,6 +28,7 @@ pub mod exit_counters;
 pub mod gate;
 pub mod host_flow;
 pub mod instance;
+pub mod monitor;
 pub mod neighbour;
 pub mod netif;
 pub mod report;
