@@ -63,7 +63,12 @@ pub fn observe<C: Ingress>(ctx: &C, reason: ExitReason, len: usize, hook: Monito
     if settings.lease_until_ns == 0 || !settings.watches(reason as u32) {
         return;
     }
-    record(ctx, reason as u32, len as u32, hook as u8);
+    record(
+        ctx,
+        reason as u32,
+        u32::try_from(len).unwrap_or(u32::MAX),
+        hook as u8,
+    );
 }
 
 /// Applies the lease, sampling and the rate limit, then writes the event.
@@ -143,69 +148,58 @@ const IPV4_OFFSET: u16 = 0x1fff;
 /// `event` points to a reserved, writable event.
 #[inline(always)]
 unsafe fn read_flow<C: Frame>(ctx: &C, event: *mut MonitorEvent) -> u8 {
-    let start = ctx.start();
-    let end = ctx.end();
-    if start + ETH_HLEN > end {
-        return 0;
-    }
-    let mut l3 = ETH_HLEN;
-    // SAFETY: (all reads) each is inside the bounds checked just before it.
-    let mut ether_type = unsafe { u16::from_be(*((start + 12) as *const u16)) };
-    for _ in 0..2 {
-        if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
-            if start + l3 + VLAN_HLEN > end {
-                return 0;
-            }
-            ether_type = unsafe { u16::from_be(*((start + l3 + 2) as *const u16)) };
-            l3 += VLAN_HLEN;
+    // SAFETY: every read is inside the packet bounds checked just before it (the verifier
+    // checks so too); `event` is writable (the caller's contract).
+    unsafe {
+        let start = ctx.start();
+        let end = ctx.end();
+        if start + ETH_HLEN > end {
+            return 0;
         }
-    }
-    let (l4, protocol, later_fragment) = match ether_type {
-        ETH_P_IPV4 => {
-            let ip = start + l3;
-            if ip + 20 > end {
-                return 0;
+        let mut l3 = ETH_HLEN;
+        let mut ether_type = u16::from_be_bytes(*((start + 12) as *const [u8; 2]));
+        for _ in 0..2 {
+            if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+                if start + l3 + VLAN_HLEN > end {
+                    return 0;
+                }
+                ether_type = u16::from_be_bytes(*((start + l3 + 2) as *const [u8; 2]));
+                l3 += VLAN_HLEN;
             }
-            let header_len = usize::from(unsafe { *(ip as *const u8) } & 0x0f) * 4;
-            let offset = unsafe { u16::from_be(*((ip + 6) as *const u16)) } & IPV4_OFFSET;
-            // SAFETY: `event` is writable (the caller's contract).
-            unsafe {
+        }
+        let (l4, protocol, later_fragment) = match ether_type {
+            ETH_P_IPV4 => {
+                let ip = start + l3;
+                if ip + 20 > end {
+                    return 0;
+                }
+                let header_len = usize::from(*(ip as *const u8) & 0x0f) * 4;
+                let offset = u16::from_be_bytes(*((ip + 6) as *const [u8; 2])) & IPV4_OFFSET;
                 (*event).src_addr = ipv4_mapped(*((ip + 12) as *const [u8; 4]));
                 (*event).dst_addr = ipv4_mapped(*((ip + 16) as *const [u8; 4]));
+                (l3 + header_len, *((ip + 9) as *const u8), offset != 0)
             }
-            (
-                l3 + header_len,
-                unsafe { *((ip + 9) as *const u8) },
-                offset != 0,
-            )
-        }
-        ETH_P_IPV6 => {
-            let ip = start + l3;
-            if ip + 40 > end {
-                return 0;
-            }
-            // SAFETY: as above.
-            unsafe {
+            ETH_P_IPV6 => {
+                let ip = start + l3;
+                if ip + 40 > end {
+                    return 0;
+                }
                 (*event).src_addr = *((ip + 8) as *const [u8; 16]);
                 (*event).dst_addr = *((ip + 24) as *const [u8; 16]);
+                (l3 + 40, *((ip + 6) as *const u8), false)
             }
-            (l3 + 40, unsafe { *((ip + 6) as *const u8) }, false)
+            _ => return 0,
+        };
+        (*event).protocol = protocol;
+        if later_fragment || (protocol != IPPROTO_UDP && protocol != IPPROTO_TCP) {
+            return monitor_flow::ADDRESSES;
         }
-        _ => return 0,
-    };
-    // SAFETY: as above.
-    unsafe { (*event).protocol = protocol };
-    if later_fragment || (protocol != IPPROTO_UDP && protocol != IPPROTO_TCP) {
-        return monitor_flow::ADDRESSES;
+        let ports = start + l4;
+        if ports + 4 > end {
+            return monitor_flow::ADDRESSES;
+        }
+        (*event).src_port_be = u16::from_ne_bytes(*(ports as *const [u8; 2]));
+        (*event).dst_port_be = u16::from_ne_bytes(*((ports + 2) as *const [u8; 2]));
+        monitor_flow::ADDRESSES | monitor_flow::PORTS
     }
-    let ports = start + l4;
-    if ports + 4 > end {
-        return monitor_flow::ADDRESSES;
-    }
-    // SAFETY: as above.
-    unsafe {
-        (*event).src_port_be = *(ports as *const u16);
-        (*event).dst_port_be = *((ports + 2) as *const u16);
-    }
-    monitor_flow::ADDRESSES | monitor_flow::PORTS
 }

@@ -71,7 +71,7 @@ enum Command {
     /// addresses and ports, interface, program), from a ring buffer the external interface's
     /// programs write, sampled and rate-limited per CPU so a flood costs the fast path little.
     /// Without --reason every reason is shown except the stack's own traffic and bookkeeping
-    /// (not_udp_passed, inbound_to_stack, multicast_to_userspace). One watcher per instance;
+    /// (`not_udp_passed`, `inbound_to_stack`, `multicast_to_userspace`). One watcher per instance;
     /// on exit it prints what the budget left out to stderr. The internal interface's program
     /// and the fan-out's copies are counted (`gateway stats`), not watched.
     Monitor {
@@ -222,6 +222,7 @@ fn run(cli: Cli) -> Result<()> {
             count,
         } => {
             let watch = gateway::monitor::Watch {
+                instance: instance.clone(),
                 reasons: gateway::monitor::render::reason_mask(&reason)?,
                 sample_every: sample,
                 events_per_second: rate,

@@ -49,6 +49,8 @@ pub enum MonitorError {
 /// What the watcher asks for.
 #[derive(Debug, Clone)]
 pub struct Watch {
+    /// The instance's name, for the messages.
+    pub instance: String,
     pub reasons: u64,
     pub sample_every: u32,
     pub events_per_second: u32,
@@ -153,6 +155,11 @@ pub async fn run(pin_dir: &Path, watch: &Watch) -> Result<(), MonitorError> {
     };
     let start = maps.suppressed()?;
     maps.write(request(monotonic_ns() + LEASE_NS))?;
+    eprintln!(
+        "gateway monitor: watching instance {} (every {} watched packet(s) per CPU considered, \
+         at most {} events per CPU per second); SIGINT or SIGTERM stops",
+        watch.instance, watch.sample_every, watch.events_per_second
+    );
     let outcome = watch_events(ring, &mut maps, watch, request).await;
     // End the lease whatever happened, so the data path stops at once.
     let ended = maps.write(MonitorSettings::default());

@@ -187,6 +187,7 @@ pub struct Suppressed {
 
 impl Suppressed {
     /// What happened since `earlier`.
+    #[must_use]
     pub fn since(self, earlier: Self) -> Self {
         Self {
             emitted: self.emitted.saturating_sub(earlier.emitted),
