@@ -2,8 +2,10 @@
 //! events they write for it ([`MonitorEvent`] in a ring buffer), and what their budget left out
 //! ([`MonitorBudget`], per CPU).
 //!
-//! Nobody watching costs each packet one array read: the lease is 0 or past. A watcher renews
-//! its lease every second, so one that dies stops costing within [`LEASE_NS`].
+//! Nobody watching costs each packet one array read: the lease is 0. A watcher renews its lease
+//! and advances the rate limit's window every second; the daemon ends a lease that ran out, so
+//! a watcher that dies stops costing within [`LEASE_NS`] and a heartbeat. The programs read no
+//! clock until an event is to be written: a packet over the rate limit costs a per-CPU counter.
 
 use crate::{Addr16, ExitReason};
 
@@ -28,7 +30,9 @@ pub struct MonitorSettings {
     pub events_per_second: u32,
     /// The watcher's process id, so a second watcher can say who holds the instance.
     pub watcher_pid: u32,
-    pub padding: u32,
+    /// The rate limit's window: the watcher advances it every second, and each CPU's count of
+    /// events restarts when it changes.
+    pub window: u32,
 }
 const _: () = assert!(size_of::<MonitorSettings>() == 32);
 const _: () = assert!(ExitReason::COUNT <= 64);
@@ -46,9 +50,9 @@ impl MonitorSettings {
 pub struct MonitorBudget {
     /// Watched packets seen (the sampling counter).
     pub seen: u64,
-    /// Start of the current one-second window, `CLOCK_MONOTONIC` nanoseconds.
-    pub window_start_ns: u64,
-    /// Events written in the current window.
+    /// The [`MonitorSettings::window`] that `window_events` counts in.
+    pub window: u64,
+    /// Events written in that window.
     pub window_events: u64,
     /// Events written.
     pub emitted: u64,

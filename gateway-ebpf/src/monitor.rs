@@ -30,8 +30,6 @@ static MONITOR_BUDGET: PerCpuArray<MonitorBudget> = PerCpuArray::with_max_entrie
 #[map(name = "MONITOR_EVENTS")]
 static MONITOR_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 
-const SECOND_NS: u64 = 1_000_000_000;
-
 /// A context that knows the interface its packet arrived on.
 pub trait Ingress: Frame {
     fn ingress_ifindex(&self) -> u32;
@@ -53,8 +51,9 @@ impl Ingress for TcContext {
     }
 }
 
-/// The exit `reason` of a packet of `len` octets: an event when it is watched. Inline is only
-/// the lease test; the rest is out of line, on the branch a watcher asked for.
+/// The exit `reason` of a packet of `len` octets: an event when it is watched. Sampling and
+/// the rate limit are inline and read no clock, so a flood's packets over the limit cost two
+/// array reads and a counter; only an event to write goes out of line.
 #[inline(always)]
 pub fn observe<C: Ingress>(ctx: &C, reason: ExitReason, len: usize, hook: MonitorHook) {
     let Some(settings) = MONITOR_SETTINGS.get(0) else {
@@ -63,6 +62,27 @@ pub fn observe<C: Ingress>(ctx: &C, reason: ExitReason, len: usize, hook: Monito
     if settings.lease_until_ns == 0 || !settings.watches(reason as u32) {
         return;
     }
+    let Some(budget) = MONITOR_BUDGET.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a per-CPU slot from a successful lookup: no other writer, valid during the
+    // program.
+    let budget = unsafe { &mut *budget };
+    budget.seen += 1;
+    if settings.sample_every > 1 && budget.seen % u64::from(settings.sample_every) != 0 {
+        budget.sampled_out += 1;
+        return;
+    }
+    let window = u64::from(settings.window);
+    if budget.window != window {
+        budget.window = window;
+        budget.window_events = 0;
+    }
+    if budget.window_events >= u64::from(settings.events_per_second) {
+        budget.rate_limited += 1;
+        return;
+    }
+    budget.window_events += 1;
     record(
         ctx,
         reason as u32,
@@ -71,39 +91,20 @@ pub fn observe<C: Ingress>(ctx: &C, reason: ExitReason, len: usize, hook: Monito
     );
 }
 
-/// Applies the lease, sampling and the rate limit, then writes the event.
+/// Writes the event, within the lease.
 #[inline(never)]
 fn record<C: Ingress>(ctx: &C, reason: u32, len: u32, hook: u8) {
-    let Some(settings) = MONITOR_SETTINGS.get(0) else {
+    let (Some(settings), Some(budget)) = (MONITOR_SETTINGS.get(0), MONITOR_BUDGET.get_ptr_mut(0))
+    else {
         return;
     };
+    // SAFETY: as in `observe`.
+    let budget = unsafe { &mut *budget };
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if now >= settings.lease_until_ns {
         return;
     }
-    let sample_every = u64::from(settings.sample_every.max(1));
-    let events_per_second = u64::from(settings.events_per_second);
-    let Some(budget) = MONITOR_BUDGET.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: a per-CPU slot from a successful lookup: no other writer, valid during the
-    // program.
-    let budget = unsafe { &mut *budget };
-    budget.seen += 1;
-    if budget.seen % sample_every != 0 {
-        budget.sampled_out += 1;
-        return;
-    }
-    if now.saturating_sub(budget.window_start_ns) >= SECOND_NS {
-        budget.window_start_ns = now;
-        budget.window_events = 0;
-    }
-    if budget.window_events >= events_per_second {
-        budget.rate_limited += 1;
-        return;
-    }
-    budget.window_events += 1;
     let Some(mut entry) = MONITOR_EVENTS.reserve::<MonitorEvent>(0) else {
         budget.ring_full += 1;
         return;

@@ -472,7 +472,7 @@ fn watching(reasons: &[ExitReason], sample_every: u32, events_per_second: u32) -
         sample_every,
         events_per_second,
         watcher_pid: std::process::id(),
-        padding: 0,
+        window: 1,
     }
 }
 
@@ -537,5 +537,12 @@ fn sampling_and_the_rate_limit_bound_a_flood() {
             "{:?}",
             gate.hook
         );
+        // The watcher's next window lets as many through again.
+        let mut next = watching(&[ExitReason::NoBinding], 4, 3);
+        next.window = 2;
+        gate.watch(next);
+        gate.run_times(&frame, 40);
+        assert_eq!(gate.events().len(), 3, "{:?}", gate.hook);
+        assert_eq!(gate.budget().rate_limited, 14);
     }
 }

@@ -46,10 +46,11 @@ fn collect(pipe: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>>
 }
 
 impl Watcher {
-    fn start(ns: &Netns, instance: &str) -> Self {
+    fn start(ns: &Netns, instance: &str, extra: &[&str]) -> Self {
         let mut command = ns.command(gateway_bin());
         command
-            .args(["monitor", "--instance", instance, "--json"])
+            .args(["monitor", "--instance", instance])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -127,7 +128,7 @@ fn a_drop_from_a_wrong_source_port_shows_with_its_reason_addresses_and_ports() {
     let (gateway, _cleanup) = start_in_fw(&bed, &[]).unwrap();
     let (client, server, stranger, _session, relays) = bound(&bed);
 
-    let watcher = Watcher::start(&bed.fw, &gateway.instance);
+    let watcher = Watcher::start(&bed.fw, &gateway.instance, &["--json"]);
     assert!(
         wait_until(WAIT, || watcher.stderr_text().contains("watching instance")),
         "the monitor did not start: {}",
@@ -203,10 +204,51 @@ fn a_drop_from_a_wrong_source_port_shows_with_its_reason_addresses_and_ports() {
         "{}",
         watcher.stderr_text()
     );
-    let next = Watcher::start(&bed.fw, &gateway.instance);
+    next_watcher_prints_one_text_line(&bed, &gateway.instance, &stranger, relays.external);
+}
+
+/// The next watcher, in text and for one drop only, prints its line and exits by itself.
+fn next_watcher_prints_one_text_line(
+    bed: &Testbed,
+    instance: &str,
+    stranger: &UdpSocket,
+    external: SocketAddr,
+) {
+    let mut next = Watcher::start(
+        &bed.fw,
+        instance,
+        &["--reason", "no_binding", "--count", "1"],
+    );
     assert!(
         wait_until(WAIT, || next.stderr_text().contains("watching instance")),
         "the next watcher did not start: {}",
         next.stderr_text()
+    );
+    let expected = format!(
+        " no_binding                     udp  {} -> {} len ",
+        stranger.local_addr().unwrap(),
+        external
+    );
+    assert!(
+        wait_until(WAIT, || {
+            stranger.send_to(b"stray", external).unwrap();
+            next.child.has_exited()
+        }),
+        "the watcher did not stop after one event: {:?}",
+        next.stdout.lock().unwrap()
+    );
+    // Its pipe may still hold the line when it has exited.
+    wait_until(WAIT, || !next.stdout.lock().unwrap().is_empty());
+    let lines = next.stdout.lock().unwrap().clone();
+    println!("text lines: {lines:?}\nstderr: {}", next.stderr_text());
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains(" drop ") && lines[0].contains(&expected),
+        "{lines:?}"
+    );
+    assert!(
+        lines[0].ends_with(&format!("on {} (tc_gate)", iface::FW_OUTSIDE))
+            || lines[0].ends_with(&format!("on {} (xdp_gate)", iface::FW_OUTSIDE)),
+        "{lines:?}"
     );
 }

@@ -3,7 +3,7 @@
 //! drop (sampling and the rate limit are what keep that cheap), (b) an nftables netdev-ingress
 //! drop rule, (c) nothing (closed port), plus the sender's own cost into a null device; and the
 //! collateral damage: a legitimate stream through the in-kernel relay with and without a junk
-//! flood. The gateway's arms also record its programs' own time per packet (bpf_stats).
+//! flood. The gateway's arms also record its programs' own time per packet (`kernel.bpf_stats_enabled`).
 
 use std::{
     collections::BTreeMap,

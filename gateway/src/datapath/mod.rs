@@ -268,7 +268,13 @@ impl Datapath {
                     source,
                 })
             })?;
-        let heartbeat = Heartbeat::start(heartbeat_map);
+        let monitor_map = ebpf
+            .take_map(map_names::MONITOR_SETTINGS)
+            .and_then(|map| Array::try_from(map).ok());
+        if monitor_map.is_none() {
+            warn!("the monitor's settings map is missing: a watcher that dies is not noticed");
+        }
+        let heartbeat = Heartbeat::start(heartbeat_map, monitor_map);
         let kernel_log = KernelLog::take(&mut ebpf)
             .inspect_err(
                 |error| warn!(%error, "the programs' log cannot be read; their events are lost"),

@@ -1,7 +1,8 @@
 //! `gateway monitor`: watch a running gateway's drop and admit events. The watcher writes its
-//! request and a lease into the instance's pinned `MONITOR_SETTINGS`, renews the lease every
-//! second, reads the pinned ring buffer and prints one line per event; on exit it ends the lease,
-//! and a watcher that dies stops costing the data path when its lease runs out.
+//! request and a lease into the instance's pinned `MONITOR_SETTINGS`, renews the lease (and
+//! with it the rate limit's window) every second, reads the pinned ring buffer and prints one
+//! line per event; on exit it ends the lease. The daemon ends a lease that ran out
+//! ([`end_expired_lease`]), so a watcher that dies stops costing the data path.
 
 pub mod render;
 
@@ -119,6 +120,18 @@ impl Maps {
     }
 }
 
+/// Ends the lease of a watcher that died without ending it (called by the daemon's heartbeat):
+/// the programs then stop at the lease test. A watcher renewing at the same instant loses at
+/// most one second of its lease, restored at its next renewal.
+pub fn end_expired_lease(settings: &mut Array<MapData, MonitorSettings>, now_ns: u64) {
+    if let Ok(held) = settings.get(&0, 0)
+        && held.lease_until_ns != 0
+        && held.lease_until_ns <= now_ns
+    {
+        let _ = settings.set(0, MonitorSettings::default(), 0);
+    }
+}
+
 /// Whether a process with this id exists.
 fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
@@ -145,22 +158,23 @@ pub async fn run(pin_dir: &Path, watch: &Watch) -> Result<(), MonitorError> {
         })?;
     // What an earlier watcher left unread is not this watch's.
     while ring.next().is_some() {}
-    let request = |lease_until_ns| MonitorSettings {
-        lease_until_ns,
+    // Each renewal starts a new rate-limit window.
+    let request = |window| MonitorSettings {
+        lease_until_ns: monotonic_ns() + LEASE_NS,
         reasons: watch.reasons,
         sample_every: watch.sample_every,
         events_per_second: watch.events_per_second,
         watcher_pid: own_pid,
-        padding: 0,
+        window,
     };
     let start = maps.suppressed()?;
-    maps.write(request(monotonic_ns() + LEASE_NS))?;
+    maps.write(request(held.window.wrapping_add(1)))?;
     eprintln!(
         "gateway monitor: watching instance {} (every {} watched packet(s) per CPU considered, \
          at most {} events per CPU per second); SIGINT or SIGTERM stops",
         watch.instance, watch.sample_every, watch.events_per_second
     );
-    let outcome = watch_events(ring, &mut maps, watch, request).await;
+    let outcome = watch_events(ring, &mut maps, watch, held.window.wrapping_add(1), request).await;
     // End the lease whatever happened, so the data path stops at once.
     let ended = maps.write(MonitorSettings::default());
     if let Ok(now) = maps.suppressed() {
@@ -173,7 +187,8 @@ async fn watch_events(
     ring: RingBuf<MapData>,
     maps: &mut Maps,
     watch: &Watch,
-    request: impl Fn(u64) -> MonitorSettings,
+    mut window: u32,
+    request: impl Fn(u32) -> MonitorSettings,
 ) -> Result<(), MonitorError> {
     let io = |what| move |source| MonitorError::Io { what, source };
     // SAFETY: the AsyncFd owns the ring buffer and with it the map's fd, which stays open and
@@ -186,6 +201,8 @@ async fn watch_events(
             }
         })?;
     let mut renew = tokio::time::interval(Duration::from_secs(1));
+    // The first tick is at once: the request is fresh.
+    renew.tick().await;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(io("handle SIGTERM"))?;
     let mut names = HashMap::new();
@@ -195,7 +212,10 @@ async fn watch_events(
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = terminate.recv() => return Ok(()),
-            _ = renew.tick() => maps.write(request(monotonic_ns() + LEASE_NS))?,
+            _ = renew.tick() => {
+                window = window.wrapping_add(1);
+                maps.write(request(window))?;
+            }
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(io("wait for the ring buffer"))?;
                 let clocks = Clocks { monotonic_ns: monotonic_ns(), wall: SystemTime::now() };
