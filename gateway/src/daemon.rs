@@ -5,6 +5,7 @@
 //! `gateway detach`, removes the gate.
 
 mod access;
+mod readiness;
 mod signals;
 
 use std::{
@@ -342,13 +343,20 @@ async fn serve(
             pid = std::process::id(),
             "gateway running"
         );
+        // Only now: the gate drops and every listener accepts.
+        readiness::ready();
         loop {
             match signals.next().await {
                 Event::Stop(signal) => break signal,
-                Event::Reload => reload(&args.access, &services),
+                Event::Reload => {
+                    readiness::reloading();
+                    reload(&args.access, &services);
+                    readiness::ready();
+                }
             }
         }
     };
+    readiness::stopping();
     // Nothing is admitted from this moment, even while connections are still closing.
     let removed = gate.close();
     info!(
