@@ -1,14 +1,20 @@
-//! The daemon under systemd, without systemd: readiness over `NOTIFY_SOCKET` (`READY=1` only
-//! once the gate drops and the listeners accept, `RELOADING=1`/`READY=1` around SIGHUP,
-//! `STOPPING=1` on SIGTERM), checked through a datagram socket the test binds. Root only.
+//! The daemon under systemd, without systemd as PID 1: readiness over `NOTIFY_SOCKET`
+//! (`READY=1` only once the gate drops and the listeners accept, `RELOADING=1`/`READY=1` around
+//! SIGHUP, `STOPPING=1` on SIGTERM), checked through a datagram socket the test binds; the unit
+//! file passes `systemd-analyze verify`; and the daemon, started with exactly the unit's
+//! capabilities (read from the unit file, with `setpriv`), carries a two-step stream. Root only.
 
 use std::{
-    net::{SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream, UdpSocket},
     os::{fd::AsRawFd as _, unix::net::UnixDatagram},
-    path::PathBuf,
+    path::{Path, PathBuf},
+    process::Command,
     time::Duration,
 };
 
+use bytes::BytesMut;
+use gateway_client::{Family, Timeouts, blocking::Client};
+use gateway_proto::enhanced::DatagramHeader;
 use nix::sys::{
     signal::Signal,
     socket::{MsgFlags, recv},
@@ -16,9 +22,10 @@ use nix::sys::{
 use testbed::{
     Testbed, addr,
     gateway::{
-        GatewayDaemon, InstanceCleanup, TESTBED_ARGS, reason_packets, stats_json, unique_instance,
+        GatewayDaemon, InstanceCleanup, TESTBED_ARGS, gateway_bin, reason_packets, stats_json,
+        unique_instance,
     },
-    unique_suffix, wait_until,
+    run_checked, unique_suffix, wait_until,
 };
 
 /// Bound on the daemon's start (attach and listen) and on each notification after it.
@@ -177,4 +184,212 @@ fn an_unreachable_notify_socket_is_not_fatal() {
     );
     assert!(daemon.is_running());
     assert!(daemon.stop(), "{}", daemon.log_text());
+}
+
+/// The unit file the Debian package installs.
+fn unit_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/gateway.service")
+}
+
+/// The words of the unit's `KEY=` line (the one line of that key; none is repeated).
+fn unit_values(unit: &str, key: &str) -> Vec<String> {
+    let prefix = format!("{key}=");
+    let lines: Vec<&str> = unit
+        .lines()
+        .filter_map(|line| line.strip_prefix(&prefix))
+        .collect();
+    assert_eq!(lines.len(), 1, "one {key}= line in the unit");
+    lines[0].split_whitespace().map(str::to_owned).collect()
+}
+
+/// The unit, its `ExecStart` pointing at the binary under test (`systemd-analyze verify` checks
+/// that the command exists).
+fn unit_for_build(dir: &Path) -> PathBuf {
+    let unit = std::fs::read_to_string(unit_file()).unwrap();
+    let exec: Vec<&str> = unit
+        .lines()
+        .filter(|line| line.starts_with("ExecStart="))
+        .collect();
+    assert_eq!(
+        exec,
+        ["ExecStart=/usr/bin/gateway run --config /etc/gateway/gateway.toml"]
+    );
+    let path = dir.join("gateway.service");
+    let text = unit.replace(
+        "ExecStart=/usr/bin/gateway",
+        &format!("ExecStart={}", gateway_bin().display()),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn the_unit_passes_systemd_analyze_verify() {
+    let dir = std::env::temp_dir().join(format!("gateway-unit-{}", unique_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let unit = unit_for_build(&dir);
+    // The man pages it names exist only once the package is installed (the package's test
+    // verifies the installed unit with them).
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let unit = std::fs::read_to_string(unit_file()).unwrap();
+    assert_eq!(unit_values(&unit, "Type"), ["notify"]);
+    assert!(
+        !unit.lines().any(|line| line.starts_with("ExecStopPost=")),
+        "nothing may open the gate after a stop"
+    );
+}
+
+/// `setpriv`'s arguments that give the process exactly the unit's capabilities: its bounding
+/// set, inheritable and ambient sets, and no new privileges.
+fn setpriv_args(unit: &str) -> Vec<String> {
+    let bounding = unit_values(unit, "CapabilityBoundingSet");
+    let ambient = unit_values(unit, "AmbientCapabilities");
+    assert_eq!(unit_values(unit, "NoNewPrivileges"), ["yes"]);
+    let list = |caps: &[String]| -> String {
+        caps.iter()
+            .map(|cap| format!("+{}", cap.trim_start_matches("CAP_").to_lowercase()))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    vec![
+        "setpriv".to_owned(),
+        format!("--bounding-set=-all,{}", list(&bounding)),
+        format!("--inh-caps=-all,{}", list(&ambient)),
+        format!("--ambient-caps=-all,{}", list(&ambient)),
+        "--no-new-privs".to_owned(),
+        "--".to_owned(),
+    ]
+}
+
+/// The capability names of `/proc/PID/status`'s `KEY` line (`CapEff`, `CapBnd`), decoded by
+/// `capsh`, upper case as the unit spells them.
+fn capabilities(pid: i32, key: &str) -> Vec<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hex = status
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{key}:")))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let out = run_checked(Command::new("capsh").arg(format!("--decode={hex}"))).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut caps: Vec<String> = text
+        .trim()
+        .split_once('=')
+        .map_or("", |(_, names)| names)
+        .split(',')
+        .filter(|name| !name.is_empty())
+        .map(str::to_uppercase)
+        .collect();
+    caps.sort();
+    caps
+}
+
+fn framed(aid: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    DatagramHeader::new(aid).encode(&mut out).unwrap();
+    out.extend_from_slice(payload);
+    out.to_vec()
+}
+
+const STREAM: u32 = 100;
+
+#[test]
+fn with_exactly_the_units_capabilities_the_daemon_carries_a_two_step_stream() {
+    let unit = std::fs::read_to_string(unit_file()).unwrap();
+    let prefix = setpriv_args(&unit);
+    let prefix: Vec<&str> = prefix.iter().map(String::as_str).collect();
+    let bed = Testbed::new().unwrap();
+    let instance = unique_instance();
+    let _cleanup = InstanceCleanup {
+        instance: instance.clone(),
+    };
+    let daemon =
+        GatewayDaemon::start_with_prefix(&bed.fw, &instance, &prefix, &TESTBED_ARGS).unwrap();
+    let mut expected = unit_values(&unit, "CapabilityBoundingSet");
+    expected.sort();
+    assert_eq!(capabilities(daemon.pid(), "CapBnd"), expected);
+    assert_eq!(capabilities(daemon.pid(), "CapEff"), expected);
+    let log = daemon.log_text();
+    assert!(log.contains("gate attached"), "{log}");
+    assert!(
+        log.contains("relay ports reserved"),
+        "the port reservation works in the sandbox:\n{log}"
+    );
+
+    let client = bed
+        .client
+        .run(|| UdpSocket::bind((addr::CLIENT_V4, 0)).unwrap())
+        .unwrap();
+    let server = bed
+        .server
+        .run(|| UdpSocket::bind((addr::SERVER_V4, 0)).unwrap())
+        .unwrap();
+    for socket in [&client, &server] {
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+    }
+    let (client_addr, server_addr) = (client.local_addr().unwrap(), server.local_addr().unwrap());
+    let proxy = SocketAddr::from((addr::FW_INSIDE_V4, 1080));
+    let mut session = bed
+        .client
+        .run(move || {
+            Client::connect(proxy, None, Timeouts::default())
+                .unwrap()
+                .enhanced()
+                .unwrap()
+        })
+        .unwrap();
+    // Step 1 admits nothing; step 2 admits the one source.
+    let mut binding = session.bind(client_addr, Family::V4).unwrap();
+    let dropped =
+        |bed: &Testbed| reason_packets(&stats_json(&bed.fw, &instance).unwrap(), "no_binding");
+    let before = dropped(&bed);
+    server
+        .send_to(b"too early", binding.relays().external)
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || dropped(&bed) > before),
+        "step 1 admits nothing"
+    );
+    let relays = session.connect(&mut binding, server_addr).unwrap();
+    let mut buf = [0u8; 2048];
+    for seq in 0..STREAM {
+        let payload = format!("rtp {seq:04}");
+        server.send_to(payload.as_bytes(), relays.external).unwrap();
+        let (len, from) = client
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("inbound datagram {seq}: {e}"));
+        assert_eq!(from, relays.internal);
+        assert_eq!(
+            &buf[..len],
+            framed(relays.aid, payload.as_bytes()).as_slice()
+        );
+        client
+            .send_to(
+                &framed(relays.aid, format!("rtcp {seq:04}").as_bytes()),
+                relays.internal,
+            )
+            .unwrap();
+        let (len, from) = server
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("outbound datagram {seq}: {e}"));
+        assert_eq!(from, relays.external);
+        assert_eq!(&buf[..len], format!("rtcp {seq:04}").as_bytes());
+    }
+    let stats = stats_json(&bed.fw, &instance).unwrap();
+    assert!(reason_packets(&stats, "kernel_relayed_inbound") >= u64::from(STREAM));
+    drop(session);
 }

@@ -43,6 +43,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "ffmpeg",
     // The bench's PNG plots draw text with this font (ab_glyph, no fontconfig).
     "fonts-dejavu-core",
+    // The unit file's test: `systemd-analyze verify`; the daemon under exactly the unit's
+    // capabilities: `setpriv` (util-linux) and `capsh --decode`.
+    "systemd",
+    "util-linux",
+    "libcap2-bin",
 ];
 
 pub fn run() -> Result<()> {
