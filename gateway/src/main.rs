@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 mod daemon;
+mod docs;
 mod sibling;
 
 use std::{ffi::OsString, path::PathBuf};
@@ -128,6 +129,13 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
         args: Vec<OsString>,
     },
+    /// Write the man pages (DIR/man8/) and the bash, zsh and fish completions (DIR/completions/)
+    /// generated from this command's definition. For packaging.
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Where to write them.
+        dir: PathBuf,
+    },
     /// Any other `gateway NAME ...` runs the executable `gateway-NAME` beside `gateway` or on
     /// PATH, the way `git NAME` runs `git-NAME`.
     #[command(external_subcommand)]
@@ -171,9 +179,13 @@ fn init_logging(format: settings::LogFormat) {
     }
 }
 
+/// The command line as parsed and documented: `gateway run --help` shows every default.
+fn cli_command() -> clap::Command {
+    Cli::command().mut_subcommand("run", settings::document_defaults)
+}
+
 fn main() -> ExitCode {
-    let command = Cli::command().mut_subcommand("run", settings::document_defaults);
-    let cli = match Cli::from_arg_matches(&command.get_matches()) {
+    let cli = match Cli::from_arg_matches(&cli_command().get_matches()) {
         Ok(cli) => cli,
         Err(error) => error.exit(),
     };
@@ -235,6 +247,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Stats { instance, json } => show_stats(&instance, json),
         Command::RtspGet { args } => sibling::run("rtsp-get", &args),
         Command::Socksify { args } => sibling::run("socksify", &args),
+        Command::GenerateDocs { dir } => docs::generate(cli_command(), &dir),
         Command::External(words) => match words.split_first() {
             Some((name, args)) => sibling::run(&name.to_string_lossy(), args),
             None => Ok(()),

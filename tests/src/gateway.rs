@@ -3,7 +3,7 @@
 
 use std::{
     fs,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Output, Stdio},
     time::Duration,
 };
@@ -84,7 +84,18 @@ impl GatewayDaemon {
         prefix: &[&str],
         args: &[&str],
     ) -> Result<Self> {
-        let mut daemon = Self::spawn(ns, instance, prefix, args)?;
+        Self::start_program(ns, &gateway_bin(), instance, prefix, args)
+    }
+
+    /// [`GatewayDaemon::start_with_prefix`] with another gateway binary (an installed one).
+    pub fn start_program(
+        ns: &Netns,
+        program: &Path,
+        instance: &str,
+        prefix: &[&str],
+        args: &[&str],
+    ) -> Result<Self> {
+        let mut daemon = Self::spawn_program(ns, program, instance, prefix, args)?;
         let ready = wait_until(Duration::from_secs(10), || {
             daemon.child.has_exited() || daemon.log_text().contains(READY_LINE)
         });
@@ -97,16 +108,27 @@ impl GatewayDaemon {
     /// Starts `gateway run --instance INSTANCE ARGS...` in `ns` (under `prefix`, if any) with its
     /// output in a log file, without waiting for anything.
     pub fn spawn(ns: &Netns, instance: &str, prefix: &[&str], args: &[&str]) -> Result<Self> {
+        Self::spawn_program(ns, &gateway_bin(), instance, prefix, args)
+    }
+
+    /// [`GatewayDaemon::spawn`] with another gateway binary (an installed one).
+    pub fn spawn_program(
+        ns: &Netns,
+        program: &Path,
+        instance: &str,
+        prefix: &[&str],
+        args: &[&str],
+    ) -> Result<Self> {
         let log = std::env::temp_dir().join(format!("gateway-{instance}-{}.log", unique_suffix()));
         let log_file =
             fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let mut cmd = match prefix.split_first() {
-            Some((program, rest)) => {
-                let mut cmd = ns.command(program);
-                cmd.args(rest).arg(gateway_bin());
+            Some((wrapper, rest)) => {
+                let mut cmd = ns.command(wrapper);
+                cmd.args(rest).arg(program);
                 cmd
             }
-            None => ns.command(gateway_bin()),
+            None => ns.command(program),
         };
         cmd.args(["run", "--instance", instance]).args(args);
         // The gate's hook, forced for a whole test run (`cargo xtask test` runs the relay's

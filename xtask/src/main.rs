@@ -5,6 +5,7 @@
 mod bench;
 mod cargo;
 mod clippy;
+mod deb;
 mod demo;
 mod kernel_vm;
 mod setup;
@@ -85,6 +86,25 @@ enum Command {
         /// Where results.json, the plots and the flame graphs go (relative to the workspace).
         #[arg(long, value_name = "DIR", default_value = "target/bench")]
         out: PathBuf,
+    },
+    /// Build the Debian package target/debian/gateway_VERSION-1_amd64.deb (release binaries,
+    /// preload library, gateway.service, /etc/gateway/gateway.toml, man pages, completions)
+    /// with cargo-deb (installed by setup).
+    Deb,
+    /// Build the Debian package and install it with dpkg; the unit is neither enabled nor
+    /// started unless --enable. Undo: `dpkg -r gateway`.
+    Install {
+        /// Also enable and start gateway.service (where systemd is PID 1; elsewhere says so and
+        /// does nothing more). The configuration file must pass `gateway check-config`.
+        #[arg(long)]
+        enable: bool,
+    },
+    /// Build the daemon in release mode and run `gateway run ARGS` on this host's interfaces in
+    /// the foreground (e.g. `cargo xtask run -- --external eth0 --internal eth1`).
+    Run {
+        /// The arguments of `gateway run`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Run clippy with `-D warnings` on the host crates, then on the eBPF crate for
     /// bpfel-unknown-none (nightly, `-Z build-std=core`) with the lints that fit BPF code.
@@ -172,6 +192,21 @@ fn run(cli: Cli) -> Result<()> {
             setup::run()?;
             let out = setup::workspace_root().join(out);
             bench::run(if quick { "quick" } else { "full" }, only.as_deref(), &out)
+        }
+        Command::Deb => {
+            require_root("deb")?;
+            setup::run()?;
+            deb::deb()
+        }
+        Command::Install { enable } => {
+            require_root("install")?;
+            setup::run()?;
+            deb::install(enable)
+        }
+        Command::Run { args } => {
+            require_root("run")?;
+            setup::run()?;
+            deb::run(&args)
         }
         Command::Clippy => clippy::run(),
     }

@@ -14,6 +14,9 @@ use anyhow::{Context as _, Result, bail};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 
+/// The cargo-deb release `cargo xtask deb` builds the Debian package with.
+pub const CARGO_DEB_VERSION: &str = "3.8.0";
+
 /// Debian packages the tests, the demo and the benchmarks use.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
@@ -55,7 +58,34 @@ pub fn run() -> Result<()> {
     ensure_bpf_linker()?;
     ensure_bpffs()?;
     ensure_debian_packages()?;
+    ensure_cargo_deb()?;
     Ok(())
+}
+
+/// cargo-deb, at the pinned version, from crates.io.
+fn ensure_cargo_deb() -> Result<()> {
+    let works = Command::new("cargo")
+        .args(["deb", "--version"])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|out| {
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains(CARGO_DEB_VERSION)
+        });
+    if works {
+        return Ok(());
+    }
+    println!("setup: installing cargo-deb {CARGO_DEB_VERSION} (`cargo xtask deb` uses it)");
+    status(
+        Command::new("cargo")
+            .args([
+                "install",
+                "--locked",
+                "cargo-deb",
+                "--version",
+                CARGO_DEB_VERSION,
+            ])
+            .env_remove("CARGO_TARGET_DIR"),
+    )
 }
 
 fn output(program: &str, args: &[&str]) -> Result<String> {

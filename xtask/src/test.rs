@@ -56,12 +56,23 @@ pub fn run(filter: Option<&str>, skip_unit: bool) -> Result<()> {
         }
     }
 
-    for name in integration_test_files()? {
-        if filter.is_some_and(|filter| !name.contains(filter)) {
+    let files = integration_test_files()?;
+    let selected = |name: &str| filter.is_none_or(|filter| name.contains(filter));
+    // The package's test installs the .deb built once here, from the test build.
+    let mut deb = None;
+    if files.iter().any(|name| name == DEB_TEST && selected(name)) {
+        println!("test: building the Debian package for `{DEB_TEST}`");
+        match crate::deb::build(crate::deb::Profile::Dev) {
+            Ok(path) => deb = Some(path),
+            Err(error) => failures.push(format!("the Debian package: {error:#}")),
+        }
+    }
+    for name in files {
+        if !selected(&name) || (name == DEB_TEST && deb.is_none()) {
             continue;
         }
         println!("test: integration test `{name}` (root, network namespaces)");
-        if let Err(error) = integration_test(&name, None) {
+        if let Err(error) = integration_test(&name, None, deb.as_deref()) {
             failures.push(format!("integration test `{name}`: {error:#}"));
         }
     }
@@ -72,7 +83,7 @@ pub fn run(filter: Option<&str>, skip_unit: bool) -> Result<()> {
             continue;
         }
         println!("test: integration test `{name}` with the gate in XDP (--gate-hook xdp)");
-        if let Err(error) = integration_test(name, Some("xdp")) {
+        if let Err(error) = integration_test(name, Some("xdp"), None) {
             failures.push(format!(
                 "integration test `{name}` (gate in XDP): {error:#}"
             ));
@@ -102,9 +113,16 @@ pub fn run(filter: Option<&str>, skip_unit: bool) -> Result<()> {
 /// gate, the relay end to end (release, kill -9, takeover), RAW and partial checksums.
 const GATE_HOOK_FILES: [&str; 4] = ["xdp_gate", "enhanced_testbed", "raw_testbed", "multicast"];
 
+/// The integration test file that installs and removes the Debian package.
+const DEB_TEST: &str = "deb";
+
 /// Runs one integration test file, one test at a time; `gate_hook` forces every test-bed
-/// daemon's `--gate-hook`.
-fn integration_test(name: &str, gate_hook: Option<&str>) -> Result<()> {
+/// daemon's `--gate-hook`; `deb` is the package the package's test installs.
+fn integration_test(
+    name: &str,
+    gate_hook: Option<&str>,
+    deb: Option<&std::path::Path>,
+) -> Result<()> {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
     command
         .args([
@@ -121,6 +139,9 @@ fn integration_test(name: &str, gate_hook: Option<&str>) -> Result<()> {
         .current_dir(workspace_root());
     if let Some(hook) = gate_hook {
         command.env(testbed::gateway::GATE_HOOK_ENV, hook);
+    }
+    if let Some(deb) = deb {
+        command.env("GATEWAY_DEB", deb);
     }
     let status = command
         .status()
