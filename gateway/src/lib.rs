@@ -17,12 +17,14 @@
 //! - [`resolver`]: the RFC 5452 resolver for domain names in requests.
 //! - [`server`]: the SOCKS5 server, the enhanced mode, both relays, policy and caps.
 //! - [`settings`]: every setting of `gateway run`, declared once.
+//! - [`cli`]: the `gateway` command line's definition (for the binary and the man pages).
 //! - [`report`] and [`admin_socket`]: the typed documents of `gateway stats` and
 //!   `gateway bindings`, and the daemon's local socket that serves the latter.
 
 pub mod admin_socket;
 pub mod attach_mode;
 pub mod binding;
+pub mod cli;
 pub mod datapath;
 pub mod exit_counters;
 pub mod gate;

@@ -98,6 +98,16 @@ impl MountNs {
     }
 }
 
+impl Drop for MountNs {
+    fn drop(&mut self) {
+        // The namespace (and its bpffs with whatever is pinned there) ends with its holder; then
+        // the host's mount point made for it can go, unless something else uses it.
+        self.holder
+            .stop_with(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(5));
+        let _ = std::fs::remove_dir("/run/gateway");
+    }
+}
+
 /// Removes the package on drop (in the test's mount namespace), also when the test failed.
 struct Installed<'a> {
     ns: &'a MountNs,

@@ -1,6 +1,6 @@
 //! `cargo xtask deb`, `install` and `run`: the Debian package (built with cargo-deb from
 //! `[package.metadata.deb]` in gateway/Cargo.toml, after the binaries, the preload library and
-//! the files `gateway generate-docs` writes), installing it, and running the daemon on this
+//! the files `gateway-generate-docs` writes), installing it, and running the daemon on this
 //! host. Each says what it did and how to undo it.
 
 use std::{
@@ -65,13 +65,12 @@ pub fn build(profile: Profile) -> Result<PathBuf> {
     // profile's directory to cargo-deb).
     let assets = built.join("deb-assets");
     let _ = std::fs::remove_dir_all(&assets);
-    let status = Command::new(built.join("gateway"))
-        .arg("generate-docs")
+    let status = Command::new(built.join("gateway-generate-docs"))
         .arg(&assets)
         .status()
-        .context("run gateway generate-docs")?;
+        .context("run gateway-generate-docs")?;
     if !status.success() {
-        bail!("gateway generate-docs failed with {status}");
+        bail!("gateway-generate-docs failed with {status}");
     }
     let out_dir = workspace_root().join(if release {
         "target/debian"

@@ -1,7 +1,7 @@
-//! `gateway generate-docs DIR` (hidden): the man pages and the shell completions, generated from
-//! the very clap definition the command parses with, so they cannot drift from `--help`.
-//! `cargo xtask deb` packages what it writes; no operator needs it. Also the commented default
-//! configuration file, from the settings' own defaults and help.
+//! `gateway-generate-docs DIR`: the man pages and the shell completions of `gateway`, generated
+//! from the very clap definition it parses with ([`gateway::cli`]), so they cannot drift from
+//! `--help`; and the commented default configuration file, from the settings' own defaults and
+//! help. `cargo xtask deb` runs it and packages what it writes; the package does not hold it.
 
 use std::{fmt::Write as _, fs, path::Path};
 
@@ -12,9 +12,23 @@ use gateway::settings::Settings;
 /// Section 8: system administration commands (the daemon needs root).
 const MAN_SECTION: &str = "8";
 
+fn main() -> std::process::ExitCode {
+    let Some(dir) = std::env::args_os().nth(1) else {
+        eprintln!("usage: gateway-generate-docs DIR");
+        return std::process::ExitCode::FAILURE;
+    };
+    match generate(gateway::cli::command(), Path::new(&dir)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("gateway-generate-docs: error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Writes `DIR/man8/gateway.8`, `gateway-run.8`, ... (one page per visible subcommand) and
 /// `DIR/completions/gateway.bash`, `_gateway` (zsh) and `gateway.fish`, and `DIR/gateway.toml`.
-pub fn generate(command: clap::Command, dir: &Path) -> Result<()> {
+fn generate(command: clap::Command, dir: &Path) -> Result<()> {
     let man = dir.join(format!("man{MAN_SECTION}"));
     let completions = dir.join("completions");
     for sub in [&man, &completions] {
@@ -103,7 +117,7 @@ mod tests {
 
     #[test]
     fn the_commented_file_uncommented_is_the_defaults() {
-        let text = super::commented_defaults(&crate::cli_command());
+        let text = super::commented_defaults(&gateway::cli::command());
         let settings: String = text
             .lines()
             .filter_map(|line| line.strip_prefix('#'))
