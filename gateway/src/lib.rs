@@ -20,7 +20,7 @@
 //! - [`settings`]: every setting of `gateway run`, declared once.
 //! - [`report`] and [`admin_socket`]: the typed documents of `gateway stats` and
 //!   `gateway bindings`, and the daemon's local socket that serves the latter.
-//! - [`metrics`]: the `--metrics` endpoint (Prometheus text and OpenMetrics over a small HTTP
+//! - [`metrics`]: the `--metrics` endpoint (Prometheus text and `OpenMetrics` over a small HTTP
 //!   listener), built from the counts above.
 
 pub mod admin_socket;

@@ -6,7 +6,11 @@ use std::path::Path;
 use tracing::debug;
 
 use super::{process::ProcessStats, render::Snapshot};
-use crate::{exit_counters, report::Traffic, server::Services};
+use crate::{
+    exit_counters,
+    report::Traffic,
+    server::{Services, enhanced::EnhancedMode},
+};
 
 /// Everything the endpoint serves, read now; `pin_dir` holds the instance's pinned maps.
 pub fn snapshot(services: &Services, pin_dir: &Path) -> Snapshot {
@@ -17,16 +21,17 @@ pub fn snapshot(services: &Services, pin_dir: &Path) -> Snapshot {
     let counters = &services.counters;
     let enhanced = services.enhanced.as_deref();
     let userspace_relayed = Traffic {
-        packets: counters.associate_packets.get() + enhanced.map_or(0, |m| m.relay_relayed()),
-        bytes: counters.associate_bytes.get() + enhanced.map_or(0, |m| m.relay_relayed_bytes()),
+        packets: counters.associate_packets.get() + enhanced.map_or(0, EnhancedMode::relay_relayed),
+        bytes: counters.associate_bytes.get()
+            + enhanced.map_or(0, EnhancedMode::relay_relayed_bytes),
     };
     let (refused_total, refused_per_client) = services.connections.refused();
-    let caps = enhanced.map_or([0; 4], |mode| mode.caps_hit());
+    let caps = enhanced.map_or([0; 4], EnhancedMode::caps_hit);
     let (resolver_queries, resolver_failures) = services.resolver.lookup_counts();
     Snapshot {
         datapath,
         userspace_relayed,
-        bindings: enhanced.map(|m| m.census()).unwrap_or_default(),
+        bindings: enhanced.map(EnhancedMode::census).unwrap_or_default(),
         connections_open: services.connections.held(),
         connections_accepted: counters.connections_accepted.get(),
         authentications: vec![
@@ -44,7 +49,7 @@ pub fn snapshot(services: &Services, pin_dir: &Path) -> Snapshot {
             ("relay_ports", caps[3]),
             ("association_remotes", counters.associate_remote_cap.get()),
         ],
-        relay_ports_free: enhanced.map(|m| m.free_ports()).unwrap_or_default(),
+        relay_ports_free: enhanced.map(EnhancedMode::free_ports).unwrap_or_default(),
         resolver_queries,
         resolver_failures,
         process: ProcessStats::of_self(),

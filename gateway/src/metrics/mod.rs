@@ -2,7 +2,7 @@
 //! which addresses it may listen on ([`check_address`]), the HTTP it speaks (`http`, pure), the
 //! snapshot of every count (`collect`, which reads the pinned exit counters, the shared
 //! counters, the binding table and /proc) and its rendering in the Prometheus text format
-//! 0.0.4 or OpenMetrics (`render`, pure). It changes nothing it reads.
+//! 0.0.4 or `OpenMetrics` (`render`, pure). It changes nothing it reads.
 
 mod collect;
 mod http;

@@ -1,5 +1,5 @@
 //! A [`Snapshot`] of every count, and its text in the Prometheus text format 0.0.4 or in
-//! OpenMetrics, through prometheus-client. Pure: a registry is built from the snapshot for each
+//! `OpenMetrics`, through prometheus-client. Pure: a registry is built from the snapshot for each
 //! scrape, so nothing here holds state between scrapes.
 
 use std::sync::atomic::AtomicU64;
@@ -23,7 +23,7 @@ use crate::{
 pub enum Format {
     /// The Prometheus text format, version 0.0.4 (the default).
     Prometheus,
-    /// OpenMetrics 1.0 text, when the scraper's `Accept` asks for it.
+    /// `OpenMetrics` 1.0 text, when the scraper's `Accept` asks for it.
     OpenMetrics,
 }
 
@@ -235,7 +235,7 @@ fn register_process(registry: &mut Registry, process: &ProcessStats) {
     );
 }
 
-/// The text of `snapshot` in `format` (OpenMetrics ends with `# EOF`).
+/// The text of `snapshot` in `format` (`OpenMetrics` ends with `# EOF`).
 pub fn encode(snapshot: &Snapshot, format: Format) -> String {
     let mut root = Registry::default();
     if let Some(process) = &snapshot.process {
