@@ -25,8 +25,8 @@ use nix::sched::{CloneFlags, setns};
 use testbed::{
     Netns, Testbed, addr,
     gateway::{
-        InstanceCleanup, TESTBED_ARGS, gate_attached, gateway_bin, start_expecting_failure,
-        start_in_fw, stats_json, unique_instance,
+        InstanceCleanup, TESTBED_ARGS, gateway_bin, start_expecting_failure, start_in_fw,
+        stats_json, unique_instance,
     },
     iface, send_paced, time_scale, traffic, wait_until,
 };
@@ -385,6 +385,22 @@ fn the_endpoint_never_answers_the_external_side() {
 }
 
 #[test]
+fn a_loopback_endpoint_answers_on_the_firewall_host_only() {
+    let bed = Testbed::new().unwrap();
+    let loopback = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), METRICS_PORT);
+    let (gateway, _cleanup) = start_in_fw(&bed, &["--metrics", &loopback.to_string()]).unwrap();
+    let (head, body) = http_get(&bed.fw, loopback, "/metrics", "*/*").expect("a local scrape");
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert!(body.contains("gateway_control_connections 0"), "{body}");
+    assert_eq!(
+        http_get(&bed.client, metrics_inside(), "/metrics", "*/*"),
+        None,
+        "nothing listens on the internal address"
+    );
+    drop(gateway);
+}
+
+#[test]
 fn an_external_or_unspecified_metrics_address_is_refused_at_start() {
     let bed = Testbed::new().unwrap();
     let args = |metrics: &str| -> Vec<String> {
@@ -406,7 +422,7 @@ fn an_external_or_unspecified_metrics_address_is_refused_at_start() {
         let args = args(metrics);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let instance = unique_instance();
-        let _cleanup = InstanceCleanup {
+        let cleanup = InstanceCleanup {
             instance: instance.clone(),
         };
         let (status, log) = start_expecting_failure(&bed.fw, &instance, &args).unwrap();
@@ -415,8 +431,10 @@ fn an_external_or_unspecified_metrics_address_is_refused_at_start() {
             log.contains(says),
             "{metrics}: the refusal says why:\n{log}"
         );
+        // This instance pinned nothing: it attached nothing. (A global look at the links would
+        // also see the previous test's gate while its namespaces go away.)
         assert!(
-            !gate_attached(&bed.fw, iface::FW_OUTSIDE).unwrap(),
+            !cleanup.pin_dir().exists(),
             "{metrics}: refused before anything is attached"
         );
     }
