@@ -84,7 +84,7 @@ pub async fn serve(listener: TcpListener, scrape: Arc<dyn Fn() -> Snapshot + Sen
         };
         let scrape = Arc::clone(&scrape);
         tokio::spawn(async move {
-            if let Err(error) = answer(stream, scrape.as_ref()).await {
+            if let Err(error) = answer(stream, scrape).await {
                 debug!(%peer, %error, "metrics: scrape ended early");
             }
             drop(slot);
@@ -95,7 +95,7 @@ pub async fn serve(listener: TcpListener, scrape: Arc<dyn Fn() -> Snapshot + Sen
 /// Reads one request (bounded in size and time) and writes its answer.
 async fn answer(
     mut stream: TcpStream,
-    scrape: &(dyn Fn() -> Snapshot + Send + Sync),
+    scrape: Arc<dyn Fn() -> Snapshot + Send + Sync>,
 ) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let read = tokio::time::timeout(READ_TIMEOUT, async {
@@ -120,7 +120,10 @@ async fn answer(
     let found = found?;
     let response = match found {
         Route::Metrics(format) => {
-            let body = encode(&scrape(), format);
+            // Map reads, /proc and the binding table's lock stay off the async workers.
+            let body = tokio::task::spawn_blocking(move || encode(&scrape(), format))
+                .await
+                .map_err(std::io::Error::other)?;
             found.response(format.content_type(), body.as_bytes())
         }
         other => other.response("", b""),
