@@ -152,9 +152,9 @@ settings! {
     #[arg(long, value_enum, value_name = "FORMAT")]
     log_format: LogFormat = LogFormat::Text;
     /// Serve the counters for Prometheus at `http://ADDR:PORT/metrics` (the Prometheus text
-    /// format, `OpenMetrics` when the scraper's Accept asks for it). `off` by default. Only a
-    /// loopback address or an address of the internal interface: an external or unspecified
-    /// one is refused at start. Not changed by SIGHUP.
+    /// format, `OpenMetrics` when the scraper's Accept asks for it), or `off`. Only a loopback
+    /// address or an address of the internal interface: an external or unspecified one is
+    /// refused at start. Not changed by SIGHUP.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: MetricsListen = MetricsListen::default();
     /// Where the gate runs on the external interface: `auto` (XDP in driver mode on a NIC
