@@ -30,6 +30,9 @@ pub struct StreamRun {
     pub sender_sent: u64,
     /// Fraction of the sent datagrams that the arm's own counter saw dropped (drop scenarios).
     pub drops_verified: Option<f64>,
+    /// The gateway's programs' own run time per run over the window (`kernel.bpf_stats_enabled`;
+    /// the gateway's drop arms).
+    pub program_ns_per_packet: Option<f64>,
 }
 
 /// The legitimate stream of the collateral damage scenario, with or without the flood.

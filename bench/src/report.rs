@@ -29,8 +29,9 @@ pub const RELAY_ARMS: [(&str, &str); 9] = [
 ];
 
 /// Drop arms in table order.
-pub const DROP_ARMS: [(&str, &str); 4] = [
+pub const DROP_ARMS: [(&str, &str); 5] = [
     ("xdp", "gateway gate"),
+    ("xdp_monitor", "gate, monitor on"),
     ("nft", "nft netdev ingress"),
     ("closed", "closed port"),
     ("null_device", "sender only (null dev)"),
@@ -200,6 +201,18 @@ pub fn targets(results: &Results) -> Vec<Target> {
             "XDP drop CPU/pkt / nft ingress drop CPU/pkt <= 1.0",
             cost_ratio(drop_net_cpu(results, "xdp"), drop_net_cpu(results, "nft")),
             Bound::AtMost(1.0),
+        ));
+    }
+    if results.drop.contains_key("xdp_monitor") {
+        let program = |arm: &str| {
+            results.drop.get(arm).map_or(f64::NAN, |runs| {
+                median_of(runs, |r| r.program_ns_per_packet.unwrap_or(f64::NAN))
+            })
+        };
+        out.push(target(
+            "gate's own ns/pkt under a junk flood, monitor watching / not watching <= 1.05",
+            cost_ratio(program("xdp_monitor"), program("xdp")),
+            Bound::AtMost(1.05),
         ));
     }
     if let Some(flood) = results.collateral.get("flood") {
@@ -392,8 +405,8 @@ pub fn table(results: &Results) -> String {
         );
         let _ = writeln!(
             out,
-            "{:<24}{:>18}{:>16}{:>16}{:>12}",
-            "arm", "dropped pps", "CPU ns/pkt", "net ns/pkt", "verified"
+            "{:<24}{:>18}{:>16}{:>16}{:>12}{:>14}",
+            "arm", "dropped pps", "CPU ns/pkt", "net ns/pkt", "verified", "prog ns/pkt"
         );
         for (key, label) in DROP_ARMS {
             let Some(runs) = results.drop.get(key) else {
@@ -401,7 +414,7 @@ pub fn table(results: &Results) -> String {
             };
             let _ = writeln!(
                 out,
-                "{label:<24}{:>18}{:>16}{:>16}{:>12}",
+                "{label:<24}{:>18}{:>16}{:>16}{:>12}{:>14}",
                 fmt_summary(summary(runs, |r| r.offered_pps), 1.0, 0),
                 fmt_summary(summary(runs, |r| r.cpu_ns_per_offered), 1.0, 0),
                 if key == "null_device" {
@@ -411,6 +424,8 @@ pub fn table(results: &Results) -> String {
                 },
                 summary(runs, |r| r.drops_verified.unwrap_or(f64::NAN))
                     .map_or_else(|| "-".to_owned(), |s| format!("{:.1} %", s.median * 100.0)),
+                summary(runs, |r| r.program_ns_per_packet.unwrap_or(f64::NAN))
+                    .map_or_else(|| "-".to_owned(), |s| format!("{:.1}", s.median)),
             );
         }
         let _ = writeln!(

@@ -5,8 +5,13 @@
 //! It must stay `no_std` and free of logic beyond naming and address mapping.
 #![no_std]
 
+mod monitor;
 mod reason;
 
+pub use monitor::{
+    EVENTS_RING_BYTES, LEASE_NS, MonitorBudget, MonitorEvent, MonitorHook, MonitorSettings,
+    flow as monitor_flow,
+};
 pub use reason::{ExitReason, Verdict};
 
 /// Map names, shared so user space finds the maps the eBPF object declares.
@@ -42,6 +47,12 @@ pub mod map_names {
     pub const GROUP_SOURCES: &str = "GROUP_SOURCES";
     /// The fan-out program (a `PROG_ARRAY` of one slot, 0): empty when it could not load.
     pub const FANOUT_PROGRAMS: &str = "FANOUT_PROGRAMS";
+    /// `gateway monitor`'s request: one [`super::MonitorSettings`] at index 0.
+    pub const MONITOR_SETTINGS: &str = "MONITOR_SETTINGS";
+    /// Per CPU, one [`super::MonitorBudget`] at index 0.
+    pub const MONITOR_BUDGET: &str = "MONITOR_BUDGET";
+    /// The ring buffer of [`super::MonitorEvent`]s.
+    pub const MONITOR_EVENTS: &str = "MONITOR_EVENTS";
 }
 
 /// Name of the XDP program on the external interface (the gate).
@@ -453,6 +464,10 @@ mod pod {
     unsafe impl aya::Pod for super::GroupSourceKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::GroupValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MonitorSettings {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MonitorBudget {}
 }
 
 #[cfg(test)]

@@ -19,19 +19,21 @@
 //!
 //! Every exit is counted by reason; malformed input is a counted drop or goes to user space. No
 //! logging on the per-packet path: the rare events an operator must see are logged, rate-limited,
-//! from the branches that meet them (`events`).
+//! from the branches that meet them (`events`); `gateway monitor` watches the external
+//! programs' exits, sampled and rate-limited (`monitor`).
 #![no_std]
 #![no_main]
 mod events;
 mod fanout;
 mod gate;
 mod maps;
+mod monitor;
 mod parse;
 mod steer;
 mod tc;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use gateway_common::Verdict;
+use gateway_common::{MonitorHook, Verdict};
 
 use crate::maps::count;
 
@@ -44,7 +46,9 @@ pub fn gateway_external(ctx: XdpContext) -> u32 {
     let reason = match gate::classify(&ctx) {
         Ok(reason) | Err(reason) => reason,
     };
-    count(reason, ctx.data_end() - ctx.data());
+    let len = ctx.data_end() - ctx.data();
+    count(reason, len);
+    monitor::observe(&ctx, reason, len, MonitorHook::XdpGate);
     match reason.verdict() {
         Verdict::Pass | Verdict::Redirect => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,

@@ -18,13 +18,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use gateway_common::{
-    Addr16, BindingKey, BindingValue, ClientSocketKey, EntryCounters, ExitReason, OutboundKey,
-    OutboundValue, Verdict, framing, ipv4_mapped, relay_mode,
+    Addr16, BindingKey, BindingValue, ClientSocketKey, EntryCounters, ExitReason, MonitorHook,
+    OutboundKey, OutboundValue, Verdict, framing, ipv4_mapped, relay_mode,
 };
 
 use crate::{
     fanout,
     maps::{BINDINGS, EXTERNAL_ADDRS, OUTBOUND, RAW_CLIENTS, count, daemon_alive, settings, touch},
+    monitor,
 };
 
 pub(crate) const ETH_HLEN: usize = 14;
@@ -263,10 +264,16 @@ pub fn gateway_inbound(ctx: TcContext) -> i32 {
     if fanout::to_multicast(&ctx) {
         fanout::tail_call(&ctx);
         count(ExitReason::MulticastToUserspace, len);
+        monitor::observe(
+            &ctx,
+            ExitReason::MulticastToUserspace,
+            len,
+            MonitorHook::TcInbound,
+        );
         return TC_ACT_OK;
     }
     let exit = inbound(&ctx);
-    count_raw(exit.reason, len);
+    count_and_observe(&ctx, exit.reason, len, MonitorHook::TcInbound);
     exit.action
 }
 
@@ -299,11 +306,12 @@ pub fn gateway_gate(ctx: TcContext) -> i32 {
     }
     let reason = ExitReason::from_u32(gate(&ctx)).unwrap_or(ExitReason::KernelRelayFailed);
     count(reason, len);
+    monitor::observe(&ctx, reason, len, MonitorHook::TcGate);
     match reason.verdict() {
         Verdict::Drop => TC_ACT_SHOT,
         Verdict::Pass | Verdict::Redirect if reason == ExitReason::BindingToKernelRelay => {
             let exit = inbound(&ctx);
-            count_raw(exit.reason, len);
+            count_and_observe(&ctx, exit.reason, len, MonitorHook::TcGate);
             exit.action
         }
         Verdict::Pass | Verdict::Redirect if reason == ExitReason::MulticastToFanOut => {
@@ -311,6 +319,12 @@ pub fn gateway_gate(ctx: TcContext) -> i32 {
             // serves the group.
             fanout::tail_call(&ctx);
             count(ExitReason::MulticastToUserspace, len);
+            monitor::observe(
+                &ctx,
+                ExitReason::MulticastToUserspace,
+                len,
+                MonitorHook::TcGate,
+            );
             TC_ACT_OK
         }
         Verdict::Pass | Verdict::Redirect => TC_ACT_OK,
@@ -347,6 +361,15 @@ fn gate(ctx: &TcContext) -> u32 {
 fn count_raw(reason: u32, len: usize) {
     if let Some(reason) = ExitReason::from_u32(reason) {
         count(reason, len);
+    }
+}
+
+/// Counts an exit of the external interface's programs and shows it to a watcher.
+#[inline(always)]
+fn count_and_observe(ctx: &TcContext, reason: u32, len: usize, hook: MonitorHook) {
+    if let Some(reason) = ExitReason::from_u32(reason) {
+        count(reason, len);
+        monitor::observe(ctx, reason, len, hook);
     }
 }
 

@@ -33,6 +33,7 @@ pub mod gate;
 pub mod host_flow;
 pub mod instance;
 pub mod metrics;
+pub mod monitor;
 pub mod neighbour;
 pub mod netif;
 pub mod report;

@@ -1,4 +1,4 @@
-//! The `gateway` command: the daemon (`run`) and the operator's tools (`stats`).
+//! The `gateway` command: the daemon (`run`) and the operator's tools (`stats`, `monitor`, ...).
 
 use std::process::ExitCode;
 
@@ -66,6 +66,36 @@ enum Command {
     CheckConfig {
         /// The TOML file, as `gateway run --config FILE` reads it.
         file: PathBuf,
+    },
+    /// Watch a running gateway's data path: one line per drop or admit (time, verdict, reason,
+    /// addresses and ports, interface, program), from a ring buffer the external interface's
+    /// programs write, sampled and rate-limited per CPU so a flood costs the fast path little.
+    /// Without --reason every reason is shown except the stack's own traffic and bookkeeping
+    /// (`not_udp_passed`, `inbound_to_stack`, `multicast_to_userspace`). One watcher per instance;
+    /// on exit it prints what the budget left out to stderr. The internal interface's program
+    /// and the fan-out's copies are counted (`gateway stats`), not watched.
+    Monitor {
+        /// Instance name of the gateway to watch.
+        #[arg(long, value_name = "NAME", default_value = DEFAULT_INSTANCE)]
+        instance: String,
+        /// Only exits for these reasons (names as `gateway stats` prints them; repeat or
+        /// separate with commas).
+        #[arg(long, value_name = "NAME", value_delimiter = ',')]
+        reason: Vec<String>,
+        /// Print one JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Consider every Nth watched packet per CPU (1: every one).
+        #[arg(long, value_name = "N", default_value_t = 1,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        sample: u32,
+        /// At most this many events per CPU per second; the rest are counted, not shown.
+        #[arg(long, value_name = "N", default_value_t = 100,
+              value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        rate: u32,
+        /// Stop after this many events (default: until SIGINT or SIGTERM).
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
     },
     /// Read a password from stdin and print a users-file line `NAME:$argon2id$...`.
     Passwd {
@@ -183,6 +213,24 @@ fn run(cli: Cli) -> Result<()> {
         } => show_bindings(&instance, json, summary),
         Command::Detach { instance } => detach(&instance),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Monitor {
+            instance,
+            reason,
+            json,
+            sample,
+            rate,
+            count,
+        } => {
+            let watch = gateway::monitor::Watch {
+                instance: instance.clone(),
+                reasons: gateway::monitor::render::reason_mask(&reason)?,
+                sample_every: sample,
+                events_per_second: rate,
+                json,
+                count,
+            };
+            monitor(&instance, &watch)
+        }
         Command::Passwd { name } => passwd(&name),
         Command::Stats { instance, json } => show_stats(&instance, json),
         Command::RtspGet { args } => sibling::run("rtsp-get", &args),
@@ -290,6 +338,18 @@ fn check_config(file: &std::path::Path) -> Result<()> {
         eprintln!("gateway: {problem}");
     }
     anyhow::bail!("{} problem(s) in {origin}", problems.len())
+}
+
+/// `gateway monitor`: watch the running instance's drop and admit events.
+fn monitor(instance: &str, watch: &gateway::monitor::Watch) -> Result<()> {
+    let instance = Instance::new(instance)?;
+    instance.require_running()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the runtime")?;
+    runtime.block_on(gateway::monitor::run(&instance.pin_dir(), watch))?;
+    Ok(())
 }
 
 /// `gateway passwd`: read a password from stdin and print a users-file line.

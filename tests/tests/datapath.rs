@@ -4,14 +4,15 @@
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use etherparse::PacketBuilder;
 use gateway::datapath::EBPF_OBJECT;
 use gateway_common::{
-    ControlPortKey, Counter, ExitReason, HostAllowKey, HostAllowValue, TC_GATE_PROGRAM,
-    XDP_EXTERNAL_PROGRAM, ipv4_mapped, map_names,
+    ControlPortKey, Counter, ExitReason, HostAllowKey, HostAllowValue, LEASE_NS, MonitorBudget,
+    MonitorEvent, MonitorHook, MonitorSettings, TC_GATE_PROGRAM, XDP_EXTERNAL_PROGRAM, ipv4_mapped,
+    map_names,
 };
 use testbed::frames::{ETH, with_ipv4_options, with_ipv6_ext};
 
@@ -404,5 +405,144 @@ fn tcp_to_the_control_port_from_outside_is_dropped() {
             DROP,
             ExitReason::TruncatedHeader,
         );
+    }
+}
+
+/// `gateway monitor`'s side of the gate: what a watcher asked for, and what the gate wrote.
+impl Loaded {
+    fn watch(&mut self, settings: MonitorSettings) {
+        let mut map: Array<&mut MapData, MonitorSettings> =
+            Array::try_from(self.ebpf.map_mut(map_names::MONITOR_SETTINGS).unwrap()).unwrap();
+        map.set(0, settings, 0).unwrap();
+    }
+
+    /// Runs `frame` `times` times in one test run (on one CPU, so one CPU's budget applies).
+    fn run_times(&self, frame: &[u8], times: u32) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let options = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: times,
+            ..TestRunOptions::default()
+        };
+        let name = match self.hook {
+            Hook::Xdp => XDP_EXTERNAL_PROGRAM,
+            Hook::Tc => TC_GATE_PROGRAM,
+        };
+        let program = self.ebpf.program(name).unwrap();
+        match self.hook {
+            Hook::Xdp => <&Xdp>::try_from(program).unwrap().test_run(options),
+            Hook::Tc => <&SchedClassifier>::try_from(program)
+                .unwrap()
+                .test_run(options),
+        }
+        .unwrap();
+    }
+
+    fn events(&mut self) -> Vec<MonitorEvent> {
+        let mut ring =
+            RingBuf::try_from(self.ebpf.map_mut(map_names::MONITOR_EVENTS).unwrap()).unwrap();
+        let mut events = Vec::new();
+        while let Some(record) = ring.next() {
+            events.push(gateway::monitor::render::decode(&record).expect("an event"));
+        }
+        events
+    }
+
+    fn budget(&self) -> MonitorBudget {
+        let map: PerCpuArray<&MapData, MonitorBudget> =
+            PerCpuArray::try_from(self.ebpf.map(map_names::MONITOR_BUDGET).unwrap()).unwrap();
+        map.get(&0, 0)
+            .unwrap()
+            .iter()
+            .fold(MonitorBudget::default(), |sum, cpu| MonitorBudget {
+                emitted: sum.emitted + cpu.emitted,
+                sampled_out: sum.sampled_out + cpu.sampled_out,
+                rate_limited: sum.rate_limited + cpu.rate_limited,
+                ring_full: sum.ring_full + cpu.ring_full,
+                ..MonitorBudget::default()
+            })
+    }
+}
+
+fn watching(reasons: &[ExitReason], sample_every: u32, events_per_second: u32) -> MonitorSettings {
+    MonitorSettings {
+        lease_until_ns: gateway::datapath::monotonic_ns() + LEASE_NS,
+        reasons: reasons.iter().fold(0, |mask, r| mask | 1 << *r as u32),
+        sample_every,
+        events_per_second,
+        watcher_pid: std::process::id(),
+        window: 1,
+    }
+}
+
+#[test]
+fn a_watched_drop_is_an_event_with_its_addresses_and_ports() {
+    for mut gate in Loaded::each_hook() {
+        let hook = gate.hook;
+        gate.watch(watching(&[ExitReason::NoBinding], 1, 100));
+        let frame = udp4(6000, 30000, b"junk");
+        gate.expect(&frame, DROP, ExitReason::NoBinding);
+        gate.expect(&udp6(6001, 30001, b"junk6"), DROP, ExitReason::NoBinding);
+        // Not watched: counted, not shown.
+        gate.expect(&tcp4(), PASS, ExitReason::NotUdpPassed);
+        let events = gate.events();
+        assert_eq!(events.len(), 2, "{hook:?}: {events:?}");
+        let (v4, v6) = (&events[0], &events[1]);
+        assert_eq!(v4.reason, ExitReason::NoBinding as u32);
+        assert_eq!(v4.protocol, 17);
+        assert_eq!(v4.src_addr, ipv4_mapped(SERVER));
+        assert_eq!(v4.dst_addr, ipv4_mapped(GATEWAY));
+        assert_eq!(u16::from_be(v4.src_port_be), 6000);
+        assert_eq!(u16::from_be(v4.dst_port_be), 30000);
+        assert_eq!(v4.len as usize, frame.len());
+        let expected_hook = match hook {
+            Hook::Xdp => MonitorHook::XdpGate,
+            Hook::Tc => MonitorHook::TcGate,
+        };
+        assert_eq!(v4.hook, expected_hook as u8);
+        assert_eq!((v6.src_addr, v6.dst_addr), (SERVER6, GATEWAY6));
+        assert_eq!(u16::from_be(v6.src_port_be), 6001);
+        assert!(v6.time_ns >= v4.time_ns);
+        assert_eq!(gate.budget().emitted, 2);
+    }
+}
+
+#[test]
+fn without_a_live_lease_nothing_is_written() {
+    for mut gate in Loaded::each_hook() {
+        let frame = udp4(6000, 30000, b"junk");
+        gate.expect(&frame, DROP, ExitReason::NoBinding);
+        let mut expired = watching(&[ExitReason::NoBinding], 1, 100);
+        expired.lease_until_ns = gateway::datapath::monotonic_ns() - 1;
+        gate.watch(expired);
+        gate.expect(&frame, DROP, ExitReason::NoBinding);
+        assert!(gate.events().is_empty(), "{:?}", gate.hook);
+        assert_eq!(gate.budget(), MonitorBudget::default());
+    }
+}
+
+#[test]
+fn sampling_and_the_rate_limit_bound_a_flood() {
+    for mut gate in Loaded::each_hook() {
+        let frame = udp4(6000, 30000, b"junk");
+        // Every 4th of 40: 10 considered, of which the rate limit lets 3 through.
+        gate.watch(watching(&[ExitReason::NoBinding], 4, 3));
+        gate.run_times(&frame, 40);
+        let budget = gate.budget();
+        assert_eq!(gate.events().len(), 3, "{:?}", gate.hook);
+        assert_eq!(
+            (budget.emitted, budget.sampled_out, budget.rate_limited),
+            (3, 30, 7),
+            "{:?}",
+            gate.hook
+        );
+        // The watcher's next window lets as many through again.
+        let mut next = watching(&[ExitReason::NoBinding], 4, 3);
+        next.window = 2;
+        gate.watch(next);
+        gate.run_times(&frame, 40);
+        assert_eq!(gate.events().len(), 3, "{:?}", gate.hook);
+        assert_eq!(gate.budget().rate_limited, 14);
     }
 }

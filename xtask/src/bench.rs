@@ -197,7 +197,7 @@ pub fn check_document(doc: &Value) -> Vec<String> {
             );
         }
     }
-    for arm in ["xdp", "nft", "closed", "null_device"] {
+    for arm in ["xdp", "xdp_monitor", "nft", "closed", "null_device"] {
         need(
             format!("drop {arm}"),
             &summary["drop"][arm]["offered_pps"]["median"],

@@ -1,17 +1,22 @@
 //! Area 2, unsolicited drop: one junk stream (64-octet payloads, flat out) at fw's external
-//! address with (a) the gateway's XDP gate, (b) an nftables netdev-ingress drop rule, (c)
-//! nothing (closed port), plus the sender's own cost into a null device; and the collateral
-//! damage: a legitimate stream through the in-kernel relay with and without a junk flood.
+//! address with (a) the gateway's XDP gate, (a') the same with `gateway monitor` watching every
+//! drop (sampling and the rate limit are what keep that cheap), (b) an nftables netdev-ingress
+//! drop rule, (c) nothing (closed port), plus the sender's own cost into a null device; and the
+//! collateral damage: a legitimate stream through the in-kernel relay with and without a junk
+//! flood. The gateway's arms also record its programs' own time per packet (`kernel.bpf_stats_enabled`).
 
 use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader},
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    process::Stdio,
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
 use bench::model::{CollateralRun, Results, StreamRun};
 use testbed::{
-    addr,
+    ChildGuard, addr,
     gateway::{reason_packets, stats_json},
     iface, run_checked,
 };
@@ -19,6 +24,7 @@ use testbed::{
 use super::{
     arms::{Arm, ArmGuard, ClientPath, SOURCE, add_address, rotated},
     env::{Blast, Env, SocketSpec},
+    profile::{BpfStats, program_stats},
     stream::{StreamSpec, run_stream},
 };
 
@@ -35,14 +41,16 @@ const NFT_TABLE: &str = "gateway_bench";
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum DropArm {
     Xdp,
+    XdpMonitor,
     Nft,
     Closed,
     NullDevice,
 }
 
 impl DropArm {
-    const ALL: [DropArm; 4] = [
+    const ALL: [DropArm; 5] = [
         DropArm::Xdp,
+        DropArm::XdpMonitor,
         DropArm::Nft,
         DropArm::Closed,
         DropArm::NullDevice,
@@ -51,6 +59,7 @@ impl DropArm {
     fn key(self) -> &'static str {
         match self {
             DropArm::Xdp => "xdp",
+            DropArm::XdpMonitor => "xdp_monitor",
             DropArm::Nft => "nft",
             DropArm::Closed => "closed",
             DropArm::NullDevice => "null_device",
@@ -140,13 +149,21 @@ fn junk(env: &Env, to: SocketAddr) -> Result<StreamRun> {
 
 fn drop_run(env: &Env, arm: DropArm) -> Result<StreamRun> {
     match arm {
-        DropArm::Xdp => {
+        DropArm::Xdp | DropArm::XdpMonitor => {
             let guard = ArmGuard::start(env, Arm::Kernel, &[])?;
             let instance = guard.instance().context("gateway instance")?.to_owned();
+            let _watcher = if arm == DropArm::XdpMonitor {
+                Some(Watcher::start(env, &instance)?)
+            } else {
+                None
+            };
+            let _stats = BpfStats::enable()?;
+            let programs_before = program_stats()?;
             let before = reason_packets(&stats_json(&env.bed.fw, &instance)?, "no_binding");
             let mut stream = junk(env, JUNK_TO)?;
             let after = reason_packets(&stats_json(&env.bed.fw, &instance)?, "no_binding");
             stream.drops_verified = Some(fraction(after - before, stream.sender_sent));
+            stream.program_ns_per_packet = ns_per_run(&programs_before, &program_stats()?);
             Ok(stream)
         }
         DropArm::Nft => {
@@ -168,6 +185,55 @@ fn drop_run(env: &Env, arm: DropArm) -> Result<StreamRun> {
             Ok(stream)
         }
         DropArm::NullDevice => junk(env, NULL_TO),
+    }
+}
+
+/// The gateway's programs' time per run between two readings (every program's runs: under the
+/// flood nearly all are the gate's drops).
+#[expect(clippy::cast_precision_loss, reason = "nanosecond and run counts")]
+fn ns_per_run(
+    before: &BTreeMap<String, (u64, u64)>,
+    after: &BTreeMap<String, (u64, u64)>,
+) -> Option<f64> {
+    let (runs, ns) = after.iter().fold((0u64, 0u64), |(runs, ns), (name, now)| {
+        let was = before.get(name).copied().unwrap_or((0, 0));
+        (
+            runs + now.0.saturating_sub(was.0),
+            ns + now.1.saturating_sub(was.1),
+        )
+    });
+    (runs > 0).then(|| ns as f64 / runs as f64)
+}
+
+/// `gateway monitor` watching the junk's drops (its events thrown away), for as long as it
+/// lives.
+struct Watcher {
+    /// Stopped (SIGTERM) when the watcher is dropped.
+    _process: ChildGuard,
+}
+
+impl Watcher {
+    fn start(env: &Env, instance: &str) -> Result<Self> {
+        let mut command = env.bed.fw.command(testbed::gateway::gateway_bin());
+        command
+            .args(["monitor", "--instance", instance, "--reason", "no_binding"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = ChildGuard::spawn(&mut command, "gateway monitor")?;
+        let stderr = child
+            .child_mut()
+            .and_then(|child| child.stderr.take())
+            .context("the monitor's stderr")?;
+        // Its first line says it holds the lease (or why not).
+        let mut first = String::new();
+        BufReader::new(stderr)
+            .read_line(&mut first)
+            .context("read the monitor's first line")?;
+        if !first.contains("watching instance") {
+            bail!("gateway monitor did not start: {first}");
+        }
+        Ok(Self { _process: child })
     }
 }
 

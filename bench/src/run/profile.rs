@@ -82,14 +82,14 @@ fn check_perf() -> Result<()> {
 }
 
 /// `kernel.bpf_stats_enabled` on for as long as it lives, back to what it was after.
-struct BpfStats {
+pub(super) struct BpfStats {
     before: String,
 }
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 impl BpfStats {
-    fn enable() -> Result<Self> {
+    pub(super) fn enable() -> Result<Self> {
         let before = fs::read_to_string(BPF_STATS)
             .context("read kernel.bpf_stats_enabled")?
             .trim()
@@ -106,7 +106,7 @@ impl Drop for BpfStats {
 }
 
 /// `(run_cnt, run_time_ns)` of every loaded program whose name starts with `gateway_`.
-fn program_stats() -> Result<BTreeMap<String, (u64, u64)>> {
+pub(super) fn program_stats() -> Result<BTreeMap<String, (u64, u64)>> {
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
         .output()

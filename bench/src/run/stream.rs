@@ -133,6 +133,7 @@ pub fn run_stream(env: &Env, spec: &StreamSpec<'_>) -> Result<(StreamRun, Stream
         sender_errors: sender_report["errors"].as_u64().unwrap_or(0),
         sender_sent: sender_report["sent"].as_u64().unwrap_or(0),
         drops_verified: None,
+        program_ns_per_packet: None,
     };
     Ok((
         run,

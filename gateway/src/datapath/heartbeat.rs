@@ -14,7 +14,10 @@ use std::{
 };
 
 use aya::maps::{Array, MapData};
+use gateway_common::MonitorSettings;
 use tracing::warn;
+
+use crate::monitor::end_expired_lease;
 
 pub const INTERVAL: Duration = Duration::from_millis(250);
 
@@ -32,8 +35,12 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
-    /// Beats once at once, then every [`INTERVAL`] until stopped.
-    pub fn start(mut map: Array<MapData, u64>) -> Self {
+    /// Beats once at once, then every [`INTERVAL`] until stopped; with each beat, ends the lease
+    /// of a `gateway monitor` that died.
+    pub fn start(
+        mut map: Array<MapData, u64>,
+        mut monitor: Option<Array<MapData, MonitorSettings>>,
+    ) -> Self {
         let _ = map.set(0, monotonic_ns(), 0);
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
@@ -41,8 +48,12 @@ impl Heartbeat {
             .name("heartbeat".into())
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
-                    if let Err(error) = map.set(0, monotonic_ns(), 0) {
+                    let now = monotonic_ns();
+                    if let Err(error) = map.set(0, now, 0) {
                         warn!(%error, "write the heartbeat");
+                    }
+                    if let Some(monitor) = monitor.as_mut() {
+                        end_expired_lease(monitor, now);
                     }
                     std::thread::sleep(INTERVAL);
                 }

@@ -61,7 +61,7 @@ const XDP_EXTERNAL_LINK: &str = "xdp_external_link";
 const TC_EXTERNAL_LINK: &str = "tc_external_link";
 const TC_INTERNAL_LINK: &str = "tc_internal_link";
 const LINKS: [&str; 3] = [XDP_EXTERNAL_LINK, TC_EXTERNAL_LINK, TC_INTERNAL_LINK];
-const PINNED_MAPS: [&str; 11] = [
+const PINNED_MAPS: [&str; 14] = [
     map_names::EXIT_COUNTERS,
     map_names::CONTROL_PORTS,
     map_names::BINDINGS,
@@ -73,6 +73,9 @@ const PINNED_MAPS: [&str; 11] = [
     map_names::HEARTBEAT,
     map_names::GROUPS,
     map_names::GROUP_SOURCES,
+    map_names::MONITOR_SETTINGS,
+    map_names::MONITOR_BUDGET,
+    map_names::MONITOR_EVENTS,
 ];
 
 #[derive(Debug, Error)]
@@ -265,7 +268,13 @@ impl Datapath {
                     source,
                 })
             })?;
-        let heartbeat = Heartbeat::start(heartbeat_map);
+        let monitor_map = ebpf
+            .take_map(map_names::MONITOR_SETTINGS)
+            .and_then(|map| Array::try_from(map).ok());
+        if monitor_map.is_none() {
+            warn!("the monitor's settings map is missing: a watcher that dies is not noticed");
+        }
+        let heartbeat = Heartbeat::start(heartbeat_map, monitor_map);
         let kernel_log = KernelLog::take(&mut ebpf)
             .inspect_err(
                 |error| warn!(%error, "the programs' log cannot be read; their events are lost"),

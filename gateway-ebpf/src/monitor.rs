@@ -1,0 +1,206 @@
+//! Drop and admit events for `gateway monitor`: at a counted exit of the external interface's
+//! programs, when a watcher holds a live lease and watches the reason, the packet's addresses,
+//! ports and interface go into the `MONITOR_EVENTS` ring buffer, sampled and rate-limited per
+//! CPU, so a junk flood costs the fast path no more than the read of one array entry and, for a
+//! watched reason, a counter.
+//!
+//! The internal interface's program is not watched: it already fills the 512 octets of stack
+//! Linux 6.1 allows its call chain (see `tc::internal`). The fan-out's copies are counted, not
+//! watched; the gate's `multicast_to_fan_out` event shows the datagram they copy.
+
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::map,
+    maps::{Array, PerCpuArray, RingBuf},
+    programs::{TcContext, XdpContext},
+};
+use gateway_common::{
+    EVENTS_RING_BYTES, ExitReason, MonitorBudget, MonitorEvent, MonitorHook, MonitorSettings,
+    ipv4_mapped, monitor_flow,
+};
+
+use crate::parse::Frame;
+
+#[map(name = "MONITOR_SETTINGS")]
+static MONITOR_SETTINGS: Array<MonitorSettings> = Array::with_max_entries(1, 0);
+
+#[map(name = "MONITOR_BUDGET")]
+static MONITOR_BUDGET: PerCpuArray<MonitorBudget> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "MONITOR_EVENTS")]
+static MONITOR_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+/// A context that knows the interface its packet arrived on.
+pub trait Ingress: Frame {
+    fn ingress_ifindex(&self) -> u32;
+}
+
+impl Ingress for XdpContext {
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: the context pointer is the kernel's, valid during the program.
+        unsafe { (*self.ctx).ingress_ifindex }
+    }
+}
+
+impl Ingress for TcContext {
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: as above.
+        unsafe { (*self.skb.skb).ingress_ifindex }
+    }
+}
+
+/// The exit `reason` of a packet of `len` octets: an event when it is watched. Sampling and
+/// the rate limit are inline and read no clock, so a flood's packets over the limit cost two
+/// array reads and a counter; only an event to write goes out of line.
+#[inline(always)]
+pub fn observe<C: Ingress>(ctx: &C, reason: ExitReason, len: usize, hook: MonitorHook) {
+    let Some(settings) = MONITOR_SETTINGS.get(0) else {
+        return;
+    };
+    if settings.lease_until_ns == 0 || !settings.watches(reason as u32) {
+        return;
+    }
+    let Some(budget) = MONITOR_BUDGET.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a per-CPU slot from a successful lookup: no other writer, valid during the
+    // program.
+    let budget = unsafe { &mut *budget };
+    budget.seen += 1;
+    if settings.sample_every > 1 && budget.seen % u64::from(settings.sample_every) != 0 {
+        budget.sampled_out += 1;
+        return;
+    }
+    let window = u64::from(settings.window);
+    if budget.window != window {
+        budget.window = window;
+        budget.window_events = 0;
+    }
+    if budget.window_events >= u64::from(settings.events_per_second) {
+        budget.rate_limited += 1;
+        return;
+    }
+    budget.window_events += 1;
+    record(
+        ctx,
+        reason as u32,
+        u32::try_from(len).unwrap_or(u32::MAX),
+        hook as u8,
+    );
+}
+
+/// Writes the event, within the lease.
+#[inline(never)]
+fn record<C: Ingress>(ctx: &C, reason: u32, len: u32, hook: u8) {
+    let (Some(settings), Some(budget)) = (MONITOR_SETTINGS.get(0), MONITOR_BUDGET.get_ptr_mut(0))
+    else {
+        return;
+    };
+    // SAFETY: as in `observe`.
+    let budget = unsafe { &mut *budget };
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now >= settings.lease_until_ns {
+        return;
+    }
+    let Some(mut entry) = MONITOR_EVENTS.reserve::<MonitorEvent>(0) else {
+        budget.ring_full += 1;
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: the entry is reserved ring-buffer memory the size of an event; every field is
+    // written before it is submitted.
+    unsafe {
+        (*event).time_ns = now;
+        (*event).reason = reason;
+        (*event).ifindex = ctx.ingress_ifindex();
+        (*event).len = len;
+        (*event).hook = hook;
+        (*event).src_addr = [0; 16];
+        (*event).dst_addr = [0; 16];
+        (*event).src_port_be = 0;
+        (*event).dst_port_be = 0;
+        (*event).protocol = 0;
+        (*event).padding = [0; 5];
+        (*event).flow = read_flow(ctx, event);
+    }
+    entry.submit(0);
+    budget.emitted += 1;
+}
+
+const ETH_HLEN: usize = 14;
+const VLAN_HLEN: usize = 4;
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPV4_OFFSET: u16 = 0x1fff;
+
+/// Copies the packet's addresses, protocol and ports into `event`, straight from the packet to
+/// the ring buffer (the gate's own parser keeps a flow on the stack, which the XDP gate's frame
+/// has no room left for); returns the [`monitor_flow`] bits of what it could read. Only the
+/// shape matters here, not its validity: the exit reason already says what the gate found.
+///
+/// # Safety
+/// `event` points to a reserved, writable event.
+#[inline(always)]
+unsafe fn read_flow<C: Frame>(ctx: &C, event: *mut MonitorEvent) -> u8 {
+    // SAFETY: every read is inside the packet bounds checked just before it (the verifier
+    // checks so too); `event` is writable (the caller's contract).
+    unsafe {
+        let start = ctx.start();
+        let end = ctx.end();
+        if start + ETH_HLEN > end {
+            return 0;
+        }
+        let mut l3 = ETH_HLEN;
+        let mut ether_type = u16::from_be_bytes(*((start + 12) as *const [u8; 2]));
+        for _ in 0..2 {
+            if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+                if start + l3 + VLAN_HLEN > end {
+                    return 0;
+                }
+                ether_type = u16::from_be_bytes(*((start + l3 + 2) as *const [u8; 2]));
+                l3 += VLAN_HLEN;
+            }
+        }
+        let (l4, protocol, later_fragment) = match ether_type {
+            ETH_P_IPV4 => {
+                let ip = start + l3;
+                if ip + 20 > end {
+                    return 0;
+                }
+                let header_len = usize::from(*(ip as *const u8) & 0x0f) * 4;
+                let offset = u16::from_be_bytes(*((ip + 6) as *const [u8; 2])) & IPV4_OFFSET;
+                (*event).src_addr = ipv4_mapped(*((ip + 12) as *const [u8; 4]));
+                (*event).dst_addr = ipv4_mapped(*((ip + 16) as *const [u8; 4]));
+                (l3 + header_len, *((ip + 9) as *const u8), offset != 0)
+            }
+            ETH_P_IPV6 => {
+                let ip = start + l3;
+                if ip + 40 > end {
+                    return 0;
+                }
+                (*event).src_addr = *((ip + 8) as *const [u8; 16]);
+                (*event).dst_addr = *((ip + 24) as *const [u8; 16]);
+                (l3 + 40, *((ip + 6) as *const u8), false)
+            }
+            _ => return 0,
+        };
+        (*event).protocol = protocol;
+        if later_fragment || (protocol != IPPROTO_UDP && protocol != IPPROTO_TCP) {
+            return monitor_flow::ADDRESSES;
+        }
+        let ports = start + l4;
+        if ports + 4 > end {
+            return monitor_flow::ADDRESSES;
+        }
+        (*event).src_port_be = u16::from_ne_bytes(*(ports as *const [u8; 2]));
+        (*event).dst_port_be = u16::from_ne_bytes(*((ports + 2) as *const [u8; 2]));
+        monitor_flow::ADDRESSES | monitor_flow::PORTS
+    }
+}
