@@ -8,6 +8,8 @@
 //! Linux 6.1 allows its call chain (see `tc::internal`). The fan-out's copies are counted, not
 //! watched; the gate's `multicast_to_fan_out` event shows the datagram they copy.
 
+use core::ptr::copy_nonoverlapping;
+
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     macros::map,
@@ -15,8 +17,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use gateway_common::{
-    EVENTS_RING_BYTES, ExitReason, MonitorBudget, MonitorEvent, MonitorHook, MonitorSettings,
-    ipv4_mapped, monitor_flow,
+    Addr16, EVENTS_RING_BYTES, ExitReason, MonitorBudget, MonitorEvent, MonitorHook,
+    MonitorSettings, monitor_flow,
 };
 
 use crate::parse::Frame;
@@ -140,6 +142,23 @@ const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPV4_OFFSET: u16 = 0x1fff;
 
+/// Writes the IPv4 address at packet address `from` IPv4-mapped into `to`, without a
+/// temporary on the stack.
+///
+/// # Safety
+/// `from..from + 4` is inside the packet; `to` is writable.
+#[inline(always)]
+unsafe fn copy_ipv4_mapped(from: usize, to: *mut Addr16) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let to = to.cast::<u8>();
+        core::ptr::write_bytes(to, 0, 10);
+        *to.add(10) = 0xff;
+        *to.add(11) = 0xff;
+        copy_nonoverlapping(from as *const u8, to.add(12), 4);
+    }
+}
+
 /// Copies the packet's addresses, protocol and ports into `event`, straight from the packet to
 /// the ring buffer (the gate's own parser keeps a flow on the stack, which the XDP gate's frame
 /// has no room left for); returns the [`monitor_flow`] bits of what it could read. Only the
@@ -176,8 +195,8 @@ unsafe fn read_flow<C: Frame>(ctx: &C, event: *mut MonitorEvent) -> u8 {
                 }
                 let header_len = usize::from(*(ip as *const u8) & 0x0f) * 4;
                 let offset = u16::from_be_bytes(*((ip + 6) as *const [u8; 2])) & IPV4_OFFSET;
-                (*event).src_addr = ipv4_mapped(*((ip + 12) as *const [u8; 4]));
-                (*event).dst_addr = ipv4_mapped(*((ip + 16) as *const [u8; 4]));
+                copy_ipv4_mapped(ip + 12, &raw mut (*event).src_addr);
+                copy_ipv4_mapped(ip + 16, &raw mut (*event).dst_addr);
                 (l3 + header_len, *((ip + 9) as *const u8), offset != 0)
             }
             ETH_P_IPV6 => {
@@ -185,8 +204,16 @@ unsafe fn read_flow<C: Frame>(ctx: &C, event: *mut MonitorEvent) -> u8 {
                 if ip + 40 > end {
                     return 0;
                 }
-                (*event).src_addr = *((ip + 8) as *const [u8; 16]);
-                (*event).dst_addr = *((ip + 24) as *const [u8; 16]);
+                copy_nonoverlapping(
+                    (ip + 8) as *const u8,
+                    (&raw mut (*event).src_addr).cast(),
+                    16,
+                );
+                copy_nonoverlapping(
+                    (ip + 24) as *const u8,
+                    (&raw mut (*event).dst_addr).cast(),
+                    16,
+                );
                 (l3 + 40, *((ip + 6) as *const u8), false)
             }
             _ => return 0,
