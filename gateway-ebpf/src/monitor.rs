@@ -1,12 +1,13 @@
-//! Drop and admit events for `gateway monitor`: at a counted exit of the external interface's
-//! programs, when a watcher holds a live lease and watches the reason, the packet's addresses,
+//! Drop and admit events for `gateway monitor`: at a counted exit of the gate, the inbound
+//! relay and the internal interface's program, when a watcher holds a live lease and watches the reason, the packet's addresses,
 //! ports and interface go into the `MONITOR_EVENTS` ring buffer, sampled and rate-limited per
 //! CPU, so a junk flood costs the fast path no more than the read of one array entry and, for a
 //! watched reason, a counter.
 //!
-//! The internal interface's program is not watched: it already fills the 512 octets of stack
-//! Linux 6.1 allows its call chain (see `tc::internal`). The fan-out's copies are counted, not
-//! watched; the gate's `multicast_to_fan_out` event shows the datagram they copy.
+//! The event writer keeps nothing on the stack but spilled registers: the internal interface's
+//! program already uses most of the 512 octets Linux 6.1 allows its call chain (see
+//! `tc::internal`). The fan-out's copies are counted, not watched; the gate's
+//! `multicast_to_fan_out` event shows the datagram they copy.
 
 use core::ptr::copy_nonoverlapping;
 
