@@ -75,6 +75,8 @@ pub enum MonitorHook {
     TcGate = 1,
     /// `gateway_inbound`: the inbound relay behind the XDP gate.
     TcInbound = 2,
+    /// `gateway_internal`: the internal interface's drops and outbound relay.
+    TcInternal = 3,
 }
 
 impl MonitorHook {
@@ -83,6 +85,7 @@ impl MonitorHook {
             0 => Some(Self::XdpGate),
             1 => Some(Self::TcGate),
             2 => Some(Self::TcInbound),
+            3 => Some(Self::TcInternal),
             _ => None,
         }
     }
@@ -93,6 +96,7 @@ impl MonitorHook {
             Self::XdpGate => "xdp_gate",
             Self::TcGate => "tc_gate",
             Self::TcInbound => "tc_inbound",
+            Self::TcInternal => "tc_internal",
         }
     }
 }

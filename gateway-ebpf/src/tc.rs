@@ -285,7 +285,7 @@ pub fn gateway_inbound(ctx: TcContext) -> i32 {
 pub fn gateway_internal(ctx: TcContext) -> i32 {
     let len = ctx.len() as usize;
     let exit = internal(&ctx);
-    count_raw(exit.reason, len);
+    count_and_observe(&ctx, exit.reason, len, MonitorHook::TcInternal);
     exit.action
 }
 
@@ -357,14 +357,7 @@ fn gate(ctx: &TcContext) -> u32 {
     reason as u32
 }
 
-#[inline(always)]
-fn count_raw(reason: u32, len: usize) {
-    if let Some(reason) = ExitReason::from_u32(reason) {
-        count(reason, len);
-    }
-}
-
-/// Counts an exit of the external interface's programs and shows it to a watcher.
+/// Counts an exit and shows it to a watcher.
 #[inline(always)]
 fn count_and_observe(ctx: &TcContext, reason: u32, len: usize, hook: MonitorHook) {
     if let Some(reason) = ExitReason::from_u32(reason) {

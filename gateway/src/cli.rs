@@ -60,12 +60,12 @@ pub enum Command {
         file: PathBuf,
     },
     /// Watch a running gateway's data path: one line per drop or admit (time, verdict, reason,
-    /// addresses and ports, interface, program), from a ring buffer the external interface's
-    /// programs write, sampled and rate-limited per CPU so a flood costs the fast path little.
+    /// addresses and ports, interface, program), from a ring buffer the data path's programs
+    /// write, sampled and rate-limited per CPU so a flood costs the fast path little.
     /// Without --reason every reason is shown except the stack's own traffic and bookkeeping
     /// (`not_udp_passed`, `inbound_to_stack`, `multicast_to_userspace`). One watcher per instance;
-    /// on exit it prints what the budget left out to stderr. The internal interface's program
-    /// and the fan-out's copies are counted (`gateway stats`), not watched.
+    /// on exit it prints what the budget left out to stderr. The fan-out's copies are counted
+    /// (`gateway stats`), not watched.
     Monitor {
         /// Instance name of the gateway to watch.
         #[arg(long, value_name = "NAME", default_value = DEFAULT_INSTANCE)]

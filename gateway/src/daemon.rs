@@ -132,6 +132,52 @@ fn listen_addresses(
     Ok(listen)
 }
 
+/// `--metrics`, checked against the interfaces: loopback or an internal address only.
+fn metrics_address(
+    s: &Settings,
+    internal: &[InterfaceAddress],
+    external: &[InterfaceAddress],
+) -> Result<Option<SocketAddr>> {
+    let Some(addr) = s.metrics.0 else {
+        return Ok(None);
+    };
+    let ips = |addrs: &[InterfaceAddress]| addrs.iter().map(|a| a.ip).collect::<Vec<_>>();
+    gateway::metrics::check_address(addr, &ips(internal), &ips(external))?;
+    Ok(Some(addr))
+}
+
+/// The metrics listener: on the internal interface tied to it like the control listeners, on
+/// loopback as it is.
+fn bind_metrics(addr: SocketAddr, internal: &str) -> std::io::Result<TcpListener> {
+    let device = if addr.ip().is_loopback() {
+        "lo"
+    } else {
+        internal
+    };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    tie_to_device(&socket, Some(device))?;
+    socket.bind(addr)?;
+    socket.listen(16)
+}
+
+/// Serves the metrics endpoint from `services` and the instance's pinned counters.
+fn serve_metrics(
+    listener: TcpListener,
+    addr: SocketAddr,
+    services: &Arc<Services>,
+    instance: &Instance,
+) -> tokio::task::JoinHandle<()> {
+    let (services, pin_dir) = (Arc::clone(services), instance.pin_dir());
+    let scrape = Arc::new(move || gateway::metrics::snapshot(&services, &pin_dir));
+    info!(%addr, path = "/metrics", "metrics endpoint listening (Prometheus text, OpenMetrics)");
+    tokio::spawn(gateway::metrics::serve(listener, scrape))
+}
+
 /// A control listener tied to the internal interface, so a connection that arrives anywhere
 /// else (the weak-host model delivers TCP for internal addresses that came in outside) finds
 /// no socket.
@@ -166,6 +212,7 @@ async fn serve(
         bail!("--external {} has no IP address", s.external);
     }
     let listen = listen_addresses(&args, &internal_addrs, &external_addrs)?;
+    let metrics_addr = metrics_address(s, &internal_addrs, &external_addrs)?;
 
     let resolvers: Vec<SocketAddr> = if s.resolvers.is_empty() {
         let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
@@ -194,6 +241,10 @@ async fn serve(
     config.xdp_mode = s.xdp_mode;
     config.tc_mode = s.tc_attach;
     config.control_listeners = listen.clone();
+    // TCP to the metrics port from outside is dropped like TCP to the control port.
+    config
+        .control_listeners
+        .extend(metrics_addr.filter(|a| !a.ip().is_loopback()));
     // From here on every exit leaves the gate attached and dropping (a failed attach leaves
     // whatever was pinned before, which drops too).
     let mut datapath = Datapath::attach(&config)
@@ -283,6 +334,7 @@ async fn serve(
             remote_idle: Duration::from_secs(s.idle_timeout),
         },
         enhanced,
+        counters: gateway::counters::Counters::default(),
     });
 
     let mut listeners = Vec::new();
@@ -303,6 +355,23 @@ async fn serve(
             }
         }
     }
+    let metrics = match metrics_addr {
+        Some(addr) => match bind_metrics(addr, &s.internal) {
+            Ok(listener) => Some(serve_metrics(listener, addr, &services, instance)),
+            Err(error) => {
+                gate.close();
+                datapath.stop();
+                return Err(error).with_context(|| {
+                    format!(
+                        "listen for metrics on {addr} (the gate stays attached and dropping; \
+                         `gateway detach --instance {}` removes it)",
+                        instance.name()
+                    )
+                });
+            }
+        },
+        None => None,
+    };
     let watcher = tokio::spawn(follow_address_changes(
         Arc::clone(&services),
         s.external.clone(),
@@ -369,6 +438,9 @@ async fn serve(
         let _ = server.await;
     }
     control.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     watcher.abort();
     let _ = std::fs::remove_file(&control_path);
     drop(services);

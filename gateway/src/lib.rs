@@ -8,6 +8,7 @@
 //! - [`netif`]: interface addresses and their changes (netlink).
 //! - [`neighbour`]: MAC addresses of an interface and of its neighbours (the kernel fan-out's).
 //! - [`instance`]: names a running gateway and guards it with a lock file.
+//! - [`counters`]: atomic counts of control-plane decisions, for `--metrics`.
 //!
 //! Above them:
 //! - [`gate`]: the kernel gate handle (binding entries, the resolver's per-query host flows).
@@ -20,16 +21,20 @@
 //! - [`cli`]: the `gateway` command line's definition (for the binary and the man pages).
 //! - [`report`] and [`admin_socket`]: the typed documents of `gateway stats` and
 //!   `gateway bindings`, and the daemon's local socket that serves the latter.
+//! - [`metrics`]: the `--metrics` endpoint (Prometheus text and `OpenMetrics` over a small HTTP
+//!   listener), built from the counts above.
 
 pub mod admin_socket;
 pub mod attach_mode;
 pub mod binding;
 pub mod cli;
+pub mod counters;
 pub mod datapath;
 pub mod exit_counters;
 pub mod gate;
 pub mod host_flow;
 pub mod instance;
+pub mod metrics;
 pub mod monitor;
 pub mod neighbour;
 pub mod netif;

@@ -25,6 +25,7 @@ use tokio::{net::UdpSocket, time::Instant};
 use tracing::{debug, warn};
 
 use crate::{
+    counters::Count,
     gate::{Gate, MemoryGate},
     host_flow::HostFlow,
 };
@@ -106,6 +107,9 @@ pub struct Resolver {
     recent: Mutex<Recent>,
     cache: Mutex<HashMap<(Name, RecordType), Cached>>,
     in_flight: tokio::sync::Semaphore,
+    /// Names asked for (cache hits included) and those that found no address.
+    lookups: Count,
+    lookup_failures: Count,
 }
 
 impl std::fmt::Debug for Resolver {
@@ -193,14 +197,31 @@ impl Resolver {
             recent: Mutex::default(),
             cache: Mutex::default(),
             in_flight: tokio::sync::Semaphore::new(MAX_LOOKUPS_IN_FLIGHT),
+            lookups: Count::default(),
+            lookup_failures: Count::default(),
         })
     }
 
-    /// Addresses of `name`: A and AAAA, IPv4 first.
+    /// Addresses of `name`: A and AAAA, IPv4 first. Every name (not an IP literal) is counted,
+    /// and so is every one that fails.
     pub async fn lookup(&self, name: &str) -> Result<Vec<IpAddr>, ResolveError> {
         if let Ok(ip) = name.parse::<IpAddr>() {
             return Ok(vec![ip]);
         }
+        self.lookups.inc();
+        let result = self.lookup_name(name).await;
+        if result.is_err() {
+            self.lookup_failures.inc();
+        }
+        result
+    }
+
+    /// Names looked up so far, and how many of them failed.
+    pub fn lookup_counts(&self) -> (u64, u64) {
+        (self.lookups.get(), self.lookup_failures.get())
+    }
+
+    async fn lookup_name(&self, name: &str) -> Result<Vec<IpAddr>, ResolveError> {
         let fqdn = Name::from_ascii(name)
             .ok()
             .filter(|n| !n.is_root())
@@ -618,6 +639,11 @@ mod tests {
         assert_eq!(
             resolver.lookup("192.0.2.7").await.unwrap(),
             vec!["192.0.2.7".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            resolver.lookup_counts(),
+            (3, 2),
+            "three names looked up (not the IP literal), two failed"
         );
         for (_, port) in seen.lock().unwrap().iter() {
             assert!(DEFAULT_QUERY_PORTS.contains(port), "source port {port}");

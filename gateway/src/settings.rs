@@ -14,6 +14,7 @@
 //! allow_host_udp = ["192.0.2.123:123,203.0.113.1:123"]
 //! datapath = "kernel"
 //! idle_timeout = 300
+//! metrics = "127.0.0.1:9464"
 //! ```
 
 use std::{
@@ -150,6 +151,12 @@ settings! {
     /// `conn`, `peer` and `user`). Not changed by SIGHUP.
     #[arg(long, value_enum, value_name = "FORMAT")]
     log_format: LogFormat = LogFormat::Text;
+    /// Serve the counters for Prometheus at `http://ADDR:PORT/metrics` (the Prometheus text
+    /// format, `OpenMetrics` when the scraper's Accept asks for it), or `off`. Only a loopback
+    /// address or an address of the internal interface: an external or unspecified one is
+    /// refused at start. Not changed by SIGHUP.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: MetricsListen = MetricsListen::default();
     /// Where the gate runs on the external interface: `auto` (XDP in driver mode on a NIC
     /// whose driver has native XDP; tc on veth and where the driver has none, since there XDP
     /// only adds an skb copy or runs on the skb anyway), `xdp` (the XDP gate in front of the tc
@@ -309,6 +316,40 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the metrics endpoint listens: `off`, or an address and port. An unspecified address
+/// is refused here; whether the address is inside is checked at start, against the interfaces.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MetricsListen(pub Option<SocketAddr>);
+
+impl FromStr for MetricsListen {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text.is_empty() || text == "off" {
+            return Ok(Self(None));
+        }
+        let addr: SocketAddr = text
+            .parse()
+            .map_err(|_| format!("{text:?} is not `off` or ADDR:PORT"))?;
+        if addr.ip().to_canonical().is_unspecified() {
+            return Err(format!(
+                "{addr}: an unspecified address would serve the counters on every interface, \
+                 the external one too; give a loopback address or an address of the internal \
+                 interface"
+            ));
+        }
+        Ok(Self(Some(addr)))
+    }
+}
+
+impl fmt::Display for MetricsListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("off"),
+        }
+    }
+}
+
 /// Which multicast receive modes are allowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -435,7 +476,7 @@ macro_rules! serde_as_text {
         }
     )*};
 }
-serde_as_text!(Nameserver, PortRange, HostFlow, GroupSources);
+serde_as_text!(Nameserver, PortRange, HostFlow, GroupSources, MetricsListen);
 
 impl Settings {
     /// The checks no single value's type makes: what a start needs, and the timeouts' ranges.
@@ -641,6 +682,7 @@ mod tests {
             max_connections = 10
             idle_timeout = 60
             remove_gate_on_exit = true
+            metrics = "127.0.0.1:9464"
             "#,
             "test.toml",
         )
@@ -657,6 +699,22 @@ mod tests {
         assert_eq!(settings.idle_timeout, 60);
         assert!(settings.remove_gate_on_exit);
         assert_eq!(settings.max_connections.get(), 10);
+        assert_eq!(settings.metrics.0, Some("127.0.0.1:9464".parse().unwrap()));
+    }
+
+    #[test]
+    fn metrics_is_off_by_default_and_never_unspecified() {
+        assert_eq!(Settings::defaults().metrics, MetricsListen(None));
+        assert!(Settings::defaults().to_toml().contains("metrics = \"off\""));
+        assert_eq!("off".parse::<MetricsListen>(), Ok(MetricsListen(None)));
+        for unspecified in ["0.0.0.0:9464", "[::]:9464", "[::ffff:0.0.0.0]:9464"] {
+            let error = unspecified.parse::<MetricsListen>().unwrap_err();
+            assert!(error.contains("unspecified"), "{unspecified}: {error}");
+        }
+        let base = "external = \"a\"\ninternal = \"b\"\n";
+        assert!(error_of(&format!("{base}metrics = \"0.0.0.0:9464\"\n")).contains("`metrics`"));
+        assert!(error_of(&format!("{base}metrics = \"nowhere\"\n")).contains("`metrics`"));
+        assert!(check_text(&format!("{base}metrics = \"[::1]:9464\"\n"), "gw.toml").is_empty());
     }
 
     fn error_of(text: &str) -> String {

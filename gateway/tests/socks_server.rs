@@ -369,6 +369,17 @@ async fn repeated_failures_from_one_address_are_rate_limited() {
         [0x01, 0x00]
     );
     assert_authenticated_connect(&mut stream, echo).await;
+    // Each result is counted where it is decided (what --metrics serves).
+    let counters = &gateway.services.counters;
+    assert_eq!(
+        (
+            counters.auth_succeeded.get(),
+            counters.auth_failed.get(),
+            counters.auth_rate_limited.get()
+        ),
+        (1, 5, 1)
+    );
+    assert_eq!(counters.connections_accepted.get(), 7);
 }
 
 // ---- CONNECT ------------------------------------------------------------------------------

@@ -252,3 +252,46 @@ fn next_watcher_prints_one_text_line(
         "{lines:?}"
     );
 }
+
+#[test]
+fn an_inside_datagram_to_an_external_address_shows_as_dropped_inside() {
+    let bed = Testbed::new().unwrap();
+    let (gateway, _cleanup) = start_in_fw(&bed, &[]).unwrap();
+    let watcher = Watcher::start(
+        &bed.fw,
+        &gateway.instance,
+        &["--json", "--reason", "inside_to_external_address"],
+    );
+    assert!(
+        wait_until(WAIT, || watcher.stderr_text().contains("watching instance")),
+        "the monitor did not start: {}",
+        watcher.stderr_text()
+    );
+    let inside = bed
+        .client
+        .run(|| UdpSocket::bind((addr::CLIENT_V4, 0)).unwrap())
+        .unwrap();
+    let to = SocketAddr::new(IpAddr::V4(addr::FW_OUTSIDE_V4), 9999);
+    let dropped = |event: &Value| event["reason"] == "inside_to_external_address";
+    assert!(
+        wait_until(WAIT, || {
+            inside.send_to(b"posing as a remote", to).unwrap();
+            watcher.find(dropped).is_some()
+        }),
+        "events seen: {:?}\nstderr: {}",
+        watcher.events(),
+        watcher.stderr_text()
+    );
+    let event = watcher.find(dropped).unwrap();
+    println!("the inside drop: {event}");
+    assert_eq!(event["verdict"], "drop");
+    assert_eq!(event["program"], "tc_internal");
+    assert_eq!(event["interface"], iface::FW_INSIDE);
+    assert_eq!(event["source"], addr::CLIENT_V4.to_string());
+    assert_eq!(
+        event["source_port"],
+        u64::from(inside.local_addr().unwrap().port())
+    );
+    assert_eq!(event["destination"], to.ip().to_string());
+    assert_eq!(event["destination_port"], u64::from(to.port()));
+}

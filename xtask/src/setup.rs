@@ -33,6 +33,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // perf record/script for the bench's flame graphs.
     "linux-perf",
     "iperf3",
+    // `promtool check metrics` checks what the --metrics endpoint serves.
+    "prometheus",
     // GStreamer's RTSP server, driven from Python, is the real RTSP peer of the interop test.
     "python3-gi",
     "python3-gst-1.0",

@@ -14,9 +14,11 @@
 //! Files: `types` (requests, codes, decisions), `config` (policy, caps, addresses), `ports`
 //! (relay port pools), `aid` (association id sources), `record` (one binding's data), `rules`
 //! (the first-match rules for one UDP BIND), `multicast` (multicast binds and SET TTL),
-//! `machine` ([`Bindings`]: inputs, expiry, teardown).
+//! `machine` ([`Bindings`]: inputs, expiry, teardown), `census` (counts by state and kind, free
+//! ports, for metrics).
 
 mod aid;
+mod census;
 mod config;
 mod machine;
 mod multicast;
@@ -29,6 +31,7 @@ mod types;
 mod tests;
 
 pub use aid::{AidSource, HashAids};
+pub use census::{Census, FreePorts};
 pub use config::{
     Config, ConfigError, IDLE_TIMEOUT_MAX, IpNet, MulticastModes, MulticastPolicy,
     PENDING_TIMEOUT_MAX, PENDING_TIMEOUT_MIN, default_forbidden_remotes,

@@ -422,6 +422,23 @@ impl RelayAllocator {
     pub(crate) fn taken(&self) -> (usize, usize) {
         (self.internal.taken(), self.external.taken())
     }
+
+    /// Free ports of every relay address: internal side first, each side in address order.
+    pub(crate) fn free_per_address(&self) -> Vec<super::FreePorts> {
+        let side = |pools: &[(IpAddr, PortPool)], side: &'static str| {
+            pools
+                .iter()
+                .map(move |(address, pool)| super::FreePorts {
+                    side,
+                    address: *address,
+                    free: pool.free(),
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut all = side(&self.internal.pools, "internal");
+        all.extend(side(&self.external.pools, "external"));
+        all
+    }
 }
 
 #[cfg(test)]

@@ -84,7 +84,7 @@ pub struct EventLine {
     /// The interface the packet arrived on (its index when the name is unknown here).
     pub interface: String,
     pub ifindex: u32,
-    /// The program that met the exit: `xdp_gate`, `tc_gate` or `tc_inbound`.
+    /// The program that met the exit: `xdp_gate`, `tc_gate`, `tc_inbound` or `tc_internal`.
     pub program: &'static str,
     /// The packet's length in octets.
     pub length: u32,

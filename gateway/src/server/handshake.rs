@@ -95,13 +95,16 @@ async fn authenticate(
     .encode(&mut out);
     conn.write_all(&out).await?;
     if ok {
+        services.counters.auth_succeeded.inc();
         services.limiter.record_success(peer.ip());
         return Ok(name);
     }
     if !allowed {
+        services.counters.auth_rate_limited.inc();
         info!(%peer, user = %logged, "authentication refused: too many failures from this address");
         return Err(HandshakeError::RateLimited);
     }
+    services.counters.auth_failed.inc();
     services.limiter.record_failure(peer.ip(), now);
     info!(%peer, user = %logged, "authentication failed");
     Err(HandshakeError::BadCredentials(name))

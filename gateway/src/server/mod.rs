@@ -113,6 +113,8 @@ pub struct Services {
     pub association_limits: AssociationLimits,
     /// The enhanced UDP mode (CMD 04) and its binding table; `None` refuses CMD 04 with `07`.
     pub enhanced: Option<Arc<enhanced::EnhancedMode>>,
+    /// What the control plane decided, counted for `--metrics`.
+    pub counters: crate::counters::Counters,
 }
 
 pub use crate::netif::tie_to_device;
@@ -183,6 +185,7 @@ pub async fn run(
                         continue;
                     }
                 };
+                services.counters.connections_accepted.inc();
                 let services = Arc::clone(&services);
                 let mut stop = stop_rx.clone();
                 // Every line of this connection carries its number, peer and (once known) user.

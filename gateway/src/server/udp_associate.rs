@@ -271,6 +271,7 @@ impl Association<'_> {
                     warn!(peer = %self.peer, cap = self.remote_cap, "UDP association at its cap of remotes; datagrams to new remotes are dropped");
                 }
                 self.stats.dropped_remote_cap += 1;
+                self.services.counters.associate_remote_cap.inc();
                 return;
             }
             // Admit the answer before the question leaves; where the datapath can, the kernel
@@ -297,6 +298,7 @@ impl Association<'_> {
         };
         if outside.send_to(payload, target).await.is_ok() {
             self.stats.to_remote += 1;
+            self.count_relayed(payload.len());
         }
     }
 
@@ -331,7 +333,15 @@ impl Association<'_> {
         out.extend_from_slice(&buf[..len]);
         if self.inside.send_to(&out, client).await.is_ok() {
             self.stats.to_client += 1;
+            self.count_relayed(len);
         }
+    }
+
+    /// One datagram of `payload` bytes relayed by user space (either way), for `--metrics`.
+    fn count_relayed(&self, payload: usize) {
+        let counters = &self.services.counters;
+        counters.associate_packets.inc();
+        counters.associate_bytes.add(payload as u64);
     }
 
     /// The address of the outside socket for `ip`'s family, created on first use on the external

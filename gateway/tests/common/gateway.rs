@@ -68,6 +68,7 @@ pub fn loopback_services(gate: &MemoryGate) -> Services {
         auth: AuthLimit::per_core(2),
         association_limits: gateway::server::AssociationLimits::default(),
         enhanced: None,
+        counters: gateway::counters::Counters::default(),
     }
 }
 

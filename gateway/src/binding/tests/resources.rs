@@ -140,9 +140,30 @@ fn rtp_pair_allocates_aligned_pairs_and_two_entries() {
     let p = d.reply.external.unwrap();
     assert_eq!((q.port() % 2, p.port() % 2), (0, 0), "even ports");
     assert_eq!(gw.b.ports_in_use(), (2, 2));
+    let census = |gw: &Gw| {
+        gw.b.census()
+            .labelled()
+            .filter(|c| c.2 > 0)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(census(&gw), vec![("half_bound", "rtp_pair", 1)]);
     let two = req(7, 42, sa(CLIENT, 5000), Remote::Exact(source()), pair_flags);
     let d = gw.bind(A, two, 1);
     assert_eq!(code(&d), ReplyCode::Ok);
+    assert_eq!(census(&gw), vec![("confirmed", "rtp_pair", 1)]);
+    let free = gw.b.free_ports();
+    let free_on = |side: &str, address: IpAddr| {
+        free.iter()
+            .find(|f| f.side == side && f.address == address)
+            .map(|f| f.free)
+    };
+    assert_eq!(
+        free_on("internal", INTERNAL_V4),
+        Some(98),
+        "100 less the pair"
+    );
+    assert_eq!(free_on("external", EXTERNAL_V4), Some(98));
+    assert_eq!(free_on("external", EXTERNAL_V6), Some(100));
     let plus = |a: SocketAddr| sa(a.ip(), a.port() + 1);
     let even_entry = KernelEntry {
         remote: RemoteMatch::Exact(source()),
@@ -166,6 +187,7 @@ fn rtp_pair_allocates_aligned_pairs_and_two_entries() {
     let d = gw.release(A, 42, 2);
     assert_eq!(removes(&d.actions), vec![even_entry, odd_entry]);
     assert_eq!(gw.b.ports_in_use(), (0, 0));
+    assert_eq!(census(&gw), vec![]);
 }
 
 #[test]

@@ -253,6 +253,21 @@ impl EnhancedMode {
         self.relay.relayed()
     }
 
+    /// Payload bytes the userspace relay relayed (both ways).
+    pub fn relay_relayed_bytes(&self) -> u64 {
+        self.relay.relayed_bytes()
+    }
+
+    /// Live bindings by state and kind (see [`crate::binding::Census`]).
+    pub fn census(&self) -> crate::binding::Census {
+        self.lock_bindings().census()
+    }
+
+    /// Free relay ports of every relay address (see [`crate::binding::FreePorts`]).
+    pub fn free_ports(&self) -> Vec<crate::binding::FreePorts> {
+        self.lock_bindings().free_ports()
+    }
+
     fn lock_bindings(&self) -> MutexGuard<'_, Bindings> {
         self.bindings.lock().unwrap_or_else(PoisonError::into_inner)
     }

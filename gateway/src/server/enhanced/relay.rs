@@ -280,6 +280,8 @@ pub struct Relay {
     table: Mutex<Table>,
     drops: [AtomicU64; RelayDrop::ALL.len()],
     relayed: AtomicU64,
+    /// Payload bytes of the datagrams relayed.
+    relayed_bytes: AtomicU64,
 }
 
 impl Relay {
@@ -289,6 +291,7 @@ impl Relay {
             table: Mutex::new(Table::default()),
             drops: Default::default(),
             relayed: AtomicU64::new(0),
+            relayed_bytes: AtomicU64::new(0),
         }
     }
 
@@ -325,6 +328,11 @@ impl Relay {
     /// Datagrams relayed so far (both ways).
     pub fn relayed(&self) -> u64 {
         self.relayed.load(Ordering::Relaxed)
+    }
+
+    /// Payload bytes relayed so far (both ways; a `03` packet counts whole).
+    pub fn relayed_bytes(&self) -> u64 {
+        self.relayed_bytes.load(Ordering::Relaxed)
     }
 
     /// How many receive tasks the relay needs (one per shared receiving socket).
@@ -486,6 +494,10 @@ impl Relay {
                 report,
             } => (aid, delivery, report),
         };
+        let size = match &delivery {
+            Delivery::Udp { data, .. } => data.len(),
+            Delivery::Tcp(_, packet) => packet.len(),
+        };
         let sent = match delivery {
             Delivery::Udp {
                 side,
@@ -529,6 +541,7 @@ impl Relay {
         };
         if sent {
             self.relayed.fetch_add(1, Ordering::Relaxed);
+            self.relayed_bytes.fetch_add(size as u64, Ordering::Relaxed);
             if report {
                 mode.traffic(aid, tokio::time::Instant::now().into_std());
             }
