@@ -158,9 +158,10 @@ mod tests {
             MonitorHook::XdpGate,
             MonitorHook::TcGate,
             MonitorHook::TcInbound,
+            MonitorHook::TcInternal,
         ] {
             assert_eq!(MonitorHook::from_u8(hook as u8), Some(hook));
         }
-        assert_eq!(MonitorHook::from_u8(3), None);
+        assert_eq!(MonitorHook::from_u8(4), None);
     }
 }
