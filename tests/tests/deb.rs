@@ -108,7 +108,8 @@ impl Drop for MountNs {
     }
 }
 
-/// Removes the package on drop (in the test's mount namespace), also when the test failed.
+/// Removes the package on drop (in the test's mount namespace), also when the test failed, and
+/// purges what `dpkg -r` keeps (the conffile, dpkg's record), so the host is as before.
 struct Installed<'a> {
     ns: &'a MountNs,
 }
@@ -118,6 +119,7 @@ impl Drop for Installed<'_> {
         if Path::new(INSTALLED).exists() {
             let _ = self.ns.output(&["dpkg", "-r", "gateway"]);
         }
+        let _ = self.ns.output(&["dpkg", "--purge", "gateway"]);
     }
 }
 
@@ -289,4 +291,8 @@ fn the_package_installs_works_and_removes_every_gate() {
     );
     let run_dir = ns.output(&["ls", "-A", "/run/gateway"]);
     assert!(run_dir.stdout.is_empty(), "run directory left");
+    assert!(
+        !Path::new("/etc/gateway").exists(),
+        "the purge after removal leaves no configuration behind"
+    );
 }
