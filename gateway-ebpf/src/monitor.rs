@@ -22,7 +22,10 @@ use gateway_common::{
     MonitorSettings, monitor_flow,
 };
 
-use crate::parse::Frame;
+use crate::parse::{
+    ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, Frame, IPPROTO_TCP, IPPROTO_UDP,
+    IPV4_MIN_HLEN, IPV4_OFFSET, IPV6_HLEN, VLAN_HLEN,
+};
 
 #[map(name = "MONITOR_SETTINGS")]
 static MONITOR_SETTINGS: Array<MonitorSettings> = Array::with_max_entries(1, 0);
@@ -132,16 +135,6 @@ fn record<C: Ingress>(ctx: &C, reason: u32, len: u32, hook: u8) {
     budget.emitted += 1;
 }
 
-const ETH_HLEN: usize = 14;
-const VLAN_HLEN: usize = 4;
-const ETH_P_IPV4: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPV4_OFFSET: u16 = 0x1fff;
-
 /// Copies `N` octets from packet address `from` to `to` one by one: neither a temporary on the
 /// stack nor a `memcpy` subprogram (volatile, so the loop is not turned into one).
 ///
@@ -201,7 +194,7 @@ unsafe fn read_flow<C: Frame>(ctx: &C, event: *mut MonitorEvent) -> u8 {
         let (l4, protocol, later_fragment) = match ether_type {
             ETH_P_IPV4 => {
                 let ip = start + l3;
-                if ip + 20 > end {
+                if ip + IPV4_MIN_HLEN > end {
                     return 0;
                 }
                 let header_len = usize::from(*(ip as *const u8) & 0x0f) * 4;
@@ -212,12 +205,12 @@ unsafe fn read_flow<C: Frame>(ctx: &C, event: *mut MonitorEvent) -> u8 {
             }
             ETH_P_IPV6 => {
                 let ip = start + l3;
-                if ip + 40 > end {
+                if ip + IPV6_HLEN > end {
                     return 0;
                 }
                 copy_octets::<16>(ip + 8, (&raw mut (*event).src_addr).cast());
                 copy_octets::<16>(ip + 24, (&raw mut (*event).dst_addr).cast());
-                (l3 + 40, *((ip + 6) as *const u8), false)
+                (l3 + IPV6_HLEN, *((ip + 6) as *const u8), false)
             }
             _ => return 0,
         };

@@ -11,17 +11,17 @@ use gateway_common::{Addr16, ExitReason, ipv4_mapped};
 
 use crate::events;
 
-const ETH_HLEN: usize = 14;
-const VLAN_HLEN: usize = 4;
-const ETH_P_IPV4: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
-const IPV4_MIN_HLEN: usize = 20;
-const IPV6_HLEN: usize = 40;
+pub(crate) const ETH_HLEN: usize = 14;
+pub(crate) const VLAN_HLEN: usize = 4;
+pub(crate) const ETH_P_IPV4: u16 = 0x0800;
+pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
+pub(crate) const ETH_P_8021Q: u16 = 0x8100;
+pub(crate) const ETH_P_8021AD: u16 = 0x88a8;
+pub(crate) const IPV4_MIN_HLEN: usize = 20;
+pub(crate) const IPV6_HLEN: usize = 40;
 const UDP_HLEN: usize = 8;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_TCP: u8 = 6;
+pub(crate) const IPPROTO_UDP: u8 = 17;
+pub(crate) const IPPROTO_TCP: u8 = 6;
 // IPv6 extension headers we can walk.
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
@@ -33,7 +33,7 @@ const MAX_IPV6_EXT_HEADERS: usize = 4;
 /// IPv4 flags+offset: MF bit and the 13-bit offset.
 const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
 /// IPv4 flags+offset: the 13-bit offset alone (non-zero: not the first fragment).
-const IPV4_OFFSET: u16 = 0x1fff;
+pub(crate) const IPV4_OFFSET: u16 = 0x1fff;
 /// IPv6 fragment header: the offset bits of its second 16-bit word.
 const IPV6_FRAGMENT_OFFSET: u16 = 0xfff8;
 
