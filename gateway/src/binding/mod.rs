@@ -25,6 +25,7 @@ mod multicast;
 mod ports;
 mod record;
 mod rules;
+mod snapshot;
 mod types;
 
 #[cfg(test)]
@@ -38,6 +39,9 @@ pub use config::{
 };
 pub use machine::Bindings;
 pub use ports::{PortPool, PortRange};
+pub use snapshot::{
+    BindingSnapshot, RemoteSnapshot, RestoreError, StateSnapshot, TableSnapshot, TombstoneSnapshot,
+};
 pub use types::{
     Action, BindError, BindRequest, BindingInfo, BindingState, ConnId, Decision, Expired,
     ExpiryReason, Family, KernelEntry, Membership, MulticastMode, RelayPorts, Remote, RemoteMatch,

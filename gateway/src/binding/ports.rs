@@ -220,6 +220,36 @@ impl PortPool {
         true
     }
 
+    /// Takes exactly `port` (a binding handed over by another daemon). False (nothing taken)
+    /// if it is outside the range or taken.
+    pub fn take(&mut self, port: u16) -> bool {
+        if !self.range.contains(port) {
+            return false;
+        }
+        let slot = (port - self.base) / 2;
+        let bit = if port.is_multiple_of(2) { EVEN } else { ODD };
+        let state = self.taken[usize::from(slot)];
+        if state & bit != 0 {
+            return false;
+        }
+        self.set(slot, state | bit);
+        true
+    }
+
+    /// Takes exactly the aligned pair `port`, `port + 1`. False (nothing taken) unless `port`
+    /// is even and both are in range and free.
+    pub fn take_pair(&mut self, port: u16) -> bool {
+        if !port.is_multiple_of(2) || !self.range.contains(port) || !self.range.contains(port + 1) {
+            return false;
+        }
+        let slot = (port - self.base) / 2;
+        if self.taken[usize::from(slot)] != 0 {
+            return false;
+        }
+        self.set(slot, EVEN | ODD);
+        true
+    }
+
     /// The even and (if it exists) odd port of `slot`.
     fn ports_of(&self, slot: u16) -> (u16, Option<u16>) {
         let even = self.base + 2 * slot;
@@ -336,6 +366,18 @@ impl Side {
         }
     }
 
+    /// Takes exactly `addr` (with `pair`, its aligned pair).
+    fn take(&mut self, addr: SocketAddr, pair: bool) -> bool {
+        let Some((_, pool)) = self.pools.iter_mut().find(|(ip, _)| *ip == addr.ip()) else {
+            return false;
+        };
+        if pair {
+            pool.take_pair(addr.port())
+        } else {
+            pool.take(addr.port())
+        }
+    }
+
     fn taken(&self) -> usize {
         self.pools
             .iter()
@@ -409,6 +451,19 @@ impl RelayAllocator {
             external,
             pair,
         })
+    }
+
+    /// Takes exactly `ports` (a binding handed over by another daemon), both sides or
+    /// neither. False if a part is not an address of this allocator, out of range or taken.
+    pub(crate) fn take(&mut self, ports: &RelayPorts) -> bool {
+        if !self.internal.take(ports.internal, ports.pair) {
+            return false;
+        }
+        if !self.external.take(ports.external, ports.pair) {
+            self.internal.release(ports.internal, ports.pair);
+            return false;
+        }
+        true
     }
 
     /// Returns both sides of `ports`. Returns false if any part was not taken.

@@ -9,6 +9,7 @@ mod multicast;
 mod prop;
 mod raw;
 mod resources;
+mod snapshot;
 mod table;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
