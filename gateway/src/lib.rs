@@ -32,6 +32,7 @@ pub mod counters;
 pub mod datapath;
 pub mod exit_counters;
 pub mod gate;
+pub mod handover;
 pub mod host_flow;
 pub mod instance;
 pub mod metrics;
