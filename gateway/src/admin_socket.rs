@@ -1,6 +1,7 @@
 //! The daemon's local control socket (`/run/gateway/NAME/control.sock`, root only): answers
-//! `bindings` with a JSON document of the live bindings and kernel entries. The CLI's
-//! `gateway bindings` is its client. Read-only: nothing here changes state.
+//! `bindings` with a JSON document of the live bindings and kernel entries (`gateway bindings`),
+//! and `upgrade` (`gateway upgrade`), the one command that changes anything: it hands the
+//! daemon over to a new binary.
 
 use std::{
     io::{self, BufRead as _, BufReader, Write as _},
@@ -149,9 +150,72 @@ pub fn summary_document(services: &Services) -> Bindings {
 
 /// Serves the control socket until the task is dropped.
 pub async fn serve(path: PathBuf, services: Arc<Services>) -> io::Result<()> {
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    serve_listener(bind(&path)?, services).await
+}
+
+/// The control socket at `path` (root only), replacing a stale one.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// How long `upgrade` waits for the daemon's answer (the new binary loads and verifies the
+/// programs first).
+pub const UPGRADE_ANSWER: Duration = Duration::from_mins(5);
+
+/// A request to hand over to a new binary (`gateway upgrade`, SIGUSR2), with where the
+/// outcome goes: the new daemon's pid, or why the old one keeps serving.
+#[derive(Debug)]
+pub struct UpgradeRequest {
+    /// `None`: the binary the daemon was started from.
+    pub binary: Option<PathBuf>,
+    pub reply: tokio::sync::oneshot::Sender<Result<UpgradeDone, String>>,
+}
+
+/// A finished upgrade.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct UpgradeDone {
+    pub old_pid: u32,
+    pub new_pid: u32,
+    pub binary: PathBuf,
+    pub state_version: u32,
+    pub sessions: usize,
+    pub bindings: usize,
+}
+
+async fn upgrade_reply(services: &Services, argument: &str) -> String {
+    #[derive(serde::Deserialize)]
+    struct Args {
+        binary: Option<PathBuf>,
+    }
+    let args: Args = match serde_json::from_str(argument) {
+        Ok(args) => args,
+        Err(error) => return json!({ "error": format!("upgrade: {error}") }).to_string(),
+    };
+    let Some(requests) = &services.upgrades else {
+        return json!({ "error": "this daemon cannot upgrade" }).to_string();
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if requests
+        .try_send(UpgradeRequest {
+            binary: args.binary,
+            reply,
+        })
+        .is_err()
+    {
+        return json!({ "error": "an upgrade is already under way" }).to_string();
+    }
+    match tokio::time::timeout(UPGRADE_ANSWER, answer).await {
+        Ok(Ok(Ok(done))) => json!({ "upgraded": done }).to_string(),
+        Ok(Ok(Err(error))) => json!({ "error": error }).to_string(),
+        Ok(Err(_)) | Err(_) => json!({ "error": "no answer from the daemon" }).to_string(),
+    }
+}
+
+/// Serves the control socket on `listener` until the task is dropped.
+pub async fn serve_listener(listener: UnixListener, services: Arc<Services>) -> io::Result<()> {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -174,6 +238,9 @@ pub async fn serve(path: PathBuf, services: Arc<Services>) -> io::Result<()> {
                     .unwrap_or_else(|error| json!({ "error": error.to_string() }).to_string()),
                 (Ok(Ok(_)), "summary") => serde_json::to_string(&summary_document(&services))
                     .unwrap_or_else(|error| json!({ "error": error.to_string() }).to_string()),
+                (Ok(Ok(_)), command) if command.starts_with("upgrade ") => {
+                    upgrade_reply(&services, &command["upgrade ".len()..]).await
+                }
                 (Ok(Ok(_)), other) => {
                     json!({ "error": format!("unknown command {other:?}") }).to_string()
                 }
@@ -188,10 +255,15 @@ pub async fn serve(path: PathBuf, services: Arc<Services>) -> io::Result<()> {
 
 /// Sends one command to a running daemon and returns its one-line answer.
 pub fn query(path: &Path, command: &str) -> io::Result<String> {
-    let mut stream = UnixStream::connect(path)?;
     // The daemon answers once the whole document is built: a listing of 100,000 bindings takes
     // a while.
-    stream.set_read_timeout(Some(Duration::from_mins(1)))?;
+    query_within(path, command, Duration::from_mins(1))
+}
+
+/// [`query`] waiting up to `timeout` for the answer.
+pub fn query_within(path: &Path, command: &str, timeout: Duration) -> io::Result<String> {
+    let mut stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(timeout))?;
     stream.write_all(format!("{command}\n").as_bytes())?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line)?;

@@ -94,6 +94,25 @@ pub enum Command {
         /// The user name (1 to 255 octets, no ':').
         name: String,
     },
+    /// Replace a running gateway with a new binary without dropping a stream: the new daemon
+    /// takes over the listening sockets, every enhanced-mode session with its bindings (AIDs,
+    /// TIDs, relay ports, timers) and every CONNECT tunnel; the kernel's entries and the gate
+    /// stay in place. UDP ASSOCIATE and BIND relays are closed (their clients connect again).
+    /// If the new binary refuses (it cannot read the running daemon's state version), fails or
+    /// dies, the running daemon serves on and this prints why. SIGUSR2 to the daemon does the
+    /// same with the binary it was started from. Prints the new daemon's pid.
+    Upgrade {
+        /// Instance name of the gateway to upgrade.
+        #[arg(long, value_name = "NAME", default_value = DEFAULT_INSTANCE)]
+        instance: String,
+        /// The new binary (default: the path the running daemon was started from, where a
+        /// package upgrade puts the new one). It is started with the daemon's arguments.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print packets and bytes per datapath exit reason of a running gateway.
     Stats {
         /// Instance name of the gateway to read.

@@ -7,6 +7,7 @@
 mod access;
 mod readiness;
 mod signals;
+pub mod upgrade;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -50,6 +51,8 @@ pub const DEFAULT_SOCKS_PORT: u16 = 1080;
 pub struct DaemonArgs {
     pub settings: Settings,
     pub access: AccessSource,
+    /// What this build does in an upgrade.
+    pub upgrade: upgrade::Options,
 }
 
 pub fn run(args: DaemonArgs) -> Result<()> {
@@ -81,11 +84,21 @@ async fn start_and_serve(args: DaemonArgs, signals: &mut Signals) -> Result<()> 
         );
     }
     let access = args.access.load()?;
-    let lock = instance.lock()?;
+    let takeover = match gateway::handover::wire::Channel::from_env() {
+        Some(Ok(channel)) => {
+            info!("upgrade: taking over from the running daemon");
+            Some(channel)
+        }
+        Some(Err(error)) => bail!("upgrade: {error}"),
+        None => None,
+    };
+    // Taking over, the lock comes with the state (the running daemon holds it).
+    let lock = match takeover {
+        Some(_) => None,
+        None => Some(instance.lock()?),
+    };
     raise_open_file_limit();
-    let result = serve(args, &instance, external_ifindex, access, signals).await;
-    lock.release();
-    result
+    serve(args, &instance, external_ifindex, access, signals, takeover, lock).await
 }
 
 /// The control listeners: `--listen`, or every address of the internal interface on port 1080.
@@ -203,6 +216,8 @@ async fn serve(
     external_ifindex: u32,
     access: server::access::Access,
     signals: &mut Signals,
+    takeover: Option<gateway::handover::wire::Channel>,
+    lock: Option<gateway::instance::InstanceLock>,
 ) -> Result<()> {
     let s = &args.settings;
     let external_addrs = netif::addresses(&s.external).context("read --external addresses")?;
@@ -231,7 +246,12 @@ async fn serve(
         return Ok(());
     }
 
-    reserve_relay_ports(&args, instance)?;
+    if takeover.is_some() {
+        // The previous daemon reserved them; its relays' ports are busy by design.
+        reserve_relay_ports_again(&args, instance);
+    } else {
+        reserve_relay_ports(&args, instance)?;
+    }
 
     let mut config = DatapathConfig::new(instance.clone(), s.external.clone(), s.internal.clone());
     config.max_bindings = s.max_bindings.get();
@@ -241,21 +261,48 @@ async fn serve(
     config.xdp_mode = s.xdp_mode;
     config.tc_mode = s.tc_attach;
     config.control_listeners = listen.clone();
+    config.adopt = takeover.is_some();
     // TCP to the metrics port from outside is dropped like TCP to the control port.
     config
         .control_listeners
         .extend(metrics_addr.filter(|a| !a.ip().is_loopback()));
     // From here on every exit leaves the gate attached and dropping (a failed attach leaves
     // whatever was pinned before, which drops too).
-    let mut datapath = Datapath::attach(&config)
-        .with_context(|| format!("attach the gateway to {}", s.external))?;
+    let mut datapath = match Datapath::attach(&config) {
+        Ok(datapath) => datapath,
+        Err(error) => {
+            let error = anyhow::Error::from(error)
+                .context(format!("attach the gateway to {}", s.external));
+            if let Some(channel) = &takeover {
+                upgrade::fail(channel, &format!("{error:#}"));
+            }
+            return Err(error);
+        }
+    };
     datapath.start_kernel_log();
     let gate = match datapath.take_gate() {
         Ok(gate) => gate,
         Err(error) => {
-            datapath.stop();
+            if let Some(channel) = &takeover {
+                upgrade::fail(channel, &error.to_string());
+                datapath.leave_to_other_daemon();
+            } else {
+                datapath.stop();
+            }
             return Err(error).context("open the binding maps");
         }
+    };
+    // Taking over: the running daemon's state, before anything here is served.
+    let mut handed = match &takeover {
+        Some(channel) => match tokio::task::block_in_place(|| upgrade::receive(channel, &args.upgrade)) {
+            Ok(handed) => Some(handed),
+            Err(reason) => {
+                warn!(%reason, "upgrade: not taking over; the running daemon keeps serving");
+                datapath.leave_to_other_daemon();
+                bail!("upgrade refused or failed: {reason}");
+            }
+        },
+        None => None,
     };
     let gate: Arc<dyn Gate> = match s.datapath {
         DatapathKind::Kernel | DatapathKind::Xdp => Arc::new(gate),
@@ -277,14 +324,25 @@ async fn serve(
             }
         }
     };
+    // A failure from here on: a new daemon leaves the gate to the old one, which resumes.
+    let give_up = |datapath: Datapath, reason: &str| {
+        if let Some(channel) = &takeover {
+            upgrade::fail(channel, reason);
+            datapath.leave_to_other_daemon();
+        } else {
+            datapath.stop();
+        }
+    };
     let resolver = match Resolver::new(&resolvers, Arc::clone(&gate), &device_for) {
         Ok(resolver) => Arc::new(resolver),
         Err(error) => {
-            datapath.stop();
+            give_up(datapath, &error.to_string());
             return Err(error).context("set up the resolver");
         }
     };
-    if let Some(signal) = signals.stop_pending() {
+    if takeover.is_none()
+        && let Some(signal) = signals.stop_pending()
+    {
         info!(
             signal,
             "stop requested during start-up; the gate stays attached and dropping"
@@ -307,10 +365,11 @@ async fn serve(
     ) {
         Ok(enhanced) => enhanced,
         Err(error) => {
-            datapath.stop();
+            give_up(datapath, &format!("{error:#}"));
             return Err(error);
         }
     };
+    let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::channel(1);
     let services = Arc::new(Services {
         access: LiveAccess::new(access),
         limiter: FailureLimiter::new(5, Duration::from_mins(1)),
@@ -335,43 +394,66 @@ async fn serve(
         },
         enhanced,
         counters: gateway::counters::Counters::default(),
+        quiesce: gateway::server::handover::Quiesce::default(),
+        upgrades: Some(upgrade_tx),
     });
 
-    let mut listeners = Vec::new();
-    for addr in &listen {
-        match bind_listener(*addr, &s.internal) {
-            Ok(listener) => listeners.push(listener),
-            Err(error) => {
-                warn!(%addr, %error, "cannot listen; stopping, and the gate stays attached and dropping");
-                gate.close();
-                datapath.stop();
-                return Err(error).with_context(|| {
-                    format!(
-                        "listen on {addr} (the gate stays attached and dropping; `gateway detach \
-                         --instance {}` removes it)",
-                        instance.name()
-                    )
-                });
+    let mut lock = lock;
+    let (listeners, metrics_listener, admin_listener, resumed) = if let Some((state, fds)) = handed.as_mut() {
+        match take_over(state, fds, &services, instance, &listen) {
+            Ok((handed_lock, listeners, metrics, admin, resumed)) => {
+                lock = Some(handed_lock);
+                (listeners, metrics, admin, resumed)
+            }
+            Err(reason) => {
+                warn!(%reason, "upgrade: cannot take over; the running daemon keeps serving");
+                give_up(datapath, &reason);
+                bail!("upgrade failed: {reason}");
             }
         }
-    }
-    let metrics = match metrics_addr {
-        Some(addr) => match bind_metrics(addr, &s.internal) {
-            Ok(listener) => Some(serve_metrics(listener, addr, &services, instance)),
-            Err(error) => {
-                gate.close();
-                datapath.stop();
-                return Err(error).with_context(|| {
-                    format!(
-                        "listen for metrics on {addr} (the gate stays attached and dropping; \
-                         `gateway detach --instance {}` removes it)",
-                        instance.name()
-                    )
-                });
+    } else {
+        let mut listeners = Vec::new();
+        for addr in &listen {
+            match bind_listener(*addr, &s.internal) {
+                Ok(listener) => listeners.push(listener),
+                Err(error) => {
+                    warn!(%addr, %error, "cannot listen; stopping, and the gate stays attached and dropping");
+                    gate.close();
+                    datapath.stop();
+                    return Err(error).with_context(|| {
+                        format!(
+                            "listen on {addr} (the gate stays attached and dropping; `gateway detach \
+                             --instance {}` removes it)",
+                            instance.name()
+                        )
+                    });
+                }
             }
-        },
-        None => None,
+        }
+        let metrics = match metrics_addr {
+            Some(addr) => match bind_metrics(addr, &s.internal) {
+                Ok(listener) => Some(listener),
+                Err(error) => {
+                    gate.close();
+                    datapath.stop();
+                    return Err(error).with_context(|| {
+                        format!(
+                            "listen for metrics on {addr} (the gate stays attached and dropping; \
+                             `gateway detach --instance {}` removes it)",
+                            instance.name()
+                        )
+                    });
+                }
+            },
+            None => None,
+        };
+        (listeners, metrics, None, Vec::new())
     };
+    // Kept for a later upgrade: the listeners' descriptors go to the next daemon.
+    let metrics_fd = metrics_listener.as_ref().and_then(|l| std::os::fd::AsFd::as_fd(l).try_clone_to_owned().ok());
+    let metrics = metrics_listener.map(|listener| {
+        serve_metrics(listener, metrics_addr.unwrap_or_else(|| listen[0]), &services, instance)
+    });
     let watcher = tokio::spawn(follow_address_changes(
         Arc::clone(&services),
         s.external.clone(),
@@ -379,29 +461,58 @@ async fn serve(
         instance.pin_dir(),
     ));
     let control_path = gateway::admin_socket::socket_path(instance);
+    let admin_listener = match admin_listener {
+        Some(listener) => Ok(listener),
+        None => gateway::admin_socket::bind(&control_path),
+    };
+    let admin_fd = admin_listener.as_ref().ok().and_then(|l| std::os::fd::AsFd::as_fd(l).try_clone_to_owned().ok());
     let control = tokio::spawn({
         let (path, services) = (control_path.clone(), Arc::clone(&services));
         async move {
-            if let Err(error) = gateway::admin_socket::serve(path.clone(), services).await {
+            let served = match admin_listener {
+                Ok(listener) => gateway::admin_socket::serve_listener(listener, services).await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = served {
                 warn!(path = %path.display(), %error, "control socket failed: `gateway bindings` will not answer");
             }
         }
     });
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut servers = Vec::new();
-    for (addr, listener) in listen.iter().zip(listeners) {
+    if let Some(channel) = &takeover {
+        // The service manager follows this process from now on; then the old daemon goes.
+        readiness::main_pid_ready();
+        if let Err(reason) = upgrade::announce(channel) {
+            warn!(%reason, "upgrade: the old daemon did not confirm; leaving the gate to it");
+            datapath.leave_to_other_daemon();
+            bail!("upgrade failed: {reason}");
+        }
+        info!(
+            sessions = resumed.len(),
+            bindings = services.enhanced.as_ref().map_or(0, |m| m.live_bindings()),
+            "upgrade: took over from the previous daemon"
+        );
+    }
+    for addr in &listen {
         info!(%addr, device = %s.internal, "SOCKS5 listening");
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let spawn_server = |listeners: Vec<TcpListener>, resumed: Vec<server::handover::Moved>| {
         let mut stop = stop_rx.clone();
-        servers.push(tokio::spawn(server::run(
+        tokio::spawn(server::serve_all(
             Arc::clone(&services),
-            listener,
+            listeners,
+            resumed,
             async move {
                 let _ = stop.wait_for(|stop| *stop).await;
             },
-        )));
-    }
+        ))
+    };
+    let mut server_task = spawn_server(listeners, resumed);
+    let invocation = upgrade::Invocation::current();
 
-    let signal = if let Some(signal) = signals.stop_pending() {
+    let signal = if takeover.is_none()
+        && let Some(signal) = signals.stop_pending()
+    {
         info!(signal, "stop requested during start-up; not serving");
         signal
     } else {
@@ -413,14 +524,59 @@ async fn serve(
             "gateway running"
         );
         // Only now: the gate drops and every listener accepts.
-        readiness::ready();
+        if takeover.is_none() {
+            readiness::ready();
+        }
         loop {
-            match signals.next().await {
-                Event::Stop(signal) => break signal,
-                Event::Reload => {
-                    readiness::reloading();
-                    reload(&args.access, &services);
-                    readiness::ready();
+            let request = tokio::select! {
+                event = signals.next() => match event {
+                    Event::Stop(signal) => break signal,
+                    Event::Reload => {
+                        readiness::reloading();
+                        reload(&args.access, &services);
+                        readiness::ready();
+                        continue;
+                    }
+                    Event::Upgrade => None,
+                },
+                Some(request) = upgrade_rx.recv() => Some(request),
+            };
+            let (binary, reply) = match request {
+                Some(request) => (request.binary, Some(request.reply)),
+                None => (None, None),
+            };
+            let binary = binary.unwrap_or_else(|| invocation.binary.clone());
+            let context = HandoverContext {
+                services: &services,
+                lock: lock.as_ref(),
+                metrics: metrics_fd.as_ref(),
+                admin: admin_fd.as_ref(),
+                listen: &listen,
+                format: &args.upgrade.format,
+            };
+            match upgrade_to(&binary, &invocation, &context, server_task).await {
+                Ok(done) => {
+                    info!(new_pid = done.new_pid, binary = %binary.display(), sessions = done.sessions,
+                        bindings = done.bindings, "upgrade: handed over; this daemon exits");
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Ok(done));
+                        // The answer reaches `gateway upgrade` before the process goes.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    datapath.leave_to_other_daemon();
+                    std::process::exit(0);
+                }
+                Err((reason, listeners, moved)) => {
+                    warn!(%reason, binary = %binary.display(), "upgrade failed; this daemon serves on");
+                    if let Some(mode) = &services.enhanced {
+                        mode.thaw();
+                    }
+                    services.quiesce.end();
+                    server_task = spawn_server(listeners, moved);
+                    readiness::main_pid_ready();
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(reason));
+                    }
                 }
             }
         }
@@ -434,9 +590,7 @@ async fn serve(
         "shutting down: the gate admits nothing now"
     );
     let _ = stop_tx.send(true);
-    for server in servers {
-        let _ = server.await;
-    }
+    let _ = server_task.await;
     control.abort();
     if let Some(metrics) = metrics {
         metrics.abort();
@@ -444,12 +598,186 @@ async fn serve(
     watcher.abort();
     let _ = std::fs::remove_file(&control_path);
     drop(services);
+    if let Some(lock) = lock {
+        lock.release();
+    }
     if s.remove_gate_on_exit {
         datapath.detach();
     } else {
         datapath.stop();
     }
     Ok(())
+}
+
+/// What the old daemon hands over besides its connections.
+struct HandoverContext<'a> {
+    services: &'a Arc<Services>,
+    lock: Option<&'a gateway::instance::InstanceLock>,
+    metrics: Option<&'a std::os::fd::OwnedFd>,
+    admin: Option<&'a std::os::fd::OwnedFd>,
+    listen: &'a [SocketAddr],
+    format: &'a gateway::handover::Format,
+}
+
+type Resume = (String, Vec<TcpListener>, Vec<server::handover::Moved>);
+
+/// The old daemon's upgrade: start the new binary, quiesce, hand everything over. On success
+/// the new daemon's answer; on failure why, with the listeners and connections to serve on.
+async fn upgrade_to(
+    binary: &std::path::Path,
+    invocation: &upgrade::Invocation,
+    context: &HandoverContext<'_>,
+    server_task: tokio::task::JoinHandle<server::Ended>,
+) -> Result<gateway::admin_socket::UpgradeDone, Resume> {
+    let services = context.services;
+    info!(binary = %binary.display(), "upgrade requested");
+    let new = upgrade::start_new(binary, invocation, context.format);
+    // Whatever happened, the server must be stopped to hand over or be given its listeners
+    // back: the quiesce stops it either way.
+    services.quiesce.begin();
+    let (listeners, moved) = match server_task.await {
+        Ok(server::Ended::Quiesced { listeners, moved }) => (listeners, moved),
+        Ok(server::Ended::Stopped) | Err(_) => (Vec::new(), Vec::new()),
+    };
+    let new = match new {
+        Ok(new) => new,
+        Err(reason) => return Err((reason, listeners, moved)),
+    };
+    let (table, relays) = match &services.enhanced {
+        Some(mode) => {
+            let (table, relays) = mode.freeze();
+            (Some(table), relays)
+        }
+        None => (None, Vec::new()),
+    };
+    let bindings = table.as_ref().map_or(0, |t| t.bindings.len());
+    let sessions = moved.len();
+    let result = {
+        use gateway::handover::state::{DaemonState, Listener, Outgoing};
+        let mut fds = Outgoing::default();
+        let lock = context.lock.map(|lock| fds.add(lock));
+        let listener_states = listeners
+            .iter()
+            .zip(context.listen)
+            .map(|(listener, addr)| Listener {
+                addr: listener.local_addr().unwrap_or(*addr),
+                fd: fds.add(listener),
+            })
+            .collect();
+        let metrics = context.metrics.map(|fd| fds.add(fd));
+        let admin = context.admin.map(|fd| fds.add(fd));
+        let session_states = moved.iter().map(|m| m.to_state(&mut fds)).collect();
+        let state = DaemonState {
+            version: context.format.writes,
+            pid: std::process::id(),
+            lock,
+            listeners: listener_states,
+            metrics,
+            admin,
+            table,
+            relays,
+            sessions: session_states,
+            next_log_conn: server::next_log_conn(),
+        };
+        match serde_json::to_vec(&state) {
+            Ok(document) => {
+                info!(octets = document.len(), descriptors = fds.fds().len(), sessions, bindings,
+                    "upgrade: handing over");
+                upgrade::hand_over(new, &document, fds.fds())
+            }
+            Err(error) => {
+                new.kill();
+                Err(format!("serialise the state: {error}"))
+            }
+        }
+    };
+    match result {
+        Ok(new_pid) => Ok(gateway::admin_socket::UpgradeDone {
+            old_pid: std::process::id(),
+            new_pid,
+            binary: binary.to_owned(),
+            state_version: context.format.writes,
+            sessions,
+            bindings,
+        }),
+        Err(reason) => Err((reason, listeners, moved)),
+    }
+}
+
+type TakenOver = (
+    gateway::instance::InstanceLock,
+    Vec<TcpListener>,
+    Option<TcpListener>,
+    Option<tokio::net::UnixListener>,
+    Vec<server::handover::Moved>,
+);
+
+/// The new daemon's take-over of `state`: the lock, the listeners, the table and the
+/// sessions. Nothing is served yet.
+fn take_over(
+    state: &gateway::handover::state::DaemonState,
+    fds: &mut gateway::handover::state::Incoming,
+    services: &Services,
+    instance: &Instance,
+    listen: &[SocketAddr],
+) -> Result<TakenOver, String> {
+    let lock_fd = fds.take(state.lock.ok_or("no instance lock in the state")?, "instance lock")?;
+    let lock = gateway::instance::InstanceLock::adopt(instance, lock_fd).map_err(|e| e.to_string())?;
+    let mut listeners = Vec::new();
+    for listener in &state.listeners {
+        if !listen.contains(&listener.addr) {
+            warn!(addr = %listener.addr, "upgrade: a handed-over listener is not in the settings; serving it anyway");
+        }
+        let fd = fds.take(listener.fd, "SOCKS listener")?;
+        let std = std::net::TcpListener::from(fd);
+        std.set_nonblocking(true).map_err(|e| e.to_string())?;
+        listeners.push(TcpListener::from_std(std).map_err(|e| e.to_string())?);
+    }
+    let metrics = match state.metrics {
+        Some(index) => {
+            let std = std::net::TcpListener::from(fds.take(index, "metrics listener")?);
+            std.set_nonblocking(true).map_err(|e| e.to_string())?;
+            Some(TcpListener::from_std(std).map_err(|e| e.to_string())?)
+        }
+        None => None,
+    };
+    let admin = match state.admin {
+        Some(index) => {
+            let std = std::os::unix::net::UnixListener::from(fds.take(index, "control socket")?);
+            std.set_nonblocking(true).map_err(|e| e.to_string())?;
+            Some(tokio::net::UnixListener::from_std(std).map_err(|e| e.to_string())?)
+        }
+        None => None,
+    };
+    match (&services.enhanced, &state.table) {
+        (Some(mode), Some(table)) => mode
+            .restore(services.gate.as_ref(), table, state.relays.clone())
+            .map_err(|e| format!("the binding table: {e}"))?,
+        (None, Some(table)) if !table.bindings.is_empty() => {
+            return Err(format!(
+                "{} bindings were handed over, but the enhanced mode is off here",
+                table.bindings.len()
+            ));
+        }
+        _ => {}
+    }
+    let mut resumed = Vec::new();
+    for session in &state.sessions {
+        resumed.push(server::handover::Moved::from_state(session, fds)?);
+    }
+    server::continue_log_conns(state.next_log_conn);
+    Ok((lock, listeners, metrics, admin, resumed))
+}
+
+/// After an upgrade: the previous daemon reserved the relay ports; reserve them again (the
+/// record is rewritten) without the in-use check, since the old relays hold them.
+fn reserve_relay_ports_again(args: &DaemonArgs, instance: &Instance) {
+    let s = &args.settings;
+    let ranges = [s.internal_ports.ports(), s.external_ports.ports()];
+    let record = instance.run_dir().join(crate::RESERVED_PORTS_RECORD);
+    if let Err(error) = gateway::reserved_ports::reserve(&ranges, &record) {
+        warn!(%error, "could not reserve the relay ports again");
+    }
 }
 
 /// Keeps the relay port ranges for the gateway: refused if a port in them is in use now,

@@ -378,12 +378,24 @@ impl KernelGate {
         host_allow: HashMap<MapData, HostAllowKey, HostAllowValue>,
         groups: GroupMaps,
     ) -> Self {
+        // RAW flows a previous daemon handed over are in the outbound map already: the count
+        // per client socket starts from them (a fresh start has none).
+        let mut flows = StdHashMap::new();
+        for (key, value) in outbound.iter().filter_map(Result::ok) {
+            if value.framing == framing::RAW {
+                let client = SocketAddr::new(
+                    std::net::Ipv6Addr::from(key.client_addr).to_canonical(),
+                    u16::from_be(key.client_port_be),
+                );
+                *flows.entry(client).or_insert(0) += 1;
+            }
+        }
         Self {
             map: Mutex::new(map),
             outbound: Mutex::new(outbound),
             raw_clients: Mutex::new(RawClients {
                 map: raw_clients,
-                flows: StdHashMap::new(),
+                flows,
             }),
             host_allow: Mutex::new(host_allow),
             groups: Mutex::new(Groups { maps: groups }),

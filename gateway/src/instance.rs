@@ -168,6 +168,31 @@ pub struct InstanceLock {
 }
 
 impl InstanceLock {
+    /// The lock a previous daemon handed over (its open file holds the `flock`): this process's
+    /// pid goes in.
+    pub fn adopt(instance: &Instance, fd: std::os::fd::OwnedFd) -> Result<Self, InstanceError> {
+        let mut file = File::from(fd);
+        let path = instance.lock_path();
+        let io = |source| InstanceError::Io {
+            what: "write",
+            path: path.clone(),
+            source,
+        };
+        // Still ours: a shared-lock probe from here would succeed on our own exclusive lock,
+        // so take the exclusive one again (a no-op on the open file that holds it).
+        if !flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+            return Err(InstanceError::AlreadyRunning {
+                name: instance.name.clone(),
+                pid: "another".to_owned(),
+            });
+        }
+        file.set_len(0).map_err(io)?;
+        file.rewind().map_err(io)?;
+        file.write_all(std::process::id().to_string().as_bytes())
+            .map_err(io)?;
+        Ok(Self { file, path })
+    }
+
     /// Clean exit: remove the lock file and its directory, then release.
     pub fn release(self) {
         let _ = fs::remove_file(&self.path);
@@ -175,6 +200,13 @@ impl InstanceLock {
             let _ = fs::remove_dir(dir);
         }
         drop(self.file);
+    }
+}
+
+/// The open lock file, to hand over.
+impl std::os::fd::AsFd for InstanceLock {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
     }
 }
 

@@ -96,6 +96,11 @@ fn run(cli: Cli) -> Result<()> {
             monitor(&instance, &watch)
         }
         Command::Passwd { name } => passwd(&name),
+        Command::Upgrade {
+            instance,
+            binary,
+            json,
+        } => upgrade(&instance, binary, json),
         Command::Stats { instance, json } => show_stats(&instance, json),
         Command::RtspGet { args } => sibling::run("rtsp-get", &args),
         Command::Socksify { args } => sibling::run("socksify", &args),
@@ -121,7 +126,14 @@ fn daemon_args(args: RunArgs) -> Result<(daemon::DaemonArgs, bool)> {
     // SIGHUP re-reads users and policy, never which interfaces the gateway is attached to.
     access.flags.external = Some(settings.external.clone());
     access.flags.internal = Some(settings.internal.clone());
-    Ok((daemon::DaemonArgs { settings, access }, old_datapath_name))
+    Ok((
+        daemon::DaemonArgs {
+            settings,
+            access,
+            upgrade: daemon::upgrade::Options::default(),
+        },
+        old_datapath_name,
+    ))
 }
 
 /// `gateway bindings`: ask the running daemon for its bindings and print them.
@@ -213,6 +225,50 @@ fn monitor(instance: &str, watch: &gateway::monitor::Watch) -> Result<()> {
         .build()
         .context("start the runtime")?;
     runtime.block_on(gateway::monitor::run(&instance.pin_dir(), watch))?;
+    Ok(())
+}
+
+/// `gateway upgrade`: ask the running daemon to hand over to a new binary; prints the outcome.
+fn upgrade(instance: &str, binary: Option<std::path::PathBuf>, json: bool) -> Result<()> {
+    let instance = Instance::new(instance)?;
+    instance.require_running()?;
+    let binary = match binary {
+        Some(path) => Some(
+            std::fs::canonicalize(&path)
+                .with_context(|| format!("--binary {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let command = format!("upgrade {}", serde_json::json!({ "binary": binary }));
+    let answer = gateway::admin_socket::query_within(
+        &gateway::admin_socket::socket_path(&instance),
+        &command,
+        gateway::admin_socket::UPGRADE_ANSWER,
+    )
+    .context("ask the daemon over its control socket")?;
+    let value: serde_json::Value =
+        serde_json::from_str(&answer).context("read the daemon's answer")?;
+    if let Some(error) = value.get("error").and_then(serde_json::Value::as_str) {
+        anyhow::bail!("upgrade failed, the running daemon serves on: {error}");
+    }
+    let done: gateway::admin_socket::UpgradeDone = serde_json::from_value(
+        value.get("upgraded").cloned().unwrap_or_default(),
+    )
+    .context("read the daemon's answer")?;
+    if json {
+        println!("{}", serde_json::to_string(&done)?);
+    } else {
+        println!(
+            "upgraded instance {}: pid {} -> {} ({}, state version {}, {} sessions, {} bindings moved)",
+            instance.name(),
+            done.old_pid,
+            done.new_pid,
+            done.binary.display(),
+            done.state_version,
+            done.sessions,
+            done.bindings
+        );
+    }
     Ok(())
 }
 

@@ -11,6 +11,17 @@ pub fn ready() {
     send(&[NotifyState::Ready, NotifyState::Status("running")]);
 }
 
+/// This process serves now, in place of another of the service (an upgrade, or a failed
+/// upgrade's old daemon again): `MAINPID=` and `READY=1`, before the other exits, so the
+/// service manager (`NotifyAccess=all`) follows the new main process instead of stopping.
+pub fn main_pid_ready() {
+    send(&[
+        NotifyState::MainPid(std::process::id()),
+        NotifyState::Ready,
+        NotifyState::Status("running"),
+    ]);
+}
+
 /// A SIGHUP reload begins: `RELOADING=1` with the clock systemd's `notify-reload` asks for.
 pub fn reloading() {
     match NotifyState::monotonic_usec_now() {

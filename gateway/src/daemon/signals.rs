@@ -1,5 +1,5 @@
 //! The daemon's signals, installed before anything is attached or bound: SIGTERM and SIGINT
-//! stop it, SIGHUP reloads the users file and the policy. A signal that arrives during start-up
+//! stop it, SIGHUP reloads the users file and the policy, SIGUSR2 upgrades (`gateway upgrade`). A signal that arrives during start-up
 //! waits here until start-up looks ([`Signals::stop_pending`]), so it never takes the default
 //! action (which would kill the daemon mid-attach without a word).
 
@@ -15,12 +15,15 @@ pub enum Event {
     Stop(&'static str),
     /// SIGHUP.
     Reload,
+    /// SIGUSR2: hand over to the binary the daemon was started from (`gateway upgrade`).
+    Upgrade,
 }
 
 pub struct Signals {
     terminate: Signal,
     interrupt: Signal,
     hangup: Signal,
+    user2: Signal,
 }
 
 impl Signals {
@@ -30,6 +33,7 @@ impl Signals {
             terminate: signal(SignalKind::terminate()).context("install the SIGTERM handler")?,
             interrupt: signal(SignalKind::interrupt()).context("install the SIGINT handler")?,
             hangup: signal(SignalKind::hangup()).context("install the SIGHUP handler")?,
+            user2: signal(SignalKind::user_defined2()).context("install the SIGUSR2 handler")?,
         })
     }
 
@@ -39,6 +43,7 @@ impl Signals {
             _ = self.terminate.recv() => Event::Stop("SIGTERM"),
             _ = self.interrupt.recv() => Event::Stop("SIGINT"),
             _ = self.hangup.recv() => Event::Reload,
+            _ = self.user2.recv() => Event::Upgrade,
         }
     }
 

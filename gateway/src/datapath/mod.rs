@@ -150,6 +150,9 @@ pub struct DatapathConfig {
     pub tc_mode: TcAttachMode,
     /// The SOCKS control listeners: TCP to them from outside is dropped by the gate.
     pub control_listeners: Vec<SocketAddr>,
+    /// Take over a running daemon's maps as they are (an upgrade): its bindings stay, and maps
+    /// that do not fit this build are an error instead of being made afresh.
+    pub adopt: bool,
 }
 
 impl DatapathConfig {
@@ -166,6 +169,7 @@ impl DatapathConfig {
             xdp_mode: XdpAttachMode::Auto,
             tc_mode: TcAttachMode::Auto,
             control_listeners: Vec::new(),
+            adopt: false,
         }
     }
 }
@@ -209,6 +213,8 @@ impl Datapath {
 
         let mut ebpf = match load(&pin_dir, config.max_bindings) {
             Ok(ebpf) => ebpf,
+            // Made afresh, the maps would drop every binding of the running daemon.
+            Err(error) if config.adopt => return Err(error),
             Err(error) if PINNED_MAPS.iter().any(|map| pin_dir.join(map).exists()) => {
                 // Maps pinned by an older build may not match this object: start them afresh.
                 warn!(%error, "pinned maps do not fit this build; recreating them");
@@ -219,13 +225,18 @@ impl Datapath {
             }
             Err(error) => return Err(error),
         };
-        // Bindings belong to control connections; a new daemon has none.
-        let stale = clear::<BindingKey, BindingValue>(&mut ebpf, map_names::BINDINGS)?
+        // Bindings belong to control connections; a new daemon has none, unless it takes them
+        // over with the connections.
+        let stale = if config.adopt {
+            0
+        } else {
+            clear::<BindingKey, BindingValue>(&mut ebpf, map_names::BINDINGS)?
             + clear::<OutboundKey, OutboundValue>(&mut ebpf, map_names::OUTBOUND)?
             + clear::<ClientSocketKey, RawClientValue>(&mut ebpf, map_names::RAW_CLIENTS)?
             // Groups belong to subscribers' control connections too.
             + clear::<GroupKey, GroupValue>(&mut ebpf, map_names::GROUPS)?
-            + clear::<GroupSourceKey, u32>(&mut ebpf, map_names::GROUP_SOURCES)?;
+            + clear::<GroupSourceKey, u32>(&mut ebpf, map_names::GROUP_SOURCES)?
+        };
         if stale > 0 {
             warn!(
                 count = stale,
@@ -234,19 +245,12 @@ impl Datapath {
         }
         let fanout_capacity = load_fanout(&mut ebpf);
         fill_host_allow(&mut ebpf, &config.host_allow)?;
-        clear::<Addr16, u32>(&mut ebpf, map_names::EXTERNAL_ADDRS)?;
-        {
-            let mut external: HashMap<_, Addr16, u32> =
-                map_mut(&mut ebpf, map_names::EXTERNAL_ADDRS)?;
-            for ip in &config.external_addresses {
-                external
-                    .insert(addr16(*ip), 0, 0)
-                    .map_err(|source| DatapathError::Map {
-                        what: format!("add external address {ip}"),
-                        source,
-                    })?;
-            }
-        }
+        let external: Vec<(Addr16, u32)> = config
+            .external_addresses
+            .iter()
+            .map(|ip| (addr16(*ip), 0))
+            .collect();
+        replace_entries(&mut ebpf, map_names::EXTERNAL_ADDRS, &external, "external address")?;
         fill_control_ports(&mut ebpf, &config.control_listeners)?;
         let settings = DatapathSettings {
             internal_ifindex,
@@ -409,6 +413,14 @@ impl Datapath {
     pub fn stop(mut self) {
         self.heartbeat.stop();
         info!("gate left attached and dropping (remove it with `gateway detach`)");
+    }
+
+    /// Leaves the gate to another daemon of this instance (the next after an upgrade, or the
+    /// previous one when taking over failed): nothing is written, the heartbeat is not
+    /// stopped (the other daemon's beats), nothing is detached. Call just before the process
+    /// exits: the heartbeat thread ends with it.
+    pub fn leave_to_other_daemon(self) {
+        std::mem::forget(self);
     }
 
     /// Removes the gate: stop the heartbeat, detach the programs and unpin the links and the
@@ -657,48 +669,72 @@ pub fn sync_external_addresses(
     Ok((added, removed))
 }
 
-/// Replaces the allow-list with exactly the configured flows (before the program runs).
-fn fill_host_allow(ebpf: &mut Ebpf, flows: &[HostFlow]) -> Result<(), DatapathError> {
-    clear::<HostAllowKey, HostAllowValue>(ebpf, map_names::HOST_ALLOW)?;
-    let mut allow: HashMap<_, HostAllowKey, HostAllowValue> = map_mut(ebpf, map_names::HOST_ALLOW)?;
-    for flow in flows {
-        allow
-            .insert(flow.key(), HostAllowValue::default(), 0)
+/// The raw octets of a map key or value (`aya::Pod` types have no hidden padding: every
+/// padding field is explicit and zeroed).
+fn pod_bytes<T: aya::Pod>(value: &T) -> &[u8] {
+    // SAFETY: `T` is plain data of `size_of::<T>()` initialised octets, borrowed for the slice's life.
+    unsafe { std::slice::from_raw_parts(std::ptr::from_ref(value).cast::<u8>(), size_of::<T>()) }
+}
+
+/// Makes map `name` hold exactly `wanted`: new entries first, then the ones not wanted go, so
+/// a running program never sees a moment with neither (a daemon taking over a live gate).
+fn replace_entries<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    wanted: &[(K, V)],
+    what: &str,
+) -> Result<(), DatapathError> {
+    let mut map: HashMap<_, K, V> = map_mut(ebpf, name)?;
+    for (key, value) in wanted {
+        map.insert(key, value, 0)
             .map_err(|source| DatapathError::Map {
-                what: format!(
-                    "add host allow-list entry {} -> {}",
-                    flow.remote, flow.local
-                ),
+                what: format!("add {what}"),
                 source,
             })?;
+    }
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|key| !wanted.iter().any(|(k, _)| pod_bytes(k) == pod_bytes(key)))
+        .collect();
+    for key in &stale {
+        let _ = map.remove(key);
+    }
+    Ok(())
+}
+
+/// Makes the allow-list exactly the configured flows.
+fn fill_host_allow(ebpf: &mut Ebpf, flows: &[HostFlow]) -> Result<(), DatapathError> {
+    let wanted: Vec<(HostAllowKey, HostAllowValue)> = flows
+        .iter()
+        .map(|flow| (flow.key(), HostAllowValue::default()))
+        .collect();
+    replace_entries(ebpf, map_names::HOST_ALLOW, &wanted, "a host allow-list entry")?;
+    for flow in flows {
         info!(remote = %flow.remote, local = %flow.local, "host UDP flow allowed");
     }
     Ok(())
 }
 
-/// Replaces the control-listener map with exactly `listeners` (wildcards as all-zero addresses).
+/// Makes the control-listener map exactly `listeners` (wildcards as all-zero addresses).
 fn fill_control_ports(ebpf: &mut Ebpf, listeners: &[SocketAddr]) -> Result<(), DatapathError> {
-    clear::<ControlPortKey, u32>(ebpf, map_names::CONTROL_PORTS)?;
-    let mut ports: HashMap<_, ControlPortKey, u32> = map_mut(ebpf, map_names::CONTROL_PORTS)?;
-    for listener in listeners {
-        let ip = listener.ip();
-        let key = ControlPortKey {
-            addr: if ip.to_canonical().is_unspecified() {
-                [0; 16]
-            } else {
-                addr16(ip)
-            },
-            port_be: listener.port().to_be(),
-            padding: 0,
-        };
-        ports
-            .insert(key, 0, 0)
-            .map_err(|source| DatapathError::Map {
-                what: format!("add control listener {listener}"),
-                source,
-            })?;
-    }
-    Ok(())
+    let wanted: Vec<(ControlPortKey, u32)> = listeners
+        .iter()
+        .map(|listener| {
+            let ip = listener.ip();
+            let key = ControlPortKey {
+                addr: if ip.to_canonical().is_unspecified() {
+                    [0; 16]
+                } else {
+                    addr16(ip)
+                },
+                port_be: listener.port().to_be(),
+                padding: 0,
+            };
+            (key, 0)
+        })
+        .collect();
+    replace_entries(ebpf, map_names::CONTROL_PORTS, &wanted, "a control listener")
 }
 
 /// Removes an instance's pins: links (detaching them), maps, the directory, and the shared parent

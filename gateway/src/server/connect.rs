@@ -9,7 +9,8 @@ use tracing::info;
 use super::{
     Services,
     connection::{Connection, ConnectionError},
-    relay::relay,
+    handover::{MovedKind, MovedTunnel},
+    relay::{RelayEnd, Tunnel, relay_from},
     send_failure, send_success,
 };
 use gateway_proto::{Address, ReplyCode};
@@ -74,18 +75,19 @@ async fn connect_from_external(
     }
 }
 
+/// CONNECT: `Some` with the client's socket when the tunnel stopped for the next daemon.
 pub async fn run(
     mut conn: Connection,
     services: &Services,
     peer: SocketAddr,
     address: &Address,
-) -> Result<(), ConnectionError> {
+) -> Result<Option<(TcpStream, MovedKind)>, ConnectionError> {
     let targets = match resolve_allowed(services, address).await {
         Ok(targets) => targets,
         Err(code) => {
             info!(%peer, %address, ?code, "CONNECT refused");
             send_failure(&mut conn, code).await;
-            return Ok(());
+            return Ok(None);
         }
     };
     let mut last_code = ReplyCode::HostUnreachable;
@@ -97,9 +99,7 @@ pub async fn run(
                 send_success(&mut conn, bound).await?;
                 info!(%peer, %target, %bound, "CONNECT established");
                 let (client, early) = conn.into_parts();
-                let (up, down) = relay(client, stream, &early, services.timeouts.tcp_idle).await;
-                info!(%peer, %target, up, down, "CONNECT closed");
-                return Ok(());
+                return Ok(tunnel(client, stream, &early, Tunnel::NEW, services, peer, target).await);
             }
             Err(error) => {
                 last_code = connect_error_code(&error);
@@ -108,5 +108,62 @@ pub async fn run(
         }
     }
     send_failure(&mut conn, last_code).await;
-    Ok(())
+    Ok(None)
+}
+
+/// A CONNECT tunnel handed over by the previous daemon, relayed on from where it stopped.
+pub async fn resume(
+    client: TcpStream,
+    moved: MovedTunnel,
+    services: &Services,
+    peer: SocketAddr,
+) -> Option<(TcpStream, MovedKind)> {
+    let start = Tunnel {
+        up_open: moved.up_open,
+        down_open: moved.down_open,
+        up_bytes: moved.up_bytes,
+        down_bytes: moved.down_bytes,
+        idle_for: moved.idle_for,
+    };
+    info!(%peer, target = %moved.target_addr, up = start.up_bytes, down = start.down_bytes,
+        "CONNECT tunnel taken over from the previous daemon");
+    tunnel(client, moved.target, &[], start, services, peer, moved.target_addr).await
+}
+
+async fn tunnel(
+    client: TcpStream,
+    target_stream: TcpStream,
+    early: &[u8],
+    start: Tunnel,
+    services: &Services,
+    peer: SocketAddr,
+    target: SocketAddr,
+) -> Option<(TcpStream, MovedKind)> {
+    let idle = services.timeouts.tcp_idle;
+    match relay_from(client, target_stream, early, idle, start, Some(&services.quiesce)).await {
+        RelayEnd::Closed { up, down } => {
+            info!(%peer, %target, up, down, "CONNECT closed");
+            None
+        }
+        RelayEnd::Quiesced {
+            client,
+            target: target_stream,
+            tunnel,
+        } => {
+            info!(%peer, %target, up = tunnel.up_bytes, down = tunnel.down_bytes,
+                "CONNECT tunnel stopped for the upgrade; its sockets move");
+            Some((
+                client,
+                MovedKind::Connect(MovedTunnel {
+                    target_addr: target,
+                    target: target_stream,
+                    up_open: tunnel.up_open,
+                    down_open: tunnel.down_open,
+                    up_bytes: tunnel.up_bytes,
+                    down_bytes: tunnel.down_bytes,
+                    idle_for: tunnel.idle_for,
+                }),
+            ))
+        }
+    }
 }

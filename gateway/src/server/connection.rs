@@ -40,6 +40,11 @@ impl Connection {
         }
     }
 
+    /// A connection handed over with the octets already read from it.
+    pub fn with_buffer(stream: TcpStream, buffer: BytesMut) -> Self {
+        Self { stream, buffer }
+    }
+
     /// Reads until `decode` yields a whole message. `decode` must consume nothing when it returns
     /// `Ok(None)`.
     pub async fn read_message<T>(

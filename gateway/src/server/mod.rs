@@ -10,6 +10,7 @@ mod connect;
 pub mod connection;
 pub mod enhanced;
 mod handshake;
+pub mod handover;
 pub mod limits;
 mod outside;
 pub mod policy;
@@ -37,6 +38,7 @@ static NEXT_CONN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::n
 
 use self::{
     access::LiveAccess,
+    handover::{Moved, MovedKind},
     auth::FailureLimiter,
     connection::Connection,
     limits::{AuthLimit, ConnectionLimits, Refusal},
@@ -115,6 +117,10 @@ pub struct Services {
     pub enhanced: Option<Arc<enhanced::EnhancedMode>>,
     /// What the control plane decided, counted for `--metrics`.
     pub counters: crate::counters::Counters,
+    /// Set while the daemon hands over to a new one (`gateway upgrade`).
+    pub quiesce: handover::Quiesce,
+    /// Where the control socket's `upgrade` goes (`None`: no upgrades, in-process tests).
+    pub upgrades: Option<tokio::sync::mpsc::Sender<crate::admin_socket::UpgradeRequest>>,
 }
 
 pub use crate::netif::tie_to_device;
@@ -151,58 +157,127 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) {
+    serve_all(services, vec![listener], Vec::new(), shutdown).await;
+}
+
+/// How [`serve_all`] ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// `shutdown` completed: every connection was closed.
+    Stopped,
+    /// The quiesce began: the listeners (in order, still listening: the kernel queues new
+    /// connections) and every connection that stopped for the next daemon. The others closed.
+    Quiesced {
+        listeners: Vec<TcpListener>,
+        moved: Vec<Moved>,
+    },
+}
+
+/// How long a quiesce waits for the connections to reach a message boundary (a handshake or a
+/// request in flight finishes meanwhile); the rest are closed.
+pub const QUIESCE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Serves SOCKS5 on `listeners` and the connections in `resumed` (handed over by the previous
+/// daemon, or by this one's failed upgrade) until `shutdown` completes or the quiesce begins.
+pub async fn serve_all(
+    services: Arc<Services>,
+    listeners: Vec<TcpListener>,
+    resumed: Vec<Moved>,
+    shutdown: impl Future<Output = ()>,
+) -> Ended {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = JoinSet::new();
+    let mut tasks: JoinSet<Option<Moved>> = JoinSet::new();
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::channel(64);
+    let mut acceptors = Vec::new();
+    for listener in listeners {
+        acceptors.push(tokio::spawn(accept_loop(
+            Arc::clone(&services),
+            listener,
+            accepted_tx.clone(),
+        )));
+    }
+    drop(accepted_tx);
+    for moved in resumed {
+        let Some(permit) = services.connections.admit(moved.peer.ip()).ok() else {
+            warn!(peer = %moved.peer, "connection cap reached by handed-over connections; closing one");
+            continue;
+        };
+        let span = info_span!("conn", conn = moved.log_conn, peer = %moved.peer, user = Empty);
+        let services = Arc::clone(&services);
+        let mut stop = stop_rx.clone();
+        tasks.spawn(
+            async move {
+                let result = tokio::select! {
+                    moved = resume(Arc::clone(&services), moved) => moved,
+                    _ = stop.wait_for(|stop| *stop) => None,
+                };
+                drop(permit);
+                result
+            }
+            .instrument(span),
+        );
+    }
     tokio::pin!(shutdown);
-    loop {
+    let quiescing = loop {
         tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                if !services.access.get().admits_client(peer.ip()) {
-                    info!(%peer, "control connection from outside the permitted client networks; closing");
-                    drop(stream);
-                    continue;
-                }
-                let permit = match services.connections.admit(peer.ip()) {
-                    Ok(permit) => permit,
-                    Err(Refusal::Total) => {
-                        warn!(%peer, cap = services.connections.max_total(), "connection cap reached; closing");
-                        drop(stream);
-                        continue;
-                    }
-                    Err(Refusal::PerClient) => {
-                        warn!(%peer, cap = services.connections.max_per_client(), "connection cap of this client address reached; closing");
-                        drop(stream);
-                        continue;
-                    }
-                };
-                services.counters.connections_accepted.inc();
+            () = &mut shutdown => break false,
+            () = services.quiesce.wait() => break true,
+            Some((stream, peer, permit)) = accepted.recv() => {
                 let services = Arc::clone(&services);
                 let mut stop = stop_rx.clone();
                 // Every line of this connection carries its number, peer and (once known) user.
                 let conn = NEXT_CONN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let span = info_span!("conn", conn, %peer, user = Empty);
                 tasks.spawn(async move {
-                    tokio::select! {
-                        () = serve(services, stream, peer) => {}
-                        _ = stop.wait_for(|stop| *stop) => debug!(%peer, "closed by shutdown"),
-                    }
+                    let result = tokio::select! {
+                        moved = serve(services, stream, peer, conn) => moved,
+                        _ = stop.wait_for(|stop| *stop) => {
+                            debug!(%peer, "closed by shutdown");
+                            None
+                        }
+                    };
                     drop(permit);
+                    result
                 }.instrument(span));
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
+    };
+    if quiescing {
+        info!(connections = tasks.len(), "quiescing for the upgrade: listeners stop accepting, connections stop at their next message");
+        services.quiesce.begin();
+        let mut listeners = Vec::new();
+        for acceptor in acceptors {
+            if let Ok(Some(listener)) = acceptor.await {
+                listeners.push(listener);
+            }
+        }
+        // Connections accepted but not yet started close (the channel holds few).
+        accepted.close();
+        while accepted.recv().await.is_some() {}
+        let mut moved = Vec::new();
+        let drain = async {
+            while let Some(done) = tasks.join_next().await {
+                if let Ok(Some(one)) = done {
+                    moved.push(one);
+                }
+            }
+        };
+        if tokio::time::timeout(QUIESCE_DEADLINE, drain).await.is_err() {
+            info!(closing = tasks.len(), "connections not at a message boundary in time; closing them");
+            tasks.abort_all();
+            while let Some(done) = tasks.join_next().await {
+                if let Ok(Some(one)) = done {
+                    moved.push(one);
+                }
+            }
+        }
+        return Ended::Quiesced { listeners, moved };
     }
     info!(connections = tasks.len(), "shutting down the SOCKS server");
+    for acceptor in &acceptors {
+        acceptor.abort();
+    }
     let _ = stop_tx.send(true);
     let drain = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(Duration::from_secs(5), drain)
@@ -211,16 +286,132 @@ pub async fn run(
     {
         tasks.abort_all();
     }
+    Ended::Stopped
 }
 
-/// One control connection, start to end. Every error ends here as a log line.
-async fn serve(services: Arc<Services>, stream: TcpStream, peer: SocketAddr) {
+/// Accepts on `listener` and hands each admitted connection on; returns the listener when the
+/// quiesce begins (`None` if the server went first).
+async fn accept_loop(
+    services: Arc<Services>,
+    listener: TcpListener,
+    accepted: tokio::sync::mpsc::Sender<(TcpStream, SocketAddr, limits::ConnectionSlot)>,
+) -> Option<TcpListener> {
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = services.quiesce.wait() => return Some(listener),
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if !services.access.get().admits_client(peer.ip()) {
+            info!(%peer, "control connection from outside the permitted client networks; closing");
+            drop(stream);
+            continue;
+        }
+        let permit = match services.connections.admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(Refusal::Total) => {
+                warn!(%peer, cap = services.connections.max_total(), "connection cap reached; closing");
+                drop(stream);
+                continue;
+            }
+            Err(Refusal::PerClient) => {
+                warn!(%peer, cap = services.connections.max_per_client(), "connection cap of this client address reached; closing");
+                drop(stream);
+                continue;
+            }
+        };
+        services.counters.connections_accepted.inc();
+        if accepted.send((stream, peer, permit)).await.is_err() {
+            return None;
+        }
+    }
+}
+
+/// The number the next control connection gets in the log (handed to the next daemon, so
+/// numbers stay unique across an upgrade).
+pub fn next_log_conn() -> u64 {
+    NEXT_CONN.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Continues numbering after the previous daemon's connections.
+pub fn continue_log_conns(next: u64) {
+    NEXT_CONN.fetch_max(next, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A handed-over connection, served on from where it stopped.
+async fn resume(services: Arc<Services>, moved: Moved) -> Option<Moved> {
+    let who = printable_user(moved.user.as_deref());
+    tracing::Span::current().record("user", who.as_str());
+    let peer = moved.peer;
+    match moved.kind {
+        MovedKind::Enhanced {
+            conn,
+            buffered,
+            bindings,
+        } => {
+            let Some(mode) = services.enhanced.clone() else {
+                warn!(%peer, "an enhanced-mode session was handed over, but the mode is off; closing");
+                return None;
+            };
+            let resumed = enhanced::Resumed {
+                log_conn: moved.log_conn,
+                conn,
+                buffered,
+                bindings,
+            };
+            let user = moved.user;
+            let stream = moved.stream;
+            let ended = tokio::select! {
+                ended = enhanced::resume(mode, stream, &services, peer, user.as_deref(), resumed) => ended,
+                () = services.access.revoked(peer.ip(), user.as_deref()) => {
+                    info!(%peer, user = %who, "access withdrawn by a reload; closing the connection");
+                    return None;
+                }
+            };
+            ended.map(|kind| Moved {
+                log_conn: moved.log_conn,
+                peer,
+                user,
+                stream: kind.0,
+                kind: kind.1,
+            })
+        }
+        MovedKind::Connect(tunnel) => {
+            let user = moved.user;
+            let ended = connect::resume(moved.stream, tunnel, &services, peer).await;
+            ended.map(|(stream, kind)| Moved {
+                log_conn: moved.log_conn,
+                peer,
+                user,
+                stream,
+                kind,
+            })
+        }
+    }
+}
+
+/// One control connection, start to end: `Some` when it stopped for the next daemon. Every
+/// error ends here as a log line.
+async fn serve(
+    services: Arc<Services>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    log_conn: u64,
+) -> Option<Moved> {
     let _ = stream.set_nodelay(true);
     let local = match stream.local_addr() {
         Ok(local) => local,
         Err(error) => {
             debug!(%peer, %error, "no local address");
-            return;
+            return None;
         }
     };
     let mut conn = Connection::new(stream);
@@ -233,34 +424,63 @@ async fn serve(services: Arc<Services>, stream: TcpStream, peer: SocketAddr) {
         Ok(Ok(done)) => done,
         Ok(Err(error)) => {
             debug!(%peer, %error, "handshake failed");
-            return;
+            return None;
         }
         Err(_) => {
             info!(%peer, "handshake timed out; closing");
-            return;
+            return None;
         }
     };
     let who = printable_user(user.as_deref());
     tracing::Span::current().record("user", who.as_str());
     info!(%peer, user = %who, command = ?request.command, target = %request.address, "request");
+    let moved = |(stream, kind)| Moved {
+        log_conn,
+        peer,
+        user: user.clone(),
+        stream,
+        kind,
+    };
     let command = async {
         match request.command {
-            Command::Connect => connect::run(conn, &services, peer, &request.address).await,
-            Command::Bind => bind::run(conn, &services, peer, &request.address).await,
-            Command::UdpAssociate => {
-                udp_associate::run(conn, &services, peer, local, &request.address).await
+            Command::Connect => connect::run(conn, &services, peer, &request.address)
+                .await
+                .map(|ended| ended.map(moved)),
+            Command::Bind => {
+                // A BIND waiting for its peer does not move: it closes with the quiesce.
+                tokio::select! {
+                    result = bind::run(conn, &services, peer, &request.address) => result.map(|()| None),
+                    () = services.quiesce.wait() => {
+                        info!(%peer, "BIND closed for the upgrade (a BIND relay does not move)");
+                        Ok(None)
+                    }
+                }
             }
-            Command::EnhancedUdp => enhanced::run(conn, &services, peer, user.as_deref()).await,
+            Command::UdpAssociate => {
+                tokio::select! {
+                    result = udp_associate::run(conn, &services, peer, local, &request.address) => result.map(|()| None),
+                    () = services.quiesce.wait() => {
+                        info!(%peer, "UDP ASSOCIATE closed for the upgrade (its relay does not move; the client associates again)");
+                        Ok(None)
+                    }
+                }
+            }
+            Command::EnhancedUdp => enhanced::run(conn, &services, peer, user.as_deref())
+                .await
+                .map(|ended| ended.map(moved)),
         }
     };
     tokio::select! {
-        result = command => {
-            if let Err(error) = result {
+        result = command => match result {
+            Ok(moved) => moved,
+            Err(error) => {
                 debug!(%peer, %error, "connection ended with an error");
+                None
             }
-        }
+        },
         () = services.access.revoked(peer.ip(), user.as_deref()) => {
             info!(%peer, user = %who, "access withdrawn by a reload; closing the connection");
+            None
         }
     }
 }

@@ -69,6 +69,8 @@ pub fn loopback_services(gate: &MemoryGate) -> Services {
         association_limits: gateway::server::AssociationLimits::default(),
         enhanced: None,
         counters: gateway::counters::Counters::default(),
+        quiesce: gateway::server::handover::Quiesce::default(),
+        upgrades: None,
     }
 }
 

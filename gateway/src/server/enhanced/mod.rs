@@ -21,6 +21,7 @@ mod sockets;
 
 pub use self::{
     multicast::{GroupReport, MemberReport, MulticastSetup},
+    session::Resumed,
     relay::RelayDrop,
     sockets::{Interfaces, RelaySockets, SocketsError},
 };
@@ -94,6 +95,11 @@ pub struct EnhancedMode {
     /// `CLOCK_MONOTONIC` ns of the last poll of the kernel's counters: flows seen after it
     /// keep their bindings from idling out.
     last_kernel_poll_ns: AtomicU64,
+    /// Set (under the bindings lock) once the table was handed to the next daemon: nothing
+    /// here changes it or the kernel's entries any more, unless the upgrade fails and it thaws.
+    frozen: AtomicBool,
+    /// What the previous daemon's relay had learnt of each binding, until its session takes it.
+    learned: Mutex<HashMap<u32, crate::handover::state::RelayState>>,
 }
 
 /// How often kernel counters are polled for activity: a quarter of the idle timeout (a binding
@@ -170,11 +176,109 @@ impl EnhancedMode {
             epoch: now(),
             expiry_started: AtomicBool::new(false),
             last_kernel_poll_ns: AtomicU64::new(crate::datapath::monotonic_ns()),
+            frozen: AtomicBool::new(false),
+            learned: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Hands the table over: from now on nothing here changes it or the kernel's entries (an
+    /// expiry, a close, a traffic poll), until [`EnhancedMode::thaw`]. Returns the table and
+    /// what the relay learnt of each binding.
+    pub fn freeze(
+        &self,
+    ) -> (
+        crate::binding::TableSnapshot,
+        Vec<crate::handover::state::RelayState>,
+    ) {
+        let bindings = self.lock_bindings();
+        self.frozen.store(true, Ordering::Release);
+        let table = bindings.snapshot(now());
+        drop(bindings);
+        (table, self.relay.snapshot())
+    }
+
+    /// The upgrade failed: this daemon owns the table again.
+    pub fn thaw(&self) {
+        let _bindings = self.lock_bindings();
+        self.frozen.store(false, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Acquire)
+    }
+
+    /// Takes over the previous daemon's table (the kernel entries are in the maps already):
+    /// the bindings with their AIDs, TIDs, ports and clocks, the multicast groups joined
+    /// again, and what its relay learnt, for the sessions to pick up. Refused whole when the
+    /// table does not fit this configuration.
+    pub fn restore(
+        &self,
+        gate: &dyn Gate,
+        table: &crate::binding::TableSnapshot,
+        learned: Vec<crate::handover::state::RelayState>,
+    ) -> Result<(), crate::binding::RestoreError> {
+        let (restored, actions) =
+            Bindings::restore(self.config.clone(), HashAids::new(), table, now())?;
+        let mut bindings = self.lock_bindings();
+        let forbidden = bindings.config().forbidden_remotes.clone();
+        *bindings = restored;
+        bindings.set_forbidden_remotes(forbidden);
+        let next = table.bindings.iter().map(|b| b.conn).chain(table.tombstones.iter().map(|t| t.conn)).max();
+        self.next_conn
+            .fetch_max(next.map_or(1, |n| n + 1), Ordering::Relaxed);
+        for action in &actions {
+            if let Action::Subscribe(membership) = action
+                && let Err(error) = self.multicast.subscribe(gate, *membership)
+            {
+                tracing::warn!(aid = membership.aid, %error, "cannot join a handed-over multicast binding's group");
+            }
+        }
+        drop(bindings);
+        *self.learned.lock().unwrap_or_else(PoisonError::into_inner) =
+            learned.into_iter().map(|state| (state.aid, state)).collect();
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// A handed-over connection registers again under its old id.
+    fn reattach_conn(
+        &self,
+        conn: ConnId,
+        notices: mpsc::UnboundedSender<ExpiryNotice>,
+        peer: SocketAddr,
+        user: Option<&str>,
+    ) {
+        self.lock_conns().insert(conn, notices);
+        self.owners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(conn, (peer, user.map(str::to_owned)));
+        self.next_conn.fetch_max(conn.0 + 1, Ordering::Relaxed);
+    }
+
+    /// Binding `aid` of `conn`, handed over: its relay entry sends to `to_client` from now on
+    /// (made, with what the previous relay learnt, if this daemon has none). False if the
+    /// table has no such binding of `conn`.
+    fn adopt_relay(&self, conn: ConnId, aid: u32, to_client: mpsc::Sender<bytes::Bytes>) -> bool {
+        let bindings = self.lock_bindings();
+        let Some(info) = bindings.binding(aid).filter(|b| b.conn == conn) else {
+            return false;
+        };
+        let learned = self
+            .learned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&aid);
+        self.relay.adopt(&info, to_client, learned.as_ref());
+        true
     }
 
     /// Reports to the machine every binding whose kernel flows moved since the last poll.
     fn poll_kernel_traffic(&self, gate: &dyn Gate) {
+        if self.is_frozen() {
+            return;
+        }
         let now_ns = crate::datapath::monotonic_ns();
         let since = self.last_kernel_poll_ns.swap(now_ns, Ordering::AcqRel);
         let active = gate.kernel_active_since(since);
@@ -433,6 +537,7 @@ impl EnhancedMode {
     /// lock is let go.
     fn release(&self, gate: &dyn Gate, conn: ConnId, aid: u32) -> crate::binding::Decision {
         let mut bindings = self.lock_bindings();
+        debug_assert!(!self.is_frozen(), "a release while the table is handed over");
         let decision = bindings.on_release(conn, aid, now());
         self.apply_teardown(gate, &decision.actions);
         drop(bindings);
@@ -506,6 +611,9 @@ impl EnhancedMode {
     fn expire(&self, gate: &dyn Gate, now: Instant) {
         let expired = {
             let mut bindings = self.lock_bindings();
+            if self.is_frozen() {
+                return;
+            }
             let expired = bindings.on_timeout(now);
             for gone in &expired {
                 self.apply_teardown(gate, &gone.actions);
@@ -530,6 +638,10 @@ impl EnhancedMode {
     fn connection_closed(&self, gate: &dyn Gate, conn: ConnId) {
         let actions = {
             let mut bindings = self.lock_bindings();
+            if self.is_frozen() {
+                // Handed over: the next daemon owns this connection's bindings.
+                return;
+            }
             let actions = bindings.on_connection_closed(conn);
             self.apply_teardown(gate, &actions);
             // Nothing of this connection may outlive it, whatever the machine said.
@@ -638,10 +750,23 @@ pub(super) async fn run(
     services: &Services,
     peer: SocketAddr,
     user: Option<&str>,
-) -> Result<(), super::connection::ConnectionError> {
+) -> Result<Option<(tokio::net::TcpStream, super::handover::MovedKind)>, super::connection::ConnectionError>
+{
     let Some(mode) = services.enhanced.clone() else {
         send_failure(&mut conn, ReplyCode::CommandNotSupported).await;
-        return Ok(());
+        return Ok(None);
     };
     session::run(mode, conn, services, peer, user).await
+}
+
+/// An enhanced-mode session handed over, served on (see [`session::resume`]).
+pub(super) async fn resume(
+    mode: Arc<EnhancedMode>,
+    stream: tokio::net::TcpStream,
+    services: &Services,
+    peer: SocketAddr,
+    user: Option<&str>,
+    resumed: Resumed,
+) -> Option<(tokio::net::TcpStream, super::handover::MovedKind)> {
+    session::resume(mode, stream, services, peer, user, resumed).await
 }

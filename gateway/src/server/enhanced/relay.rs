@@ -378,6 +378,70 @@ impl Relay {
         true
     }
 
+    /// What the relay learnt of each binding (latched client ports, remotes heard from), for
+    /// the next daemon.
+    pub fn snapshot(&self) -> Vec<crate::handover::state::RelayState> {
+        let table = self.lock();
+        let mut states: Vec<_> = table
+            .bindings
+            .iter()
+            .map(|(aid, entry)| {
+                let peers = entry.peers.as_deref();
+                crate::handover::state::RelayState {
+                    aid: *aid,
+                    latched: entry.latched,
+                    host_peers: peers.map_or([None; 2], |p| p.host),
+                    listen_peers: peers.map_or_else(Default::default, |p| {
+                        [0, 1].map(|flow| p.listen[flow].iter().copied().collect())
+                    }),
+                    sent_to_remote: entry.sent_to_remote,
+                    sent_to_client: entry.sent_to_client,
+                }
+            })
+            .collect();
+        states.sort_by_key(|state| state.aid);
+        states
+    }
+
+    /// Binding `info`, handed over, sends its client's `03` packets to `to_client` from now
+    /// on. Served already (this daemon resuming): only the channel changes. Not served (the
+    /// new daemon): served, with what the previous relay had `learned`.
+    pub fn adopt(
+        &self,
+        info: &BindingInfo,
+        to_client: mpsc::Sender<Bytes>,
+        learned: Option<&crate::handover::state::RelayState>,
+    ) {
+        {
+            let mut table = self.lock();
+            if let Some(entry) = table.bindings.get_mut(&info.aid) {
+                entry.to_client = to_client;
+                return;
+            }
+        }
+        if !self.add(info, to_client) {
+            return;
+        }
+        let Some(learned) = learned else {
+            return;
+        };
+        let mut table = self.lock();
+        if let Some(entry) = table.bindings.get_mut(&info.aid) {
+            entry.latched = learned.latched;
+            entry.sent_to_remote = learned.sent_to_remote;
+            entry.sent_to_client = learned.sent_to_client;
+            let heard = learned.host_peers.iter().any(Option::is_some)
+                || learned.listen_peers.iter().any(|l| !l.is_empty());
+            if heard {
+                let peers = entry.peers();
+                peers.host = learned.host_peers;
+                for flow in 0..2 {
+                    peers.listen[flow] = learned.listen_peers[flow].iter().copied().collect();
+                }
+            }
+        }
+    }
+
     /// The binding's current state (after a step 2).
     pub fn update(&self, info: &BindingInfo) {
         if let Some(entry) = self.lock().bindings.get_mut(&info.aid) {

@@ -17,7 +17,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::mpsc;
+use tokio::{net::TcpStream, sync::mpsc};
 use tracing::{debug, info, warn};
 
 use super::{EnhancedMode, ExpiryNotice, gate_entry, kernel_relay, now};
@@ -27,6 +27,7 @@ use crate::{
     server::{
         Services,
         connection::{Connection, ConnectionError},
+        handover::MovedKind,
     },
 };
 use gateway_proto::{
@@ -41,17 +42,45 @@ use gateway_proto::{
 const TO_CLIENT_BACKLOG: usize = 256;
 
 /// Releases everything the connection made when it ends, however it ends (also when its task is
-/// cancelled by shutdown).
+/// cancelled by shutdown), unless it stopped for the next daemon ([`Registration::keep`]).
 struct Registration {
     mode: Arc<EnhancedMode>,
     gate: Arc<dyn Gate>,
     conn: ConnId,
+    kept: bool,
+}
+
+impl Registration {
+    /// The connection's bindings stay: the next daemon (or this one, resuming) serves them.
+    fn keep(mut self) {
+        self.kept = true;
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.mode.connection_closed(self.gate.as_ref(), self.conn);
+        if !self.kept {
+            self.mode.connection_closed(self.gate.as_ref(), self.conn);
+        }
     }
+}
+
+/// How the session loop ended.
+enum Stop {
+    /// The client closed, sent something malformed, or an I/O error ended it.
+    Closed,
+    /// The quiesce of an upgrade: stopped at a message boundary.
+    Quiesced,
+}
+
+/// An enhanced-mode session handed over: its connection id, the octets it had buffered and its
+/// bindings with a relay entry.
+#[derive(Debug)]
+pub struct Resumed {
+    pub log_conn: u64,
+    pub conn: ConnId,
+    pub buffered: BytesMut,
+    pub bindings: Vec<(u32, u16, Family)>,
 }
 
 /// Counters of one connection, logged when it ends.
@@ -87,14 +116,15 @@ struct Session<'a> {
     stats: SessionStats,
 }
 
-/// Enters the mode on `conn` and serves it until it closes.
+/// Enters the mode on `conn` and serves it until it closes (`None`) or stops for the next
+/// daemon (its socket and state).
 pub(super) async fn run(
     mode: Arc<EnhancedMode>,
     mut conn: Connection,
     services: &Services,
     peer: SocketAddr,
     user: Option<&str>,
-) -> Result<(), ConnectionError> {
+) -> Result<Option<(TcpStream, MovedKind)>, ConnectionError> {
     // `01 00 00 01 00000000 0000`: the reply layout with the extension version first.
     let mut out = BytesMut::new();
     EntryReply::Entered(Address::UNSPECIFIED_V4).encode(&mut out)?;
@@ -105,9 +135,10 @@ pub(super) async fn run(
         conn: mode.register_conn(notice_tx, peer, user),
         mode: Arc::clone(&mode),
         gate: Arc::clone(&services.gate),
+        kept: false,
     };
     let (to_client, outgoing) = mpsc::channel(TO_CLIENT_BACKLOG);
-    let mut session = Session {
+    let session = Session {
         mode,
         services,
         conn: registration.conn,
@@ -118,11 +149,99 @@ pub(super) async fn run(
         stats: SessionStats::default(),
     };
     info!(%peer, user = user.unwrap_or("-"), conn = ?session.conn, "enhanced UDP mode entered");
-    let result = session.serve(&mut conn, notices, outgoing).await;
+    finish(session, registration, conn, notices, outgoing).await
+}
+
+/// A session handed over by the previous daemon (or by this one's failed upgrade), served on:
+/// its bindings are in the table already; their relay entries get this session's channel.
+pub(super) async fn resume(
+    mode: Arc<EnhancedMode>,
+    stream: TcpStream,
+    services: &Services,
+    peer: SocketAddr,
+    user: Option<&str>,
+    resumed: Resumed,
+) -> Option<(TcpStream, MovedKind)> {
+    mode.ensure_expiry_task(&services.gate);
+    let (notice_tx, notices) = mpsc::unbounded_channel();
+    let conn_id = resumed.conn;
+    mode.reattach_conn(conn_id, notice_tx, peer, user);
+    let registration = Registration {
+        conn: conn_id,
+        mode: Arc::clone(&mode),
+        gate: Arc::clone(&services.gate),
+        kept: false,
+    };
+    let (to_client, outgoing) = mpsc::channel(TO_CLIENT_BACKLOG);
+    let mut relays = HashMap::new();
+    for (aid, tid, family) in resumed.bindings {
+        if mode.adopt_relay(conn_id, aid, to_client.clone()) {
+            relays.insert(aid, Own { tid, family });
+        } else {
+            warn!(%peer, aid, "a handed-over binding is not in the table; forgotten");
+        }
+    }
+    let session = Session {
+        mode,
+        services,
+        conn: conn_id,
+        peer,
+        user,
+        relays,
+        to_client,
+        stats: SessionStats::default(),
+    };
+    info!(%peer, user = user.unwrap_or("-"), conn = ?conn_id, bindings = session.relays.len(),
+        "enhanced UDP mode session taken over");
+    let conn = Connection::with_buffer(stream, resumed.buffered);
+    match finish(session, registration, conn, notices, outgoing).await {
+        Ok(moved) => moved,
+        Err(error) => {
+            debug!(%peer, %error, "connection ended with an error");
+            None
+        }
+    }
+}
+
+/// Serves `session` until it ends: a close releases everything it made; a quiesce keeps it
+/// all and returns the socket and state for the next daemon.
+async fn finish(
+    mut session: Session<'_>,
+    registration: Registration,
+    mut conn: Connection,
+    notices: mpsc::UnboundedReceiver<ExpiryNotice>,
+    mut outgoing: mpsc::Receiver<Bytes>,
+) -> Result<Option<(TcpStream, MovedKind)>, ConnectionError> {
+    let peer = session.peer;
+    let result = session.serve(&mut conn, notices, &mut outgoing).await;
+    if let Ok(Stop::Quiesced) = result {
+        // TCP-encapsulated datagrams already queued for the client go out first.
+        while let Ok(packet) = outgoing.try_recv() {
+            conn.write_all(&packet).await?;
+        }
+        let bindings = session
+            .relays
+            .iter()
+            .map(|(aid, own)| (*aid, own.tid, own.family))
+            .collect();
+        let conn_id = session.conn;
+        info!(%peer, conn = ?conn_id, stats = ?session.stats, "enhanced UDP mode session stopped for the upgrade");
+        drop(session);
+        registration.keep();
+        let (stream, buffered) = conn.into_parts();
+        return Ok(Some((
+            stream,
+            MovedKind::Enhanced {
+                conn: conn_id,
+                buffered,
+                bindings,
+            },
+        )));
+    }
     info!(%peer, conn = ?session.conn, stats = ?session.stats, "enhanced UDP mode ended");
     drop(session);
     drop(registration);
-    result
+    result.map(|_| None)
 }
 
 impl Session<'_> {
@@ -130,14 +249,18 @@ impl Session<'_> {
         &mut self,
         conn: &mut Connection,
         mut notices: mpsc::UnboundedReceiver<ExpiryNotice>,
-        mut outgoing: mpsc::Receiver<Bytes>,
-    ) -> Result<(), ConnectionError> {
+        outgoing: &mut mpsc::Receiver<Bytes>,
+    ) -> Result<Stop, ConnectionError> {
+        let mut quiesce = self.services.quiesce.subscribe();
         loop {
             tokio::select! {
+                // Checked first: a quiesce stops the session before its next request.
+                biased;
+                () = crate::server::handover::quiesced(&mut quiesce) => return Ok(Stop::Quiesced),
                 packet = conn.read_message(Packet::decode) => {
                     let mut packet = match packet {
                         Ok(packet) => packet,
-                        Err(ConnectionError::Closed) => return Ok(()),
+                        Err(ConnectionError::Closed) => return Ok(Stop::Closed),
                         Err(error) => return Err(error),
                     };
                     // Every packet already buffered is handled before the replies go out in
@@ -156,7 +279,7 @@ impl Session<'_> {
                                 // it is owed).
                                 debug!(peer = %self.peer, ?reply, "control reply from the client");
                                 conn.write_all(&out).await?;
-                                return Ok(());
+                                return Ok(Stop::Closed);
                             }
                         }
                         match conn.buffered_message(Packet::decode) {
