@@ -27,6 +27,9 @@ const IPPROTO_UDP: u32 = 17;
     clippy::needless_pass_by_value,
     reason = "the entry point's signature is the sk_lookup macro's"
 )]
+/// `BPF_SK_LOOKUP_F_REPLACE` of the kernel's UAPI: override a socket selected before.
+const BPF_SK_LOOKUP_F_REPLACE: u64 = 1;
+
 #[sk_lookup]
 pub fn gateway_relay_lookup(ctx: SkLookupContext) -> u32 {
     let lookup: *const bpf_sk_lookup = ctx.lookup;
@@ -75,7 +78,10 @@ pub fn gateway_relay_lookup(ctx: SkLookupContext) -> u32 {
         return sk_action::SK_PASS;
     };
     let slot = relay_socket_index(is_v6, side);
-    // No socket in the slot (the daemon has none of that family): normal lookup.
-    let _ = RELAY_SOCKETS.redirect_sk_lookup(&ctx, slot, 0);
+    // No socket in the slot (the daemon has none of that family): normal lookup. REPLACE: a
+    // daemon's program runs after those attached before it, so during an upgrade the new
+    // daemon's sockets take the relay ports over from the old one's (whose program selected
+    // first).
+    let _ = RELAY_SOCKETS.redirect_sk_lookup(&ctx, slot, BPF_SK_LOOKUP_F_REPLACE);
     sk_action::SK_PASS
 }

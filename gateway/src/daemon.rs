@@ -774,7 +774,7 @@ fn take_over(
 fn reserve_relay_ports_again(args: &DaemonArgs, instance: &Instance) {
     let s = &args.settings;
     let ranges = [s.internal_ports.ports(), s.external_ports.ports()];
-    let record = instance.run_dir().join(crate::RESERVED_PORTS_RECORD);
+    let record = instance.run_dir().join(super::RESERVED_PORTS_RECORD);
     if let Err(error) = gateway::reserved_ports::reserve(&ranges, &record) {
         warn!(%error, "could not reserve the relay ports again");
     }
@@ -812,7 +812,7 @@ fn reserve_relay_ports(args: &DaemonArgs, instance: &Instance) -> Result<()> {
             listed.join(", ")
         );
     }
-    let record = instance.run_dir().join(crate::RESERVED_PORTS_RECORD);
+    let record = instance.run_dir().join(super::RESERVED_PORTS_RECORD);
     match reserved_ports::reserve(&ranges, &record) {
         Ok(added) => info!(
             reserved = %reserved_ports::format(&added),

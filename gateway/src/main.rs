@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-mod daemon;
+pub(crate) mod daemon;
 mod sibling;
 
 use anyhow::{Context as _, Result};
@@ -37,11 +37,17 @@ fn init_logging(format: settings::LogFormat) {
 }
 
 fn main() -> ExitCode {
+    main_with(daemon::upgrade::Options::default())
+}
+
+/// The command with `upgrade` as this build does it (a test build writes another state
+/// version; `gateway/examples/gateway_state_variant.rs`).
+pub fn main_with(upgrade: daemon::upgrade::Options) -> ExitCode {
     let cli = match Cli::from_arg_matches(&gateway::cli::command().get_matches()) {
         Ok(cli) => cli,
         Err(error) => error.exit(),
     };
-    match run(cli) {
+    match run(cli, upgrade) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("gateway: error: {error:#}");
@@ -50,14 +56,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, upgrade_options: daemon::upgrade::Options) -> Result<()> {
     if !matches!(cli.command, Command::Run(_)) {
         init_logging(settings::LogFormat::Text);
     }
     match cli.command {
         Command::Run(args) => {
             let print = args.print_config;
-            let (daemon_args, old_datapath_name) = daemon_args(*args)?;
+            let (mut daemon_args, old_datapath_name) = daemon_args(*args)?;
+            daemon_args.upgrade = upgrade_options;
             // The format is a setting: logging starts once the settings are read.
             init_logging(daemon_args.settings.log_format);
             if old_datapath_name {

@@ -98,8 +98,6 @@ pub struct EnhancedMode {
     /// Set (under the bindings lock) once the table was handed to the next daemon: nothing
     /// here changes it or the kernel's entries any more, unless the upgrade fails and it thaws.
     frozen: AtomicBool,
-    /// What the previous daemon's relay had learnt of each binding, until its session takes it.
-    learned: Mutex<HashMap<u32, crate::handover::state::RelayState>>,
 }
 
 /// How often kernel counters are polled for activity: a quarter of the idle timeout (a binding
@@ -177,7 +175,6 @@ impl EnhancedMode {
             expiry_started: AtomicBool::new(false),
             last_kernel_poll_ns: AtomicU64::new(crate::datapath::monotonic_ns()),
             frozen: AtomicBool::new(false),
-            learned: Mutex::new(HashMap::new()),
         })
     }
 
@@ -210,7 +207,7 @@ impl EnhancedMode {
 
     /// Takes over the previous daemon's table (the kernel entries are in the maps already):
     /// the bindings with their AIDs, TIDs, ports and clocks, the multicast groups joined
-    /// again, and what its relay learnt, for the sessions to pick up. Refused whole when the
+    /// again, and the relay's entries with what the old relay learnt. Refused whole when the
     /// table does not fit this configuration.
     pub fn restore(
         &self,
@@ -234,9 +231,16 @@ impl EnhancedMode {
                 tracing::warn!(aid = membership.aid, %error, "cannot join a handed-over multicast binding's group");
             }
         }
-        drop(bindings);
-        *self.learned.lock().unwrap_or_else(PoisonError::into_inner) =
+        // Every relay entry now, before a receive loop runs: a datagram the steering hands
+        // this daemon finds its binding. Its session gives it its channel when it resumes.
+        let learned: HashMap<u32, crate::handover::state::RelayState> =
             learned.into_iter().map(|state| (state.aid, state)).collect();
+        let (placeholder, _) = mpsc::channel(1);
+        for (info, _) in bindings.list() {
+            self.relay
+                .adopt(&info, placeholder.clone(), learned.get(&info.aid));
+        }
+        drop(bindings);
         self.wake.notify_one();
         Ok(())
     }
@@ -257,20 +261,14 @@ impl EnhancedMode {
         self.next_conn.fetch_max(conn.0 + 1, Ordering::Relaxed);
     }
 
-    /// Binding `aid` of `conn`, handed over: its relay entry sends to `to_client` from now on
-    /// (made, with what the previous relay learnt, if this daemon has none). False if the
-    /// table has no such binding of `conn`.
+    /// Binding `aid` of `conn`, handed over: its relay entry sends to `to_client` from now on.
+    /// False if the table has no such binding of `conn`.
     fn adopt_relay(&self, conn: ConnId, aid: u32, to_client: mpsc::Sender<bytes::Bytes>) -> bool {
         let bindings = self.lock_bindings();
         let Some(info) = bindings.binding(aid).filter(|b| b.conn == conn) else {
             return false;
         };
-        let learned = self
-            .learned
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&aid);
-        self.relay.adopt(&info, to_client, learned.as_ref());
+        self.relay.adopt(&info, to_client, None);
         true
     }
 
