@@ -23,13 +23,13 @@ const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const IPPROTO_UDP: u32 = 17;
 
+/// `BPF_SK_LOOKUP_F_REPLACE` of the kernel's UAPI: override a socket selected before.
+const BPF_SK_LOOKUP_F_REPLACE: u64 = 1;
+
 #[expect(
     clippy::needless_pass_by_value,
     reason = "the entry point's signature is the sk_lookup macro's"
 )]
-/// `BPF_SK_LOOKUP_F_REPLACE` of the kernel's UAPI: override a socket selected before.
-const BPF_SK_LOOKUP_F_REPLACE: u64 = 1;
-
 #[sk_lookup]
 pub fn gateway_relay_lookup(ctx: SkLookupContext) -> u32 {
     let lookup: *const bpf_sk_lookup = ctx.lookup;

@@ -6,7 +6,10 @@
 //! environment. Never installed.
 
 #[path = "../src/main.rs"]
-#[allow(dead_code, reason = "the real binary's entry point is not this build's")]
+#[allow(
+    dead_code,
+    reason = "the real binary's entry point is not this build's"
+)]
 mod gateway_main;
 
 use std::process::ExitCode;

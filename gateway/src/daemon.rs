@@ -98,7 +98,16 @@ async fn start_and_serve(args: DaemonArgs, signals: &mut Signals) -> Result<()> 
         None => Some(instance.lock()?),
     };
     raise_open_file_limit();
-    serve(args, &instance, external_ifindex, access, signals, takeover, lock).await
+    serve(
+        args,
+        &instance,
+        external_ifindex,
+        access,
+        signals,
+        takeover,
+        lock,
+    )
+    .await
 }
 
 /// The control listeners: `--listen`, or every address of the internal interface on port 1080.
@@ -271,8 +280,8 @@ async fn serve(
     let mut datapath = match Datapath::attach(&config) {
         Ok(datapath) => datapath,
         Err(error) => {
-            let error = anyhow::Error::from(error)
-                .context(format!("attach the gateway to {}", s.external));
+            let error =
+                anyhow::Error::from(error).context(format!("attach the gateway to {}", s.external));
             if let Some(channel) = &takeover {
                 upgrade::fail(channel, &format!("{error:#}"));
             }
@@ -294,14 +303,16 @@ async fn serve(
     };
     // Taking over: the running daemon's state, before anything here is served.
     let mut handed = match &takeover {
-        Some(channel) => match tokio::task::block_in_place(|| upgrade::receive(channel, &args.upgrade)) {
-            Ok(handed) => Some(handed),
-            Err(reason) => {
-                warn!(%reason, "upgrade: not taking over; the running daemon keeps serving");
-                datapath.leave_to_other_daemon();
-                bail!("upgrade refused or failed: {reason}");
+        Some(channel) => {
+            match tokio::task::block_in_place(|| upgrade::receive(channel, &args.upgrade)) {
+                Ok(handed) => Some(handed),
+                Err(reason) => {
+                    warn!(%reason, "upgrade: not taking over; the running daemon keeps serving");
+                    datapath.leave_to_other_daemon();
+                    bail!("upgrade refused or failed: {reason}");
+                }
             }
-        },
+        }
         None => None,
     };
     let gate: Arc<dyn Gate> = match s.datapath {
@@ -399,7 +410,9 @@ async fn serve(
     });
 
     let mut lock = lock;
-    let (listeners, metrics_listener, admin_listener, resumed) = if let Some((state, fds)) = handed.as_mut() {
+    let (listeners, metrics_listener, admin_listener, resumed) = if let Some((state, fds)) =
+        handed.as_mut()
+    {
         match take_over(state, fds, &services, instance, &listen) {
             Ok((handed_lock, listeners, metrics, admin, resumed)) => {
                 lock = Some(handed_lock);
@@ -450,9 +463,16 @@ async fn serve(
         (listeners, metrics, None, Vec::new())
     };
     // Kept for a later upgrade: the listeners' descriptors go to the next daemon.
-    let metrics_fd = metrics_listener.as_ref().and_then(|l| std::os::fd::AsFd::as_fd(l).try_clone_to_owned().ok());
+    let metrics_fd = metrics_listener
+        .as_ref()
+        .and_then(|l| std::os::fd::AsFd::as_fd(l).try_clone_to_owned().ok());
     let metrics = metrics_listener.map(|listener| {
-        serve_metrics(listener, metrics_addr.unwrap_or_else(|| listen[0]), &services, instance)
+        serve_metrics(
+            listener,
+            metrics_addr.unwrap_or_else(|| listen[0]),
+            &services,
+            instance,
+        )
     });
     let watcher = tokio::spawn(follow_address_changes(
         Arc::clone(&services),
@@ -465,7 +485,10 @@ async fn serve(
         Some(listener) => Ok(listener),
         None => gateway::admin_socket::bind(&control_path),
     };
-    let admin_fd = admin_listener.as_ref().ok().and_then(|l| std::os::fd::AsFd::as_fd(l).try_clone_to_owned().ok());
+    let admin_fd = admin_listener
+        .as_ref()
+        .ok()
+        .and_then(|l| std::os::fd::AsFd::as_fd(l).try_clone_to_owned().ok());
     let control = tokio::spawn({
         let (path, services) = (control_path.clone(), Arc::clone(&services));
         async move {
@@ -681,8 +704,13 @@ async fn upgrade_to(
         };
         match serde_json::to_vec(&state) {
             Ok(document) => {
-                info!(octets = document.len(), descriptors = fds.fds().len(), sessions, bindings,
-                    "upgrade: handing over");
+                info!(
+                    octets = document.len(),
+                    descriptors = fds.fds().len(),
+                    sessions,
+                    bindings,
+                    "upgrade: handing over"
+                );
                 upgrade::hand_over(new, &document, fds.fds())
             }
             Err(error) => {
@@ -721,8 +749,12 @@ fn take_over(
     instance: &Instance,
     listen: &[SocketAddr],
 ) -> Result<TakenOver, String> {
-    let lock_fd = fds.take(state.lock.ok_or("no instance lock in the state")?, "instance lock")?;
-    let lock = gateway::instance::InstanceLock::adopt(instance, lock_fd).map_err(|e| e.to_string())?;
+    let lock_fd = fds.take(
+        state.lock.ok_or("no instance lock in the state")?,
+        "instance lock",
+    )?;
+    let lock =
+        gateway::instance::InstanceLock::adopt(instance, lock_fd).map_err(|e| e.to_string())?;
     let mut listeners = Vec::new();
     for listener in &state.listeners {
         if !listen.contains(&listener.addr) {

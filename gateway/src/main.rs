@@ -241,8 +241,7 @@ fn upgrade(instance: &str, binary: Option<std::path::PathBuf>, json: bool) -> Re
     instance.require_running()?;
     let binary = match binary {
         Some(path) => Some(
-            std::fs::canonicalize(&path)
-                .with_context(|| format!("--binary {}", path.display()))?,
+            std::fs::canonicalize(&path).with_context(|| format!("--binary {}", path.display()))?,
         ),
         None => None,
     };
@@ -258,10 +257,9 @@ fn upgrade(instance: &str, binary: Option<std::path::PathBuf>, json: bool) -> Re
     if let Some(error) = value.get("error").and_then(serde_json::Value::as_str) {
         anyhow::bail!("upgrade failed, the running daemon serves on: {error}");
     }
-    let done: gateway::admin_socket::UpgradeDone = serde_json::from_value(
-        value.get("upgraded").cloned().unwrap_or_default(),
-    )
-    .context("read the daemon's answer")?;
+    let done: gateway::admin_socket::UpgradeDone =
+        serde_json::from_value(value.get("upgraded").cloned().unwrap_or_default())
+            .context("read the daemon's answer")?;
     if json {
         println!("{}", serde_json::to_string(&done)?);
     } else {

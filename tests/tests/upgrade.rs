@@ -24,10 +24,7 @@ use gateway_proto::enhanced::DatagramHeader;
 use nix::{sys::signal::Signal, unistd::Pid};
 use testbed::{
     Testbed, addr,
-    gateway::{
-        GatewayDaemon, gateway_bin, gateway_cli, reason_packets, start_in_fw,
-        stats_json,
-    },
+    gateway::{GatewayDaemon, gateway_bin, gateway_cli, reason_packets, start_in_fw, stats_json},
     wait_until,
 };
 
@@ -71,7 +68,9 @@ fn framed(aid: u32, payload: &[u8]) -> Vec<u8> {
 }
 
 fn udp(bed_ns: &testbed::Netns, ip: std::net::Ipv4Addr) -> UdpSocket {
-    let socket = bed_ns.run(move || UdpSocket::bind((ip, 0)).unwrap()).unwrap();
+    let socket = bed_ns
+        .run(move || UdpSocket::bind((ip, 0)).unwrap())
+        .unwrap();
     socket
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
@@ -146,7 +145,9 @@ fn stream_across<T: Send>(
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
                 }
-                server.send_to(format!("rtp {seq:05}").as_bytes(), to).unwrap();
+                server
+                    .send_to(format!("rtp {seq:05}").as_bytes(), to)
+                    .unwrap();
             }
         });
         scope.spawn(|| {
@@ -207,7 +208,9 @@ fn connection_keeps_working(
     server: &UdpSocket,
 ) {
     let old_external = old.relays().external;
-    session.release(old).expect("RELEASE after the upgrade is answered 00");
+    session
+        .release(old)
+        .expect("RELEASE after the upgrade is answered 00");
     let dropped = || reason_packets(&stats_json(&bed.fw, instance).unwrap(), "no_binding");
     let before = dropped();
     server.send_to(b"after release", old_external).unwrap();
@@ -228,7 +231,10 @@ fn connection_keeps_working(
             .recv_from(&mut buf)
             .is_ok_and(|(len, _)| buf[..len] == framed(relays.aid, b"new binding")[..])
     });
-    assert!(inbound, "a new binding after the upgrade carries datagrams in");
+    assert!(
+        inbound,
+        "a new binding after the upgrade carries datagrams in"
+    );
     client
         .send_to(&framed(relays.aid, b"back out"), relays.internal)
         .unwrap();
@@ -261,14 +267,27 @@ fn a_kernel_relayed_stream_loses_nothing_across_an_upgrade_and_its_connection_wo
     assert!(ok, "upgrade failed: {stderr}\n{}", old.log_text());
     let new = PidGuard(new_pid(&stdout));
     assert_ne!(new.0, old_pid, "{stdout}");
-    assert!(old.wait_exit(WAIT).is_some_and(|s| s.success()), "the old daemon exits 0");
+    assert!(
+        old.wait_exit(WAIT).is_some_and(|s| s.success()),
+        "the old daemon exits 0"
+    );
     assert_eq!(missing(&got), Vec::<u32>::new(), "lost across the upgrade");
     assert_eq!(duplicates, 0);
     let stats = stats_json(&bed.fw, &cleanup.instance).unwrap();
     assert!(reason_packets(&stats, "kernel_relayed_inbound") >= u64::from(STREAM));
     let log = old.log_text();
-    assert!(log.contains("upgrade: took over from the previous daemon"), "{log}");
-    connection_keeps_working(&bed, &cleanup.instance, &mut session, binding, &client, &server);
+    assert!(
+        log.contains("upgrade: took over from the previous daemon"),
+        "{log}"
+    );
+    connection_keeps_working(
+        &bed,
+        &cleanup.instance,
+        &mut session,
+        binding,
+        &client,
+        &server,
+    );
     drop(session);
     new.stop();
 }
@@ -338,8 +357,18 @@ fn a_userspace_relayed_stream_and_a_connect_tunnel_cross_an_upgrade() {
     tunnel.read_exact(&mut echoed).unwrap();
     assert_eq!(&echoed, b"after!");
     let log = old.log_text();
-    assert!(log.contains("CONNECT tunnel taken over from the previous daemon"), "{log}");
-    connection_keeps_working(&bed, &cleanup.instance, &mut session, binding, &client, &server);
+    assert!(
+        log.contains("CONNECT tunnel taken over from the previous daemon"),
+        "{log}"
+    );
+    connection_keeps_working(
+        &bed,
+        &cleanup.instance,
+        &mut session,
+        binding,
+        &client,
+        &server,
+    );
     drop(tunnel);
     let _ = echo.join();
     drop(session);
@@ -353,8 +382,12 @@ fn variant(dir: &Path, name: &str) -> PathBuf {
         .unwrap()
         .join("examples/gateway_state_variant");
     let path = dir.join(name);
-    std::fs::copy(&built, &path)
-        .unwrap_or_else(|e| panic!("copy {} (built by `cargo build --examples`): {e}", built.display()));
+    std::fs::copy(&built, &path).unwrap_or_else(|e| {
+        panic!(
+            "copy {} (built by `cargo build --examples`): {e}",
+            built.display()
+        )
+    });
     path
 }
 
@@ -378,7 +411,10 @@ fn serves(bed: &Testbed, instance: &str, client: &UdpSocket, server: &UdpSocket)
     let before = dropped();
     let unsolicited = SocketAddr::new(relays.external.ip(), relays.external.port() + 2);
     server.send_to(b"unsolicited", unsolicited).unwrap();
-    assert!(wait_until(WAIT, || dropped() > before), "unsolicited traffic is dropped");
+    assert!(
+        wait_until(WAIT, || dropped() > before),
+        "unsolicited traffic is dropped"
+    );
     session.release(binding).unwrap();
 }
 
@@ -405,26 +441,40 @@ fn state_versions_decide_whether_an_upgrade_goes_ahead() {
     let v2 = PidGuard(new_pid(&stdout));
     assert!(old.wait_exit(WAIT).is_some());
     let mut buf = [0u8; 2048];
-    assert!(wait_until(WAIT, || {
-        server.send_to(b"on v2", relays.external).unwrap();
-        client
-            .recv_from(&mut buf)
-            .is_ok_and(|(len, _)| buf[..len] == framed(relays.aid, b"on v2")[..])
-    }), "the binding made under version 1 carries on under the next build");
+    assert!(
+        wait_until(WAIT, || {
+            server.send_to(b"on v2", relays.external).unwrap();
+            client
+                .recv_from(&mut buf)
+                .is_ok_and(|(len, _)| buf[..len] == framed(relays.aid, b"on v2")[..])
+        }),
+        "the binding made under version 1 carries on under the next build"
+    );
 
     // Back to this build (reads only 1) from version 2: refused, version 2 serves on.
     let (ok, _, stderr) = upgrade(&bed, &cleanup.instance, &gateway_bin());
     assert!(!ok, "a downgrade it cannot read must be refused");
-    assert!(stderr.contains("reads state versions 1..=1") && stderr.contains("writes 2"), "{stderr}");
+    assert!(
+        stderr.contains("reads state versions 1..=1") && stderr.contains("writes 2"),
+        "{stderr}"
+    );
     // A build that reads only version 3: refused too.
     let only3 = variant(&dir.0, "gateway-state-w3-r3-3");
     let (ok, _, stderr) = upgrade(&bed, &cleanup.instance, &only3);
     assert!(!ok);
     assert!(stderr.contains("reads state versions 3..=3"), "{stderr}");
-    assert!(PidGuard::alive(v2.0), "the refused upgrades left version 2 running");
-    session.release(binding).expect("the old connection still answers 00");
+    assert!(
+        PidGuard::alive(v2.0),
+        "the refused upgrades left version 2 running"
+    );
+    session
+        .release(binding)
+        .expect("the old connection still answers 00");
     serves(&bed, &cleanup.instance, &client, &server);
-    assert!(old.log_text().contains("upgrade failed; this daemon serves on"));
+    assert!(
+        old.log_text()
+            .contains("upgrade failed; this daemon serves on")
+    );
     drop(session);
     v2.stop();
 }
@@ -474,7 +524,9 @@ fn killing_the_new_daemon_mid_handover_leaves_the_old_one_serving() {
             .recv_from(&mut buf)
             .is_ok_and(|(len, _)| buf[..len] == framed(relays.aid, b"still here")[..])
     }));
-    session.release(binding).expect("RELEASE answered 00 by the old daemon");
+    session
+        .release(binding)
+        .expect("RELEASE answered 00 by the old daemon");
     serves(&bed, &cleanup.instance, &client, &server);
     let _ = GatewayDaemon::stop(&mut old);
     drop(session);

@@ -110,7 +110,10 @@ pub fn start_new(
             Err(format!("the new binary answered {other:?} to the offer"))
         }
         Err(WireError::Closed) => {
-            let status = new.child.wait().map_or_else(|e| e.to_string(), |s| s.to_string());
+            let status = new
+                .child
+                .wait()
+                .map_or_else(|e| e.to_string(), |s| s.to_string());
             Err(format!(
                 "the new binary exited before taking over ({status}); see its log lines above"
             ))
@@ -163,7 +166,12 @@ pub fn receive(channel: &Channel, options: &Options) -> Result<(DaemonState, Inc
     let offer = channel
         .recv(STEP_WITHIN)
         .map_err(|e| format!("no offer from the running daemon: {e}"))?;
-    let Message::Offer { version, pid, gateway_version } = offer else {
+    let Message::Offer {
+        version,
+        pid,
+        gateway_version,
+    } = offer
+    else {
         return Err(format!("expected an offer, got {offer:?}"));
     };
     let format = &options.format;
@@ -186,19 +194,27 @@ pub fn receive(channel: &Channel, options: &Options) -> Result<(DaemonState, Inc
     let (document, fds) = channel
         .recv_state(STEP_WITHIN)
         .map_err(|e| format!("receive the state: {e}"))?;
-    info!(from_pid = pid, version, octets = document.len(), descriptors = fds.len(), "upgrade: state received");
+    info!(
+        from_pid = pid,
+        version,
+        octets = document.len(),
+        descriptors = fds.len(),
+        "upgrade: state received"
+    );
     if options.stall_after_state {
         warn!("upgrade: stalling after the state (test build)");
         loop {
             std::thread::park();
         }
     }
-    let state = state::parse(&document).map_err(|e| {
+    let state = state::parse(&document).inspect_err(|e| {
         let _ = channel.send(&Message::Failed { reason: e.clone() });
-        e
     })?;
     if state.version != version {
-        let reason = format!("the state says version {}, the offer {version}", state.version);
+        let reason = format!(
+            "the state says version {}, the offer {version}",
+            state.version
+        );
         let _ = channel.send(&Message::Failed {
             reason: reason.clone(),
         });

@@ -250,7 +250,12 @@ impl Datapath {
             .iter()
             .map(|ip| (addr16(*ip), 0))
             .collect();
-        replace_entries(&mut ebpf, map_names::EXTERNAL_ADDRS, &external, "external address")?;
+        replace_entries(
+            &mut ebpf,
+            map_names::EXTERNAL_ADDRS,
+            &external,
+            "external address",
+        )?;
         fill_control_ports(&mut ebpf, &config.control_listeners)?;
         let settings = DatapathSettings {
             internal_ifindex,
@@ -709,7 +714,12 @@ fn fill_host_allow(ebpf: &mut Ebpf, flows: &[HostFlow]) -> Result<(), DatapathEr
         .iter()
         .map(|flow| (flow.key(), HostAllowValue::default()))
         .collect();
-    replace_entries(ebpf, map_names::HOST_ALLOW, &wanted, "a host allow-list entry")?;
+    replace_entries(
+        ebpf,
+        map_names::HOST_ALLOW,
+        &wanted,
+        "a host allow-list entry",
+    )?;
     for flow in flows {
         info!(remote = %flow.remote, local = %flow.local, "host UDP flow allowed");
     }
@@ -734,7 +744,12 @@ fn fill_control_ports(ebpf: &mut Ebpf, listeners: &[SocketAddr]) -> Result<(), D
             (key, 0)
         })
         .collect();
-    replace_entries(ebpf, map_names::CONTROL_PORTS, &wanted, "a control listener")
+    replace_entries(
+        ebpf,
+        map_names::CONTROL_PORTS,
+        &wanted,
+        "a control listener",
+    )
 }
 
 /// Removes an instance's pins: links (detaching them), maps, the directory, and the shared parent

@@ -68,7 +68,10 @@ mod tests {
             writes: current.writes + 1,
             reads: current.writes..=current.writes + 1,
         };
-        assert!(next.can_read(current.writes), "the next build reads the old state");
+        assert!(
+            next.can_read(current.writes),
+            "the next build reads the old state"
+        );
         assert!(!current.can_read(next.writes), "a downgrade is refused");
     }
 }

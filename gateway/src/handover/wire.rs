@@ -72,7 +72,10 @@ pub enum WireError {
     #[error("malformed handover frame: {0}")]
     Malformed(String),
     #[error("expected {expected}, got {got:?}")]
-    Unexpected { expected: &'static str, got: Message },
+    Unexpected {
+        expected: &'static str,
+        got: Message,
+    },
 }
 
 fn io(error: nix::Error) -> WireError {
@@ -173,7 +176,9 @@ impl Channel {
     }
 
     fn recv_frame(&self, timeout: Duration) -> Result<Frame, WireError> {
-        let micros = i64::try_from(timeout.as_micros()).unwrap_or(i64::MAX).max(1);
+        let micros = i64::try_from(timeout.as_micros())
+            .unwrap_or(i64::MAX)
+            .max(1);
         setsockopt(
             &self.fd,
             sockopt::ReceiveTimeout,
@@ -195,7 +200,10 @@ impl Channel {
                     for cmsg in msg.cmsgs().map_err(io)? {
                         if let ControlMessageOwned::ScmRights(raw) = cmsg {
                             // SAFETY: the kernel just installed these descriptors for us.
-                            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                            fds.extend(
+                                raw.into_iter()
+                                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                            );
                         }
                     }
                     let truncated = msg
@@ -209,7 +217,9 @@ impl Channel {
             }
         };
         if truncated {
-            return Err(WireError::Malformed("frame or descriptors truncated".into()));
+            return Err(WireError::Malformed(
+                "frame or descriptors truncated".into(),
+            ));
         }
         if len == 0 {
             return Err(WireError::Closed);
@@ -235,9 +245,9 @@ impl Channel {
     pub fn recv(&self, timeout: Duration) -> Result<Message, WireError> {
         match self.recv_frame(timeout)? {
             Frame::Message(message) => Ok(message),
-            Frame::Chunk(_) | Frame::Fds(_) => {
-                Err(WireError::Malformed("state where a message was expected".into()))
-            }
+            Frame::Chunk(_) | Frame::Fds(_) => Err(WireError::Malformed(
+                "state where a message was expected".into(),
+            )),
         }
     }
 
@@ -327,7 +337,14 @@ mod tests {
             }
         });
         let offer = new.recv(Duration::from_secs(5)).unwrap();
-        assert!(matches!(offer, Message::Offer { version: 1, pid: 7, .. }));
+        assert!(matches!(
+            offer,
+            Message::Offer {
+                version: 1,
+                pid: 7,
+                ..
+            }
+        ));
         let (got, fds) = new.recv_state(Duration::from_secs(5)).unwrap();
         assert_eq!(got, state);
         assert_eq!(fds.len(), 450);

@@ -99,7 +99,9 @@ pub async fn run(
                 send_success(&mut conn, bound).await?;
                 info!(%peer, %target, %bound, "CONNECT established");
                 let (client, early) = conn.into_parts();
-                return Ok(tunnel(client, stream, &early, Tunnel::NEW, services, peer, target).await);
+                return Ok(
+                    tunnel(client, stream, &early, Tunnel::NEW, services, peer, target).await,
+                );
             }
             Err(error) => {
                 last_code = connect_error_code(&error);
@@ -127,7 +129,16 @@ pub async fn resume(
     };
     info!(%peer, target = %moved.target_addr, up = start.up_bytes, down = start.down_bytes,
         "CONNECT tunnel taken over from the previous daemon");
-    tunnel(client, moved.target, &[], start, services, peer, moved.target_addr).await
+    tunnel(
+        client,
+        moved.target,
+        &[],
+        start,
+        services,
+        peer,
+        moved.target_addr,
+    )
+    .await
 }
 
 async fn tunnel(
@@ -140,7 +151,16 @@ async fn tunnel(
     target: SocketAddr,
 ) -> Option<(TcpStream, MovedKind)> {
     let idle = services.timeouts.tcp_idle;
-    match relay_from(client, target_stream, early, idle, start, Some(&services.quiesce)).await {
+    match relay_from(
+        client,
+        target_stream,
+        early,
+        idle,
+        start,
+        Some(&services.quiesce),
+    )
+    .await
+    {
         RelayEnd::Closed { up, down } => {
             info!(%peer, %target, up, down, "CONNECT closed");
             None

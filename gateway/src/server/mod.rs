@@ -9,8 +9,8 @@ mod bind;
 mod connect;
 pub mod connection;
 pub mod enhanced;
-mod handshake;
 pub mod handover;
+mod handshake;
 pub mod limits;
 mod outside;
 pub mod policy;
@@ -38,9 +38,9 @@ static NEXT_CONN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::n
 
 use self::{
     access::LiveAccess,
-    handover::{Moved, MovedKind},
     auth::FailureLimiter,
     connection::Connection,
+    handover::{Moved, MovedKind},
     limits::{AuthLimit, ConnectionLimits, Refusal},
 };
 use crate::{gate::Gate, resolver::Resolver};
@@ -179,6 +179,10 @@ pub const QUIESCE_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Serves SOCKS5 on `listeners` and the connections in `resumed` (handed over by the previous
 /// daemon, or by this one's failed upgrade) until `shutdown` completes or the quiesce begins.
+#[expect(
+    clippy::too_many_lines,
+    reason = "serving, then the quiesce and the shutdown in order, read top to bottom"
+)]
 pub async fn serve_all(
     services: Arc<Services>,
     listeners: Vec<TcpListener>,
@@ -244,7 +248,10 @@ pub async fn serve_all(
         }
     };
     if quiescing {
-        info!(connections = tasks.len(), "quiescing for the upgrade: listeners stop accepting, connections stop at their next message");
+        info!(
+            connections = tasks.len(),
+            "quiescing for the upgrade: listeners stop accepting, connections stop at their next message"
+        );
         services.quiesce.begin();
         let mut listeners = Vec::new();
         for acceptor in acceptors {
@@ -264,7 +271,10 @@ pub async fn serve_all(
             }
         };
         if tokio::time::timeout(QUIESCE_DEADLINE, drain).await.is_err() {
-            info!(closing = tasks.len(), "connections not at a message boundary in time; closing them");
+            info!(
+                closing = tasks.len(),
+                "connections not at a message boundary in time; closing them"
+            );
             tasks.abort_all();
             while let Some(done) = tasks.join_next().await {
                 if let Ok(Some(one)) = done {

@@ -51,7 +51,11 @@ fn restored(gw: &Gw, at: Instant) -> (Bindings, Vec<Action>) {
 fn a_restored_table_snapshots_the_same() {
     let mut gw = busy_table();
     let pending = gw.b.config().pending_timeout.as_secs();
-    assert_eq!(gw.timeout(3 + pending).len(), 3, "TIDs 1 of A and B, 9 of B expire");
+    assert_eq!(
+        gw.timeout(3 + pending).len(),
+        3,
+        "TIDs 1 of A and B, 9 of B expire"
+    );
     assert!(gw.b.tombstones() >= 1);
     let at = gw.at(3 + pending + 1);
     let snapshot = gw.b.snapshot(at);
@@ -87,7 +91,10 @@ fn restoring_asks_for_every_relay_and_installs_nothing() {
     for (info, _) in gw.b.list() {
         assert!(reserved.contains(&info.ports), "ports of {}", info.aid);
         assert_eq!(table.binding(info.aid).map(|b| b.ports), Some(info.ports));
-        assert_eq!(table.kernel_entries(info.aid), gw.b.kernel_entries(info.aid));
+        assert_eq!(
+            table.kernel_entries(info.aid),
+            gw.b.kernel_entries(info.aid)
+        );
     }
 }
 
@@ -126,13 +133,17 @@ fn a_restored_binding_is_released_confirmed_and_expires_like_the_original() {
     assert_eq!(d.reply.code, ReplyCode::Ok);
     let others = list.iter().filter(|(b, _)| b.aid != confirmed.aid);
     assert!(others.clone().all(|(b, _)| b.aid != d.reply.aid));
-    assert!(others.clone().all(|(b, _)| Some(b.ports.internal) != d.reply.internal));
+    assert!(
+        others
+            .clone()
+            .all(|(b, _)| Some(b.ports.internal) != d.reply.internal)
+    );
     // The idle clock continued: B's half-bound binding expires when it would have.
     let pending = gw.b.config().pending_timeout;
     let due = gw.at(3) + pending;
     assert!(
         table
-            .on_timeout(due - Duration::from_millis(1))
+            .on_timeout(due.checked_sub(Duration::from_millis(1)).unwrap())
             .iter()
             .all(|e| e.conn != B)
     );

@@ -21,8 +21,8 @@ mod sockets;
 
 pub use self::{
     multicast::{GroupReport, MemberReport, MulticastSetup},
-    session::Resumed,
     relay::RelayDrop,
+    session::Resumed,
     sockets::{Interfaces, RelaySockets, SocketsError},
 };
 
@@ -221,7 +221,12 @@ impl EnhancedMode {
         let forbidden = bindings.config().forbidden_remotes.clone();
         *bindings = restored;
         bindings.set_forbidden_remotes(forbidden);
-        let next = table.bindings.iter().map(|b| b.conn).chain(table.tombstones.iter().map(|t| t.conn)).max();
+        let next = table
+            .bindings
+            .iter()
+            .map(|b| b.conn)
+            .chain(table.tombstones.iter().map(|t| t.conn))
+            .max();
         self.next_conn
             .fetch_max(next.map_or(1, |n| n + 1), Ordering::Relaxed);
         for action in &actions {
@@ -233,8 +238,10 @@ impl EnhancedMode {
         }
         // Every relay entry now, before a receive loop runs: a datagram the steering hands
         // this daemon finds its binding. Its session gives it its channel when it resumes.
-        let learned: HashMap<u32, crate::handover::state::RelayState> =
-            learned.into_iter().map(|state| (state.aid, state)).collect();
+        let learned: HashMap<u32, crate::handover::state::RelayState> = learned
+            .into_iter()
+            .map(|state| (state.aid, state))
+            .collect();
         let (placeholder, _) = mpsc::channel(1);
         for (info, _) in bindings.list() {
             self.relay
@@ -535,7 +542,10 @@ impl EnhancedMode {
     /// lock is let go.
     fn release(&self, gate: &dyn Gate, conn: ConnId, aid: u32) -> crate::binding::Decision {
         let mut bindings = self.lock_bindings();
-        debug_assert!(!self.is_frozen(), "a release while the table is handed over");
+        debug_assert!(
+            !self.is_frozen(),
+            "a release while the table is handed over"
+        );
         let decision = bindings.on_release(conn, aid, now());
         self.apply_teardown(gate, &decision.actions);
         drop(bindings);
@@ -748,8 +758,10 @@ pub(super) async fn run(
     services: &Services,
     peer: SocketAddr,
     user: Option<&str>,
-) -> Result<Option<(tokio::net::TcpStream, super::handover::MovedKind)>, super::connection::ConnectionError>
-{
+) -> Result<
+    Option<(tokio::net::TcpStream, super::handover::MovedKind)>,
+    super::connection::ConnectionError,
+> {
     let Some(mode) = services.enhanced.clone() else {
         send_failure(&mut conn, ReplyCode::CommandNotSupported).await;
         return Ok(None);
