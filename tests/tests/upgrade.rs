@@ -265,6 +265,11 @@ fn a_kernel_relayed_stream_loses_nothing_across_an_upgrade_and_its_connection_wo
             upgrade(&bed, &cleanup.instance, &gateway_bin())
         });
     assert!(ok, "upgrade failed: {stderr}\n{}", old.log_text());
+    // Shown with --nocapture: the README quotes a real upgrade.
+    eprintln!("$ gateway upgrade ...\n{stdout}");
+    for line in old.log_text().lines().filter(|l| l.contains("upgrade")) {
+        eprintln!("{line}");
+    }
     let new = PidGuard(new_pid(&stdout));
     assert_ne!(new.0, old_pid, "{stdout}");
     assert!(
@@ -545,4 +550,50 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Under systemd (`NotifyAccess=all`): the new daemon tells the service manager `MAINPID=` its
+/// pid with `READY=1` before the old one exits, so the service is not stopped.
+#[test]
+fn the_new_daemon_announces_its_pid_to_the_service_manager_before_the_old_one_exits() {
+    let bed = Testbed::new().unwrap();
+    let dir = tempdir();
+    let path = dir.0.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    notify.set_read_timeout(Some(WAIT)).unwrap();
+    let instance = testbed::gateway::unique_instance();
+    let _cleanup = testbed::gateway::InstanceCleanup {
+        instance: instance.clone(),
+    };
+    let env = format!("NOTIFY_SOCKET={}", path.display());
+    let mut old = GatewayDaemon::start_with_prefix(
+        &bed.fw,
+        &instance,
+        &["env", env.as_str()],
+        &testbed::gateway::TESTBED_ARGS,
+    )
+    .unwrap();
+    let mut buf = [0u8; 4096];
+    let first = notify.recv(&mut buf).map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+    assert!(first.is_ok_and(|m| m.contains("READY=1")), "the old daemon is ready");
+    let (ok, stdout, stderr) = upgrade(&bed, &instance, &gateway_bin());
+    assert!(ok, "{stderr}\n{}", old.log_text());
+    let new = PidGuard(new_pid(&stdout));
+    let message = notify
+        .recv(&mut buf)
+        .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+        .unwrap();
+    assert!(
+        message.lines().any(|l| l == format!("MAINPID={}", new.0)) && message.contains("READY=1"),
+        "{message:?}"
+    );
+    // The old daemon sent nothing more (no STOPPING=1: the service goes on).
+    assert!(old.wait_exit(WAIT).is_some());
+    notify.set_nonblocking(true).unwrap();
+    let after = notify.recv(&mut buf).map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+    assert!(
+        !after.as_ref().is_ok_and(|m| m.contains("STOPPING")),
+        "{after:?}"
+    );
+    new.stop();
 }
