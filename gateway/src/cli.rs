@@ -96,8 +96,8 @@ pub enum Command {
     },
     /// Replace a running gateway with a new binary without dropping a stream: the new daemon
     /// takes over the listening sockets, every enhanced-mode session with its bindings (AIDs,
-    /// TIDs, relay ports, timers) and every CONNECT tunnel; the kernel's entries and the gate
-    /// stay in place. UDP ASSOCIATE and BIND relays are closed (their clients connect again).
+    /// TIDs, relay ports, timers), every CONNECT tunnel and UDP ASSOCIATE; the kernel's entries
+    /// and the gate stay in place. A BIND is closed (its client connects again).
     /// If the new binary refuses (it cannot read the running daemon's state version), fails or
     /// dies, the running daemon serves on and this prints why. SIGUSR2 to the daemon does the
     /// same with the binary it was started from. Prints the new daemon's pid.

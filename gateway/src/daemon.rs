@@ -794,8 +794,28 @@ fn take_over(
         _ => {}
     }
     let mut resumed = Vec::new();
+    let mut kept = std::collections::HashSet::new();
     for session in &state.sessions {
-        resumed.push(server::handover::Moved::from_state(session, fds)?);
+        match server::handover::Moved::from_state(session, fds) {
+            Ok(moved) => {
+                if let server::handover::MovedKind::Enhanced { conn, .. } = &moved.kind {
+                    kept.insert(*conn);
+                }
+                resumed.push(moved);
+            }
+            Err(reason) => {
+                warn!(peer = %session.peer, %reason, "upgrade: a handed-over connection cannot be adopted; closed");
+            }
+        }
+    }
+    if let Some(mode) = &services.enhanced {
+        let closed = mode.close_connections_except(services.gate.as_ref(), &kept);
+        if closed > 0 {
+            warn!(
+                connections = closed,
+                "upgrade: bindings of connections that did not come along removed"
+            );
+        }
     }
     server::continue_log_conns(state.next_log_conn);
     Ok((lock, listeners, metrics, admin, resumed))

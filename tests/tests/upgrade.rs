@@ -1,8 +1,8 @@
 //! `gateway upgrade`: a new daemon takes over listeners, control connections and bindings.
 //! A 1,000 pps stream through the kernel relay loses nothing across the upgrade and the client's
 //! control connection keeps working (RELEASE answered `00`, a new binding on it works); the same
-//! through the userspace relay with a CONNECT tunnel whose bytes keep flowing (the design moves
-//! tunnels); builds with other state versions upgrade or refuse (the refused upgrade leaves the
+//! through the userspace relay with a CONNECT tunnel whose bytes keep flowing and a UDP ASSOCIATE
+//! that relays on (the design moves both); builds with other state versions upgrade or refuse (the refused upgrade leaves the
 //! old daemon serving); kill -9 of the new daemon mid-handover leaves the old one serving with the
 //! gate closed to unsolicited traffic. Root only.
 
@@ -20,7 +20,7 @@ use std::{
 
 use bytes::BytesMut;
 use gateway_client::{Family, Timeouts, blocking::Client};
-use gateway_proto::enhanced::DatagramHeader;
+use gateway_proto::{Address, UdpHeader, enhanced::DatagramHeader};
 use nix::{sys::signal::Signal, unistd::Pid};
 use testbed::{
     Testbed, addr,
@@ -196,6 +196,18 @@ fn missing(got: &BTreeSet<u32>) -> Vec<u32> {
     (0..STREAM).filter(|seq| !got.contains(seq)).collect()
 }
 
+/// Fails with the datagrams lost (first and last and how many) and the daemons' log.
+fn assert_none_lost(got: &BTreeSet<u32>, log: &str) {
+    let lost = missing(got);
+    assert!(
+        lost.is_empty(),
+        "{} lost across the upgrade ({:?} .. {:?}); the log:\n{log}",
+        lost.len(),
+        lost.first(),
+        lost.last()
+    );
+}
+
 /// After an upgrade: the old binding is released (`00`), a new two-step binding on the same
 /// control connection carries a datagram each way, and a datagram to the old relay port is
 /// dropped by the gate.
@@ -276,7 +288,7 @@ fn a_kernel_relayed_stream_loses_nothing_across_an_upgrade_and_its_connection_wo
         old.wait_exit(WAIT).is_some_and(|s| s.success()),
         "the old daemon exits 0"
     );
-    assert_eq!(missing(&got), Vec::<u32>::new(), "lost across the upgrade");
+    assert_none_lost(&got, &old.log_text());
     assert_eq!(duplicates, 0);
     let stats = stats_json(&bed.fw, &cleanup.instance).unwrap();
     assert!(reason_packets(&stats, "kernel_relayed_inbound") >= u64::from(STREAM));
@@ -298,9 +310,96 @@ fn a_kernel_relayed_stream_loses_nothing_across_an_upgrade_and_its_connection_wo
 }
 
 #[test]
-fn a_userspace_relayed_stream_and_a_connect_tunnel_cross_an_upgrade() {
+fn a_userspace_relayed_stream_a_connect_tunnel_and_a_udp_associate_cross_an_upgrade() {
     let bed = Testbed::new().unwrap();
     let (mut old, cleanup) = start_in_fw(&bed, &["--datapath", "userspace"]).unwrap();
+    let (mut tunnel, echo) = echo_tunnel(&bed);
+    let mut echoed = [0u8; 6];
+    let proxy = proxy();
+    let client = udp(&bed.client, addr::CLIENT_V4);
+    let server = udp(&bed.server, addr::SERVER_V4);
+    // An RFC 1928 UDP ASSOCIATE with one remote admitted: it moves too.
+    let associate = udp(&bed.client, addr::CLIENT_V4);
+    let from = associate.local_addr().unwrap();
+    let (associate_control, associate_relay) = bed
+        .client
+        .run(move || {
+            Client::connect(proxy, None, Timeouts::default())
+                .unwrap()
+                .udp_associate(from)
+                .unwrap()
+        })
+        .unwrap();
+    let echo_server = udp(&bed.server, addr::SERVER_V4);
+    assert!(
+        associate_round_trip(&associate, associate_relay, &echo_server, b"assoc before"),
+        "the association relays before the upgrade"
+    );
+    let mut session = session(&bed);
+    let mut binding = session
+        .bind(client.local_addr().unwrap(), Family::V4)
+        .unwrap();
+    let relays = session
+        .connect(&mut binding, server.local_addr().unwrap())
+        .unwrap();
+    let (got, duplicates, (ok, stdout, stderr)) =
+        stream_across(&server, &client, relays.external, relays.aid, || {
+            upgrade(&bed, &cleanup.instance, &gateway_bin())
+        });
+    assert!(ok, "upgrade failed: {stderr}\n{}", old.log_text());
+    let new = PidGuard(new_pid(&stdout));
+    assert!(old.wait_exit(WAIT).is_some());
+    assert!(
+        associate_round_trip(&associate, associate_relay, &echo_server, b"assoc after"),
+        "the same association relays after the upgrade:\n{}",
+        old.log_text()
+    );
+    assert!(
+        old.log_text()
+            .contains("UDP ASSOCIATE taken over from the previous daemon"),
+        "{}",
+        old.log_text()
+    );
+    assert_none_lost(&got, &old.log_text());
+    assert_eq!(duplicates, 0);
+    let stats = stats_json(&bed.fw, &cleanup.instance).unwrap();
+    assert_eq!(
+        reason_packets(&stats, "kernel_relayed_inbound"),
+        0,
+        "the userspace relay carried it"
+    );
+    // The tunnel moved: the same TCP connection carries bytes both ways through the new daemon.
+    tunnel.write_all(b"after!").unwrap();
+    if let Err(error) = tunnel.read_exact(&mut echoed) {
+        panic!(
+            "the tunnel after the upgrade: {error}; the log:\n{}",
+            old.log_text()
+        );
+    }
+    assert_eq!(&echoed, b"after!");
+    let log = old.log_text();
+    assert!(
+        log.contains("CONNECT tunnel taken over from the previous daemon"),
+        "{log}"
+    );
+    connection_keeps_working(
+        &bed,
+        &cleanup.instance,
+        &mut session,
+        binding,
+        &client,
+        &server,
+    );
+    drop(tunnel);
+    drop(associate_control);
+    let _ = echo.join();
+    drop(session);
+    new.stop();
+}
+
+/// A CONNECT tunnel through the gateway to a TCP echo server outside (the server's thread
+/// ends when the tunnel closes), checked to echo once.
+fn echo_tunnel(bed: &Testbed) -> (TcpStream, std::thread::JoinHandle<()>) {
     // A TCP echo server outside: the CONNECT tunnel's bytes must keep flowing.
     let listener = bed
         .server
@@ -332,52 +431,41 @@ fn a_userspace_relayed_stream_and_a_connect_tunnel_cross_an_upgrade() {
     tunnel.write_all(b"before").unwrap();
     tunnel.read_exact(&mut echoed).unwrap();
     assert_eq!(&echoed, b"before");
+    (tunnel, echo)
+}
 
-    let client = udp(&bed.client, addr::CLIENT_V4);
-    let server = udp(&bed.server, addr::SERVER_V4);
-    let mut session = session(&bed);
-    let mut binding = session
-        .bind(client.local_addr().unwrap(), Family::V4)
-        .unwrap();
-    let relays = session
-        .connect(&mut binding, server.local_addr().unwrap())
-        .unwrap();
-    let (got, duplicates, (ok, stdout, stderr)) =
-        stream_across(&server, &client, relays.external, relays.aid, || {
-            upgrade(&bed, &cleanup.instance, &gateway_bin())
-        });
-    assert!(ok, "upgrade failed: {stderr}\n{}", old.log_text());
-    let new = PidGuard(new_pid(&stdout));
-    assert!(old.wait_exit(WAIT).is_some());
-    assert_eq!(missing(&got), Vec::<u32>::new(), "lost across the upgrade");
-    assert_eq!(duplicates, 0);
-    let stats = stats_json(&bed.fw, &cleanup.instance).unwrap();
-    assert_eq!(
-        reason_packets(&stats, "kernel_relayed_inbound"),
-        0,
-        "the userspace relay carried it"
-    );
-    // The tunnel moved: the same TCP connection carries bytes both ways through the new daemon.
-    tunnel.write_all(b"after!").unwrap();
-    tunnel.read_exact(&mut echoed).unwrap();
-    assert_eq!(&echoed, b"after!");
-    let log = old.log_text();
-    assert!(
-        log.contains("CONNECT tunnel taken over from the previous daemon"),
-        "{log}"
-    );
-    connection_keeps_working(
-        &bed,
-        &cleanup.instance,
-        &mut session,
-        binding,
-        &client,
-        &server,
-    );
-    drop(tunnel);
-    let _ = echo.join();
-    drop(session);
-    new.stop();
+/// A datagram through the UDP ASSOCIATE at `relay` to `server` (checked to arrive from the
+/// gateway's external address) and its answer back, RFC 1928-framed on the client's side.
+/// Retried (bounded): UDP may lose one.
+fn associate_round_trip(
+    client: &UdpSocket,
+    relay: SocketAddr,
+    server: &UdpSocket,
+    text: &[u8],
+) -> bool {
+    let target = server.local_addr().unwrap();
+    let mut buf = [0u8; 2048];
+    wait_until(WAIT, || {
+        let mut out = BytesMut::new();
+        UdpHeader::new(Address::Ip(target))
+            .encode(&mut out)
+            .unwrap();
+        out.extend_from_slice(text);
+        client.send_to(&out, relay).unwrap();
+        let Ok((len, from)) = server.recv_from(&mut buf) else {
+            return false;
+        };
+        if &buf[..len] != text || from.ip() != std::net::IpAddr::from(addr::FW_OUTSIDE_V4) {
+            return false;
+        }
+        server.send_to(b"answer", from).unwrap();
+        let Ok((len, _)) = client.recv_from(&mut buf) else {
+            return false;
+        };
+        let mut reply = &buf[..len];
+        UdpHeader::decode(&mut reply)
+            .is_ok_and(|header| header.address == Address::Ip(target) && reply == b"answer")
+    })
 }
 
 /// The state-variant test build under the name that selects its format.
@@ -574,8 +662,13 @@ fn the_new_daemon_announces_its_pid_to_the_service_manager_before_the_old_one_ex
     )
     .unwrap();
     let mut buf = [0u8; 4096];
-    let first = notify.recv(&mut buf).map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
-    assert!(first.is_ok_and(|m| m.contains("READY=1")), "the old daemon is ready");
+    let first = notify
+        .recv(&mut buf)
+        .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+    assert!(
+        first.is_ok_and(|m| m.contains("READY=1")),
+        "the old daemon is ready"
+    );
     let (ok, stdout, stderr) = upgrade(&bed, &instance, &gateway_bin());
     assert!(ok, "{stderr}\n{}", old.log_text());
     let new = PidGuard(new_pid(&stdout));
@@ -590,7 +683,9 @@ fn the_new_daemon_announces_its_pid_to_the_service_manager_before_the_old_one_ex
     // The old daemon sent nothing more (no STOPPING=1: the service goes on).
     assert!(old.wait_exit(WAIT).is_some());
     notify.set_nonblocking(true).unwrap();
-    let after = notify.recv(&mut buf).map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+    let after = notify
+        .recv(&mut buf)
+        .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
     assert!(
         !after.as_ref().is_ok_and(|m| m.contains("STOPPING")),
         "{after:?}"

@@ -91,6 +91,16 @@ pub enum SessionKind {
         /// Its bindings with a relay entry: AID, TID, whether the external relay is IPv6.
         bindings: Vec<(u32, u16, bool)>,
     },
+    /// A UDP ASSOCIATE: its relay sockets move; the admitted remotes keep their kernel entries.
+    Associate {
+        /// The client's address (port 0 until latched from its first datagram).
+        client: SocketAddr,
+        inside_fd: FdIndex,
+        outside_v4_fd: Option<FdIndex>,
+        outside_v6_fd: Option<FdIndex>,
+        /// Remote, external relay address, and milliseconds since either last moved.
+        remotes: Vec<(SocketAddr, SocketAddr, u64)>,
+    },
     /// A CONNECT tunnel: both sockets move; nothing is buffered in the daemon.
     Connect {
         target: SocketAddr,

@@ -2,9 +2,9 @@
 //! and what a connection leaves behind when it stops for the next daemon ([`Moved`]), turned
 //! into the state document's sessions and back.
 //!
-//! Owns which connections move (enhanced-mode sessions and CONNECT tunnels) and which close
-//! (UDP ASSOCIATE and BIND relays: their sockets and timers would need a relay of their own;
-//! the client sees its control connection close and can associate again).
+//! Owns which connections move (enhanced-mode sessions, CONNECT tunnels, UDP ASSOCIATE
+//! associations) and which close (a BIND still waiting for its peer, or relaying: the client
+//! sees its control connection close).
 
 use std::{net::SocketAddr, os::fd::OwnedFd, time::Duration};
 
@@ -81,6 +81,19 @@ pub enum MovedKind {
         bindings: Vec<(u32, u16, Family)>,
     },
     Connect(MovedTunnel),
+    Associate(MovedAssociation),
+}
+
+/// A UDP ASSOCIATE between two datagrams: its relay sockets and the remotes it admitted (their
+/// kernel entries stay).
+#[derive(Debug)]
+pub struct MovedAssociation {
+    pub client: SocketAddr,
+    pub inside: tokio::net::UdpSocket,
+    pub outside_v4: Option<tokio::net::UdpSocket>,
+    pub outside_v6: Option<tokio::net::UdpSocket>,
+    /// Each admitted remote, its external relay address and how long it has been quiet.
+    pub remotes: Vec<(SocketAddr, SocketAddr, Duration)>,
 }
 
 /// A CONNECT tunnel between two reads.
@@ -110,6 +123,23 @@ impl Moved {
                 bindings: bindings
                     .iter()
                     .map(|(aid, tid, family)| (*aid, *tid, *family == Family::V6))
+                    .collect(),
+            },
+            MovedKind::Associate(association) => SessionKind::Associate {
+                client: association.client,
+                inside_fd: fds.add(&association.inside),
+                outside_v4_fd: association.outside_v4.as_ref().map(|s| fds.add(s)),
+                outside_v6_fd: association.outside_v6.as_ref().map(|s| fds.add(s)),
+                remotes: association
+                    .remotes
+                    .iter()
+                    .map(|(remote, relay, quiet)| {
+                        (
+                            *remote,
+                            *relay,
+                            u64::try_from(quiet.as_millis()).unwrap_or(u64::MAX),
+                        )
+                    })
                     .collect(),
             },
             MovedKind::Connect(tunnel) => SessionKind::Connect {
@@ -147,6 +177,30 @@ impl Moved {
                     .map(|(aid, tid, v6)| (*aid, *tid, if *v6 { Family::V6 } else { Family::V4 }))
                     .collect(),
             },
+            SessionKind::Associate {
+                client,
+                inside_fd,
+                outside_v4_fd,
+                outside_v6_fd,
+                remotes,
+            } => {
+                let mut udp = |index: &Option<usize>, what: &str| -> Result<_, String> {
+                    index.map(|index| udp(fds.take(index, what)?)).transpose()
+                };
+                MovedKind::Associate(MovedAssociation {
+                    client: *client,
+                    inside: udp(&Some(*inside_fd), "UDP ASSOCIATE inside socket")?
+                        .ok_or("no inside socket")?,
+                    outside_v4: udp(outside_v4_fd, "UDP ASSOCIATE IPv4 outside socket")?,
+                    outside_v6: udp(outside_v6_fd, "UDP ASSOCIATE IPv6 outside socket")?,
+                    remotes: remotes
+                        .iter()
+                        .map(|(remote, relay, quiet)| {
+                            (*remote, *relay, Duration::from_millis(*quiet))
+                        })
+                        .collect(),
+                })
+            }
             SessionKind::Connect {
                 target,
                 target_fd,
@@ -173,6 +227,14 @@ impl Moved {
             kind,
         })
     }
+}
+
+/// A UDP socket received from the other daemon, as a tokio socket.
+fn udp(fd: OwnedFd) -> Result<tokio::net::UdpSocket, String> {
+    let std = std::net::UdpSocket::from(fd);
+    std.set_nonblocking(true)
+        .and_then(|()| tokio::net::UdpSocket::from_std(std))
+        .map_err(|e| format!("adopt a UDP socket: {e}"))
 }
 
 /// A TCP socket received from the other daemon, as a tokio stream.

@@ -222,6 +222,8 @@ pub async fn serve_all(
         );
     }
     tokio::pin!(shutdown);
+    // A connection that saw the quiesce first may end here before the loop does: it is kept.
+    let mut moved = Vec::new();
     let quiescing = loop {
         tokio::select! {
             () = &mut shutdown => break false,
@@ -244,12 +246,16 @@ pub async fn serve_all(
                     result
                 }.instrument(span));
             }
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Ok(Some(one)) = done {
+                    moved.push(one);
+                }
+            }
         }
     };
     if quiescing {
         info!(
-            connections = tasks.len(),
+            connections = tasks.len() + moved.len(),
             "quiescing for the upgrade: listeners stop accepting, connections stop at their next message"
         );
         services.quiesce.begin();
@@ -262,7 +268,6 @@ pub async fn serve_all(
         // Connections accepted but not yet started close (the channel holds few).
         accepted.close();
         while accepted.recv().await.is_some() {}
-        let mut moved = Vec::new();
         let drain = async {
             while let Some(done) = tasks.join_next().await {
                 if let Ok(Some(one)) = done {
@@ -394,6 +399,17 @@ async fn resume(services: Arc<Services>, moved: Moved) -> Option<Moved> {
                 kind: kind.1,
             })
         }
+        MovedKind::Associate(association) => {
+            let user = moved.user;
+            let ended = udp_associate::resume(moved.stream, association, &services, peer).await;
+            ended.map(|(stream, kind)| Moved {
+                log_conn: moved.log_conn,
+                peer,
+                user,
+                stream,
+                kind,
+            })
+        }
         MovedKind::Connect(tunnel) => {
             let user = moved.user;
             let ended = connect::resume(moved.stream, tunnel, &services, peer).await;
@@ -467,13 +483,9 @@ async fn serve(
                 }
             }
             Command::UdpAssociate => {
-                tokio::select! {
-                    result = udp_associate::run(conn, &services, peer, local, &request.address) => result.map(|()| None),
-                    () = services.quiesce.wait() => {
-                        info!(%peer, "UDP ASSOCIATE closed for the upgrade (its relay does not move; the client associates again)");
-                        Ok(None)
-                    }
-                }
+                udp_associate::run(conn, &services, peer, local, &request.address)
+                    .await
+                    .map(|ended| ended.map(moved))
             }
             Command::EnhancedUdp => enhanced::run(conn, &services, peer, user.as_deref())
                 .await

@@ -55,6 +55,24 @@ impl OutsideSocket {
         })
     }
 
+    /// A socket [`OutsideSocket::bind_port`] made, handed over by the previous daemon (its
+    /// options came with it).
+    pub fn adopt(socket: std::net::UdpSocket, external: &External) -> io::Result<Self> {
+        socket.set_nonblocking(true)?;
+        let socket = UdpSocket::from_std(socket)?;
+        let local = socket.local_addr()?;
+        Ok(Self {
+            socket,
+            local,
+            ifindex: external.ifindex,
+        })
+    }
+
+    /// The socket, to hand over.
+    pub fn socket(&self) -> &UdpSocket {
+        &self.socket
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.local
     }

@@ -14,14 +14,20 @@ use std::{
     time::Duration,
 };
 
+use std::os::fd::AsFd as _;
+
 use bytes::BytesMut;
-use tokio::{net::UdpSocket, time::Instant};
+use tokio::{
+    net::{TcpStream, UdpSocket},
+    time::Instant,
+};
 use tracing::{debug, info, warn};
 
 use super::{
     Services,
     connect::resolve_allowed,
     connection::{Connection, ConnectionError},
+    handover::{MovedAssociation, MovedKind},
     outside::{OutsideSocket, Received, with_scratch},
     send_failure, send_success,
 };
@@ -103,15 +109,19 @@ struct Association<'a> {
     remote_cap: usize,
     remote_idle: Duration,
     stats: AssociationStats,
+    /// Handed to the next daemon: its kernel entries stay.
+    moved: bool,
 }
 
+/// UDP ASSOCIATE: `Some` with the control connection's socket when the association stopped
+/// for the next daemon.
 pub async fn run(
     mut conn: Connection,
     services: &Services,
     peer: SocketAddr,
     local: SocketAddr,
     address: &Address,
-) -> Result<(), ConnectionError> {
+) -> Result<Option<(TcpStream, MovedKind)>, ConnectionError> {
     let peer_ip = peer.ip().to_canonical();
     let client_ip = match address {
         Address::Ip(addr) if !addr.ip().is_unspecified() => addr.ip().to_canonical(),
@@ -122,7 +132,7 @@ pub async fn run(
     if client_ip != peer_ip {
         info!(%peer, %client_ip, "UDP ASSOCIATE for another host refused");
         send_failure(&mut conn, ReplyCode::NotAllowed).await;
-        return Ok(());
+        return Ok(None);
     }
     let bound = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
         Ok(inside) => services.tie_inside(&inside).map(|()| inside),
@@ -137,10 +147,10 @@ pub async fn run(
             // EMFILE, no port left: the client hears why instead of a closed connection.
             warn!(%peer, %error, "bind the inside relay socket for UDP ASSOCIATE");
             send_failure(&mut conn, ReplyCode::GeneralFailure).await;
-            return Ok(());
+            return Ok(None);
         }
     };
-    let mut association = Association {
+    let association = Association {
         services,
         peer,
         client: ClientMatch {
@@ -154,24 +164,114 @@ pub async fn run(
         remote_cap: services.association_limits.max_remotes,
         remote_idle: services.association_limits.remote_idle,
         stats: AssociationStats::default(),
+        moved: false,
     };
     send_success(&mut conn, relay_inside).await?;
     info!(%peer, relay = %relay_inside, "UDP ASSOCIATE ready");
+    Ok(association.serve_until_closed(conn).await)
+}
 
-    tokio::select! {
-        () = conn.wait_closed() => {}
-        result = association.serve() => {
-            if let Err(error) = result {
-                warn!(%peer, %error, "UDP relay failed");
-            }
-        }
-    }
-    drop(association);
-    Ok(())
+/// A UDP ASSOCIATE handed over by the previous daemon, relayed on: its remotes are admitted in
+/// the kernel already.
+pub async fn resume(
+    stream: TcpStream,
+    moved: MovedAssociation,
+    services: &Services,
+    peer: SocketAddr,
+) -> Option<(TcpStream, MovedKind)> {
+    let outside = |socket: Option<UdpSocket>| {
+        socket.and_then(|socket| {
+            let std = socket.into_std().ok()?;
+            OutsideSocket::adopt(std, &services.external).ok()
+        })
+    };
+    let now = Instant::now();
+    let association = Association {
+        services,
+        peer,
+        client: ClientMatch {
+            ip: moved.client.ip(),
+            port: moved.client.port(),
+        },
+        inside: moved.inside,
+        outside_v4: outside(moved.outside_v4),
+        outside_v6: outside(moved.outside_v6),
+        admitted: moved
+            .remotes
+            .iter()
+            .map(|(remote, relay, quiet)| {
+                let seen = now.checked_sub(*quiet).unwrap_or(now);
+                (
+                    GateEntry {
+                        remote: *remote,
+                        relay: *relay,
+                    },
+                    seen,
+                )
+            })
+            .collect(),
+        remote_cap: services.association_limits.max_remotes,
+        remote_idle: services.association_limits.remote_idle,
+        stats: AssociationStats::default(),
+        moved: false,
+    };
+    info!(%peer, remotes = association.admitted.len(), "UDP ASSOCIATE taken over from the previous daemon");
+    association
+        .serve_until_closed(Connection::new(stream))
+        .await
 }
 
 impl Association<'_> {
-    async fn serve(&mut self) -> std::io::Result<()> {
+    /// Relays until the control connection closes (the association ends) or the quiesce of an
+    /// upgrade (between two datagrams: the sockets and remotes move).
+    async fn serve_until_closed(mut self, mut conn: Connection) -> Option<(TcpStream, MovedKind)> {
+        let quiesced = tokio::select! {
+            () = conn.wait_closed() => false,
+            result = self.serve() => match result {
+                Ok(quiesced) => quiesced,
+                Err(error) => {
+                    warn!(peer = %self.peer, %error, "UDP relay failed");
+                    false
+                }
+            },
+        };
+        if !quiesced {
+            return None;
+        }
+        let moved = self.hand_over()?;
+        let (stream, _) = conn.into_parts();
+        info!(peer = %self.peer, remotes = moved.remotes.len(), "UDP ASSOCIATE stopped for the upgrade; its sockets move");
+        Some((stream, MovedKind::Associate(moved)))
+    }
+
+    /// The association for the next daemon (its sockets' descriptors duplicated; these close
+    /// with `self`, which then leaves the kernel entries in place).
+    fn hand_over(&mut self) -> Option<MovedAssociation> {
+        let dup = |socket: &UdpSocket| -> Option<UdpSocket> {
+            let fd = socket.as_fd().try_clone_to_owned().ok()?;
+            let std = std::net::UdpSocket::from(fd);
+            std.set_nonblocking(true).ok()?;
+            UdpSocket::from_std(std).ok()
+        };
+        let now = Instant::now();
+        let moved = MovedAssociation {
+            client: SocketAddr::new(self.client.ip, self.client.port),
+            inside: dup(&self.inside)?,
+            outside_v4: self.outside_v4.as_ref().and_then(|s| dup(s.socket())),
+            outside_v6: self.outside_v6.as_ref().and_then(|s| dup(s.socket())),
+            remotes: self
+                .admitted
+                .iter()
+                .map(|(entry, seen)| (entry.remote, entry.relay, now.duration_since(*seen)))
+                .collect(),
+        };
+        self.moved = true;
+        Some(moved)
+    }
+
+    /// Relays until an error, or `Ok(true)` at the quiesce of an upgrade.
+    async fn serve(&mut self) -> std::io::Result<bool> {
+        let mut quiesce = self.services.quiesce.subscribe();
         // No buffer per association: wait for readiness, read into the thread's scratch buffer
         // and copy out exactly the datagram.
         let period = SWEEP_EVERY
@@ -181,6 +281,8 @@ impl Association<'_> {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                biased;
+                () = super::handover::quiesced(&mut quiesce) => return Ok(true),
                 _ = sweep.tick() => self.expire_idle_remotes(),
                 ready = self.inside.readable() => {
                     ready?;
@@ -406,6 +508,9 @@ impl Association<'_> {
 /// dropped mid-await when the server shuts down (or aborts it), and the entries must go then too.
 impl Drop for Association<'_> {
     fn drop(&mut self) {
+        if self.moved {
+            return;
+        }
         for entry in self.admitted.keys() {
             self.services.gate.remove(*entry);
         }

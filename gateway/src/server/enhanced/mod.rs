@@ -252,6 +252,27 @@ impl EnhancedMode {
         Ok(())
     }
 
+    /// After a take-over: the bindings of every connection in the table that did not come
+    /// with it (its socket was missing or would not adopt) go, with their kernel entries, as if
+    /// it had closed. Returns how many connections that was.
+    pub fn close_connections_except(
+        &self,
+        gate: &dyn Gate,
+        kept: &std::collections::HashSet<ConnId>,
+    ) -> usize {
+        let orphans: std::collections::BTreeSet<ConnId> = self
+            .lock_bindings()
+            .list()
+            .into_iter()
+            .map(|(info, _)| info.conn)
+            .filter(|conn| !kept.contains(conn))
+            .collect();
+        for conn in &orphans {
+            self.connection_closed(gate, *conn);
+        }
+        orphans.len()
+    }
+
     /// A handed-over connection registers again under its old id.
     fn reattach_conn(
         &self,
