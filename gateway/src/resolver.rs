@@ -412,11 +412,9 @@ impl Resolver {
     }
 }
 
-/// Reads replies on the query's connected socket until one carries `id` and exactly `question`
-/// and is an answer about the queried name, or `deadline`. Anything else is dropped and the wait
-/// goes on, so a forged reply racing the genuine one cannot end the lookup: garbage, another
-/// question, and a reply whose answer records all belong to other names (an empty answer, a
-/// genuine "no such record", is an answer).
+/// Reads replies on the query's connected socket until one is the answer ([`judge_reply`]), or
+/// `deadline`. Anything else is dropped and the wait goes on, so a forged reply racing the
+/// genuine one cannot end the lookup.
 async fn await_answer(
     socket: &UdpSocket,
     id: u16,
@@ -430,30 +428,59 @@ async fn await_answer(
         let Ok(Ok(len)) = tokio::time::timeout_at(deadline, socket.recv(&mut buf)).await else {
             return None;
         };
-        let Ok(message) = Message::from_vec(&buf[..len]) else {
-            continue;
-        };
-        if message.metadata.message_type == MessageType::Response
-            && message.metadata.id == id
-            && is_the_question(&message, question)
-        {
-            let result = interpret(&message);
-            let about_other_names =
-                matches!(result, Err(ResolveError::NoAddresses(_))) && !message.answers.is_empty();
-            if !about_other_names {
-                return Some(result);
-            }
-            debug!(
-                id,
-                "DNS reply whose records are all for other names; dropped"
-            );
-            continue;
+        if let Some(result) = judge(&buf[..len], id, question, &interpret) {
+            return Some(result);
+        }
+    }
+}
+
+/// What one datagram on a query's socket means: `None` unless it is the answer to query `id`
+/// for `question` (a response with that id and exactly that question, whose records are not
+/// all about other names: an empty answer, a genuine "no such record", is an answer); else the
+/// addresses for `name` (`fqdn`, of `record_type`) in it, or why there are none. Garbage,
+/// another question and answers about other names give `None`. Pure: what the resolver does
+/// with every reply (and what `fuzz/` feeds hostile bytes).
+pub fn judge_reply(
+    datagram: &[u8],
+    id: u16,
+    question: &Query,
+    name: &str,
+    fqdn: &Name,
+    record_type: RecordType,
+) -> Option<Result<(Vec<IpAddr>, Duration), ResolveError>> {
+    judge(datagram, id, question, &|answer| {
+        interpret(name, fqdn, record_type, answer)
+    })
+}
+
+fn judge(
+    datagram: &[u8],
+    id: u16,
+    question: &Query,
+    interpret: &impl Fn(&Message) -> Result<(Vec<IpAddr>, Duration), ResolveError>,
+) -> Option<Result<(Vec<IpAddr>, Duration), ResolveError>> {
+    let message = Message::from_vec(datagram).ok()?;
+    if message.metadata.message_type == MessageType::Response
+        && message.metadata.id == id
+        && is_the_question(&message, question)
+    {
+        let result = interpret(&message);
+        let about_other_names =
+            matches!(result, Err(ResolveError::NoAddresses(_))) && !message.answers.is_empty();
+        if !about_other_names {
+            return Some(result);
         }
         debug!(
-            id = message.metadata.id,
-            "DNS reply that does not answer our query; dropped"
+            id,
+            "DNS reply whose records are all for other names; dropped"
         );
+        return None;
     }
+    debug!(
+        id = message.metadata.id,
+        "DNS reply that does not answer our query; dropped"
+    );
+    None
 }
 
 /// Whether `message` carries exactly `question` (name case-insensitively, type, class IN).

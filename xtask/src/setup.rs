@@ -61,7 +61,38 @@ pub fn run() -> Result<()> {
     ensure_bpffs()?;
     ensure_debian_packages()?;
     ensure_cargo_deb()?;
+    ensure_cargo_fuzz()?;
     Ok(())
+}
+
+/// The cargo-fuzz release `cargo xtask fuzz` drives.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz, at the pinned version, from crates.io (it runs under the nightly toolchain).
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    let works = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|out| {
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).contains(CARGO_FUZZ_VERSION)
+        });
+    if works {
+        return Ok(());
+    }
+    println!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (`cargo xtask fuzz` uses it)");
+    status(
+        Command::new("cargo")
+            .args([
+                "install",
+                "--locked",
+                "cargo-fuzz",
+                "--version",
+                CARGO_FUZZ_VERSION,
+            ])
+            .env_remove("CARGO_TARGET_DIR"),
+    )
 }
 
 /// cargo-deb, at the pinned version, from crates.io.

@@ -90,6 +90,18 @@ pub fn run(filter: Option<&str>, skip_unit: bool) -> Result<()> {
         }
     }
 
+    if filter.is_none_or(|filter| "fuzz".contains(filter)) {
+        println!(
+            "test: fuzz short pass ({} s per target)",
+            crate::fuzz::SHORT_PASS_SECONDS
+        );
+        if let Err(error) = crate::setup::ensure_cargo_fuzz()
+            .and_then(|()| crate::fuzz::run(crate::fuzz::SHORT_PASS_SECONDS, None))
+        {
+            failures.push(format!("fuzz short pass: {error:#}"));
+        }
+    }
+
     if filter.is_none_or(|filter| "bench".contains(filter)) {
         println!("test: bench smoke run (a few hundred packets per scenario)");
         if let Err(error) = crate::bench::smoke() {
