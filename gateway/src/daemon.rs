@@ -577,7 +577,7 @@ async fn serve(
                 listen: &listen,
                 format: &args.upgrade.format,
             };
-            match upgrade_to(&binary, &invocation, &context, server_task).await {
+            match upgrade_to(&binary, &invocation, &context, &mut server_task).await {
                 Ok(done) => {
                     info!(new_pid = done.new_pid, binary = %binary.display(), sessions = done.sessions,
                         bindings = done.bindings, "upgrade: handed over; this daemon exits");
@@ -589,7 +589,14 @@ async fn serve(
                     datapath.leave_to_other_daemon();
                     std::process::exit(0);
                 }
-                Err((reason, listeners, moved)) => {
+                Err(UpgradeFailure::NotStarted(reason)) => {
+                    // Nothing was stopped: the connections never noticed.
+                    warn!(%reason, binary = %binary.display(), "upgrade failed; this daemon serves on");
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(reason));
+                    }
+                }
+                Err(UpgradeFailure::AfterQuiesce(reason, listeners, moved)) => {
                     warn!(%reason, binary = %binary.display(), "upgrade failed; this daemon serves on");
                     if let Some(mode) = &services.enhanced {
                         mode.thaw();
@@ -642,29 +649,32 @@ struct HandoverContext<'a> {
     format: &'a gateway::handover::Format,
 }
 
-type Resume = (String, Vec<TcpListener>, Vec<server::handover::Moved>);
+/// Why an upgrade did not happen, and what the old daemon serves on with.
+enum UpgradeFailure {
+    /// The new binary refused, failed or died before anything here stopped.
+    NotStarted(String),
+    /// After the quiesce: the listeners and the stopped connections to serve again.
+    AfterQuiesce(String, Vec<TcpListener>, Vec<server::handover::Moved>),
+}
 
-/// The old daemon's upgrade: start the new binary, quiesce, hand everything over. On success
-/// the new daemon's answer; on failure why, with the listeners and connections to serve on.
+/// The old daemon's upgrade: start the new binary; once it accepted, quiesce the server
+/// (`server_task` ends) and hand everything over. On success the new daemon's answer; on
+/// failure why, with what to serve on.
 async fn upgrade_to(
     binary: &std::path::Path,
     invocation: &upgrade::Invocation,
     context: &HandoverContext<'_>,
-    server_task: tokio::task::JoinHandle<server::Ended>,
-) -> Result<gateway::admin_socket::UpgradeDone, Resume> {
+    server_task: &mut tokio::task::JoinHandle<server::Ended>,
+) -> Result<gateway::admin_socket::UpgradeDone, UpgradeFailure> {
     let services = context.services;
     info!(binary = %binary.display(), "upgrade requested");
-    let new = upgrade::start_new(binary, invocation, context.format);
-    // Whatever happened, the server must be stopped to hand over or be given its listeners
-    // back: the quiesce stops it either way.
+    // The connections go on meanwhile: a refusal or a binary that does not start stops nothing.
+    let new = upgrade::start_new(binary, invocation, context.format)
+        .map_err(UpgradeFailure::NotStarted)?;
     services.quiesce.begin();
     let (listeners, moved) = match server_task.await {
         Ok(server::Ended::Quiesced { listeners, moved }) => (listeners, moved),
         Ok(server::Ended::Stopped) | Err(_) => (Vec::new(), Vec::new()),
-    };
-    let new = match new {
-        Ok(new) => new,
-        Err(reason) => return Err((reason, listeners, moved)),
     };
     let (table, relays) = match &services.enhanced {
         Some(mode) => {
@@ -728,7 +738,7 @@ async fn upgrade_to(
             sessions,
             bindings,
         }),
-        Err(reason) => Err((reason, listeners, moved)),
+        Err(reason) => Err(UpgradeFailure::AfterQuiesce(reason, listeners, moved)),
     }
 }
 

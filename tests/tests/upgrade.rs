@@ -560,6 +560,11 @@ fn state_versions_decide_whether_an_upgrade_goes_ahead() {
         PidGuard::alive(v2.0),
         "the refused upgrades left version 2 running"
     );
+    assert_eq!(
+        old.log_text().matches("quiescing for the upgrade").count(),
+        1,
+        "a refused upgrade stops no connection (only the first upgrade quiesced)"
+    );
     session
         .release(binding)
         .expect("the old connection still answers 00");
