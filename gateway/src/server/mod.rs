@@ -265,9 +265,22 @@ pub async fn serve_all(
                 listeners.push(listener);
             }
         }
-        // Connections accepted but not yet started close (the channel holds few).
+        // Connections accepted but not yet started get their handshake too (within the
+        // deadline), like those already running.
         accepted.close();
-        while accepted.recv().await.is_some() {}
+        while let Some((stream, peer, permit)) = accepted.recv().await {
+            let services = Arc::clone(&services);
+            let conn = NEXT_CONN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let span = info_span!("conn", conn, %peer, user = Empty);
+            tasks.spawn(
+                async move {
+                    let moved = serve(services, stream, peer, conn).await;
+                    drop(permit);
+                    moved
+                }
+                .instrument(span),
+            );
+        }
         let drain = async {
             while let Some(done) = tasks.join_next().await {
                 if let Ok(Some(one)) = done {
