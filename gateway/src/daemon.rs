@@ -56,6 +56,9 @@ pub struct DaemonArgs {
 }
 
 pub fn run(args: DaemonArgs) -> Result<()> {
+    // Before the runtime starts its threads: taking the channel out of the environment
+    // changes the environment.
+    let takeover = gateway::handover::wire::Channel::from_env();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -65,11 +68,15 @@ pub fn run(args: DaemonArgs) -> Result<()> {
         // default action.
         let mut signals = Signals::install()?;
         info!(pid = std::process::id(), "gateway starting");
-        start_and_serve(args, &mut signals).await
+        start_and_serve(args, &mut signals, takeover).await
     })
 }
 
-async fn start_and_serve(args: DaemonArgs, signals: &mut Signals) -> Result<()> {
+async fn start_and_serve(
+    args: DaemonArgs,
+    signals: &mut Signals,
+    takeover: Option<Result<gateway::handover::wire::Channel, gateway::handover::wire::WireError>>,
+) -> Result<()> {
     let s = &args.settings;
     if !nix::unistd::geteuid().is_root() {
         bail!("`gateway run` needs root (it loads and attaches eBPF programs)");
@@ -84,7 +91,7 @@ async fn start_and_serve(args: DaemonArgs, signals: &mut Signals) -> Result<()> 
         );
     }
     let access = args.access.load()?;
-    let takeover = match gateway::handover::wire::Channel::from_env() {
+    let takeover = match takeover {
         Some(Ok(channel)) => {
             info!("upgrade: taking over from the running daemon");
             Some(channel)

@@ -110,10 +110,11 @@ impl Channel {
     }
 
     /// The end whose number is in [`super::CHANNEL_FD_ENV`], if the variable is set (the
-    /// variable is removed, so nothing started later inherits the meaning).
+    /// variable is removed, so nothing started later inherits the meaning). Call it while the
+    /// process has one thread: it changes the environment.
     pub fn from_env() -> Option<Result<Channel, WireError>> {
         let value = std::env::var(super::CHANNEL_FD_ENV).ok()?;
-        // SAFETY: single-threaded start-up, before the runtime starts threads.
+        // SAFETY: the daemon calls this before it starts the runtime, while it has one thread.
         unsafe { std::env::remove_var(super::CHANNEL_FD_ENV) };
         let fd: RawFd = match value.parse() {
             Ok(fd) if fd > 2 => fd,
