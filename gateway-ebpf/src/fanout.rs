@@ -187,7 +187,7 @@ fn try_fanout<const N: usize>(ctx: &TcContext) -> Result<Option<Relayed>, ExitRe
             is_ipv4_mapped(&(*value_ptr).inside_source) != packet.v6,
         )
     };
-    if checksum_is_partial(ctx, &packet) {
+    if !packet.whole || checksum_is_partial(ctx, &packet) {
         return Err(ExitReason::MulticastToUserspace);
     }
     let inside = flags & group_flags::INSIDE_MULTICAST != 0 && inside_ok;

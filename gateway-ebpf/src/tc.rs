@@ -48,12 +48,18 @@ pub(crate) struct Datagram {
     pub(crate) src_port_be: u16,
     pub(crate) dst_port_be: u16,
     pub(crate) udp_len: u16,
+    /// The UDP length is the IP payload's and the skb holds all of it. A framed relay resizes
+    /// by the UDP length and reads the framing from the payload: anything else goes to the
+    /// stack, which validates lengths (a hostile remote or client cannot have the gateway emit
+    /// a datagram whose lengths disagree).
+    pub(crate) whole: bool,
 }
 
 #[inline(always)]
 pub(crate) fn parse(ctx: &TcContext) -> Option<Datagram> {
     let ether_type = u16::from_be(ctx.load::<u16>(12).ok()?);
-    let (v6, l4, src, dst) = match ether_type {
+    let skb_len = ctx.len() as usize;
+    let (v6, l4, src, dst, ip_payload) = match ether_type {
         ETH_P_IPV4 => {
             let header: [u8; IPV4_HLEN] = ctx.load(ETH_HLEN).ok()?;
             let fragment = u16::from_be_bytes([header[6], header[7]]) & 0x3fff;
@@ -62,7 +68,13 @@ pub(crate) fn parse(ctx: &TcContext) -> Option<Datagram> {
             }
             let src = ipv4_mapped([header[12], header[13], header[14], header[15]]);
             let dst = ipv4_mapped([header[16], header[17], header[18], header[19]]);
-            (false, ETH_HLEN + IPV4_HLEN, src, dst)
+            let total = usize::from(u16::from_be_bytes([header[2], header[3]]));
+            let payload = if total >= IPV4_HLEN && ETH_HLEN + total <= skb_len {
+                total - IPV4_HLEN
+            } else {
+                usize::MAX
+            };
+            (false, ETH_HLEN + IPV4_HLEN, src, dst, payload)
         }
         ETH_P_IPV6 => {
             if ctx.load::<u8>(ETH_HLEN + 6).ok()? != IPPROTO_UDP {
@@ -70,11 +82,18 @@ pub(crate) fn parse(ctx: &TcContext) -> Option<Datagram> {
             }
             let src: Addr16 = ctx.load(ETH_HLEN + 8).ok()?;
             let dst: Addr16 = ctx.load(ETH_HLEN + 24).ok()?;
-            (true, ETH_HLEN + IPV6_HLEN, src, dst)
+            let payload = usize::from(u16::from_be(ctx.load::<u16>(ETH_HLEN + 4).ok()?));
+            let payload = if ETH_HLEN + IPV6_HLEN + payload <= skb_len {
+                payload
+            } else {
+                usize::MAX
+            };
+            (true, ETH_HLEN + IPV6_HLEN, src, dst, payload)
         }
         _ => return None,
     };
     let udp: [u8; UDP_HLEN] = ctx.load(l4).ok()?;
+    let udp_len = u16::from_be_bytes([udp[4], udp[5]]);
     Some(Datagram {
         v6,
         l4,
@@ -82,7 +101,8 @@ pub(crate) fn parse(ctx: &TcContext) -> Option<Datagram> {
         dst,
         src_port_be: u16::from_ne_bytes([udp[0], udp[1]]),
         dst_port_be: u16::from_ne_bytes([udp[2], udp[3]]),
-        udp_len: u16::from_be_bytes([udp[4], udp[5]]),
+        udp_len,
+        whole: usize::from(udp_len) >= UDP_HLEN && usize::from(udp_len) == ip_payload,
     })
 }
 
@@ -426,6 +446,9 @@ fn try_inbound(ctx: &TcContext) -> Result<Relayed, ExitReason> {
     if value.framing == framing::RAW {
         return raw_inbound(ctx, &packet, value_ptr, settings.internal_ifindex);
     }
+    if !packet.whole {
+        return Err(ExitReason::InboundToStack);
+    }
     if checksum_is_partial(ctx, &packet) {
         return Err(ExitReason::PartialChecksumToUserspace);
     }
@@ -545,7 +568,9 @@ impl RawRewrite<'_> {
             return Err(self.too_big);
         }
         rewrite_endpoint(ctx, packet, self.end, self.addr, self.port_be).map_err(relay_failed)?;
-        touch(self.counters, u64::from(packet.udp_len) - UDP_HLEN as u64);
+        // A UDP length below the header's counts as no payload.
+        let payload = u64::from(packet.udp_len).saturating_sub(UDP_HLEN as u64);
+        touch(self.counters, payload);
         Ok(redirect(self.ifindex, self.relayed))
     }
 }
@@ -878,7 +903,7 @@ fn try_internal(ctx: &TcContext) -> Result<Relayed, ExitReason> {
     if value.framing == framing::RAW {
         return raw_outbound(ctx, &packet, value_ptr);
     }
-    if !daemon_alive() {
+    if !daemon_alive() || !packet.whole {
         return Err(ExitReason::OutboundToUserspace);
     }
     let l4 = packet.l4;
@@ -1041,6 +1066,11 @@ fn raw_outbound(
     }
     // SAFETY: a successful lookup by the caller; valid for the program's run (RCU).
     let value: &OutboundValue = unsafe { &*value_ptr };
+    // No family translation in the kernel (the daemon installs no such entry; if one were
+    // there, half an address would be written).
+    if is_ipv4_mapped(&value.external_relay_addr) == packet.v6 {
+        return Err(ExitReason::OutboundToUserspace);
+    }
     let rewrite = RawRewrite {
         end: Endpoint::Source,
         addr: &value.external_relay_addr,

@@ -1032,3 +1032,56 @@ fn tc_gate_fails_closed_when_the_heartbeat_stops() {
         assert_eq!(programs.run(TC_GATE_PROGRAM, &frame).0, TC_ACT_REDIRECT);
     }
 }
+
+/// Found by the differential fuzz (`datapath_model`): a bound remote's datagram whose UDP length
+/// disagrees with its IP payload (or with what the frame holds) was relayed with lengths grown
+/// from the wrong one, and a UDP length below 8 added 2^64 octets to the binding's counters.
+/// Such datagrams now go to the stack, which validates lengths; both directions.
+#[test]
+fn datagrams_whose_lengths_disagree_are_not_relayed_in_the_kernel() {
+    for case in [v4_case(), v6_case()] {
+        let mut programs = Programs::load();
+        programs.bind(
+            case.remote,
+            case.external_relay,
+            binding_value(&case, framing::ENHANCED),
+        );
+        programs.bind_outbound(
+            case.client,
+            case.internal_relay,
+            outbound_value(&case, framing::ENHANCED),
+        );
+        let udp_length_at = if case.remote.is_ipv4() {
+            14 + 20 + 4
+        } else {
+            14 + 40 + 4
+        };
+        let mut framed = vec![0, 0, 0, 0];
+        framed.extend_from_slice(&AID.to_be_bytes());
+        framed.extend_from_slice(b"payload");
+        for udp_len in [0u16, 7, 8, 14, 0xffff] {
+            let mut inbound = udp_frame(case.remote, case.external_relay, b"payload");
+            inbound[udp_length_at..udp_length_at + 2].copy_from_slice(&udp_len.to_be_bytes());
+            let (action, out) = programs.run(TC_INBOUND_PROGRAM, &inbound);
+            assert_eq!(
+                (action, &out),
+                (TC_ACT_OK, &inbound),
+                "inbound, UDP length {udp_len}"
+            );
+
+            let mut outbound = udp_frame(case.client, case.internal_relay, &framed);
+            outbound[udp_length_at..udp_length_at + 2].copy_from_slice(&udp_len.to_be_bytes());
+            let (action, out) = programs.run(TC_INTERNAL_PROGRAM, &outbound);
+            assert_eq!(
+                (action, &out),
+                (TC_ACT_OK, &outbound),
+                "outbound, UDP length {udp_len}"
+            );
+        }
+        assert_eq!(programs.count(ExitReason::InboundToStack), 5);
+        assert_eq!(programs.count(ExitReason::OutboundToUserspace), 5);
+        assert_eq!(programs.count(ExitReason::KernelRelayedInbound), 0);
+        let counters = programs.inbound_counters(case.remote, case.external_relay);
+        assert_eq!(counters.packets, 0);
+    }
+}
