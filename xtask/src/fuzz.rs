@@ -64,13 +64,14 @@ pub fn run(seconds: u64, only: Option<&str>) -> Result<()> {
         targets.len()
     );
     build()?;
+    let object = ebpf_object()?;
     println!(
         "fuzz: built in {} s; running each for {seconds} s",
         started.elapsed().as_secs()
     );
     let mut outcomes = Vec::new();
     for target in &targets {
-        let outcome = run_one(target, seconds)?;
+        let outcome = run_one(target, seconds, &object)?;
         println!(
             "fuzz: {:<18} {:>10} runs {:>8}/s  cov {:>5}  ft {:>6}  {}",
             outcome.target,
@@ -136,6 +137,28 @@ fn build() -> Result<()> {
     Ok(())
 }
 
+/// Names the eBPF object for the `datapath` target, which runs the real programs.
+const EBPF_OBJECT_ENV: &str = "GATEWAY_EBPF_OBJECT";
+
+/// The eBPF object the main workspace's debug build embeds (built here if it is not yet): the
+/// newest non-empty `gateway` in a `gateway-*/out` build directory.
+fn ebpf_object() -> Result<PathBuf> {
+    crate::cargo::cargo(&["build", "--locked", "-p", "gateway", "--bin", "gateway"])?;
+    let build = workspace_root().join("target/debug/build");
+    let newest = fs::read_dir(&build)
+        .with_context(|| format!("read {}", build.display()))?
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("gateway-"))
+        .map(|entry| entry.path().join("out/gateway"))
+        .filter_map(|path| {
+            let meta = fs::metadata(&path).ok()?;
+            (meta.len() > 0).then(|| (meta.modified().ok(), path))
+        })
+        .max_by_key(|(modified, _)| *modified)
+        .map(|(_, path)| path);
+    newest.with_context(|| format!("no eBPF object under {}/gateway-*/out", build.display()))
+}
+
 fn binary(target: &str) -> PathBuf {
     workspace_root()
         .join("fuzz/target/x86_64-unknown-linux-gnu/release")
@@ -144,7 +167,7 @@ fn binary(target: &str) -> PathBuf {
 
 /// Runs `target` for `seconds` on a scratch corpus (under target/) seeded from the committed
 /// one (read, never written).
-fn run_one(target: &str, seconds: u64) -> Result<Outcome> {
+fn run_one(target: &str, seconds: u64, object: &Path) -> Result<Outcome> {
     let root = workspace_root();
     let scratch = root.join("target/fuzz/corpus").join(target);
     let artifacts = root.join("target/fuzz/artifacts").join(target);
@@ -158,6 +181,7 @@ fn run_one(target: &str, seconds: u64) -> Result<Outcome> {
         .arg("-print_final_stats=1")
         .arg(format!("-artifact_prefix={}/", artifacts.display()))
         .arg(&scratch)
+        .env(EBPF_OBJECT_ENV, object)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     if seeds.is_dir() {
