@@ -128,6 +128,44 @@ const GATE_HOOK_FILES: [&str; 4] = ["xdp_gate", "enhanced_testbed", "raw_testbed
 /// The integration test file that installs and removes the Debian package.
 const DEB_TEST: &str = "deb";
 
+/// `cargo xtask soak`: builds, then runs the `soak` integration test for `minutes`, its summary,
+/// CSV and plot written to `out`.
+pub fn soak(minutes: f64, out: &std::path::Path) -> Result<()> {
+    if minutes.is_nan() || minutes <= 0.0 {
+        bail!("--minutes must be more than 0, not {minutes}");
+    }
+    cargo(&["build", "--locked", "--bins", "--examples"])?;
+    let out = workspace_root().join(out);
+    println!(
+        "soak: {minutes} min; summary, soak.csv and soak.svg go to {}",
+        out.display()
+    );
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+        .args([
+            "test",
+            "--locked",
+            "--package",
+            "testbed",
+            "--test",
+            "soak",
+            "--",
+            "--nocapture",
+        ])
+        .env("GATEWAY_BIN", workspace_root().join("target/debug/gateway"))
+        .env("GATEWAY_SOAK_MINUTES", minutes.to_string())
+        .env("GATEWAY_SOAK_OUT", &out)
+        .current_dir(workspace_root())
+        .status()
+        .context("run the soak")?;
+    if !status.success() {
+        bail!(
+            "the soak failed ({status}); see {}/summary.txt",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 /// Runs one integration test file, one test at a time; `gate_hook` forces every test-bed
 /// daemon's `--gate-hook`; `deb` is the package the package's test installs.
 fn integration_test(
