@@ -7,9 +7,9 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
@@ -17,136 +17,58 @@ use std::{
 };
 
 use hickory_proto::{
-    op::{Message, MessageType, OpCode, Query},
-    rr::{Name, RData, Record, RecordType, rdata::A},
+    op::{Message, Query},
+    rr::{Name, RecordType},
 };
-use testbed::{Netns, Testbed, addr, gateway::start_in_fw, iface, run_checked, wait_until};
+use nameserver::{ScriptedNameserver, a_record, reply};
+use testbed::{Netns, Testbed, addr, gateway::start_in_fw, wait_until};
+
+#[path = "common/nameserver.rs"]
+mod nameserver;
 
 const PORT: u16 = 8080;
 const GENUINE: Ipv4Addr = addr::SERVER_V4;
 const FORGED: Ipv4Addr = addr::SERVER2_V4;
 
-/// What the fake nameserver saw of each query: id, source port, name.
-type Seen = Arc<Mutex<Vec<(u16, u16, String)>>>;
-
-/// A nameserver on 203.0.113.53:53 in `server` whose replies depend on the name asked:
-/// `race-question.test` gets a reply for another question first, then the genuine answer;
-/// `race-records.test` gets records of another name first, then the genuine answer;
-/// `forged-only.test` gets only a reply for another question; every other name the genuine
-/// answer. Genuine means: A -> [`GENUINE`], AAAA -> no records.
-struct FakeNameserver {
-    seen: Seen,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
 fn name(text: &str) -> Name {
     Name::from_ascii(text).unwrap()
 }
 
-fn reply(query: &Message, question: Query, answers: Vec<Record>) -> Vec<u8> {
-    let mut reply = Message::new(query.metadata.id, MessageType::Response, OpCode::Query);
-    reply.metadata.recursion_available = true;
-    reply.add_query(question);
-    for record in answers {
-        reply.add_answer(record);
-    }
-    reply.to_vec().unwrap()
-}
-
-fn a_record(owner: &Name, ip: Ipv4Addr) -> Record {
-    Record::from_rdata(owner.clone(), 60, RData::A(A(ip)))
-}
-
-impl FakeNameserver {
-    fn start(server: &Netns) -> Self {
-        run_checked(server.command("ip").args([
-            "addr",
-            "add",
-            &format!("{}/24", addr::SERVER_DNS_V4),
-            "dev",
-            iface::HOST,
-        ]))
-        .unwrap();
-        let socket = server
-            .run(|| UdpSocket::bind((addr::SERVER_DNS_V4, 53)))
-            .unwrap()
-            .unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
-        let seen: Seen = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (log, stopped) = (Arc::clone(&seen), Arc::clone(&stop));
-        let thread = std::thread::spawn(move || {
-            let mut buf = vec![0u8; 1500];
-            while !stopped.load(Ordering::Relaxed) {
-                let Ok((len, from)) = socket.recv_from(&mut buf) else {
-                    continue;
-                };
-                let Ok(query) = Message::from_vec(&buf[..len]) else {
-                    continue;
-                };
-                let Some(question) = query.queries.first().cloned() else {
-                    continue;
-                };
-                let asked = question.name().to_ascii();
-                log.lock()
-                    .unwrap()
-                    .push((query.metadata.id, from.port(), asked.clone()));
-                let genuine = if question.query_type() == RecordType::A {
-                    reply(
-                        &query,
-                        question.clone(),
-                        vec![a_record(question.name(), GENUINE)],
-                    )
-                } else {
-                    reply(&query, question.clone(), vec![])
-                };
-                let forged_question = || {
-                    let other = Query::query(name("elsewhere.test."), question.query_type());
-                    reply(
-                        &query,
-                        other,
-                        vec![a_record(&name("elsewhere.test."), FORGED)],
-                    )
-                };
-                let forged_records = || {
-                    reply(
-                        &query,
-                        question.clone(),
-                        vec![a_record(&name("elsewhere.test."), FORGED)],
-                    )
-                };
-                let replies = match asked.as_str() {
-                    "race-question.test." => vec![forged_question(), genuine],
-                    "race-records.test." => vec![forged_records(), genuine],
-                    "forged-only.test." => vec![forged_question()],
-                    _ => vec![genuine],
-                };
-                for datagram in replies {
-                    let _ = socket.send_to(&datagram, from);
-                }
-            }
-        });
-        Self {
-            seen,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn seen(&self) -> Vec<(u16, u16, String)> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-impl Drop for FakeNameserver {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+/// The nameserver's replies depend on the name asked:
+/// `race-question.test` gets a reply for another question first, then the genuine answer;
+/// `race-records.test` gets records of another name first, then the genuine answer;
+/// `forged-only.test` gets only a reply for another question; every other name the genuine
+/// answer. Genuine means: A -> [`GENUINE`], AAAA -> no records.
+fn hostile_script(query: &Message, question: &Query) -> Vec<Vec<u8>> {
+    let genuine = if question.query_type() == RecordType::A {
+        reply(
+            query,
+            question.clone(),
+            vec![a_record(question.name(), GENUINE, 60)],
+        )
+    } else {
+        reply(query, question.clone(), vec![])
+    };
+    let forged_question = || {
+        let other = Query::query(name("elsewhere.test."), question.query_type());
+        reply(
+            query,
+            other,
+            vec![a_record(&name("elsewhere.test."), FORGED, 60)],
+        )
+    };
+    let forged_records = || {
+        reply(
+            query,
+            question.clone(),
+            vec![a_record(&name("elsewhere.test."), FORGED, 60)],
+        )
+    };
+    match question.name().to_ascii().as_str() {
+        "race-question.test." => vec![forged_question(), genuine],
+        "race-records.test." => vec![forged_records(), genuine],
+        "forged-only.test." => vec![forged_question()],
+        _ => vec![genuine],
     }
 }
 
@@ -229,7 +151,7 @@ fn socks5h_connect(client: &Netns, host: &str) -> u8 {
 }
 
 struct Setup {
-    dns: FakeNameserver,
+    dns: ScriptedNameserver,
     genuine: Listener,
     forged: Listener,
     _gateway: (
@@ -242,7 +164,7 @@ struct Setup {
 fn setup() -> Setup {
     let bed = Testbed::new().unwrap();
     bed.add_second_server_address().unwrap();
-    let dns = FakeNameserver::start(&bed.server);
+    let dns = ScriptedNameserver::start(&bed.server, hostile_script);
     let genuine = Listener::start(&bed.server, GENUINE);
     let forged = Listener::start(&bed.server, FORGED);
     let gateway = start_in_fw(&bed, &["--resolver", &addr::SERVER_DNS_V4.to_string()]).unwrap();

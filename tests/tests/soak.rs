@@ -1,12 +1,17 @@
 //! The soak: RTSP sessions through the kernel relay for minutes, under faults. 50 sessions at
 //! once (`gateway rtsp-get` in `client`, the demo media server in `server`), each replaced as
-//! it ends; one in eight killed with SIGKILL mid-stream; a junk flood from the outside on the
-//! live bindings' relay ports (wrong source ports) and on random ports; the daemon killed with
-//! SIGKILL and restarted twice (the old daemon's streams end, new ones start). Checks: every
-//! completed session's audio is sample-exact; the junk is counted as dropped; at the end no
-//! binding, kernel entry, relay port or scheduled check (timer) is left and the daemon holds no
-//! more descriptors than when it was idle; each daemon's RSS after its warm-up stays within 10 %
-//! of its RSS at the end of the warm-up. Writes a CSV and an SVG plot (RSS, live bindings, relayed
+//! it ends; one in eight killed with SIGKILL mid-stream; half of them name the server by a
+//! name the gateway's resolver looks up (a fresh name each, TTL 0, so every session asks), and
+//! the nameserver times out now and then: it drops the first query of one in four named
+//! sessions (the resolver's retry must save the session) and every query of one in sixteen
+//! (the lookup times out: the session must fail cleanly, never hang or leak); a junk flood from
+//! the outside on the live bindings' relay ports (wrong source ports) and on random ports; the
+//! daemon killed with SIGKILL and restarted twice (the old daemon's streams end, new ones
+//! start). Checks: every completed session's audio is sample-exact; the junk is counted as
+//! dropped; at the end no binding, kernel entry, relay port, scheduled check (timer) or
+//! resolver allow-list entry is left and the daemon holds no more descriptors than when it was
+//! idle; each daemon's RSS after its warm-up stays within 10 % of its RSS at the end of the
+//! warm-up. Writes a CSV and an SVG plot (RSS, live bindings, relayed
 //! packets per second) to `GATEWAY_SOAK_OUT` (default `target/soak`).
 //!
 //! `GATEWAY_SOAK_MINUTES` sets the length (default 2); `cargo xtask soak --minutes N` runs it
@@ -23,7 +28,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Stdio},
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread,
@@ -31,20 +36,34 @@ use std::{
 };
 
 use gateway_rtsp::audio::{Audio, Match};
+use hickory_proto::{
+    op::{Message, Query},
+    rr::RecordType,
+};
+use nameserver::{ScriptedNameserver, a_record, reply};
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
 use serde_json::Value;
 use testbed::{
-    ChildGuard, Testbed,
+    ChildGuard, Testbed, addr,
     gateway::{GatewayDaemon, InstanceCleanup, TESTBED_ARGS, gateway_bin, gateway_cli, stats_json},
     unique_suffix, wait_until,
 };
 
+#[path = "common/nameserver.rs"]
+mod nameserver;
+
 const SESSIONS: usize = 50;
 const PROXY: &str = "198.51.100.1:1080";
-const URL: &str = "rtsp://203.0.113.2:8554/rtsp.wav";
+const URL_PATH: &str = ":8554/rtsp.wav";
+/// Session `n` (odd) names the server `s{n}.media.test`.
+const NAME_SUFFIX: &str = ".media.test";
+/// The nameserver drops the first query of one named session in this many ...
+const DELAY_ONE_IN: u64 = 4;
+/// ... and every query of one session in this many (a subset of the above).
+const NEVER_ANSWER_ONE_IN: u64 = 16;
 /// A session plays the whole 2-second source and stops by itself after this.
 const SESSION_SECONDS: &str = "4";
 /// Kill one session in this many with SIGKILL mid-stream.
@@ -135,18 +154,96 @@ fn leftovers(document: &Value) -> (usize, usize, u64, u64) {
     )
 }
 
+/// What the nameserver does to a session's lookups, by its number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lookup {
+    /// The session names the server by address.
+    None,
+    Answered,
+    /// The first query is dropped; the resolver's second attempt is answered.
+    FirstDropped,
+    /// Every query is dropped: the lookup times out and the session must fail.
+    NeverAnswered,
+}
+
+impl Lookup {
+    fn of(n: u64) -> Self {
+        if n.is_multiple_of(2) {
+            Self::None
+        } else if n % NEVER_ANSWER_ONE_IN == 5 {
+            Self::NeverAnswered
+        } else if n % DELAY_ONE_IN == 1 {
+            Self::FirstDropped
+        } else {
+            Self::Answered
+        }
+    }
+
+    fn url(n: u64) -> String {
+        if Self::of(n) == Self::None {
+            format!("rtsp://{}{URL_PATH}", addr::SERVER_V4)
+        } else {
+            format!("rtsp://s{n}{NAME_SUFFIX}{URL_PATH}")
+        }
+    }
+}
+
+/// The session number a query is for (`s{n}.media.test.`).
+fn session_of(question: &Query) -> Option<u64> {
+    let asked = question.name().to_ascii();
+    asked
+        .strip_prefix('s')?
+        .strip_suffix('.')?
+        .strip_suffix(NAME_SUFFIX)?
+        .parse()
+        .ok()
+}
+
+/// Answers `s{n}.media.test` with the server's IPv4 address (TTL 0, so nothing is cached) and
+/// no IPv6 address, dropping queries as [`Lookup`] says; counts what it dropped.
+fn flaky_script(
+    dropped: Arc<AtomicU64>,
+) -> impl FnMut(&Message, &Query) -> Vec<Vec<u8>> + Send + 'static {
+    let mut delayed = HashSet::new();
+    move |query, question| {
+        let drop_it = match session_of(question).map(|n| (n, Lookup::of(n))) {
+            Some((_, Lookup::NeverAnswered)) => true,
+            // The first A query of the session (its CONNECT's lookup).
+            Some((n, Lookup::FirstDropped)) => {
+                question.query_type() == RecordType::A && delayed.insert(n)
+            }
+            _ => false,
+        };
+        if drop_it {
+            dropped.fetch_add(1, Ordering::Relaxed);
+            return Vec::new();
+        }
+        let answers = if question.query_type() == RecordType::A {
+            vec![a_record(question.name(), addr::SERVER_V4, 0)]
+        } else {
+            Vec::new()
+        };
+        vec![reply(query, question.clone(), answers)]
+    }
+}
+
 struct Session {
     child: Child,
     out: PathBuf,
     started: Instant,
     daemon: usize,
     kill_at: Option<Instant>,
+    lookup: Lookup,
 }
 
 #[derive(Debug, Default)]
 struct Totals {
     started: u64,
     exact: u64,
+    /// Sample-exact sessions whose first DNS query was dropped.
+    exact_after_retry: u64,
+    /// Sessions whose name never resolved and that failed, as they must.
+    resolver_timeouts: u64,
     killed: u64,
     ended_by_restart: u64,
     failed: Vec<String>,
@@ -156,17 +253,38 @@ struct Daemon {
     gateway: GatewayDaemon,
     started: Instant,
     idle_fds: usize,
+    idle_host_flows: usize,
 }
 
-fn start_daemon(bed: &Testbed, instance: &str) -> Daemon {
-    let gateway = GatewayDaemon::start(&bed.fw, instance, &TESTBED_ARGS).unwrap();
+fn start_daemon(bed: &Testbed, pins: &InstanceCleanup) -> Daemon {
+    let instance = pins.instance.as_str();
+    let resolver = addr::SERVER_DNS_V4.to_string();
+    let args: Vec<&str> = TESTBED_ARGS
+        .iter()
+        .copied()
+        .chain(["--resolver", &resolver])
+        .collect();
+    let gateway = GatewayDaemon::start(&bed.fw, instance, &args).unwrap();
     let started = Instant::now();
     let idle_fds = fd_count(gateway.pid());
     Daemon {
         gateway,
         started,
         idle_fds,
+        idle_host_flows: host_flows(pins).unwrap_or(0),
     }
+}
+
+/// Entries in the kernel's host allow-list (the resolver adds one per query in flight), read
+/// from the pinned map with bpftool.
+fn host_flows(pins: &InstanceCleanup) -> Option<usize> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(pins.pin_dir().join(gateway_common::map_names::HOST_ALLOW))
+        .output()
+        .ok()?;
+    let entries: Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(entries.as_array()?.len())
 }
 
 fn spawn_session(bed: &Testbed, dir: &Path, n: u64, daemon: usize) -> Session {
@@ -174,7 +292,7 @@ fn spawn_session(bed: &Testbed, dir: &Path, n: u64, daemon: usize) -> Session {
     let child = bed
         .client
         .command(gateway_bin())
-        .args(["rtsp-get", URL, "--proxy", PROXY, "--out"])
+        .args(["rtsp-get", &Lookup::url(n), "--proxy", PROXY, "--out"])
         .arg(&out)
         .args(["--seconds", SESSION_SECONDS])
         .stdout(Stdio::null())
@@ -191,6 +309,7 @@ fn spawn_session(bed: &Testbed, dir: &Path, n: u64, daemon: usize) -> Session {
         started,
         daemon,
         kill_at,
+        lookup: Lookup::of(n),
     }
 }
 
@@ -219,13 +338,25 @@ fn reap(session: &mut Session, sent: &Audio, current_daemon: usize, totals: &mut
     };
     if session.daemon != current_daemon {
         totals.ended_by_restart += 1;
+    } else if session.lookup == Lookup::NeverAnswered {
+        if status.success() {
+            totals.failed.push(format!(
+                "{}: played though its name never resolved",
+                session.out.display()
+            ));
+        } else {
+            totals.resolver_timeouts += 1;
+        }
     } else if !status.success() {
         totals
             .failed
             .push(format!("{}: rtsp-get {status}", session.out.display()));
     } else {
         match Audio::read_wav(&session.out).map(|received| sent.compare(&received)) {
-            Ok(Match::Exact) => totals.exact += 1,
+            Ok(Match::Exact) => {
+                totals.exact += 1;
+                totals.exact_after_retry += u64::from(session.lookup == Lookup::FirstDropped);
+            }
             other => totals
                 .failed
                 .push(format!("{}: {other:?}", session.out.display())),
@@ -271,7 +402,7 @@ fn rtsp_sessions_under_faults_for_minutes() {
     let length = Duration::from_secs_f64(minutes() * 60.0);
     let bed = Testbed::new().unwrap();
     let instance = testbed::gateway::unique_instance();
-    let _cleanup = InstanceCleanup {
+    let cleanup = InstanceCleanup {
         instance: instance.clone(),
     };
     let dir = std::env::temp_dir().join(format!("gateway-soak-{}", unique_suffix()));
@@ -298,7 +429,10 @@ fn rtsp_sessions_under_faults_for_minutes() {
         .unwrap();
     assert!(listening, "the media server listens");
 
-    let mut daemons = vec![start_daemon(&bed, &instance)];
+    let dropped_queries = Arc::new(AtomicU64::new(0));
+    let nameserver =
+        ScriptedNameserver::start(&bed.server, flaky_script(Arc::clone(&dropped_queries)));
+    let mut daemons = vec![start_daemon(&bed, &cleanup)];
     let restarts_at = [length / 3, length * 2 / 3];
     let stop_junk = AtomicBool::new(false);
     let junk_targets = Mutex::new(Vec::new());
@@ -316,7 +450,7 @@ fn rtsp_sessions_under_faults_for_minutes() {
             if restarted < restarts_at.len() && soak_started.elapsed() >= restarts_at[restarted] {
                 let old = daemons.last_mut().unwrap();
                 old.gateway.kill();
-                daemons.push(start_daemon(&bed, &instance));
+                daemons.push(start_daemon(&bed, &cleanup));
                 restarted += 1;
                 last_relayed = None;
             }
@@ -366,12 +500,22 @@ fn rtsp_sessions_under_faults_for_minutes() {
     let daemon = daemons.last_mut().unwrap();
     let pid = daemon.gateway.pid();
     let mut left = (0, 0, 0, 0);
+    let mut flows_left = None;
     let clean = wait_until(Duration::from_mins(1), || {
         left = bindings_json(&bed, &instance).map_or((1, 1, 1, 1), |d| leftovers(&d));
-        left == (0, 0, 0, 0) && fd_count(pid) <= daemon.idle_fds
+        flows_left = host_flows(&cleanup);
+        left == (0, 0, 0, 0)
+            && fd_count(pid) <= daemon.idle_fds
+            && flows_left.is_some_and(|n| n <= daemon.idle_host_flows)
     });
     let final_fds = fd_count(pid);
-    let stats = stats_json(&bed.fw, &instance).unwrap();
+    let queries = nameserver.seen().len();
+    drop(nameserver);
+    let stats = stats_json(&bed.fw, &instance).unwrap_or_else(|error| {
+        let log = daemon.gateway.log_text();
+        let tail = &log[log.len().saturating_sub(4000)..];
+        panic!("{error}; the daemon's log ends:\n{tail}")
+    });
     let dropped_junk = testbed::gateway::reason_packets(&stats, "no_binding");
 
     // Each daemon's RSS after its warm-up, against its RSS when the warm-up ended.
@@ -412,9 +556,12 @@ fn rtsp_sessions_under_faults_for_minutes() {
     let unique_daemons: HashSet<usize> = samples.iter().map(|s| s.daemon).collect();
     let summary = format!(
         "soak: {:.1} min, {} sessions started ({} at once), {} sample-exact, {} killed mid-stream, \
-         {} ended by a daemon restart, {} failed; {} daemons ({} sampled); junk sent {}, counted \
-         no_binding {dropped_junk} (the counters outlive a restart); left at the end: bindings, kernel entries, \
-         relay ports, scheduled checks = {left:?}, descriptors {final_fds} (idle {}); plot {}\n{rss_report}",
+         {} ended by a daemon restart, {} failed; DNS: {queries} queries, {} dropped, {} sessions \
+         sample-exact after a dropped query, {} failed cleanly on a name that never resolved; \
+         {} daemons ({} sampled); junk sent {}, counted no_binding {dropped_junk} (the counters \
+         outlive a restart); left at the end: bindings, kernel entries, relay ports, scheduled \
+         checks = {left:?}, resolver allow-list entries {flows_left:?}, descriptors {final_fds} \
+         (idle {}); plot {}\n{rss_report}",
         length.as_secs_f64() / 60.0,
         totals.started,
         SESSIONS,
@@ -422,6 +569,9 @@ fn rtsp_sessions_under_faults_for_minutes() {
         totals.killed,
         totals.ended_by_restart,
         totals.failed.len(),
+        dropped_queries.load(Ordering::Relaxed),
+        totals.exact_after_retry,
+        totals.resolver_timeouts,
         daemons.len(),
         unique_daemons.len(),
         junk_sent.load(Ordering::Relaxed),
@@ -438,6 +588,10 @@ fn rtsp_sessions_under_faults_for_minutes() {
         totals.failed
     );
     assert!(totals.exact >= 20, "too few sessions completed: {totals:?}");
+    assert!(
+        totals.exact_after_retry >= 1 && totals.resolver_timeouts >= 1,
+        "the resolver's faults were met: {totals:?}"
+    );
     assert_eq!(daemons.len(), 3, "killed and restarted twice");
     assert!(
         dropped_junk >= junk_sent.load(Ordering::Relaxed),
@@ -445,8 +599,10 @@ fn rtsp_sessions_under_faults_for_minutes() {
     );
     assert!(
         clean,
-        "nothing left behind: {left:?}, {final_fds} descriptors (idle {})",
-        daemons.last().unwrap().idle_fds
+        "nothing left behind: {left:?}, {final_fds} descriptors (idle {}), resolver allow-list \
+         entries {flows_left:?} (idle {})",
+        daemons.last().unwrap().idle_fds,
+        daemons.last().unwrap().idle_host_flows
     );
     assert!(rss_ok, "RSS within 10 % after warm-up:\n{rss_report}");
 }
@@ -475,7 +631,6 @@ type Reading = Box<dyn Fn(&Sample) -> f64>;
 
 /// Three stacked panels (RSS, live bindings, relayed packets per second) over time, a dashed
 /// line at each daemon start.
-
 fn write_svg(path: &Path, samples: &[Sample], starts: &[f64]) {
     const W: f64 = 800.0;
     const PANEL: f64 = 160.0;
