@@ -140,21 +140,10 @@ pub fn soak(minutes: f64, out: &std::path::Path) -> Result<()> {
         "soak: {minutes} min; summary, soak.csv and soak.svg go to {}",
         out.display()
     );
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
-        .args([
-            "test",
-            "--locked",
-            "--package",
-            "testbed",
-            "--test",
-            "soak",
-            "--",
-            "--nocapture",
-        ])
-        .env("GATEWAY_BIN", workspace_root().join("target/debug/gateway"))
+    let status = integration_test_command("soak")
+        .arg("--nocapture")
         .env("GATEWAY_SOAK_MINUTES", minutes.to_string())
         .env("GATEWAY_SOAK_OUT", &out)
-        .current_dir(workspace_root())
         .status()
         .context("run the soak")?;
     if !status.success() {
@@ -166,13 +155,9 @@ pub fn soak(minutes: f64, out: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs one integration test file, one test at a time; `gate_hook` forces every test-bed
-/// daemon's `--gate-hook`; `deb` is the package the package's test installs.
-fn integration_test(
-    name: &str,
-    gate_hook: Option<&str>,
-    deb: Option<&std::path::Path>,
-) -> Result<()> {
+/// `cargo test` of one integration test file against the debug build, one test at a time
+/// (more test-harness arguments may follow).
+fn integration_test_command(name: &str) -> Command {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
     command
         .args([
@@ -187,6 +172,17 @@ fn integration_test(
         ])
         .env("GATEWAY_BIN", workspace_root().join("target/debug/gateway"))
         .current_dir(workspace_root());
+    command
+}
+
+/// Runs one integration test file; `gate_hook` forces every test-bed daemon's `--gate-hook`;
+/// `deb` is the package the package's test installs.
+fn integration_test(
+    name: &str,
+    gate_hook: Option<&str>,
+    deb: Option<&std::path::Path>,
+) -> Result<()> {
+    let mut command = integration_test_command(name);
     if let Some(hook) = gate_hook {
         command.env(testbed::gateway::GATE_HOOK_ENV, hook);
     }
