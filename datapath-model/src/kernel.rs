@@ -13,8 +13,8 @@ use aya::{
 use gateway_common::{
     Addr16, BindingKey, BindingValue, ClientSocketKey, ControlPortKey, Counter, DatapathSettings,
     ExitReason, GroupKey, GroupSourceKey, GroupValue, HostAllowKey, HostAllowValue, OutboundKey,
-    OutboundValue, RawClientValue, TC_GATE_PROGRAM, TC_INTERNAL_PROGRAM, XDP_EXTERNAL_PROGRAM,
-    group_flags, map_names, relay_mode,
+    OutboundValue, RawClientValue, TC_GATE_PROGRAM, TC_INBOUND_PROGRAM, TC_INTERNAL_PROGRAM,
+    XDP_EXTERNAL_PROGRAM, group_flags, map_names, relay_mode,
 };
 
 use crate::{
@@ -31,6 +31,7 @@ impl Program {
         match self {
             Self::XdpGate => XDP_EXTERNAL_PROGRAM,
             Self::TcGate => TC_GATE_PROGRAM,
+            Self::TcInbound => TC_INBOUND_PROGRAM,
             Self::TcInternal => TC_INTERNAL_PROGRAM,
         }
     }
@@ -89,7 +90,7 @@ impl fmt::Display for Disagreement {
 /// What a run compared.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Tally {
-    /// Frames run through all three programs and compared.
+    /// Frames run through all four programs and compared.
     pub frames: u64,
     /// Frames the model has a program rewrite (and the rewritten bytes compared).
     pub rewritten: u64,
@@ -99,7 +100,7 @@ pub struct Tally {
     pub per_reason: [u64; ExitReason::COUNT as usize],
 }
 
-/// The three programs, each loaded from its own copy of the object (its own maps and counters).
+/// The four programs, each loaded from its own copy of the object (its own maps and counters).
 pub struct Kernel {
     loaded: Vec<(Program, Ebpf)>,
     /// What the model says every counter of each program must hold.

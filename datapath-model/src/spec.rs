@@ -9,7 +9,11 @@
 //!   binding, the host allow-list, a host-level binding, a Listen binding; nothing else is
 //!   admitted, and with the daemon's heartbeat stale nothing is. TCP to a control listener is
 //!   dropped; everything else passes.
-//! - The kernel relay (the second half of `gateway_gate`, and `gateway_internal`): only plain
+//! - Behind the XDP gate, tc `gateway_inbound`: a UDP datagram to a group (read at the plain
+//!   IPv4 or IPv6 offsets, no VLAN tag) goes to the fan-out program (not loaded here: the
+//!   userspace relay); everything else to the inbound kernel relay, as in `gateway_gate`.
+//! - The kernel relay (the second half of `gateway_gate`, `gateway_inbound`, and
+//!   `gateway_internal`): only plain
 //!   IPv4 (IHL 5, unfragmented) or IPv6 with UDP right after the fixed header, only exact
 //!   entries, only within one family; a framed relay (enhanced, SOCKS5) only for a datagram
 //!   whose UDP length is its IP payload's and which the frame holds whole, and not for a
@@ -49,12 +53,19 @@ pub enum Program {
     XdpGate,
     /// tc ingress on the external interface: the gate and the inbound relay.
     TcGate,
+    /// tc ingress on the external interface behind the XDP gate: the inbound relay.
+    TcInbound,
     /// tc ingress on the internal interface.
     TcInternal,
 }
 
 impl Program {
-    pub const ALL: [Self; 3] = [Self::XdpGate, Self::TcGate, Self::TcInternal];
+    pub const ALL: [Self; 4] = [
+        Self::XdpGate,
+        Self::TcGate,
+        Self::TcInbound,
+        Self::TcInternal,
+    ];
 }
 
 /// What a program does with one frame.
@@ -83,6 +94,7 @@ pub fn run(program: Program, world: &World, frame: &[u8]) -> Outcome {
             }
         }
         Program::TcGate => tc_gate(world, frame),
+        Program::TcInbound => tc_inbound(world, frame),
         Program::TcInternal => internal(world, frame),
     }
 }
@@ -121,6 +133,35 @@ fn tc_gate(world: &World, frame: &[u8]) -> Outcome {
             frame,
         ),
         _ => unchanged(tc_action(reason), vec![reason], frame),
+    }
+}
+
+fn tc_inbound(world: &World, frame: &[u8]) -> Outcome {
+    if to_group(frame) {
+        // No fan-out program is loaded here: the userspace relay serves the group.
+        return unchanged(
+            action::TC_ACT_OK,
+            vec![ExitReason::MulticastToUserspace],
+            frame,
+        );
+    }
+    let (exit, out) = inbound(world, frame);
+    Outcome {
+        action: tc_action(exit),
+        counted: vec![exit],
+        frame: out.unwrap_or_else(|| frame.to_vec()),
+    }
+}
+
+/// Whether `gateway_inbound` hands a frame to the fan-out: UDP to a group, read at the fixed
+/// offsets of an untagged IPv4 header (whatever its IHL) or IPv6 header (UDP next, no extension
+/// header: MLD and other `ICMPv6` to groups stay with the stack).
+fn to_group(frame: &[u8]) -> bool {
+    let at = |offset: usize| frame.get(ETH_HLEN + offset).copied();
+    match be16(frame, 12) {
+        Some(ETH_P_IPV4) => at(16).is_some_and(|b| b & 0xf0 == 0xe0) && at(9) == Some(UDP),
+        Some(ETH_P_IPV6) => at(24) == Some(0xff) && at(6) == Some(UDP),
+        _ => false,
     }
 }
 

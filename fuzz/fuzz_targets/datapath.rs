@@ -1,6 +1,6 @@
 //! The differential fuzz of the kernel programs: each input is made into up to 8 hostile frames
-//! (`gateway_datapath_model::frames`), each run through the XDP gate, the tc gate with its relay
-//! and the internal tc program by the kernel (`BPF_PROG_TEST_RUN`, root only) and compared with
+//! (`gateway_datapath_model::frames`), each run through the XDP gate, the tc gate with its relay,
+//! the tc relay behind the XDP gate and the internal tc program by the kernel (`BPF_PROG_TEST_RUN`, root only) and compared with
 //! the model: verdict, counted reasons, frame as left. Any disagreement is a crash. The eBPF
 //! object is the one the main workspace built: `GATEWAY_EBPF_OBJECT` names it (`cargo xtask
 //! fuzz` sets it).

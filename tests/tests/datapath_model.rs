@@ -1,7 +1,7 @@
 //! The differential test of the datapath: seeded hostile frames (VLAN, IPv4 options and
 //! fragments, IPv6 extension chains and fragments, truncations, every UDP length, right, wrong
-//! and partial checksums) run through the XDP gate, the tc gate with its relay and the internal
-//! tc program by the kernel (`BPF_PROG_TEST_RUN`), each compared with the pure-Rust model
+//! and partial checksums) run through the XDP gate, the tc gate with its relay, the tc relay
+//! behind the XDP gate (`gateway_inbound`) and the internal tc program by the kernel (`BPF_PROG_TEST_RUN`), each compared with the pure-Rust model
 //! (`gateway-datapath-model`): verdict, every counted reason, and the frame as left. Root only.
 //! The coverage-guided version of the same comparison is the `datapath` fuzz target.
 
@@ -41,7 +41,7 @@ fn the_programs_match_the_model_on_hostile_frames() {
     let tally = kernel.tally;
     println!("{tally:#?}");
     assert!(tally.frames >= FRAMES + FRAMES_WITH_DAEMON_GONE);
-    // The frames reach every rule: each exit the three programs can take here was taken often.
+    // The frames reach every rule: each exit the four programs can take here was taken often.
     for (reason, count) in gateway_common::ExitReason::ALL.iter().zip(tally.per_reason) {
         use gateway_common::ExitReason as R;
         let unreachable_here = matches!(
