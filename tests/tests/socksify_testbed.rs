@@ -38,8 +38,13 @@ const RTSP_PORT: u16 = 8554;
 /// L16 as both RTSP servers send it.
 const L16_PAYLOAD_TYPE: u8 = 96;
 const RATE: u32 = 8000;
-/// What every server streams, 6 s: longer than any player records, so an output is a prefix.
-const SOURCE_FRAMES: usize = 6 * 8000;
+/// What every server streams, 10 s: longer than any player records, so an output is a prefix,
+/// and the stream is still running when gst-launch gets its SIGINT: its file shows
+/// [`GST_AT_LEAST`] only once filesink flushed a 64 KiB block (4.1 s of audio), which rtspsrc's
+/// 2 s jitter buffer delays to about 6 s into the stream. With a 6 s source the SIGINT raced
+/// the stream's end (BYE, EOS, TEARDOWN), and gst-launch now and then failed on a connection
+/// already closing.
+const SOURCE_FRAMES: usize = 10 * 8000;
 /// ffmpeg's `-t`: it records this long, then sends TEARDOWN.
 const FFMPEG_SECONDS: &str = "4";
 /// The least audio each player must write.
@@ -178,7 +183,7 @@ impl Setup {
 
 // ---- sources and servers ------------------------------------------------------------------------
 
-/// 6 s of 8 kHz mono noise from `seed`, written to `DIR/NAME.wav`. Noise, not a tone: no stretch
+/// 10 s of 8 kHz mono noise from `seed`, written to `DIR/NAME.wav`. Noise, not a tone: no stretch
 /// of it looks like another, so a shift, a lost or a repeated packet, or another stream's
 /// samples can never pass for a match (a tone matches itself a period later).
 fn source(setup: &Setup, name: &str, seed: u32) -> (PathBuf, Audio) {
