@@ -16,6 +16,11 @@ use crate::setup::workspace_root;
 
 /// Seconds per target in `cargo xtask test`'s short pass.
 pub const SHORT_PASS_SECONDS: u64 = 15;
+/// The differential target (the kernel programs against the model), which reports how many
+/// frames it compared ...
+const DIFFERENTIAL_TARGET: &str = "datapath";
+/// ... and must compare at least this many in a run of [`SHORT_PASS_SECONDS`] or more.
+const DIFFERENTIAL_MIN_FRAMES: u64 = 100_000;
 
 /// The targets, as `fuzz/Cargo.toml` names them.
 pub fn targets() -> Result<Vec<String>> {
@@ -42,6 +47,8 @@ struct Outcome {
     per_second: u64,
     coverage: Option<u64>,
     features: Option<u64>,
+    /// Frames compared with the model (the differential target only).
+    frames: Option<u64>,
     crash: Option<String>,
 }
 
@@ -73,18 +80,33 @@ pub fn run(seconds: u64, only: Option<&str>) -> Result<()> {
     for target in &targets {
         let outcome = run_one(target, seconds, &object)?;
         println!(
-            "fuzz: {:<18} {:>10} runs {:>8}/s  cov {:>5}  ft {:>6}  {}",
+            "fuzz: {:<18} {:>10} runs {:>8}/s  cov {:>5}  ft {:>6}  {}{}",
             outcome.target,
             outcome.executions,
             outcome.per_second,
             outcome.coverage.map_or("?".to_owned(), |c| c.to_string()),
             outcome.features.map_or("?".to_owned(), |f| f.to_string()),
             outcome
+                .frames
+                .map_or(String::new(), |f| format!("{f} frames compared, ")),
+            outcome
                 .crash
                 .as_deref()
                 .map_or("no crash".to_owned(), |c| format!("CRASH: {c}"))
         );
         outcomes.push(outcome);
+    }
+    if seconds >= SHORT_PASS_SECONDS
+        && let Some(differential) = outcomes.iter().find(|o| o.target == DIFFERENTIAL_TARGET)
+        && differential.crash.is_none()
+    {
+        let frames = differential.frames.unwrap_or(0);
+        if frames < DIFFERENTIAL_MIN_FRAMES {
+            bail!(
+                "the {DIFFERENTIAL_TARGET} target compared {frames} frames with the model in \
+                 {seconds} s, fewer than {DIFFERENTIAL_MIN_FRAMES}"
+            );
+        }
     }
     let crashed: Vec<&Outcome> = outcomes.iter().filter(|o| o.crash.is_some()).collect();
     if !crashed.is_empty() {
@@ -209,6 +231,12 @@ fn run_one(target: &str, seconds: u64, object: &Path) -> Result<Outcome> {
         per_second: stat("stat::average_exec_per_sec:").unwrap_or(0),
         coverage: field("cov: "),
         features: field("ft: "),
+        frames: log.lines().rev().find_map(|line| {
+            line.strip_prefix("datapath: ")?
+                .strip_suffix(" frames compared with the model")?
+                .parse()
+                .ok()
+        }),
         crash,
     })
 }
