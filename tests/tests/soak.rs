@@ -11,8 +11,8 @@
 //! dropped; at the end no binding, kernel entry, relay port, scheduled check (timer) or
 //! resolver allow-list entry is left and the daemon holds no more descriptors than when it was
 //! idle; each daemon's RSS after its warm-up stays within 10 % of its RSS at the end of the
-//! warm-up. Writes a CSV and an SVG plot (RSS, live bindings, relayed
-//! packets per second) to `GATEWAY_SOAK_OUT` (default `target/soak`).
+//! warm-up. Writes a CSV and an SVG plot (RSS, live bindings, relayed packets per second) to
+//! `GATEWAY_SOAK_OUT` (default `target/soak`).
 //!
 //! `GATEWAY_SOAK_MINUTES` sets the length (default 2); `cargo xtask soak --minutes N` runs it
 //! longer. Root only.
@@ -158,7 +158,7 @@ fn leftovers(document: &Value) -> (usize, usize, u64, u64) {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Lookup {
     /// The session names the server by address.
-    None,
+    ByAddress,
     Answered,
     /// The first query is dropped; the resolver's second attempt is answered.
     FirstDropped,
@@ -169,7 +169,7 @@ enum Lookup {
 impl Lookup {
     fn of(n: u64) -> Self {
         if n.is_multiple_of(2) {
-            Self::None
+            Self::ByAddress
         } else if n % NEVER_ANSWER_ONE_IN == 5 {
             Self::NeverAnswered
         } else if n % DELAY_ONE_IN == 1 {
@@ -180,7 +180,7 @@ impl Lookup {
     }
 
     fn url(n: u64) -> String {
-        if Self::of(n) == Self::None {
+        if Self::of(n) == Self::ByAddress {
             format!("rtsp://{}{URL_PATH}", addr::SERVER_V4)
         } else {
             format!("rtsp://s{n}{NAME_SUFFIX}{URL_PATH}")
