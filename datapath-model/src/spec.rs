@@ -13,11 +13,10 @@
 //!   IPv4 or IPv6 offsets, no VLAN tag) goes to the fan-out program (not loaded here: the
 //!   userspace relay); everything else to the inbound kernel relay, as in `gateway_gate`.
 //! - The kernel relay (the second half of `gateway_gate`, `gateway_inbound`, and
-//!   `gateway_internal`): only plain
-//!   IPv4 (IHL 5, unfragmented) or IPv6 with UDP right after the fixed header, only exact
-//!   entries, only within one family; a framed relay (enhanced, SOCKS5) only for a datagram
-//!   whose UDP length is its IP payload's and which the frame holds whole, and not for a
-//!   checksum the stack has yet to complete. A relayed datagram's checksums keep their error
+//!   `gateway_internal`): only plain IPv4 (IHL 5, unfragmented) or IPv6 with UDP right after
+//!   the fixed header, only exact entries, only within one family; a framed relay (enhanced,
+//!   SOCKS5) only for a datagram whose UDP length is its IP payload's and which the frame holds
+//!   whole, and not for a checksum the stack has yet to complete. A relayed datagram's checksums keep their error
 //!   (RFC 1624): valid stays valid. RAW rewrites one end (address and port) and nothing else.
 //! - The internal side first drops UDP (or what may be UDP) to an external address.
 

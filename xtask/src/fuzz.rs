@@ -96,18 +96,6 @@ pub fn run(seconds: u64, only: Option<&str>) -> Result<()> {
         );
         outcomes.push(outcome);
     }
-    if seconds >= SHORT_PASS_SECONDS
-        && let Some(differential) = outcomes.iter().find(|o| o.target == DIFFERENTIAL_TARGET)
-        && differential.crash.is_none()
-    {
-        let frames = differential.frames.unwrap_or(0);
-        if frames < DIFFERENTIAL_MIN_FRAMES {
-            bail!(
-                "the {DIFFERENTIAL_TARGET} target compared {frames} frames with the model in \
-                 {seconds} s, fewer than {DIFFERENTIAL_MIN_FRAMES}"
-            );
-        }
-    }
     let crashed: Vec<&Outcome> = outcomes.iter().filter(|o| o.crash.is_some()).collect();
     if !crashed.is_empty() {
         bail!(
@@ -119,6 +107,18 @@ pub fn run(seconds: u64, only: Option<&str>) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+    }
+    if seconds >= SHORT_PASS_SECONDS
+        && let Some(differential) = outcomes.iter().find(|o| o.target == DIFFERENTIAL_TARGET)
+        && differential.crash.is_none()
+    {
+        let frames = differential.frames.unwrap_or(0);
+        if frames < DIFFERENTIAL_MIN_FRAMES {
+            bail!(
+                "the {DIFFERENTIAL_TARGET} target compared {frames} frames with the model in \
+                 {seconds} s, fewer than {DIFFERENTIAL_MIN_FRAMES}"
+            );
+        }
     }
     println!(
         "fuzz: {} target(s), no crash, {} s in all",
