@@ -109,7 +109,7 @@ fuzz_target!(|input: (bool, Vec<Call>)| {
                 fds.insert(fd);
                 let local =
                     ok.then(|| SocketAddr::from(([0, 0, 0, 0], 40_000 + u16::from(fd as u8))));
-                shim.bound(fd, local);
+                shim.bound(&mut gateway, fd, local);
             }
             Call::Sockname { fd } => {
                 fds.insert(Fd::from(fd));
@@ -127,6 +127,7 @@ fuzz_target!(|input: (bool, Vec<Call>)| {
                     == SendPlan::BindFirst
                 {
                     shim.bound(
+                        &mut gateway,
                         fd,
                         Some(SocketAddr::from((
                             [0, 0, 0, 0],

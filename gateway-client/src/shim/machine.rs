@@ -232,7 +232,12 @@ impl<B> Shim<B> {
     }
 
     /// After the real `bind`: its local address, or `None` when it failed.
-    pub fn bound(&mut self, fd: Fd, local: Option<SocketAddr>) {
+    pub fn bound(
+        &mut self,
+        control: &mut impl Control<Binding = B>,
+        fd: Fd,
+        local: Option<SocketAddr>,
+    ) {
         let tentative = self.tentative.remove(&fd);
         match (local, self.udp.get_mut(&fd)) {
             (Some(local), Some(Udp::Bound { port })) => *port = local.port(),
@@ -241,6 +246,9 @@ impl<B> Shim<B> {
                     record.rtcp = None;
                 }
                 self.udp.remove(&fd);
+                // The RTP socket may have closed while this bind was out: then no socket
+                // holds the binding any more.
+                self.release_if_unheld(control, id);
             }
             (None, Some(Udp::Bound { .. } | Udp::Passthrough)) => {
                 self.udp.remove(&fd);
@@ -452,8 +460,15 @@ impl<B> Shim<B> {
         } else {
             record.rtp = None;
         }
-        if record.rtp.is_none()
-            && record.rtcp.is_none()
+        self.release_if_unheld(control, id);
+    }
+
+    /// Releases binding `id` once neither of its sockets holds it.
+    fn release_if_unheld(&mut self, control: &mut impl Control<Binding = B>, id: BindingId) {
+        if self
+            .bindings
+            .get(&id)
+            .is_some_and(|r| r.rtp.is_none() && r.rtcp.is_none())
             && let Some(record) = self.bindings.remove(&id)
             && let Some(binding) = record.binding
         {

@@ -78,14 +78,20 @@ fn shim() -> Shim<u16> {
 }
 
 /// `bind` as the library does it: ask, bind for real (here: always succeeds), report.
-fn bind(shim: &mut Shim<u16>, fd: Fd, requested: &str, real_port_if_zero: u16) -> SocketAddr {
+fn bind(
+    shim: &mut Shim<u16>,
+    gw: &mut Fake,
+    fd: Fd,
+    requested: &str,
+    real_port_if_zero: u16,
+) -> SocketAddr {
     let real = shim.bind_address(fd, sa(requested));
     let local = if real.port() == 0 {
         SocketAddr::new(real.ip(), real_port_if_zero)
     } else {
         real
     };
-    shim.bound(fd, Some(local));
+    shim.bound(gw, fd, Some(local));
     real
 }
 
@@ -103,10 +109,13 @@ fn setup_reply(client_port: u16, server_port: u16, source: Option<&str>) -> Vec<
 fn ffmpeg_sequence_binds_a_pair_and_confirms_from_the_setup_reply() {
     let (mut shim, mut gw) = (shim(), Fake::default());
     // bind(0.0.0.0:5000) + getsockname: step 1, the external P is reported.
-    bind(&mut shim, 3, "0.0.0.0:5000", 0);
+    bind(&mut shim, &mut gw, 3, "0.0.0.0:5000", 0);
     assert_eq!(shim.sockname(&mut gw, 3), Some(sa("203.0.113.1:16400")));
     // Then bind(P0 + 1): the pair's RTCP half, reported as P+1; no second binding.
-    assert_eq!(bind(&mut shim, 4, "0.0.0.0:5001", 0), sa("0.0.0.0:5001"));
+    assert_eq!(
+        bind(&mut shim, &mut gw, 4, "0.0.0.0:5001", 0),
+        sa("0.0.0.0:5001")
+    );
     assert_eq!(shim.sockname(&mut gw, 4), Some(sa("203.0.113.1:16401")));
     assert_eq!(gw.calls, ["reserve 5000 pair=true"]);
     // The RTSP connection is proxied; its SETUP reply confirms step 2 before PLAY.
@@ -137,10 +146,13 @@ fn ffmpeg_sequence_binds_a_pair_and_confirms_from_the_setup_reply() {
 fn gstreamer_binds_rtcp_to_the_reported_port_plus_one() {
     let (mut shim, mut gw) = (shim(), Fake::default());
     // bind(0.0.0.0:0) gets an odd port; the shim reports an even P, so GStreamer keeps it.
-    bind(&mut shim, 3, "0.0.0.0:0", 40001);
+    bind(&mut shim, &mut gw, 3, "0.0.0.0:0", 40001);
     assert_eq!(shim.sockname(&mut gw, 3), Some(sa("203.0.113.1:16400")));
     // GStreamer binds RTCP to the port it was told + 1: really bound to L + 1.
-    assert_eq!(bind(&mut shim, 4, "0.0.0.0:16401", 0), sa("0.0.0.0:40002"));
+    assert_eq!(
+        bind(&mut shim, &mut gw, 4, "0.0.0.0:16401", 0),
+        sa("0.0.0.0:40002")
+    );
     assert_eq!(shim.sockname(&mut gw, 4), Some(sa("203.0.113.1:16401")));
     // Its first datagrams go out right after PLAY; the SETUP reply confirmed already.
     shim.tcp_connected(9, sa("203.0.113.2:8554"));
@@ -155,27 +167,48 @@ fn gstreamer_binds_rtcp_to_the_reported_port_plus_one() {
 #[test]
 fn a_failed_rtcp_bind_can_be_tried_again() {
     let (mut shim, mut gw) = (shim(), Fake::default());
-    bind(&mut shim, 3, "0.0.0.0:0", 40001);
+    bind(&mut shim, &mut gw, 3, "0.0.0.0:0", 40001);
     shim.sockname(&mut gw, 3);
     assert_eq!(
         shim.bind_address(4, sa("0.0.0.0:16401")),
         sa("0.0.0.0:40002")
     );
-    shim.bound(4, None);
+    shim.bound(&mut gw, 4, None);
     assert_eq!(
         shim.sockname(&mut gw, 4),
         None,
         "not a member after the failed bind"
     );
-    assert_eq!(bind(&mut shim, 5, "0.0.0.0:16401", 0), sa("0.0.0.0:40002"));
+    assert_eq!(
+        bind(&mut shim, &mut gw, 5, "0.0.0.0:16401", 0),
+        sa("0.0.0.0:40002")
+    );
     assert_eq!(shim.sockname(&mut gw, 5), Some(sa("203.0.113.1:16401")));
+}
+
+/// Found by the `shim` fuzz target: the RTP socket closes while its RTCP half's bind is out, and
+/// that bind fails; no socket holds the binding any more, so it must go.
+#[test]
+fn a_binding_whose_rtp_closed_goes_when_its_rtcp_bind_fails() {
+    let (mut shim, mut gw) = (shim(), Fake::default());
+    bind(&mut shim, &mut gw, 3, "0.0.0.0:0", 40001);
+    assert_eq!(shim.sockname(&mut gw, 3), Some(sa("203.0.113.1:16400")));
+    assert_eq!(
+        shim.bind_address(4, sa("0.0.0.0:16401")),
+        sa("0.0.0.0:40002")
+    );
+    shim.closing(&mut gw, 3);
+    assert_eq!(shim.bindings(), 1, "the RTCP half's bind is still out");
+    shim.bound(&mut gw, 4, None);
+    assert_eq!(shim.bindings(), 0);
+    assert_eq!(gw.calls, ["reserve 40001 pair=true", "release 16400"]);
 }
 
 #[test]
 fn rebinds_until_a_pair_release_what_they_drop() {
     let (mut shim, mut gw) = (shim(), Fake::default());
     for (fd, port) in [(3, 40001), (4, 40011), (5, 40021)] {
-        bind(&mut shim, fd, "0.0.0.0:0", port);
+        bind(&mut shim, &mut gw, fd, "0.0.0.0:0", port);
         shim.sockname(&mut gw, fd);
         shim.closing(&mut gw, fd);
     }
@@ -191,7 +224,7 @@ fn a_send_before_bind_is_a_one_step_open() {
         shim.before_send(&mut gw, 3, sa("203.0.113.2:6000")),
         SendPlan::BindFirst
     );
-    shim.bound(3, Some(sa("0.0.0.0:33333")));
+    shim.bound(&mut gw, 3, Some(sa("0.0.0.0:33333")));
     assert_eq!(
         shim.before_send(&mut gw, 3, sa("203.0.113.2:6000")),
         SendPlan::Send
@@ -206,7 +239,7 @@ fn a_send_before_bind_is_a_one_step_open() {
 #[test]
 fn a_bound_socket_that_sends_first_opens_with_that_remote() {
     let (mut shim, mut gw) = (shim(), Fake::default());
-    bind(&mut shim, 3, "0.0.0.0:5000", 0);
+    bind(&mut shim, &mut gw, 3, "0.0.0.0:5000", 0);
     shim.before_send(&mut gw, 3, sa("[::ffff:203.0.113.2]:6000"));
     assert_eq!(
         gw.calls,
@@ -218,9 +251,9 @@ fn a_bound_socket_that_sends_first_opens_with_that_remote() {
 #[test]
 fn without_a_setup_reply_the_first_datagram_confirms() {
     let (mut shim, mut gw) = (shim(), Fake::default());
-    bind(&mut shim, 3, "0.0.0.0:5000", 0);
+    bind(&mut shim, &mut gw, 3, "0.0.0.0:5000", 0);
     shim.sockname(&mut gw, 3);
-    bind(&mut shim, 4, "0.0.0.0:5001", 0);
+    bind(&mut shim, &mut gw, 4, "0.0.0.0:5001", 0);
     // RTCP first: the pair's remote is the RTP port, one below.
     shim.before_send(&mut gw, 4, sa("203.0.113.2:6001"));
     shim.before_send(&mut gw, 3, sa("203.0.113.2:6000"));
@@ -233,7 +266,7 @@ fn without_a_setup_reply_the_first_datagram_confirms() {
 #[test]
 fn a_setup_reply_with_source_names_the_media_host() {
     let (mut shim, mut gw) = (shim(), Fake::default());
-    bind(&mut shim, 3, "0.0.0.0:5000", 0);
+    bind(&mut shim, &mut gw, 3, "0.0.0.0:5000", 0);
     shim.sockname(&mut gw, 3);
     shim.tcp_connected(7, sa("203.0.113.2:8554"));
     let reply = setup_reply(16400, 6000, Some("203.0.113.3"));
@@ -250,7 +283,7 @@ fn a_setup_reply_with_source_names_the_media_host() {
 #[test]
 fn close_during_step_one_releases() {
     let (mut shim, mut gw) = (shim(), Fake::default());
-    bind(&mut shim, 3, "0.0.0.0:5000", 0);
+    bind(&mut shim, &mut gw, 3, "0.0.0.0:5000", 0);
     shim.sockname(&mut gw, 3);
     shim.closing(&mut gw, 3);
     assert_eq!(gw.calls, ["reserve 5000 pair=true", "release 16400"]);
@@ -259,7 +292,7 @@ fn close_during_step_one_releases() {
 #[test]
 fn a_forked_child_forgets_the_parents_bindings() {
     let (mut shim, mut gw) = (shim(), Fake::default());
-    bind(&mut shim, 3, "0.0.0.0:5000", 0);
+    bind(&mut shim, &mut gw, 3, "0.0.0.0:5000", 0);
     shim.sockname(&mut gw, 3);
     shim.forked_child(&mut gw);
     assert_eq!(gw.calls.last().unwrap(), "forget");
@@ -267,7 +300,7 @@ fn a_forked_child_forgets_the_parents_bindings() {
     shim.closing(&mut gw, 3);
     assert!(!gw.calls.iter().any(|c| c.starts_with("release")));
     // The child's own sockets get their own bindings.
-    bind(&mut shim, 8, "0.0.0.0:6000", 0);
+    bind(&mut shim, &mut gw, 8, "0.0.0.0:6000", 0);
     assert!(shim.sockname(&mut gw, 8).is_some());
 }
 
@@ -281,6 +314,7 @@ fn a_refused_bind_leaves_the_socket_alone_and_says_so_once() {
     for fd in [3, 4] {
         bind(
             &mut shim,
+            &mut gw,
             fd,
             "0.0.0.0:0",
             40000 + u16::try_from(fd).unwrap() * 2,
@@ -302,7 +336,7 @@ fn without_raw_the_binding_is_released_and_the_user_told() {
         ..Fake::default()
     };
     let mut shim = shim();
-    bind(&mut shim, 3, "0.0.0.0:5000", 0);
+    bind(&mut shim, &mut gw, 3, "0.0.0.0:5000", 0);
     assert_eq!(shim.sockname(&mut gw, 3), None);
     assert_eq!(gw.calls, ["reserve 5000 pair=true", "release 16400"]);
     assert_eq!(gw.notices.len(), 1);
@@ -316,14 +350,14 @@ fn no_aligned_pair_falls_back_to_a_single_binding() {
         ..Fake::default()
     };
     let mut shim = shim();
-    bind(&mut shim, 3, "0.0.0.0:5000", 0);
+    bind(&mut shim, &mut gw, 3, "0.0.0.0:5000", 0);
     assert!(shim.sockname(&mut gw, 3).is_some());
     assert_eq!(
         gw.calls,
         ["reserve 5000 pair=true", "reserve 5000 pair=false"]
     );
     // Not a pair: the next port is a socket of its own.
-    bind(&mut shim, 4, "0.0.0.0:5001", 0);
+    bind(&mut shim, &mut gw, 4, "0.0.0.0:5001", 0);
     shim.sockname(&mut gw, 4);
     assert_eq!(gw.calls[2], "reserve 5001 pair=true");
 }
@@ -331,7 +365,7 @@ fn no_aligned_pair_falls_back_to_a_single_binding() {
 #[test]
 fn direct_destinations_never_touch_the_gateway() {
     let (mut shim, mut gw) = (shim(), Fake::default());
-    bind(&mut shim, 3, "0.0.0.0:5353", 0);
+    bind(&mut shim, &mut gw, 3, "0.0.0.0:5353", 0);
     for to in [
         "127.0.0.1:53",
         "198.51.100.9:53",
@@ -345,11 +379,11 @@ fn direct_destinations_never_touch_the_gateway() {
     }
     assert!(gw.calls.is_empty(), "{:?}", gw.calls);
     // A socket bound to loopback is never proxied.
-    bind(&mut shim, 4, "127.0.0.1:7000", 0);
+    bind(&mut shim, &mut gw, 4, "127.0.0.1:7000", 0);
     assert_eq!(shim.sockname(&mut gw, 4), None);
     assert!(gw.calls.is_empty());
     // One bound to the host's own address (on a direct network) is: its remotes are outside.
-    bind(&mut shim, 5, "198.51.100.2:7002", 0);
+    bind(&mut shim, &mut gw, 5, "198.51.100.2:7002", 0);
     assert!(shim.sockname(&mut gw, 5).is_some());
     assert_eq!(gw.calls, ["reserve 7002 pair=true"]);
     assert!(shim.proxies_tcp(sa("203.0.113.2:80")));

@@ -180,7 +180,7 @@ fn before_udp_send(fd: c_int, family: c_int, destination: SocketAddr) {
             if unsafe { real::bind(fd, (&raw const storage).cast(), len) } == 0 {
                 let local = real_name(fd);
                 with(|g| {
-                    g.shim.bound(fd, local);
+                    g.shim.bound(&mut g.gateway, fd, local);
                     g.shim.before_send(&mut g.gateway, fd, destination)
                 });
                 state::mark_active();
@@ -229,7 +229,7 @@ pub unsafe extern "C" fn bind(fd: c_int, address: *const sockaddr, len: socklen_
     };
     keeping_errno(|| {
         let local = (rc == 0).then(|| real_name(fd)).flatten();
-        with(|g| g.shim.bound(fd, local));
+        with(|g| g.shim.bound(&mut g.gateway, fd, local));
     });
     rc
 }
