@@ -25,16 +25,22 @@ pub struct Dnsmasq {
     _child: ChildGuard,
 }
 
+/// Adds the test bed's nameserver address (203.0.113.53) to `server`, for a nameserver there.
+pub fn add_nameserver_address(server: &Netns) -> Result<()> {
+    run_checked(server.command("ip").args([
+        "addr",
+        "add",
+        &format!("{}/24", addr::SERVER_DNS_V4),
+        "dev",
+        iface::HOST,
+    ]))?;
+    Ok(())
+}
+
 impl Dnsmasq {
     /// `names` are answered with both of `server`'s addresses (A and AAAA).
     pub fn start(server: &Netns, names: &[&str]) -> Result<Self> {
-        run_checked(server.command("ip").args([
-            "addr",
-            "add",
-            &format!("{}/24", addr::SERVER_DNS_V4),
-            "dev",
-            iface::HOST,
-        ]))?;
+        add_nameserver_address(server)?;
         let mut cmd = server.command("dnsmasq");
         cmd.args([
             "--keep-in-foreground",

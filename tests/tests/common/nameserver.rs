@@ -17,7 +17,7 @@ use hickory_proto::{
     op::{Message, MessageType, OpCode, Query},
     rr::{Name, RData, Record, rdata::A},
 };
-use testbed::{Netns, addr, iface, run_checked};
+use testbed::{Netns, addr};
 
 /// What the nameserver saw of each query: id, source port, name.
 pub type Seen = Arc<Mutex<Vec<(u16, u16, String)>>>;
@@ -51,14 +51,7 @@ impl ScriptedNameserver {
         server: &Netns,
         mut script: impl FnMut(&Message, &Query) -> Vec<Vec<u8>> + Send + 'static,
     ) -> Self {
-        run_checked(server.command("ip").args([
-            "addr",
-            "add",
-            &format!("{}/24", addr::SERVER_DNS_V4),
-            "dev",
-            iface::HOST,
-        ]))
-        .unwrap();
+        testbed::peers::add_nameserver_address(server).unwrap();
         let socket = server
             .run(|| UdpSocket::bind((addr::SERVER_DNS_V4, 53)))
             .unwrap()
